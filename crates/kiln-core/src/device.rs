@@ -1,0 +1,121 @@
+//! Device and dtype choice. Besides `kiln-kernels`, the only module that knows about
+//! cuda/metal features.
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device};
+
+/// What the user asked for with `--device`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceRequest {
+    /// Best available: CUDA, then Metal, then CPU.
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+    Metal(usize),
+}
+
+impl std::str::FromStr for DeviceRequest {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || Error::arg("--device", format!("`{s}`: expected auto, cpu, cuda, cuda:N or metal"));
+        let (kind, index) = match s.split_once(':') {
+            Some((k, i)) => (k, i.parse::<usize>().map_err(|_| bad())?),
+            None => (s, 0),
+        };
+        match kind {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(index)),
+            "metal" => Ok(Self::Metal(index)),
+            _ => Err(bad()),
+        }
+    }
+}
+
+/// Whether this build can use CUDA.
+pub const fn cuda_compiled() -> bool {
+    cfg!(feature = "cuda")
+}
+
+/// Whether this build can use Metal.
+pub const fn metal_compiled() -> bool {
+    cfg!(feature = "metal")
+}
+
+/// Opens the requested device. `Auto` picks CUDA, then Metal, then CPU.
+pub fn open(request: DeviceRequest) -> Result<Device> {
+    match request {
+        DeviceRequest::Cpu => Ok(Device::Cpu),
+        DeviceRequest::Cuda(i) => {
+            if !cuda_compiled() {
+                return Err(Error::arg(
+                    "--device",
+                    "this kiln was built without CUDA; rebuild with `--features cuda` (see README)",
+                ));
+            }
+            Device::new_cuda(i).map_err(|e| Error::arg("--device", format!("cuda:{i} unavailable: {e}")))
+        }
+        DeviceRequest::Metal(i) => {
+            if !metal_compiled() {
+                return Err(Error::arg(
+                    "--device",
+                    "this kiln was built without Metal; rebuild with `--features metal`",
+                ));
+            }
+            Device::new_metal(i).map_err(|e| Error::arg("--device", format!("metal:{i} unavailable: {e}")))
+        }
+        DeviceRequest::Auto => {
+            if cuda_compiled() {
+                if let Ok(d) = Device::new_cuda(0) {
+                    return Ok(d);
+                }
+            }
+            if metal_compiled() {
+                if let Ok(d) = Device::new_metal(0) {
+                    return Ok(d);
+                }
+            }
+            Ok(Device::Cpu)
+        }
+    }
+}
+
+/// A short name for the device, as recorded in metadata ("cpu", "cuda:0", "metal:0").
+pub fn name(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".to_string(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+/// Parses `--dtype`.
+pub fn parse_dtype(s: &str) -> Result<DType> {
+    match s {
+        "f32" | "fp32" | "float32" => Ok(DType::F32),
+        "f16" | "fp16" | "float16" => Ok(DType::F16),
+        "bf16" | "bfloat16" => Ok(DType::BF16),
+        _ => Err(Error::arg("--dtype", format!("`{s}`: expected f32, f16 or bf16"))),
+    }
+}
+
+/// The default dtype for a device: f16 on GPUs, f32 on CPU (candle's CPU f16 is slow).
+pub fn default_dtype(device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::F16
+    }
+}
+
+/// The dtype's name as recorded in metadata.
+pub fn dtype_name(dtype: DType) -> &'static str {
+    match dtype {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::F32 => "f32",
+        DType::F64 => "f64",
+        _ => "other",
+    }
+}

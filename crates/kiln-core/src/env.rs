@@ -1,0 +1,23 @@
+//! The one place that names the environment variables kiln reads.
+
+/// Overrides the Hugging Face cache root (shared with diffusers/transformers).
+pub const HF_HOME: &str = "HF_HOME";
+/// Overrides the hub cache folder directly (`$HF_HOME/hub` by default).
+pub const HF_HUB_CACHE: &str = "HF_HUB_CACHE";
+/// When set to 1/true, never touch the network: only the local cache is used.
+pub const HF_HUB_OFFLINE: &str = "HF_HUB_OFFLINE";
+/// Hugging Face access token for gated repos.
+pub const HF_TOKEN: &str = "HF_TOKEN";
+/// Overrides kiln's data dir (imported models, libraries); default `$XDG_DATA_HOME/kiln`.
+pub const KILN_DATA_DIR: &str = "KILN_DATA_DIR";
+/// XDG base dir for user data.
+pub const XDG_DATA_HOME: &str = "XDG_DATA_HOME";
+/// The user's home folder.
+pub const HOME: &str = "HOME";
+
+/// True when the variable is set to a truthy value (`1`, `true`, `yes`, `on`).
+pub fn flag(name: &str) -> bool {
+    std::env::var(name)
+        .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
+        .unwrap_or(false)
+}

@@ -1,0 +1,22 @@
+//! kiln-core: the engine library behind the `kiln` CLI. No printing, no CLI parsing: every
+//! function returns [`Error`] values that name what is wrong.
+//!
+//! Layout (by domain, as in stable-diffusion.cpp):
+//! - [`schedule`]: sigma/timestep schedules, parameterisations and solvers;
+//! - [`models`]: architectures only (CLIP, UNet, VAE, super-resolution nets);
+//! - [`loaders`]: diffusers folders, hub, weight files;
+//! - [`pipeline`]: one job type per module (txt2img/img2img, upscale, ...).
+
+pub mod device;
+pub mod env;
+pub mod error;
+pub mod loaders;
+pub mod models;
+pub mod pipeline;
+pub mod rng;
+pub mod schedule;
+
+pub use error::{Error, Result};
+
+/// kiln's version, recorded in output metadata.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
