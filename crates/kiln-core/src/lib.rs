@@ -10,6 +10,7 @@
 pub mod device;
 pub mod env;
 pub mod error;
+pub mod image;
 pub mod loaders;
 pub mod models;
 pub mod pipeline;

@@ -1,1 +1,6 @@
-//! loaders
+//! Loaders: where weights and configs come from (diffusers folders, the Hugging Face hub cache,
+//! safetensors files). Architectures live in `models`; this module only finds and opens files.
+
+pub mod diffusers;
+pub mod hub;
+pub mod weights;

@@ -1,0 +1,88 @@
+//! Images: pixels <-> tensors, decoding with size limits, PNG metadata and atomic writes.
+
+pub mod png_meta;
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Device, Tensor};
+use image::RgbImage;
+use std::path::Path;
+
+/// Largest image side kiln decodes or generates; larger requests are refused before allocating.
+pub const MAX_SIDE: u32 = 16_384;
+/// Largest pixel count kiln decodes (a 16k × 16k canvas).
+pub const MAX_PIXELS: u64 = (MAX_SIDE as u64) * (MAX_SIDE as u64);
+
+/// Decodes an image file to 8-bit RGB, refusing absurd sizes before the pixels are allocated.
+pub fn load_rgb(path: &Path) -> Result<RgbImage> {
+    let bad = |msg: String| Error::Image { path: path.to_path_buf(), msg };
+    let reader = image::ImageReader::open(path)
+        .map_err(|e| bad(format!("cannot open: {e}")))?
+        .with_guessed_format()
+        .map_err(|e| bad(format!("cannot read: {e}")))?;
+    if reader.format().is_none() {
+        return Err(bad("not a recognised image format (PNG, JPEG or WebP expected)".into()));
+    }
+    let (w, h) = reader.into_dimensions().map_err(|e| bad(format!("cannot decode header: {e}")))?;
+    check_size(w, h).map_err(|msg| bad(msg))?;
+    let mut reader = image::ImageReader::open(path)
+        .map_err(|e| bad(format!("cannot open: {e}")))?
+        .with_guessed_format()
+        .map_err(|e| bad(format!("cannot read: {e}")))?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(MAX_SIDE);
+    limits.max_image_height = Some(MAX_SIDE);
+    reader.limits(limits);
+    let img = reader.decode().map_err(|e| bad(format!("cannot decode: {e}")))?;
+    Ok(img.to_rgb8())
+}
+
+/// Refuses sizes kiln will not allocate.
+pub fn check_size(width: u32, height: u32) -> std::result::Result<(), String> {
+    if width == 0 || height == 0 {
+        return Err(format!("{width}x{height} has no pixels"));
+    }
+    if width > MAX_SIDE || height > MAX_SIDE || (width as u64) * (height as u64) > MAX_PIXELS {
+        return Err(format!("{width}x{height} exceeds kiln's limit of {MAX_SIDE} px per side"));
+    }
+    Ok(())
+}
+
+/// Resizes with Lanczos3 when the size differs (init images for img2img).
+pub fn resize_rgb(img: &RgbImage, width: u32, height: u32) -> RgbImage {
+    if img.width() == width && img.height() == height {
+        return img.clone();
+    }
+    image::imageops::resize(img, width, height, image::imageops::FilterType::Lanczos3)
+}
+
+/// RGB8 → [1, 3, H, W] tensor in [-1, 1] (diffusers' VaeImageProcessor normalisation).
+pub fn rgb_to_tensor(img: &RgbImage, device: &Device, dtype: DType) -> Result<Tensor> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    let data: Vec<f32> = img.as_raw().iter().map(|&v| v as f32 / 255.0 * 2.0 - 1.0).collect();
+    let t = Tensor::from_vec(data, (h, w, 3), &Device::Cpu)?.permute((2, 0, 1))?.unsqueeze(0)?;
+    Ok(t.to_device(device)?.to_dtype(dtype)?)
+}
+
+/// Decoder output [B, 3, H, W] in about [-1, 1] → float images [B, H, W, 3] in [0, 1] on the CPU
+/// (diffusers' `output_type="np"`).
+pub fn decoded_to_unit(decoded: &Tensor) -> Result<Tensor> {
+    let t = decoded.to_device(&Device::Cpu)?.to_dtype(DType::F32)?;
+    let t = ((t / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+    Ok(t.permute((0, 2, 3, 1))?.contiguous()?)
+}
+
+/// One float image [H, W, 3] in [0, 1] → RGB8, rounding as diffusers' numpy_to_pil does.
+pub fn unit_to_rgb8(image: &Tensor) -> Result<RgbImage> {
+    let (h, w, c) = image.dims3()?;
+    if c != 3 {
+        return Err(Error::Unsupported(format!("expected 3 channels, found {c}")));
+    }
+    let data: Vec<u8> = image
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .iter()
+        .map(|&v| (v * 255.0).round().clamp(0.0, 255.0) as u8)
+        .collect();
+    RgbImage::from_raw(w as u32, h as u32, data)
+        .ok_or_else(|| Error::Unsupported("image buffer size mismatch".into()))
+}

@@ -1,0 +1,106 @@
+//! PNG text metadata (A1111 `parameters`, kiln's replay JSON) and atomic PNG writes.
+
+use crate::error::{Error, Result};
+use image::RgbImage;
+use std::io::BufWriter;
+use std::path::Path;
+
+/// One PNG text chunk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TextChunk {
+    pub keyword: String,
+    pub text: String,
+}
+
+impl TextChunk {
+    pub fn new(keyword: impl Into<String>, text: impl Into<String>) -> Self {
+        Self { keyword: keyword.into(), text: text.into() }
+    }
+}
+
+/// Writes an RGB PNG with text chunks atomically: a temp file in the same folder, renamed over
+/// `path` only once complete, so a killed run never leaves a half-written image.
+pub fn write_png_atomic(path: &Path, image: &RgbImage, chunks: &[TextChunk]) -> Result<()> {
+    let bad = |msg: String| Error::Image { path: path.to_path_buf(), msg };
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    fs_err::create_dir_all(dir)?;
+    let tmp = tempfile::Builder::new()
+        .prefix(".kiln-")
+        .suffix(".png.part")
+        .tempfile_in(dir)
+        .map_err(|e| bad(format!("cannot create a temp file in {}: {e}", dir.display())))?;
+    {
+        let writer = BufWriter::new(tmp.as_file());
+        let mut encoder = png::Encoder::new(writer, image.width(), image.height());
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        for chunk in chunks {
+            // Latin-1 text goes in tEXt (what A1111 and most readers expect), anything else in iTXt.
+            let res = if chunk.text.chars().all(|c| (c as u32) < 256) && chunk.text.is_ascii() {
+                encoder.add_text_chunk(chunk.keyword.clone(), chunk.text.clone())
+            } else {
+                encoder.add_itxt_chunk(chunk.keyword.clone(), chunk.text.clone())
+            };
+            res.map_err(|e| bad(format!("text chunk `{}`: {e}", chunk.keyword)))?;
+        }
+        let mut writer = encoder.write_header().map_err(|e| bad(e.to_string()))?;
+        writer.write_image_data(image.as_raw()).map_err(|e| bad(e.to_string()))?;
+        writer.finish().map_err(|e| bad(e.to_string()))?;
+    }
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| bad(format!("cannot move the finished file into place: {}", e.error)))?;
+    Ok(())
+}
+
+/// Reads every text chunk (tEXt, zTXt, iTXt) of a PNG.
+pub fn read_png_text(path: &Path) -> Result<Vec<TextChunk>> {
+    let bad = |msg: String| Error::Image { path: path.to_path_buf(), msg };
+    let file = fs_err::File::open(path)?;
+    let decoder = png::Decoder::new(std::io::BufReader::new(file));
+    let reader = decoder.read_info().map_err(|e| bad(format!("not a readable PNG: {e}")))?;
+    let info = reader.info();
+    let mut out = Vec::new();
+    for c in &info.uncompressed_latin1_text {
+        out.push(TextChunk::new(c.keyword.clone(), c.text.clone()));
+    }
+    for c in &info.compressed_latin1_text {
+        let mut c = c.clone();
+        c.decompress_text().map_err(|e| bad(e.to_string()))?;
+        out.push(TextChunk::new(c.keyword.clone(), c.get_text().map_err(|e| bad(e.to_string()))?));
+    }
+    for c in &info.utf8_text {
+        out.push(TextChunk::new(c.keyword.clone(), c.get_text().map_err(|e| bad(e.to_string()))?));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_chunks_round_trip_and_write_is_atomic() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("sub/out.png");
+        let img = RgbImage::from_fn(5, 3, |x, y| image::Rgb([x as u8 * 40, y as u8 * 80, 7]));
+        let chunks = vec![
+            TextChunk::new("parameters", "a cat\nNegative prompt: dog\nSteps: 4"),
+            TextChunk::new("kiln", "{\"prompt\":\"caf\u{e9} \u{1F525}\"}"),
+        ];
+        write_png_atomic(&path, &img, &chunks)?;
+        let read = read_png_text(&path)?;
+        assert_eq!(read, chunks);
+        let back = image::open(&path).map_err(|e| Error::Unsupported(e.to_string()))?.to_rgb8();
+        assert_eq!(back, img);
+        // No temp files left behind.
+        let leftovers: Vec<_> = fs_err::read_dir(path.parent().unwrap_or(dir.path()))?
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".part"))
+            .collect();
+        assert!(leftovers.is_empty());
+        Ok(())
+    }
+}
