@@ -23,7 +23,7 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
         return Err(bad("not a recognised image format (PNG, JPEG or WebP expected)".into()));
     }
     let (w, h) = reader.into_dimensions().map_err(|e| bad(format!("cannot decode header: {e}")))?;
-    check_size(w, h).map_err(|msg| bad(msg))?;
+    check_size(w, h).map_err(bad)?;
     let mut reader = image::ImageReader::open(path)
         .map_err(|e| bad(format!("cannot open: {e}")))?
         .with_guessed_format()
