@@ -1,8 +1,25 @@
-//! `kiln`: thin binary over kiln-core.
+//! `kiln`: thin binary over kiln-core. main → run → ExitCode; anyhow only here.
+use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod generate;
+
+#[derive(Parser)]
+#[command(name = "kiln", version, about = "Local, offline image generation on your own GPUs")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Text-to-image and image-to-image with a Stable Diffusion-family model.
+    Generate(generate::GenerateArgs),
+}
+
 fn main() -> ExitCode {
-    match run() {
+    let cli = Cli::parse();
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -11,6 +28,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn run() -> anyhow::Result<()> {
-    Ok(())
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Generate(args) => generate::run(args),
+    }
 }

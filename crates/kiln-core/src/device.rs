@@ -119,3 +119,11 @@ pub fn dtype_name(dtype: DType) -> &'static str {
         _ => "other",
     }
 }
+
+/// Peak resident memory of this process in bytes (Linux VmHWM), when the OS reports it.
+pub fn peak_host_memory_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}

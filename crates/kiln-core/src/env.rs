@@ -21,3 +21,15 @@ pub fn flag(name: &str) -> bool {
         .map(|v| matches!(v.to_ascii_lowercase().as_str(), "1" | "true" | "yes" | "on"))
         .unwrap_or(false)
 }
+
+/// kiln's data folder: KILN_DATA_DIR, else $XDG_DATA_HOME/kiln, else ~/.local/share/kiln.
+pub fn data_dir() -> Option<std::path::PathBuf> {
+    use std::path::PathBuf;
+    if let Some(p) = std::env::var_os(KILN_DATA_DIR) {
+        return Some(PathBuf::from(p));
+    }
+    if let Some(p) = std::env::var_os(XDG_DATA_HOME).filter(|p| !p.is_empty()) {
+        return Some(PathBuf::from(p).join("kiln"));
+    }
+    std::env::var_os(HOME).map(|h| PathBuf::from(h).join(".local").join("share").join("kiln"))
+}

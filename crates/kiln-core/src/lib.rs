@@ -18,6 +18,8 @@ pub mod rng;
 pub mod schedule;
 
 pub use error::{Error, Result};
+/// Re-exported so callers use the same candle version.
+pub use candle_core as candle;
 
 /// kiln's version, recorded in output metadata.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

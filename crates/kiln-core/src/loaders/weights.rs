@@ -111,3 +111,36 @@ pub fn weight_sha256(path: &Path) -> Result<String> {
     }
     sha256_file(path)
 }
+
+/// [`weight_sha256`] with a cache keyed by (canonical path, size, mtime) in kiln's data dir, so
+/// local multi-GB folders are hashed once, not on every load. Cache problems only cost a re-hash.
+pub fn weight_sha256_cached(path: &Path) -> Result<String> {
+    let Some(cache_file) = crate::env::data_dir().map(|d| d.join("hash-cache.json")) else {
+        return weight_sha256(path);
+    };
+    let meta = fs_err::metadata(path)?;
+    let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
+    let canonical = fs_err::canonicalize(path)?;
+    let key = format!("{}|{}|{}", canonical.display(), meta.len(), mtime.map(|d| d.as_nanos()).unwrap_or(0));
+    let mut cache: std::collections::BTreeMap<String, String> = std::fs::read_to_string(&cache_file)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
+    if let Some(hash) = cache.get(&key) {
+        return Ok(hash.clone());
+    }
+    let hash = weight_sha256(path)?;
+    cache.insert(key, hash.clone());
+    // Best effort, written atomically; a failure here must not fail the load.
+    if let (Some(dir), Ok(text)) = (cache_file.parent(), serde_json::to_string(&cache)) {
+        if std::fs::create_dir_all(dir).is_ok() {
+            if let Ok(mut tmp) = tempfile::NamedTempFile::new_in(dir) {
+                use std::io::Write;
+                if tmp.write_all(text.as_bytes()).is_ok() {
+                    let _ = tmp.persist(&cache_file);
+                }
+            }
+        }
+    }
+    Ok(hash)
+}

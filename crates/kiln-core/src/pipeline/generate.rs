@@ -1,0 +1,339 @@
+//! txt2img and img2img with diffusers' semantics: same latents, same order of random draws, same
+//! timesteps, so a seed reproduces diffusers' image.
+
+use crate::error::{Error, Result};
+use crate::image::{decoded_to_unit, rgb_to_tensor};
+use crate::loaders::diffusers::Family;
+use crate::pipeline::model::LoadedModel;
+use crate::pipeline::text::{encode_prompts, EncodedPrompts};
+use crate::rng::BatchRng;
+use crate::schedule::{self, SchedulerKind};
+use crate::models::unet::UNetCond;
+use candle_core::{DType, Tensor};
+use image::RgbImage;
+use std::time::Instant;
+
+/// Largest width/height kiln generates at (latent area grows quadratically; refuse early).
+pub const MAX_GENERATE_SIDE: usize = 4096;
+/// Largest step count accepted.
+pub const MAX_STEPS: usize = 1000;
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub guidance: f64,
+    /// None = the folder's own scheduler.
+    pub scheduler: Option<SchedulerKind>,
+    /// One seed per image; image i uses its own generator seeded with seeds[i].
+    pub seeds: Vec<u64>,
+    /// Unit-normal starting noise [1 or N, C, H/f, W/f], scaled by the scheduler's initial sigma.
+    pub init_latents: Option<Tensor>,
+    /// img2img: the init image (resized to width×height) and the strength in (0, 1].
+    pub init_image: Option<RgbImage>,
+    pub strength: f64,
+    /// Images per UNet batch (memory bound); at least 1.
+    pub max_batch: usize,
+}
+
+/// Seconds per stage.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct StageTimings {
+    pub text_encode: f64,
+    pub vae_encode: f64,
+    pub steps: Vec<f64>,
+    pub vae_decode: f64,
+    pub total: f64,
+}
+
+/// One generated image.
+#[derive(Debug, Clone)]
+pub struct GeneratedImage {
+    pub seed: u64,
+    /// [H, W, 3] float in [0, 1] on the CPU (diffusers' `output_type="np"`).
+    pub pixels: Tensor,
+}
+
+/// What a generation produced.
+#[derive(Debug, Clone)]
+pub struct GenerateOutput {
+    pub images: Vec<GeneratedImage>,
+    pub scheduler: SchedulerKind,
+    pub timings: StageTimings,
+    pub warnings: Vec<String>,
+}
+
+/// Receives progress events (the CLI draws a bar; a server would stream them).
+pub trait Progress {
+    /// `done` of `total` denoising steps finished; the last one took `seconds`.
+    fn step(&mut self, done: usize, total: usize, seconds: f64);
+}
+
+/// A no-op progress sink.
+pub struct NoProgress;
+impl Progress for NoProgress {
+    fn step(&mut self, _: usize, _: usize, _: f64) {}
+}
+
+impl GenerateRequest {
+    /// Checks the request against the model before anything is allocated.
+    pub fn validate(&self, model: &LoadedModel) -> Result<()> {
+        let f = model.vae.scale_factor();
+        for (arg, v) in [("--width", self.width), ("--height", self.height)] {
+            if v == 0 || v % f != 0 {
+                return Err(Error::arg(arg, format!("{v} is not a positive multiple of the VAE factor {f}")));
+            }
+            if v > MAX_GENERATE_SIDE {
+                return Err(Error::arg(arg, format!("{v} exceeds the {MAX_GENERATE_SIDE} px limit; upscale instead")));
+            }
+        }
+        if self.steps == 0 || self.steps > MAX_STEPS {
+            return Err(Error::arg("--steps", format!("{} is outside 1..={MAX_STEPS}", self.steps)));
+        }
+        if !self.guidance.is_finite() || self.guidance < 0.0 {
+            return Err(Error::arg("--guidance", format!("{} must be a finite number >= 0", self.guidance)));
+        }
+        if self.seeds.is_empty() {
+            return Err(Error::arg("--count", "at least one image is needed"));
+        }
+        if self.init_image.is_some() && !(self.strength > 0.0 && self.strength <= 1.0) {
+            return Err(Error::arg("--strength", format!("{} must be in (0, 1]", self.strength)));
+        }
+        if let Some(lat) = &self.init_latents {
+            let expected = [model.unet.in_channels().min(4), self.height / f, self.width / f];
+            let dims = lat.dims();
+            let n_ok = dims.first().is_some_and(|&n| n == 1 || n == self.seeds.len());
+            if dims.len() != 4 || !n_ok || dims[1..] != expected {
+                return Err(Error::arg(
+                    "--init-latents",
+                    format!(
+                        "shape {dims:?}, expected [1, {}, {}, {}] (or a batch of {}) for {}x{}",
+                        expected[0],
+                        expected[1],
+                        expected[2],
+                        self.seeds.len(),
+                        self.width,
+                        self.height
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs txt2img (or img2img when `init_image` is set).
+pub fn generate(model: &LoadedModel, req: &GenerateRequest, progress: &mut dyn Progress) -> Result<GenerateOutput> {
+    req.validate(model)?;
+    let start = Instant::now();
+    let kind = match req.scheduler {
+        Some(k) => k,
+        None => model.default_scheduler()?,
+    };
+    // diffusers: guidance > 1 turns CFG on, unless the UNet embeds guidance itself (LCM-distilled).
+    let guidance_embedded = model.unet.config().time_cond_proj_dim.is_some();
+    let cfg = req.guidance > 1.0 && !guidance_embedded;
+    let mut timings = StageTimings::default();
+
+    let t0 = Instant::now();
+    let prompts = encode_prompts(model, &req.prompt, req.negative_prompt.as_deref(), cfg)?;
+    timings.text_encode = t0.elapsed().as_secs_f64();
+
+    let init_image = match &req.init_image {
+        Some(img) => {
+            let img = crate::image::resize_rgb(img, req.width as u32, req.height as u32);
+            Some(rgb_to_tensor(&img, &model.device, model.dtype)?)
+        }
+        None => None,
+    };
+
+    let mut images = Vec::with_capacity(req.seeds.len());
+    let max_batch = req.max_batch.max(1);
+    let mut first = 0;
+    for seeds in req.seeds.chunks(max_batch) {
+        let latents_in = match &req.init_latents {
+            Some(l) if l.dim(0)? > 1 => Some(l.narrow(0, first, seeds.len())?),
+            Some(l) => Some(l.repeat((seeds.len(), 1, 1, 1))?),
+            None => None,
+        };
+        let batch = run_batch(
+            model,
+            req,
+            kind,
+            &prompts,
+            cfg,
+            seeds,
+            latents_in,
+            init_image.as_ref(),
+            &mut timings,
+            progress,
+        )?;
+        images.extend(batch);
+        first += seeds.len();
+    }
+    timings.total = start.elapsed().as_secs_f64();
+    Ok(GenerateOutput { images, scheduler: kind, timings, warnings: prompts.warnings })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn run_batch(
+    model: &LoadedModel,
+    req: &GenerateRequest,
+    kind: SchedulerKind,
+    prompts: &EncodedPrompts,
+    cfg: bool,
+    seeds: &[u64],
+    init_latents: Option<Tensor>,
+    init_image: Option<&Tensor>,
+    timings: &mut StageTimings,
+    progress: &mut dyn Progress,
+) -> Result<Vec<GeneratedImage>> {
+    let device = &model.device;
+    let dtype = model.dtype;
+    let b = seeds.len();
+    let f = model.vae.scale_factor();
+    let latent_shape = [model.vae.latent_channels(), req.height / f, req.width / f];
+    let vae_cfg = model.vae.config();
+    let scaling = vae_cfg.scaling_factor;
+    let shift = vae_cfg.shift_factor.unwrap_or(0.0);
+
+    let mut rng = BatchRng::new(seeds);
+    let mut scheduler = schedule::build(kind, &model.scheduler_config, req.steps)?;
+    let timesteps = scheduler.timesteps().to_vec();
+
+    // diffusers' order of draws: img2img samples the VAE latent distribution, then the noise.
+    let (mut latents, first_step) = match init_image {
+        Some(image) => {
+            let t0 = Instant::now();
+            let dist = model.vae.encode(image)?;
+            let dist_noise = rng.randn(&latent_shape, device, dtype)?;
+            let mean = dist.mean.repeat((b, 1, 1, 1))?;
+            let std = dist.std.repeat((b, 1, 1, 1))?;
+            let encoded = (mean + (std * dist_noise)?)?;
+            let encoded = ((encoded - shift)? * scaling)?;
+            timings.vae_encode += t0.elapsed().as_secs_f64();
+            let start = schedule::strength_start(req.steps, req.strength);
+            if start >= timesteps.len() {
+                return Err(Error::arg("--strength", format!("{} leaves no denoising steps", req.strength)));
+            }
+            let noise = match init_latents {
+                Some(l) => l.to_device(device)?.to_dtype(dtype)?,
+                None => rng.randn(&latent_shape, device, dtype)?,
+            };
+            (scheduler.add_noise(&encoded, &noise, start)?, start)
+        }
+        None => {
+            let noise = match init_latents {
+                Some(l) => l.to_device(device)?.to_dtype(dtype)?,
+                None => rng.randn(&latent_shape, device, dtype)?,
+            };
+            ((noise * scheduler.init_noise_sigma())?, 0)
+        }
+    };
+
+    let (hidden, text_embeds) = batch_conditioning(prompts, b, cfg)?;
+    let time_ids = match model.family {
+        Family::StableDiffusionXl => {
+            // (original size, crop top-left, target size): diffusers' defaults for txt2img/img2img.
+            let (h, w) = (req.height as f32, req.width as f32);
+            let row = [h, w, 0.0, 0.0, h, w];
+            let rows = if cfg { 2 * b } else { b };
+            let data: Vec<f32> = row.iter().copied().cycle().take(6 * rows).collect();
+            Some(Tensor::from_vec(data, (rows, 6), device)?.to_dtype(dtype)?)
+        }
+        Family::StableDiffusion => None,
+    };
+    let timestep_cond = match model.unet.config().time_cond_proj_dim {
+        Some(dim) => Some(guidance_embedding(req.guidance - 1.0, dim, b, device)?.to_dtype(dtype)?),
+        None => None,
+    };
+
+    let total = timesteps.len() - first_step;
+    for (done, i) in (first_step..timesteps.len()).enumerate() {
+        let t0 = Instant::now();
+        let model_in = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+        let model_in = scheduler.scale_model_input(&model_in, i)?;
+        let cond = UNetCond {
+            encoder_hidden_states: &hidden,
+            text_embeds: text_embeds.as_ref(),
+            time_ids: time_ids.as_ref(),
+            timestep_cond: timestep_cond.as_ref(),
+        };
+        let pred = model.unet.forward(&model_in, timesteps[i], &cond)?;
+        let pred = if cfg {
+            let uncond = pred.narrow(0, 0, b)?;
+            let text = pred.narrow(0, b, b)?;
+            (&uncond + ((text - &uncond)? * req.guidance)?)?
+        } else {
+            pred
+        };
+        latents = scheduler.step(&pred, i, &latents, &mut rng)?;
+        let secs = t0.elapsed().as_secs_f64();
+        timings.steps.push(secs);
+        progress.step(done + 1, total, secs);
+    }
+
+    let t0 = Instant::now();
+    let mut out = Vec::with_capacity(b);
+    for (k, seed) in seeds.iter().enumerate() {
+        // One image at a time: the decoder's activations dominate memory at large sizes.
+        let z = ((latents.narrow(0, k, 1)? / scaling)? + shift)?;
+        let decoded = model.vae.decode(&z)?;
+        check_finite(&decoded)?;
+        let unit = decoded_to_unit(&decoded)?.squeeze(0)?;
+        out.push(GeneratedImage { seed: *seed, pixels: unit });
+    }
+    timings.vae_decode += t0.elapsed().as_secs_f64();
+    Ok(out)
+}
+
+/// The UNet's encoder_hidden_states (and SDXL text_embeds) for a batch of `b`, negatives first.
+fn batch_conditioning(prompts: &EncodedPrompts, b: usize, cfg: bool) -> Result<(Tensor, Option<Tensor>)> {
+    let pos = &prompts.positive;
+    let rep = |t: &Tensor| -> Result<Tensor> {
+        let mut dims = vec![b];
+        dims.extend(std::iter::repeat_n(1, t.rank() - 1));
+        Ok(t.repeat(dims.as_slice())?)
+    };
+    match (&prompts.negative, cfg) {
+        (Some(neg), true) => {
+            let hidden = Tensor::cat(&[rep(&neg.hidden)?, rep(&pos.hidden)?], 0)?;
+            let pooled = match (&neg.pooled, &pos.pooled) {
+                (Some(n), Some(p)) => Some(Tensor::cat(&[rep(n)?, rep(p)?], 0)?),
+                _ => None,
+            };
+            Ok((hidden, pooled))
+        }
+        _ => Ok((rep(&pos.hidden)?, pos.pooled.as_ref().map(rep).transpose()?)),
+    }
+}
+
+/// diffusers' get_guidance_scale_embedding (for UNets with time_cond_proj_dim).
+fn guidance_embedding(w: f64, dim: usize, b: usize, device: &candle_core::Device) -> Result<Tensor> {
+    let half = dim / 2;
+    let scale = (10000f64).ln() / (half.max(2) - 1) as f64;
+    let w = w * 1000.0;
+    let mut row: Vec<f32> = Vec::with_capacity(dim);
+    let freqs: Vec<f64> = (0..half).map(|k| (-(k as f64) * scale).exp() * w).collect();
+    row.extend(freqs.iter().map(|x| x.sin() as f32));
+    row.extend(freqs.iter().map(|x| x.cos() as f32));
+    row.resize(dim, 0.0);
+    let data: Vec<f32> = row.iter().copied().cycle().take(dim * b).collect();
+    Ok(Tensor::from_vec(data, (b, dim), device)?)
+}
+
+/// A decoded image with NaN/inf means the model overflowed (typically an fp16 VAE): say so
+/// rather than return a black image.
+fn check_finite(image: &Tensor) -> Result<()> {
+    let sum = image.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
+    if !sum.is_finite() {
+        return Err(Error::Unsupported(
+            "the decoded image contains NaN/inf (fp16 overflow?); retry with --dtype f32 or bf16".into(),
+        ));
+    }
+    Ok(())
+}
