@@ -1,1 +1,4 @@
-//! models
+//! Model architectures: text encoders (CLIP), UNet, VAE, super-resolution nets.
+
+pub mod clip;
+pub mod clip_tokenizer;
