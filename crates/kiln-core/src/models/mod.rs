@@ -2,3 +2,5 @@
 
 pub mod clip;
 pub mod clip_tokenizer;
+pub mod unet;
+pub mod vae;

@@ -1,0 +1,201 @@
+//! diffusers' `Transformer2DModel` over continuous inputs, its `BasicTransformerBlock`
+//! (self-attention, cross-attention, GEGLU feed-forward, pre-LayerNorm) and `Attention`.
+
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+
+use super::config::AttentionPlan;
+use crate::error::Result;
+
+/// Plain scaled-dot-product attention over `[B, H, N, D]` query/key/value:
+/// `softmax(q k^T * scale) v`. The one place attention is computed, so a fused kernel can
+/// replace it. Half-precision scores go through the softmax in f32 (a sum over thousands of
+/// tokens loses too much in f16), matching torch's SDPA, which accumulates in f32.
+pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let scores = (q * scale)?.matmul(&k.t()?)?;
+    let probs = match scores.dtype() {
+        DType::F16 | DType::BF16 => {
+            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(scores.dtype())?
+        }
+        _ => candle_nn::ops::softmax_last_dim(&scores)?,
+    };
+    Ok(probs.matmul(v)?)
+}
+
+/// diffusers' `Attention` as used by `BasicTransformerBlock`: q/k/v without bias, to_out with.
+#[derive(Debug, Clone)]
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    head_dim: usize,
+}
+
+impl Attention {
+    fn new(
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        Ok(Self {
+            to_q: candle_nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
+            to_k: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
+            to_v: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
+            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out").pp("0"))?,
+            heads,
+            head_dim,
+        })
+    }
+
+    /// `[B, N, C] -> [B, H, N, D]`, contiguous for the matmuls.
+    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, n, _) = x.dims3()?;
+        Ok(x.reshape((b, n, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
+    }
+
+    /// Self-attention when `context` is None.
+    fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
+        let context = context.unwrap_or(x);
+        let q = self.split_heads(&self.to_q.forward(x)?)?;
+        let k = self.split_heads(&self.to_k.forward(context)?)?;
+        let v = self.split_heads(&self.to_v.forward(context)?)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let out = scaled_dot_product_attention(&q, &k, &v, scale)?;
+        let (b, _, n, _) = out.dims4()?;
+        let out = out.transpose(1, 2)?.reshape((b, n, self.heads * self.head_dim))?;
+        Ok(self.to_out.forward(&out)?)
+    }
+}
+
+/// `FeedForward(activation_fn="geglu")`: `net.0` is GEGLU's projection to twice the inner
+/// width, halves `hidden * gelu(gate)` (exact erf GELU), `net.2` projects back.
+#[derive(Debug, Clone)]
+struct FeedForward {
+    proj_in: Linear,
+    proj_out: Linear,
+}
+
+impl FeedForward {
+    fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
+        let inner = dim * 4;
+        Ok(Self {
+            proj_in: candle_nn::linear(dim, inner * 2, vb.pp("net").pp("0").pp("proj"))?,
+            proj_out: candle_nn::linear(inner, dim, vb.pp("net").pp("2"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let projected = self.proj_in.forward(x)?;
+        let inner = projected.dim(D::Minus1)? / 2;
+        let hidden = projected.narrow(D::Minus1, 0, inner)?;
+        let gate = projected.narrow(D::Minus1, inner, inner)?;
+        Ok(self.proj_out.forward(&(hidden * gate.gelu_erf()?)?)?)
+    }
+}
+
+/// `BasicTransformerBlock` with norm_type "layer_norm" and cross-attention.
+#[derive(Debug, Clone)]
+struct BasicTransformerBlock {
+    norm1: LayerNorm,
+    attn1: Attention,
+    norm2: LayerNorm,
+    attn2: Attention,
+    norm3: LayerNorm,
+    ff: FeedForward,
+}
+
+impl BasicTransformerBlock {
+    fn new(dim: usize, plan: &AttentionPlan, vb: VarBuilder) -> Result<Self> {
+        // diffusers' BasicTransformerBlock default norm_eps.
+        let eps = 1e-5;
+        Ok(Self {
+            norm1: candle_nn::layer_norm(dim, eps, vb.pp("norm1"))?,
+            attn1: Attention::new(dim, dim, plan.heads, plan.head_dim, vb.pp("attn1"))?,
+            norm2: candle_nn::layer_norm(dim, eps, vb.pp("norm2"))?,
+            attn2: Attention::new(dim, plan.cross_attention_dim, plan.heads, plan.head_dim, vb.pp("attn2"))?,
+            norm3: candle_nn::layer_norm(dim, eps, vb.pp("norm3"))?,
+            ff: FeedForward::new(dim, vb.pp("ff"))?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
+        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
+        Ok((self.ff.forward(&self.norm3.forward(&x)?)? + &x)?)
+    }
+}
+
+/// `proj_in`/`proj_out`: Linear with `use_linear_projection`, else 1x1 Conv2d.
+#[derive(Debug, Clone)]
+enum Projection {
+    Linear(Linear),
+    Conv(Conv2d),
+}
+
+impl Projection {
+    fn new(in_dim: usize, out_dim: usize, linear: bool, vb: VarBuilder) -> Result<Self> {
+        Ok(if linear {
+            Projection::Linear(candle_nn::linear(in_dim, out_dim, vb)?)
+        } else {
+            Projection::Conv(candle_nn::conv2d(in_dim, out_dim, 1, Default::default(), vb)?)
+        })
+    }
+}
+
+/// `Transformer2DModel` over a `[B, C, H, W]` feature map: group norm, project in, transformer
+/// blocks over the H*W tokens, project out, add the input.
+#[derive(Debug, Clone)]
+pub struct Transformer2DModel {
+    norm: GroupNorm,
+    proj_in: Projection,
+    blocks: Vec<BasicTransformerBlock>,
+    proj_out: Projection,
+}
+
+impl Transformer2DModel {
+    pub fn new(channels: usize, groups: usize, plan: &AttentionPlan, vb: VarBuilder) -> Result<Self> {
+        let inner = plan.heads * plan.head_dim;
+        let linear = plan.use_linear_projection;
+        let blocks = (0..plan.transformer_layers)
+            .map(|i| BasicTransformerBlock::new(inner, plan, vb.pp("transformer_blocks").pp(i.to_string())))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self {
+            // Transformer2DModel's GroupNorm always uses eps 1e-6.
+            norm: candle_nn::group_norm(groups, channels, 1e-6, vb.pp("norm"))?,
+            proj_in: Projection::new(channels, inner, linear, vb.pp("proj_in"))?,
+            blocks,
+            proj_out: Projection::new(inner, channels, linear, vb.pp("proj_out"))?,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let (b, _, h, w) = x.dims4()?;
+        let normed = self.norm.forward(x)?;
+        // [B, C, H, W] -> [B, H*W, C]
+        let to_tokens = |t: &Tensor| -> Result<Tensor> {
+            let channels = t.dim(1)?;
+            Ok(t.permute((0, 2, 3, 1))?.reshape((b, h * w, channels))?)
+        };
+        let to_map = |t: &Tensor| -> Result<Tensor> {
+            let channels = t.dim(2)?;
+            Ok(t.reshape((b, h, w, channels))?.permute((0, 3, 1, 2))?.contiguous()?)
+        };
+        let mut tokens = match &self.proj_in {
+            Projection::Conv(conv) => to_tokens(&conv.forward(&normed)?)?,
+            Projection::Linear(lin) => lin.forward(&to_tokens(&normed)?)?,
+        };
+        for block in &self.blocks {
+            tokens = block.forward(&tokens, context)?;
+        }
+        let out = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(&to_map(&tokens)?)?,
+            Projection::Linear(lin) => to_map(&lin.forward(&tokens)?)?,
+        };
+        Ok((out + x)?)
+    }
+}
