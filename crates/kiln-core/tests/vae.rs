@@ -1,4 +1,6 @@
 //! AutoencoderKL against diffusers 0.42.1 on tiny random models (tests/fixtures/vae/make.py).
+// Tests fail by panicking: unwrap is the point here.
+#![allow(clippy::unwrap_used)]
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -26,8 +28,8 @@ fn config(variant: &str) -> VaeConfig {
     VaeConfig::from_file(fixture(&format!("{variant}/config.json"))).expect("config")
 }
 
-fn model(variant: &str, dtype: DType) -> AutoencoderKl {
-    let vb = VarBuilder::from_tensors(weights(variant), dtype, &Device::Cpu);
+fn model(variant: &str, dtype: DType, device: &Device) -> AutoencoderKl {
+    let vb = VarBuilder::from_tensors(weights(variant), dtype, device);
     AutoencoderKl::new(&config(variant), vb).expect("model")
 }
 
@@ -42,13 +44,16 @@ fn max_abs(a: &Tensor) -> f32 {
     a.to_dtype(DType::F32).unwrap().abs().unwrap().flatten_all().unwrap().max(0).unwrap().to_scalar().unwrap()
 }
 
-/// Checks encode (mean, std, a sample with fixed noise) and decode against diffusers' outputs,
-/// allowing `tol` relative to each reference's largest magnitude (at least 1).
+/// Checks encode (mean, std, a sample with fixed noise) and decode against diffusers' f32 outputs:
+/// max abs difference <= `tol` in f32; in half precision `tol` is relative to each reference's
+/// largest magnitude (at least 1). For scale, torch itself in f16 lands 2.2e-2 off on lpb2's
+/// decode (max |x| 5.0) and 1.5e-1 in bf16.
 fn check_against_reference(variant: &str, vae: &AutoencoderKl, tol: f32) {
     let image = npy("image.npy");
     let dist = vae.encode(&image).expect("encode");
     let sample = dist.sample(&npy("noise.npy")).expect("sample");
     let decoded = vae.decode(&npy("latents.npy")).expect("decode");
+    let mut failures = Vec::new();
     for (name, ours, file) in [
         ("encode mean", &dist.mean, "encode_mean.npy"),
         ("encode std", &dist.std, "encode_std.npy"),
@@ -57,8 +62,11 @@ fn check_against_reference(variant: &str, vae: &AutoencoderKl, tol: f32) {
     ] {
         let reference = npy(&format!("{variant}/{file}"));
         let diff = max_abs_diff(ours, &reference);
-        let bound = tol * max_abs(&reference).max(1.0);
+        let bound = if vae.dtype() == DType::F32 { tol } else { tol * max_abs(&reference).max(1.0) };
         println!("{variant} {:?} {name}: max abs diff {diff:.3e} (bound {bound:.1e})", vae.dtype());
+        failures.push((name, diff, bound));
+    }
+    for (name, diff, bound) in failures {
         assert!(diff <= bound, "{variant} {name}: max abs diff {diff} > {bound}");
     }
     assert!(std::ptr::eq(dist.mode(), &dist.mean));
@@ -67,19 +75,30 @@ fn check_against_reference(variant: &str, vae: &AutoencoderKl, tol: f32) {
 #[test]
 fn matches_diffusers_f32() {
     for variant in VARIANTS {
-        let vae = model(variant, DType::F32);
+        let vae = model(variant, DType::F32, &Device::Cpu);
         check_against_reference(variant, &vae, 1e-4);
     }
 }
 
 #[test]
 fn half_precision_stays_close() {
-    // f16/bf16 weights and activations against the f32 reference: rounding only.
+    // f16 weights and activations against the f32 reference: rounding only. (candle 0.11.1 has no
+    // bf16 matmul on CPU; bf16 is checked on CUDA below.)
+    let vae = model("lpb2", DType::F16, &Device::Cpu);
+    check_against_reference("lpb2", &vae, 1e-2);
+    assert_eq!(vae.decode(&npy("latents.npy")).unwrap().dtype(), DType::F16);
+}
+
+/// Run with `cargo test -p kiln-core --features cuda --test vae` on a CUDA machine.
+#[cfg(feature = "cuda")]
+#[test]
+fn gpu_matches_diffusers() {
+    let dev = Device::new_cuda(0).expect("cuda:0");
+    for variant in VARIANTS {
+        check_against_reference(variant, &model(variant, DType::F32, &dev), 1e-4);
+    }
     for (dtype, tol) in [(DType::F16, 1e-2), (DType::BF16, 5e-2)] {
-        let vae = model("lpb2", dtype);
-        check_against_reference("lpb2", &vae, tol);
-        let decoded = vae.decode(&npy("latents.npy")).unwrap();
-        assert_eq!(decoded.dtype(), dtype);
+        check_against_reference("lpb2", &model("lpb2", dtype, &dev), tol);
     }
 }
 
@@ -89,7 +108,7 @@ fn config_and_factors() {
     assert!(!cfg.use_quant_conv && !cfg.use_post_quant_conv && !cfg.mid_block_add_attention);
     assert_eq!(cfg.shift_factor, Some(0.0609));
     assert_eq!(cfg.sample_size, SampleSize::Square(64));
-    let vae = model("lpb1", DType::F32);
+    let vae = model("lpb1", DType::F32, &Device::Cpu);
     assert_eq!(vae.scale_factor(), 8);
     assert_eq!(vae.latent_channels(), 4);
     assert_eq!(vae.config().scaling_factor, 0.18215);
@@ -168,7 +187,7 @@ fn missing_or_wrong_tensors_are_named() {
 
 #[test]
 fn bad_inputs_and_configs_are_errors() {
-    let vae = model("lpb1", DType::F32);
+    let vae = model("lpb1", DType::F32, &Device::Cpu);
     let dev = Device::Cpu;
     let err = vae.encode(&Tensor::zeros((1, 4, 16, 16), DType::F32, &dev).unwrap()).unwrap_err().to_string();
     assert!(err.contains("image"), "{err}");

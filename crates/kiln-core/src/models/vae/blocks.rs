@@ -154,13 +154,19 @@ const MAX_SCORES_PER_CHUNK: usize = 1 << 26;
 /// tensors. The softmax runs in f32 whatever the input dtype (diffusers declares
 /// `upcast_softmax=True` for the VAE). This is the one place a fused kernel would replace.
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    chunked_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK)
+}
+
+/// [`scaled_dot_product_attention`] materialising at most about `max_scores` scores at a time.
+fn chunked_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, max_scores: usize) -> Result<Tensor> {
     let (batch, heads, n_q, _) = q.dims4()?;
     let n_kv = k.dim(2)?;
     let dtype = q.dtype();
     let q = (q * scale)?;
+    // Contiguous operands: see the note on candle's CPU matmul in `SpatialAttention::forward`.
     let k_t = k.t()?.contiguous()?;
     let v = v.contiguous()?;
-    let rows = (MAX_SCORES_PER_CHUNK / (batch * heads * n_kv).max(1)).clamp(1, n_q.max(1));
+    let rows = (max_scores / (batch * heads * n_kv).max(1)).clamp(1, n_q.max(1));
     let mut chunks = Vec::with_capacity(n_q.div_ceil(rows));
     let mut start = 0;
     while start < n_q {
@@ -237,7 +243,9 @@ impl SpatialAttention {
     pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let head_dim = c / self.heads;
-        let tokens = self.group_norm.forward(xs)?.reshape((b, c, h * w))?.transpose(1, 2)?; // [b, hw, c]
+        // [b, hw, c], made contiguous: candle 0.11.1's CPU matmul folds the batch of a transposed lhs
+        // against a broadcast rhs (what `Linear` does for 3-D inputs) into one gemm and gets it wrong.
+        let tokens = self.group_norm.forward(xs)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
         let split_heads = |t: Tensor| -> Result<Tensor> {
             Ok(t.reshape((b, h * w, self.heads, head_dim))?.transpose(1, 2)?.contiguous()?)
         };
@@ -411,5 +419,29 @@ impl UpDecoderBlock2D {
             Some(up) => up.forward(&xs),
             None => Ok(xs),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn chunked_attention_matches_one_pass() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (2, 3, 37, 8), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (2, 3, 29, 8), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (2, 3, 29, 8), &dev)?;
+        let scale = 1.0 / 8f64.sqrt();
+        // Reference: plain softmax(q kᵀ s) v in one go.
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+        let expected = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+        for max_scores in [1, 2 * 3 * 29 * 5, usize::MAX / 2] {
+            let got = chunked_attention(&q, &k, &v, scale, max_scores)?;
+            let diff = (got - &expected)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "max_scores {max_scores}: diff {diff}");
+        }
+        Ok(())
     }
 }
