@@ -1,0 +1,447 @@
+//! Building blocks of diffusers' VAE: ResnetBlock2D (no time embedding), Downsample2D (the
+//! encoder's asymmetric-pad variant), Upsample2D (nearest ×2 + conv), the single-head spatial
+//! self-attention of `Attention(_from_deprecated_attn_block=True)`, and the down/up/mid blocks
+//! built from them. Key names follow diffusers' state dict.
+
+use crate::error::{Error, Result};
+use candle_core::{DType, Module, Tensor, D};
+use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+
+/// Epsilon of every norm in the VAE (diffusers passes `resnet_eps=1e-6` throughout).
+pub(crate) const NORM_EPS: f64 = 1e-6;
+
+/// The activations diffusers' `get_activation` knows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Activation {
+    Silu,
+    Gelu,
+    Relu,
+    Mish,
+}
+
+impl Activation {
+    pub(crate) fn parse(name: &str) -> Option<Self> {
+        match name.to_ascii_lowercase().as_str() {
+            "silu" | "swish" => Some(Self::Silu),
+            "gelu" => Some(Self::Gelu),
+            "relu" => Some(Self::Relu),
+            "mish" => Some(Self::Mish),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn apply(self, xs: &Tensor) -> Result<Tensor> {
+        Ok(match self {
+            Self::Silu => candle_nn::ops::silu(xs)?,
+            // torch.nn.GELU() defaults to the exact (erf) form.
+            Self::Gelu => xs.gelu_erf()?,
+            Self::Relu => xs.relu()?,
+            // x * tanh(softplus(x)); exp overflowing to inf still gives tanh(inf) = 1.
+            Self::Mish => (xs * xs.exp()?.affine(1.0, 1.0)?.log()?.tanh()?)?,
+        })
+    }
+}
+
+pub(crate) fn conv2d(
+    cin: usize,
+    cout: usize,
+    kernel: usize,
+    padding: usize,
+    stride: usize,
+    vb: VarBuilder,
+) -> Result<Conv2d> {
+    let cfg = Conv2dConfig { padding, stride, ..Default::default() };
+    Ok(candle_nn::conv2d(cin, cout, kernel, cfg, vb)?)
+}
+
+pub(crate) fn group_norm(groups: usize, channels: usize, vb: VarBuilder) -> Result<GroupNorm> {
+    Ok(candle_nn::group_norm(groups, channels, NORM_EPS, vb)?)
+}
+
+/// diffusers' `ResnetBlock2D` as the VAE uses it: no time embedding, `output_scale_factor` 1.
+#[derive(Debug, Clone)]
+pub(crate) struct ResnetBlock2D {
+    norm1: GroupNorm,
+    conv1: Conv2d,
+    norm2: GroupNorm,
+    conv2: Conv2d,
+    conv_shortcut: Option<Conv2d>,
+    act: Activation,
+}
+
+impl ResnetBlock2D {
+    pub(crate) fn new(
+        cin: usize,
+        cout: usize,
+        groups: usize,
+        act: Activation,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let conv_shortcut =
+            if cin != cout { Some(conv2d(cin, cout, 1, 0, 1, vb.pp("conv_shortcut"))?) } else { None };
+        Ok(Self {
+            norm1: group_norm(groups, cin, vb.pp("norm1"))?,
+            conv1: conv2d(cin, cout, 3, 1, 1, vb.pp("conv1"))?,
+            norm2: group_norm(groups, cout, vb.pp("norm2"))?,
+            conv2: conv2d(cout, cout, 3, 1, 1, vb.pp("conv2"))?,
+            conv_shortcut,
+            act,
+        })
+    }
+
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let h = self.act.apply(&self.norm1.forward(xs)?)?;
+        let h = self.conv1.forward(&h)?;
+        let h = self.act.apply(&self.norm2.forward(&h)?)?;
+        let h = self.conv2.forward(&h)?;
+        let shortcut = match &self.conv_shortcut {
+            Some(conv) => conv.forward(xs)?,
+            None => xs.clone(),
+        };
+        Ok((shortcut + h)?)
+    }
+}
+
+/// diffusers' `Downsample2D(use_conv=True, padding=0, name="op")`: pad right/bottom by one, then a
+/// 3×3 stride-2 conv without padding (key `downsamplers.0.conv`).
+#[derive(Debug, Clone)]
+pub(crate) struct Downsample2D {
+    conv: Conv2d,
+}
+
+impl Downsample2D {
+    pub(crate) fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { conv: conv2d(channels, channels, 3, 0, 2, vb.pp("conv"))? })
+    }
+
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = xs.dims4()?;
+        // A 3×3 kernel needs at least 3 rows/columns after the one-pixel pad.
+        if h < 2 || w < 2 {
+            return Err(Error::arg(
+                "image",
+                format!("too small for the VAE encoder: a feature map of {h}x{w} cannot be downsampled"),
+            ));
+        }
+        let xs = xs.pad_with_zeros(D::Minus1, 0, 1)?.pad_with_zeros(D::Minus2, 0, 1)?;
+        Ok(self.conv.forward(&xs)?)
+    }
+}
+
+/// diffusers' `Upsample2D(use_conv=True)`: nearest-neighbour ×2, then a 3×3 conv.
+#[derive(Debug, Clone)]
+pub(crate) struct Upsample2D {
+    conv: Conv2d,
+}
+
+impl Upsample2D {
+    pub(crate) fn new(channels: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self { conv: conv2d(channels, channels, 3, 1, 1, vb.pp("conv"))? })
+    }
+
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (_, _, h, w) = xs.dims4()?;
+        let xs = xs.upsample_nearest2d(2 * h, 2 * w)?;
+        Ok(self.conv.forward(&xs)?)
+    }
+}
+
+/// Most attention scores materialised at once; longer sequences are processed in query chunks so a
+/// 1024² SDXL decode does not allocate a 16384² score matrix per image in one go.
+const MAX_SCORES_PER_CHUNK: usize = 1 << 26;
+
+/// Scaled dot-product attention, `softmax(q·kᵀ·scale)·v`, over `[batch, heads, tokens, head_dim]`
+/// tensors. The softmax runs in f32 whatever the input dtype (diffusers declares
+/// `upcast_softmax=True` for the VAE). This is the one place a fused kernel would replace.
+pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    chunked_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK)
+}
+
+/// [`scaled_dot_product_attention`] materialising at most about `max_scores` scores at a time.
+fn chunked_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, max_scores: usize) -> Result<Tensor> {
+    let (batch, heads, n_q, _) = q.dims4()?;
+    let n_kv = k.dim(2)?;
+    let dtype = q.dtype();
+    let q = (q * scale)?;
+    // Contiguous operands: see the note on candle's CPU matmul in `SpatialAttention::forward`.
+    let k_t = k.t()?.contiguous()?;
+    let v = v.contiguous()?;
+    let rows = (max_scores / (batch * heads * n_kv).max(1)).clamp(1, n_q.max(1));
+    let mut chunks = Vec::with_capacity(n_q.div_ceil(rows));
+    let mut start = 0;
+    while start < n_q {
+        let len = rows.min(n_q - start);
+        let q_chunk = q.narrow(2, start, len)?.contiguous()?;
+        let scores = q_chunk.matmul(&k_t)?.to_dtype(DType::F32)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
+        chunks.push(probs.matmul(&v)?);
+        start += len;
+    }
+    Ok(Tensor::cat(&chunks, 2)?)
+}
+
+/// Loads a projection of the attention block as a `Linear`. Weights may be `[c, c]` (diffusers) or
+/// `[c, c, 1, 1]` (1×1 convs of original LDM checkpoints converted without reshaping).
+fn attention_linear(channels: usize, vb: VarBuilder) -> Result<Linear> {
+    let weight = vb.get_unchecked_dtype("weight", vb.dtype())?;
+    let weight = match weight.dims() {
+        [o, i] if *o == channels && *i == channels => weight,
+        [o, i, 1, 1] if *o == channels && *i == channels => weight.reshape((channels, channels))?,
+        found => {
+            return Err(Error::ShapeMismatch {
+                name: format!("{}.weight", vb.prefix()),
+                expected: vec![channels, channels],
+                found: found.to_vec(),
+            })
+        }
+    };
+    let bias = vb.get(channels, "bias")?;
+    Ok(Linear::new(weight, Some(bias)))
+}
+
+/// The VAE's spatial self-attention: group norm, q/k/v projections, attention, output projection,
+/// residual, divided by `rescale_output_factor` (1 in the VAE). Accepts both the current key names
+/// (`to_q`, `to_k`, `to_v`, `to_out.0`) and the deprecated ones (`query`, `key`, `value`,
+/// `proj_attn`) that some converted folders still carry.
+#[derive(Debug, Clone)]
+pub(crate) struct SpatialAttention {
+    group_norm: GroupNorm,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    heads: usize,
+    scale: f64,
+}
+
+impl SpatialAttention {
+    /// `head_dim` is the attention head size; the VAE always passes `channels` (one head).
+    pub(crate) fn new(channels: usize, head_dim: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        if head_dim == 0 || channels % head_dim != 0 {
+            return Err(Error::arg(
+                "attention_head_dim",
+                format!("{head_dim} does not divide {channels} channels"),
+            ));
+        }
+        let deprecated = !vb.contains_tensor("to_q.weight") && vb.contains_tensor("query.weight");
+        let (q, k, v, out) = if deprecated {
+            ("query", "key", "value", "proj_attn")
+        } else {
+            ("to_q", "to_k", "to_v", "to_out.0")
+        };
+        Ok(Self {
+            group_norm: group_norm(groups, channels, vb.pp("group_norm"))?,
+            to_q: attention_linear(channels, vb.pp(q))?,
+            to_k: attention_linear(channels, vb.pp(k))?,
+            to_v: attention_linear(channels, vb.pp(v))?,
+            to_out: attention_linear(channels, vb.pp(out))?,
+            heads: channels / head_dim,
+            scale: 1.0 / (head_dim as f64).sqrt(),
+        })
+    }
+
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = xs.dims4()?;
+        let head_dim = c / self.heads;
+        // [b, hw, c], made contiguous: candle 0.11.1's CPU matmul folds the batch of a transposed lhs
+        // against a broadcast rhs (what `Linear` does for 3-D inputs) into one gemm and gets it wrong.
+        let tokens = self.group_norm.forward(xs)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let split_heads = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, h * w, self.heads, head_dim))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = split_heads(self.to_q.forward(&tokens)?)?;
+        let k = split_heads(self.to_k.forward(&tokens)?)?;
+        let v = split_heads(self.to_v.forward(&tokens)?)?;
+        let attended = scaled_dot_product_attention(&q, &k, &v, self.scale)?;
+        let attended = attended.transpose(1, 2)?.reshape((b, h * w, c))?;
+        let out = self.to_out.forward(&attended)?;
+        let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
+        Ok((out + xs)?)
+    }
+}
+
+/// diffusers' `UNetMidBlock2D` with `num_layers=1`: resnet, optional attention, resnet.
+#[derive(Debug, Clone)]
+pub(crate) struct MidBlock2D {
+    resnets: Vec<ResnetBlock2D>,
+    attention: Option<SpatialAttention>,
+}
+
+impl MidBlock2D {
+    pub(crate) fn new(
+        channels: usize,
+        groups: usize,
+        act: Activation,
+        add_attention: bool,
+        vb: VarBuilder,
+    ) -> Result<Self> {
+        let resnets = (0..2)
+            .map(|i| ResnetBlock2D::new(channels, channels, groups, act, vb.pp("resnets").pp(i)))
+            .collect::<Result<Vec<_>>>()?;
+        let attention = if add_attention {
+            Some(SpatialAttention::new(channels, channels, groups, vb.pp("attentions").pp(0))?)
+        } else {
+            None
+        };
+        Ok(Self { resnets, attention })
+    }
+
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            if i > 0 {
+                if let Some(attention) = &self.attention {
+                    xs = attention.forward(&xs)?;
+                }
+            }
+            xs = resnet.forward(&xs)?;
+        }
+        Ok(xs)
+    }
+}
+
+/// Resnets, each optionally followed by attention (the `Attn*` block types), as in diffusers'
+/// `DownEncoderBlock2D` / `AttnDownEncoderBlock2D` / `UpDecoderBlock2D` / `AttnUpDecoderBlock2D`.
+#[derive(Debug, Clone)]
+struct ResnetStack {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<SpatialAttention>,
+}
+
+impl ResnetStack {
+    fn new(
+        layers: usize,
+        cin: usize,
+        cout: usize,
+        groups: usize,
+        act: Activation,
+        with_attention: bool,
+        vb: &VarBuilder,
+    ) -> Result<Self> {
+        let mut resnets = Vec::with_capacity(layers);
+        let mut attentions = Vec::new();
+        for i in 0..layers {
+            let block_in = if i == 0 { cin } else { cout };
+            resnets.push(ResnetBlock2D::new(block_in, cout, groups, act, vb.pp("resnets").pp(i))?);
+            if with_attention {
+                attentions.push(SpatialAttention::new(cout, cout, groups, vb.pp("attentions").pp(i))?);
+            }
+        }
+        Ok(Self { resnets, attentions })
+    }
+
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            xs = resnet.forward(&xs)?;
+            if let Some(attention) = self.attentions.get(i) {
+                xs = attention.forward(&xs)?;
+            }
+        }
+        Ok(xs)
+    }
+}
+
+/// One encoder stage: resnets (+ attention), then an optional downsample.
+#[derive(Debug, Clone)]
+pub(crate) struct DownEncoderBlock2D {
+    stack: ResnetStack,
+    downsample: Option<Downsample2D>,
+}
+
+/// Shapes and options shared by the encoder and decoder block constructors.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BlockSpec {
+    pub layers: usize,
+    pub cin: usize,
+    pub cout: usize,
+    pub groups: usize,
+    pub act: Activation,
+    pub with_attention: bool,
+    /// Whether the block ends with a down- (encoder) or upsampler (decoder).
+    pub resample: bool,
+}
+
+impl DownEncoderBlock2D {
+    pub(crate) fn new(spec: BlockSpec, vb: VarBuilder) -> Result<Self> {
+        let stack = ResnetStack::new(
+            spec.layers,
+            spec.cin,
+            spec.cout,
+            spec.groups,
+            spec.act,
+            spec.with_attention,
+            &vb,
+        )?;
+        let downsample = if spec.resample {
+            Some(Downsample2D::new(spec.cout, vb.pp("downsamplers").pp(0))?)
+        } else {
+            None
+        };
+        Ok(Self { stack, downsample })
+    }
+
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = self.stack.forward(xs)?;
+        match &self.downsample {
+            Some(down) => down.forward(&xs),
+            None => Ok(xs),
+        }
+    }
+}
+
+/// One decoder stage: resnets (+ attention), then an optional upsample.
+#[derive(Debug, Clone)]
+pub(crate) struct UpDecoderBlock2D {
+    stack: ResnetStack,
+    upsample: Option<Upsample2D>,
+}
+
+impl UpDecoderBlock2D {
+    pub(crate) fn new(spec: BlockSpec, vb: VarBuilder) -> Result<Self> {
+        let stack = ResnetStack::new(
+            spec.layers,
+            spec.cin,
+            spec.cout,
+            spec.groups,
+            spec.act,
+            spec.with_attention,
+            &vb,
+        )?;
+        let upsample =
+            if spec.resample { Some(Upsample2D::new(spec.cout, vb.pp("upsamplers").pp(0))?) } else { None };
+        Ok(Self { stack, upsample })
+    }
+
+    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = self.stack.forward(xs)?;
+        match &self.upsample {
+            Some(up) => up.forward(&xs),
+            None => Ok(xs),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn chunked_attention_matches_one_pass() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Tensor::randn(0f32, 1.0, (2, 3, 37, 8), &dev)?;
+        let k = Tensor::randn(0f32, 1.0, (2, 3, 29, 8), &dev)?;
+        let v = Tensor::randn(0f32, 1.0, (2, 3, 29, 8), &dev)?;
+        let scale = 1.0 / 8f64.sqrt();
+        // Reference: plain softmax(q kᵀ s) v in one go.
+        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+        let expected = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
+        for max_scores in [1, 2 * 3 * 29 * 5, usize::MAX / 2] {
+            let got = chunked_attention(&q, &k, &v, scale, max_scores)?;
+            let diff = (got - &expected)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5, "max_scores {max_scores}: diff {diff}");
+        }
+        Ok(())
+    }
+}
