@@ -1,5 +1,6 @@
 //! CLIP tokenizer against transformers 5.23's CLIPTokenizer on the small tokenizer and variant
 //! folders (tests/fixtures/clip/make.py).
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 
 use std::path::{Path, PathBuf};
 

@@ -303,7 +303,8 @@ impl ClipTextModel {
         device: &Device,
         with_projection: bool,
     ) -> Result<Self> {
-        let first = files.first().ok_or_else(|| Error::arg("text encoder weights", "no weight files given"))?;
+        let first =
+            files.first().ok_or_else(|| Error::arg("text encoder weights", "no weight files given"))?;
         for file in files {
             if !file.is_file() {
                 return Err(Error::not_found("text encoder weights", file, ""));
@@ -321,7 +322,9 @@ impl ClipTextModel {
                 let path = if files.len() == 1 {
                     first.clone()
                 } else {
-                    PathBuf::from(files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "))
+                    PathBuf::from(
+                        files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", "),
+                    )
                 };
                 Error::MissingTensor { path, name }
             }
@@ -365,11 +368,8 @@ impl ClipTextModel {
         }
         let last_hidden_state = self.final_layer_norm.forward(&xs)?;
 
-        let flat_index: Vec<u32> = rows
-            .iter()
-            .enumerate()
-            .map(|(r, row)| (r * l + self.eos_rule.position(row)) as u32)
-            .collect();
+        let flat_index: Vec<u32> =
+            rows.iter().enumerate().map(|(r, row)| (r * l + self.eos_rule.position(row)) as u32).collect();
         let flat_index = Tensor::from_vec(flat_index, b, device)?;
         let hidden = last_hidden_state.dim(D::Minus1)?;
         let pooled = last_hidden_state.reshape((b * l, hidden))?.index_select(&flat_index, 0)?;
@@ -389,7 +389,8 @@ impl ClipTextModel {
 /// Returns `Some("text_model")` when the weights hold the text transformer under the
 /// `text_model.` prefix, `None` when its keys sit at the root.
 pub fn text_model_prefix(vb: &VarBuilder) -> Option<&'static str> {
-    vb.contains_tensor(&format!("{TEXT_MODEL_PREFIX}.embeddings.token_embedding.weight")).then_some(TEXT_MODEL_PREFIX)
+    vb.contains_tensor(&format!("{TEXT_MODEL_PREFIX}.embeddings.token_embedding.weight"))
+        .then_some(TEXT_MODEL_PREFIX)
 }
 
 /// Same as [`text_model_prefix`] over a list of key names (e.g. a safetensors header).
@@ -400,9 +401,8 @@ pub fn text_model_prefix_of_keys<'a>(keys: impl IntoIterator<Item = &'a str>) ->
 
 /// `[L, L]` f32: 0 on and below the diagonal, -inf above.
 fn causal_mask(len: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> = (0..len)
-        .flat_map(|i| (0..len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-        .collect();
+    let mask: Vec<f32> =
+        (0..len).flat_map(|i| (0..len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
     Ok(Tensor::from_vec(mask, (len, len), device)?)
 }
 
@@ -414,7 +414,11 @@ fn tensor(vb: &VarBuilder, name: &str, shape: &[usize]) -> Result<Tensor> {
     }
     let t = vb.get_unchecked(name)?;
     if t.dims() != shape {
-        return Err(Error::ShapeMismatch { name: full_name, expected: shape.to_vec(), found: t.dims().to_vec() });
+        return Err(Error::ShapeMismatch {
+            name: full_name,
+            expected: shape.to_vec(),
+            found: t.dims().to_vec(),
+        });
     }
     Ok(t)
 }

@@ -86,10 +86,11 @@ impl ClipTokenizer {
         let vocab_path = dir.join("vocab.json");
         let merges_path = dir.join("merges.txt");
         let tokenizer_json_path = dir.join("tokenizer.json");
-        let (vocab, merges, file_added) = if vocab_path.is_file() && merges_path.is_file() {
-            (read_vocab(&vocab_path)?, read_merges(&merges_path)?, Vec::new())
+        let (vocab, merges, file_added, merges_source) = if vocab_path.is_file() && merges_path.is_file() {
+            (read_vocab(&vocab_path)?, read_merges(&merges_path)?, Vec::new(), merges_path)
         } else if tokenizer_json_path.is_file() {
-            read_tokenizer_json(&tokenizer_json_path)?
+            let (vocab, merges, added) = read_tokenizer_json(&tokenizer_json_path)?;
+            (vocab, merges, added, tokenizer_json_path)
         } else {
             let missing = if vocab_path.is_file() { merges_path } else { vocab_path };
             return Err(Error::not_found(
@@ -99,7 +100,7 @@ impl ClipTokenizer {
             ));
         };
         let config = SpecialTokenConfig::read(dir, file_added)?;
-        Self::build(vocab, &merges, config, dir)
+        Self::build(vocab, &merges, config, dir, &merges_source)
     }
 
     fn build(
@@ -107,14 +108,18 @@ impl ClipTokenizer {
         merge_pairs: &[(String, String)],
         config: SpecialTokenConfig,
         dir: &Path,
+        merges_source: &Path,
     ) -> Result<Self> {
         let mut merges = HashMap::with_capacity(merge_pairs.len());
         for (rank, (left, right)) in merge_pairs.iter().enumerate() {
             let lookup = |token: &str| {
                 vocab.get(token).copied().ok_or_else(|| {
                     Error::config(
-                        dir.join("merges.txt"),
-                        format!("merge {} (`{left} {right}`) uses `{token}`, absent from the vocabulary", rank + 1),
+                        merges_source,
+                        format!(
+                            "merge {} (`{left} {right}`) uses `{token}`, absent from the vocabulary",
+                            rank + 1
+                        ),
                     )
                 })
             };
@@ -138,9 +143,11 @@ impl ClipTokenizer {
             added_tokens.push(AddedToken { content: spec.content.clone(), id, normalized: spec.normalized });
         }
         let special_id = |content: &str| {
-            added_tokens.iter().find(|t| t.content == content).map(|t| t.id).ok_or_else(|| {
-                Error::config(dir, format!("special token `{content}` has no id"))
-            })
+            added_tokens
+                .iter()
+                .find(|t| t.content == content)
+                .map(|t| t.id)
+                .ok_or_else(|| Error::config(dir, format!("special token `{content}` has no id")))
         };
         let bos_id = special_id(&config.bos)?;
         let eos_id = special_id(&config.eos)?;
@@ -251,7 +258,10 @@ impl ClipTokenizer {
     }
     /// Id of a token string (e.g. `"a</w>"`), if it is in the vocabulary.
     pub fn token_to_id(&self, token: &str) -> Option<u32> {
-        self.vocab.get(token).copied().or_else(|| self.added_tokens.iter().find(|t| t.content == token).map(|t| t.id))
+        self.vocab
+            .get(token)
+            .copied()
+            .or_else(|| self.added_tokens.iter().find(|t| t.content == token).map(|t| t.id))
     }
 
     fn normalize(&self, text: &str) -> String {
@@ -264,7 +274,8 @@ impl ClipTokenizer {
     fn encode_normalized(&self, text: &str, ids: &mut Vec<u32>) {
         for piece in self.clip_pattern.find_iter(text) {
             for word in self.byte_level_pattern.find_iter(piece.as_str()) {
-                let symbols: String = word.as_str().bytes().map(|b| self.byte_encoder[usize::from(b)]).collect();
+                let symbols: String =
+                    word.as_str().bytes().map(|b| self.byte_encoder[usize::from(b)]).collect();
                 ids.extend(self.bpe_cached(&symbols));
             }
         }
@@ -303,7 +314,11 @@ impl ClipTokenizer {
         loop {
             let best = symbols
                 .windows(2)
-                .filter_map(|pair| self.merges.get(&(pair[0], pair[1])).map(|&(rank, merged)| (rank, pair[0], pair[1], merged)))
+                .filter_map(|pair| {
+                    self.merges
+                        .get(&(pair[0], pair[1]))
+                        .map(|&(rank, merged)| (rank, pair[0], pair[1], merged))
+                })
                 .min_by_key(|&(rank, ..)| rank);
             let Some((_, left, right, merged)) = best else { break };
             let mut next = Vec::with_capacity(symbols.len());
@@ -338,7 +353,10 @@ fn split_on_added<'a>(text: &'a str, added: &[AddedToken], normalized: bool) -> 
     let mut pos = 0;
     while pos < text.len() {
         let rest = &text[pos..];
-        let best = candidates.iter().filter(|t| rest.starts_with(t.content.as_str())).max_by_key(|t| t.content.len());
+        let best = candidates
+            .iter()
+            .filter(|t| rest.starts_with(t.content.as_str()))
+            .max_by_key(|t| t.content.len());
         match best {
             Some(token) => {
                 if start < pos {
@@ -365,7 +383,8 @@ fn is_python_space(c: char) -> bool {
 
 /// GPT-2/CLIP's reversible byte -> printable unicode symbol table.
 fn bytes_to_unicode() -> [char; 256] {
-    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let printable =
+        |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
     let mut table = ['\0'; 256];
     let mut next = 256u32;
     for (b, slot) in table.iter_mut().enumerate() {
@@ -448,8 +467,10 @@ fn read_tokenizer_json(path: &Path) -> Result<TokenizerJson> {
         ));
     }
     let vocab = vocab_from_value(model.get("vocab").unwrap_or(&Value::Null), path)?;
-    let merge_values =
-        model.get("merges").and_then(Value::as_array).ok_or_else(|| Error::config(path, "model.merges is not a list"))?;
+    let merge_values = model
+        .get("merges")
+        .and_then(Value::as_array)
+        .ok_or_else(|| Error::config(path, "model.merges is not a list"))?;
     let merges = merge_values
         .iter()
         .enumerate()
@@ -551,14 +572,20 @@ impl SpecialTokenConfig {
                     None => TokenSpec { content: content.clone(), id: None, normalized: false },
                 },
                 Value::Object(entry) => {
-                    let content = entry.get("content").and_then(Value::as_str).ok_or_else(|| {
-                        Error::config(path, format!("`{key}` has no string `content`"))
-                    })?;
+                    let content = entry
+                        .get("content")
+                        .and_then(Value::as_str)
+                        .ok_or_else(|| Error::config(path, format!("`{key}` has no string `content`")))?;
                     let normalized =
                         entry.get("normalized").and_then(Value::as_bool).unwrap_or(dict_normalized_default);
                     TokenSpec { content: content.to_string(), id: None, normalized }
                 }
-                other => return Err(Error::config(path, format!("`{key}` is {other}, expected a string or object"))),
+                other => {
+                    return Err(Error::config(
+                        path,
+                        format!("`{key}` is {other}, expected a string or object"),
+                    ))
+                }
             };
             names.push(spec.content.clone());
             added.push(spec);
