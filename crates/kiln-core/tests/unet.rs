@@ -1,6 +1,8 @@
 //! kiln's UNet2DConditionModel against diffusers 0.42.1 on tiny random UNets
 //! (tests/fixtures/unet/make.py): SD1-like, SD2-like and SDXL-like configs.
 
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
+
 use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
