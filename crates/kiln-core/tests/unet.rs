@@ -1,5 +1,8 @@
 //! kiln's UNet2DConditionModel against diffusers 0.42.1 on tiny random UNets
-//! (tests/fixtures/unet/make.py): SD1-like, SD2-like and SDXL-like configs.
+//! (tests/fixtures/unet/make.py): SD1-like, SD2-like, SDXL-like and a "misc" config of the
+//! less common keys.
+
+#![allow(clippy::unwrap_used)] // test code: a failed unwrap is a failed test
 
 use std::path::PathBuf;
 
@@ -91,6 +94,11 @@ fn sd2_like_matches_diffusers() {
 #[test]
 fn sdxl_like_matches_diffusers() {
     check_f32("sdxl");
+}
+
+#[test]
+fn less_common_config_keys_match_diffusers() {
+    check_f32("misc");
 }
 
 /// f16 runs end to end (time embedding cast to the model dtype) and stays close to the f32

@@ -260,8 +260,11 @@ impl UNet2DConditionModel {
         // Latents that are not a multiple of the overall down factor make each upsampler
         // target the next skip connection's size rather than exactly 2x (diffusers'
         // forward_upsample_size).
-        let up_factor = 1usize << self.up_blocks.len().saturating_sub(1);
-        let forward_upsample_size = height % up_factor != 0 || width % up_factor != 0;
+        let upsamplers = u32::try_from(self.up_blocks.len().saturating_sub(1)).unwrap_or(u32::MAX);
+        let forward_upsample_size = match 1usize.checked_shl(upsamplers) {
+            Some(factor) => height % factor != 0 || width % factor != 0,
+            None => true,
+        };
 
         let emb = self.time_embed(timestep, batch, cond)?;
         let temb_act = emb.silu()?;
