@@ -110,9 +110,18 @@ impl LoadedModel {
     }
 
     /// diffusers' default output size: the UNet's sample size times the VAE factor.
+    /// Returns (width, height); 512² when the config has no usable sample_size.
     pub fn default_size(&self) -> (usize, usize) {
-        let side = self.unet.config().sample_size * self.vae.scale_factor();
-        (side, side)
+        let f = self.vae.scale_factor();
+        let as_usize = |v: &serde_json::Value| v.as_u64().map(|n| n as usize);
+        match &self.unet.config().sample_size {
+            Some(serde_json::Value::Array(hw)) if hw.len() == 2 => match (as_usize(&hw[0]), as_usize(&hw[1])) {
+                (Some(h), Some(w)) => (w * f, h * f),
+                _ => (512, 512),
+            },
+            Some(v) => as_usize(v).map(|n| (n * f, n * f)).unwrap_or((512, 512)),
+            None => (512, 512),
+        }
     }
 
     /// The UNet weights' sha256, A1111's "Model hash" is its first 10 hex digits.
