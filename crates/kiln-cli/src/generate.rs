@@ -114,8 +114,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 
     let t0 = Instant::now();
     let source = hub::resolve(&args.model, args.revision.as_deref(), dtype != candle_dtype_f32(), show)?;
-    let model = LoadedModel::load(source, &device, dtype)
-        .with_context(|| format!("loading model {}", args.model))?;
+    let model =
+        LoadedModel::load(source, &device, dtype).with_context(|| format!("loading model {}", args.model))?;
     let load_seconds = t0.elapsed().as_secs_f64();
 
     let (default_w, default_h) = match &init_image {
@@ -178,7 +178,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         let record = ImageRecord {
             kiln_version: kiln_core::VERSION.to_string(),
             mode: if request.init_image.is_some() { "img2img" } else { "txt2img" }.to_string(),
-            model: ModelRecord { id: model_id.clone(), revision: hub_revision.clone(), files: model.weights.clone() },
+            model: ModelRecord {
+                id: model_id.clone(),
+                revision: hub_revision.clone(),
+                files: model.weights.clone(),
+            },
             prompt: request.prompt.clone(),
             negative_prompt: request.negative_prompt.clone(),
             width: request.width,
@@ -250,7 +254,8 @@ fn output_path(out: Option<&Path>, seed: u64, index: usize, count: usize) -> Pat
         None => PathBuf::from(format!("kiln-{seed}.png")),
         Some(p) if count == 1 => p.to_path_buf(),
         Some(p) => {
-            let stem = p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "kiln".into());
+            let stem =
+                p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "kiln".into());
             p.with_file_name(format!("{stem}-{index}.png"))
         }
     }
@@ -259,7 +264,9 @@ fn output_path(out: Option<&Path>, seed: u64, index: usize, count: usize) -> Pat
 fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.write_u128(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0),
+    );
     // Keep seeds within 32 bits: torch's CPU generator only uses the low 32 bits.
     h.finish() & 0xffff_ffff
 }
