@@ -17,9 +17,9 @@ pub mod pipeline;
 pub mod rng;
 pub mod schedule;
 
-pub use error::{Error, Result};
 /// Re-exported so callers use the same candle version.
 pub use candle_core as candle;
+pub use error::{Error, Result};
 
 /// kiln's version, recorded in output metadata.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

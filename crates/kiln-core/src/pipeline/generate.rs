@@ -4,11 +4,11 @@
 use crate::error::{Error, Result};
 use crate::image::{decoded_to_unit, rgb_to_tensor};
 use crate::loaders::diffusers::Family;
+use crate::models::unet::UNetCond;
 use crate::pipeline::model::LoadedModel;
 use crate::pipeline::text::{encode_prompts, EncodedPrompts};
 use crate::rng::BatchRng;
 use crate::schedule::{self, SchedulerKind};
-use crate::models::unet::UNetCond;
 use candle_core::{DType, Tensor};
 use image::RgbImage;
 use std::time::Instant;
@@ -88,7 +88,10 @@ impl GenerateRequest {
                 return Err(Error::arg(arg, format!("{v} is not a positive multiple of the VAE factor {f}")));
             }
             if v > MAX_GENERATE_SIDE {
-                return Err(Error::arg(arg, format!("{v} exceeds the {MAX_GENERATE_SIDE} px limit; upscale instead")));
+                return Err(Error::arg(
+                    arg,
+                    format!("{v} exceeds the {MAX_GENERATE_SIDE} px limit; upscale instead"),
+                ));
             }
         }
         if self.steps == 0 || self.steps > MAX_STEPS {
@@ -127,7 +130,11 @@ impl GenerateRequest {
 }
 
 /// Runs txt2img (or img2img when `init_image` is set).
-pub fn generate(model: &LoadedModel, req: &GenerateRequest, progress: &mut dyn Progress) -> Result<GenerateOutput> {
+pub fn generate(
+    model: &LoadedModel,
+    req: &GenerateRequest,
+    progress: &mut dyn Progress,
+) -> Result<GenerateOutput> {
     req.validate(model)?;
     let start = Instant::now();
     let kind = match req.scheduler {

@@ -115,7 +115,8 @@ impl LoadedModel {
         let f = self.vae.scale_factor();
         let as_usize = |v: &serde_json::Value| v.as_u64().map(|n| n as usize);
         match &self.unet.config().sample_size {
-            Some(serde_json::Value::Array(hw)) if hw.len() == 2 => match (as_usize(&hw[0]), as_usize(&hw[1])) {
+            Some(serde_json::Value::Array(hw)) if hw.len() == 2 => match (as_usize(&hw[0]), as_usize(&hw[1]))
+            {
                 (Some(h), Some(w)) => (w * f, h * f),
                 _ => (512, 512),
             },

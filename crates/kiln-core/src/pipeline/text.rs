@@ -19,7 +19,10 @@ pub struct PromptEmbeds {
 
 impl PromptEmbeds {
     fn zeros_like(&self) -> Result<Self> {
-        Ok(Self { hidden: self.hidden.zeros_like()?, pooled: self.pooled.as_ref().map(|p| p.zeros_like()).transpose()? })
+        Ok(Self {
+            hidden: self.hidden.zeros_like()?,
+            pooled: self.pooled.as_ref().map(|p| p.zeros_like()).transpose()?,
+        })
     }
 }
 
@@ -42,7 +45,10 @@ pub fn encode_prompts(
     let positive = encode_one(model, prompt, &mut warnings)?;
     let negative = if !with_negative {
         None
-    } else if negative.is_none() && model.family == Family::StableDiffusionXl && model.force_zeros_for_empty_prompt {
+    } else if negative.is_none()
+        && model.family == Family::StableDiffusionXl
+        && model.force_zeros_for_empty_prompt
+    {
         Some(positive.zeros_like()?)
     } else {
         Some(encode_one(model, negative.unwrap_or(""), &mut warnings)?)
