@@ -161,10 +161,10 @@ fn cephes_log(x: f32) -> f32 {
         -1.666_805_8e-1,
         2.000_071_4e-1,
         -2.499_999_4e-1,
-        3.333_333_1e-1,
+        3.333_333e-1,
     ];
     const Q1: f32 = -2.121_944_4e-4;
-    const Q2: f32 = 0.693_359_375;
+    const Q2: f32 = 0.693_359_4;
     const SQRT_HALF: f32 = std::f32::consts::FRAC_1_SQRT_2;
     let bits = x.max(f32::MIN_POSITIVE).to_bits();
     let exponent = ((bits >> 23) & 0x1ff) as i32 - 0x7f;
