@@ -133,6 +133,30 @@ impl TorchGenerator {
         }
         data
     }
+
+    /// The values of `torch.randn(n, generator=self, dtype=torch.float16)` (or bfloat16) before
+    /// the final cast. torch's half-precision path transforms 16 fresh uniforms per block and
+    /// does not draw the uniforms a ragged tail would have used in float32, so when `n % 16 != 0`
+    /// the tail block and the rest of the stream differ from [`Self::randn`].
+    pub fn randn_half_path(&mut self, n: usize) -> Vec<f32> {
+        if n < 16 {
+            return self.randn(n);
+        }
+        let mut data = vec![0f32; n];
+        let mut fill = |gen: &mut Self, block: &mut [f32]| {
+            for v in block.iter_mut() {
+                *v = gen.uniform_f32();
+            }
+            box_muller_16(block);
+        };
+        for block in data.chunks_exact_mut(16) {
+            fill(self, block);
+        }
+        if n % 16 != 0 {
+            fill(self, &mut data[n - 16..]);
+        }
+        data
+    }
 }
 
 /// Box-Muller over 16 uniforms in place, pairing j with j + 8 (torch's AVX2 `NormalFill16`).
@@ -256,16 +280,20 @@ impl BatchRng {
         self.gens.is_empty()
     }
 
-    /// Unit-normal noise of shape `[B, ...item_shape]`, item b drawn from generator b in float32
-    /// (as `torch.randn(item_shape, generator=g_b)`), then cast to `dtype` on `device`.
+    /// Unit-normal noise of shape `[B, ...item_shape]`, item b drawn from generator b as
+    /// `torch.randn(item_shape, generator=g_b, dtype=dtype)` on the CPU (diffusers' list-of-
+    /// generators `randn_tensor`), then moved to `device`. Draws are made in float32 and cast;
+    /// for f16/bf16 the draw order follows torch's half-precision path, which differs from
+    /// float32 only when the item size is not a multiple of 16.
     pub fn randn(&mut self, item_shape: &[usize], device: &Device, dtype: DType) -> Result<Tensor> {
         if self.gens.is_empty() {
             return Err(Error::arg("seeds", "no seeds given: the batch needs at least one generator"));
         }
         let item_len: usize = item_shape.iter().product();
         let mut values = Vec::with_capacity(item_len * self.gens.len());
+        let half_path = matches!(dtype, DType::F16 | DType::BF16);
         for gen in &mut self.gens {
-            values.extend(gen.randn(item_len));
+            values.extend(if half_path { gen.randn_half_path(item_len) } else { gen.randn(item_len) });
         }
         let mut shape = Vec::with_capacity(item_shape.len() + 1);
         shape.push(self.gens.len());

@@ -23,6 +23,7 @@ fn ulp_budget() -> u32 {
 #[derive(Deserialize)]
 struct Fixture {
     cases: Vec<Case>,
+    half_cases: Vec<Case>,
     batch: Batch,
 }
 
@@ -86,6 +87,30 @@ fn generator_matches_torch_randn() {
 }
 
 #[test]
+fn half_precision_draws_follow_torch_half_path() {
+    let fixture = load();
+    for case in &fixture.half_cases {
+        let mut gen = TorchGenerator::new(case.seed);
+        for (call, (&n, want)) in case.sizes.iter().zip(&case.draws).enumerate() {
+            let got = gen.randn_half_path(n);
+            for (k, (&g, &w)) in got.iter().zip(want).enumerate() {
+                let g16 = half::f16::from_f32(g).to_f32();
+                assert_eq!(g16, w, "seed {} call {call} (n = {n}) element {k}", case.seed);
+            }
+        }
+    }
+    // BatchRng takes that path for f16, so a ragged item matches torch.randn(..., dtype=float16).
+    let case = &fixture.half_cases[0];
+    let mut rng = BatchRng::new(&[case.seed]);
+    rng.randn(&[7], &Device::Cpu, DType::F16).expect("first call");
+    rng.randn(&[16], &Device::Cpu, DType::F16).expect("second call");
+    let got = rng.randn(&[17], &Device::Cpu, DType::F16).expect("third call");
+    let got: Vec<f32> =
+        got.to_dtype(DType::F32).and_then(|t| t.flatten_all()).and_then(|t| t.to_vec1()).expect("vec");
+    assert_eq!(got, case.draws[2]);
+}
+
+#[test]
 fn seed_is_truncated_to_32_bits() {
     let mut a = TorchGenerator::new((1u64 << 32) + 5);
     let mut b = TorchGenerator::new(5);
@@ -107,7 +132,7 @@ fn batch_rng_matches_diffusers_list_of_generators() {
         assert!(ulps(g, w) <= ulp_budget(), "element {k}: got {g}, diffusers {w}");
     }
 
-    // randn_like continues each stream and keeps the like-tensor's dtype.
+    // randn_like continues each stream and keeps the like-tensor's dtype (f16: the half path).
     let like = noise.to_dtype(DType::F16).expect("cast");
     let next = rng.randn_like(&like).expect("randn_like");
     assert_eq!(next.dtype(), DType::F16);
@@ -115,7 +140,7 @@ fn batch_rng_matches_diffusers_list_of_generators() {
     let mut direct = TorchGenerator::new(batch.seeds[1]);
     let item: usize = batch.shape[1..].iter().product();
     direct.randn(item);
-    let want = direct.randn(item);
+    let want = direct.randn_half_path(item);
     let got: Vec<f32> = next
         .get(1)
         .and_then(|t| t.to_dtype(DType::F32))
