@@ -143,7 +143,7 @@ impl TorchGenerator {
             return self.randn(n);
         }
         let mut data = vec![0f32; n];
-        let mut fill = |gen: &mut Self, block: &mut [f32]| {
+        let fill = |gen: &mut Self, block: &mut [f32]| {
             for v in block.iter_mut() {
                 *v = gen.uniform_f32();
             }
