@@ -6,6 +6,18 @@
 //! file. All step maths run on tensors in float32 on the sample's device (the result is cast
 //! back to the sample's dtype); schedule scalars are f64 computed from the same float32 tables
 //! diffusers builds.
+//!
+//! A scheduler holds one run's multistep state; build a fresh one per run. The loop, as in
+//! diffusers' pipelines (`start` = 0 for txt2img, [`strength_start`] for img2img):
+//! ```text
+//! let mut s = schedule::build(kind, &cfg, steps)?;
+//! let mut x = if img2img { s.add_noise(&init, &rng.randn_like(&init)?, start)? }
+//!             else { rng.randn(&shape, &dev, dtype)?.affine(s.init_noise_sigma(), 0.)? };
+//! for i in start..s.timesteps().len() {          // PNDM has steps + 1 timesteps
+//!     let out = unet(&s.scale_model_input(&x, i)?, s.timesteps()[i])?;
+//!     x = s.step(&out, i, &x, &mut rng)?;
+//! }
+//! ```
 
 pub mod betas;
 pub mod config;
