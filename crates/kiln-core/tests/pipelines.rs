@@ -53,7 +53,8 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 
 fn run_fixture(name: &str) {
     let dir = fixture_dir(name);
-    let cases: Vec<Case> = serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    let cases: Vec<Case> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
     let model = LoadedModel::load(ModelSource::Folder(dir.join("model")), &Device::Cpu, DType::F32).unwrap();
     let mut failures = Vec::new();
     for case in &cases {
@@ -75,7 +76,11 @@ fn run_fixture(name: &str) {
         check_embeds(&case.pooled_prompt_embeds, enc.positive.pooled.as_ref(), "pooled_prompt_embeds");
         if let Some(neg) = &enc.negative {
             check_embeds(&case.negative_prompt_embeds, Some(&neg.hidden), "negative_prompt_embeds");
-            check_embeds(&case.negative_pooled_prompt_embeds, neg.pooled.as_ref(), "negative_pooled_prompt_embeds");
+            check_embeds(
+                &case.negative_pooled_prompt_embeds,
+                neg.pooled.as_ref(),
+                "negative_pooled_prompt_embeds",
+            );
         }
 
         // Images.
@@ -93,7 +98,12 @@ fn run_fixture(name: &str) {
             strength: case.strength.unwrap_or(1.0),
             max_batch: 1,
         };
-        assert_eq!(case.mode == "img2img", request.init_image.is_some(), "{}: mode/init_image mismatch", case.name);
+        assert_eq!(
+            case.mode == "img2img",
+            request.init_image.is_some(),
+            "{}: mode/init_image mismatch",
+            case.name
+        );
         let out = match generate(&model, &request, &mut NoProgress) {
             Ok(o) => o,
             Err(e) => {
