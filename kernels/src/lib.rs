@@ -1,5 +1,16 @@
-//! kiln's fused kernels. Each kernel is a candle `CustomOp` whose `cpu_fwd` is the reference
-//! implementation the CUDA/Metal versions are tested against. Backend code lives here and in
-//! `kiln_core::device` only.
+//! kiln's kernels. Backend-specific code lives here and in `kiln_core::device` only.
 //!
-//! (Kernels land with the GPU-path issue; the crate exists so features and layout are stable.)
+//! - [`conv`]: 2-D convolution. On CPU (f32) an im2col + single-gemm kernel that builds the
+//!   column matrix in cache-sized bands of output rows, several times faster than candle's
+//!   tiled im2col on the shapes SD's VAE and Real-ESRGAN use; elsewhere candle's own conv
+//!   (cuDNN on CUDA when the `cudnn` feature is on).
+//! - [`norm`]: GroupNorm (+ optional SiLU) fused into one pass per group on CPU.
+//!
+//! Every kernel is a candle `CustomOp` whose reference is candle's composed implementation, and
+//! the tests compare the two.
+
+pub mod conv;
+pub mod norm;
+
+pub use conv::{conv2d, Conv2d};
+pub use norm::{group_norm, GroupNorm};

@@ -9,7 +9,8 @@ mod resnet;
 mod transformer;
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use kiln_kernels::{Conv2d, GroupNorm};
 
 pub use config::{PerBlock, UNetConfig};
 pub use embeddings::timestep_embedding;
@@ -99,7 +100,7 @@ impl UNet2DConditionModel {
         let ch0 = cfg.block_out_channels[0];
         let temb = plan.time_embed_dim;
         let conv_cfg = |k: usize| Conv2dConfig { padding: (k - 1) / 2, ..Default::default() };
-        let conv_in = candle_nn::conv2d(
+        let conv_in = kiln_kernels::conv2d(
             cfg.in_channels,
             ch0,
             cfg.conv_in_kernel,
@@ -145,8 +146,8 @@ impl UNet2DConditionModel {
             .enumerate()
             .map(|(i, p)| UpBlock::new(p, temb, norm, vb.pp("up_blocks").pp(i.to_string())))
             .collect::<Result<Vec<_>>>()?;
-        let conv_norm_out = candle_nn::group_norm(plan.groups, ch0, cfg.norm_eps, vb.pp("conv_norm_out"))?;
-        let conv_out = candle_nn::conv2d(
+        let conv_norm_out = kiln_kernels::group_norm(plan.groups, ch0, cfg.norm_eps, vb.pp("conv_norm_out"))?;
+        let conv_out = kiln_kernels::conv2d(
             ch0,
             cfg.out_channels,
             cfg.conv_out_kernel,
@@ -298,7 +299,7 @@ impl UNet2DConditionModel {
             };
             sample = block.forward(&sample, &block_skips, &temb_act, &context, upsample_size)?;
         }
-        let sample = self.conv_norm_out.forward(&sample)?.silu()?;
+        let sample = self.conv_norm_out.forward_silu(&sample)?;
         Ok(self.conv_out.forward(&sample)?)
     }
 }

@@ -2,7 +2,8 @@
 //! `Upsample2D` (nearest interpolation + conv) as the UNet's blocks configure them.
 
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+use kiln_kernels::{Conv2d, GroupNorm};
 
 use crate::error::Result;
 
@@ -22,7 +23,7 @@ fn conv(
     vb: VarBuilder,
 ) -> Result<Conv2d> {
     let cfg = Conv2dConfig { padding, stride, ..Default::default() };
-    Ok(candle_nn::conv2d(in_c, out_c, kernel, cfg, vb)?)
+    Ok(kiln_kernels::conv2d(in_c, out_c, kernel, cfg, vb)?)
 }
 
 /// `ResnetBlock2D`: norm, SiLU, conv, + projected time embedding, norm, SiLU, conv, + shortcut.
@@ -52,10 +53,10 @@ impl ResnetBlock2D {
             None
         };
         Ok(Self {
-            norm1: candle_nn::group_norm(norm.groups, in_channels, norm.eps, vb.pp("norm1"))?,
+            norm1: kiln_kernels::group_norm(norm.groups, in_channels, norm.eps, vb.pp("norm1"))?,
             conv1: conv(in_channels, out_channels, 3, 1, 1, vb.pp("conv1"))?,
             time_emb_proj: candle_nn::linear(temb_channels, out_channels, vb.pp("time_emb_proj"))?,
-            norm2: candle_nn::group_norm(norm.groups, out_channels, norm.eps, vb.pp("norm2"))?,
+            norm2: kiln_kernels::group_norm(norm.groups, out_channels, norm.eps, vb.pp("norm2"))?,
             conv2: conv(out_channels, out_channels, 3, 1, 1, vb.pp("conv2"))?,
             conv_shortcut,
             output_scale_factor,
@@ -65,10 +66,10 @@ impl ResnetBlock2D {
     /// `temb_act` is SiLU(time embedding), `[B, temb_channels]`: every resnet applies the same
     /// activation to the same embedding, so the UNet computes it once.
     pub fn forward(&self, input: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
-        let hidden = self.conv1.forward(&self.norm1.forward(input)?.silu()?)?;
+        let hidden = self.conv1.forward(&self.norm1.forward_silu(input)?)?;
         let temb = self.time_emb_proj.forward(temb_act)?.unsqueeze(2)?.unsqueeze(3)?;
         let hidden = hidden.broadcast_add(&temb)?;
-        let hidden = self.conv2.forward(&self.norm2.forward(&hidden)?.silu()?)?;
+        let hidden = self.conv2.forward(&self.norm2.forward_silu(&hidden)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(input)?,
             None => input.clone(),

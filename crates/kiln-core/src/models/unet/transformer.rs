@@ -2,7 +2,8 @@
 //! (self-attention, cross-attention, GEGLU feed-forward, pre-LayerNorm) and `Attention`.
 
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{Conv2d, GroupNorm, LayerNorm, Linear, VarBuilder};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
+use kiln_kernels::{Conv2d, GroupNorm};
 
 use super::config::AttentionPlan;
 use crate::error::Result;
@@ -142,7 +143,7 @@ impl Projection {
         Ok(if linear {
             Projection::Linear(candle_nn::linear(in_dim, out_dim, vb)?)
         } else {
-            Projection::Conv(candle_nn::conv2d(in_dim, out_dim, 1, Default::default(), vb)?)
+            Projection::Conv(kiln_kernels::conv2d(in_dim, out_dim, 1, Default::default(), vb)?)
         })
     }
 }
@@ -166,7 +167,7 @@ impl Transformer2DModel {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             // Transformer2DModel's GroupNorm always uses eps 1e-6.
-            norm: candle_nn::group_norm(groups, channels, 1e-6, vb.pp("norm"))?,
+            norm: kiln_kernels::group_norm(groups, channels, 1e-6, vb.pp("norm"))?,
             proj_in: Projection::new(channels, inner, linear, vb.pp("proj_in"))?,
             blocks,
             proj_out: Projection::new(inner, channels, linear, vb.pp("proj_out"))?,

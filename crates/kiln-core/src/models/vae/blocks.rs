@@ -5,7 +5,8 @@
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{Conv2dConfig, Linear, VarBuilder};
+use kiln_kernels::{Conv2d, GroupNorm};
 
 /// Epsilon of every norm in the VAE (diffusers passes `resnet_eps=1e-6` throughout).
 pub(crate) const NORM_EPS: f64 = 1e-6;
@@ -40,6 +41,14 @@ impl Activation {
             Self::Mish => (xs * xs.exp()?.affine(1.0, 1.0)?.log()?.tanh()?)?,
         })
     }
+
+    /// `act(norm(xs))`, with GroupNorm + SiLU fused where the kernel supports it.
+    pub(crate) fn after_norm(self, norm: &GroupNorm, xs: &Tensor) -> Result<Tensor> {
+        match self {
+            Self::Silu => Ok(norm.forward_silu(xs)?),
+            _ => self.apply(&norm.forward(xs)?),
+        }
+    }
 }
 
 pub(crate) fn conv2d(
@@ -51,11 +60,11 @@ pub(crate) fn conv2d(
     vb: VarBuilder,
 ) -> Result<Conv2d> {
     let cfg = Conv2dConfig { padding, stride, ..Default::default() };
-    Ok(candle_nn::conv2d(cin, cout, kernel, cfg, vb)?)
+    Ok(kiln_kernels::conv2d(cin, cout, kernel, cfg, vb)?)
 }
 
 pub(crate) fn group_norm(groups: usize, channels: usize, vb: VarBuilder) -> Result<GroupNorm> {
-    Ok(candle_nn::group_norm(groups, channels, NORM_EPS, vb)?)
+    Ok(kiln_kernels::group_norm(groups, channels, NORM_EPS, vb)?)
 }
 
 /// diffusers' `ResnetBlock2D` as the VAE uses it: no time embedding, `output_scale_factor` 1.
@@ -90,9 +99,9 @@ impl ResnetBlock2D {
     }
 
     pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.act.apply(&self.norm1.forward(xs)?)?;
+        let h = self.act.after_norm(&self.norm1, xs)?;
         let h = self.conv1.forward(&h)?;
-        let h = self.act.apply(&self.norm2.forward(&h)?)?;
+        let h = self.act.after_norm(&self.norm2, &h)?;
         let h = self.conv2.forward(&h)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,

@@ -6,7 +6,8 @@ use super::blocks::{
 use super::VaeConfig;
 use crate::error::Result;
 use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, GroupNorm, VarBuilder};
+use candle_nn::VarBuilder;
+use kiln_kernels::{Conv2d, GroupNorm};
 
 /// Image → `2 * latent_channels` moments (mean and log-variance), before `quant_conv`.
 #[derive(Debug, Clone)]
@@ -60,7 +61,7 @@ impl Encoder {
             xs = block.forward(&xs)?;
         }
         let xs = self.mid_block.forward(&xs)?;
-        let xs = self.act.apply(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.act.after_norm(&self.conv_norm_out, &xs)?;
         Ok(self.conv_out.forward(&xs)?)
     }
 }
@@ -118,7 +119,7 @@ impl Decoder {
         for block in &self.up_blocks {
             xs = block.forward(&xs)?;
         }
-        let xs = self.act.apply(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.act.after_norm(&self.conv_norm_out, &xs)?;
         Ok(self.conv_out.forward(&xs)?)
     }
 }

@@ -13,8 +13,9 @@ pub use blocks::scaled_dot_product_attention;
 use crate::error::{Error, Result};
 use blocks::Activation;
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Conv2d, VarBuilder};
+use candle_nn::VarBuilder;
 use coder::{Decoder, Encoder};
+use kiln_kernels::Conv2d;
 use serde::Deserialize;
 use std::path::Path;
 

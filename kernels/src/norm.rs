@@ -1,0 +1,144 @@
+//! GroupNorm (+ optional SiLU) in one pass per group on CPU; candle's composed ops elsewhere.
+
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
+use candle_nn::VarBuilder;
+use rayon::prelude::*;
+
+#[derive(Debug, Clone, Copy)]
+struct GroupNormCpu {
+    groups: usize,
+    eps: f64,
+    silu: bool,
+}
+
+impl CustomOp3 for GroupNormCpu {
+    fn name(&self) -> &'static str {
+        "kiln-group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) = (xs, ws, bs) else {
+            candle_core::bail!("kiln-group-norm: only f32 is supported on CPU");
+        };
+        let (Some((x0, x1)), Some((w0, w1)), Some((b0, b1))) =
+            (xl.contiguous_offsets(), wl.contiguous_offsets(), bl.contiguous_offsets())
+        else {
+            candle_core::bail!("kiln-group-norm: inputs must be contiguous");
+        };
+        let (x, w, b) = (&x[x0..x1], &w[w0..w1], &b[b0..b1]);
+        let dims = xl.shape().dims();
+        if dims.len() < 2 {
+            candle_core::bail!("kiln-group-norm: expected [B, C, ...], got {dims:?}");
+        }
+        let c = dims[1];
+        let spatial: usize = dims[2..].iter().product();
+        if c % self.groups != 0 || w.len() != c || b.len() != c {
+            candle_core::bail!(
+                "kiln-group-norm: {c} channels, {} groups, affine {}/{}",
+                self.groups,
+                w.len(),
+                b.len()
+            );
+        }
+        let per_group = (c / self.groups) * spatial;
+        let mut out = vec![0f32; x.len()];
+        let (eps, silu, cpg) = (self.eps, self.silu, c / self.groups);
+        out.par_chunks_mut(per_group).zip(x.par_chunks(per_group)).enumerate().for_each(|(i, (dst, src))| {
+            let g = i % self.groups;
+            // Two passes in f64: exact enough to match torch's f32 Welford to ~1e-6.
+            let n = src.len() as f64;
+            let mean = src.iter().map(|&v| v as f64).sum::<f64>() / n;
+            let var = src.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+            let rstd = 1.0 / (var + eps).sqrt();
+            for (cl, (d, s)) in dst.chunks_mut(spatial).zip(src.chunks(spatial)).enumerate() {
+                let ch = g * cpg + cl;
+                let scale = (rstd * w[ch] as f64) as f32;
+                let shift = (b[ch] as f64 - mean * rstd * w[ch] as f64) as f32;
+                for (o, &v) in d.iter_mut().zip(s) {
+                    let y = v * scale + shift;
+                    *o = if silu { y / (1.0 + (-y).exp()) } else { y };
+                }
+            }
+        });
+        Ok((CpuStorage::F32(out), xl.shape().clone()))
+    }
+}
+
+/// GroupNorm with candle_nn's weights (`weight`, `bias` of [C]).
+#[derive(Debug, Clone)]
+pub struct GroupNorm {
+    inner: candle_nn::GroupNorm,
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub fn new(weight: Tensor, bias: Tensor, channels: usize, groups: usize, eps: f64) -> Result<Self> {
+        let inner = candle_nn::GroupNorm::new(weight.clone(), bias.clone(), channels, groups, eps)?;
+        Ok(Self { inner, weight, bias, groups, eps })
+    }
+
+    fn fused(&self, x: &Tensor, silu: bool) -> Result<Option<Tensor>> {
+        if x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 {
+            let op = GroupNormCpu { groups: self.groups, eps: self.eps, silu };
+            return Ok(Some(x.contiguous()?.apply_op3_no_bwd(&self.weight, &self.bias, &op)?));
+        }
+        Ok(None)
+    }
+
+    /// `silu(group_norm(x))`, fused on CPU.
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        match self.fused(x, true)? {
+            Some(y) => Ok(y),
+            None => candle_nn::ops::silu(&self.inner.forward(x)?),
+        }
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        match self.fused(x, false)? {
+            Some(y) => Ok(y),
+            None => self.inner.forward(x),
+        }
+    }
+}
+
+/// Loads like `candle_nn::group_norm`.
+pub fn group_norm(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<GroupNorm> {
+    let weight = vb.get(channels, "weight")?;
+    let bias = vb.get(channels, "bias")?;
+    GroupNorm::new(weight, bias, channels, groups, eps)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn matches_candle_reference() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 3f32, (2, 12, 5, 7), &dev)? + 1.5)?;
+        let w = Tensor::randn(1f32, 0.5f32, 12, &dev)?;
+        let b = Tensor::randn(0f32, 0.5f32, 12, &dev)?;
+        let gn = GroupNorm::new(w.clone(), b.clone(), 12, 4, 1e-5)?;
+        let reference = candle_nn::GroupNorm::new(w, b, 12, 4, 1e-5)?.forward(&x)?;
+        let diff = (gn.forward(&x)? - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "norm diff {diff}");
+        let silu_ref = candle_nn::ops::silu(&reference)?;
+        let diff = (gn.forward_silu(&x)? - silu_ref)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "silu diff {diff}");
+        Ok(())
+    }
+}
