@@ -11,11 +11,13 @@ pub mod device;
 pub mod env;
 pub mod error;
 pub mod image;
+pub mod library;
 pub mod loaders;
 pub mod models;
 pub mod pipeline;
 pub mod rng;
 pub mod schedule;
+pub mod tiers;
 
 /// Re-exported so callers use the same candle version.
 pub use candle_core as candle;
