@@ -1,6 +1,9 @@
 //! Images: pixels <-> tensors, decoding with size limits, PNG metadata and atomic writes.
 
+pub mod compare;
+pub mod font;
 pub mod png_meta;
+pub mod sheet;
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
