@@ -18,6 +18,7 @@ pub mod pipeline;
 pub mod rng;
 pub mod schedule;
 pub mod tiers;
+pub mod workflow;
 
 /// Re-exported so callers use the same candle version.
 pub use candle_core as candle;
