@@ -3,6 +3,7 @@ use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
 mod assets;
+mod bench;
 mod draft;
 mod generate;
 mod promote;
@@ -29,6 +30,8 @@ enum Command {
     Replay(assets::ReplayArgs),
     /// Costs: burn per day, draft:final ratio, cost per delivered asset.
     Report(report::ReportArgs),
+    /// Draft vs final per stage on this device (table, JSON, PNG chart).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,5 +53,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Assets(args) => assets::run(args),
         Command::Replay(args) => assets::run_replay(args),
         Command::Report(args) => report::run(args),
+        Command::Bench(args) => bench::run(args),
     }
 }

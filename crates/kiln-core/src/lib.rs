@@ -7,6 +7,7 @@
 //! - [`loaders`]: diffusers folders, hub, weight files;
 //! - [`pipeline`]: one job type per module (txt2img/img2img, upscale, ...).
 
+pub mod bench;
 pub mod device;
 pub mod env;
 pub mod error;

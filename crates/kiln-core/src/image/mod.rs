@@ -1,5 +1,6 @@
 //! Images: pixels <-> tensors, decoding with size limits, PNG metadata and atomic writes.
 
+pub mod chart;
 pub mod compare;
 pub mod font;
 pub mod png_meta;

@@ -309,7 +309,7 @@ fn resolve_relative(spec: &str, dir: Option<&Path>) -> String {
         return spec.to_string();
     }
     let explicit = spec.starts_with("./") || spec.starts_with("../");
-    let beside = dir.join(path);
+    let beside = dir.join(spec.strip_prefix("./").unwrap_or(spec));
     if explicit || beside.exists() {
         let abs = if dir.is_absolute() {
             beside
