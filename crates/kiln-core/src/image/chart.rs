@@ -74,11 +74,9 @@ mod tests {
     fn bars_scale_within_a_group() {
         let groups = [BarGroup { label: "STEP".into(), values: vec![1.0, 4.0] }];
         let img = bar_chart("T", &["A".into(), "B".into()], &groups, "S");
-        let colour_run = |colour: Rgb<u8>| {
-            (0..img.width()).filter(|&x| (0..img.height()).any(|y| img.get_pixel(x, y) == &colour)).count()
-        };
-        // The legend swatch is 14 px wide; bars are 420/4 = 105 and 420 px long.
-        assert_eq!(colour_run(SERIES_COLOURS[0]), 105);
-        assert_eq!(colour_run(SERIES_COLOURS[1]), 420);
+        let pixels = |colour: Rgb<u8>| img.pixels().filter(|p| **p == colour).count();
+        // Bars 420/4 = 105 and 420 px long, 20 px high, plus a 14×14 legend swatch each.
+        assert_eq!(pixels(SERIES_COLOURS[0]), 105 * 20 + 196);
+        assert_eq!(pixels(SERIES_COLOURS[1]), 420 * 20 + 196);
     }
 }
