@@ -8,6 +8,7 @@ mod draft;
 mod generate;
 mod promote;
 mod report;
+mod tiers;
 
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Local, offline image generation on your own GPUs")]
@@ -32,6 +33,8 @@ enum Command {
     Report(report::ReportArgs),
     /// Draft vs final per stage on this device (table, JSON, PNG chart).
     Bench(bench::BenchArgs),
+    /// The tier registry as this project resolves it, with pin status.
+    Tiers(tiers::TiersArgs),
 }
 
 fn main() -> ExitCode {
@@ -54,5 +57,6 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Replay(args) => assets::run_replay(args),
         Command::Report(args) => report::run(args),
         Command::Bench(args) => bench::run(args),
+        Command::Tiers(args) => tiers::run(args),
     }
 }
