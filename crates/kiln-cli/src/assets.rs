@@ -41,7 +41,7 @@ enum AssetsCommand {
 
 pub fn run(args: AssetsArgs) -> anyhow::Result<()> {
     let project = Project::find(args.project.as_deref())?;
-    let library = project.library()?;
+    let library = project.existing_library()?;
     match args.command {
         AssetsCommand::List { kind, tier, limit } => {
             let rows = library.list_assets(&AssetFilter { kind, tier, limit: Some(limit) })?;

@@ -17,7 +17,7 @@ pub struct ReportArgs {
 
 pub fn run(args: ReportArgs) -> anyhow::Result<()> {
     let project = Project::find(args.project.as_deref())?;
-    let library = project.library()?;
+    let library = project.existing_library()?;
     let r = ledger::report(&library, &project.config)?;
     if args.json {
         println!("{}", serde_json::to_string(&r)?);

@@ -288,6 +288,8 @@ fn assert_fails(root: &Path, args: &[&str], needle: &str) {
 fn bad_input_is_a_clear_error() {
     let dir = project("[tiers.broken]\nmodel = \"./missing-model\"\n");
     let root = dir.path();
+    assert_fails(root, &["report"], "asset library not found");
+    assert!(!root.join(".kiln").exists(), "a read-only command creates nothing");
     assert_fails(root, &["draft", "x", "--tier", "sketch"], "unknown tier `sketch`");
     assert_fails(root, &["generate", "--tier", "sketch", "--prompt", "x"], "unknown tier `sketch`");
     assert_fails(root, &["draft", "x", "--tier", "broken"], "tier `broken` model");

@@ -142,6 +142,20 @@ impl Project {
         Library::open(&self.library_path(), &self.root)
     }
 
+    /// Opens the library for reading; a project without one is an error (nothing is created,
+    /// so `kiln report` in the wrong folder says so instead of leaving an empty database).
+    pub fn existing_library(&self) -> Result<Library> {
+        let path = self.library_path();
+        if !path.is_file() {
+            return Err(Error::not_found(
+                "asset library",
+                &path,
+                "no kiln jobs have run in this project yet; pass --project DIR or set KILN_PROJECT",
+            ));
+        }
+        self.library()
+    }
+
     /// A path relative to the project root when it lies inside it.
     pub fn relative(&self, path: &Path) -> String {
         path.strip_prefix(&self.root).unwrap_or(path).to_string_lossy().into_owned()
