@@ -6,21 +6,30 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kiln_core::device::{self, DeviceRequest};
 use kiln_core::image::png_meta::write_png_atomic;
 use kiln_core::image::unit_to_rgb8;
-use kiln_core::loaders::diffusers::Family;
-use kiln_core::loaders::hub::{self, ModelSource};
+use kiln_core::library::assets::JobTimings;
+use kiln_core::library::Project;
+use kiln_core::loaders::hub;
 use kiln_core::loaders::weights::sha256_file;
-use kiln_core::pipeline::generate::{generate, GenerateRequest, Progress};
-use kiln_core::pipeline::metadata::{png_chunks, FileRef, ImageRecord, ModelRecord};
+use kiln_core::pipeline::generate::{generate, Progress};
+use kiln_core::pipeline::metadata::{png_chunks, FileRef, ImageRecord};
 use kiln_core::pipeline::model::LoadedModel;
 use kiln_core::schedule::SchedulerKind;
+use kiln_core::tiers::load::{load_tier_model, tier_dtype, tier_request, Overrides};
+use kiln_core::tiers::Tier;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
     /// A diffusers folder or a hub id (e.g. stabilityai/sd-turbo).
+    #[arg(long, required_unless_present = "tier", conflicts_with = "tier")]
+    model: Option<String>,
+    /// Take the model and defaults from a tier (draft, final, ...; see `kiln tiers`).
     #[arg(long)]
-    model: String,
+    tier: Option<String>,
+    /// Project folder whose kiln.toml layers the tiers (default: $KILN_PROJECT or the current folder).
+    #[arg(long)]
+    project: Option<PathBuf>,
     /// Hub revision (branch, tag or commit) when --model is a hub id.
     #[arg(long)]
     revision: Option<String>,
@@ -35,8 +44,9 @@ pub struct GenerateArgs {
     /// Height in pixels (default: the model's native size).
     #[arg(long)]
     height: Option<usize>,
-    #[arg(long, default_value_t = 30)]
-    steps: usize,
+    /// Denoising steps (default: the tier's, else 30).
+    #[arg(long)]
+    steps: Option<usize>,
     /// Classifier-free guidance scale; <= 1 skips the unconditional pass (default 7.5, SDXL 5).
     #[arg(long)]
     guidance: Option<f64>,
@@ -78,7 +88,28 @@ pub struct GenerateArgs {
     quiet: bool,
 }
 
-struct Bar(Option<ProgressBar>);
+/// A denoising progress bar on stderr (hidden when `show` is false).
+pub(crate) struct Bar(pub(crate) Option<ProgressBar>);
+
+impl Bar {
+    pub(crate) fn new(show: bool, steps: usize) -> Self {
+        Bar(show.then(|| {
+            let bar = ProgressBar::new(steps as u64);
+            bar.set_style(
+                ProgressStyle::with_template("{spinner} denoising [{bar:30}] {pos}/{len} {msg} ({elapsed})")
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+            );
+            bar
+        }))
+    }
+
+    pub(crate) fn finish(self) {
+        if let Some(bar) = self.0 {
+            bar.finish_and_clear();
+        }
+    }
+}
 
 impl Progress for Bar {
     fn step(&mut self, done: usize, total: usize, seconds: f64) {
@@ -100,9 +131,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         bail!("invalid --count: {} (expected 1..=1000)", args.count);
     }
     let device = device::open(args.device.parse::<DeviceRequest>()?)?;
-    let dtype = match &args.dtype {
-        Some(d) => device::parse_dtype(d)?,
-        None => device::default_dtype(&device),
+    let explicit_dtype = args.dtype.as_deref().map(device::parse_dtype).transpose()?;
+    let tier = match &args.tier {
+        Some(name) => Some(Project::find(args.project.as_deref())?.tiers()?.get(name)?.clone()),
+        None => None,
+    };
+    let dtype = match &tier {
+        Some(t) => tier_dtype(t, &device, explicit_dtype)?,
+        None => explicit_dtype.unwrap_or_else(|| device::default_dtype(&device)),
     };
     let show = !(args.json || args.quiet);
     // Read the cheap inputs before the expensive model load, so bad input fails fast.
@@ -113,93 +149,65 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     };
 
     let t0 = Instant::now();
-    let source = hub::resolve(&args.model, args.revision.as_deref(), dtype != candle_dtype_f32(), show)?;
-    let model =
-        LoadedModel::load(source, &device, dtype).with_context(|| format!("loading model {}", args.model))?;
+    let model = match (&tier, &args.model) {
+        (Some(t), _) => load_tier_model(t, &device, dtype, show)?,
+        (None, Some(spec)) => {
+            let source = hub::resolve(spec, args.revision.as_deref(), dtype != candle_dtype_f32(), show)?;
+            LoadedModel::load(source, &device, dtype).with_context(|| format!("loading model {spec}"))?
+        }
+        (None, None) => bail!("pass --model or --tier"),
+    };
     let load_seconds = t0.elapsed().as_secs_f64();
 
-    let (default_w, default_h) = match &init_image {
-        // img2img defaults to the init image's size, rounded down to the VAE factor.
-        Some(img) => {
-            let f = model.vae.scale_factor();
-            ((img.width() as usize / f) * f, (img.height() as usize / f) * f)
-        }
-        None => model.default_size(),
-    };
-    let guidance = args.guidance.unwrap_or(match model.family {
-        Family::StableDiffusionXl => 5.0,
-        Family::StableDiffusion => 7.5,
-    });
     let seed = args.seed.unwrap_or_else(random_seed);
     let seeds: Vec<u64> = (0..args.count as u64).map(|i| seed.wrapping_add(i)).collect();
-    let request = GenerateRequest {
-        prompt: args.prompt.clone(),
-        negative_prompt: args.negative.clone(),
-        width: args.width.unwrap_or(default_w),
-        height: args.height.unwrap_or(default_h),
+    let overrides = Overrides {
+        width: args.width,
+        height: args.height,
         steps: args.steps,
-        guidance,
+        guidance: args.guidance,
         scheduler,
-        seeds: seeds.clone(),
-        init_latents,
-        init_image,
-        strength: args.strength,
-        max_batch: args.batch.unwrap_or(args.count.min(4)),
+        negative_prompt: args.negative.clone(),
+        max_batch: Some(args.batch.unwrap_or(args.count.min(4))),
     };
+    let fallback = Tier::untiered();
+    let mut request =
+        tier_request(tier.as_ref().unwrap_or(&fallback), &model, &args.prompt, seeds.clone(), &overrides)?;
+    if let Some(img) = init_image {
+        // img2img without a tier defaults to the init image's size, rounded down to the VAE factor.
+        if tier.is_none() {
+            let f = model.vae.scale_factor();
+            request.width = args.width.unwrap_or((img.width() as usize / f) * f);
+            request.height = args.height.unwrap_or((img.height() as usize / f) * f);
+        }
+        request.init_image = Some(img);
+        request.strength = args.strength;
+    }
+    request.init_latents = init_latents;
     request.validate(&model)?;
 
-    let bar = show.then(|| {
-        let bar = ProgressBar::new(request.steps as u64);
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} denoising [{bar:30}] {pos}/{len} {msg} ({elapsed})")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        bar
-    });
-    let mut progress = Bar(bar);
+    let mut progress = Bar::new(show, request.steps);
     let output = generate(&model, &request, &mut progress)?;
-    if let Some(bar) = progress.0 {
-        bar.finish_and_clear();
-    }
+    progress.finish();
     for w in &output.warnings {
         eprintln!("warning: {w}");
     }
 
     let init_latents_ref = args.init_latents.as_deref().map(file_ref).transpose()?;
     let init_image_ref = args.init_image.as_deref().map(file_ref).transpose()?;
-    let (hub_revision, model_id) = match &model.source {
-        ModelSource::Hub { revision, repo, .. } => (Some(revision.clone()), repo.clone()),
-        ModelSource::Folder(p) => (None, p.display().to_string()),
-    };
     let mut outputs = Vec::new();
     for (i, image) in output.images.iter().enumerate() {
         let path = output_path(args.out.as_deref(), image.seed, i, args.count);
-        let record = ImageRecord {
-            kiln_version: kiln_core::VERSION.to_string(),
-            mode: if request.init_image.is_some() { "img2img" } else { "txt2img" }.to_string(),
-            model: ModelRecord {
-                id: model_id.clone(),
-                revision: hub_revision.clone(),
-                files: model.weights.clone(),
-            },
-            prompt: request.prompt.clone(),
-            negative_prompt: request.negative_prompt.clone(),
-            width: request.width,
-            height: request.height,
-            steps: request.steps,
-            guidance: request.guidance,
-            scheduler: output.scheduler.name().to_string(),
-            scheduler_class: model.scheduler_class.clone(),
-            scheduler_config: model.scheduler_config_json.clone(),
-            seed: image.seed,
-            batch_index: i,
-            init_latents: init_latents_ref.clone(),
-            init_image: init_image_ref.clone(),
-            strength: request.init_image.as_ref().map(|_| request.strength),
-            dtype: device::dtype_name(dtype).to_string(),
-            device: device::name(&device),
-        };
+        let record = ImageRecord::build(
+            &model,
+            &request,
+            output.scheduler,
+            image.seed,
+            i,
+            init_latents_ref.clone(),
+            init_image_ref.clone(),
+        );
+        let record = ImageRecord { tier: args.tier.clone(), ..record };
         let rgb = unit_to_rgb8(&image.pixels)?;
         write_png_atomic(&path, &rgb, &png_chunks(&record, output.scheduler, &model))?;
         outputs.push(serde_json::json!({ "path": path, "seed": image.seed }));
@@ -225,6 +233,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             "peak_memory_bytes": device::peak_host_memory_bytes(),
             "device": device::name(&device),
             "dtype": device::dtype_name(dtype),
+            "tier": args.tier,
+            "credits": tier.as_ref().map(|tier| {
+                let secs = JobTimings::from_stages(load_seconds, t).device_seconds();
+                tier.price.cost(output.images.len(), secs)
+            }),
             "warnings": output.warnings,
         });
         println!("{report}");
@@ -236,7 +249,7 @@ fn candle_dtype_f32() -> kiln_core::candle::DType {
     kiln_core::candle::DType::F32
 }
 
-fn read_npy(path: &Path) -> anyhow::Result<kiln_core::candle::Tensor> {
+pub(crate) fn read_npy(path: &Path) -> anyhow::Result<kiln_core::candle::Tensor> {
     if !path.is_file() {
         bail!("--init-latents: {} not found", path.display());
     }
@@ -245,7 +258,7 @@ fn read_npy(path: &Path) -> anyhow::Result<kiln_core::candle::Tensor> {
     Ok(t.to_dtype(kiln_core::candle::DType::F32)?)
 }
 
-fn file_ref(path: &Path) -> anyhow::Result<FileRef> {
+pub(crate) fn file_ref(path: &Path) -> anyhow::Result<FileRef> {
     Ok(FileRef { path: path.display().to_string(), sha256: sha256_file(path)? })
 }
 
@@ -261,7 +274,7 @@ fn output_path(out: Option<&Path>, seed: u64, index: usize, count: usize) -> Pat
     }
 }
 
-fn random_seed() -> u64 {
+pub(crate) fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(

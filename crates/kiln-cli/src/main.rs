@@ -2,7 +2,13 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod assets;
+mod bench;
+mod draft;
 mod generate;
+mod promote;
+mod report;
+mod tiers;
 
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Local, offline image generation on your own GPUs")]
@@ -15,6 +21,20 @@ struct Cli {
 enum Command {
     /// Text-to-image and image-to-image with a Stable Diffusion-family model.
     Generate(generate::GenerateArgs),
+    /// N quick variants from the draft tier plus a labelled contact sheet.
+    Draft(draft::DraftArgs),
+    /// Re-render a draft with the final tier, keeping its composition.
+    Promote(promote::PromoteArgs),
+    /// The project's asset library: list, show, check.
+    Assets(assets::AssetsArgs),
+    /// Regenerate an asset from its stored parameters and compare with the original.
+    Replay(assets::ReplayArgs),
+    /// Costs: burn per day, draft:final ratio, cost per delivered asset.
+    Report(report::ReportArgs),
+    /// Draft vs final per stage on this device (table, JSON, PNG chart).
+    Bench(bench::BenchArgs),
+    /// The tier registry as this project resolves it, with pin status.
+    Tiers(tiers::TiersArgs),
 }
 
 fn main() -> ExitCode {
@@ -31,5 +51,12 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Generate(args) => generate::run(args),
+        Command::Draft(args) => draft::run(args),
+        Command::Promote(args) => promote::run(args),
+        Command::Assets(args) => assets::run(args),
+        Command::Replay(args) => assets::run_replay(args),
+        Command::Report(args) => report::run(args),
+        Command::Bench(args) => bench::run(args),
+        Command::Tiers(args) => tiers::run(args),
     }
 }

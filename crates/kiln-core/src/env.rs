@@ -12,6 +12,10 @@ pub const HF_TOKEN: &str = "HF_TOKEN";
 pub const KILN_DATA_DIR: &str = "KILN_DATA_DIR";
 /// XDG base dir for user data.
 pub const XDG_DATA_HOME: &str = "XDG_DATA_HOME";
+/// XDG base dir for user config (kiln reads `kiln/tiers.toml` there).
+pub const XDG_CONFIG_HOME: &str = "XDG_CONFIG_HOME";
+/// The project folder (kiln.toml, asset library) when `--project` is not given; default: cwd.
+pub const KILN_PROJECT: &str = "KILN_PROJECT";
 /// The user's home folder.
 pub const HOME: &str = "HOME";
 

@@ -45,6 +45,14 @@ pub enum Error {
     #[error("model `{repo}`: {msg}")]
     Hub { repo: String, msg: String },
 
+    /// The project's asset library (SQLite) could not be read or written.
+    #[error("asset library {}: {msg}", path.display())]
+    Library { path: PathBuf, msg: String },
+
+    /// A job would exceed the project's budget.
+    #[error("budget exhausted: {0}")]
+    Budget(String),
+
     /// Something the engine does not support (yet).
     #[error("unsupported: {0}")]
     Unsupported(String),

@@ -7,15 +7,19 @@
 //! - [`loaders`]: diffusers folders, hub, weight files;
 //! - [`pipeline`]: one job type per module (txt2img/img2img, upscale, ...).
 
+pub mod bench;
 pub mod device;
 pub mod env;
 pub mod error;
 pub mod image;
+pub mod library;
 pub mod loaders;
 pub mod models;
 pub mod pipeline;
 pub mod rng;
 pub mod schedule;
+pub mod tiers;
+pub mod workflow;
 
 /// Re-exported so callers use the same candle version.
 pub use candle_core as candle;

@@ -1,6 +1,10 @@
 //! Images: pixels <-> tensors, decoding with size limits, PNG metadata and atomic writes.
 
+pub mod chart;
+pub mod compare;
+pub mod font;
 pub mod png_meta;
+pub mod sheet;
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};

@@ -4,7 +4,7 @@
 
 use crate::env;
 use crate::error::{Error, Result};
-use crate::loaders::diffusers::DiffusersFolder;
+use crate::loaders::diffusers::{weight_files_in, DiffusersFolder};
 use hf_hub::api::sync::ApiBuilder;
 use hf_hub::{Cache, Repo, RepoType};
 use std::net::{TcpStream, ToSocketAddrs};
@@ -107,6 +107,68 @@ pub fn resolve(spec: &str, revision: Option<&str>, prefer_fp16: bool, progress: 
         });
     }
     let snapshot = download(spec, &repo, cache, prefer_fp16, progress)?;
+    Ok(ModelSource::Hub { repo: spec.into(), revision, snapshot })
+}
+
+/// Resolves a VAE override: an existing folder, or a hub repo holding a bare VAE (config.json +
+/// diffusion_pytorch_model[.fp16].safetensors at its root, as madebyollin/sdxl-vae-fp16-fix).
+pub fn resolve_vae(
+    spec: &str,
+    revision: Option<&str>,
+    prefer_fp16: bool,
+    progress: bool,
+) -> Result<ModelSource> {
+    let path = Path::new(spec);
+    if path.is_dir() {
+        return Ok(ModelSource::Folder(path.to_path_buf()));
+    }
+    if !is_hub_id(spec) || path.exists() {
+        return Err(Error::not_found(
+            "VAE folder",
+            path,
+            "pass a VAE folder (config.json + safetensors) or a hub id",
+        ));
+    }
+    let revision = revision.unwrap_or("main").to_string();
+    let repo = Repo::with_revision(spec.to_string(), RepoType::Model, revision.clone());
+    let cache_root = cache_dir().ok_or_else(|| Error::Hub {
+        repo: spec.into(),
+        msg: "no hub cache folder (set HF_HOME or HOME)".into(),
+    })?;
+    let cache = Cache::new(cache_root.clone());
+    let cached = cache.repo(repo.clone()).get("config.json").and_then(|c| c.parent().map(Path::to_path_buf));
+    if let Some(snapshot) = cached.filter(|d| weight_files_in(d, prefer_fp16).is_ok()) {
+        return Ok(ModelSource::Hub { repo: spec.into(), revision, snapshot });
+    }
+    let hint = format!(
+        "download it where the hub is reachable (`huggingface-cli download {spec}`) into {}",
+        cache_root.display()
+    );
+    if env::flag(env::HF_HUB_OFFLINE) || !hub_reachable() {
+        return Err(Error::Hub {
+            repo: spec.into(),
+            msg: format!("VAE not in the local hub cache and the hub is offline or unreachable; {hint}"),
+        });
+    }
+    let hub_err = |msg: String| Error::Hub { repo: spec.into(), msg };
+    let api = ApiBuilder::from_cache(cache)
+        .with_progress(progress)
+        .with_token(std::env::var(env::HF_TOKEN).ok())
+        .build()
+        .map_err(|e| hub_err(e.to_string()))?;
+    let api_repo = api.repo(repo);
+    let info = api_repo.info().map_err(|e| hub_err(format!("cannot list files: {e}")))?;
+    let names: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+    let variants = if prefer_fp16 { [".fp16", ""] } else { ["", ".fp16"] };
+    let weights = variants
+        .iter()
+        .map(|v| format!("diffusion_pytorch_model{v}.safetensors"))
+        .find(|n| names.contains(n))
+        .ok_or_else(|| hub_err("no diffusion_pytorch_model safetensors at the repo root".into()))?;
+    let config = api_repo.get("config.json").map_err(|e| hub_err(format!("downloading config.json: {e}")))?;
+    api_repo.get(&weights).map_err(|e| hub_err(format!("downloading {weights}: {e}")))?;
+    let snapshot =
+        config.parent().map(Path::to_path_buf).ok_or_else(|| hub_err("no snapshot folder".into()))?;
     Ok(ModelSource::Hub { repo: spec.into(), revision, snapshot })
 }
 

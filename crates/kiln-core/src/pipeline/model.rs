@@ -2,7 +2,7 @@
 //! scheduler config. Built once, reused across jobs (drafts, batches, a server's queue).
 
 use crate::error::{Error, Result};
-use crate::loaders::diffusers::{DiffusersFolder, Family};
+use crate::loaders::diffusers::{weight_files_in, DiffusersFolder, Family};
 use crate::loaders::hub::ModelSource;
 use crate::loaders::weights::{loading_error, open_safetensors, weight_sha256_cached};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
@@ -31,6 +31,8 @@ pub struct WeightRecord {
 /// A loaded Stable Diffusion-family pipeline.
 pub struct LoadedModel {
     pub source: ModelSource,
+    /// A VAE loaded instead of the pipeline's own (e.g. madebyollin/sdxl-vae-fp16-fix).
+    pub vae_source: Option<ModelSource>,
     pub family: Family,
     /// One stack for SD 1.x/2.x, two for SDXL (in diffusers' order).
     pub text: Vec<TextStack>,
@@ -50,6 +52,17 @@ pub struct LoadedModel {
 impl LoadedModel {
     /// Loads every component from the source folder onto `device` in `dtype`.
     pub fn load(source: ModelSource, device: &Device, dtype: DType) -> Result<Self> {
+        Self::load_with_vae(source, None, device, dtype)
+    }
+
+    /// [`LoadedModel::load`] with the VAE taken from `vae_source` instead: a VAE folder
+    /// (config.json + weights, as madebyollin/sdxl-vae-fp16-fix ships) or a pipeline folder's `vae/`.
+    pub fn load_with_vae(
+        source: ModelSource,
+        vae_source: Option<ModelSource>,
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         let folder = DiffusersFolder::open(source.dir())?;
         let family = folder.family();
         let prefer_fp16 = dtype != DType::F32;
@@ -77,8 +90,17 @@ impl LoadedModel {
         let unet = UNet2DConditionModel::new(&unet_cfg, vb).map_err(|e| named(e, &files))?;
         record(&mut weights, "unet", &files)?;
 
-        let (_, vae_cfg): (_, VaeConfig) = folder.parse_config("vae")?;
-        let files = folder.weight_files("vae", prefer_fp16)?;
+        let (vae_cfg, files) = match &vae_source {
+            None => {
+                let (_, cfg): (_, VaeConfig) = folder.parse_config("vae")?;
+                (cfg, folder.weight_files("vae", prefer_fp16)?)
+            }
+            Some(src) => {
+                let dir = vae_dir(src.dir())?;
+                let cfg = VaeConfig::from_file(dir.join("config.json"))?;
+                (cfg, weight_files_in(&dir, prefer_fp16)?)
+            }
+        };
         let vb = open_safetensors(&files, dtype, device)?;
         let vae = AutoencoderKl::new(&vae_cfg, vb).map_err(|e| named(e, &files))?;
         record(&mut weights, "vae", &files)?;
@@ -90,6 +112,7 @@ impl LoadedModel {
 
         Ok(Self {
             source,
+            vae_source,
             family,
             text,
             unet,
@@ -129,6 +152,21 @@ impl LoadedModel {
     pub fn unet_sha256(&self) -> &str {
         self.weights.iter().find(|w| w.component == "unet").map(|w| w.sha256.as_str()).unwrap_or("")
     }
+}
+
+/// The folder holding a VAE's config.json: the folder itself, or a pipeline folder's `vae/`.
+fn vae_dir(dir: &std::path::Path) -> Result<PathBuf> {
+    if dir.join("model_index.json").is_file() {
+        return DiffusersFolder::open(dir)?.component_dir("vae");
+    }
+    if !dir.join("config.json").is_file() {
+        return Err(Error::not_found(
+            "VAE config.json",
+            dir.join("config.json"),
+            "--vae takes a VAE folder (config.json + safetensors) or a diffusers pipeline folder",
+        ));
+    }
+    Ok(dir.to_path_buf())
 }
 
 fn named(err: Error, files: &[PathBuf]) -> Error {

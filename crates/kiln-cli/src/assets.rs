@@ -1,0 +1,209 @@
+//! `kiln assets list|show|check` and `kiln replay`.
+
+use crate::draft::JobArgs;
+use crate::generate::Bar;
+use clap::{Args, Subcommand};
+use kiln_core::library::assets::{AssetFilter, AssetRow};
+use kiln_core::library::{utc_date, Project};
+use kiln_core::workflow::replay::{replay, ReplayRequest};
+use kiln_core::workflow::AssetRef;
+use std::path::PathBuf;
+
+#[derive(Args, Debug)]
+pub struct AssetsArgs {
+    #[command(subcommand)]
+    command: AssetsCommand,
+    /// Project folder (default: $KILN_PROJECT or the current folder).
+    #[arg(long, global = true)]
+    project: Option<PathBuf>,
+    /// One JSON value on stdout.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum AssetsCommand {
+    /// Assets, newest first.
+    List {
+        /// draft | final | sheet | replay
+        #[arg(long)]
+        kind: Option<String>,
+        #[arg(long)]
+        tier: Option<String>,
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
+    /// One asset: parameters, model hashes, cost, lineage and what was made from it.
+    Show { id: i64 },
+    /// Consistency check: database integrity, recorded files present and unchanged, orphans.
+    Check,
+}
+
+pub fn run(args: AssetsArgs) -> anyhow::Result<()> {
+    let project = Project::find(args.project.as_deref())?;
+    let library = project.existing_library()?;
+    match args.command {
+        AssetsCommand::List { kind, tier, limit } => {
+            let rows = library.list_assets(&AssetFilter { kind, tier, limit: Some(limit) })?;
+            if args.json {
+                let slim: Vec<_> = rows.iter().map(summary).collect();
+                println!("{}", serde_json::to_string(&slim)?);
+            } else {
+                println!(
+                    "{:>5}  {:<7} {:<7} {:>6} {:>12}  {:<10}  {:<40}  prompt",
+                    "id", "kind", "tier", "parent", "seed", "date", "path"
+                );
+                for a in &rows {
+                    println!(
+                        "{:>5}  {:<7} {:<7} {:>6} {:>12}  {:<10}  {:<40}  {}",
+                        a.id,
+                        a.kind,
+                        a.tier.as_deref().unwrap_or("-"),
+                        a.parent_id.map(|p| p.to_string()).unwrap_or_else(|| "-".into()),
+                        a.seed.map(|s| s.to_string()).unwrap_or_else(|| "-".into()),
+                        utc_date(a.created_at),
+                        a.path,
+                        a.prompt.as_deref().unwrap_or("").chars().take(40).collect::<String>()
+                    );
+                }
+            }
+        }
+        AssetsCommand::Show { id } => {
+            let asset = library.asset(id)?;
+            let lineage = library.lineage(id)?;
+            let children = library.children(id)?;
+            if args.json {
+                let v = serde_json::json!({
+                    "asset": asset,
+                    "lineage": lineage.iter().map(summary).collect::<Vec<_>>(),
+                    "children": children.iter().map(summary).collect::<Vec<_>>(),
+                });
+                println!("{v}");
+            } else {
+                println!(
+                    "asset {} ({}), job {}, tier {}",
+                    asset.id,
+                    asset.kind,
+                    asset.job_id,
+                    asset.tier.as_deref().unwrap_or("-")
+                );
+                println!(
+                    "file    {} ({}x{}), sha256 {}",
+                    asset.path, asset.width, asset.height, asset.sha256
+                );
+                println!("cost    {:.4} credits", asset.credits);
+                if let Some(r) = &asset.record {
+                    println!("prompt  {}", r.prompt);
+                    println!(
+                        "params  {} steps, {} guidance {}, seed {}, {}x{}, {} on {}{}",
+                        r.steps,
+                        r.scheduler,
+                        r.guidance,
+                        r.seed,
+                        r.width,
+                        r.height,
+                        r.dtype,
+                        r.device,
+                        r.strength.map(|s| format!(", img2img strength {s}")).unwrap_or_default()
+                    );
+                    println!(
+                        "model   {}{}",
+                        r.model.id,
+                        r.model.revision.as_deref().map(|v| format!(" @ {v}")).unwrap_or_default()
+                    );
+                }
+                for w in &asset.model_hashes {
+                    println!("  {}/{} {}", w.component, w.file, w.sha256);
+                }
+                let chain: Vec<String> =
+                    lineage.iter().rev().map(|a| format!("{} #{}", a.kind, a.id)).collect();
+                println!("lineage {}", chain.join(" -> "));
+                for c in &children {
+                    println!("child   {} #{} {}", c.kind, c.id, c.path);
+                }
+            }
+        }
+        AssetsCommand::Check => {
+            let problems = library.check()?;
+            let orphans = library.orphans()?;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "consistent": problems.is_empty(), "problems": problems, "orphans": orphans })
+                );
+            } else {
+                for p in &problems {
+                    println!("problem: {p}");
+                }
+                for o in &orphans {
+                    println!(
+                        "orphan (unrecorded output of an interrupted run; safe to delete): {}",
+                        o.display()
+                    );
+                }
+                println!(
+                    "{}",
+                    if problems.is_empty() { "library consistent" } else { "library INCONSISTENT" }
+                );
+            }
+            if !problems.is_empty() {
+                anyhow::bail!("{} consistency problem(s)", problems.len());
+            }
+        }
+    }
+    Ok(())
+}
+
+fn summary(a: &AssetRow) -> serde_json::Value {
+    serde_json::json!({
+        "id": a.id, "kind": a.kind, "tier": a.tier, "parent_id": a.parent_id, "job_id": a.job_id,
+        "path": a.path, "seed": a.seed, "prompt": a.prompt, "credits": a.credits, "created_at": a.created_at,
+    })
+}
+
+#[derive(Args, Debug)]
+pub struct ReplayArgs {
+    /// An asset id or a kiln PNG.
+    source: String,
+    /// Where to write the regenerated image (default: assets/replays/).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Exit non-zero unless the replay is bit-exact.
+    #[arg(long)]
+    strict: bool,
+    #[command(flatten)]
+    job: JobArgs,
+}
+
+pub fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
+    let mut ws = args.job.workspace()?;
+    let request = ReplayRequest { source: AssetRef::parse(&args.source), out: args.out.clone() };
+    let mut bar = Bar::new(args.job.show(), 1);
+    let result = replay(&mut ws, &request, &mut bar)?;
+    bar.finish();
+    for w in &result.warnings {
+        eprintln!("warning: {w}");
+    }
+    if args.job.json {
+        println!("{}", serde_json::to_string(&result)?);
+    } else {
+        println!(
+            "replayed {} -> {} (asset {})",
+            result.original.display(),
+            result.path.display(),
+            result.asset_id
+        );
+        if result.bit_exact {
+            println!("bit-exact: every pixel equals the original");
+        } else {
+            println!(
+                "NOT bit-exact: max pixel difference {}, PSNR {:.2} dB",
+                result.max_abs_diff, result.psnr
+            );
+        }
+    }
+    if args.strict && !result.bit_exact {
+        anyhow::bail!("replay is not bit-exact (max difference {})", result.max_abs_diff);
+    }
+    Ok(())
+}

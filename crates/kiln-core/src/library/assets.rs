@@ -1,0 +1,347 @@
+//! Recording jobs and their assets (one transaction per job) and reading them back.
+
+use super::{now_unix, Library};
+use crate::error::{Error, Result};
+use crate::pipeline::generate::StageTimings;
+use crate::pipeline::metadata::ImageRecord;
+use crate::pipeline::model::WeightRecord;
+use rusqlite::{params, OptionalExtension, Row};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+/// Seconds a job spent, by stage. `device_seconds` is what the ledger bills.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, serde::Deserialize)]
+pub struct JobTimings {
+    /// Model load (0 when the model was already warm).
+    pub load: f64,
+    pub text_encode: f64,
+    pub vae_encode: f64,
+    /// Each denoising step (UNet + solver).
+    pub steps: Vec<f64>,
+    pub vae_decode: f64,
+    /// Process CPU time (user + system) during the job, when the OS reports it.
+    pub cpu_seconds: Option<f64>,
+    pub peak_memory_bytes: Option<u64>,
+}
+
+impl JobTimings {
+    /// From a generation's stage timings plus the load time.
+    pub fn from_stages(load: f64, t: &StageTimings) -> Self {
+        Self {
+            load,
+            text_encode: t.text_encode,
+            vae_encode: t.vae_encode,
+            steps: t.steps.clone(),
+            vae_decode: t.vae_decode,
+            cpu_seconds: None,
+            peak_memory_bytes: crate::device::peak_host_memory_bytes(),
+        }
+    }
+
+    pub fn steps_total(&self) -> f64 {
+        self.steps.iter().sum()
+    }
+
+    /// The sum of the stages: load + text encode + VAE encode + steps + VAE decode.
+    pub fn device_seconds(&self) -> f64 {
+        self.load + self.text_encode + self.vae_encode + self.steps_total() + self.vae_decode
+    }
+}
+
+/// A job to record.
+#[derive(Debug, Clone)]
+pub struct NewJob {
+    /// draft | promote | generate | replay
+    pub kind: String,
+    pub tier: Option<String>,
+    pub device: String,
+    pub dtype: String,
+    pub model_id: String,
+    pub images: usize,
+    pub timings: JobTimings,
+    pub credits: f64,
+}
+
+/// An output to record; its file must already be written (atomically).
+#[derive(Debug, Clone)]
+pub struct NewAsset {
+    /// draft | final | sheet | replay
+    pub kind: String,
+    pub tier: Option<String>,
+    pub path: PathBuf,
+    pub parent_id: Option<i64>,
+    pub width: u32,
+    pub height: u32,
+    pub seed: Option<u64>,
+    pub prompt: Option<String>,
+    pub record: Option<ImageRecord>,
+    pub model_hashes: Vec<WeightRecord>,
+    pub credits: f64,
+}
+
+/// A recorded asset.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AssetRow {
+    pub id: i64,
+    pub job_id: i64,
+    pub parent_id: Option<i64>,
+    pub kind: String,
+    pub tier: Option<String>,
+    /// Relative to the project root.
+    pub path: String,
+    pub sha256: String,
+    pub width: u32,
+    pub height: u32,
+    pub seed: Option<u64>,
+    pub prompt: Option<String>,
+    pub record: Option<ImageRecord>,
+    pub model_hashes: Vec<WeightRecord>,
+    pub credits: f64,
+    pub created_at: i64,
+}
+
+/// A recorded job.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobRow {
+    pub id: i64,
+    pub kind: String,
+    pub tier: Option<String>,
+    pub created_at: i64,
+    pub device: String,
+    pub dtype: String,
+    pub model_id: String,
+    pub images: usize,
+    pub device_seconds: f64,
+    pub credits: f64,
+    pub timings: JobTimings,
+}
+
+/// Which assets to list.
+#[derive(Debug, Clone, Default)]
+pub struct AssetFilter {
+    pub kind: Option<String>,
+    pub tier: Option<String>,
+    /// Most recent first, at most this many (None = all, oldest first).
+    pub limit: Option<usize>,
+}
+
+const ASSET_COLUMNS: &str = "id, job_id, parent_id, kind, tier, path, sha256, width, height, seed, prompt, \
+                             record_json, model_hashes, credits, created_at";
+
+fn asset_from_row(row: &Row) -> rusqlite::Result<AssetRow> {
+    let record: Option<String> = row.get(11)?;
+    let hashes: String = row.get(12)?;
+    let seed: Option<i64> = row.get(9)?;
+    Ok(AssetRow {
+        id: row.get(0)?,
+        job_id: row.get(1)?,
+        parent_id: row.get(2)?,
+        kind: row.get(3)?,
+        tier: row.get(4)?,
+        path: row.get(5)?,
+        sha256: row.get(6)?,
+        width: row.get(7)?,
+        height: row.get(8)?,
+        seed: seed.map(|s| s as u64),
+        prompt: row.get(10)?,
+        record: record.and_then(|r| serde_json::from_str(&r).ok()),
+        model_hashes: serde_json::from_str(&hashes).unwrap_or_default(),
+        credits: row.get(13)?,
+        created_at: row.get(14)?,
+    })
+}
+
+impl Library {
+    /// Records a job and its assets in one transaction; returns (job id, asset ids). Every
+    /// asset's file must exist (outputs are written before they are recorded); its sha256 is
+    /// taken now so a later change is detectable.
+    pub fn record_job(&mut self, job: &NewJob, assets: &[NewAsset]) -> Result<(i64, Vec<i64>)> {
+        let mut hashes = Vec::with_capacity(assets.len());
+        for a in assets {
+            if !a.path.is_file() {
+                return Err(Error::not_found(
+                    "output to record",
+                    &a.path,
+                    "outputs are written before they are recorded",
+                ));
+            }
+            hashes.push(crate::loaders::weights::sha256_file(&a.path)?);
+        }
+        let now = now_unix();
+        let t = &job.timings;
+        let timings_json = serde_json::to_string(t).unwrap_or_default();
+        let root = self.root.clone();
+        let path = self.path.clone();
+        let err = |e: rusqlite::Error| Error::Library { path: path.clone(), msg: e.to_string() };
+        let tx = self.conn.transaction().map_err(err)?;
+        tx.execute(
+            "INSERT INTO jobs (kind, tier, created_at, device, dtype, model_id, images, load_seconds, \
+             text_encode_seconds, vae_encode_seconds, steps_seconds, vae_decode_seconds, device_seconds, \
+             cpu_seconds, peak_memory_bytes, credits, timings_json) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+            params![
+                job.kind,
+                job.tier,
+                now,
+                job.device,
+                job.dtype,
+                job.model_id,
+                job.images as i64,
+                t.load,
+                t.text_encode,
+                t.vae_encode,
+                t.steps_total(),
+                t.vae_decode,
+                t.device_seconds(),
+                t.cpu_seconds,
+                t.peak_memory_bytes.map(|b| b as i64),
+                job.credits,
+                timings_json,
+            ],
+        )
+        .map_err(err)?;
+        let job_id = tx.last_insert_rowid();
+        let mut ids = Vec::with_capacity(assets.len());
+        for (a, sha) in assets.iter().zip(&hashes) {
+            let rel = a.path.strip_prefix(&root).unwrap_or(&a.path).to_string_lossy().into_owned();
+            tx.execute(
+                "INSERT INTO assets (job_id, parent_id, kind, tier, path, sha256, width, height, seed, prompt, \
+                 record_json, model_hashes, credits, created_at) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+                params![
+                    job_id,
+                    a.parent_id,
+                    a.kind,
+                    a.tier,
+                    rel,
+                    sha,
+                    a.width,
+                    a.height,
+                    a.seed.map(|s| s as i64),
+                    a.prompt,
+                    a.record.as_ref().and_then(|r| serde_json::to_string(r).ok()),
+                    serde_json::to_string(&a.model_hashes).unwrap_or_else(|_| "[]".into()),
+                    a.credits,
+                    now,
+                ],
+            )
+            .map_err(err)?;
+            ids.push(tx.last_insert_rowid());
+        }
+        tx.commit().map_err(err)?;
+        Ok((job_id, ids))
+    }
+
+    /// Assets matching `filter`.
+    pub fn list_assets(&self, filter: &AssetFilter) -> Result<Vec<AssetRow>> {
+        let order = if filter.limit.is_some() { "DESC" } else { "ASC" };
+        let sql = format!(
+            "SELECT {ASSET_COLUMNS} FROM assets WHERE (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR tier = ?2) \
+             ORDER BY id {order} LIMIT ?3"
+        );
+        let limit = filter.limit.map(|l| l as i64).unwrap_or(-1);
+        let mut stmt = self.conn.prepare(&sql).map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![filter.kind, filter.tier, limit], asset_from_row)
+            .map_err(|e| self.err(e))?
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
+    /// The asset with `id`; an unknown id is an error naming it.
+    pub fn asset(&self, id: i64) -> Result<AssetRow> {
+        let sql = format!("SELECT {ASSET_COLUMNS} FROM assets WHERE id = ?1");
+        self.conn
+            .query_row(&sql, [id], asset_from_row)
+            .optional()
+            .map_err(|e| self.err(e))?
+            .ok_or_else(|| Error::arg("asset", format!("no asset with id {id} in {}", self.path.display())))
+    }
+
+    /// The most recent asset whose file has this sha256.
+    pub fn asset_by_sha256(&self, sha256: &str) -> Result<Option<AssetRow>> {
+        let sql = format!("SELECT {ASSET_COLUMNS} FROM assets WHERE sha256 = ?1 ORDER BY id DESC LIMIT 1");
+        self.conn.query_row(&sql, [sha256], asset_from_row).optional().map_err(|e| self.err(e))
+    }
+
+    /// The asset recorded for a file (matched by content, so a moved file is still found).
+    pub fn asset_for_file(&self, path: &Path) -> Result<Option<AssetRow>> {
+        let sha = crate::loaders::weights::sha256_file(path)?;
+        self.asset_by_sha256(&sha)
+    }
+
+    /// The asset and its ancestors, the asset first (draft → final → ... read backwards).
+    pub fn lineage(&self, id: i64) -> Result<Vec<AssetRow>> {
+        let mut out = vec![self.asset(id)?];
+        while let Some(parent) = out.last().and_then(|a| a.parent_id) {
+            if out.len() > 10_000 || out.iter().any(|a| a.id == parent) {
+                break; // a cycle cannot be written by kiln; stop rather than loop
+            }
+            out.push(self.asset(parent)?);
+        }
+        Ok(out)
+    }
+
+    /// Assets made from `id` (promotions, replays).
+    pub fn children(&self, id: i64) -> Result<Vec<AssetRow>> {
+        let sql = format!("SELECT {ASSET_COLUMNS} FROM assets WHERE parent_id = ?1 ORDER BY id");
+        let mut stmt = self.conn.prepare(&sql).map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([id], asset_from_row)
+            .map_err(|e| self.err(e))?
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
+    /// Every job, oldest first.
+    pub fn jobs(&self) -> Result<Vec<JobRow>> {
+        let mut stmt = self
+            .conn
+            .prepare(
+                "SELECT id, kind, tier, created_at, device, dtype, model_id, images, device_seconds, credits, \
+                 timings_json FROM jobs ORDER BY id",
+            )
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                let timings: String = r.get(10)?;
+                Ok(JobRow {
+                    id: r.get(0)?,
+                    kind: r.get(1)?,
+                    tier: r.get(2)?,
+                    created_at: r.get(3)?,
+                    device: r.get(4)?,
+                    dtype: r.get(5)?,
+                    model_id: r.get(6)?,
+                    images: r.get::<_, i64>(7)? as usize,
+                    device_seconds: r.get(8)?,
+                    credits: r.get(9)?,
+                    timings: serde_json::from_str(&timings).unwrap_or_default(),
+                })
+            })
+            .map_err(|e| self.err(e))?
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|e| self.err(e))?;
+        Ok(rows)
+    }
+
+    /// Credits spent so far.
+    pub fn spent(&self) -> Result<f64> {
+        self.conn
+            .query_row("SELECT COALESCE(SUM(credits), 0) FROM jobs", [], |r| r.get(0))
+            .map_err(|e| self.err(e))
+    }
+
+    /// Average billed device seconds per image of a tier's past jobs (for cost estimates).
+    pub fn seconds_per_image(&self, tier: &str) -> Result<Option<f64>> {
+        self.conn
+            .query_row(
+                "SELECT SUM(device_seconds) / SUM(images) FROM jobs WHERE tier = ?1 AND images > 0",
+                [tier],
+                |r| r.get::<_, Option<f64>>(0),
+            )
+            .map_err(|e| self.err(e))
+    }
+}

@@ -1,0 +1,357 @@
+//! The project: a folder with `kiln.toml` (tiers, budget, policy), `kiln.lock` (drift guard),
+//! `assets/` (the images) and `.kiln/library.db`, an SQLite database of every job and asset
+//! with its lineage, parameters, model hashes, timings, device and cost.
+//!
+//! Consistency: an output is written atomically (temp file + rename) *before* it is recorded,
+//! and a job with all its assets is recorded in one transaction, so a killed run leaves at most
+//! unrecorded files (reported by [`Library::check`] as orphans), never a record without its file.
+//!
+//! - [`assets`]: recording jobs and assets, queries, lineage;
+//! - [`ledger`]: costs, budget, reports.
+
+pub mod assets;
+pub mod ledger;
+
+use crate::error::{Error, Result};
+use crate::tiers::drift::LOCK_FILE;
+use crate::tiers::TierRegistry;
+use rusqlite::Connection;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The project's config file.
+pub const PROJECT_FILE: &str = "kiln.toml";
+/// The library database, relative to the project root.
+pub const LIBRARY_DB: &str = ".kiln/library.db";
+/// Where outputs go, relative to the project root.
+pub const ASSETS_DIR: &str = "assets";
+/// The schema version this kiln writes.
+pub const SCHEMA_VERSION: i64 = 1;
+
+/// `[budget]` in kiln.toml, in credits over the project's life.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Budget {
+    /// Hard limit: a job that would pass it is refused.
+    pub limit: f64,
+    /// Warn from here on (default: 80% of the limit).
+    #[serde(default)]
+    pub warn_at: Option<f64>,
+}
+
+impl Budget {
+    pub fn warn_threshold(&self) -> f64 {
+        self.warn_at.unwrap_or(self.limit * 0.8)
+    }
+}
+
+/// `[policy]` in kiln.toml.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    /// The healthy number of drafts per final (4 means 4:1).
+    #[serde(default = "default_drafts_per_final")]
+    pub drafts_per_final: f64,
+}
+
+fn default_drafts_per_final() -> f64 {
+    4.0
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self { drafts_per_final: default_drafts_per_final() }
+    }
+}
+
+/// The non-tier parts of kiln.toml (tiers are read by [`TierRegistry`]; other tables are ignored).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProjectConfig {
+    #[serde(default)]
+    pub budget: Option<Budget>,
+    #[serde(default)]
+    pub policy: Policy,
+}
+
+/// A project folder.
+#[derive(Debug, Clone)]
+pub struct Project {
+    pub root: PathBuf,
+    pub config: ProjectConfig,
+}
+
+impl Project {
+    /// The project at `explicit`, else $KILN_PROJECT, else the current folder.
+    pub fn find(explicit: Option<&Path>) -> Result<Self> {
+        let root = match explicit {
+            Some(p) => p.to_path_buf(),
+            None => match std::env::var_os(crate::env::KILN_PROJECT).filter(|p| !p.is_empty()) {
+                Some(p) => PathBuf::from(p),
+                None => std::env::current_dir()?,
+            },
+        };
+        Self::open(&root)
+    }
+
+    /// Opens the project rooted at `root` (created on first write; kiln.toml is optional).
+    pub fn open(root: &Path) -> Result<Self> {
+        if root.exists() && !root.is_dir() {
+            return Err(Error::arg("--project", format!("{} is not a folder", root.display())));
+        }
+        let root = if root.is_absolute() { root.to_path_buf() } else { std::env::current_dir()?.join(root) };
+        let file = root.join(PROJECT_FILE);
+        let config = if file.is_file() {
+            let text = fs_err::read_to_string(&file)?;
+            toml::from_str(&text).map_err(|e| Error::config(&file, e.to_string()))?
+        } else {
+            ProjectConfig::default()
+        };
+        if let Some(b) = &config.budget {
+            if !(b.limit.is_finite() && b.limit >= 0.0) || b.warn_at.is_some_and(|w| !w.is_finite()) {
+                return Err(Error::config(
+                    &file,
+                    "budget.limit and budget.warn_at must be finite numbers >= 0",
+                ));
+            }
+        }
+        if !(config.policy.drafts_per_final.is_finite() && config.policy.drafts_per_final > 0.0) {
+            return Err(Error::config(&file, "policy.drafts_per_final must be a number > 0"));
+        }
+        Ok(Self { root, config })
+    }
+
+    /// The tier registry as this project sees it (built-in, user, kiln.toml).
+    pub fn tiers(&self) -> Result<TierRegistry> {
+        TierRegistry::discover(Some(&self.root))
+    }
+
+    pub fn lock_path(&self) -> PathBuf {
+        self.root.join(LOCK_FILE)
+    }
+
+    pub fn assets_dir(&self) -> PathBuf {
+        self.root.join(ASSETS_DIR)
+    }
+
+    pub fn library_path(&self) -> PathBuf {
+        self.root.join(LIBRARY_DB)
+    }
+
+    /// Opens (creating on first use) the library database.
+    pub fn library(&self) -> Result<Library> {
+        Library::open(&self.library_path(), &self.root)
+    }
+
+    /// Opens the library for reading; a project without one is an error (nothing is created,
+    /// so `kiln report` in the wrong folder says so instead of leaving an empty database).
+    pub fn existing_library(&self) -> Result<Library> {
+        let path = self.library_path();
+        if !path.is_file() {
+            return Err(Error::not_found(
+                "asset library",
+                &path,
+                "no kiln jobs have run in this project yet; pass --project DIR or set KILN_PROJECT",
+            ));
+        }
+        self.library()
+    }
+
+    /// A path relative to the project root when it lies inside it.
+    pub fn relative(&self, path: &Path) -> String {
+        path.strip_prefix(&self.root).unwrap_or(path).to_string_lossy().into_owned()
+    }
+}
+
+/// The open library database.
+pub struct Library {
+    pub(crate) conn: Connection,
+    pub(crate) path: PathBuf,
+    pub(crate) root: PathBuf,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS jobs (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    tier TEXT,
+    created_at INTEGER NOT NULL,
+    device TEXT NOT NULL,
+    dtype TEXT NOT NULL,
+    model_id TEXT NOT NULL,
+    images INTEGER NOT NULL,
+    load_seconds REAL NOT NULL,
+    text_encode_seconds REAL NOT NULL,
+    vae_encode_seconds REAL NOT NULL,
+    steps_seconds REAL NOT NULL,
+    vae_decode_seconds REAL NOT NULL,
+    device_seconds REAL NOT NULL,
+    cpu_seconds REAL,
+    peak_memory_bytes INTEGER,
+    credits REAL NOT NULL,
+    timings_json TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS assets (
+    id INTEGER PRIMARY KEY,
+    job_id INTEGER NOT NULL REFERENCES jobs(id),
+    parent_id INTEGER REFERENCES assets(id),
+    kind TEXT NOT NULL,
+    tier TEXT,
+    path TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    width INTEGER NOT NULL,
+    height INTEGER NOT NULL,
+    seed INTEGER,
+    prompt TEXT,
+    record_json TEXT,
+    model_hashes TEXT NOT NULL,
+    credits REAL NOT NULL,
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS assets_parent ON assets(parent_id);
+CREATE INDEX IF NOT EXISTS assets_sha ON assets(sha256);
+CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
+";
+
+impl Library {
+    /// Opens or creates the database at `path` for the project at `root`. A file that is not
+    /// a kiln library (corrupt, or another program's) is refused with the path and what to do.
+    pub fn open(path: &Path, root: &Path) -> Result<Self> {
+        if let Some(dir) = path.parent() {
+            fs_err::create_dir_all(dir)?;
+        }
+        let bad = |e: rusqlite::Error| {
+            Error::Library {
+            path: path.to_path_buf(),
+            msg: format!("{e}; the database is unreadable or corrupt: move it aside (assets/ keeps the images and their metadata)"),
+        }
+        };
+        let conn = Connection::open(path).map_err(bad)?;
+        // A killed writer leaves a rollback journal that SQLite replays on the next open; WAL
+        // would do too, but one file is easier to back up and copy.
+        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(bad)?;
+        let integrity: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(bad)?;
+        if integrity != "ok" {
+            return Err(Error::Library {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "integrity check failed: {integrity}; move the file aside to start a new library"
+                ),
+            });
+        }
+        conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL;").map_err(bad)?;
+        conn.execute_batch(SCHEMA).map_err(bad)?;
+        let version: Option<String> =
+            conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).ok();
+        match version.as_deref().map(str::parse::<i64>) {
+            None => {
+                conn.execute(
+                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)",
+                    [SCHEMA_VERSION.to_string()],
+                )
+                .map_err(bad)?;
+            }
+            Some(Ok(v)) if v == SCHEMA_VERSION => {}
+            Some(other) => {
+                return Err(Error::Library {
+                    path: path.to_path_buf(),
+                    msg: format!(
+                        "schema version {other:?} is not {SCHEMA_VERSION}; it was written by another kiln version"
+                    ),
+                })
+            }
+        }
+        Ok(Self { conn, path: path.to_path_buf(), root: root.to_path_buf() })
+    }
+
+    pub(crate) fn err(&self, e: rusqlite::Error) -> Error {
+        Error::Library { path: self.path.clone(), msg: e.to_string() }
+    }
+
+    /// Consistency problems: SQLite's integrity and foreign-key checks, and recorded assets
+    /// whose file is missing or changed. Empty = consistent.
+    pub fn check(&self) -> Result<Vec<String>> {
+        let mut problems = Vec::new();
+        let integrity: String =
+            self.conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).map_err(|e| self.err(e))?;
+        if integrity != "ok" {
+            problems.push(format!("integrity_check: {integrity}"));
+        }
+        let mut stmt = self.conn.prepare("PRAGMA foreign_key_check").map_err(|e| self.err(e))?;
+        let fk: Vec<String> = stmt
+            .query_map([], |r| Ok(format!("{}:{}", r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
+            .map_err(|e| self.err(e))?
+            .collect::<std::result::Result<_, _>>()
+            .map_err(|e| self.err(e))?;
+        problems.extend(fk.into_iter().map(|row| format!("dangling reference in {row}")));
+        for asset in self.list_assets(&assets::AssetFilter::default())? {
+            let path = self.root.join(&asset.path);
+            if !path.is_file() {
+                problems.push(format!("asset {} file missing: {}", asset.id, asset.path));
+            } else if crate::loaders::weights::sha256_file(&path)? != asset.sha256 {
+                problems
+                    .push(format!("asset {} file changed since it was recorded: {}", asset.id, asset.path));
+            }
+        }
+        Ok(problems)
+    }
+
+    /// Image files under assets/ that no asset records (left by a killed run; safe to delete).
+    pub fn orphans(&self) -> Result<Vec<PathBuf>> {
+        let recorded: std::collections::BTreeSet<String> =
+            self.list_assets(&assets::AssetFilter::default())?.into_iter().map(|a| a.path).collect();
+        let mut out = Vec::new();
+        let mut stack = vec![self.root.join(ASSETS_DIR)];
+        while let Some(dir) = stack.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            for entry in entries.flatten() {
+                let p = entry.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    let rel = p.strip_prefix(&self.root).unwrap_or(&p).to_string_lossy().into_owned();
+                    if !recorded.contains(&rel) {
+                        out.push(p);
+                    }
+                }
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// A Unix time's UTC date as YYYY-MM-DD (Howard Hinnant's civil-from-days).
+pub fn utc_date(unix: i64) -> String {
+    let days = unix.div_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!("{y:04}-{m:02}-{d:02}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dates() {
+        assert_eq!(utc_date(0), "1970-01-01");
+        assert_eq!(utc_date(951_782_400), "2000-02-29");
+        assert_eq!(utc_date(1_700_000_000), "2023-11-14");
+    }
+}

@@ -1,0 +1,235 @@
+//! The tiered draft → final workflow over a [`Project`]: jobs that load a tier's model (kept
+//! warm), check the budget and the drift lock, generate, write outputs atomically and record
+//! them with their cost in the asset library.
+//!
+//! - [`draft`]: N variants with consecutive seeds plus a contact sheet;
+//! - [`promote`]: a draft re-rendered by the final tier (img2img or reseed), with similarity;
+//! - [`replay`]: an asset regenerated from its stored parameters alone.
+
+pub mod draft;
+pub mod promote;
+pub mod replay;
+
+use crate::error::{Error, Result};
+use crate::library::assets::{JobTimings, NewAsset, NewJob};
+use crate::library::{ledger, Library, Project};
+use crate::pipeline::generate::GenerateOutput;
+use crate::pipeline::metadata::{png_chunks, ImageRecord};
+use crate::pipeline::model::LoadedModel;
+use crate::tiers::drift::{self, DriftOutcome};
+use crate::tiers::load::{load_tier_model, tier_dtype};
+use crate::tiers::{Tier, TierRegistry};
+use candle_core::{DType, Device};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// How jobs run: device, dtype override, drift policy.
+#[derive(Debug, Clone)]
+pub struct JobOptions {
+    pub device: Device,
+    /// `--dtype`; None = the tier's.
+    pub dtype: Option<DType>,
+    /// `--accept-drift`: re-pin the lock instead of refusing changed weights.
+    pub accept_drift: bool,
+    /// Show download progress (hub).
+    pub show_progress: bool,
+}
+
+/// An open project with its library and tiers.
+pub struct Workspace {
+    pub project: Project,
+    pub library: Library,
+    pub tiers: TierRegistry,
+    pub options: JobOptions,
+}
+
+/// A tier's model, loaded once and reused across jobs.
+pub struct WarmModel {
+    pub tier: Tier,
+    pub model: LoadedModel,
+    /// Seconds the load took; billed to the first job that uses the model, then 0.
+    pub load_seconds: f64,
+    pub drift: DriftOutcome,
+}
+
+impl Workspace {
+    pub fn open(project: Project, options: JobOptions) -> Result<Self> {
+        let library = project.library()?;
+        let tiers = project.tiers()?;
+        Ok(Self { project, library, tiers, options })
+    }
+
+    /// Checks the budget for `images` images of `tier`: Err when refused, Some(warning) near it.
+    pub fn check_budget(&self, tier: &Tier, images: usize) -> Result<Option<String>> {
+        let estimate = ledger::estimate(&self.library, tier, images)?;
+        ledger::check_budget(&self.project.config, self.library.spent()?, estimate)
+    }
+
+    /// Loads a tier's model and checks it against the project's drift lock.
+    pub fn load_tier(&self, name: &str) -> Result<WarmModel> {
+        let tier = self.tiers.get(name)?.clone();
+        let dtype = tier_dtype(&tier, &self.options.device, self.options.dtype)?;
+        let t0 = Instant::now();
+        let model = load_tier_model(&tier, &self.options.device, dtype, self.options.show_progress)?;
+        let load_seconds = t0.elapsed().as_secs_f64();
+        let drift = drift::check(&self.project.lock_path(), &tier, &model, self.options.accept_drift)?;
+        Ok(WarmModel { tier, model, load_seconds, drift })
+    }
+
+    /// A fresh output path under assets/<folder>/ (millisecond stamp + suffix, never reused).
+    pub fn output_path(&self, folder: &str, stem: &str) -> PathBuf {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis())
+            .unwrap_or(0);
+        let dir = self.project.assets_dir().join(folder);
+        let mut path = dir.join(format!("{stem}-{ms}.png"));
+        let mut k = 1;
+        while path.exists() {
+            path = dir.join(format!("{stem}-{ms}-{k}.png"));
+            k += 1;
+        }
+        path
+    }
+}
+
+/// Process CPU time (user + system) in seconds, from /proc (Linux; None elsewhere).
+pub fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // Fields after the parenthesised command name; utime and stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')')?.1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    // Linux reports clock ticks at USER_HZ, 100 on every mainstream configuration.
+    Some((utime + stime) / 100.0)
+}
+
+/// One generated image written to disk, before it is recorded.
+pub struct WrittenImage {
+    pub path: PathBuf,
+    pub seed: u64,
+    pub rgb: image::RgbImage,
+    pub record: ImageRecord,
+}
+
+/// Writes each generated image as a PNG with its replay metadata (atomically).
+pub(crate) fn write_images(
+    model: &LoadedModel,
+    req: &crate::pipeline::generate::GenerateRequest,
+    output: &GenerateOutput,
+    tier: Option<&str>,
+    init_image: Option<crate::pipeline::metadata::FileRef>,
+    path_for: &mut dyn FnMut(usize, u64) -> PathBuf,
+) -> Result<Vec<WrittenImage>> {
+    let mut out = Vec::with_capacity(output.images.len());
+    for (i, image) in output.images.iter().enumerate() {
+        let mut record =
+            ImageRecord::build(model, req, output.scheduler, image.seed, i, None, init_image.clone());
+        record.tier = tier.map(str::to_string);
+        let rgb = crate::image::unit_to_rgb8(&image.pixels)?;
+        let path = path_for(i, image.seed);
+        crate::image::png_meta::write_png_atomic(&path, &rgb, &png_chunks(&record, output.scheduler, model))?;
+        out.push(WrittenImage { path, seed: image.seed, rgb, record });
+    }
+    Ok(out)
+}
+
+/// The job row and per-image asset rows for written images.
+pub(crate) fn job_and_assets(
+    kind: &str,
+    asset_kind: &str,
+    tier: Option<&Tier>,
+    model: &LoadedModel,
+    timings: JobTimings,
+    written: &[WrittenImage],
+    parent_id: Option<i64>,
+) -> (NewJob, Vec<NewAsset>) {
+    let credits = tier.map(|t| t.price.cost(written.len(), timings.device_seconds())).unwrap_or(0.0);
+    let job = NewJob {
+        kind: kind.to_string(),
+        tier: tier.map(|t| t.name.clone()),
+        device: crate::device::name(&model.device),
+        dtype: crate::device::dtype_name(model.dtype).to_string(),
+        model_id: crate::pipeline::metadata::model_record(&model.source, Vec::new()).id,
+        images: written.len(),
+        timings,
+        credits,
+    };
+    let per_image = if written.is_empty() { 0.0 } else { credits / written.len() as f64 };
+    let assets = written
+        .iter()
+        .map(|w| NewAsset {
+            kind: asset_kind.to_string(),
+            tier: tier.map(|t| t.name.clone()),
+            path: w.path.clone(),
+            parent_id,
+            width: w.rgb.width(),
+            height: w.rgb.height(),
+            seed: Some(w.seed),
+            prompt: Some(w.record.prompt.clone()),
+            record: Some(w.record.clone()),
+            model_hashes: model.weights.clone(),
+            credits: per_image,
+        })
+        .collect();
+    (job, assets)
+}
+
+/// Where a job's input image comes from.
+#[derive(Debug, Clone)]
+pub enum AssetRef {
+    /// An asset id in the library.
+    Id(i64),
+    /// A PNG file (made by kiln: it must carry the `kiln` metadata chunk).
+    File(PathBuf),
+}
+
+impl AssetRef {
+    /// `12`, `#12` or `asset:12` is an id; anything else a path.
+    pub fn parse(s: &str) -> Self {
+        let digits = s.trim_start_matches('#').trim_start_matches("asset:");
+        match digits.parse::<i64>() {
+            Ok(id) if !Path::new(s).exists() => AssetRef::Id(id),
+            _ => AssetRef::File(PathBuf::from(s)),
+        }
+    }
+}
+
+/// An input image with its kiln record and, when the library knows it, its asset id.
+pub struct ResolvedInput {
+    pub path: PathBuf,
+    pub record: ImageRecord,
+    pub asset_id: Option<i64>,
+}
+
+/// Resolves an asset id or a kiln PNG to its file and replay record.
+pub fn resolve_input(library: &Library, root: &Path, input: &AssetRef, arg: &str) -> Result<ResolvedInput> {
+    match input {
+        AssetRef::Id(id) => {
+            let asset = library.asset(*id)?;
+            let record = asset.record.clone().ok_or_else(|| {
+                Error::arg(
+                    arg,
+                    format!("asset {id} ({}) has no generation record (a contact sheet?)", asset.path),
+                )
+            })?;
+            Ok(ResolvedInput { path: root.join(&asset.path), record, asset_id: Some(*id) })
+        }
+        AssetRef::File(path) => {
+            if !path.is_file() {
+                return Err(Error::not_found(format!("{arg} image"), path, "pass a kiln PNG or an asset id"));
+            }
+            let chunks = crate::image::png_meta::read_png_text(path)?;
+            let record =
+                crate::pipeline::metadata::record_from_chunks(&chunks).ok_or_else(|| Error::Image {
+                    path: path.clone(),
+                    msg: "has no kiln metadata (not made by kiln, or its text chunks were stripped); \
+                      promote and replay need the `kiln` chunk kiln writes"
+                        .into(),
+                })?;
+            let asset_id = library.asset_for_file(path)?.map(|a| a.id);
+            Ok(ResolvedInput { path: path.clone(), record, asset_id })
+        }
+    }
+}

@@ -1,0 +1,196 @@
+//! Tier registry layering, tier model loading (with a VAE override), weight pins and the drift
+//! guard, on the tiny SD1 pipeline fixture.
+#![allow(clippy::unwrap_used)]
+
+use kiln_core::candle::{DType, Device};
+use kiln_core::pipeline::generate::{generate, NoProgress};
+use kiln_core::pipeline::metadata::ImageRecord;
+use kiln_core::tiers::drift::{self, DriftOutcome};
+use kiln_core::tiers::load::{load_tier_model, tier_request, Overrides};
+use kiln_core::tiers::{TierKind, TierRegistry};
+use std::path::{Path, PathBuf};
+
+fn fixture_model() -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/pipelines/sd1/model"))
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn layers_override_single_keys_and_resolve_relative_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let user = dir.path().join("user-tiers.toml");
+    std::fs::write(
+        &user,
+        r#"
+[tiers.draft]
+steps = 2
+price = { credits_per_gpu_second = 0.5 }
+[tiers.sketch]
+model = "someone/sketch-model"
+revision = "0123abc"
+steps = 4
+"#,
+    )
+    .unwrap();
+    let project = dir.path().join("proj");
+    copy_dir(&fixture_model(), &project.join("model"));
+    std::fs::write(
+        project.join("kiln.toml"),
+        r#"
+[budget]
+limit = 3.0
+[tiers.draft]
+model = "./model"
+width = 64
+[tiers.final]
+model = "model"
+vae = "model"
+weights = { "unet/diffusion_pytorch_model.safetensors" = "0000000000000000000000000000000000000000000000000000000000000000" }
+"#,
+    )
+    .unwrap();
+    let reg = TierRegistry::load(Some(&user), Some(&project.join("kiln.toml"))).unwrap();
+    assert_eq!(reg.layers.len(), 3);
+    let draft = reg.get("draft").unwrap();
+    // Project sets model + width, user sets steps + per-second price, built-in the rest.
+    assert_eq!(Path::new(&draft.model), project.join("model"));
+    assert_eq!(draft.width, Some(64));
+    assert_eq!(draft.height, Some(512));
+    assert_eq!(draft.steps, Some(2));
+    assert_eq!(draft.scheduler.as_deref(), Some("euler-a"));
+    assert_eq!(draft.price.credits_per_gpu_second, 0.5);
+    assert_eq!(draft.price.credits_per_image, 0.01);
+    assert!(draft.defined_in.ends_with("kiln.toml"));
+    // A local folder is its own pin; the weights are not pinned.
+    assert_eq!(draft.pin_status(), "revision pinned, weights unpinned");
+    let fin = reg.get("final").unwrap();
+    assert_eq!(Path::new(fin.vae.as_deref().unwrap()), project.join("model"));
+    assert_eq!(fin.steps, Some(30));
+    assert_eq!(fin.weights.len(), 1);
+    let sketch = reg.get("sketch").unwrap();
+    assert_eq!((sketch.revision.as_deref(), sketch.steps), (Some("0123abc"), Some(4)));
+    assert_eq!(reg.get("upscale").unwrap().kind, TierKind::Upscale);
+
+    // The final tier's pin is wrong: loading names the file and both hashes.
+    let err = load_tier_model(fin, &Device::Cpu, DType::F32, false).err().unwrap().to_string();
+    assert!(err.contains("unet/diffusion_pytorch_model.safetensors: pinned 0000"), "{err}");
+}
+
+#[test]
+fn bad_layers_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("kiln.toml");
+    let cases = [
+        ("[tiers.draft]\nstep = 2\n", "unknown field `step`"),
+        ("[tiers.draft]\nscheduler = \"heun\"\n", "tier `draft`"),
+        ("[tiers.draft]\ndtype = \"f8\"\n", "--dtype"),
+        ("[tiers.new]\nsteps = 2\n", "no `model` set"),
+        ("[tiers.draft]\nweights = { \"unet/x\" = \"abc\" }\n", "not a sha256"),
+        ("[tiers.draft\n", "kiln.toml"),
+    ];
+    for (text, needle) in cases {
+        std::fs::write(&file, text).unwrap();
+        let err = TierRegistry::load(None, Some(&file)).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains(needle), "`{text}`: expected `{needle}` in `{err}`");
+    }
+    // A tier pointing to a missing model names the tier and the layer.
+    std::fs::write(&file, "[tiers.draft]\nmodel = \"./gone\"\n").unwrap();
+    let reg = TierRegistry::load(None, Some(&file)).unwrap();
+    let err = load_tier_model(reg.get("draft").unwrap(), &Device::Cpu, DType::F32, false)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("tier `draft` model") && err.contains("gone") && err.contains("kiln.toml"), "{err}");
+}
+
+#[test]
+fn vae_override_loads_and_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    // A bare VAE folder (config.json + weights at its root, the sdxl-vae-fp16-fix layout).
+    let vae = dir.path().join("vae-only");
+    copy_dir(&fixture_model().join("vae"), &vae);
+    let toml = dir.path().join("kiln.toml");
+    let m = fixture_model();
+    std::fs::write(
+        &toml,
+        format!(
+            "[tiers.plain]\nmodel = \"{m}\"\nsteps = 2\nwidth = 64\nheight = 64\n\
+             [tiers.withvae]\nmodel = \"{m}\"\nvae = \"./vae-only\"\nsteps = 2\nwidth = 64\nheight = 64\n",
+            m = m.display()
+        ),
+    )
+    .unwrap();
+    let reg = TierRegistry::load(None, Some(&toml)).unwrap();
+    let mut pixels = Vec::new();
+    for name in ["plain", "withvae"] {
+        let tier = reg.get(name).unwrap();
+        let model = load_tier_model(tier, &Device::Cpu, DType::F32, false).unwrap();
+        let req = tier_request(tier, &model, "a red barn", vec![5], &Overrides::default()).unwrap();
+        assert_eq!((req.steps, req.width, req.guidance), (2, 64, 7.5));
+        let out = generate(&model, &req, &mut NoProgress).unwrap();
+        let record = ImageRecord::build(&model, &req, out.scheduler, 5, 0, None, None);
+        if name == "withvae" {
+            let v = record.vae.as_ref().unwrap();
+            assert_eq!(Path::new(&v.id), vae);
+            assert_eq!(v.files.len(), 1);
+            assert_eq!(v.files[0].component, "vae");
+        } else {
+            assert!(record.vae.is_none());
+        }
+        pixels.push(out.images[0].pixels.flatten_all().unwrap().to_vec1::<f32>().unwrap());
+    }
+    // Same VAE weights through either route: identical pixels.
+    assert_eq!(pixels[0], pixels[1]);
+}
+
+#[test]
+fn drift_is_detected_after_a_weight_file_changes() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(&fixture_model(), &dir.path().join("model"));
+    let toml = dir.path().join("kiln.toml");
+    std::fs::write(&toml, "[tiers.draft]\nmodel = \"./model\"\n").unwrap();
+    let lock = dir.path().join(drift::LOCK_FILE);
+    let reg = TierRegistry::load(None, Some(&toml)).unwrap();
+    let tier = reg.get("draft").unwrap();
+    let load = || load_tier_model(tier, &Device::Cpu, DType::F32, false).unwrap();
+
+    assert_eq!(drift::check(&lock, tier, &load(), false).unwrap(), DriftOutcome::Pinned);
+    assert_eq!(drift::check(&lock, tier, &load(), false).unwrap(), DriftOutcome::Unchanged);
+    let locked = drift::Lock::read(&lock).unwrap();
+    assert_eq!(locked.tiers["draft"].files.len(), 3);
+
+    // Change one byte of the UNet weights (still a loadable file, a different model).
+    let unet = dir.path().join("model/unet/diffusion_pytorch_model.safetensors");
+    let mut bytes = std::fs::read(&unet).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&unet, &bytes).unwrap();
+    let err = drift::check(&lock, tier, &load(), false).err().unwrap().to_string();
+    assert!(err.contains("unet/diffusion_pytorch_model.safetensors changed"), "{err}");
+    assert!(err.contains("--accept-drift"), "{err}");
+    // The refused check leaves the lock as it was.
+    assert_eq!(drift::Lock::read(&lock).unwrap(), locked);
+
+    match drift::check(&lock, tier, &load(), true).unwrap() {
+        DriftOutcome::Accepted(changes) => assert_eq!(changes.len(), 1, "{changes:?}"),
+        other => panic!("expected Accepted, got {other:?}"),
+    }
+    assert_eq!(drift::check(&lock, tier, &load(), false).unwrap(), DriftOutcome::Unchanged);
+
+    // A corrupt lock is a clear error naming the file.
+    std::fs::write(&lock, "tiers = 3").unwrap();
+    let err = drift::check(&lock, tier, &load(), false).err().unwrap().to_string();
+    assert!(err.contains("kiln.lock"), "{err}");
+}
