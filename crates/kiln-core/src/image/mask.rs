@@ -183,6 +183,30 @@ impl Mask {
         Self { width: self.width, height: self.height, values }
     }
 
+    /// The mask grown by `px` pixels in every direction (a square max filter), so a repaint
+    /// region also covers an object's fringe and shadow (the eraser's default).
+    pub fn dilated(&self, px: u32) -> Self {
+        if px == 0 || self.values.is_empty() {
+            return self.clone();
+        }
+        let (w, h) = (self.width as usize, self.height as usize);
+        let r = px as usize;
+        let pass = |src: &[f32], len: usize, stride: usize, lines: usize, line_stride: usize| -> Vec<f32> {
+            let mut out = vec![0f32; src.len()];
+            for line in 0..lines {
+                let base = line * line_stride;
+                for i in 0..len {
+                    let lo = i.saturating_sub(r);
+                    let hi = (i + r).min(len - 1);
+                    out[base + i * stride] = (lo..=hi).map(|j| src[base + j * stride]).fold(0f32, f32::max);
+                }
+            }
+            out
+        };
+        let horizontal = pass(&self.values, w, 1, h, w);
+        Self { width: self.width, height: self.height, values: pass(&horizontal, h, w, w, 1) }
+    }
+
     /// The part of the mask inside `rect` (which must lie within the mask).
     pub fn crop(&self, rect: Rect) -> Result<Self> {
         if rect.x as u64 + rect.width as u64 > self.width as u64
@@ -353,6 +377,7 @@ mod tests {
         // diffusers' nearest takes pixel (8i, 8j): the spot at x 10..14 is missed.
         let nearest = m.latent_nearest(8, &Device::Cpu, DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         assert!(nearest.iter().all(|&v| v == 0.0));
+        assert_eq!(m.dilated(2).bbox(), Some(Rect { x: 8, y: 3, width: 8, height: 6 }));
         Ok(())
     }
 

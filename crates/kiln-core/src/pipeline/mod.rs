@@ -11,4 +11,5 @@ pub mod generate;
 pub mod inpaint;
 pub mod metadata;
 pub mod model;
+pub mod outpaint;
 pub mod text;
