@@ -78,7 +78,7 @@ pub struct GenerateArgs {
     quiet: bool,
 }
 
-struct Bar(Option<ProgressBar>);
+pub(crate) struct Bar(pub(crate) Option<ProgressBar>);
 
 impl Progress for Bar {
     fn step(&mut self, done: usize, total: usize, seconds: f64) {
@@ -199,6 +199,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             strength: request.init_image.as_ref().map(|_| request.strength),
             dtype: device::dtype_name(dtype).to_string(),
             device: device::name(&device),
+            inpaint: None,
         };
         let rgb = unit_to_rgb8(&image.pixels)?;
         write_png_atomic(&path, &rgb, &png_chunks(&record, output.scheduler, &model))?;
@@ -232,11 +233,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn candle_dtype_f32() -> kiln_core::candle::DType {
+pub(crate) fn candle_dtype_f32() -> kiln_core::candle::DType {
     kiln_core::candle::DType::F32
 }
 
-fn read_npy(path: &Path) -> anyhow::Result<kiln_core::candle::Tensor> {
+pub(crate) fn read_npy(path: &Path) -> anyhow::Result<kiln_core::candle::Tensor> {
     if !path.is_file() {
         bail!("--init-latents: {} not found", path.display());
     }
@@ -245,7 +246,7 @@ fn read_npy(path: &Path) -> anyhow::Result<kiln_core::candle::Tensor> {
     Ok(t.to_dtype(kiln_core::candle::DType::F32)?)
 }
 
-fn file_ref(path: &Path) -> anyhow::Result<FileRef> {
+pub(crate) fn file_ref(path: &Path) -> anyhow::Result<FileRef> {
     Ok(FileRef { path: path.display().to_string(), sha256: sha256_file(path)? })
 }
 
@@ -261,7 +262,7 @@ fn output_path(out: Option<&Path>, seed: u64, index: usize, count: usize) -> Pat
     }
 }
 
-fn random_seed() -> u64 {
+pub(crate) fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(

@@ -5,7 +5,7 @@ pub mod png_meta;
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
-use image::RgbImage;
+pub use image::RgbImage;
 use std::path::Path;
 
 /// Largest image side kiln decodes or generates; larger requests are refused before allocating.

@@ -157,29 +157,36 @@ pub fn composite_mask(mask: &Mask, blur: f64, blend: Blend) -> Mask {
     }
 }
 
-/// Checks the request before anything heavy runs; returns the composite mask.
-pub fn validate(model: &LoadedModel, req: &InpaintRequest) -> Result<Mask> {
-    UNetKind::of(model)?;
-    let (w, h) = req.image.dimensions();
-    if (req.mask.width(), req.mask.height()) != (w, h) {
+/// The checks that need no model: the mask fits the image, and leaves something to repaint
+/// and something to keep.
+pub fn check_inputs(image: &RgbImage, mask: &Mask) -> Result<()> {
+    let (w, h) = image.dimensions();
+    if (mask.width(), mask.height()) != (w, h) {
         return Err(Error::arg(
             "--mask",
             format!(
                 "the mask is {}x{} but the image is {w}x{h}; pass --resize-mask to stretch it to the image",
-                req.mask.width(),
-                req.mask.height()
+                mask.width(),
+                mask.height()
             ),
         ));
     }
-    if req.mask.is_empty() {
+    if mask.is_empty() {
         return Err(Error::arg("--mask", "the mask is empty (all black): nothing to inpaint"));
     }
-    if req.mask.is_full() {
+    if mask.is_full() {
         return Err(Error::arg(
             "--mask",
             "the mask covers the whole image: nothing would be kept; use `kiln generate` instead",
         ));
     }
+    Ok(())
+}
+
+/// Checks the request before anything heavy runs; returns the composite mask.
+pub fn validate(model: &LoadedModel, req: &InpaintRequest) -> Result<Mask> {
+    UNetKind::of(model)?;
+    check_inputs(&req.image, &req.mask)?;
     if req.steps == 0 || req.steps > MAX_STEPS {
         return Err(Error::arg("--steps", format!("{} is outside 1..={MAX_STEPS}", req.steps)));
     }
