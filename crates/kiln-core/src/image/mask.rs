@@ -139,7 +139,7 @@ impl Mask {
     /// Gaussian feathering with standard deviation `sigma` px (A1111's `mask_blur`), the kernel
     /// cut at 3 sigma so the mask stays exactly 0 farther out; edges clamp.
     pub fn blurred(&self, sigma: f64) -> Self {
-        if !(sigma > 0.0) || self.values.is_empty() {
+        if sigma.is_nan() || sigma <= 0.0 || self.values.is_empty() {
             return self.clone();
         }
         let radius = (3.0 * sigma).ceil() as usize;
