@@ -142,6 +142,28 @@ impl Mask {
         if sigma.is_nan() || sigma <= 0.0 || self.values.is_empty() {
             return self.clone();
         }
+        let Some(bbox) = self.bbox() else { return self.clone() };
+        // Only the mask's box plus the kernel radius can change: blur that window (a small spot
+        // on a 4K canvas costs a spot's work). Past the window everything is 0, as clamped
+        // reads at the window's edge see.
+        let radius = (3.0 * sigma).ceil().min(u32::MAX as f64) as u32;
+        let x0 = bbox.x.saturating_sub(radius);
+        let y0 = bbox.y.saturating_sub(radius);
+        let x1 = (bbox.x + bbox.width).saturating_add(radius).min(self.width);
+        let y1 = (bbox.y + bbox.height).saturating_add(radius).min(self.height);
+        let window = Rect { x: x0, y: y0, width: x1 - x0, height: y1 - y0 };
+        let Ok(part) = self.crop(window) else { return self.clone() };
+        let part = part.blurred_whole(sigma);
+        let mut out = Self { width: self.width, height: self.height, values: vec![0f32; self.values.len()] };
+        for y in 0..window.height as usize {
+            let src = &part.values[y * window.width as usize..(y + 1) * window.width as usize];
+            let start = (window.y as usize + y) * self.width as usize + window.x as usize;
+            out.values[start..start + window.width as usize].copy_from_slice(src);
+        }
+        out
+    }
+
+    fn blurred_whole(&self, sigma: f64) -> Self {
         let radius = (3.0 * sigma).ceil() as usize;
         let mut kernel: Vec<f64> = (0..=2 * radius)
             .map(|k| (-((k as f64 - radius as f64).powi(2)) / (2.0 * sigma * sigma)).exp())
@@ -369,6 +391,7 @@ mod tests {
         // Cut at 3 sigma = 6 px: exactly zero beyond, soft inside.
         assert_eq!(b.bbox(), Some(Rect { x: 4, y: 0, width: 16, height: 13 }));
         assert!(b.values().iter().any(|&v| v > 0.0 && v < 1.0));
+        assert_eq!(b, m.blurred_whole(2.0), "windowed blur = whole-image blur");
         // Max-pool: the cell (1..2, 0) holds the pixels 8..16 × 0..8; inflation adds a ring.
         let pooled = m.latent_max_pool(8, 0, &Device::Cpu, DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         assert_eq!(pooled, vec![0., 1., 0., 0., 0., 0., 0., 0., 0., 0., 0., 0.]);
