@@ -90,9 +90,10 @@ pub struct InpaintArgs {
     /// How much to change the masked area, in (0, 1].
     #[arg(long, default_value_t = 1.0)]
     strength: f64,
-    /// Mask feathering in pixels (Gaussian standard deviation; 0 = hard edge).
-    #[arg(long, default_value_t = 4.0)]
-    mask_blur: f64,
+    /// Mask feathering in pixels (Gaussian standard deviation; 0 = hard edge). Default 4,
+    /// 0 with --blend diffusers.
+    #[arg(long)]
+    mask_blur: Option<f64>,
     /// Stretch a mask of another size to the image instead of refusing it.
     #[arg(long)]
     resize_mask: bool,
@@ -141,9 +142,9 @@ pub struct EraseArgs {
     /// Grow the mask by this many pixels to catch the object's fringe and shadow.
     #[arg(long, default_value_t = 8)]
     grow: u32,
-    /// Mask feathering in pixels.
-    #[arg(long, default_value_t = 4.0)]
-    mask_blur: f64,
+    /// Mask feathering in pixels (default 4, 0 with --blend diffusers).
+    #[arg(long)]
+    mask_blur: Option<f64>,
     /// Stretch a mask of another size to the image instead of refusing it.
     #[arg(long)]
     resize_mask: bool,
@@ -161,7 +162,8 @@ struct Job {
     prompt: String,
     negative: Option<String>,
     strength: f64,
-    mask_blur: f64,
+    /// None = the blend's default (4 px for kiln, 0 for diffusers).
+    mask_blur: Option<f64>,
     extend: Option<(Extension, Prefill, u32)>,
     grow: Option<u32>,
 }
@@ -207,7 +209,7 @@ pub fn run_outpaint(args: OutpaintArgs) -> anyhow::Result<()> {
         negative: args.job.negative.clone(),
         strength: 1.0,
         // The ramp into the original is the feathering.
-        mask_blur: 0.0,
+        mask_blur: Some(0.0),
         extend: Some((ext, fill, args.overlap)),
         grow: None,
     };
@@ -290,7 +292,10 @@ fn run_seeded(job: Job, args: &JobArgs, seed: u64) -> anyhow::Result<()> {
     request.seeds = seeds.clone();
     request.init_latents = init_latents;
     request.strength = job.strength;
-    request.mask_blur = job.mask_blur;
+    request.mask_blur = job.mask_blur.unwrap_or(match blend {
+        Blend::Kiln => 4.0,
+        Blend::Diffusers => 0.0,
+    });
     request.blend = blend;
     request.region = region;
     request.padding = args.padding;
