@@ -245,7 +245,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn candle_dtype_f32() -> kiln_core::candle::DType {
+pub(crate) fn candle_dtype_f32() -> kiln_core::candle::DType {
     kiln_core::candle::DType::F32
 }
 

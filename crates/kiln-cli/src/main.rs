@@ -6,6 +6,7 @@ mod assets;
 mod bench;
 mod draft;
 mod generate;
+mod inpaint;
 mod promote;
 mod report;
 mod tiers;
@@ -35,6 +36,12 @@ enum Command {
     Bench(bench::BenchArgs),
     /// The tier registry as this project resolves it, with pin status.
     Tiers(tiers::TiersArgs),
+    /// Repaint the masked part of an image (white = repaint); the rest stays bit-identical.
+    Inpaint(inpaint::InpaintArgs),
+    /// Extend the canvas (--left/--right/--top/--bottom PX or --to 16:9) and paint the new area.
+    Outpaint(inpaint::OutpaintArgs),
+    /// Remove the masked object, filling in its surroundings.
+    Erase(inpaint::EraseArgs),
 }
 
 fn main() -> ExitCode {
@@ -58,5 +65,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Report(args) => report::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Tiers(args) => tiers::run(args),
+        Command::Inpaint(args) => inpaint::run_inpaint(args),
+        Command::Outpaint(args) => inpaint::run_outpaint(args),
+        Command::Erase(args) => inpaint::run_erase(args),
     }
 }

@@ -3,12 +3,13 @@
 pub mod chart;
 pub mod compare;
 pub mod font;
+pub mod mask;
 pub mod png_meta;
 pub mod sheet;
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
-use image::RgbImage;
+pub use image::RgbImage;
 use std::path::Path;
 
 /// Largest image side kiln decodes or generates; larger requests are refused before allocating.
@@ -18,6 +19,12 @@ pub const MAX_PIXELS: u64 = (MAX_SIDE as u64) * (MAX_SIDE as u64);
 
 /// Decodes an image file to 8-bit RGB, refusing absurd sizes before the pixels are allocated.
 pub fn load_rgb(path: &Path) -> Result<RgbImage> {
+    Ok(load_dynamic(path)?.to_rgb8())
+}
+
+/// Decodes an image file keeping its channels (masks read the alpha channel), refusing absurd
+/// sizes before the pixels are allocated.
+pub fn load_dynamic(path: &Path) -> Result<image::DynamicImage> {
     let bad = |msg: String| Error::Image { path: path.to_path_buf(), msg };
     let reader = image::ImageReader::open(path)
         .map_err(|e| bad(format!("cannot open: {e}")))?
@@ -36,8 +43,7 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     limits.max_image_width = Some(MAX_SIDE);
     limits.max_image_height = Some(MAX_SIDE);
     reader.limits(limits);
-    let img = reader.decode().map_err(|e| bad(format!("cannot decode: {e}")))?;
-    Ok(img.to_rgb8())
+    reader.decode().map_err(|e| bad(format!("cannot decode: {e}")))
 }
 
 /// Refuses sizes kiln will not allocate.

@@ -8,7 +8,7 @@ use crate::models::unet::UNetCond;
 use crate::pipeline::model::LoadedModel;
 use crate::pipeline::text::{encode_prompts, EncodedPrompts};
 use crate::rng::BatchRng;
-use crate::schedule::{self, SchedulerKind};
+use crate::schedule::{self, Scheduler, SchedulerKind};
 use candle_core::{DType, Tensor};
 use image::RgbImage;
 use std::time::Instant;
@@ -204,25 +204,14 @@ fn run_batch(
     let b = seeds.len();
     let f = model.vae.scale_factor();
     let latent_shape = [model.vae.latent_channels(), req.height / f, req.width / f];
-    let vae_cfg = model.vae.config();
-    let scaling = vae_cfg.scaling_factor;
-    let shift = vae_cfg.shift_factor.unwrap_or(0.0);
-
     let mut rng = BatchRng::new(seeds);
     let mut scheduler = schedule::build(kind, &model.scheduler_config, req.steps)?;
     let timesteps = scheduler.timesteps().to_vec();
 
     // diffusers' order of draws: img2img samples the VAE latent distribution, then the noise.
-    let (mut latents, first_step) = match init_image {
+    let (latents, first_step) = match init_image {
         Some(image) => {
-            let t0 = Instant::now();
-            let dist = model.vae.encode(image)?;
-            let dist_noise = rng.randn(&latent_shape, device, dtype)?;
-            let mean = dist.mean.repeat((b, 1, 1, 1))?;
-            let std = dist.std.repeat((b, 1, 1, 1))?;
-            let encoded = (mean + (std * dist_noise)?)?;
-            let encoded = ((encoded - shift)? * scaling)?;
-            timings.vae_encode += t0.elapsed().as_secs_f64();
+            let encoded = encode_sampled(model, image, &mut rng, timings)?;
             let start = schedule::strength_start(req.steps, req.strength);
             if start >= timesteps.len() {
                 return Err(Error::arg("--strength", format!("{} leaves no denoising steps", req.strength)));
@@ -242,50 +231,165 @@ fn run_batch(
         }
     };
 
-    let (hidden, text_embeds) = batch_conditioning(prompts, b, cfg)?;
-    let time_ids = match model.family {
-        Family::StableDiffusionXl => {
-            // (original size, crop top-left, target size): diffusers' defaults for txt2img/img2img.
-            let (h, w) = (req.height as f32, req.width as f32);
-            let row = [h, w, 0.0, 0.0, h, w];
-            let rows = if cfg { 2 * b } else { b };
-            let data: Vec<f32> = row.iter().copied().cycle().take(6 * rows).collect();
-            Some(Tensor::from_vec(data, (rows, 6), device)?.to_dtype(dtype)?)
-        }
-        Family::StableDiffusion => None,
-    };
-    let timestep_cond = match model.unet.config().time_cond_proj_dim {
-        Some(dim) => Some(guidance_embedding(req.guidance - 1.0, dim, b, device)?.to_dtype(dtype)?),
-        None => None,
-    };
+    let conditioning = Conditioning::new(model, prompts, b, cfg, req.guidance, req.width, req.height)?;
+    let latents = denoise(
+        model,
+        scheduler.as_mut(),
+        &conditioning,
+        latents,
+        first_step,
+        &mut rng,
+        &mut PlainLoop,
+        timings,
+        progress,
+    )?;
+    decode_batch(model, &latents, seeds, timings)
+}
 
-    let total = timesteps.len() - first_step;
+/// Everything the UNet is conditioned on besides the sample, for one batch of `b` images.
+pub(crate) struct Conditioning {
+    hidden: Tensor,
+    text_embeds: Option<Tensor>,
+    time_ids: Option<Tensor>,
+    timestep_cond: Option<Tensor>,
+    cfg: bool,
+    guidance: f64,
+    batch: usize,
+}
+
+impl Conditioning {
+    /// Text embeddings (negatives first under CFG), SDXL size ids for a `width`×`height` output
+    /// and the LCM guidance embedding, as diffusers builds them.
+    pub(crate) fn new(
+        model: &LoadedModel,
+        prompts: &EncodedPrompts,
+        b: usize,
+        cfg: bool,
+        guidance: f64,
+        width: usize,
+        height: usize,
+    ) -> Result<Self> {
+        let device = &model.device;
+        let dtype = model.dtype;
+        let (hidden, text_embeds) = batch_conditioning(prompts, b, cfg)?;
+        let time_ids = match model.family {
+            Family::StableDiffusionXl => {
+                // (original size, crop top-left, target size): diffusers' defaults for txt2img/img2img.
+                let (h, w) = (height as f32, width as f32);
+                let row = [h, w, 0.0, 0.0, h, w];
+                let rows = if cfg { 2 * b } else { b };
+                let data: Vec<f32> = row.iter().copied().cycle().take(6 * rows).collect();
+                Some(Tensor::from_vec(data, (rows, 6), device)?.to_dtype(dtype)?)
+            }
+            Family::StableDiffusion => None,
+        };
+        let timestep_cond = match model.unet.config().time_cond_proj_dim {
+            Some(dim) => Some(guidance_embedding(guidance - 1.0, dim, b, device)?.to_dtype(dtype)?),
+            None => None,
+        };
+        Ok(Self { hidden, text_embeds, time_ids, timestep_cond, cfg, guidance, batch: b })
+    }
+}
+
+/// What a pipeline adds to the plain denoising loop (inpainting's extra UNet channels and
+/// re-imposed known latents).
+pub(crate) trait LoopHooks {
+    /// Channels appended to the scaled UNet input (already doubled for CFG), as 9-channel
+    /// inpainting UNets take the mask and the masked image's latents.
+    fn extra_input(&self) -> Option<&Tensor> {
+        None
+    }
+    /// Called after the solver step at absolute index `i`; returns the latents to carry on with.
+    fn after_step(&mut self, _scheduler: &dyn Scheduler, _i: usize, latents: Tensor) -> Result<Tensor> {
+        Ok(latents)
+    }
+}
+
+/// txt2img/img2img: no hooks.
+pub(crate) struct PlainLoop;
+impl LoopHooks for PlainLoop {}
+
+/// diffusers' denoising loop from `first_step` to the end of the schedule.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn denoise(
+    model: &LoadedModel,
+    scheduler: &mut dyn Scheduler,
+    cond: &Conditioning,
+    mut latents: Tensor,
+    first_step: usize,
+    rng: &mut BatchRng,
+    hooks: &mut dyn LoopHooks,
+    timings: &mut StageTimings,
+    progress: &mut dyn Progress,
+) -> Result<Tensor> {
+    let b = cond.batch;
+    let timesteps = scheduler.timesteps().to_vec();
+    let total = timesteps.len().saturating_sub(first_step);
     for (done, i) in (first_step..timesteps.len()).enumerate() {
         let t0 = Instant::now();
-        let model_in = if cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
-        let model_in = scheduler.scale_model_input(&model_in, i)?;
-        let cond = UNetCond {
-            encoder_hidden_states: &hidden,
-            text_embeds: text_embeds.as_ref(),
-            time_ids: time_ids.as_ref(),
-            timestep_cond: timestep_cond.as_ref(),
+        let model_in = if cond.cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
+        let mut model_in = scheduler.scale_model_input(&model_in, i)?;
+        if let Some(extra) = hooks.extra_input() {
+            model_in = Tensor::cat(&[&model_in, extra], 1)?;
+        }
+        let unet_cond = UNetCond {
+            encoder_hidden_states: &cond.hidden,
+            text_embeds: cond.text_embeds.as_ref(),
+            time_ids: cond.time_ids.as_ref(),
+            timestep_cond: cond.timestep_cond.as_ref(),
         };
-        let pred = model.unet.forward(&model_in, timesteps[i], &cond)?;
-        let pred = if cfg {
+        let pred = model.unet.forward(&model_in, timesteps[i], &unet_cond)?;
+        let pred = if cond.cfg {
             let uncond = pred.narrow(0, 0, b)?;
             let text = pred.narrow(0, b, b)?;
-            (&uncond + ((text - &uncond)? * req.guidance)?)?
+            (&uncond + ((text - &uncond)? * cond.guidance)?)?
         } else {
             pred
         };
-        latents = scheduler.step(&pred, i, &latents, &mut rng)?;
+        latents = scheduler.step(&pred, i, &latents, rng)?;
+        latents = hooks.after_step(scheduler, i, latents)?;
         let secs = t0.elapsed().as_secs_f64();
         timings.steps.push(secs);
         progress.step(done + 1, total, secs);
     }
+    Ok(latents)
+}
 
+/// VAE-encodes `image` ([1, 3, H, W] in [-1, 1]) and samples the latent distribution with one
+/// draw per batch item (diffusers' `retrieve_latents(..., sample_mode="sample")`), scaled and
+/// shifted for the UNet: [B, C, H/f, W/f].
+pub(crate) fn encode_sampled(
+    model: &LoadedModel,
+    image: &Tensor,
+    rng: &mut BatchRng,
+    timings: &mut StageTimings,
+) -> Result<Tensor> {
     let t0 = Instant::now();
-    let mut out = Vec::with_capacity(b);
+    let b = rng.len();
+    let vae_cfg = model.vae.config();
+    let dist = model.vae.encode(image)?;
+    let latent_shape = dist.mean.dims()[1..].to_vec();
+    let dist_noise = rng.randn(&latent_shape, &model.device, model.dtype)?;
+    let mean = dist.mean.repeat((b, 1, 1, 1))?;
+    let std = dist.std.repeat((b, 1, 1, 1))?;
+    let encoded = (mean + (std * dist_noise)?)?;
+    let encoded = ((encoded - vae_cfg.shift_factor.unwrap_or(0.0))? * vae_cfg.scaling_factor)?;
+    timings.vae_encode += t0.elapsed().as_secs_f64();
+    Ok(encoded)
+}
+
+/// Decodes final latents one image at a time into [H, W, 3] images in [0, 1].
+pub(crate) fn decode_batch(
+    model: &LoadedModel,
+    latents: &Tensor,
+    seeds: &[u64],
+    timings: &mut StageTimings,
+) -> Result<Vec<GeneratedImage>> {
+    let vae_cfg = model.vae.config();
+    let scaling = vae_cfg.scaling_factor;
+    let shift = vae_cfg.shift_factor.unwrap_or(0.0);
+    let t0 = Instant::now();
+    let mut out = Vec::with_capacity(seeds.len());
     for (k, seed) in seeds.iter().enumerate() {
         // One image at a time: the decoder's activations dominate memory at large sizes.
         let z = ((latents.narrow(0, k, 1)? / scaling)? + shift)?;

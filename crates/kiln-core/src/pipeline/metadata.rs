@@ -37,6 +37,37 @@ pub struct ImageRecord {
     /// The tier the image was made with (`kiln draft`, `promote`, `generate --tier`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tier: Option<String>,
+    /// Inpainting, outpainting and erasing: the mask and how it was used (absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inpaint: Option<InpaintRecord>,
+}
+
+/// What an inpainting-family job adds to the replay record.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct InpaintRecord {
+    /// The mask file (absent for outpainting, whose mask comes from the extension).
+    pub mask: Option<FileRef>,
+    pub mask_blur: f64,
+    /// "kiln" or "diffusers".
+    pub blend: String,
+    /// Padding around the mask box in only-masked mode.
+    pub padding: u32,
+    pub only_masked: bool,
+    /// The region sampled, [x, y, width, height] in input pixels.
+    pub crop: [u32; 4],
+    /// The canvas the UNet saw.
+    pub process_width: u32,
+    pub process_height: u32,
+    /// Outpainting: pixels added on each side [left, right, top, bottom], the pre-fill and overlap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub extend: Option<[u32; 4]>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fill: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overlap: Option<u32>,
+    /// Erasing: pixels the mask was grown by.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grow: Option<u32>,
 }
 
 impl ImageRecord {
@@ -77,6 +108,7 @@ impl ImageRecord {
             device: crate::device::name(&model.device),
             vae,
             tier: None,
+            inpaint: None,
         }
     }
 }
@@ -140,6 +172,12 @@ pub fn a1111_parameters(record: &ImageRecord, kind: SchedulerKind, model: &Loade
     ));
     if let (Some(strength), true) = (record.strength, record.init_image.is_some()) {
         s.push_str(&format!(", Denoising strength: {strength}"));
+    }
+    if let Some(inpaint) = &record.inpaint {
+        s.push_str(&format!(", Mask blur: {}", inpaint.mask_blur));
+        if inpaint.only_masked {
+            s.push_str(&format!(", Inpaint area: Only masked, Masked area padding: {}", inpaint.padding));
+        }
     }
     s.push_str(&format!(", Version: kiln {}", record.kiln_version));
     s

@@ -3,9 +3,13 @@
 //! - [`model`]: a diffusers pipeline loaded once and kept warm (CLI run, later the server);
 //! - [`text`]: prompt encoding per family (SD 1.x/2.x, SDXL);
 //! - [`generate`]: txt2img and img2img;
+//! - [`inpaint`]: inpainting (any model, or dedicated 9-channel ones);
+//! - [`outpaint`]: canvas extension and its mask, run through [`inpaint`];
 //! - [`metadata`]: what goes into output PNGs (A1111 `parameters`, kiln's replay JSON).
 
 pub mod generate;
+pub mod inpaint;
 pub mod metadata;
 pub mod model;
+pub mod outpaint;
 pub mod text;
