@@ -10,11 +10,13 @@
 pub mod device;
 pub mod env;
 pub mod error;
+pub mod image;
 pub mod loaders;
 pub mod models;
 pub mod pipeline;
 pub mod rng;
 pub mod schedule;
+pub mod tiling;
 
 pub use error::{Error, Result};
 

@@ -1,1 +1,4 @@
 //! loaders
+pub mod ncnn;
+pub mod pth;
+pub mod store;

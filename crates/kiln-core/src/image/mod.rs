@@ -1,0 +1,3 @@
+//! Image files and pixel buffers.
+pub mod io;
+pub mod resize;
