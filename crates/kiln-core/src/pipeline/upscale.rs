@@ -117,6 +117,8 @@ pub struct Upscaler {
     sha256: Option<String>,
     device: Device,
     dtype: DType,
+    /// Testing aid: windows larger than this many pixels fail as if out of memory.
+    simulated_memory_px: Option<usize>,
 }
 
 /// Tiling of one pass, resolved from options.
@@ -144,7 +146,15 @@ impl Upscaler {
             sha256: weights.sha256,
             device: device.clone(),
             dtype,
+            simulated_memory_px: None,
         })
+    }
+
+    /// Makes forward calls on more than `px` input pixels (batch included) fail with an
+    /// out-of-memory error, to exercise the halve-and-retry path without a GPU.
+    #[doc(hidden)]
+    pub fn simulate_memory_limit(&mut self, px: usize) {
+        self.simulated_memory_px = Some(px);
     }
 
     pub fn spec(&self) -> &SrSpec {
@@ -194,6 +204,13 @@ impl Upscaler {
     /// out-of-memory, halves the batch.
     fn forward(&self, input: &Tensor) -> Result<Tensor> {
         let run = |x: &Tensor| -> Result<Tensor> {
+            if let Some(limit) = self.simulated_memory_px {
+                if x.elem_count() / 3 > limit {
+                    return Err(Error::Candle(candle_core::Error::Msg(
+                        "simulated CUDA_ERROR_OUT_OF_MEMORY: out of memory".into(),
+                    )));
+                }
+            }
             let y = self.net.forward(&x.to_dtype(self.dtype)?)?.to_dtype(DType::F32)?;
             match self.spec.output_scale {
                 None => Ok(y),
@@ -357,10 +374,12 @@ impl Upscaler {
         }
     }
 
-    /// Upscales an in-memory image to the model's scale (planar f32, clamped to [0, 1]).
-    pub fn upscale_planar(&self, img: &PlanarImage, opts: &UpscaleOptions) -> Result<PlanarImage> {
+    /// Upscales an in-memory image to the model's scale (planar f32, clamped to [0, 1]);
+    /// also returns the tile side finally used (smaller than asked after out-of-memory).
+    pub fn upscale_planar(&self, img: &PlanarImage, opts: &UpscaleOptions) -> Result<(PlanarImage, usize)> {
         let t = self.tiling(opts, img.width, img.height);
-        self.run_planar(img, t, opts.batch, &mut |_| {})
+        let (out, used) = self.run_planar(img, t, opts.batch, &mut |_| {})?;
+        Ok((out, used.tile))
     }
 
     fn run_planar(
@@ -369,12 +388,12 @@ impl Upscaler {
         t: PassTiling,
         batch: usize,
         progress: &mut dyn FnMut(usize),
-    ) -> Result<PlanarImage> {
+    ) -> Result<(PlanarImage, PassTiling)> {
         let s = self.spec.scale();
         let (w, h, c) = (img.width * s, img.height * s, img.channels);
         let mut data = vec![0f32; w * h * c];
         let mut pixel = 0usize;
-        self.pass_with_retry(img, t, batch, progress, &mut |rows: &[f32]| {
+        let used = self.pass_with_retry(img, t, batch, progress, &mut |rows: &[f32]| {
             for px in rows.chunks_exact(c) {
                 for (ch, &v) in px.iter().enumerate() {
                     data[ch * w * h + pixel] = v.clamp(0.0, 1.0);
@@ -383,7 +402,7 @@ impl Upscaler {
             }
             Ok(())
         })?;
-        Ok(PlanarImage { width: w, height: h, channels: c, data })
+        Ok((PlanarImage { width: w, height: h, channels: c, data }, used))
     }
 
     /// Upscales `input` to `output` (PNG streamed; JPEG/WebP buffered), carrying PNG text
@@ -442,7 +461,7 @@ impl Upscaler {
         };
         let mut current = img;
         for t in &tilings[..passes - 1] {
-            current = self.run_planar(&current, *t, opts.batch, &mut tick)?;
+            current = self.run_planar(&current, *t, opts.batch, &mut tick)?.0;
         }
         let text = metadata_with_step(&decoded.text, self, input, (w, h), (tw, th));
         let channels = current.channels;
