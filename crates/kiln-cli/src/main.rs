@@ -1,6 +1,27 @@
 //! `kiln`: thin binary over kiln-core.
 use std::process::ExitCode;
 
+use clap::{Parser, Subcommand};
+
+mod models_cmd;
+mod upscale;
+
+/// Local image-generation engine: generate, upscale, manage models.
+#[derive(Parser, Debug)]
+#[command(name = "kiln", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Upscale images with a super-resolution model (tiled, streamed, any target size).
+    Upscale(upscale::UpscaleArgs),
+    /// Import and list super-resolution models.
+    Models(models_cmd::ModelsArgs),
+}
+
 fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
@@ -12,5 +33,8 @@ fn main() -> ExitCode {
 }
 
 fn run() -> anyhow::Result<()> {
-    Ok(())
+    match Cli::parse().command {
+        Command::Upscale(args) => upscale::run(args),
+        Command::Models(args) => models_cmd::run(args),
+    }
 }

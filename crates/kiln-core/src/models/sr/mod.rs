@@ -1,6 +1,7 @@
 //! Super-resolution networks: RRDBNet and SRVGGNetCompact, plus their description ([`SrSpec`])
 //! inferred from a state dict's key names and shapes (weight files carry no config).
 
+pub mod conv;
 pub mod rrdbnet;
 pub mod srvgg;
 
@@ -207,10 +208,4 @@ impl SrNet {
             SrNet::Srvgg(n) => n.forward(xs),
         }
     }
-}
-
-/// LeakyReLU in two passes (candle_nn's version takes four).
-pub(crate) fn leaky_relu(xs: &Tensor, slope: f64) -> Result<Tensor> {
-    // For 0 < slope < 1: leaky(x) = max(x, slope * x).
-    Ok(xs.maximum(&(xs * slope)?)?)
 }

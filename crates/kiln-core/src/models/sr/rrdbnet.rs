@@ -4,10 +4,11 @@
 //! `conv_up1`, `conv_up2`, `conv_hr`, `conv_last`. Scales 2 and 1 take a pixel-unshuffled input
 //! (4 or 16 times the channels) and always upsample 4x inside.
 
-use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use super::conv::{Act, Conv3x3, WinoInput};
 use crate::error::{Error, Result};
 
 /// RRDBNet hyper-parameters (basicsr defaults; `num_in_ch` is the image's, before unshuffle).
@@ -83,37 +84,50 @@ impl RrdbConfig {
     }
 }
 
-fn conv3(cin: usize, cout: usize, vb: VarBuilder) -> Result<Conv2d> {
-    let cfg = Conv2dConfig { padding: 1, ..Default::default() };
-    Ok(candle_nn::conv2d(cin, cout, 3, cfg, vb)?)
+fn conv3(cin: usize, cout: usize, vb: VarBuilder, splits: &[usize]) -> Result<Conv3x3> {
+    let weight = vb.get((cout, cin, 3, 3), "weight")?;
+    let bias = vb.get(cout, "bias")?;
+    Conv3x3::new(weight, bias, splits)
 }
+
+const LRELU: Act = Act::Leaky(0.2);
 
 /// Residual dense block: five convs over the concatenation of all previous features.
 struct ResidualDenseBlock {
-    convs: [Conv2d; 5],
+    convs: [Conv3x3; 5],
 }
 
 impl ResidualDenseBlock {
     fn new(f: usize, g: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             convs: [
-                conv3(f, g, vb.pp("conv1"))?,
-                conv3(f + g, g, vb.pp("conv2"))?,
-                conv3(f + 2 * g, g, vb.pp("conv3"))?,
-                conv3(f + 3 * g, g, vb.pp("conv4"))?,
-                conv3(f + 4 * g, f, vb.pp("conv5"))?,
+                conv3(f, g, vb.pp("conv1"), &[f])?,
+                conv3(f + g, g, vb.pp("conv2"), &[f, g])?,
+                conv3(f + 2 * g, g, vb.pp("conv3"), &[f, g, g])?,
+                conv3(f + 3 * g, g, vb.pp("conv4"), &[f, g, g, g])?,
+                conv3(f + 4 * g, f, vb.pp("conv5"), &[f, g, g, g, g])?,
             ],
         })
     }
 
+    /// `x5 * 0.2 + x` where x5 sees the concatenation of x and all earlier outputs.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.convs[0].is_winograd() {
+            // Each feature is transformed once and reused by every later conv.
+            let mut parts = vec![WinoInput::new(x)?];
+            for conv in &self.convs[..4] {
+                let refs: Vec<&WinoInput> = parts.iter().collect();
+                let y = conv.forward_parts(&refs, &LRELU, None)?;
+                parts.push(WinoInput::new(&y)?);
+            }
+            let refs: Vec<&WinoInput> = parts.iter().collect();
+            return self.convs[4].forward_parts(&refs, &Act::None, Some((x, 0.2)));
+        }
         let mut feats = vec![x.clone()];
         for conv in &self.convs[..4] {
-            let cat = Tensor::cat(&feats, 1)?;
-            feats.push(super::leaky_relu(&conv.forward(&cat)?, 0.2)?);
+            feats.push(conv.forward_generic(&feats, &LRELU, None)?);
         }
-        let x5 = self.convs[4].forward(&Tensor::cat(&feats, 1)?)?;
-        Ok(((x5 * 0.2)? + x)?)
+        self.convs[4].forward_generic(&feats, &Act::None, Some((x, 0.2)))
     }
 }
 
@@ -144,13 +158,13 @@ impl Rrdb {
 /// RRDBNet.
 pub struct RrdbNet {
     config: RrdbConfig,
-    conv_first: Conv2d,
+    conv_first: Conv3x3,
     body: Vec<Rrdb>,
-    conv_body: Conv2d,
-    conv_up1: Conv2d,
-    conv_up2: Conv2d,
-    conv_hr: Conv2d,
-    conv_last: Conv2d,
+    conv_body: Conv3x3,
+    conv_up1: Conv3x3,
+    conv_up2: Conv3x3,
+    conv_hr: Conv3x3,
+    conv_last: Conv3x3,
 }
 
 impl RrdbNet {
@@ -162,13 +176,13 @@ impl RrdbNet {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             config: config.clone(),
-            conv_first: conv3(config.first_in_ch(), f, vb.pp("conv_first"))?,
+            conv_first: conv3(config.first_in_ch(), f, vb.pp("conv_first"), &[config.first_in_ch()])?,
             body,
-            conv_body: conv3(f, f, vb.pp("conv_body"))?,
-            conv_up1: conv3(f, f, vb.pp("conv_up1"))?,
-            conv_up2: conv3(f, f, vb.pp("conv_up2"))?,
-            conv_hr: conv3(f, f, vb.pp("conv_hr"))?,
-            conv_last: conv3(f, config.num_out_ch, vb.pp("conv_last"))?,
+            conv_body: conv3(f, f, vb.pp("conv_body"), &[f])?,
+            conv_up1: conv3(f, f, vb.pp("conv_up1"), &[f])?,
+            conv_up2: conv3(f, f, vb.pp("conv_up2"), &[f])?,
+            conv_hr: conv3(f, f, vb.pp("conv_hr"), &[f])?,
+            conv_last: conv3(f, config.num_out_ch, vb.pp("conv_last"), &[f])?,
         })
     }
 
@@ -188,19 +202,19 @@ impl RrdbNet {
             ));
         }
         let feat_in = if u > 1 { candle_nn::ops::pixel_unshuffle(xs, u)? } else { xs.clone() };
-        let feat = self.conv_first.forward(&feat_in)?;
+        let feat = self.conv_first.forward(&feat_in, &Act::None, None)?;
         let mut h = feat.clone();
         for block in &self.body {
             h = block.forward(&h)?;
         }
-        let feat = (feat + self.conv_body.forward(&h)?)?;
-        let up = |x: &Tensor, conv: &Conv2d| -> Result<Tensor> {
+        let feat = self.conv_body.forward(&h, &Act::None, Some((&feat, 1.0)))?;
+        let up = |x: &Tensor, conv: &Conv3x3| -> Result<Tensor> {
             let (_, _, hh, ww) = x.dims4()?;
-            super::leaky_relu(&conv.forward(&x.upsample_nearest2d(hh * 2, ww * 2)?)?, 0.2)
+            conv.forward(&x.upsample_nearest2d(hh * 2, ww * 2)?, &LRELU, None)
         };
         let feat = up(&feat, &self.conv_up1)?;
         let feat = up(&feat, &self.conv_up2)?;
-        let hr = super::leaky_relu(&self.conv_hr.forward(&feat)?, 0.2)?;
-        Ok(self.conv_last.forward(&hr)?)
+        let hr = self.conv_hr.forward(&feat, &LRELU, None)?;
+        self.conv_last.forward(&hr, &Act::None, None)
     }
 }

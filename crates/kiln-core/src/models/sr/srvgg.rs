@@ -4,10 +4,11 @@
 //! activations (PReLU weights of shape `[num_feat]`), the last conv maps to `3 * upscale^2`
 //! channels, then a pixel shuffle; the input, nearest-upsampled, is added back.
 
-use candle_core::{Module, Tensor};
-use candle_nn::{Conv2d, Conv2dConfig, VarBuilder};
+use candle_core::Tensor;
+use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
+use super::conv::{Act, Conv3x3};
 use crate::error::Result;
 
 /// Activation between convolutions (basicsr's `act_type`).
@@ -81,59 +82,43 @@ impl SrvggConfig {
     }
 }
 
-enum Act {
-    Prelu(Tensor),
-    Relu,
-    Leaky,
-}
-
-impl Act {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        Ok(match self {
-            // max(x,0) + w*min(x,0), with w broadcast over channels.
-            Act::Prelu(w) => (xs.relu()? + xs.minimum(0f32)?.broadcast_mul(w)?)?,
-            Act::Relu => xs.relu()?,
-            Act::Leaky => super::leaky_relu(xs, 0.1)?,
-        })
-    }
-}
-
 /// SRVGGNetCompact.
 pub struct SrvggNet {
     config: SrvggConfig,
-    convs: Vec<Conv2d>,
-    acts: Vec<Act>,
+    convs: Vec<(Conv3x3, Act)>,
 }
 
 impl SrvggNet {
     pub fn new(config: &SrvggConfig, vb: VarBuilder) -> Result<Self> {
-        let cfg = Conv2dConfig { padding: 1, ..Default::default() };
         let vb = vb.pp("body");
         let mut convs = Vec::with_capacity(config.num_conv + 2);
-        let mut acts = Vec::with_capacity(config.num_conv + 1);
         let mut index = 0;
         for i in 0..config.num_conv + 2 {
             let cin = if i == 0 { config.num_in_ch } else { config.num_feat };
-            let cout = if i == config.num_conv + 1 {
-                config.num_out_ch * config.upscale * config.upscale
-            } else {
-                config.num_feat
-            };
-            convs.push(candle_nn::conv2d(cin, cout, 3, cfg, vb.pp(index))?);
+            let last = i == config.num_conv + 1;
+            let cout =
+                if last { config.num_out_ch * config.upscale * config.upscale } else { config.num_feat };
+            let weight = vb.pp(index).get((cout, cin, 3, 3), "weight")?;
+            let bias = vb.pp(index).get(cout, "bias")?;
+            let conv = Conv3x3::new(weight, bias, &[cin])?;
             index += 1;
-            if i <= config.num_conv {
-                acts.push(match config.act_type {
+            let act = if last {
+                Act::None
+            } else {
+                let act = match config.act_type {
                     SrvggAct::Prelu => {
                         let w = vb.pp(index).get(config.num_feat, "weight")?;
-                        Act::Prelu(w.reshape((1, config.num_feat, 1, 1))?)
+                        Act::Prelu(w.to_dtype(candle_core::DType::F32)?.to_vec1::<f32>()?)
                     }
-                    SrvggAct::Relu => Act::Relu,
-                    SrvggAct::Leakyrelu => Act::Leaky,
-                });
+                    SrvggAct::Relu => Act::Leaky(0.0),
+                    SrvggAct::Leakyrelu => Act::Leaky(0.1),
+                };
                 index += 1;
-            }
+                act
+            };
+            convs.push((conv, act));
         }
-        Ok(Self { config: config.clone(), convs, acts })
+        Ok(Self { config: config.clone(), convs })
     }
 
     pub fn config(&self) -> &SrvggConfig {
@@ -143,11 +128,8 @@ impl SrvggNet {
     /// `xs`: `[B, C, H, W]` in [0, 1]; returns `[B, C, H*s, W*s]` (unclamped).
     pub fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let mut h = xs.clone();
-        for (i, conv) in self.convs.iter().enumerate() {
-            h = conv.forward(&h)?;
-            if let Some(act) = self.acts.get(i) {
-                h = act.forward(&h)?;
-            }
+        for (conv, act) in &self.convs {
+            h = conv.forward(&h, act, None)?;
         }
         let s = self.config.upscale;
         let out = candle_nn::ops::pixel_shuffle(&h, s)?;
