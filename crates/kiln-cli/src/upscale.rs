@@ -33,9 +33,12 @@ pub struct UpscaleArgs {
     /// Cross-fade width between RRDBNet tiles (default: the halo).
     #[arg(long)]
     pub feather: Option<usize>,
-    /// Tiles per forward call.
-    #[arg(long, default_value_t = 4)]
-    pub batch: usize,
+    /// Tiles per forward call (default: 1 on CPU, 4 on GPUs).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Mirrored context past the image edges (default 10).
+    #[arg(long)]
+    pub border: Option<usize>,
     /// Output file (one input) or folder (several); default: `<stem>_upscaled.png` beside the input.
     #[arg(long)]
     pub out: Option<PathBuf>,
@@ -124,7 +127,8 @@ pub fn run(args: UpscaleArgs) -> anyhow::Result<()> {
         tile: args.tile,
         halo: args.halo,
         feather: args.feather,
-        batch: args.batch.max(1),
+        batch: args.batch,
+        border: args.border,
         ..Default::default()
     };
     let show = !(args.json || args.quiet);

@@ -2,8 +2,8 @@
 //!
 //! An image of `width x height` is cut into an even grid (`n = ceil(len / max_tile)`,
 //! `tile = ceil(len / n)`). Each tile's *core* is the part of the output it owns; its
-//! *window* is the core grown by `halo` pixels on every side and may reach outside the image,
-//! where pixels are mirrored ([`mirror`]). With `feather == 0` each tile's output is cropped to
+//! *window* is the core grown by `halo` pixels towards its neighbours and by `border` pixels
+//! past the image edges, where pixels are mirrored ([`mirror`]). With `feather == 0` each tile's output is cropped to
 //! its core, which is exact when `halo` covers the network's receptive radius. With
 //! `feather > 0` neighbouring tiles overlap by `feather` input pixels around each boundary and
 //! are cross-faded with raised-cosine weights that sum to one ([`Axis::weight`]).
@@ -45,8 +45,10 @@ pub struct Axis {
     pub len: usize,
     /// Cores: disjoint, covering `[0, len)`.
     pub cores: Vec<Range<usize>>,
-    /// Context around each core, in input pixels.
+    /// Context around each core towards neighbouring tiles, in input pixels.
     pub halo: usize,
+    /// Mirrored context past the image edges, in input pixels.
+    pub border: usize,
     /// Width of the cross-fade around each interior boundary, in input pixels (0 = hard crop).
     pub feather: usize,
     /// Window lengths are rounded up to a multiple of this (e.g. pixel-unshuffle nets).
@@ -54,7 +56,7 @@ pub struct Axis {
 }
 
 impl Axis {
-    pub fn new(len: usize, max_tile: usize, halo: usize, feather: usize, multiple: usize) -> Result<Self> {
+    pub fn new(len: usize, max_tile: usize, halo: usize, border: usize, feather: usize, multiple: usize) -> Result<Self> {
         if len == 0 {
             return Err(Error::arg("image", "zero-sized image"));
         }
@@ -66,15 +68,19 @@ impl Axis {
         }
         let multiple = multiple.max(1);
         let halo = halo.div_ceil(multiple) * multiple;
-        Ok(Self { len, cores: even_split(len, max_tile, multiple), halo, feather, multiple })
+        let border = border.div_ceil(multiple) * multiple;
+        Ok(Self { len, cores: even_split(len, max_tile, multiple), halo, border, feather, multiple })
     }
 
-    /// Input window of tile `k`: core +- halo, end rounded so the length is a multiple.
-    /// Coordinates outside `[0, len)` are read through [`mirror`].
+    /// Input window of tile `k`: core + halo towards neighbours, + border at the image
+    /// edges, end rounded so the length is a multiple. Coordinates outside `[0, len)` are read
+    /// through [`mirror`].
     pub fn window(&self, k: usize) -> Range<isize> {
         let core = &self.cores[k];
-        let start = core.start as isize - self.halo as isize;
-        let len = (core.len() + 2 * self.halo).div_ceil(self.multiple) * self.multiple;
+        let before = if k == 0 { self.border } else { self.halo };
+        let after = if k + 1 == self.cores.len() { self.border } else { self.halo };
+        let start = core.start as isize - before as isize;
+        let len = (core.len() + before + after).div_ceil(self.multiple) * self.multiple;
         start..start + len as isize
     }
 
@@ -145,6 +151,7 @@ pub struct TilePlan {
 pub struct TileOptions {
     pub max_tile: usize,
     pub halo: usize,
+    pub border: usize,
     pub feather: usize,
     pub multiple: usize,
 }
@@ -152,8 +159,8 @@ pub struct TileOptions {
 impl TilePlan {
     pub fn new(width: usize, height: usize, o: TileOptions) -> Result<Self> {
         Ok(Self {
-            x: Axis::new(width, o.max_tile, o.halo, o.feather, o.multiple)?,
-            y: Axis::new(height, o.max_tile, o.halo, o.feather, o.multiple)?,
+            x: Axis::new(width, o.max_tile, o.halo, o.border, o.feather, o.multiple)?,
+            y: Axis::new(height, o.max_tile, o.halo, o.border, o.feather, o.multiple)?,
         })
     }
 
@@ -322,7 +329,7 @@ mod tests {
     fn weights_sum_to_one_everywhere() {
         for &(len, tile, feather, scale) in &[(100, 30, 8, 4), (57, 20, 0, 2), (64, 16, 9, 3), (40, 40, 8, 1)]
         {
-            let axis = Axis::new(len, tile, 8, feather, 1).expect("axis");
+            let axis = Axis::new(len, tile, 8, 3, feather, 1).expect("axis");
             for x in 0..len * scale {
                 let s: f32 = (0..axis.cores.len()).map(|k| axis.weight(k, x, scale)).sum();
                 assert!((s - 1.0).abs() < 1e-6, "len {len} x {x}: {s}");
@@ -332,13 +339,13 @@ mod tests {
 
     #[test]
     fn used_region_stays_inside_the_window() {
-        let axis = Axis::new(300, 64, 16, 32, 2).expect("axis");
+        let axis = Axis::new(300, 64, 16, 5, 32, 2).expect("axis");
         for k in 0..axis.cores.len() {
             let w = axis.window(k);
             let u = axis.used(k, 4);
             assert!(w.start * 4 <= u.start as isize && u.end as isize <= w.end * 4);
             assert_eq!(w.len() % 2, 0);
         }
-        assert!(Axis::new(10, 4, 3, 7, 1).is_err());
+        assert!(Axis::new(10, 4, 3, 3, 7, 1).is_err());
     }
 }

@@ -89,7 +89,7 @@ fn mirror_padding_matches_pytorch_reflect_pad_and_x2_output_resize() {
     ] {
         let up = Upscaler::new(store::load_file(&fixture(model)).expect("load"), &Device::Cpu, DType::F32)
             .expect("build");
-        let opts = UpscaleOptions { tile: Some(1000), halo: Some(5), ..Default::default() };
+        let opts = UpscaleOptions { tile: Some(1000), halo: Some(5), border: Some(5), ..Default::default() };
         let (out, _) = up.upscale_planar(&x, &opts).expect("upscale");
         let want = npy(want).clamp(0f32, 1f32).expect("clamp");
         let got = Tensor::from_vec(out.data, (3, out.height, out.width), &Device::Cpu).expect("t");

@@ -46,7 +46,7 @@ fn psnr(a: &PlanarImage, b: &PlanarImage) -> f64 {
 }
 
 fn opts(tile: usize, halo: Option<usize>, feather: Option<usize>, batch: usize) -> UpscaleOptions {
-    UpscaleOptions { tile: Some(tile), halo, feather, batch, ..Default::default() }
+    UpscaleOptions { tile: Some(tile), halo, feather, batch: Some(batch), ..Default::default() }
 }
 
 #[test]

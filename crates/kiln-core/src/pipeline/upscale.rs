@@ -78,14 +78,24 @@ pub struct UpscaleOptions {
     pub halo: Option<usize>,
     /// Cross-fade width for RRDBNet tiles; `None` = the halo. Ignored for exact (SRVGG) tiling.
     pub feather: Option<usize>,
-    /// Windows per forward call.
-    pub batch: usize,
+    /// Mirrored context past the image edges; `None` = 10 (as realesrgan-ncnn-vulkan pads).
+    pub border: Option<usize>,
+    /// Windows per forward call; `None` = 1 on CPU (its GEMMs are already large), 4 on GPUs.
+    pub batch: Option<usize>,
     pub limits: SizeLimits,
 }
 
 impl Default for UpscaleOptions {
     fn default() -> Self {
-        Self { target: None, tile: None, halo: None, feather: None, batch: 4, limits: SizeLimits::default() }
+        Self {
+            target: None,
+            tile: None,
+            halo: None,
+            feather: None,
+            border: None,
+            batch: None,
+            limits: SizeLimits::default(),
+        }
     }
 }
 
@@ -126,7 +136,9 @@ pub struct Upscaler {
 struct PassTiling {
     tile: usize,
     halo: usize,
+    border: usize,
     feather: usize,
+    batch: usize,
 }
 
 fn is_oom(e: &Error) -> bool {
@@ -172,20 +184,23 @@ impl Upscaler {
             Some(r) if halo >= r => 0,
             _ => opts.feather.unwrap_or(halo).min(2 * halo),
         };
-        let tile = opts.tile.unwrap_or_else(|| self.auto_tile(halo, opts.batch)).max(16).min(w.max(h));
-        PassTiling { tile, halo, feather }
+        let batch = opts.batch.unwrap_or(if self.device.is_cpu() { 1 } else { 4 }).max(1);
+        let border = opts.border.unwrap_or(10);
+        let tile = opts.tile.unwrap_or_else(|| self.auto_tile(halo, batch)).max(16).min(w.max(h));
+        PassTiling { tile, halo, border, feather, batch }
     }
 
     /// Largest tile whose activations fit a share of the available memory.
     fn auto_tile(&self, halo: usize, batch: usize) -> usize {
         let budget: u64 = if self.device.is_cpu() {
-            (available_memory().unwrap_or(4 << 30) / 4).clamp(256 << 20, 2 << 30)
+            (available_memory().unwrap_or(4 << 30) / 4).clamp(256 << 20, 768 << 20)
         } else {
             4 << 30
         };
-        // Measured peak bytes per input pixel of a window at f32 (see benches/RESULTS.md).
+        // Peak bytes per window pixel at f32 (activations, Winograd transforms and products;
+        // measured, see benches/RESULTS.md).
         let per_px: u64 = match &self.spec.arch {
-            SrArch::Rrdbnet(_) => 24 << 10,
+            SrArch::Rrdbnet(_) => 9 << 10,
             SrArch::Srvgg(_) => 3 << 10,
         } * self.dtype.size_in_bytes() as u64
             / 4;
@@ -241,7 +256,6 @@ impl Upscaler {
         &self,
         img: &PlanarImage,
         t: PassTiling,
-        batch: usize,
         skip_rows: usize,
         progress: &mut dyn FnMut(usize),
         sink: &mut dyn FnMut(&[f32]) -> Result<()>,
@@ -250,6 +264,7 @@ impl Upscaler {
         let opts = TileOptions {
             max_tile: t.tile,
             halo: t.halo,
+            border: t.border,
             feather: t.feather,
             multiple: self.spec.input_multiple(),
         };
@@ -304,7 +319,7 @@ impl Upscaler {
             while i < items.len() {
                 let dims = items[i].2.dims().to_vec();
                 let mut j = i + 1;
-                while j < items.len() && j - i < batch.max(1) && items[j].2.dims() == dims.as_slice() {
+                while j < items.len() && j - i < t.batch && items[j].2.dims() == dims.as_slice() {
                     j += 1;
                 }
                 let stacked =
@@ -353,7 +368,6 @@ impl Upscaler {
         &self,
         img: &PlanarImage,
         mut t: PassTiling,
-        batch: usize,
         progress: &mut dyn FnMut(usize),
         sink: &mut dyn FnMut(&[f32]) -> Result<()>,
     ) -> Result<PassTiling> {
@@ -364,8 +378,8 @@ impl Upscaler {
                 delivered.set(delivered.get() + rows.len() / row_len);
                 sink(rows)
             };
-            match self.pass(img, t, batch, delivered.get(), progress, &mut counting) {
-                Err(e) if is_oom(&e) && t.tile > 32 => {
+            match self.pass(img, t, delivered.get(), progress, &mut counting) {
+                Err(e) if is_oom(&e) && t.tile >= 16 => {
                     t.tile /= 2;
                 }
                 Err(e) => return Err(e),
@@ -378,7 +392,7 @@ impl Upscaler {
     /// also returns the tile side finally used (smaller than asked after out-of-memory).
     pub fn upscale_planar(&self, img: &PlanarImage, opts: &UpscaleOptions) -> Result<(PlanarImage, usize)> {
         let t = self.tiling(opts, img.width, img.height);
-        let (out, used) = self.run_planar(img, t, opts.batch, &mut |_| {})?;
+        let (out, used) = self.run_planar(img, t, &mut |_| {})?;
         Ok((out, used.tile))
     }
 
@@ -386,14 +400,13 @@ impl Upscaler {
         &self,
         img: &PlanarImage,
         t: PassTiling,
-        batch: usize,
         progress: &mut dyn FnMut(usize),
     ) -> Result<(PlanarImage, PassTiling)> {
         let s = self.spec.scale();
         let (w, h, c) = (img.width * s, img.height * s, img.channels);
         let mut data = vec![0f32; w * h * c];
         let mut pixel = 0usize;
-        let used = self.pass_with_retry(img, t, batch, progress, &mut |rows: &[f32]| {
+        let used = self.pass_with_retry(img, t, progress, &mut |rows: &[f32]| {
             for px in rows.chunks_exact(c) {
                 for (ch, &v) in px.iter().enumerate() {
                     data[ch * w * h + pixel] = v.clamp(0.0, 1.0);
@@ -461,7 +474,7 @@ impl Upscaler {
         };
         let mut current = img;
         for t in &tilings[..passes - 1] {
-            current = self.run_planar(&current, *t, opts.batch, &mut tick)?.0;
+            current = self.run_planar(&current, *t, &mut tick)?.0;
         }
         let text = metadata_with_step(&decoded.text, self, input, (w, h), (tw, th));
         let channels = current.channels;
@@ -473,7 +486,7 @@ impl Upscaler {
         let used = if is_png {
             let mut writer = PngStreamWriter::create(output, tw, th, channels, bit_depth, &text)?;
             let used =
-                self.pass_with_retry(&current, last, opts.batch, &mut tick, &mut |rows: &[f32]| {
+                self.pass_with_retry(&current, last, &mut tick, &mut |rows: &[f32]| {
                     let rows = clamp(rows.to_vec());
                     match resizer.as_mut() {
                         Some(r) => writer.write_rows(&r.push(&rows)),
@@ -485,7 +498,7 @@ impl Upscaler {
         } else {
             let mut all = Vec::with_capacity(tw * th * channels);
             let used =
-                self.pass_with_retry(&current, last, opts.batch, &mut tick, &mut |rows: &[f32]| {
+                self.pass_with_retry(&current, last, &mut tick, &mut |rows: &[f32]| {
                     let rows = clamp(rows.to_vec());
                     match resizer.as_mut() {
                         Some(r) => all.extend(r.push(&rows)),

@@ -250,13 +250,18 @@ impl Conv3x3 {
             .collect::<Result<Vec<Tensor>>>()?;
         let guards: Vec<_> = products.iter().map(|m| m.storage_and_layout()).collect();
         let slices = guards.iter().map(|(s, l)| cpu_slice(s, l)).collect::<Result<Vec<&[f32]>>>()?;
-        let residual_data = match residual {
+        let residual = match residual {
             Some((r, s)) => {
                 if r.dims() != [batch, self.cout, height, width] {
                     return Err(Error::arg("conv", "residual shape differs from the output"));
                 }
-                Some((r.contiguous()?.flatten_all()?.to_vec1::<f32>()?, s))
+                Some((r.contiguous()?, s))
             }
+            None => None,
+        };
+        let residual_guard = residual.as_ref().map(|(r, s)| (r.storage_and_layout(), *s));
+        let residual_data = match &residual_guard {
+            Some(((storage, layout), s)) => Some((cpu_slice(storage, layout)?, *s)),
             None => None,
         };
         let cout = self.cout;
@@ -321,6 +326,7 @@ impl Conv3x3 {
             }
         });
         drop(guards);
+        drop(residual_guard);
         Ok(Tensor::from_vec(out, (batch, cout, height, width), &Device::Cpu)?)
     }
 

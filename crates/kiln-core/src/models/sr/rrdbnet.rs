@@ -213,8 +213,21 @@ impl RrdbNet {
             conv.forward(&x.upsample_nearest2d(hh * 2, ww * 2)?, &LRELU, None)
         };
         let feat = up(&feat, &self.conv_up1)?;
-        let feat = up(&feat, &self.conv_up2)?;
-        let hr = self.conv_hr.forward(&feat, &LRELU, None)?;
-        self.conv_last.forward(&hr, &Act::None, None)
+        // The 4x tail (upsample, conv_up2, conv_hr, conv_last) holds the largest activations:
+        // run it in bands of rows with 2 rows of context (4 at 4x covers its 3 convs), so
+        // memory stays a small multiple of the 2x feature map. Zero padding at the window's
+        // real top/bottom is unchanged, so the result equals the unbanded one.
+        let (_, _, h2, _) = feat.dims4()?;
+        const BAND: usize = 32;
+        let mut bands = Vec::with_capacity(h2.div_ceil(BAND));
+        for b0 in (0..h2).step_by(BAND) {
+            let b1 = (b0 + BAND).min(h2);
+            let (lo, hi) = (b0.saturating_sub(2), (b1 + 2).min(h2));
+            let y = up(&feat.narrow(2, lo, hi - lo)?, &self.conv_up2)?;
+            let y = self.conv_hr.forward(&y, &LRELU, None)?;
+            let y = self.conv_last.forward(&y, &Act::None, None)?;
+            bands.push(y.narrow(2, 2 * (b0 - lo), 2 * (b1 - b0))?);
+        }
+        Ok(Tensor::cat(&bands, 2)?)
     }
 }
