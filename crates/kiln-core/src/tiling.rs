@@ -56,7 +56,14 @@ pub struct Axis {
 }
 
 impl Axis {
-    pub fn new(len: usize, max_tile: usize, halo: usize, border: usize, feather: usize, multiple: usize) -> Result<Self> {
+    pub fn new(
+        len: usize,
+        max_tile: usize,
+        halo: usize,
+        border: usize,
+        feather: usize,
+        multiple: usize,
+    ) -> Result<Self> {
         if len == 0 {
             return Err(Error::arg("image", "zero-sized image"));
         }

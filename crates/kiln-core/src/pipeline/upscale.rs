@@ -485,27 +485,25 @@ impl Upscaler {
         let clamp = |v: Vec<f32>| v.into_iter().map(|x| x.clamp(0.0, 1.0)).collect::<Vec<f32>>();
         let used = if is_png {
             let mut writer = PngStreamWriter::create(output, tw, th, channels, bit_depth, &text)?;
-            let used =
-                self.pass_with_retry(&current, last, &mut tick, &mut |rows: &[f32]| {
-                    let rows = clamp(rows.to_vec());
-                    match resizer.as_mut() {
-                        Some(r) => writer.write_rows(&r.push(&rows)),
-                        None => writer.write_rows(&rows),
-                    }
-                })?;
+            let used = self.pass_with_retry(&current, last, &mut tick, &mut |rows: &[f32]| {
+                let rows = clamp(rows.to_vec());
+                match resizer.as_mut() {
+                    Some(r) => writer.write_rows(&r.push(&rows)),
+                    None => writer.write_rows(&rows),
+                }
+            })?;
             writer.finish()?;
             used
         } else {
             let mut all = Vec::with_capacity(tw * th * channels);
-            let used =
-                self.pass_with_retry(&current, last, &mut tick, &mut |rows: &[f32]| {
-                    let rows = clamp(rows.to_vec());
-                    match resizer.as_mut() {
-                        Some(r) => all.extend(r.push(&rows)),
-                        None => all.extend(rows),
-                    }
-                    Ok(())
-                })?;
+            let used = self.pass_with_retry(&current, last, &mut tick, &mut |rows: &[f32]| {
+                let rows = clamp(rows.to_vec());
+                match resizer.as_mut() {
+                    Some(r) => all.extend(r.push(&rows)),
+                    None => all.extend(rows),
+                }
+                Ok(())
+            })?;
             io::write_buffered(output, tw, th, channels, &all)?;
             used
         };

@@ -23,24 +23,12 @@ pub enum Act {
 }
 
 impl Act {
-    #[inline]
-    fn apply(&self, v: f32, channel: usize) -> f32 {
+    /// Multiplier for negative values on `channel` (1 = identity).
+    fn slope(&self, channel: usize) -> f32 {
         match self {
-            Act::None => v,
-            Act::Leaky(s) => {
-                if v < 0.0 {
-                    v * s
-                } else {
-                    v
-                }
-            }
-            Act::Prelu(s) => {
-                if v < 0.0 {
-                    v * s[channel]
-                } else {
-                    v
-                }
-            }
+            Act::None => 1.0,
+            Act::Leaky(s) => *s,
+            Act::Prelu(s) => s.get(channel).copied().unwrap_or(1.0),
         }
     }
 }
@@ -76,7 +64,10 @@ impl WinoInput {
         let src = cpu_slice(&storage, layout)?;
         let mut v = vec![0f32; channels * 36 * t_total];
         v.par_chunks_mut(36 * t_total).enumerate().for_each(|(c, dst)| {
-            let mut padded = vec![0f32; 4 * tw + 2];
+            // The padded row split by phase (x mod 4), so tile tx reads d[j] = ph[j % 4][tx + j / 4]
+            // from contiguous slices and the loops vectorise.
+            let mut padded = vec![0f32; 4 * tw + 4];
+            let mut ph = vec![0f32; 4 * (tw + 1)];
             let mut tmp = vec![0f32; 36 * tw];
             for b in 0..batch {
                 let plane = &src[(b * channels + c) * height * width..][..height * width];
@@ -90,40 +81,36 @@ impl WinoInput {
                             continue;
                         }
                         padded[1..=width].copy_from_slice(&plane[y as usize * width..][..width]);
+                        for (t, quad) in padded.chunks_exact(4).enumerate() {
+                            for (j, &val) in quad.iter().enumerate() {
+                                ph[j * (tw + 1) + t] = val;
+                            }
+                        }
+                        let (p0, rest) = ph.split_at(tw + 1);
+                        let (p1, rest) = rest.split_at(tw + 1);
+                        let (p2, p3) = rest.split_at(tw + 1);
+                        let (d0, d1, d2, d3) = (&p0[..tw], &p1[..tw], &p2[..tw], &p3[..tw]);
+                        let (d4, d5) = (&p0[1..=tw], &p1[1..=tw]);
                         let (k0, rest) = t_row.split_at_mut(tw);
                         let (k1, rest) = rest.split_at_mut(tw);
                         let (k2, rest) = rest.split_at_mut(tw);
                         let (k3, rest) = rest.split_at_mut(tw);
                         let (k4, k5) = rest.split_at_mut(tw);
-                        for tx in 0..tw {
-                            let d = &padded[4 * tx..4 * tx + 6];
-                            k0[tx] = 4.0 * d[0] - 5.0 * d[2] + d[4];
-                            k1[tx] = -4.0 * (d[1] + d[2]) + d[3] + d[4];
-                            k2[tx] = 4.0 * (d[1] - d[2]) - d[3] + d[4];
-                            k3[tx] = -2.0 * (d[1] - d[3]) - d[2] + d[4];
-                            k4[tx] = 2.0 * (d[1] - d[3]) - d[2] + d[4];
-                            k5[tx] = 4.0 * d[1] - 5.0 * d[3] + d[5];
-                        }
+                        input_rows([d0, d1, d2, d3, d4, d5], [k0, k1, k2, k3, k4, k5]);
                     }
                     // Column pass: B^T along y, written to the 36 planes of this channel.
                     let t0 = b * th * tw + ty * tw;
                     for kx in 0..6 {
                         let row = |r: usize| &tmp[(r * 6 + kx) * tw..(r * 6 + kx + 1) * tw];
-                        let (d0, d1, d2, d3, d4, d5) = (row(0), row(1), row(2), row(3), row(4), row(5));
-                        for tx in 0..tw {
-                            let (a0, a1, a2, a3, a4, a5) = (d0[tx], d1[tx], d2[tx], d3[tx], d4[tx], d5[tx]);
-                            let out = [
-                                4.0 * a0 - 5.0 * a2 + a4,
-                                -4.0 * (a1 + a2) + a3 + a4,
-                                4.0 * (a1 - a2) - a3 + a4,
-                                -2.0 * (a1 - a3) - a2 + a4,
-                                2.0 * (a1 - a3) - a2 + a4,
-                                4.0 * a1 - 5.0 * a3 + a5,
-                            ];
-                            for (ky, o) in out.into_iter().enumerate() {
-                                dst[(ky * 6 + kx) * t_total + t0 + tx] = o;
-                            }
-                        }
+                        let d = [row(0), row(1), row(2), row(3), row(4), row(5)];
+                        let mut outs =
+                            dst.chunks_mut(t_total).skip(kx).step_by(6).map(|plane| &mut plane[t0..t0 + tw]);
+                        let (Some(o0), Some(o1), Some(o2), Some(o3), Some(o4), Some(o5)) =
+                            (outs.next(), outs.next(), outs.next(), outs.next(), outs.next(), outs.next())
+                        else {
+                            continue;
+                        };
+                        input_rows(d, [o0, o1, o2, o3, o4, o5]);
                     }
                 }
             }
@@ -135,6 +122,73 @@ impl WinoInput {
 
     pub fn channels(&self) -> usize {
         self.channels
+    }
+}
+
+/// Largest GEMM product per part held at once.
+const PRODUCT_BYTES: usize = 8 << 20;
+
+/// `A^T m` for many tiles at once: `m[j][t]` is sample j of tile t.
+#[inline]
+fn output_rows(m: [&[f32]; 6], out: [&mut [f32]; 4]) {
+    let [o0, o1, o2, o3] = out;
+    let n = o0.len();
+    let (m0, m1, m2, m3, m4, m5) = (&m[0][..n], &m[1][..n], &m[2][..n], &m[3][..n], &m[4][..n], &m[5][..n]);
+    let (o1, o2, o3) = (&mut o1[..n], &mut o2[..n], &mut o3[..n]);
+    for t in 0..n {
+        let (a, b, c, d, e, f) = (m0[t], m1[t], m2[t], m3[t], m4[t], m5[t]);
+        o0[t] = a + b + c + d + e;
+        o1[t] = b - c + 2.0 * (d - e);
+        o2[t] = b + c + 4.0 * (d + e);
+        o3[t] = b - c + 8.0 * (d - e) + f;
+    }
+}
+
+/// Bias, activation slope and optional scaled residual for one output plane.
+struct Epilogue<'a> {
+    bias: f32,
+    slope: f32,
+    residual: Option<(&'a [f32], f32)>,
+}
+
+impl Epilogue<'_> {
+    #[inline]
+    fn apply(&self, src: &[f32], dst: &mut [f32], offset: usize) {
+        let (bias, slope) = (self.bias, self.slope);
+        let act = |v: f32| {
+            let v = v + bias;
+            let neg = v * slope;
+            if v < 0.0 {
+                neg
+            } else {
+                v
+            }
+        };
+        match self.residual {
+            None => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = act(v)),
+            Some((r, s)) => {
+                let r = &r[offset..offset + dst.len()];
+                dst.iter_mut().zip(src).zip(r).for_each(|((d, &v), &rv)| *d = s * act(v) + rv)
+            }
+        }
+    }
+}
+
+/// `B^T d` for many tiles at once: `d[j][t]` is input sample j of tile t.
+#[inline]
+fn input_rows(d: [&[f32]; 6], out: [&mut [f32]; 6]) {
+    let [o0, o1, o2, o3, o4, o5] = out;
+    let n = o0.len();
+    let (d0, d1, d2, d3, d4, d5) = (&d[0][..n], &d[1][..n], &d[2][..n], &d[3][..n], &d[4][..n], &d[5][..n]);
+    let (o1, o2, o3, o4, o5) = (&mut o1[..n], &mut o2[..n], &mut o3[..n], &mut o4[..n], &mut o5[..n]);
+    for t in 0..n {
+        let (a0, a1, a2, a3, a4, a5) = (d0[t], d1[t], d2[t], d3[t], d4[t], d5[t]);
+        o0[t] = 4.0 * a0 - 5.0 * a2 + a4;
+        o1[t] = -4.0 * (a1 + a2) + a3 + a4;
+        o2[t] = 4.0 * (a1 - a2) - a3 + a4;
+        o3[t] = -2.0 * (a1 - a3) - a2 + a4;
+        o4[t] = 2.0 * (a1 - a3) - a2 + a4;
+        o5[t] = 4.0 * a1 - 5.0 * a3 + a5;
     }
 }
 
@@ -241,18 +295,10 @@ impl Conv3x3 {
         let first = parts[0];
         let (batch, height, width) = (first.batch, first.height, first.width);
         let (th, tw) = (tiles(height), tiles(width));
-        let t_total = batch * th * tw;
-        // One batched GEMM per part: [36, cout, n] @ [36, n, T] -> [36, cout, T].
-        let products = parts
-            .iter()
-            .zip(&self.parts)
-            .map(|(p, (_, u))| Ok(u.matmul(&p.v.transpose(0, 1)?)?))
-            .collect::<Result<Vec<Tensor>>>()?;
-        let guards: Vec<_> = products.iter().map(|m| m.storage_and_layout()).collect();
-        let slices = guards.iter().map(|(s, l)| cpu_slice(s, l)).collect::<Result<Vec<&[f32]>>>()?;
+        let cout = self.cout;
         let residual = match residual {
             Some((r, s)) => {
-                if r.dims() != [batch, self.cout, height, width] {
+                if r.dims() != [batch, cout, height, width] {
                     return Err(Error::arg("conv", "residual shape differs from the output"));
                 }
                 Some((r.contiguous()?, s))
@@ -264,68 +310,90 @@ impl Conv3x3 {
             Some(((storage, layout), s)) => Some((cpu_slice(storage, layout)?, *s)),
             None => None,
         };
-        let cout = self.cout;
         let mut out = vec![0f32; batch * cout * height * width];
-        out.par_chunks_mut(height * width).enumerate().for_each(|(plane_index, dst)| {
-            let (b, o) = (plane_index / cout, plane_index % cout);
-            let bias = self.bias_values[o];
-            let res = residual_data
-                .as_ref()
-                .map(|(r, s)| (&r[plane_index * height * width..][..height * width], *s));
-            let mut m = vec![0f32; 36 * tw];
-            let mut rows = vec![0f32; 6 * 4 * tw];
-            for ty in 0..th {
-                let t0 = b * th * tw + ty * tw;
-                // Sum the parts' products for this tile row.
-                for xi in 0..36 {
-                    let acc = &mut m[xi * tw..(xi + 1) * tw];
-                    acc.copy_from_slice(&slices[0][(xi * cout + o) * t_total + t0..][..tw]);
-                    for s in &slices[1..] {
-                        for (a, v) in acc.iter_mut().zip(&s[(xi * cout + o) * t_total + t0..][..tw]) {
-                            *a += v;
+        // GEMMs run over bands of tile rows so each product stays small (bounded memory, and
+        // the allocator reuses the blocks instead of faulting in fresh pages).
+        let band = ((PRODUCT_BYTES / (36 * cout * tw * 4)).max(1)).min(th);
+        for b in 0..batch {
+            let out_b = &mut out[b * cout * height * width..][..cout * height * width];
+            for ty0 in (0..th).step_by(band) {
+                let ty1 = (ty0 + band).min(th);
+                let (t0, n) = (b * th * tw + ty0 * tw, (ty1 - ty0) * tw);
+                // One batched GEMM per part: [36, cout, c] @ [36, c, n] -> [36, cout, n].
+                let products = parts
+                    .iter()
+                    .zip(&self.parts)
+                    .map(|(p, (_, u))| Ok(u.matmul(&p.v.narrow(2, t0, n)?.transpose(0, 1)?)?))
+                    .collect::<Result<Vec<Tensor>>>()?;
+                let guards: Vec<_> = products.iter().map(|m| m.storage_and_layout()).collect();
+                let slices = guards.iter().map(|(s, l)| cpu_slice(s, l)).collect::<Result<Vec<&[f32]>>>()?;
+                out_b.par_chunks_mut(height * width).enumerate().for_each(|(o, dst)| {
+                    let epilogue = Epilogue {
+                        bias: self.bias_values[o],
+                        slope: act.slope(o),
+                        residual: residual_data
+                            .map(|(r, s)| (&r[(b * cout + o) * height * width..][..height * width], s)),
+                    };
+                    let mut m = vec![0f32; 36 * tw];
+                    let mut q = vec![0f32; 24 * tw];
+                    let mut r = vec![0f32; 16 * tw];
+                    let mut line = vec![0f32; 4 * tw];
+                    for ty in ty0..ty1 {
+                        let local = (ty - ty0) * tw;
+                        // Sum the parts' products for this tile row.
+                        for xi in 0..36 {
+                            let acc = &mut m[xi * tw..(xi + 1) * tw];
+                            acc.copy_from_slice(&slices[0][(xi * cout + o) * n + local..][..tw]);
+                            for s in &slices[1..] {
+                                for (a, v) in acc.iter_mut().zip(&s[(xi * cout + o) * n + local..][..tw]) {
+                                    *a += v;
+                                }
+                            }
+                        }
+                        // A^T along x (6 rows -> 4 phases each), then along y (4 x 4 phases).
+                        for ky in 0..6 {
+                            let mrow = |kx: usize| &m[(ky * 6 + kx) * tw..(ky * 6 + kx + 1) * tw];
+                            let mut qs = q[ky * 4 * tw..(ky + 1) * 4 * tw].chunks_mut(tw);
+                            if let (Some(q0), Some(q1), Some(q2), Some(q3)) =
+                                (qs.next(), qs.next(), qs.next(), qs.next())
+                            {
+                                output_rows(
+                                    [mrow(0), mrow(1), mrow(2), mrow(3), mrow(4), mrow(5)],
+                                    [q0, q1, q2, q3],
+                                );
+                            }
+                        }
+                        for ox in 0..4 {
+                            let qrow = |ky: usize| &q[(ky * 4 + ox) * tw..(ky * 4 + ox + 1) * tw];
+                            let mut rs = r.chunks_mut(tw).skip(ox).step_by(4);
+                            if let (Some(r0), Some(r1), Some(r2), Some(r3)) =
+                                (rs.next(), rs.next(), rs.next(), rs.next())
+                            {
+                                output_rows(
+                                    [qrow(0), qrow(1), qrow(2), qrow(3), qrow(4), qrow(5)],
+                                    [r0, r1, r2, r3],
+                                );
+                            }
+                        }
+                        for oy in 0..4 {
+                            let y = 4 * ty + oy;
+                            if y >= height {
+                                break;
+                            }
+                            for ox in 0..4 {
+                                for (tx, &v) in
+                                    r[(oy * 4 + ox) * tw..(oy * 4 + ox + 1) * tw].iter().enumerate()
+                                {
+                                    line[4 * tx + ox] = v;
+                                }
+                            }
+                            epilogue.apply(&line[..width], &mut dst[y * width..(y + 1) * width], y * width);
                         }
                     }
-                }
-                // A^T along x: 6 rows x 4 outputs per tile.
-                for ky in 0..6 {
-                    let r = |kx: usize| &m[(ky * 6 + kx) * tw..(ky * 6 + kx + 1) * tw];
-                    let (m0, m1, m2, m3, m4, m5) = (r(0), r(1), r(2), r(3), r(4), r(5));
-                    let row = &mut rows[ky * 4 * tw..(ky + 1) * 4 * tw];
-                    for tx in 0..tw {
-                        let (a, b_, c, d, e, f) = (m0[tx], m1[tx], m2[tx], m3[tx], m4[tx], m5[tx]);
-                        row[4 * tx] = a + b_ + c + d + e;
-                        row[4 * tx + 1] = b_ - c + 2.0 * (d - e);
-                        row[4 * tx + 2] = b_ + c + 4.0 * (d + e);
-                        row[4 * tx + 3] = b_ - c + 8.0 * (d - e) + f;
-                    }
-                }
-                // A^T along y, then bias, activation, residual; crop to the image.
-                let rr = |ky: usize| &rows[ky * 4 * tw..(ky + 1) * 4 * tw];
-                let (r0, r1, r2, r3, r4, r5) = (rr(0), rr(1), rr(2), rr(3), rr(4), rr(5));
-                for oy in 0..4 {
-                    let y = 4 * ty + oy;
-                    if y >= height {
-                        break;
-                    }
-                    let line = &mut dst[y * width..(y + 1) * width];
-                    for (x, out) in line.iter_mut().enumerate() {
-                        let (a, b_, c, d, e, f) = (r0[x], r1[x], r2[x], r3[x], r4[x], r5[x]);
-                        let v = match oy {
-                            0 => a + b_ + c + d + e,
-                            1 => b_ - c + 2.0 * (d - e),
-                            2 => b_ + c + 4.0 * (d + e),
-                            _ => b_ - c + 8.0 * (d - e) + f,
-                        };
-                        let v = act.apply(v + bias, o);
-                        *out = match res {
-                            Some((r, s)) => s * v + r[y * width + x],
-                            None => v,
-                        };
-                    }
-                }
+                });
+                drop(guards);
             }
-        });
-        drop(guards);
+        }
         drop(residual_guard);
         Ok(Tensor::from_vec(out, (batch, cout, height, width), &Device::Cpu)?)
     }
