@@ -157,6 +157,8 @@ pub struct TilePlan {
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct TileOptions {
     pub max_tile: usize,
+    /// Largest tile height (bounds the output strip held by [`StripAssembler`]).
+    pub max_tile_rows: usize,
     pub halo: usize,
     pub border: usize,
     pub feather: usize,
@@ -167,7 +169,7 @@ impl TilePlan {
     pub fn new(width: usize, height: usize, o: TileOptions) -> Result<Self> {
         Ok(Self {
             x: Axis::new(width, o.max_tile, o.halo, o.border, o.feather, o.multiple)?,
-            y: Axis::new(height, o.max_tile, o.halo, o.border, o.feather, o.multiple)?,
+            y: Axis::new(height, o.max_tile_rows.min(o.max_tile), o.halo, o.border, o.feather, o.multiple)?,
         })
     }
 

@@ -19,6 +19,9 @@ use crate::loaders::store::{self, SrWeights};
 use crate::models::sr::{SrArch, SrNet, SrSpec};
 use crate::tiling::{extract_window, StripAssembler, TileOptions, TileOutput, TilePlan};
 
+/// Budget for the blended output strip (one tile row at full output width, f32 RGBA).
+const STRIP_BYTES: usize = 96 << 20;
+
 /// PNG text key under which upscale steps are recorded (a JSON array, one object per step).
 pub const META_KEY: &str = "kiln.upscale";
 
@@ -135,6 +138,9 @@ pub struct Upscaler {
 #[derive(Debug, Clone, Copy)]
 struct PassTiling {
     tile: usize,
+    /// Tile height limit: the output strip (a tile row at full width) stays within
+    /// [`STRIP_BYTES`] however wide the image is.
+    tile_rows: usize,
     halo: usize,
     border: usize,
     feather: usize,
@@ -187,7 +193,10 @@ impl Upscaler {
         let batch = opts.batch.unwrap_or(if self.device.is_cpu() { 1 } else { 4 }).max(1);
         let border = opts.border.unwrap_or(10);
         let tile = opts.tile.unwrap_or_else(|| self.auto_tile(halo, batch)).max(16).min(w.max(h));
-        PassTiling { tile, halo, border, feather, batch }
+        let s = self.spec.scale();
+        let strip_row_bytes = w * s * s * 4 * 4;
+        let tile_rows = (STRIP_BYTES / strip_row_bytes.max(1)).clamp(16, tile.max(16));
+        PassTiling { tile, tile_rows, halo, border, feather, batch }
     }
 
     /// Largest tile whose activations fit a share of the available memory.
@@ -263,6 +272,7 @@ impl Upscaler {
         let scale = self.spec.scale();
         let opts = TileOptions {
             max_tile: t.tile,
+            max_tile_rows: t.tile_rows,
             halo: t.halo,
             border: t.border,
             feather: t.feather,
@@ -381,6 +391,7 @@ impl Upscaler {
             match self.pass(img, t, delivered.get(), progress, &mut counting) {
                 Err(e) if is_oom(&e) && t.tile >= 16 => {
                     t.tile /= 2;
+                    t.tile_rows = t.tile_rows.min(t.tile);
                 }
                 Err(e) => return Err(e),
                 Ok(()) => return Ok(t),
@@ -465,7 +476,7 @@ impl Upscaler {
         }
         let tilings: Vec<PassTiling> = sizes.iter().map(|&(pw, ph)| self.tiling(opts, pw, ph)).collect();
         for (&(pw, ph), t) in sizes.iter().zip(&tilings) {
-            tiles_total += pw.div_ceil(t.tile) * ph.div_ceil(t.tile);
+            tiles_total += pw.div_ceil(t.tile) * ph.div_ceil(t.tile_rows.min(t.tile));
         }
         let mut tiles_done = 0;
         let mut tick = |n: usize| {
