@@ -62,7 +62,14 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
                 let width = entries.iter().map(|e| e.name.len()).max().unwrap_or(4).max(4);
                 println!("{:<width$}  {:<16}  {:>5}  {:>10}  SHA256", "NAME", "ARCH", "SCALE", "PARAMS");
                 for e in entries {
-                    println!("{:<width$}  {:<16}  {:>5}  {:>10}  {}", e.name, e.arch, format!("x{}", e.scale), e.params, e.sha256);
+                    println!(
+                        "{:<width$}  {:<16}  {:>5}  {:>10}  {}",
+                        e.name,
+                        e.arch,
+                        format!("x{}", e.scale),
+                        e.params,
+                        e.sha256
+                    );
                 }
             }
         }

@@ -154,7 +154,7 @@ fn ncnn_bad_inputs_are_refused_clearly() {
 fn pth_reader_refuses_non_zip_and_truncated() {
     let dir = tempfile::tempdir().expect("tmp");
     let p = write_tmp(dir.path(), "legacy.pth", &[0x80, 0x02, 0x8a, 0x0a, 0x6c, 0xfc]);
-    let e = store::load_file(&p).err().expect("error").to_string();
+    let e = store::load_file(&p).expect_err("error").to_string();
     assert!(e.contains("not a zip-format torch checkpoint"), "{e}");
     let full = std::fs::read(fixture("srvgg-tiny-x4.pth")).expect("pth");
     let p = write_tmp(dir.path(), "cut.pth", &full[..full.len() / 2]);
@@ -256,10 +256,25 @@ fn store_imports_files_folders_and_wheels() {
     let up = Upscaler::new(w, &Device::Cpu, DType::F32).expect("build");
     let got = up.forward_raw(&x.unsqueeze(0).expect("b")).expect("fwd").squeeze(0).expect("s");
     assert!(max_diff(&got, &npy("srvgg_x4_out.npy")) <= 1e-4);
-    let e = store.resolve("no-such-model").err().expect("error").to_string();
+    let e = store.resolve("no-such-model").expect_err("error").to_string();
     assert!(e.contains("imported: rrdb-tiny-x4"), "{e}");
 }
 
 fn entries_sha(store: &Store, name: &str) -> String {
     store.find(name).expect("find").expect("entry").sha256
+}
+
+/// The generic (candle conv2d) path GPUs take, exercised on the CPU in f16.
+#[test]
+fn generic_conv_path_in_f16_matches_pytorch() {
+    let x = npy("input_40x32.npy");
+    for (file, want) in
+        [("srvgg-tiny-x4.param", "srvgg_x4_out.npy"), ("rrdb-tiny-x4.param", "rrdb_x4_out.npy")]
+    {
+        let w = store::load_file(&fixture(file)).expect("load");
+        let up = Upscaler::new(w, &Device::Cpu, DType::F16).expect("build");
+        let got = up.forward_raw(&x.unsqueeze(0).expect("b")).expect("fwd").squeeze(0).expect("s");
+        let d = max_diff(&got, &npy(want));
+        assert!(d <= 2e-2, "{file} in f16: max abs diff {d}");
+    }
 }

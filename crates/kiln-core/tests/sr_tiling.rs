@@ -1,5 +1,6 @@
 //! Tiled super-resolution: exactness (SRVGG), feathering quality (RRDBNet), seams, OOM retry,
 //! and the file path (streamed PNG, alpha, 16-bit, EXIF, metadata, target sizes, bad input).
+#![allow(clippy::needless_range_loop)] // pixel loops read clearer with indices
 
 use std::path::{Path, PathBuf};
 
@@ -276,19 +277,19 @@ fn bad_images_are_refused_without_leaving_output() {
     let garbage = dir.path().join("garbage.png");
     std::fs::write(&garbage, b"\x89PNG\r\n\x1a\nthis is not a png").expect("write");
     let out = dir.path().join("out.png");
-    let e = up.upscale_file(&garbage, &out, &UpscaleOptions::default(), &mut |_, _| {}).err().expect("error");
+    let e = up.upscale_file(&garbage, &out, &UpscaleOptions::default(), &mut |_, _| {}).expect_err("error");
     assert!(e.to_string().contains("garbage.png"), "{e}");
 
     // A header claiming 200000 x 200000 pixels is refused before decoding.
     let huge = dir.path().join("huge.png");
     std::fs::write(&huge, huge_png_header(200_000, 200_000)).expect("write");
-    let e = up.upscale_file(&huge, &out, &UpscaleOptions::default(), &mut |_, _| {}).err().expect("error");
+    let e = up.upscale_file(&huge, &out, &UpscaleOptions::default(), &mut |_, _| {}).expect_err("error");
     assert!(e.to_string().contains("exceeds"), "{e}");
 
     // An output over the limit is refused before any work.
     let small_limits = SizeLimits { max_output_pixels: 1000, ..Default::default() };
     let o = UpscaleOptions { limits: small_limits, ..Default::default() };
-    let e = up.upscale_file(&fixture("input_40x32.png"), &out, &o, &mut |_, _| {}).err().expect("error");
+    let e = up.upscale_file(&fixture("input_40x32.png"), &out, &o, &mut |_, _| {}).expect_err("error");
     assert!(e.to_string().contains("exceeds"), "{e}");
     let left: Vec<_> =
         std::fs::read_dir(dir.path()).expect("ls").map(|e| e.expect("e").file_name()).collect();

@@ -150,13 +150,11 @@ fn bicubic_taps(n_in: usize, n_out: usize) -> Vec<(usize, [f32; 4])> {
             let w = cubic_weights(f - s);
             // Indices clamp to the edge (as ncnn's coefficient folding does).
             let mut folded = [0f32; 4];
-            let mut idx = [0usize; 4];
-            for k in 0..4 {
-                idx[k] = (s as isize - 1 + k as isize).clamp(0, n_in as isize - 1) as usize;
-            }
+            let idx: [usize; 4] =
+                std::array::from_fn(|k| (s as isize - 1 + k as isize).clamp(0, n_in as isize - 1) as usize);
             let start = idx[0];
-            for k in 0..4 {
-                folded[(idx[k] - start).min(3)] += w[k];
+            for (i, wk) in idx.iter().zip(w) {
+                folded[(i - start).min(3)] += wk;
             }
             (start, folded)
         })

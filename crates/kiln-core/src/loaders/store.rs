@@ -24,6 +24,7 @@ pub const SPEC_KEY: &str = "kiln.sr_spec";
 const MAX_MEMBER_BYTES: u64 = 2 << 30;
 
 /// A super-resolution model ready to build: architecture + tensors (CPU, stored dtype).
+#[derive(Debug)]
 pub struct SrWeights {
     pub name: String,
     pub spec: SrSpec,

@@ -71,7 +71,7 @@ impl Target {
 }
 
 /// How to run.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, Default)]
 pub struct UpscaleOptions {
     /// Output size; `None` = the model's scale.
     pub target: Option<Target>,
@@ -86,20 +86,6 @@ pub struct UpscaleOptions {
     /// Windows per forward call; `None` = 1 on CPU (its GEMMs are already large), 4 on GPUs.
     pub batch: Option<usize>,
     pub limits: SizeLimits,
-}
-
-impl Default for UpscaleOptions {
-    fn default() -> Self {
-        Self {
-            target: None,
-            tile: None,
-            halo: None,
-            feather: None,
-            border: None,
-            batch: None,
-            limits: SizeLimits::default(),
-        }
-    }
 }
 
 /// What a finished job reports (`--json`).
@@ -209,7 +195,7 @@ impl Upscaler {
         // Peak bytes per window pixel at f32 (activations, Winograd transforms and products;
         // measured, see benches/RESULTS.md).
         let per_px: u64 = match &self.spec.arch {
-            SrArch::Rrdbnet(_) => 9 << 10,
+            SrArch::Rrdbnet(_) => 6 << 10,
             SrArch::Srvgg(_) => 3 << 10,
         } * self.dtype.size_in_bytes() as u64
             / 4;

@@ -219,7 +219,8 @@ fn transform_kernel(g: &[f32]) -> [f32; 36] {
 
 /// A 3x3 convolution layer with its CPU Winograd weights.
 pub struct Conv3x3 {
-    weight: Tensor,
+    /// Kept for the generic path only (the Winograd path holds `parts` instead).
+    weight: Option<Tensor>,
     bias: Tensor,
     cin: usize,
     cout: usize,
@@ -259,6 +260,7 @@ impl Conv3x3 {
             }
         }
         let bias_values = bias.to_dtype(DType::F32)?.to_vec1::<f32>()?;
+        let weight = if parts.is_empty() { Some(weight) } else { None };
         Ok(Self { weight, bias, cin, cout, parts, bias_values })
     }
 
@@ -273,11 +275,17 @@ impl Conv3x3 {
     /// Convolution of one input with fused epilogue: `out = res_scale * act(conv + b) + residual`
     /// (`res_scale` only with a residual).
     pub fn forward(&self, x: &Tensor, act: &Act, residual: Option<(&Tensor, f32)>) -> Result<Tensor> {
-        if self.winograd() && self.parts.len() == 1 {
-            let wx = WinoInput::new(x)?;
-            return self.forward_parts(&[&wx], act, residual);
+        if self.winograd() {
+            let mut inputs = Vec::with_capacity(self.parts.len());
+            let mut start = 0;
+            for (n, _) in &self.parts {
+                inputs.push(WinoInput::new(&x.narrow(1, start, *n)?)?);
+                start += n;
+            }
+            let refs: Vec<&WinoInput> = inputs.iter().collect();
+            return self.forward_parts(&refs, act, residual);
         }
-        self.forward_generic(&[x.clone()], act, residual)
+        self.forward_generic(std::slice::from_ref(x), act, residual)
     }
 
     /// As [`Conv3x3::forward`] on the channel concatenation of `parts` (already transformed).
@@ -412,8 +420,12 @@ impl Conv3x3 {
                 format!("{} input channels, layer takes {}", x.dim(1)?, self.cin),
             ));
         }
-        let y =
-            x.conv2d(&self.weight, 1, 1, 1, 1)?.broadcast_add(&self.bias.reshape((1, self.cout, 1, 1))?)?;
+        let weight = match &self.weight {
+            Some(w) => w.clone(),
+            // A Winograd layer: `forward` splits the input by parts (never comes back here).
+            None => return self.forward(&x, act, residual),
+        };
+        let y = x.conv2d(&weight, 1, 1, 1, 1)?.broadcast_add(&self.bias.reshape((1, self.cout, 1, 1))?)?;
         let y = match act {
             Act::None => y,
             Act::Leaky(s) => y.maximum(&(&y * f64::from(*s))?)?,

@@ -188,7 +188,7 @@ impl SrSpec {
 
 /// A built super-resolution net.
 pub enum SrNet {
-    Rrdb(RrdbNet),
+    Rrdb(Box<RrdbNet>),
     Srvgg(SrvggNet),
 }
 
@@ -196,7 +196,7 @@ impl SrNet {
     pub fn new(spec: &SrSpec, vb: VarBuilder) -> Result<Self> {
         spec.validate()?;
         Ok(match &spec.arch {
-            SrArch::Rrdbnet(c) => SrNet::Rrdb(RrdbNet::new(c, vb)?),
+            SrArch::Rrdbnet(c) => SrNet::Rrdb(Box::new(RrdbNet::new(c, vb)?)),
             SrArch::Srvgg(c) => SrNet::Srvgg(SrvggNet::new(c, vb)?),
         })
     }
