@@ -7,9 +7,11 @@ mod bench;
 mod draft;
 mod generate;
 mod inpaint;
+mod models_cmd;
 mod promote;
 mod report;
 mod tiers;
+mod upscale;
 
 #[derive(Parser)]
 #[command(name = "kiln", version, about = "Local, offline image generation on your own GPUs")]
@@ -19,6 +21,7 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+#[allow(clippy::large_enum_variant)] // parsed once; boxing buys nothing
 enum Command {
     /// Text-to-image and image-to-image with a Stable Diffusion-family model.
     Generate(generate::GenerateArgs),
@@ -42,6 +45,10 @@ enum Command {
     Outpaint(inpaint::OutpaintArgs),
     /// Remove the masked object, filling in its surroundings.
     Erase(inpaint::EraseArgs),
+    /// Upscale images with a super-resolution model (tiled, streamed, any target size).
+    Upscale(upscale::UpscaleArgs),
+    /// Import and list super-resolution models.
+    Models(models_cmd::ModelsArgs),
 }
 
 fn main() -> ExitCode {
@@ -68,5 +75,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inpaint(args) => inpaint::run_inpaint(args),
         Command::Outpaint(args) => inpaint::run_outpaint(args),
         Command::Erase(args) => inpaint::run_erase(args),
+        Command::Upscale(args) => upscale::run(args),
+        Command::Models(args) => models_cmd::run(args),
     }
 }

@@ -20,6 +20,7 @@ pub mod rng;
 pub mod schedule;
 pub mod tiers;
 pub mod workflow;
+pub mod tiling;
 
 /// Re-exported so callers use the same candle version.
 pub use candle_core as candle;

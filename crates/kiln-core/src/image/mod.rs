@@ -3,8 +3,10 @@
 pub mod chart;
 pub mod compare;
 pub mod font;
+pub mod io;
 pub mod mask;
 pub mod png_meta;
+pub mod resize;
 pub mod sheet;
 
 use crate::error::{Error, Result};

@@ -3,4 +3,7 @@
 
 pub mod diffusers;
 pub mod hub;
+pub mod ncnn;
+pub mod pth;
+pub mod store;
 pub mod weights;

