@@ -19,8 +19,8 @@ pub mod pipeline;
 pub mod rng;
 pub mod schedule;
 pub mod tiers;
-pub mod workflow;
 pub mod tiling;
+pub mod workflow;
 
 /// Re-exported so callers use the same candle version.
 pub use candle_core as candle;

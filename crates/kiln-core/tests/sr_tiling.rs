@@ -325,3 +325,27 @@ fn huge_png_header(w: u32, h: u32) -> Vec<u8> {
     chunk(b"IDAT", &[0x78, 0x01, 0x00, 0x00, 0x00, 0xff, 0xff]);
     out
 }
+
+/// Dev-only, real weights: feathered x4plus tiling vs one untiled pass on a photograph.
+/// `KILN_REAL_X4PLUS=/path/to/realesrgan-x4plus.param cargo test --release -p kiln-core \
+///  --test sr_tiling real_x4plus -- --ignored --nocapture` (weights: see docs/upscale.md).
+#[test]
+#[ignore]
+fn real_x4plus_feathered_tiling_psnr() {
+    let Some(model) = std::env::var_os("KILN_REAL_X4PLUS") else {
+        panic!("set KILN_REAL_X4PLUS to realesrgan-x4plus.param");
+    };
+    let up = Upscaler::new(store::load_file(Path::new(&model)).expect("load"), &Device::Cpu, DType::F32)
+        .expect("build");
+    let img = kiln_core::image::io::decode(&fixture("input_40x32.png"), &SizeLimits::default())
+        .expect("decode")
+        .image;
+    // Tile the 40x32 fixture 2x2 with the default halo/feather (32).
+    let (whole, _) = up.upscale_planar(&img, &opts(1000, None, None, 1)).expect("untiled");
+    let (tiled, _) = up.upscale_planar(&img, &opts(20, None, None, 1)).expect("tiled");
+    let p = psnr(&whole, &tiled);
+    eprintln!("x4plus feathered tiling (tile 20, halo 32) vs untiled: {p:.1} dB");
+    assert!(p >= 45.0);
+    let (tiny_halo, _) = up.upscale_planar(&img, &opts(20, Some(4), Some(8), 1)).expect("tiled");
+    eprintln!("x4plus tile 20, halo 4, feather 8: {:.1} dB", psnr(&whole, &tiny_halo));
+}

@@ -2,6 +2,6 @@
 
 pub mod clip;
 pub mod clip_tokenizer;
+pub mod sr;
 pub mod unet;
 pub mod vae;
-pub mod sr;
