@@ -231,7 +231,7 @@ fn download(spec: &str, repo: &Repo, cache: Cache, prefer_fp16: bool, progress: 
 /// Picks the files of a pipeline repo kiln needs: model_index.json, component configs and
 /// tokenizer files, and per component one safetensors variant (fp16 when preferred and present).
 pub fn select_files(files: &[String], prefer_fp16: bool) -> Vec<String> {
-    const SMALL: [&str; 8] = [
+    const SMALL: [&str; 7] = [
         "config.json",
         "scheduler_config.json",
         "vocab.json",
@@ -239,7 +239,6 @@ pub fn select_files(files: &[String], prefer_fp16: bool) -> Vec<String> {
         "tokenizer_config.json",
         "special_tokens_map.json",
         "tokenizer.json",
-        "model_index.json",
     ];
     let mut out: Vec<String> = Vec::new();
     let mut by_dir: std::collections::BTreeMap<&str, Vec<&str>> = Default::default();
@@ -248,10 +247,9 @@ pub fn select_files(files: &[String], prefer_fp16: bool) -> Vec<String> {
         if dir.contains('/') {
             continue; // nested folders are not pipeline components
         }
-        if SMALL.contains(&name) && (dir.is_empty() || name != "model_index.json") {
-            if dir.is_empty() && name != "model_index.json" {
-                continue;
-            }
+        let top_level_index = dir.is_empty() && name == "model_index.json";
+        let component_small = !dir.is_empty() && SMALL.contains(&name);
+        if top_level_index || component_small {
             out.push(f.clone());
         } else if !dir.is_empty()
             && (name.ends_with(".safetensors") || name.ends_with(".safetensors.index.json"))
