@@ -26,14 +26,11 @@ pub fn flag(name: &str) -> bool {
         .unwrap_or(false)
 }
 
-/// kiln's data folder: KILN_DATA_DIR, else $XDG_DATA_HOME/kiln, else ~/.local/share/kiln.
+/// kiln's data folder: KILN_DATA_DIR, else $XDG_DATA_HOME/kiln, else ~/.local/share/kiln
+/// (empty variables count as unset). The one place this rule lives.
 pub fn data_dir() -> Option<std::path::PathBuf> {
-    use std::path::PathBuf;
-    if let Some(p) = std::env::var_os(KILN_DATA_DIR) {
-        return Some(PathBuf::from(p));
-    }
-    if let Some(p) = std::env::var_os(XDG_DATA_HOME).filter(|p| !p.is_empty()) {
-        return Some(PathBuf::from(p).join("kiln"));
-    }
-    std::env::var_os(HOME).map(|h| PathBuf::from(h).join(".local").join("share").join("kiln"))
+    let non_empty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(std::path::PathBuf::from);
+    non_empty(KILN_DATA_DIR)
+        .or_else(|| non_empty(XDG_DATA_HOME).map(|d| d.join("kiln")))
+        .or_else(|| non_empty(HOME).map(|h| h.join(".local").join("share").join("kiln")))
 }

@@ -51,17 +51,9 @@ struct Index {
     models: BTreeMap<String, StoreEntry>,
 }
 
-/// kiln's data dir: `$KILN_DATA_DIR`, else `$XDG_DATA_HOME/kiln`, else `~/.local/share/kiln`.
+/// kiln's data dir ([`env::data_dir`]), or an error saying which variable to set.
 pub fn data_dir() -> Result<PathBuf> {
-    let non_empty = |k: &str| std::env::var_os(k).filter(|v| !v.is_empty()).map(PathBuf::from);
-    if let Some(d) = non_empty(env::KILN_DATA_DIR) {
-        return Ok(d);
-    }
-    if let Some(d) = non_empty(env::XDG_DATA_HOME) {
-        return Ok(d.join("kiln"));
-    }
-    non_empty(env::HOME)
-        .map(|h| h.join(".local/share/kiln"))
+    env::data_dir()
         .ok_or_else(|| Error::arg("data dir", format!("set {} or {}", env::KILN_DATA_DIR, env::HOME)))
 }
 
