@@ -11,6 +11,7 @@ pub mod bench;
 pub mod device;
 pub mod env;
 pub mod error;
+pub mod files;
 pub mod image;
 pub mod library;
 pub mod loaders;

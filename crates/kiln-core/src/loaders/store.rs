@@ -6,7 +6,7 @@
 //! becomes one canonical blob, so loading is the same whatever the source was.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::{Cursor, Read, Write};
+use std::io::{Cursor, Read};
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
@@ -248,19 +248,7 @@ fn serialize(spec: &SrSpec, tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>
         .map_err(|e| Error::arg("model tensors", e.to_string()))
 }
 
-/// Writes a file atomically: a temp file in the same folder, then a rename.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    fs_err::create_dir_all(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir)
-        .map_err(|e| Error::Io(std::io::Error::new(e.kind(), format!("{}: {e}", dir.display()))))?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| {
-        Error::Io(std::io::Error::new(e.error.kind(), format!("{}: {}", path.display(), e.error)))
-    })?;
-    Ok(())
-}
+pub use crate::files::write_atomic;
 
 /// Finds importable models in a file, folder (recursively) or archive.
 fn find_models(path: &Path) -> Result<Vec<Found>> {

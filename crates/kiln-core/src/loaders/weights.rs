@@ -131,16 +131,9 @@ pub fn weight_sha256_cached(path: &Path) -> Result<String> {
     }
     let hash = weight_sha256(path)?;
     cache.insert(key, hash.clone());
-    // Best effort, written atomically; a failure here must not fail the load.
-    if let (Some(dir), Ok(text)) = (cache_file.parent(), serde_json::to_string(&cache)) {
-        if std::fs::create_dir_all(dir).is_ok() {
-            if let Ok(mut tmp) = tempfile::NamedTempFile::new_in(dir) {
-                use std::io::Write;
-                if tmp.write_all(text.as_bytes()).is_ok() {
-                    let _ = tmp.persist(&cache_file);
-                }
-            }
-        }
+    // Best effort: a failure to save the cache must not fail the load.
+    if let Ok(text) = serde_json::to_string(&cache) {
+        let _ = crate::files::write_atomic(&cache_file, text.as_bytes());
     }
     Ok(hash)
 }

@@ -122,17 +122,4 @@ pub fn check(lock_path: &Path, tier: &Tier, model: &LoadedModel, accept: bool) -
     Ok(outcome)
 }
 
-/// Writes `bytes` to `path` through a temp file in the same folder, renamed when complete.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    use std::io::Write;
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    fs_err::create_dir_all(dir)?;
-    let mut tmp = tempfile::Builder::new().prefix(".kiln-").suffix(".part").tempfile_in(dir)?;
-    tmp.write_all(bytes)?;
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| Error::Io(e.error))?;
-    Ok(())
-}
+pub use crate::files::write_atomic;
