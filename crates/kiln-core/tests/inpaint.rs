@@ -272,3 +272,79 @@ fn outpaint_grows_the_canvas_and_keeps_the_original_beyond_the_overlap() {
     let changed = (0..64).filter(|&y| got.get_pixel(0, y) != canvas.image.get_pixel(0, y)).count();
     assert!(changed > 48, "{changed}");
 }
+
+/// Mean absolute step (8-bit levels) between the output and the input over the composite
+/// mask's soft band (0 < m < 1): how well the repainted part agrees with the kept part where the
+/// two are blended. Lower = a more consistent transition.
+fn band_mismatch(input: &RgbImage, output: &RgbImage, mask: &Mask) -> f64 {
+    let (mut sum, mut n) = (0f64, 0usize);
+    for (i, (a, b)) in input.pixels().zip(output.pixels()).enumerate() {
+        let m = mask.values()[i];
+        if m > 0.0 && m < 1.0 {
+            sum += step(a, b);
+            n += 1;
+        }
+    }
+    assert!(n > 0, "no soft band");
+    sum / n as f64
+}
+
+/// Re-imposing the known latents on the solvers' x0 estimate (kiln's default with its blend)
+/// changes only latent cells whose mask is soft: a hard, grid-aligned mask gives the same bytes
+/// with and without it, a feathered one does not. Prints the seam ratio and the soft band's
+/// mismatch with and without, per solver (the numbers in benches/RESULTS.md).
+#[test]
+fn x0_reimposition_acts_on_soft_cells_only() {
+    let model = load_model("plain4");
+    let image = kiln_core::image::load_rgb(&dir().join("image.png")).unwrap();
+    let mask = Mask::load(&dir().join("mask.png")).unwrap();
+    let flat = RgbImage::from_pixel(96, 64, image::Rgb([150, 120, 90]));
+    let rect = (24u32, 16u32, 72u32, 48u32);
+    let inside = |x: u32, y: u32| x >= rect.0 && x < rect.2 && y >= rect.1 && y < rect.3;
+    let flat_mask = Mask::from_fn(96, 64, |x, y| if inside(x, y) { 1.0 } else { 0.0 });
+    let run = |img: &RgbImage, m: &Mask, sched: &str, seed: u64, x0: bool, blur: f64| {
+        let mut req = InpaintRequest::new("a red fox sitting in the snow", img.clone(), m.clone());
+        req.steps = 8;
+        req.seeds = vec![seed];
+        req.region = Region::Whole;
+        req.scheduler = Some(sched.parse().unwrap());
+        req.reimpose_denoised = Some(x0);
+        req.mask_blur = blur;
+        inpaint_quiet(&model, &req).unwrap()
+    };
+    let (mut seam_better, mut runs) = (0, 0);
+    for sched in ["ddim", "euler", "euler-a", "dpmpp-2m", "lcm"] {
+        // Hard mask on the 8 px grid, no inflation needed to see it: every latent cell is 0 or 1.
+        let mut req = InpaintRequest::new("a red fox", flat.clone(), flat_mask.clone());
+        req.steps = 4;
+        req.region = Region::Whole;
+        req.scheduler = Some(sched.parse().unwrap());
+        req.mask_blur = 0.0;
+        req.reimpose_denoised = Some(false);
+        let off = inpaint_quiet(&model, &req).unwrap();
+        req.reimpose_denoised = Some(true);
+        let on = inpaint_quiet(&model, &req).unwrap();
+        assert_eq!(off.images[0].image, on.images[0].image, "{sched}: hard mask, x0 hook changed the image");
+        for seed in [3u64, 11] {
+            let mut line = format!("{sched:9} seed {seed:2}:");
+            let mut seams = [0f64; 2];
+            let mut images = Vec::new();
+            for (k, x0) in [false, true].into_iter().enumerate() {
+                let out = run(&image, &mask, sched, seed, x0, 4.0);
+                let band = band_mismatch(&image, &out.images[0].image, &out.composite_mask);
+                let fout = run(&flat, &flat_mask, sched, seed, x0, 4.0);
+                let fband = band_mismatch(&flat, &fout.images[0].image, &fout.composite_mask);
+                seams[k] = seam_ratio(&fout.images[0].image, rect);
+                assert_outside_identical(&image, &out.images[0].image, &out.composite_mask, sched);
+                line += &format!("  x0 {x0:5}: band {band:.2}, flat band {fband:.2}, seam {:.3}", seams[k]);
+                images.push(out.images[0].image.clone());
+            }
+            println!("{line}");
+            assert_ne!(images[0], images[1], "{sched}: feathered mask, x0 hook had no effect");
+            assert!(seams[1] < 1.2, "{sched}: seam ratio {}", seams[1]);
+            seam_better += usize::from(seams[1] <= seams[0]);
+            runs += 1;
+        }
+    }
+    println!("seam ratio no worse with the x0 hook in {seam_better} of {runs} runs");
+}

@@ -303,6 +303,15 @@ pub(crate) trait LoopHooks {
     fn after_step(&mut self, _scheduler: &dyn Scheduler, _i: usize, latents: Tensor) -> Result<Tensor> {
         Ok(latents)
     }
+    /// Whether [`LoopHooks::denoised`] should be handed to the solver at all (plain loops keep
+    /// calling `Scheduler::step`).
+    fn transforms_denoised(&self) -> bool {
+        false
+    }
+    /// Transforms the solver's clean-sample estimate at step `i` (float32, the sample's shape).
+    fn denoised(&mut self, _i: usize, x0: Tensor) -> Result<Tensor> {
+        Ok(x0)
+    }
 }
 
 /// txt2img/img2img: no hooks.
@@ -346,7 +355,11 @@ pub(crate) fn denoise(
         } else {
             pred
         };
-        latents = scheduler.step(&pred, i, &latents, rng)?;
+        latents = if hooks.transforms_denoised() {
+            scheduler.step_with_denoised(&pred, i, &latents, rng, &mut |x0| hooks.denoised(i, x0))?
+        } else {
+            scheduler.step(&pred, i, &latents, rng)?
+        };
         latents = hooks.after_step(scheduler, i, latents)?;
         let secs = t0.elapsed().as_secs_f64();
         timings.steps.push(secs);

@@ -4,7 +4,7 @@ use super::betas::{BetaConfig, LINEAR_DEFAULTS};
 use super::config::{Prediction, SchedulerConfig, Spacing};
 use super::param::{lin2, restore, upcast, vp_x0_eps};
 use super::spacing::spaced_timesteps;
-use super::{at, Scheduler, SchedulerKind};
+use super::{at, DenoisedFn, Scheduler, SchedulerKind};
 use crate::error::Result;
 use crate::rng::BatchRng;
 use candle_core::Tensor;
@@ -90,7 +90,22 @@ impl Scheduler for Ddim {
         model_output: &Tensor,
         i: usize,
         sample: &Tensor,
+        rng: &mut BatchRng,
+    ) -> Result<Tensor> {
+        self.step_with_denoised(model_output, i, sample, rng, &mut Ok)
+    }
+
+    fn forms_denoised(&self) -> bool {
+        true
+    }
+
+    fn step_with_denoised(
+        &mut self,
+        model_output: &Tensor,
+        i: usize,
+        sample: &Tensor,
         _rng: &mut BatchRng,
+        denoised: &mut DenoisedFn<'_>,
     ) -> Result<Tensor> {
         let t = at(&self.train_steps, i, "timesteps")?;
         let alpha_prod = self.alphas_cumprod[t];
@@ -105,6 +120,7 @@ impl Scheduler for Ddim {
             Some(r) => x0.clamp(-r, r)?,
             None => x0,
         };
+        let x0 = denoised(x0)?;
         let direction = (1.0 - alpha_prod_prev).sqrt() as f64;
         let prev = lin2(alpha_prod_prev.sqrt() as f64, &x0, direction, &eps)?;
         restore(prev, sample.dtype())

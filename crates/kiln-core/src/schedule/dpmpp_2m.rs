@@ -9,7 +9,7 @@ use super::config::{FinalSigma, Prediction, SchedulerConfig, Spacing};
 use super::param::{lin2, restore, upcast, vp_x0_eps};
 use super::sigmas::{exponential, interp, karras, log_sigmas, sigma_to_t, training_sigmas};
 use super::spacing::{np_arange, np_linspace, np_round};
-use super::{at, Scheduler, SchedulerKind};
+use super::{at, DenoisedFn, Scheduler, SchedulerKind};
 use crate::error::Result;
 use crate::rng::BatchRng;
 use candle_core::Tensor;
@@ -190,7 +190,22 @@ impl Scheduler for DpmPp2m {
         model_output: &Tensor,
         i: usize,
         sample: &Tensor,
+        rng: &mut BatchRng,
+    ) -> Result<Tensor> {
+        self.step_with_denoised(model_output, i, sample, rng, &mut Ok)
+    }
+
+    fn forms_denoised(&self) -> bool {
+        true
+    }
+
+    fn step_with_denoised(
+        &mut self,
+        model_output: &Tensor,
+        i: usize,
+        sample: &Tensor,
         _rng: &mut BatchRng,
+        denoised: &mut DenoisedFn<'_>,
     ) -> Result<Tensor> {
         let len = self.timesteps.len();
         at(&self.timesteps, i, "timesteps")?;
@@ -200,7 +215,7 @@ impl Scheduler for DpmPp2m {
         let lower_order_final =
             i == len - 1 && (self.euler_at_final || short || self.final_sigma == FinalSigma::Zero);
         let (x, m) = (upcast(sample)?, upcast(model_output)?);
-        let x0 = self.x0(&m, &x, sigma_s0)?;
+        let x0 = denoised(self.x0(&m, &x, sigma_s0)?)?;
 
         let (alpha_t, sigma_t) = alpha_sigma(sigma_next);
         let (alpha_s0, sigma_s0v) = alpha_sigma(sigma_s0);

@@ -5,7 +5,7 @@ use super::config::{FinalSigma, Prediction, SchedulerConfig, Spacing};
 use super::param::{div, restore, upcast, ve_x0};
 use super::sigmas::{exponential, input_scale_f32, interp, karras, log_sigmas, sigma_to_t, training_sigmas};
 use super::spacing::spaced_timesteps;
-use super::{at, Scheduler, SchedulerKind};
+use super::{at, DenoisedFn, Scheduler, SchedulerKind};
 use crate::error::Result;
 use crate::rng::BatchRng;
 use candle_core::Tensor;
@@ -120,13 +120,28 @@ impl Scheduler for Euler {
         model_output: &Tensor,
         i: usize,
         sample: &Tensor,
+        rng: &mut BatchRng,
+    ) -> Result<Tensor> {
+        self.step_with_denoised(model_output, i, sample, rng, &mut Ok)
+    }
+
+    fn forms_denoised(&self) -> bool {
+        true
+    }
+
+    fn step_with_denoised(
+        &mut self,
+        model_output: &Tensor,
+        i: usize,
+        sample: &Tensor,
         _rng: &mut BatchRng,
+        denoised: &mut DenoisedFn<'_>,
     ) -> Result<Tensor> {
         at(&self.timesteps, i, "timesteps")?;
         let sigma = at(&self.sigmas, i, "sigmas")?;
         let sigma_next = at(&self.sigmas, i + 1, "sigmas")?;
         let (x, m) = (upcast(sample)?, upcast(model_output)?);
-        let x0 = ve_x0(self.prediction, &m, &x, sigma)?;
+        let x0 = denoised(ve_x0(self.prediction, &m, &x, sigma)?)?;
         let derivative = div(&(&x - &x0)?, sigma)?;
         let dt = (sigma_next as f32 - sigma as f32) as f64;
         let prev = (&x + derivative.affine(dt, 0.0)?)?;

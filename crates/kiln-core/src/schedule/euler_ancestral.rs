@@ -7,7 +7,7 @@ use super::euler::{euler_init_noise_sigma, scale_ve_input, ZERO_SNR_LAST_ALPHA_B
 use super::param::{div, restore, upcast, ve_x0};
 use super::sigmas::{interp, training_sigmas};
 use super::spacing::spaced_timesteps;
-use super::{at, step_noise, Scheduler, SchedulerKind};
+use super::{at, step_noise, DenoisedFn, Scheduler, SchedulerKind};
 use crate::error::Result;
 use crate::rng::BatchRng;
 use candle_core::Tensor;
@@ -69,11 +69,26 @@ impl Scheduler for EulerAncestral {
         sample: &Tensor,
         rng: &mut BatchRng,
     ) -> Result<Tensor> {
+        self.step_with_denoised(model_output, i, sample, rng, &mut Ok)
+    }
+
+    fn forms_denoised(&self) -> bool {
+        true
+    }
+
+    fn step_with_denoised(
+        &mut self,
+        model_output: &Tensor,
+        i: usize,
+        sample: &Tensor,
+        rng: &mut BatchRng,
+        denoised: &mut DenoisedFn<'_>,
+    ) -> Result<Tensor> {
         at(&self.timesteps, i, "timesteps")?;
         let sigma_from = at(&self.sigmas, i, "sigmas")? as f32;
         let sigma_to = at(&self.sigmas, i + 1, "sigmas")? as f32;
         let (x, m) = (upcast(sample)?, upcast(model_output)?);
-        let x0 = ve_x0(self.prediction, &m, &x, sigma_from as f64)?;
+        let x0 = denoised(ve_x0(self.prediction, &m, &x, sigma_from as f64)?)?;
         // float32, in diffusers' order of operations.
         let (from2, to2) = (sigma_from * sigma_from, sigma_to * sigma_to);
         let sigma_up = (to2 * (from2 - to2) / from2).sqrt();

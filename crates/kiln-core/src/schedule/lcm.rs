@@ -6,7 +6,7 @@ use super::config::{Prediction, SchedulerConfig};
 use super::ddim::{add_noise_vp, train_indices};
 use super::param::{lin2, restore, upcast, vp_x0_eps};
 use super::spacing::np_linspace;
-use super::{at, step_noise, Scheduler, SchedulerKind};
+use super::{at, step_noise, DenoisedFn, Scheduler, SchedulerKind};
 use crate::error::Result;
 use crate::rng::BatchRng;
 use candle_core::Tensor;
@@ -92,6 +92,21 @@ impl Scheduler for Lcm {
         sample: &Tensor,
         rng: &mut BatchRng,
     ) -> Result<Tensor> {
+        self.step_with_denoised(model_output, i, sample, rng, &mut Ok)
+    }
+
+    fn forms_denoised(&self) -> bool {
+        true
+    }
+
+    fn step_with_denoised(
+        &mut self,
+        model_output: &Tensor,
+        i: usize,
+        sample: &Tensor,
+        rng: &mut BatchRng,
+        denoised: &mut DenoisedFn<'_>,
+    ) -> Result<Tensor> {
         let t = at(&self.train_steps, i, "timesteps")?;
         let is_last = i + 1 == self.train_steps.len();
         let prev_t = if is_last { t } else { at(&self.train_steps, i + 1, "timesteps")? };
@@ -105,12 +120,12 @@ impl Scheduler for Lcm {
             Some(r) => x0.clamp(-r, r)?,
             None => x0,
         };
-        let denoised = lin2(c_out as f64, &x0, c_skip as f64, &x)?;
+        let clean = denoised(lin2(c_out as f64, &x0, c_skip as f64, &x)?)?;
         let prev = if is_last {
-            denoised
+            clean
         } else {
             let noise = upcast(&step_noise(rng, sample)?)?;
-            lin2(alpha_prod_prev.sqrt() as f64, &denoised, (1.0 - alpha_prod_prev).sqrt() as f64, &noise)?
+            lin2(alpha_prod_prev.sqrt() as f64, &clean, (1.0 - alpha_prod_prev).sqrt() as f64, &noise)?
         };
         restore(prev, sample.dtype())
     }

@@ -53,6 +53,26 @@ pub trait Scheduler: Send {
         sample: &Tensor,
         rng: &mut BatchRng,
     ) -> Result<Tensor>;
+    /// [`Scheduler::step`] with `denoised` applied to the solver's estimate of the clean sample
+    /// (x0, or LCM's denoised sample) before the solver uses it: masked sampling re-imposes the
+    /// known region there as well as on x_t. `denoised` gets and returns float32 tensors of the
+    /// sample's shape. With the identity it equals `step` bit for bit. Solvers that form no
+    /// such estimate (PNDM works on eps alone) ignore it: see [`Scheduler::forms_denoised`].
+    fn step_with_denoised(
+        &mut self,
+        model_output: &Tensor,
+        i: usize,
+        sample: &Tensor,
+        rng: &mut BatchRng,
+        denoised: &mut DenoisedFn<'_>,
+    ) -> Result<Tensor> {
+        let _ = denoised;
+        self.step(model_output, i, sample, rng)
+    }
+    /// Whether [`Scheduler::step_with_denoised`] applies its transform.
+    fn forms_denoised(&self) -> bool {
+        false
+    }
     /// diffusers' add_noise at index i (img2img noises the init latents to the first kept step).
     fn add_noise(&self, original: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor>;
     fn kind(&self) -> SchedulerKind;
@@ -62,6 +82,9 @@ pub trait Scheduler: Send {
         &[]
     }
 }
+
+/// A transform of a solver's clean-sample estimate ([`Scheduler::step_with_denoised`]).
+pub type DenoisedFn<'a> = dyn FnMut(Tensor) -> Result<Tensor> + 'a;
 
 /// The solvers kiln offers, by CLI name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -89,6 +89,10 @@ pub struct InpaintRequest {
     /// Re-impose the known latents at every step: None = on for 4-channel UNets, off for
     /// dedicated inpainting UNets (which see the known image through their extra channels).
     pub reimpose: Option<bool>,
+    /// Also re-impose the clean known latents on the solver's x0 estimate at every step (DDIM,
+    /// Euler, Euler a, DPM++ 2M, LCM; PNDM has none). None = on whenever `reimpose` is, with
+    /// `Blend::Kiln` (`Blend::Diffusers` reproduces diffusers, which does not).
+    pub reimpose_denoised: Option<bool>,
     /// Latent pixels the kiln latent mask grows by.
     pub inflate: u32,
 }
@@ -112,6 +116,7 @@ impl InpaintRequest {
             region: Region::Auto,
             padding: DEFAULT_PADDING,
             reimpose: None,
+            reimpose_denoised: None,
             inflate: 1,
         }
     }
@@ -326,11 +331,13 @@ pub fn inpaint(
     timings.text_encode = t0.elapsed().as_secs_f64();
 
     let (canvas_image, canvas_mask) = build_canvas(req, &mask, &plan)?;
+    let reimpose = req.reimpose.unwrap_or(unet_kind == UNetKind::Plain);
     let canvas = Canvas {
         image: &canvas_image,
         mask: &canvas_mask,
         blend: req.blend,
-        reimpose: req.reimpose.unwrap_or(unet_kind == UNetKind::Plain),
+        reimpose,
+        reimpose_denoised: reimpose && req.reimpose_denoised.unwrap_or(req.blend == Blend::Kiln),
         inflate: req.inflate,
     };
     let sampling = Sampling {

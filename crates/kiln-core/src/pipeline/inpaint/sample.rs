@@ -49,6 +49,8 @@ pub(crate) struct Canvas<'a> {
     pub blend: Blend,
     /// Re-impose the known latents after each step.
     pub reimpose: bool,
+    /// Re-impose the clean known latents on the solver's x0 estimate too.
+    pub reimpose_denoised: bool,
     /// Latent pixels the kiln latent mask grows by.
     pub inflate: u32,
 }
@@ -72,6 +74,8 @@ struct Reimpose {
     keep: Tensor,
     extra: Option<Tensor>,
     enabled: bool,
+    /// (known, keep, mask) in float32 for the x0 estimate; None = leave the solver's alone.
+    denoised: Option<(Tensor, Tensor, Tensor)>,
 }
 
 impl LoopHooks for Reimpose {
@@ -91,6 +95,19 @@ impl LoopHooks for Reimpose {
         };
         let kept = known.broadcast_mul(&self.keep)?;
         Ok((kept + latents.broadcast_mul(&self.mask)?)?)
+    }
+
+    fn transforms_denoised(&self) -> bool {
+        self.denoised.is_some()
+    }
+
+    /// The x0 estimate's known region is the clean known latents themselves: a soft mask's
+    /// partly-kept latents then step towards the original rather than towards the model's guess.
+    fn denoised(&mut self, _i: usize, x0: Tensor) -> Result<Tensor> {
+        match &self.denoised {
+            Some((known, keep, mask)) => Ok((known.broadcast_mul(keep)? + x0.broadcast_mul(mask)?)?),
+            None => Ok(x0),
+        }
     }
 }
 
@@ -184,14 +201,15 @@ pub(crate) fn sample_canvas(
         }
         None => noise.zeros_like()?,
     };
-    let mut hooks = Reimpose {
-        known,
-        noise,
-        keep: reimpose_mask.affine(-1.0, 1.0)?,
-        mask: reimpose_mask,
-        extra,
-        enabled: canvas.reimpose,
+    let keep = reimpose_mask.affine(-1.0, 1.0)?;
+    let f32 = candle_core::DType::F32;
+    let denoised = if canvas.reimpose_denoised {
+        Some((known.to_dtype(f32)?, keep.to_dtype(f32)?, reimpose_mask.to_dtype(f32)?))
+    } else {
+        None
     };
+    let mut hooks =
+        Reimpose { known, noise, keep, mask: reimpose_mask, extra, enabled: canvas.reimpose, denoised };
     let cond = Conditioning::new(model, sampling.prompts, 1, sampling.cfg, sampling.guidance, width, height)?;
     let latents =
         denoise(model, scheduler.as_mut(), &cond, latents, start, &mut rng, &mut hooks, timings, progress)?;
