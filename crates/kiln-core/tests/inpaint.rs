@@ -109,6 +109,103 @@ fn matches_diffusers_inside_the_mask_and_keeps_the_rest() {
     assert!(failures.is_empty(), "below 35 dB: {failures:?}");
 }
 
+#[derive(Deserialize, Debug)]
+struct SdxlCase {
+    name: String,
+    /// "unet9" (the fixture's 9-channel UNet) or "base" (the sdxl pipeline fixture's own).
+    unet: String,
+    scheduler: Option<String>,
+    steps: usize,
+    guidance: f64,
+    seed: u64,
+    latents: Option<String>,
+    strength: f64,
+    prompt: String,
+    negative_prompt: String,
+    output: String,
+}
+
+/// An SDXL folder assembled from the sdxl pipeline fixture's components and `unet`
+/// (tests/fixtures/inpaint-sdxl/make.py keeps only what is new).
+fn sdxl_model(unet: &str, tmp: &Path) -> LoadedModel {
+    let base = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/pipelines/sdxl/model");
+    let folder = tmp.join(unet);
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::copy(base.join("model_index.json"), folder.join("model_index.json")).unwrap();
+    for part in ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "vae", "scheduler"] {
+        std::os::unix::fs::symlink(base.join(part), folder.join(part)).unwrap();
+    }
+    let unet_dir = if unet == "base" { base.join("unet") } else { sdxl_dir().join(unet) };
+    std::os::unix::fs::symlink(unet_dir, folder.join("unet")).unwrap();
+    LoadedModel::load(ModelSource::Folder(folder), &Device::Cpu, DType::F32).unwrap()
+}
+
+fn sdxl_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/inpaint-sdxl")
+}
+
+/// StableDiffusionXLInpaintPipeline: a 9-channel SDXL UNet (text_time, two text encoders) and
+/// the 4-channel SDXL UNet, same image and mask as the SD cases.
+#[test]
+fn matches_diffusers_sdxl_inpaint() {
+    let cases: Vec<SdxlCase> =
+        serde_json::from_str(&std::fs::read_to_string(sdxl_dir().join("cases.json")).unwrap()).unwrap();
+    let image = kiln_core::image::load_rgb(&dir().join("image.png")).unwrap();
+    let mask = Mask::load(&dir().join("mask.png")).unwrap();
+    let inside = mask.binarized();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut models = std::collections::HashMap::new();
+    let mut failures = Vec::new();
+    let mut outputs: Vec<(String, RgbImage)> = Vec::new();
+    for case in &cases {
+        let model = models.entry(case.unet.clone()).or_insert_with(|| sdxl_model(&case.unet, tmp.path()));
+        assert!(model.unet.config().addition_embed_type.as_deref() == Some("text_time"));
+        let want = Tensor::read_npy(sdxl_dir().join(&case.output))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let as_sd = Case {
+            name: case.name.clone(),
+            model: case.unet.clone(),
+            scheduler: case.scheduler.clone(),
+            steps: case.steps,
+            guidance: case.guidance,
+            seed: case.seed,
+            latents: case.latents.clone(),
+            strength: case.strength,
+            prompt: case.prompt.clone(),
+            negative_prompt: case.negative_prompt.clone(),
+            output: case.output.clone(),
+        };
+        let out = inpaint_quiet(model, &request(&as_sd, &image, &mask)).unwrap();
+        let expected_kind = if case.unet == "unet9" { UNetKind::Inpaint } else { UNetKind::Plain };
+        assert_eq!(out.unet_kind, expected_kind);
+        let got = &out.images[0].image;
+        let p = masked_psnr(got, &want, |i| inside.values()[i] == 1.0);
+        println!("{}: PSNR inside the mask {p:.1} dB", case.name);
+        if p < 35.0 {
+            failures.push(format!("{}: {p:.1} dB", case.name));
+        }
+        assert_outside_identical(&image, got, &out.composite_mask, &case.name);
+        outputs.push((case.name.clone(), got.clone()));
+    }
+    assert!(failures.is_empty(), "below 35 dB: {failures:?}");
+    // The cases differ from each other by far more than the tolerance: the test can fail.
+    let first = Tensor::read_npy(sdxl_dir().join(&cases[0].output))
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    for (name, got) in &outputs[1..] {
+        let p = masked_psnr(got, &first, |i| inside.values()[i] == 1.0);
+        println!("{name} vs the {} reference: {p:.1} dB", cases[0].name);
+        assert!(p < 30.0, "{name}: {p}");
+    }
+}
+
 /// A different case's reference must not pass: the parity test can fail.
 #[test]
 fn parity_test_tells_cases_apart() {
