@@ -8,13 +8,18 @@ use indicatif::{ProgressBar, ProgressStyle};
 use kiln_core::device::{self, DeviceRequest};
 use kiln_core::image::mask::Mask;
 use kiln_core::image::png_meta::write_png_atomic;
-use kiln_core::loaders::diffusers::Family;
+use kiln_core::library::assets::{JobTimings, NewAsset, NewJob};
+use kiln_core::library::Project;
 use kiln_core::loaders::hub;
-use kiln_core::pipeline::inpaint::{check_inputs, inpaint, Blend, InpaintOutput, InpaintRequest, Region};
+use kiln_core::pipeline::inpaint::{
+    check_inputs, inpaint, Blend, InpaintOutput, InpaintRequest, InpaintedImage, Region,
+};
 use kiln_core::pipeline::metadata::{model_record, png_chunks, FileRef, ImageRecord, InpaintRecord};
 use kiln_core::pipeline::model::LoadedModel;
 use kiln_core::pipeline::outpaint::{extend_canvas, Extension, Prefill, DEFAULT_OVERLAP};
 use kiln_core::schedule::SchedulerKind;
+use kiln_core::tiers::load::{load_tier_model, tier_dtype, tier_request, Overrides};
+use kiln_core::tiers::Tier;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -27,16 +32,26 @@ pub const ERASE_NEGATIVE: &str = "object, person, animal, text, watermark, logo,
 #[derive(Args, Debug)]
 pub struct JobArgs {
     /// A diffusers folder or a hub id (any SD model, or a 9-channel inpainting model).
+    #[arg(long, required_unless_present = "tier", conflicts_with = "tier")]
+    model: Option<String>,
+    /// Take the model, steps, guidance, scheduler, negative prompt, dtype and the only-masked
+    /// processing size from a tier (draft, final, ...; see `kiln tiers`); the job is recorded in
+    /// the project's asset library, as a child of the input image's asset when it is one.
     #[arg(long)]
-    model: String,
+    tier: Option<String>,
+    /// Project folder whose kiln.toml layers the tiers and whose library records --tier jobs
+    /// (default: $KILN_PROJECT or the current folder).
+    #[arg(long)]
+    project: Option<PathBuf>,
     /// Hub revision (branch, tag or commit) when --model is a hub id.
     #[arg(long)]
     revision: Option<String>,
     /// Negative prompt.
     #[arg(long)]
     negative: Option<String>,
-    #[arg(long, default_value_t = 30)]
-    steps: usize,
+    /// Denoising steps (default: the tier's, else 30).
+    #[arg(long)]
+    steps: Option<usize>,
     /// Classifier-free guidance scale (default 7.5, SDXL 5).
     #[arg(long)]
     guidance: Option<f64>,
@@ -267,28 +282,52 @@ fn run_seeded(job: Job, args: &JobArgs, seed: u64) -> anyhow::Result<()> {
     check_inputs(&job.image, &job.mask)?;
     let init_latents = args.init_latents.as_deref().map(read_npy).transpose()?;
     let device = device::open(args.device.parse::<DeviceRequest>()?)?;
-    let dtype = match &args.dtype {
-        Some(d) => device::parse_dtype(d)?,
-        None => device::default_dtype(&device),
+    let explicit_dtype = args.dtype.as_deref().map(device::parse_dtype).transpose()?;
+    let tier = match &args.tier {
+        Some(name) => {
+            let project = Project::find(args.project.as_deref())?;
+            let tier = project.tiers()?.get(name)?.clone();
+            Some((project, tier))
+        }
+        None => None,
+    };
+    let dtype = match &tier {
+        Some((_, t)) => tier_dtype(t, &device, explicit_dtype)?,
+        None => explicit_dtype.unwrap_or_else(|| device::default_dtype(&device)),
     };
     let show = !(args.json || args.quiet);
 
     let t0 = Instant::now();
-    let source = hub::resolve(&args.model, args.revision.as_deref(), dtype != candle_dtype_f32(), show)?;
-    let model =
-        LoadedModel::load(source, &device, dtype).with_context(|| format!("loading model {}", args.model))?;
+    let model = match (&tier, &args.model) {
+        (Some((_, t)), _) => load_tier_model(t, &device, dtype, show)?,
+        (None, Some(spec)) => {
+            let source = hub::resolve(spec, args.revision.as_deref(), dtype != candle_dtype_f32(), show)?;
+            LoadedModel::load(source, &device, dtype).with_context(|| format!("loading model {spec}"))?
+        }
+        (None, None) => bail!("pass --model or --tier"),
+    };
     let load_seconds = t0.elapsed().as_secs_f64();
 
-    let guidance = args.guidance.unwrap_or(match model.family {
-        Family::StableDiffusionXl => 5.0,
-        Family::StableDiffusion => 7.5,
-    });
     let seeds: Vec<u64> = (0..args.count as u64).map(|i| seed.wrapping_add(i)).collect();
+    // The tier's defaults (or, untiered, the model's) under the flags, resolved as generation does.
+    let overrides = Overrides {
+        steps: args.steps,
+        guidance: args.guidance,
+        scheduler,
+        negative_prompt: job.negative.clone(),
+        ..Overrides::default()
+    };
+    let fallback = Tier::untiered();
+    let tiered = tier.as_ref().map(|(_, t)| t);
+    let defaults = tier_request(tiered.unwrap_or(&fallback), &model, &job.prompt, seeds.clone(), &overrides)?;
     let mut request = InpaintRequest::new(job.prompt.clone(), job.image.clone(), job.mask.clone());
-    request.negative_prompt = job.negative.clone();
-    request.steps = args.steps;
-    request.guidance = guidance;
-    request.scheduler = scheduler;
+    request.negative_prompt = defaults.negative_prompt;
+    request.steps = defaults.steps;
+    request.guidance = defaults.guidance;
+    request.scheduler = defaults.scheduler;
+    if tiered.is_some() {
+        request.native_size = Some((defaults.width as u32, defaults.height as u32));
+    }
     request.seeds = seeds.clone();
     request.init_latents = init_latents;
     request.strength = job.strength;
@@ -301,7 +340,7 @@ fn run_seeded(job: Job, args: &JobArgs, seed: u64) -> anyhow::Result<()> {
     request.padding = args.padding;
 
     let bar = show.then(|| {
-        let bar = ProgressBar::new(args.steps as u64);
+        let bar = ProgressBar::new(request.steps as u64);
         bar.set_style(
             ProgressStyle::with_template("{spinner} denoising [{bar:30}] {pos}/{len} {msg} ({elapsed})")
                 .unwrap_or_else(|_| ProgressStyle::default_bar())
@@ -317,20 +356,30 @@ fn run_seeded(job: Job, args: &JobArgs, seed: u64) -> anyhow::Result<()> {
     for w in &output.warnings {
         eprintln!("warning: {w}");
     }
-    write_outputs(&job, args, &model, &request, &output, seeds, load_seconds, start)
+    let ctx = OutputContext { job: &job, args, model: &model, request: &request, output: &output };
+    let tier = tier.as_ref().map(|(project, tier)| (project, tier));
+    write_outputs(&ctx, tier, seeds, load_seconds, start)
 }
 
-#[allow(clippy::too_many_arguments)]
+/// One finished job, to write out.
+struct OutputContext<'a> {
+    job: &'a Job,
+    args: &'a JobArgs,
+    model: &'a LoadedModel,
+    request: &'a InpaintRequest,
+    output: &'a InpaintOutput,
+}
+
 fn write_outputs(
-    job: &Job,
-    args: &JobArgs,
-    model: &LoadedModel,
-    request: &InpaintRequest,
-    output: &InpaintOutput,
+    ctx: &OutputContext,
+    tier: Option<(&Project, &Tier)>,
     seeds: Vec<u64>,
     load_seconds: f64,
     start: Instant,
 ) -> anyhow::Result<()> {
+    let OutputContext { job, args, model, request, output } = *ctx;
+    let timings = JobTimings::from_stages(load_seconds, &output.timings);
+    let credits = tier.map(|(_, t)| t.price.cost(output.images.len(), timings.device_seconds()));
     let image_ref = file_ref(&job.image_path)?;
     let mask_ref: Option<FileRef> = job.mask_path.as_deref().map(file_ref).transpose()?;
     let init_latents_ref = args.init_latents.as_deref().map(file_ref).transpose()?;
@@ -357,6 +406,7 @@ fn write_outputs(
         grow: job.grow,
     };
     let mut outputs = Vec::new();
+    let mut written = Vec::new();
     for (i, image) in output.images.iter().enumerate() {
         let path = output_path(args.out.as_deref(), job.mode, image.seed, i, args.count);
         let record = ImageRecord {
@@ -380,7 +430,7 @@ fn write_outputs(
             dtype: device::dtype_name(model.dtype).to_string(),
             device: device::name(&model.device),
             vae: None,
-            tier: None,
+            tier: tier.map(|(_, t)| t.name.clone()),
             inpaint: Some(inpaint_record.clone()),
         };
         write_png_atomic(&path, &image.image, &png_chunks(&record, output.scheduler, model))?;
@@ -388,6 +438,17 @@ fn write_outputs(
         if !args.json {
             eprintln!("wrote {} (seed {})", path.display(), image.seed);
         }
+        written.push((path, image, record));
+    }
+    let recorded = match tier {
+        Some((project, tier)) => {
+            Some(record_in_library(project, tier, model, job.mode, &image_ref, &written, timings.clone())?)
+        }
+        None => None,
+    };
+    if let (Some((job_id, ids, parent)), false) = (&recorded, args.json) {
+        let parent = parent.map(|p| format!(", child of asset {p}")).unwrap_or_default();
+        eprintln!("recorded job {job_id}, assets {ids:?}{parent}");
     }
     if args.json {
         let t = &output.timings;
@@ -413,11 +474,62 @@ fn write_outputs(
             "peak_memory_bytes": device::peak_host_memory_bytes(),
             "device": device::name(&model.device),
             "dtype": device::dtype_name(model.dtype),
+            "tier": tier.map(|(_, t)| t.name.clone()),
+            "credits": credits,
+            "library": recorded.map(|(job_id, ids, parent)| serde_json::json!({
+                "job_id": job_id, "asset_ids": ids, "parent_asset_id": parent,
+            })),
             "warnings": output.warnings,
         });
         println!("{report}");
     }
     Ok(())
+}
+
+/// Records a tier job and its outputs in the project's library; the parent is the asset whose
+/// file is the input image (when the input is one). Returns (job id, asset ids, parent id).
+fn record_in_library(
+    project: &Project,
+    tier: &Tier,
+    model: &LoadedModel,
+    mode: &str,
+    input: &FileRef,
+    written: &[(PathBuf, &InpaintedImage, ImageRecord)],
+    timings: JobTimings,
+) -> anyhow::Result<(i64, Vec<i64>, Option<i64>)> {
+    let mut library = project.library()?;
+    let parent = library.asset_by_sha256(&input.sha256)?.map(|a| a.id);
+    let credits = tier.price.cost(written.len(), timings.device_seconds());
+    let job = NewJob {
+        kind: mode.to_string(),
+        tier: Some(tier.name.clone()),
+        device: device::name(&model.device),
+        dtype: device::dtype_name(model.dtype).to_string(),
+        model_id: model_record(&model.source, Vec::new()).id,
+        images: written.len(),
+        timings,
+        credits,
+    };
+    let per_image = credits / written.len().max(1) as f64;
+    let assets: Vec<NewAsset> = written
+        .iter()
+        .map(|(path, image, record)| NewAsset {
+            kind: mode.to_string(),
+            tier: Some(tier.name.clone()),
+            // Absolute the way the project root is, so the library stores it relative to the root.
+            path: std::path::absolute(path).unwrap_or_else(|_| path.clone()),
+            parent_id: parent,
+            width: image.image.width(),
+            height: image.image.height(),
+            seed: Some(image.seed),
+            prompt: Some(record.prompt.clone()),
+            record: Some(record.clone()),
+            model_hashes: model.weights.clone(),
+            credits: per_image,
+        })
+        .collect();
+    let (job_id, ids) = library.record_job(&job, &assets)?;
+    Ok((job_id, ids, parent))
 }
 
 fn output_path(out: Option<&Path>, mode: &str, seed: u64, index: usize, count: usize) -> PathBuf {

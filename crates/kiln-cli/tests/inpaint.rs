@@ -202,3 +202,109 @@ fn bad_masks_fail_clearly_and_write_nothing() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(rgb(&out).dimensions(), (96, 64));
 }
+
+#[test]
+fn tier_sets_the_defaults_and_the_library_records_the_lineage() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let model = std::fs::canonicalize(fixture("plain4/model")).unwrap();
+    std::fs::write(
+        root.join("kiln.toml"),
+        format!(
+            "[tiers.fix]
+model = \"{}\"
+width = 32
+height = 32
+steps = 3
+scheduler = \"euler\"
+guidance = 3.0
+negative_prompt = \"murky\"
+price = {{ credits_per_image = 0.5 }}
+",
+            model.display()
+        ),
+    )
+    .unwrap();
+    let project = root.display().to_string();
+    let mask = fixture("mask.png");
+    let run = |input: &str, out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "inpaint",
+            input,
+            "--mask",
+            &mask,
+            "--prompt",
+            "a fox",
+            "--tier",
+            "fix",
+            "--project",
+            &project,
+            "--seed",
+            "2",
+            "--device",
+            "cpu",
+            "--json",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        let o = kiln(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
+    };
+    let first = root.join("first.png");
+    let report = run(&fixture("image.png"), &first, &["--region", "only-masked"]);
+    assert_eq!(report["tier"], "fix");
+    assert_eq!(report["scheduler"], "euler");
+    assert_eq!(report["credits"], 0.5);
+    // Only-masked mode processes at the tier's 32x32 pixel count (at the crop's aspect).
+    let (pw, ph) = (
+        report["plan"]["process_width"].as_u64().unwrap(),
+        report["plan"]["process_height"].as_u64().unwrap(),
+    );
+    assert!((768..=1344).contains(&(pw * ph)), "{pw}x{ph}");
+    assert!(report["library"]["parent_asset_id"].is_null(), "{report}");
+    let first_id = report["library"]["asset_ids"][0].as_i64().unwrap();
+    let r = record(&first);
+    assert_eq!((r["steps"].clone(), r["guidance"].clone()), (serde_json::json!(3), serde_json::json!(3.0)));
+    assert_eq!(r["negative_prompt"], "murky");
+    assert_eq!(r["tier"], "fix");
+    assert_eq!(r["scheduler"], "euler");
+
+    // Editing the recorded output again: flags override the tier, and the new asset's parent is
+    // the first one.
+    let second = root.join("second.png");
+    let report = run(first.to_str().unwrap(), &second, &["--steps", "2", "--negative", "dark"]);
+    assert_eq!(report["library"]["parent_asset_id"], first_id, "{report}");
+    let r = record(&second);
+    assert_eq!(r["steps"], 2);
+    assert_eq!(r["negative_prompt"], "dark");
+    let o = kiln(&[
+        "assets",
+        "show",
+        &report["library"]["asset_ids"][0].to_string(),
+        "--project",
+        &project,
+        "--json",
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let shown: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(shown["asset"]["kind"], "inpaint");
+    assert_eq!(shown["lineage"].as_array().unwrap().len(), 2, "{shown}");
+
+    // --model and --tier exclude each other; an unknown tier names itself.
+    let o = kiln(&[
+        "inpaint",
+        &fixture("image.png"),
+        "--mask",
+        &fixture("mask.png"),
+        "--prompt",
+        "x",
+        "--tier",
+        "nope",
+        "--project",
+        &project,
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("nope"), "{}", String::from_utf8_lossy(&o.stderr));
+}

@@ -95,6 +95,9 @@ pub struct InpaintRequest {
     pub reimpose_denoised: Option<bool>,
     /// Latent pixels the kiln latent mask grows by.
     pub inflate: u32,
+    /// The only-masked processing size (its pixel count and the crop's aspect); None = the
+    /// model's native size. A tier's width × height sets it.
+    pub native_size: Option<(u32, u32)>,
 }
 
 impl InpaintRequest {
@@ -118,6 +121,7 @@ impl InpaintRequest {
             reimpose: None,
             reimpose_denoised: None,
             inflate: 1,
+            native_size: None,
         }
     }
 }
@@ -221,8 +225,16 @@ pub fn validate(model: &LoadedModel, req: &InpaintRequest) -> Result<Mask> {
 pub fn plan(model: &LoadedModel, req: &InpaintRequest, mask: &Mask) -> Result<InpaintPlan> {
     let f = model.vae.scale_factor() as u32;
     let (w, h) = req.image.dimensions();
-    let (native_w, native_h) = model.default_size();
-    let (native_w, native_h) = (native_w as u32, native_h as u32);
+    let (native_w, native_h) = match req.native_size {
+        Some((w, h)) if w >= f && h >= f => (w, h),
+        Some((w, h)) => {
+            return Err(Error::arg("native size", format!("{w}x{h}: each side must be at least {f} px")))
+        }
+        None => {
+            let (w, h) = model.default_size();
+            (w as u32, h as u32)
+        }
+    };
     let bbox = mask.bbox().ok_or_else(|| Error::arg("--mask", "the mask is empty: nothing to inpaint"))?;
     let crop = crop_for(bbox, req.padding, (w, h), (native_w, native_h));
     let only_masked = match req.region {
