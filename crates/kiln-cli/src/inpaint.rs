@@ -76,6 +76,10 @@ pub struct JobArgs {
     /// kiln (soft masks, feathered; default) | diffusers (binarized, diffusers' own blending).
     #[arg(long, default_value = "kiln")]
     blend: String,
+    /// Re-impose the known region at every step: auto (on for ordinary models, off for
+    /// dedicated 9-channel inpainting models, which see the known image themselves) | on | off.
+    #[arg(long, default_value = "auto")]
+    reimpose: String,
     /// auto | cpu | cuda[:N] | metal.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -279,6 +283,12 @@ fn run_seeded(job: Job, args: &JobArgs, seed: u64) -> anyhow::Result<()> {
         "only-masked" => Region::OnlyMasked,
         other => bail!("invalid --region: `{other}` (expected auto, whole or only-masked)"),
     };
+    let reimpose = match args.reimpose.as_str() {
+        "auto" => None,
+        "on" => Some(true),
+        "off" => Some(false),
+        other => bail!("invalid --reimpose: `{other}` (expected auto, on or off)"),
+    };
     check_inputs(&job.image, &job.mask)?;
     let init_latents = args.init_latents.as_deref().map(read_npy).transpose()?;
     let device = device::open(args.device.parse::<DeviceRequest>()?)?;
@@ -338,6 +348,7 @@ fn run_seeded(job: Job, args: &JobArgs, seed: u64) -> anyhow::Result<()> {
     request.blend = blend;
     request.region = region;
     request.padding = args.padding;
+    request.reimpose = reimpose;
 
     let bar = show.then(|| {
         let bar = ProgressBar::new(request.steps as u64);
@@ -404,6 +415,7 @@ fn write_outputs(
         }),
         overlap: job.extend.map(|(_, _, o)| o),
         grow: job.grow,
+        reimpose: request.reimpose,
     };
     let mut outputs = Vec::new();
     let mut written = Vec::new();

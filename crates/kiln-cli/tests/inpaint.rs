@@ -308,3 +308,206 @@ price = {{ credits_per_image = 0.5 }}
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("nope"), "{}", String::from_utf8_lossy(&o.stderr));
 }
+
+/// PSNR (dB) of `got` against diffusers' float image over the pixels where `mask` >= 0.5.
+fn psnr_inside(got: &image::RgbImage, want: &[f32], mask: &kiln_core::image::mask::Mask) -> f64 {
+    let (mut se, mut n) = (0f64, 0usize);
+    for (i, px) in got.pixels().enumerate() {
+        if mask.values()[i] >= 0.5 {
+            for c in 0..3 {
+                let d = px.0[c] as f64 / 255.0 - want[i * 3 + c] as f64;
+                se += d * d;
+                n += 1;
+            }
+        }
+    }
+    10.0 * (n as f64 / se).log10()
+}
+
+/// `--init-latents` + `--blend diffusers` from the command line reproduce diffusers' own
+/// StableDiffusionInpaintPipeline output (the plain4_pndm case of tests/fixtures/inpaint); latents of
+/// the wrong shape are refused with the expected shape, and nothing is written.
+#[test]
+fn init_latents_and_diffusers_blend_reproduce_the_reference() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("ref.png");
+    let (image, mask) = (fixture("image.png"), fixture("mask.png"));
+    let common = [
+        "inpaint",
+        &image,
+        "--mask",
+        &mask,
+        "--prompt",
+        "a red fox sitting in the snow",
+        "--negative",
+        "blurry",
+        "--model",
+        &fixture("plain4/model"),
+        "--steps",
+        "5",
+        "--guidance",
+        "7.5",
+        "--seed",
+        "1",
+        "--blend",
+        "diffusers",
+        "--region",
+        "whole",
+        "--device",
+        "cpu",
+        "-q",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let mut args = common.to_vec();
+    let latents = fixture("latents.npy");
+    args.extend(["--init-latents", &latents]);
+    let o = kiln(&args);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let want = kiln_core::candle::Tensor::read_npy(fixture("plain4_pndm.npy"))
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let m = kiln_core::image::mask::Mask::load(Path::new(&mask)).unwrap();
+    let p = psnr_inside(&rgb(&out), &want, &m);
+    assert!(p >= 35.0, "PSNR inside the mask {p:.1} dB");
+    // Another seed's noise (no --init-latents) is far from that reference.
+    std::fs::remove_file(&out).unwrap();
+    let o = kiln(&common);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let p_other = psnr_inside(&rgb(&out), &want, &m);
+    assert!(p_other < 30.0, "{p_other}");
+    assert_eq!(record(&out)["inpaint"]["blend"], "diffusers");
+
+    std::fs::remove_file(&out).unwrap();
+    let wrong = dir.path().join("wrong.npy");
+    let t = kiln_core::candle::Tensor::zeros(
+        (1, 4, 8, 8),
+        kiln_core::candle::DType::F32,
+        &kiln_core::candle::Device::Cpu,
+    )
+    .unwrap();
+    t.write_npy(&wrong).unwrap();
+    let mut args = common.to_vec();
+    args.extend(["--init-latents", wrong.to_str().unwrap()]);
+    let o = kiln(&args);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success());
+    assert!(err.contains("[1, 4, 8, 8]") && err.contains("[1, 4, 8, 12]"), "{err}");
+    assert!(!out.exists());
+}
+
+/// A mask given as an RGBA image's alpha (transparent = repaint) gives the same image as the
+/// equivalent grayscale mask; grey levels stay soft (no rounding to 0/1).
+#[test]
+fn rgba_alpha_mask_equals_its_grayscale_mask() {
+    let dir = tempfile::tempdir().unwrap();
+    let gray = image::open(fixture("mask.png")).unwrap().to_luma8();
+    assert!(gray.pixels().any(|p| p.0[0] > 0 && p.0[0] < 255), "the fixture mask has soft edges");
+    let rgba = image::RgbaImage::from_fn(gray.width(), gray.height(), |x, y| {
+        image::Rgba([10, 200, 30, 255 - gray.get_pixel(x, y).0[0]])
+    });
+    let rgba_path = dir.path().join("alpha.png");
+    rgba.save(&rgba_path).unwrap();
+    let loaded = kiln_core::image::mask::Mask::load(&rgba_path).unwrap();
+    let from_gray = kiln_core::image::mask::Mask::load(Path::new(&fixture("mask.png"))).unwrap();
+    assert!(loaded == from_gray, "the alpha mask differs from the grayscale one");
+    assert!(loaded.values().iter().any(|&v| v > 0.0 && v < 1.0));
+    let mut outs = Vec::new();
+    for (name, m) in [("g.png", fixture("mask.png")), ("a.png", rgba_path.display().to_string())] {
+        let out = dir.path().join(name);
+        let o = kiln(&[
+            "inpaint",
+            &fixture("image.png"),
+            "--mask",
+            &m,
+            "--prompt",
+            "x",
+            "--model",
+            &fixture("plain4/model"),
+            "--steps",
+            "2",
+            "--seed",
+            "3",
+            "--device",
+            "cpu",
+            "-q",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        outs.push(rgb(&out));
+    }
+    assert_eq!(outs[0], outs[1]);
+}
+
+/// `--left/--right/--top/--bottom` with noise pre-fill, and `--reimpose on` for a 9-channel model.
+#[test]
+fn outpaint_sides_with_noise_fill_and_forced_reimposition() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = fixture("image.png");
+    let input = rgb(Path::new(&image));
+    let mut results = Vec::new();
+    for reimpose in ["auto", "on"] {
+        let out = dir.path().join(format!("{reimpose}.png"));
+        let o = kiln(&[
+            "outpaint",
+            &image,
+            "--left",
+            "16",
+            "--bottom",
+            "8",
+            "--fill",
+            "noise",
+            "--overlap",
+            "8",
+            "--reimpose",
+            reimpose,
+            "--model",
+            &fixture("inpaint9/model"),
+            "--steps",
+            "3",
+            "--seed",
+            "5",
+            "--device",
+            "cpu",
+            "--json",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        assert_eq!(report["unet"], "inpaint");
+        let got = rgb(&out);
+        assert_eq!(got.dimensions(), (112, 72));
+        // The original sits at (16, 0); beyond the 8 px overlap (left side and bottom) it is exact.
+        for y in 0..56 {
+            for x in 8..96 {
+                assert_eq!(got.get_pixel(16 + x, y), input.get_pixel(x, y), "({x}, {y})");
+            }
+        }
+        let r = record(&out);
+        assert_eq!(r["inpaint"]["extend"], serde_json::json!([16, 0, 0, 8]));
+        assert_eq!(r["inpaint"]["fill"], "noise");
+        assert_eq!(
+            r["inpaint"]["reimpose"],
+            if reimpose == "on" { serde_json::json!(true) } else { serde_json::Value::Null }
+        );
+        results.push(got);
+    }
+    assert_ne!(results[0], results[1], "--reimpose on changed nothing");
+    let o = kiln(&[
+        "outpaint",
+        &image,
+        "--left",
+        "8",
+        "--reimpose",
+        "sometimes",
+        "--model",
+        &fixture("inpaint9/model"),
+    ]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--reimpose"));
+}

@@ -65,7 +65,8 @@ impl Mask {
         if img.color().has_alpha() {
             let rgba = img.to_rgba8();
             if rgba.pixels().any(|p| p.0[3] < 255) {
-                let values = rgba.pixels().map(|p| 1.0 - p.0[3] as f32 / 255.0).collect();
+                // (255 - a) / 255, not 1 - a / 255: the same floats as the equivalent grayscale mask.
+                let values = rgba.pixels().map(|p| (255 - p.0[3]) as f32 / 255.0).collect();
                 return Self::new(width, height, values);
             }
         }

@@ -68,6 +68,9 @@ pub struct InpaintRecord {
     /// Erasing: pixels the mask was grown by.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grow: Option<u32>,
+    /// Re-imposition of the known region forced on or off (absent = the UNet kind's default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reimpose: Option<bool>,
 }
 
 impl ImageRecord {
