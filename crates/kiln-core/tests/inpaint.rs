@@ -386,7 +386,8 @@ fn band_mismatch(input: &RgbImage, output: &RgbImage, mask: &Mask) -> f64 {
     sum / n as f64
 }
 
-/// Re-imposing the known latents on the solvers' x0 estimate (kiln's default with its blend)
+/// Re-imposing the known latents on the solvers' x0 estimate (kiln's default with its blend;
+/// for PNDM the x0 its eps implies)
 /// changes only latent cells whose mask is soft: a hard, grid-aligned mask gives the same bytes
 /// with and without it, a feathered one does not. Prints the seam ratio and the soft band's
 /// mismatch with and without, per solver (the numbers in benches/RESULTS.md).
@@ -410,7 +411,7 @@ fn x0_reimposition_acts_on_soft_cells_only() {
         inpaint_quiet(&model, &req).unwrap()
     };
     let (mut seam_better, mut runs) = (0, 0);
-    for sched in ["ddim", "euler", "euler-a", "dpmpp-2m", "lcm"] {
+    for sched in ["ddim", "euler", "euler-a", "dpmpp-2m", "lcm", "pndm"] {
         // Hard mask on the 8 px grid, no inflation needed to see it: every latent cell is 0 or 1.
         let mut req = InpaintRequest::new("a red fox", flat.clone(), flat_mask.clone());
         req.steps = 4;
@@ -444,4 +445,61 @@ fn x0_reimposition_acts_on_soft_cells_only() {
         }
     }
     println!("seam ratio no worse with the x0 hook in {seam_better} of {runs} runs");
+}
+
+/// Measurement behind benches/RESULTS.md (not a pass/fail test): the flat-image seam ratio and
+/// the soft band's mismatch with and without the x0 re-imposition, over 8 seeds per solver and
+/// two feather widths. Run: `cargo test -p kiln-core --test inpaint -- --ignored --nocapture x0_stats`.
+#[test]
+#[ignore]
+fn x0_stats() {
+    let model = load_model("plain4");
+    let flat = RgbImage::from_pixel(96, 64, image::Rgb([150, 120, 90]));
+    let rect = (24u32, 16u32, 72u32, 48u32);
+    let flat_mask =
+        Mask::from_fn(
+            96,
+            64,
+            |x, y| {
+                if x >= rect.0 && x < rect.2 && y >= rect.1 && y < rect.3 {
+                    1.0
+                } else {
+                    0.0
+                }
+            },
+        );
+    println!("| solver | blur px | seam ratio off | seam ratio on | runs on <= off | band mismatch off | band mismatch on |");
+    println!("|---|---:|---:|---:|---:|---:|---:|");
+    for blur in [4.0, 8.0] {
+        for sched in ["ddim", "euler", "euler-a", "dpmpp-2m", "lcm", "pndm"] {
+            let (mut seam, mut band, mut better) = ([0f64; 2], [0f64; 2], 0);
+            let seeds = 0u64..8;
+            for seed in seeds.clone() {
+                let mut s = [0f64; 2];
+                for (k, x0) in [false, true].into_iter().enumerate() {
+                    let mut req =
+                        InpaintRequest::new("a red fox sitting in the snow", flat.clone(), flat_mask.clone());
+                    req.steps = 8;
+                    req.seeds = vec![seed];
+                    req.region = Region::Whole;
+                    req.mask_blur = blur;
+                    req.scheduler = Some(sched.parse().unwrap());
+                    req.reimpose_denoised = Some(x0);
+                    let out = inpaint_quiet(&model, &req).unwrap();
+                    s[k] = seam_ratio(&out.images[0].image, rect);
+                    seam[k] += s[k];
+                    band[k] += band_mismatch(&flat, &out.images[0].image, &out.composite_mask);
+                }
+                better += usize::from(s[1] <= s[0]);
+            }
+            let n = seeds.count() as f64;
+            println!(
+                "| {sched} | {blur} | {:.3} | {:.3} | {better}/{n} | {:.2} | {:.2} |",
+                seam[0] / n,
+                seam[1] / n,
+                band[0] / n,
+                band[1] / n
+            );
+        }
+    }
 }

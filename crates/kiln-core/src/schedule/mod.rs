@@ -56,8 +56,10 @@ pub trait Scheduler: Send {
     /// [`Scheduler::step`] with `denoised` applied to the solver's estimate of the clean sample
     /// (x0, or LCM's denoised sample) before the solver uses it: masked sampling re-imposes the
     /// known region there as well as on x_t. `denoised` gets and returns float32 tensors of the
-    /// sample's shape. With the identity it equals `step` bit for bit. Solvers that form no
-    /// such estimate (PNDM works on eps alone) ignore it: see [`Scheduler::forms_denoised`].
+    /// sample's shape. With the identity it equals `step` bit for bit (PNDM, which steps on eps,
+    /// applies it to the x0 its eps implies and converts back, so it keeps a separate `step`).
+    /// The default implementation, for a solver without such an estimate, ignores it: see
+    /// [`Scheduler::forms_denoised`].
     fn step_with_denoised(
         &mut self,
         model_output: &Tensor,

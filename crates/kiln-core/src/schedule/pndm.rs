@@ -7,9 +7,9 @@
 use super::betas::{BetaConfig, BetaDefaults, LINEAR_DEFAULTS};
 use super::config::{Prediction, SchedulerConfig, Spacing};
 use super::ddim::{add_noise_vp, train_indices};
-use super::param::{div, lin2, restore, upcast};
+use super::param::{div, lin2, restore, upcast, vp_x0_eps};
 use super::spacing::spaced_timesteps;
-use super::{at, Scheduler, SchedulerKind};
+use super::{at, DenoisedFn, Scheduler, SchedulerKind};
 use crate::error::{Error, Result};
 use crate::rng::BatchRng;
 use candle_core::Tensor;
@@ -231,12 +231,35 @@ impl Scheduler for Pndm {
     ) -> Result<Tensor> {
         let t = at(&self.timesteps, i, "timesteps")? as i64;
         let (x, m) = (upcast(sample)?, upcast(model_output)?);
-        let prev = if self.counter < self.prk_timesteps.len() && !self.skip_prk_steps {
-            self.step_prk(&m, t, &x)?
-        } else {
-            self.step_plms(&m, t, &x)?
+        self.step_f32(&m, t, &x, sample.dtype())
+    }
+
+    fn forms_denoised(&self) -> bool {
+        true
+    }
+
+    /// PNDM steps on eps alone; its x0 estimate is the one that eps implies at the sample's
+    /// level. The transform is applied there and turned back into the model's parameterisation,
+    /// so the multistep history holds the re-imposed outputs.
+    fn step_with_denoised(
+        &mut self,
+        model_output: &Tensor,
+        i: usize,
+        sample: &Tensor,
+        _rng: &mut BatchRng,
+        denoised: &mut DenoisedFn<'_>,
+    ) -> Result<Tensor> {
+        let t = at(&self.timesteps, i, "timesteps")? as i64;
+        let (x, m) = (upcast(sample)?, upcast(model_output)?);
+        let alpha_bar = self.alpha_bar(t)?;
+        let (alpha, sigma) = (alpha_bar.sqrt() as f64, (1.0 - alpha_bar).sqrt() as f64);
+        let (x0, _) = vp_x0_eps(self.prediction, &m, &x, alpha, sigma)?;
+        let x0 = denoised(x0)?;
+        let m = match self.prediction {
+            Prediction::VPrediction => div(&(x.affine(alpha, 0.0)? - x0)?, sigma)?,
+            _ => div(&(&x - x0.affine(alpha, 0.0)?)?, sigma)?,
         };
-        restore(prev, sample.dtype())
+        self.step_f32(&m, t, &x, sample.dtype())
     }
 
     fn add_noise(&self, original: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
@@ -246,5 +269,17 @@ impl Scheduler for Pndm {
 
     fn kind(&self) -> SchedulerKind {
         SchedulerKind::Pndm
+    }
+}
+
+impl Pndm {
+    /// One step on float32 model output and sample at timestep `t`, cast back to `dtype`.
+    fn step_f32(&mut self, m: &Tensor, t: i64, x: &Tensor, dtype: candle_core::DType) -> Result<Tensor> {
+        let prev = if self.counter < self.prk_timesteps.len() && !self.skip_prk_steps {
+            self.step_prk(m, t, x)?
+        } else {
+            self.step_plms(m, t, x)?
+        };
+        restore(prev, dtype)
     }
 }

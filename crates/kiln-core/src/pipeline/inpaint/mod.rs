@@ -90,7 +90,8 @@ pub struct InpaintRequest {
     /// dedicated inpainting UNets (which see the known image through their extra channels).
     pub reimpose: Option<bool>,
     /// Also re-impose the clean known latents on the solver's x0 estimate at every step (DDIM,
-    /// Euler, Euler a, DPM++ 2M, LCM; PNDM has none). None = on whenever `reimpose` is, with
+    /// Euler, Euler a, DPM++ 2M, LCM's denoised, PNDM's eps-implied x0). None = on whenever
+    /// `reimpose` is, with
     /// `Blend::Kiln` (`Blend::Diffusers` reproduces diffusers, which does not).
     pub reimpose_denoised: Option<bool>,
     /// Latent pixels the kiln latent mask grows by.
