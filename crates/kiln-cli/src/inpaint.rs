@@ -239,6 +239,14 @@ pub fn run_erase(args: EraseArgs) -> anyhow::Result<()> {
     let image = kiln_core::image::load_rgb(&args.image)?;
     let mask = read_mask(&args.mask, &image, args.resize_mask)?;
     let grown = mask.dilated(args.grow);
+    if grown.is_full() {
+        bail!(
+            "invalid --grow: the mask grown by {} px covers the whole image {}x{}; use a smaller --grow",
+            args.grow,
+            image.width(),
+            image.height()
+        );
+    }
     let job = Job {
         mode: "erase",
         image_path: args.image,

@@ -155,6 +155,7 @@ fn bad_masks_fail_clearly_and_write_nothing() {
     let text = text.display().to_string();
     let image = fixture("image.png");
     let model = fixture("plain4/model");
+    let soft = fixture("mask.png");
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["inpaint", &image, "--mask", &small], "the mask is 50x40 but the image is 96x64"),
         (vec!["inpaint", &image, "--mask", &empty], "nothing to inpaint"),
@@ -162,6 +163,7 @@ fn bad_masks_fail_clearly_and_write_nothing() {
         (vec!["inpaint", &image, "--mask", &text], "not a recognised image format"),
         (vec!["inpaint", &text, "--mask", &empty], "not a recognised image format"),
         (vec!["erase", &image, "--mask", &empty], "nothing to inpaint"),
+        (vec!["erase", &image, "--mask", &soft, "--grow", "200"], "use a smaller --grow"),
         (vec!["outpaint", &image], "nothing to extend"),
         (vec!["outpaint", &image, "--to", "16:0"], "aspect ratio"),
     ];
