@@ -424,6 +424,7 @@ fn write_outputs(
         overlap: job.extend.map(|(_, _, o)| o),
         grow: job.grow,
         reimpose: request.reimpose,
+        native: Some([plan.native_width, plan.native_height]),
     };
     let mut outputs = Vec::new();
     let mut written = Vec::new();

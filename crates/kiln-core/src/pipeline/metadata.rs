@@ -71,6 +71,10 @@ pub struct InpaintRecord {
     /// Re-imposition of the known region forced on or off (absent = the UNet kind's default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reimpose: Option<bool>,
+    /// The native size only-masked mode planned with [width, height] (absent in older records:
+    /// the model's own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub native: Option<[u32; 2]>,
 }
 
 impl ImageRecord {

@@ -6,6 +6,7 @@
 //! size), sample it ([`sample`]), then composite the result into the original
 //! ([`crate::image::mask::composite`]).
 
+pub mod replay;
 mod sample;
 
 pub use sample::UNetKind;
@@ -136,6 +137,10 @@ pub struct InpaintPlan {
     pub process_width: u32,
     pub process_height: u32,
     pub only_masked: bool,
+    /// The native size only-masked mode sizes and shapes the crop by (the model's, or
+    /// [`InpaintRequest::native_size`]).
+    pub native_width: u32,
+    pub native_height: u32,
 }
 
 /// One finished image.
@@ -266,7 +271,14 @@ pub fn plan(model: &LoadedModel, req: &InpaintRequest, mask: &Mask) -> Result<In
             ));
         }
     }
-    Ok(InpaintPlan { crop, process_width: pw, process_height: ph, only_masked })
+    Ok(InpaintPlan {
+        crop,
+        process_width: pw,
+        process_height: ph,
+        only_masked,
+        native_width: native_w,
+        native_height: native_h,
+    })
 }
 
 fn round_to(v: f64, f: u32) -> u32 {
