@@ -9,7 +9,7 @@ use kiln_core::device::{self, DeviceRequest};
 use kiln_core::image::mask::Mask;
 use kiln_core::image::png_meta::write_png_atomic;
 use kiln_core::library::assets::{JobTimings, NewAsset, NewJob};
-use kiln_core::library::Project;
+use kiln_core::library::{ledger, Project};
 use kiln_core::loaders::hub;
 use kiln_core::pipeline::inpaint::{
     check_inputs, inpaint, Blend, InpaintOutput, InpaintRequest, InpaintedImage, Region,
@@ -314,6 +314,14 @@ fn run_seeded(job: Job, args: &JobArgs, seed: u64) -> anyhow::Result<()> {
         None => explicit_dtype.unwrap_or_else(|| device::default_dtype(&device)),
     };
     let show = !(args.json || args.quiet);
+    // A tier job spends credits: refuse it before any work when it would pass the budget.
+    if let Some((project, tier)) = &tier {
+        let library = project.library()?;
+        let estimate = ledger::estimate(&library, tier, args.count)?;
+        if let Some(warning) = ledger::check_budget(&project.config, library.spent()?, estimate)? {
+            eprintln!("warning: {warning}");
+        }
+    }
 
     let t0 = Instant::now();
     let model = match (&tier, &args.model) {

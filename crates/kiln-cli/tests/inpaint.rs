@@ -294,6 +294,31 @@ price = {{ credits_per_image = 0.5 }}
     assert_eq!(shown["asset"]["kind"], "inpaint");
     assert_eq!(shown["lineage"].as_array().unwrap().len(), 2, "{shown}");
 
+    // Past the project's budget (1.0 spent of 1.2; this job would cost 0.5) the job is refused
+    // before anything runs, and nothing is written.
+    let toml = std::fs::read_to_string(root.join("kiln.toml")).unwrap();
+    std::fs::write(root.join("kiln.toml"), format!("[budget]\nlimit = 1.2\n{toml}")).unwrap();
+    let third = root.join("third.png");
+    let o = kiln(&[
+        "inpaint",
+        &fixture("image.png"),
+        "--mask",
+        &mask,
+        "--prompt",
+        "x",
+        "--tier",
+        "fix",
+        "--project",
+        &project,
+        "--device",
+        "cpu",
+        "--out",
+        third.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("budget"), "{err}");
+    assert!(!third.exists());
+
     // --model and --tier exclude each other; an unknown tier names itself.
     let o = kiln(&[
         "inpaint",
