@@ -7,6 +7,7 @@ use kiln_core::device::{self, DeviceRequest};
 use kiln_core::library::Project;
 use kiln_core::tiers::drift::DriftOutcome;
 use kiln_core::tiers::load::Overrides;
+use kiln_core::tiers::Tier;
 use kiln_core::workflow::draft::{draft, DraftRequest};
 use kiln_core::workflow::{JobOptions, Workspace};
 use std::path::PathBuf;
@@ -51,12 +52,17 @@ impl JobArgs {
 }
 
 /// Reports a drift-guard outcome on stderr.
-pub fn report_drift(tier: &str, outcome: &DriftOutcome, json: bool) {
+pub fn report_drift(tier: &str, outcome: &DriftOutcome, resolved: &Tier, json: bool) {
     if json {
         return;
     }
     match outcome {
-        DriftOutcome::Pinned => eprintln!("pinned tier `{tier}` weights in kiln.lock"),
+        DriftOutcome::Pinned => {
+            eprintln!("pinned tier `{tier}` weights in kiln.lock");
+            if let Some(w) = resolved.trust_on_first_use_warning() {
+                eprintln!("warning: {w}");
+            }
+        }
         DriftOutcome::Accepted(changes) => {
             eprintln!("accepted drift of tier `{tier}`:\n  {}", changes.join("\n  "))
         }
@@ -104,7 +110,7 @@ pub fn run(args: DraftArgs) -> anyhow::Result<()> {
     // Refuse before the (expensive) model load when the budget is spent.
     ws.check_budget(&tier, args.count)?;
     let mut warm = ws.load_tier(&args.tier)?;
-    report_drift(&args.tier, &warm.drift, args.job.json);
+    report_drift(&args.tier, &warm.drift, &warm.tier, args.job.json);
     let request = DraftRequest {
         prompt: args.prompt.clone(),
         count: args.count,

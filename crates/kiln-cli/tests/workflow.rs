@@ -209,7 +209,8 @@ fn draft_batch_promote_and_replay() {
     assert_eq!(jobs.len(), 5); // draft, promote ×2, replay ×2 (generate is not recorded)
     for j in &jobs {
         let t = &j.timings;
-        let stages = t.load + t.text_encode + t.vae_encode + t.steps.iter().sum::<f64>() + t.vae_decode;
+        let stages =
+            t.load + t.text_encode + t.vae_encode + t.steps.iter().sum::<f64>() + t.vae_decode + t.upscale;
         assert!((j.device_seconds - stages).abs() < 1e-9);
     }
     // Draft: 0.01 per image (built-in price); final: 0.05 per device-second.
@@ -302,7 +303,12 @@ fn bad_input_is_a_clear_error() {
     assert_fails(root, &["promote", "/no/such.png"], "not found");
     assert_fails(root, &["promote", "999"], "no asset with id 999");
     assert_fails(root, &["promote", "999", "--mode", "sideways"], "--mode");
-    assert_fails(root, &["promote", "999", "--upscale", "4k"], "upscaling is not available");
+    assert_fails(root, &["promote", "999", "--upscale", "banana"], "--upscale");
+    assert_fails(
+        root,
+        &["promote", "999", "--upscale", "4k", "--upscale-tier", "final"],
+        "not an upscale tier",
+    );
     // A contact sheet has no generation record.
     let d = ok_json(root, &["draft", "x", "-n", "2", "--seed", "3", "-q"]);
     assert_fails(root, &["promote", &d["sheet_asset_id"].to_string()], "no generation record");
@@ -311,6 +317,12 @@ fn bad_input_is_a_clear_error() {
         &["promote", &d["images"][0]["asset_id"].to_string(), "--strength", "1.5"],
         "--strength",
     );
+    // The built-in upscale tier names a store model this data dir has not imported: refused
+    // before the final is rendered.
+    let finals = count_files(&root.join("assets/finals"));
+    let draft0 = d["images"][0]["asset_id"].to_string();
+    assert_fails(root, &["promote", &draft0, "--upscale", "4k"], "tier `upscale` model `realesrgan-x4plus`");
+    assert_eq!(count_files(&root.join("assets/finals")), finals, "nothing rendered");
     // A corrupt library database.
     std::fs::write(
         root.join(".kiln/library.db"),
@@ -473,4 +485,101 @@ fn full_size_synthetic_draft_has_the_published_parameter_count() {
         ],
     );
     assert_eq!(b["results"][0]["parameters"], 1_289_952_427u64);
+}
+
+fn sr_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sr/srvgg-tiny-x4.safetensors")
+}
+
+#[test]
+fn promote_with_upscale_records_the_upscaled_child() {
+    // The upscale tier points at a copy of the tiny SRVGG x4 model (price from the built-in tier).
+    let dir = project("[tiers.upscale]\nmodel = \"./sr.safetensors\"\n");
+    let root = dir.path();
+    std::fs::copy(sr_fixture(), root.join("sr.safetensors")).unwrap();
+    let d = ok_json(root, &["draft", "a lighthouse at dusk", "-n", "1", "--seed", "5", "-q"]);
+    let draft_id = d["images"][0]["asset_id"].as_i64().unwrap();
+    let p = ok_json(root, &["promote", &draft_id.to_string(), "--upscale", "4", "-q"]);
+    let final_id = p["asset_id"].as_i64().unwrap();
+    let up = &p["upscaled"];
+    assert_eq!(up["parent_asset_id"].as_i64(), Some(final_id));
+    assert_eq!(up["input_size"], serde_json::json!([128, 96]));
+    assert_eq!(up["output_size"], serde_json::json!([512, 384]));
+    let up_path = PathBuf::from(up["path"].as_str().unwrap());
+    let upscaled = pixels(&up_path);
+    assert_eq!(upscaled.dimensions(), (512, 384));
+    // The same pixels as `kiln upscale` on the final with the same model.
+    let direct = root.join("direct-up.png");
+    let o = kiln(
+        root,
+        &[
+            "upscale",
+            p["path"].as_str().unwrap(),
+            "--model",
+            root.join("sr.safetensors").to_str().unwrap(),
+            "--scale",
+            "4",
+            "--out",
+            direct.to_str().unwrap(),
+            "-q",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(pixels(&direct), upscaled);
+
+    // Library: its own asset, lineage upscaled → final → draft, parameters and model hash.
+    let show = ok_json(root, &["assets", "show", &up["asset_id"].to_string()]);
+    let lineage: Vec<&str> =
+        show["lineage"].as_array().unwrap().iter().map(|a| a["kind"].as_str().unwrap()).collect();
+    assert_eq!(lineage, ["upscaled", "final", "draft"]);
+    let lib = Project::open(root).unwrap().library().unwrap();
+    let asset = lib.asset(up["asset_id"].as_i64().unwrap()).unwrap();
+    assert_eq!((asset.kind.as_str(), asset.tier.as_deref()), ("upscaled", Some("upscale")));
+    assert_eq!((asset.width, asset.height), (512, 384));
+    let sr_sha = kiln_core::loaders::weights::sha256_file(&sr_fixture()).unwrap();
+    assert_eq!(asset.model_hashes.len(), 1);
+    assert_eq!(
+        (asset.model_hashes[0].component.as_str(), asset.model_hashes[0].file.as_str()),
+        ("file", "sr.safetensors")
+    );
+    assert_eq!(asset.model_hashes[0].sha256, sr_sha);
+    let params = asset.params.as_ref().unwrap();
+    assert_eq!(
+        (params["step"].as_str(), params["arch"].as_str()),
+        (Some("upscale"), Some("SRVGGNetCompact"))
+    );
+    assert_eq!(params["output_size"], serde_json::json!([512, 384]));
+    assert_eq!(params["target"], serde_json::json!({ "Scale": 4.0 }));
+    // Ledger: an `upscale` job whose stages sum to its device seconds, priced per image.
+    let jobs = lib.jobs().unwrap();
+    let job = jobs.iter().find(|j| j.kind == "upscale").unwrap();
+    assert_eq!((job.tier.as_deref(), job.images), (Some("upscale"), 1));
+    let t = &job.timings;
+    assert!(t.upscale > 0.0 && t.steps.is_empty());
+    assert!((job.device_seconds - (t.load + t.upscale)).abs() < 1e-9);
+    assert!((job.credits - 0.02).abs() < 1e-12, "{}", job.credits);
+    assert!((up["credits"].as_f64().unwrap() - 0.02).abs() < 1e-12);
+    let report = ok_json(root, &["report"]);
+    let total: f64 = jobs.iter().map(|j| j.credits).sum();
+    assert!((report["total_credits"].as_f64().unwrap() - total).abs() < 1e-9);
+    assert_eq!(report["finals"], 1);
+    // The lock pins the upscale model too.
+    let lock = std::fs::read_to_string(root.join("kiln.lock")).unwrap();
+    assert!(lock.contains("[tiers.upscale]") && lock.contains(&sr_sha), "{lock}");
+
+    // A fit target (WxH): inside 300×300 keeping the aspect ratio.
+    let p2 = ok_json(root, &["promote", &draft_id.to_string(), "--upscale", "300x300", "-q"]);
+    assert_eq!(p2["upscaled"]["output_size"], serde_json::json!([300, 225]));
+    assert_eq!(pixels(Path::new(p2["upscaled"]["path"].as_str().unwrap())).dimensions(), (300, 225));
+
+    // Drift of the SR weights is refused before the final is rendered.
+    let mut bytes = std::fs::read(root.join("sr.safetensors")).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(root.join("sr.safetensors"), bytes).unwrap();
+    let finals = count_files(&root.join("assets/finals"));
+    assert_fails(root, &["promote", &draft_id.to_string(), "--upscale", "4"], "sr.safetensors changed");
+    assert_eq!(count_files(&root.join("assets/finals")), finals);
+    let check = ok_json(root, &["assets", "check"]);
+    assert_eq!(check["consistent"], true, "{check}");
 }

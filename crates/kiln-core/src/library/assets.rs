@@ -19,6 +19,9 @@ pub struct JobTimings {
     /// Each denoising step (UNet + solver).
     pub steps: Vec<f64>,
     pub vae_decode: f64,
+    /// Super-resolution (upscale jobs).
+    #[serde(default)]
+    pub upscale: f64,
     /// Process CPU time (user + system) during the job, when the OS reports it.
     pub cpu_seconds: Option<f64>,
     pub peak_memory_bytes: Option<u64>,
@@ -33,6 +36,7 @@ impl JobTimings {
             vae_encode: t.vae_encode,
             steps: t.steps.clone(),
             vae_decode: t.vae_decode,
+            upscale: 0.0,
             cpu_seconds: None,
             peak_memory_bytes: crate::device::peak_host_memory_bytes(),
         }
@@ -42,16 +46,16 @@ impl JobTimings {
         self.steps.iter().sum()
     }
 
-    /// The sum of the stages: load + text encode + VAE encode + steps + VAE decode.
+    /// The sum of the stages: load + text encode + VAE encode + steps + VAE decode + upscale.
     pub fn device_seconds(&self) -> f64 {
-        self.load + self.text_encode + self.vae_encode + self.steps_total() + self.vae_decode
+        self.load + self.text_encode + self.vae_encode + self.steps_total() + self.vae_decode + self.upscale
     }
 }
 
 /// A job to record.
 #[derive(Debug, Clone)]
 pub struct NewJob {
-    /// draft | promote | generate | replay
+    /// draft | promote | generate | replay | upscale
     pub kind: String,
     pub tier: Option<String>,
     pub device: String,
@@ -65,7 +69,7 @@ pub struct NewJob {
 /// An output to record; its file must already be written (atomically).
 #[derive(Debug, Clone)]
 pub struct NewAsset {
-    /// draft | final | sheet | replay
+    /// draft | final | sheet | replay | upscaled
     pub kind: String,
     pub tier: Option<String>,
     pub path: PathBuf,
@@ -77,6 +81,8 @@ pub struct NewAsset {
     pub record: Option<ImageRecord>,
     pub model_hashes: Vec<WeightRecord>,
     pub credits: f64,
+    /// Parameters of a step that is not a generation (an upscale's model, sizes, tiling).
+    pub params: Option<serde_json::Value>,
 }
 
 /// A recorded asset.
@@ -98,6 +104,8 @@ pub struct AssetRow {
     pub model_hashes: Vec<WeightRecord>,
     pub credits: f64,
     pub created_at: i64,
+    /// See [`NewAsset::params`].
+    pub params: Option<serde_json::Value>,
 }
 
 /// A recorded job.
@@ -126,7 +134,8 @@ pub struct AssetFilter {
 }
 
 const ASSET_COLUMNS: &str = "id, job_id, parent_id, kind, tier, path, sha256, width, height, seed, prompt, \
-                             record_json, model_hashes, credits, created_at";
+                             record_json, model_hashes, credits, created_at, \
+                             (SELECT json FROM asset_params WHERE asset_params.asset_id = assets.id)";
 
 fn asset_from_row(row: &Row) -> rusqlite::Result<AssetRow> {
     let record: Option<String> = row.get(11)?;
@@ -148,6 +157,7 @@ fn asset_from_row(row: &Row) -> rusqlite::Result<AssetRow> {
         model_hashes: serde_json::from_str(&hashes).unwrap_or_default(),
         credits: row.get(13)?,
         created_at: row.get(14)?,
+        params: row.get::<_, Option<String>>(15)?.and_then(|p| serde_json::from_str(&p).ok()),
     })
 }
 
@@ -226,7 +236,15 @@ impl Library {
                 ],
             )
             .map_err(err)?;
-            ids.push(tx.last_insert_rowid());
+            let id = tx.last_insert_rowid();
+            if let Some(p) = &a.params {
+                tx.execute(
+                    "INSERT INTO asset_params (asset_id, json) VALUES (?1, ?2)",
+                    params![id, p.to_string()],
+                )
+                .map_err(err)?;
+            }
+            ids.push(id);
         }
         tx.commit().map_err(err)?;
         Ok((job_id, ids))
