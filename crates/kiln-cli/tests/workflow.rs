@@ -451,6 +451,26 @@ fn bench_synthetic_and_real_on_cpu() {
     assert_eq!((results[0]["cfg"].as_bool(), results[1]["cfg"].as_bool()), (Some(false), Some(true)));
     assert!(results[1]["parameters"].as_u64() > results[0]["parameters"].as_u64());
     assert!(image::open(&chart).unwrap().width() > 300);
+    // The upscale tier: random x4plus-shaped RRDBNet (widths / 16) on the final's 64 px output.
+    let ups = b["upscale"].as_array().unwrap();
+    assert_eq!(ups.len(), 1);
+    let u = &ups[0];
+    assert_eq!((u["synthetic"].as_bool(), u["scale"].as_u64()), (Some(true), Some(4)));
+    assert_eq!((u["input_width"].as_u64(), u["output_width"].as_u64()), (Some(64), Some(256)));
+    assert!(u["architecture"].as_str().unwrap().starts_with("RRDBNet x4"));
+    // RRDBNet x4plus with 4 features and growth 2: 23 blocks of 15 convolutions.
+    let x4plus_shrunk = {
+        let conv = |i: u64, o: u64| i * o * 9 + o;
+        let (f, g) = (4, 2);
+        let rdb = conv(f, g) + conv(f + g, g) + conv(f + 2 * g, g) + conv(f + 3 * g, g) + conv(f + 4 * g, f);
+        conv(3, f) + 23 * 3 * rdb + conv(f, f) * 4 + conv(f, 3)
+    };
+    assert_eq!(u["parameters"].as_u64(), Some(x4plus_shrunk));
+    let mp = 256.0 * 256.0 / 1e6;
+    assert!(
+        (u["megapixels_per_second"].as_f64().unwrap() * u["upscale"].as_f64().unwrap() - mp).abs() < 1e-9
+    );
+    assert!(u["peak_host_memory_bytes"].as_u64().unwrap() > 0);
     // Real weights: the project's tiers (the tiny model) through the pipeline.
     let r = ok_json(root, &["bench", "--device", "cpu", "--project", root.to_str().unwrap()]);
     let results = r["results"].as_array().unwrap();
