@@ -445,7 +445,35 @@ mod tests {
         assert_eq!((fin.width, fin.steps, fin.guidance), (Some(1024), Some(30), Some(6.0)));
         assert_eq!(fin.scheduler.as_deref(), Some("dpmpp-2m-karras"));
         assert_eq!(reg.get("upscale")?.kind, TierKind::Upscale);
-        assert_eq!(draft.pin_status(), "revision unpinned, weights unpinned");
+        // Revisions pinned; diffusion weights explicitly unpinned (trust on first use).
+        assert_eq!(draft.revision.as_deref(), Some("b261bac6fd2cf515557d5d0707481eafa0485ec2"));
+        assert_eq!(
+            draft.pin_status(),
+            "revision pinned, weights unpinned, 6 explicitly unpinned (trust on first use)"
+        );
+        assert!(draft
+            .trust_on_first_use_warning()
+            .is_some_and(|w| w.contains("unet/diffusion_pytorch_model")));
+        assert_eq!(fin.revision.as_deref(), Some("462165984030d82259a11f4367a4eed129e94a7b"));
+        assert_eq!(fin.vae_revision.as_deref(), Some("207b116dae70ace3637169f1ddd2434b91b3a8cd"));
+        let up = reg.get("upscale")?;
+        assert_eq!(up.pin_status(), "revision pinned, 1 weight file(s) pinned");
+        assert!(up.trust_on_first_use_warning().is_none());
+        // Every shipped tier pins its revision and every component's files, or names them
+        // "unpinned" explicitly: nothing is left silently absent.
+        for t in reg.tiers.values() {
+            match t.kind {
+                TierKind::Diffusion => {
+                    assert!(t.revision.is_some(), "{}", t.name);
+                    assert!(t.vae.is_none() || t.vae_revision.is_some(), "{}", t.name);
+                    for comp in ["unet/", "text_encoder/", "vae/"] {
+                        let named = t.weights.keys().chain(&t.unpinned).any(|k| k.starts_with(comp));
+                        assert!(named, "tier {} names no {comp} file", t.name);
+                    }
+                }
+                TierKind::Upscale => assert!(!t.weights.is_empty(), "{}", t.name),
+            }
+        }
         let err = reg.get("sketch").map(|_| ()).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("unknown tier `sketch`") && err.contains("draft, final, upscale"), "{err}");
         Ok(())
