@@ -587,6 +587,34 @@ fn promote_with_upscale_records_the_upscaled_child() {
     let lock = std::fs::read_to_string(root.join("kiln.lock")).unwrap();
     assert!(lock.contains("[tiers.upscale]") && lock.contains(&sr_sha), "{lock}");
 
+    // Replay of the upscaled asset (by id, and by its PNG): generation + recorded upscale, bit-exact.
+    for source in [up["asset_id"].to_string(), up_path.display().to_string()] {
+        let out = root.join(format!("replay-up-{}.png", source.len()));
+        let rp = ok_json(root, &["replay", &source, "--out", out.to_str().unwrap(), "--strict", "-q"]);
+        assert_eq!(rp["bit_exact"], true, "{rp}");
+        assert_eq!(pixels(&out), upscaled);
+        assert!(rp["timings"]["upscale"].as_f64().unwrap() > 0.0);
+    }
+    // An upscaled PNG the library does not know (made by `kiln upscale`) is refused, not misread.
+    // (`direct` is byte-identical to the recorded asset, so the library finds it: use x2.)
+    let unknown = root.join("unknown-up.png");
+    let o = kiln(
+        root,
+        &[
+            "upscale",
+            p["path"].as_str().unwrap(),
+            "--model",
+            root.join("sr.safetensors").to_str().unwrap(),
+            "--scale",
+            "2",
+            "--out",
+            unknown.to_str().unwrap(),
+            "-q",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_fails(root, &["replay", unknown.to_str().unwrap()], "upscaled image the library does not know");
+
     // A fit target (WxH): inside 300×300 keeping the aspect ratio.
     let p2 = ok_json(root, &["promote", &draft_id.to_string(), "--upscale", "300x300", "-q"]);
     assert_eq!(p2["upscaled"]["output_size"], serde_json::json!([300, 225]));
