@@ -102,6 +102,21 @@ fn draft_batch_promote_and_replay() {
     assert!(sheet.height() > 4 + 2 * (64 + 4));
     let thumb = image::imageops::crop_imm(&sheet, 4, 4, 64, 64).to_image();
     assert_eq!(thumb, px[0]);
+    // Each cell's label strip (index and seed) is inked and differs from every other cell's.
+    let cell_h = (sheet.height() - 4) / 2 - 4;
+    let strips: Vec<image::RgbImage> = (0..4u32)
+        .map(|i| {
+            let (x, y) = (4 + (i % 2) * 68, 4 + (i / 2) * (cell_h + 4));
+            image::imageops::crop_imm(&sheet, x, y + 64, 64, cell_h - 64).to_image()
+        })
+        .collect();
+    for (i, s) in strips.iter().enumerate() {
+        let first = s.get_pixel(0, 0);
+        assert!(s.pixels().any(|p| p != first), "label {i} has no text");
+        for t in &strips[i + 1..] {
+            assert_ne!(s, t, "labels must name different indices and seeds");
+        }
+    }
 
     // A batched draft equals the single image of the same seed (model kept warm, per-image RNG).
     let single = root.join("single.png");
@@ -251,6 +266,20 @@ fn budget_warns_then_refuses() {
     assert_eq!(count_files(&root.join("assets")), before, "a refused job writes nothing");
     let report = ok_json(root, &["report"]);
     assert!((report["budget_left"].as_f64().unwrap() - 0.02).abs() < 1e-9);
+}
+
+#[test]
+fn promote_with_upscale_is_refused_up_front_past_the_budget() {
+    // 3 drafts spend 0.03 of 0.035: the final alone fits (no history: estimated 0 + actual
+    // seconds), the final plus the upscale (0.02 per image) does not, so nothing runs.
+    let dir = project("[budget]\nlimit = 0.035\n");
+    let root = dir.path();
+    let d = ok_json(root, &["draft", "x", "-n", "3", "--seed", "1", "-q"]);
+    let id = d["images"][0]["asset_id"].to_string();
+    assert_fails(root, &["promote", &id, "--upscale", "4"], "budget exhausted");
+    assert_eq!(count_files(&root.join("assets/finals")), 0);
+    assert!(kiln(root, &["promote", &id, "-q"]).status.success());
+    assert_eq!(count_files(&root.join("assets/finals")), 1);
 }
 
 #[test]
