@@ -159,7 +159,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     for u in &upscales {
         println!(
-            "{:<8} {:>9} -> {:<11} x{} {:<40} load {:.3} / {:.3}  upscale {:.3} s  {:.3} img/s  {:.2} MP/s  tile {}  peak {}  {:.1}M params",
+            "{:<8} {:>9} -> {:<11} x{} {:<40} load {:.3} / {:.3}  upscale {:.3} s  {:.3} img/s  {:.3} MP/s  tile {}  peak {}  {:.1}M params",
             u.tier,
             format!("{}x{}", u.input_width, u.input_height),
             format!("{}x{}", u.output_width, u.output_height),

@@ -41,6 +41,7 @@ pub struct TierBench {
     /// text encode + steps + VAE decode for one image.
     pub per_image: f64,
     pub images_per_second: f64,
+    /// Peak resident memory while this tier ran (Linux; cumulative where it cannot be reset).
     pub peak_host_memory_bytes: Option<u64>,
     pub parameters: usize,
 }
@@ -210,8 +211,16 @@ impl candle_nn::var_builder::SimpleBackend for CountingZeros {
     }
 }
 
+/// Resets the process's peak resident memory (Linux `clear_refs` 5), so each tier's
+/// `peak_host_memory_bytes` is its own rather than the run's so far. Best effort: elsewhere
+/// (or without permission) the peak stays cumulative.
+fn reset_peak_host_memory() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 /// Times one tier (synthetic: zero-weight model of its architecture).
 pub fn bench_synthetic(tier: &Tier, s: &BenchSettings) -> Result<TierBench> {
+    reset_peak_host_memory();
     if ![1, 2, 4, 8, 16, 32].contains(&s.shrink) {
         return Err(Error::arg("--shrink", format!("{} is not one of 1, 2, 4, 8, 16, 32", s.shrink)));
     }
@@ -305,6 +314,7 @@ pub fn bench_synthetic(tier: &Tier, s: &BenchSettings) -> Result<TierBench> {
 
 /// Times one tier with its real weights (through the generation pipeline, one image).
 pub fn bench_real(tier: &Tier, s: &BenchSettings) -> Result<TierBench> {
+    reset_peak_host_memory();
     use crate::pipeline::generate::{generate, NoProgress};
     let t0 = Instant::now();
     let model = crate::tiers::load::load_tier_model(tier, &s.device, s.dtype, false)?;
@@ -420,6 +430,7 @@ pub fn bench_upscale(
 ) -> Result<UpscaleBench> {
     use crate::pipeline::upscale::{UpscaleOptions, Upscaler};
     crate::tiers::load::require_upscale(tier)?;
+    reset_peak_host_memory();
     if width == 0 || height == 0 {
         return Err(Error::arg("--size", "the upscale input must be at least 1x1"));
     }

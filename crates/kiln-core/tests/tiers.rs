@@ -269,6 +269,12 @@ fn explicit_unpinned_values() {
     let reg = TierRegistry::load(None, Some(&toml)).unwrap();
     let t = reg.get("t").unwrap();
     assert_eq!(t.revision, None);
+    // Not a layering of the built-in final: a new model without a VAE drops SDXL's fp16-fix VAE.
+    std::fs::write(&toml, "[tiers.final]\nmodel = \"org/other\"\n").unwrap();
+    let fin = TierRegistry::load(None, Some(&toml)).unwrap().get("final").unwrap().clone();
+    assert_eq!((fin.vae, fin.vae_revision, fin.revision), (None, None, None));
+    assert!(fin.weights.is_empty() && fin.unpinned.is_empty());
+    assert_eq!(fin.steps, Some(30)); // non-model keys still layer
     assert_eq!(t.unpinned, ["revision", "unet/a.safetensors"]);
     // Hashes are compared case-insensitively: stored lower-case.
     assert_eq!(

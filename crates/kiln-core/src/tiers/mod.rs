@@ -281,7 +281,7 @@ fn parse_layer(text: &str, path: &Path) -> Result<BTreeMap<String, TierLayer>> {
 }
 
 /// Overlays `upper` on `merged`. Relative model/VAE paths resolve against the layer's folder.
-/// Setting `model` drops the lower layers' revision and weight pins (they were for another
+/// Setting `model` drops the lower layers' revision, weight pins and VAE (they were for another
 /// model); setting `vae` drops the VAE revision and the `vae/...` pins.
 fn merge(
     merged: &mut BTreeMap<String, (TierLayer, String)>,
@@ -297,6 +297,10 @@ fn merge(
         if up.model.is_some() {
             base.revision = None;
             base.weights = None;
+            // The lower layer's VAE was chosen for its model (SDXL's fp16-fix VAE under an SD1
+            // model would decode garbage): a new model keeps only a VAE set beside it.
+            base.vae = None;
+            base.vae_revision = None;
             *defined_in = layer_name.to_string();
         }
         if up.vae.is_some() {
