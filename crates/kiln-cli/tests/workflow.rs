@@ -624,6 +624,13 @@ fn promote_with_upscale_records_the_upscaled_child() {
         assert_eq!(pixels(&out), upscaled);
         assert!(rp["timings"]["upscale"].as_f64().unwrap() > 0.0);
     }
+    // Each replay is billed per part: the final tier's seconds for the generation, the upscale
+    // tier's per-image price for the upscale step.
+    let lib = Project::open(root).unwrap().library().unwrap();
+    for j in lib.jobs().unwrap().iter().filter(|j| j.kind == "replay") {
+        let generation = j.device_seconds - j.timings.upscale;
+        assert!((j.credits - (0.05 * generation + 0.02)).abs() < 1e-9, "{j:?}");
+    }
     // An upscaled PNG the library does not know (made by `kiln upscale`) is refused, not misread.
     // (`direct` is byte-identical to the recorded asset, so the library finds it: use x2.)
     let unknown = root.join("unknown-up.png");

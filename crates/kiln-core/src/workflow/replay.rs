@@ -166,8 +166,17 @@ pub fn replay(ws: &mut Workspace, req: &ReplayRequest, progress: &mut dyn Progre
         _ => None,
     };
     let written = [WrittenImage { path: path.clone(), seed: record.seed, rgb, record }];
-    let (job, assets) =
+    let (mut job, mut assets) =
         job_and_assets("replay", "replay", tier.as_ref(), &model, timings.clone(), &written, input.asset_id);
+    if let Some(up) = &upscaler {
+        // Each part at its own tier's price: the generation at the generating tier's, the
+        // upscale step (with its load) at the upscale tier's.
+        let generation = tier.as_ref().map(|t| t.price.cost(1, timings.device_seconds() - upscale_seconds));
+        job.credits = generation.unwrap_or(0.0) + up.tier.price.cost(1, upscale_seconds);
+        for a in &mut assets {
+            a.credits = job.credits;
+        }
+    }
     let (job_id, ids) = ws.library.record_job(&job, &assets)?;
     Ok(ReplayResult {
         job_id,
