@@ -283,6 +283,39 @@ fn promote_with_upscale_is_refused_up_front_past_the_budget() {
 }
 
 #[test]
+fn explicitly_unpinned_weights_are_trusted_on_first_use_with_a_warning() {
+    let dir = project("");
+    let root = dir.path();
+    let toml = std::fs::read_to_string(root.join("kiln.toml")).unwrap();
+    let toml = toml.replacen(
+        "steps = 2\n",
+        "steps = 2\nweights = { \"unet/diffusion_pytorch_model.safetensors\" = \"unpinned\" }\n",
+        1,
+    );
+    std::fs::write(root.join("kiln.toml"), toml).unwrap();
+    let first = kiln(root, &["draft", "x", "-n", "1", "--seed", "1"]);
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "tier `draft` is not fully pinned (unet/diffusion_pytorch_model.safetensors = \"unpinned\")"
+        ),
+        "{stderr}"
+    );
+    let unet = root.join("model/unet/diffusion_pytorch_model.safetensors");
+    let sha = kiln_core::loaders::weights::sha256_file(&unet).unwrap();
+    assert!(std::fs::read_to_string(root.join("kiln.lock")).unwrap().contains(&sha));
+    // Locked from then on: no warning, and a changed file is drift.
+    let second = kiln(root, &["draft", "x", "-n", "1", "--seed", "1"]);
+    assert!(!String::from_utf8_lossy(&second.stderr).contains("not fully pinned"));
+    let mut bytes = std::fs::read(&unet).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&unet, bytes).unwrap();
+    assert_fails(root, &["draft", "x", "-n", "1"], "unet/diffusion_pytorch_model.safetensors changed");
+}
+
+#[test]
 fn drift_guard_refuses_changed_weights_until_accepted() {
     let dir = project("");
     let root = dir.path();

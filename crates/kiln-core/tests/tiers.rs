@@ -237,6 +237,15 @@ fn upscale_tier_pins_and_drift() {
     let gone = TierRegistry::load(None, Some(&toml)).unwrap().get("upscale").unwrap().clone();
     let err = load_upscale_tier_model(&gone, &Device::Cpu, DType::F32).err().unwrap().to_string();
     assert!(err.contains("tier `upscale` model") && err.contains("gone.safetensors"), "{err}");
+    // An ncnn pair records both halves.
+    let param = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/sr/rrdb-tiny-x4.param");
+    std::fs::write(&toml, format!("[tiers.upscale]\nmodel = \"{param}\"\n")).unwrap();
+    let ncnn = TierRegistry::load(None, Some(&toml)).unwrap().get("upscale").unwrap().clone();
+    let (_, pair) = load_upscale_tier_model(&ncnn, &Device::Cpu, DType::F32).unwrap();
+    let files: Vec<&str> = pair.iter().map(|r| r.file.as_str()).collect();
+    assert_eq!(files, ["rrdb-tiny-x4.param", "rrdb-tiny-x4.bin"]);
+    let bin = Path::new(param).with_extension("bin");
+    assert_eq!(pair[1].sha256, kiln_core::loaders::weights::sha256_file(&bin).unwrap());
     // A diffusion tier is not an upscaler.
     let reg = TierRegistry::builtin().unwrap();
     let err = load_upscale_tier_model(reg.get("draft").unwrap(), &Device::Cpu, DType::F32).err().unwrap();
