@@ -52,21 +52,26 @@ impl JobArgs {
 }
 
 /// Reports a drift-guard outcome on stderr.
-pub fn report_drift(tier: &str, outcome: &DriftOutcome, resolved: &Tier, json: bool) {
+pub fn report_drift(tier: &str, outcome: &DriftOutcome, json: bool) {
     if json {
         return;
     }
     match outcome {
-        DriftOutcome::Pinned => {
-            eprintln!("pinned tier `{tier}` weights in kiln.lock");
-            if let Some(w) = resolved.trust_on_first_use_warning() {
-                eprintln!("warning: {w}");
-            }
-        }
+        DriftOutcome::Pinned => eprintln!("pinned tier `{tier}` weights in kiln.lock"),
         DriftOutcome::Accepted(changes) => {
             eprintln!("accepted drift of tier `{tier}`:\n  {}", changes.join("\n  "))
         }
         DriftOutcome::Unchanged => {}
+    }
+}
+
+/// On a tier's first use in a project, warns about its explicitly unpinned parts (trusted now,
+/// locked from here on). Printed even with --json: it is about what was trusted.
+pub fn warn_trust_on_first_use(tier: &Tier, outcome: &DriftOutcome) {
+    if *outcome == DriftOutcome::Pinned {
+        if let Some(w) = tier.trust_on_first_use_warning() {
+            eprintln!("warning: {w}");
+        }
     }
 }
 
@@ -110,7 +115,8 @@ pub fn run(args: DraftArgs) -> anyhow::Result<()> {
     // Refuse before the (expensive) model load when the budget is spent.
     ws.check_budget(&tier, args.count)?;
     let mut warm = ws.load_tier(&args.tier)?;
-    report_drift(&args.tier, &warm.drift, &warm.tier, args.job.json);
+    report_drift(&args.tier, &warm.drift, args.job.json);
+    warn_trust_on_first_use(&warm.tier, &warm.drift);
     let request = DraftRequest {
         prompt: args.prompt.clone(),
         count: args.count,

@@ -1,6 +1,6 @@
 //! `kiln promote`: a draft re-rendered by the final tier, keeping its composition.
 
-use crate::draft::{report_drift, JobArgs};
+use crate::draft::{report_drift, warn_trust_on_first_use, JobArgs};
 use crate::generate::Bar;
 use clap::Args;
 use kiln_core::tiers::load::Overrides;
@@ -75,13 +75,15 @@ pub fn run(args: PromoteArgs) -> anyhow::Result<()> {
     let mut warm_up = match target {
         Some(_) => {
             let w = ws.load_upscale_tier(&args.upscale_tier)?;
-            report_drift(&args.upscale_tier, &w.drift, &w.tier, args.job.json);
+            report_drift(&args.upscale_tier, &w.drift, args.job.json);
+            warn_trust_on_first_use(&w.tier, &w.drift);
             Some(w)
         }
         None => None,
     };
     let mut warm = ws.load_tier(&args.tier)?;
-    report_drift(&args.tier, &warm.drift, &warm.tier, args.job.json);
+    report_drift(&args.tier, &warm.drift, args.job.json);
+    warn_trust_on_first_use(&warm.tier, &warm.drift);
     let mut bar = Bar::new(args.job.show(), warm.tier.steps.unwrap_or(1));
     let result = promote(&mut ws, &mut warm, &request, &mut bar)?;
     bar.finish();

@@ -81,8 +81,6 @@ pub struct NewAsset {
     pub record: Option<ImageRecord>,
     pub model_hashes: Vec<WeightRecord>,
     pub credits: f64,
-    /// Parameters of a step that is not a generation (an upscale's model, sizes, tiling).
-    pub params: Option<serde_json::Value>,
 }
 
 /// A recorded asset.
@@ -104,7 +102,8 @@ pub struct AssetRow {
     pub model_hashes: Vec<WeightRecord>,
     pub credits: f64,
     pub created_at: i64,
-    /// See [`NewAsset::params`].
+    /// Parameters of a step that is not a generation (an upscale's model, sizes, tiling);
+    /// see [`Library::record_job_with_params`].
     pub params: Option<serde_json::Value>,
 }
 
@@ -166,6 +165,17 @@ impl Library {
     /// asset's file must exist (outputs are written before they are recorded); its sha256 is
     /// taken now so a later change is detectable.
     pub fn record_job(&mut self, job: &NewJob, assets: &[NewAsset]) -> Result<(i64, Vec<i64>)> {
+        self.record_job_with_params(job, assets, &[])
+    }
+
+    /// [`Self::record_job`], with step parameters for the assets (`params[i]` for `assets[i]`;
+    /// missing entries are none), in the same transaction.
+    pub fn record_job_with_params(
+        &mut self,
+        job: &NewJob,
+        assets: &[NewAsset],
+        params: &[Option<serde_json::Value>],
+    ) -> Result<(i64, Vec<i64>)> {
         let mut hashes = Vec::with_capacity(assets.len());
         for a in assets {
             if !a.path.is_file() {
@@ -212,7 +222,7 @@ impl Library {
         .map_err(err)?;
         let job_id = tx.last_insert_rowid();
         let mut ids = Vec::with_capacity(assets.len());
-        for (a, sha) in assets.iter().zip(&hashes) {
+        for (i, (a, sha)) in assets.iter().zip(&hashes).enumerate() {
             let rel = a.path.strip_prefix(&root).unwrap_or(&a.path).to_string_lossy().into_owned();
             tx.execute(
                 "INSERT INTO assets (job_id, parent_id, kind, tier, path, sha256, width, height, seed, prompt, \
@@ -237,7 +247,7 @@ impl Library {
             )
             .map_err(err)?;
             let id = tx.last_insert_rowid();
-            if let Some(p) = &a.params {
+            if let Some(p) = params.get(i).and_then(Option::as_ref) {
                 tx.execute(
                     "INSERT INTO asset_params (asset_id, json) VALUES (?1, ?2)",
                     params![id, p.to_string()],

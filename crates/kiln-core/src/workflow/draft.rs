@@ -96,7 +96,6 @@ pub fn draft(
         record: None,
         model_hashes: Vec::new(),
         credits: 0.0,
-        params: None,
     });
     let credits = job.credits;
     let (job_id, ids) = ws.library.record_job(&job, &assets)?;

@@ -183,7 +183,6 @@ pub(crate) fn job_and_assets(
             record: Some(w.record.clone()),
             model_hashes: model.weights.clone(),
             credits: per_image,
-            params: None,
         })
         .collect();
     (job, assets)

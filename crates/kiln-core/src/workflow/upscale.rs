@@ -144,9 +144,8 @@ pub fn upscale_asset(
         record: Some(resolved.record.clone()),
         model_hashes: warm.weights.clone(),
         credits,
-        params: Some(params),
     };
-    let (job_id, ids) = ws.library.record_job(&job, &[asset])?;
+    let (job_id, ids) = ws.library.record_job_with_params(&job, &[asset], &[Some(params)])?;
     Ok(UpscaleStepResult {
         job_id,
         asset_id: ids.first().copied().unwrap_or_default(),
