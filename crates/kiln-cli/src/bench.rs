@@ -84,8 +84,9 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
             .map(|r| format!("{} {}x{} {} steps", r.tier, r.width, r.height, r.steps))
             .collect();
         series.extend(upscales.iter().map(|u| {
+            // The chart font has no `>`: "to".
             format!(
-                "{} {}x{} -> {}x{}",
+                "{} {}x{} to {}x{}",
                 u.tier, u.input_width, u.input_height, u.output_width, u.output_height
             )
         }));
