@@ -700,3 +700,57 @@ fn promote_with_upscale_records_the_upscaled_child() {
     let check = ok_json(root, &["assets", "check"]);
     assert_eq!(check["consistent"], true, "{check}");
 }
+
+#[test]
+fn kill_9_during_an_upscale_leaves_the_library_consistent() {
+    // The tiny RRDBNet at 8K (three x4 passes, the last streamed to disk) runs long enough to
+    // be killed mid-write.
+    let dir = project("[tiers.upscale]\nmodel = \"./sr.pth\"\n");
+    let root = dir.path();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sr/rrdb-tiny-x4.pth"),
+        root.join("sr.pth"),
+    )
+    .unwrap();
+    let d = ok_json(root, &["draft", "x", "-n", "1", "--seed", "1", "-q"]);
+    let id = d["images"][0]["asset_id"].to_string();
+    let mut child = command(root, &["promote", &id, "--upscale", "8k", "-q"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill as soon as the streamed writer's temp file appears (the last pass is writing rows).
+    let t0 = std::time::Instant::now();
+    let mut finished = false;
+    while count_files(&root.join("assets/upscaled")) == 0 && t0.elapsed().as_secs() < 120 {
+        if child.try_wait().unwrap().is_some() {
+            finished = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    finished |= child.try_wait().unwrap().is_some();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let lib = Project::open(root).unwrap().library().unwrap();
+    assert_eq!(lib.check().unwrap(), Vec::<String>::new());
+    let upscaled = lib
+        .list_assets(&kiln_core::library::assets::AssetFilter {
+            kind: Some("upscaled".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    // No finished-looking PNG without its record: only a temp file may be left (an orphan).
+    let pngs: Vec<PathBuf> = std::fs::read_dir(root.join("assets/upscaled"))
+        .map(|r| r.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    let complete: Vec<&PathBuf> = pngs.iter().filter(|p| !p.to_string_lossy().ends_with(".tmp")).collect();
+    assert_eq!(complete.len(), upscaled.len(), "{pngs:?}");
+    assert!(!pngs.is_empty(), "killed before the upscale wrote anything");
+    eprintln!("finished before the kill: {finished}; upscaled recorded: {}; files {pngs:?}", upscaled.len());
+    assert!(!finished, "the upscale finished before the kill: the test proves nothing");
+    assert!(upscaled.is_empty());
+    let check = ok_json(root, &["assets", "check"]);
+    assert_eq!(check["consistent"], true);
+}
