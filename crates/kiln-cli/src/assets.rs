@@ -112,6 +112,24 @@ pub fn run(args: AssetsArgs) -> anyhow::Result<()> {
                         r.model.revision.as_deref().map(|v| format!(" @ {v}")).unwrap_or_default()
                     );
                 }
+                if let Some(p) = asset.params.as_ref().filter(|p| p["step"] == "upscale") {
+                    // The record above is the upscaled image's generation; this is the step after it.
+                    println!(
+                        "upscale {} ({} x{}) {} -> {}, tile {}, {} on {}",
+                        p["model"].as_str().unwrap_or("?"),
+                        p["arch"].as_str().unwrap_or("?"),
+                        p["model_scale"],
+                        p["input_size"],
+                        p["output_size"],
+                        p["tile"],
+                        p["dtype"].as_str().unwrap_or("?"),
+                        p["device"].as_str().unwrap_or("?")
+                    );
+                }
+                let label = if asset.params.is_some() { "weights" } else { "hashes" };
+                if !asset.model_hashes.is_empty() {
+                    println!("{label}");
+                }
                 for w in &asset.model_hashes {
                     println!("  {}/{} {}", w.component, w.file, w.sha256);
                 }

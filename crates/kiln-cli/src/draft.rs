@@ -7,6 +7,7 @@ use kiln_core::device::{self, DeviceRequest};
 use kiln_core::library::Project;
 use kiln_core::tiers::drift::DriftOutcome;
 use kiln_core::tiers::load::Overrides;
+use kiln_core::tiers::Tier;
 use kiln_core::workflow::draft::{draft, DraftRequest};
 use kiln_core::workflow::{JobOptions, Workspace};
 use std::path::PathBuf;
@@ -64,6 +65,16 @@ pub fn report_drift(tier: &str, outcome: &DriftOutcome, json: bool) {
     }
 }
 
+/// On a tier's first use in a project, warns about its explicitly unpinned parts (trusted now,
+/// locked from here on). Printed even with --json: it is about what was trusted.
+pub fn warn_trust_on_first_use(tier: &Tier, outcome: &DriftOutcome) {
+    if *outcome == DriftOutcome::Pinned {
+        if let Some(w) = tier.trust_on_first_use_warning() {
+            eprintln!("warning: {w}");
+        }
+    }
+}
+
 #[derive(Args, Debug)]
 pub struct DraftArgs {
     /// The prompt.
@@ -105,6 +116,7 @@ pub fn run(args: DraftArgs) -> anyhow::Result<()> {
     ws.check_budget(&tier, args.count)?;
     let mut warm = ws.load_tier(&args.tier)?;
     report_drift(&args.tier, &warm.drift, args.job.json);
+    warn_trust_on_first_use(&warm.tier, &warm.drift);
     let request = DraftRequest {
         prompt: args.prompt.clone(),
         count: args.count,

@@ -54,6 +54,12 @@ pub fn run(args: TiersArgs) -> anyhow::Result<()> {
             t.price.credits_per_image, t.price.credits_per_gpu_second
         );
         println!("  pins      {}", t.pin_status());
+        if !t.unpinned.is_empty() {
+            println!(
+                "  unpinned  {} (trusted on first use, then locked in kiln.lock)",
+                t.unpinned.join(", ")
+            );
+        }
         println!("  from      {}", t.defined_in);
     }
     Ok(())

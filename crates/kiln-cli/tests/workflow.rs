@@ -102,6 +102,21 @@ fn draft_batch_promote_and_replay() {
     assert!(sheet.height() > 4 + 2 * (64 + 4));
     let thumb = image::imageops::crop_imm(&sheet, 4, 4, 64, 64).to_image();
     assert_eq!(thumb, px[0]);
+    // Each cell's label strip (index and seed) is inked and differs from every other cell's.
+    let cell_h = (sheet.height() - 4) / 2 - 4;
+    let strips: Vec<image::RgbImage> = (0..4u32)
+        .map(|i| {
+            let (x, y) = (4 + (i % 2) * 68, 4 + (i / 2) * (cell_h + 4));
+            image::imageops::crop_imm(&sheet, x, y + 64, 64, cell_h - 64).to_image()
+        })
+        .collect();
+    for (i, s) in strips.iter().enumerate() {
+        let first = s.get_pixel(0, 0);
+        assert!(s.pixels().any(|p| p != first), "label {i} has no text");
+        for t in &strips[i + 1..] {
+            assert_ne!(s, t, "labels must name different indices and seeds");
+        }
+    }
 
     // A batched draft equals the single image of the same seed (model kept warm, per-image RNG).
     let single = root.join("single.png");
@@ -209,7 +224,8 @@ fn draft_batch_promote_and_replay() {
     assert_eq!(jobs.len(), 5); // draft, promote ×2, replay ×2 (generate is not recorded)
     for j in &jobs {
         let t = &j.timings;
-        let stages = t.load + t.text_encode + t.vae_encode + t.steps.iter().sum::<f64>() + t.vae_decode;
+        let stages =
+            t.load + t.text_encode + t.vae_encode + t.steps.iter().sum::<f64>() + t.vae_decode + t.upscale;
         assert!((j.device_seconds - stages).abs() < 1e-9);
     }
     // Draft: 0.01 per image (built-in price); final: 0.05 per device-second.
@@ -250,6 +266,53 @@ fn budget_warns_then_refuses() {
     assert_eq!(count_files(&root.join("assets")), before, "a refused job writes nothing");
     let report = ok_json(root, &["report"]);
     assert!((report["budget_left"].as_f64().unwrap() - 0.02).abs() < 1e-9);
+}
+
+#[test]
+fn promote_with_upscale_is_refused_up_front_past_the_budget() {
+    // 3 drafts spend 0.03 of 0.035: the final alone fits (no history: estimated 0 + actual
+    // seconds), the final plus the upscale (0.02 per image) does not, so nothing runs.
+    let dir = project("[budget]\nlimit = 0.035\n");
+    let root = dir.path();
+    let d = ok_json(root, &["draft", "x", "-n", "3", "--seed", "1", "-q"]);
+    let id = d["images"][0]["asset_id"].to_string();
+    assert_fails(root, &["promote", &id, "--upscale", "4"], "budget exhausted");
+    assert_eq!(count_files(&root.join("assets/finals")), 0);
+    assert!(kiln(root, &["promote", &id, "-q"]).status.success());
+    assert_eq!(count_files(&root.join("assets/finals")), 1);
+}
+
+#[test]
+fn explicitly_unpinned_weights_are_trusted_on_first_use_with_a_warning() {
+    let dir = project("");
+    let root = dir.path();
+    let toml = std::fs::read_to_string(root.join("kiln.toml")).unwrap();
+    let toml = toml.replacen(
+        "steps = 2\n",
+        "steps = 2\nweights = { \"unet/diffusion_pytorch_model.safetensors\" = \"unpinned\" }\n",
+        1,
+    );
+    std::fs::write(root.join("kiln.toml"), toml).unwrap();
+    let first = kiln(root, &["draft", "x", "-n", "1", "--seed", "1"]);
+    let stderr = String::from_utf8_lossy(&first.stderr);
+    assert!(first.status.success(), "{stderr}");
+    assert!(
+        stderr.contains(
+            "tier `draft` is not fully pinned (unet/diffusion_pytorch_model.safetensors = \"unpinned\")"
+        ),
+        "{stderr}"
+    );
+    let unet = root.join("model/unet/diffusion_pytorch_model.safetensors");
+    let sha = kiln_core::loaders::weights::sha256_file(&unet).unwrap();
+    assert!(std::fs::read_to_string(root.join("kiln.lock")).unwrap().contains(&sha));
+    // Locked from then on: no warning, and a changed file is drift.
+    let second = kiln(root, &["draft", "x", "-n", "1", "--seed", "1"]);
+    assert!(!String::from_utf8_lossy(&second.stderr).contains("not fully pinned"));
+    let mut bytes = std::fs::read(&unet).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&unet, bytes).unwrap();
+    assert_fails(root, &["draft", "x", "-n", "1"], "unet/diffusion_pytorch_model.safetensors changed");
 }
 
 #[test]
@@ -302,7 +365,12 @@ fn bad_input_is_a_clear_error() {
     assert_fails(root, &["promote", "/no/such.png"], "not found");
     assert_fails(root, &["promote", "999"], "no asset with id 999");
     assert_fails(root, &["promote", "999", "--mode", "sideways"], "--mode");
-    assert_fails(root, &["promote", "999", "--upscale", "4k"], "upscaling is not available");
+    assert_fails(root, &["promote", "999", "--upscale", "banana"], "--upscale");
+    assert_fails(
+        root,
+        &["promote", "999", "--upscale", "4k", "--upscale-tier", "final"],
+        "not an upscale tier",
+    );
     // A contact sheet has no generation record.
     let d = ok_json(root, &["draft", "x", "-n", "2", "--seed", "3", "-q"]);
     assert_fails(root, &["promote", &d["sheet_asset_id"].to_string()], "no generation record");
@@ -311,6 +379,12 @@ fn bad_input_is_a_clear_error() {
         &["promote", &d["images"][0]["asset_id"].to_string(), "--strength", "1.5"],
         "--strength",
     );
+    // The built-in upscale tier names a store model this data dir has not imported: refused
+    // before the final is rendered.
+    let finals = count_files(&root.join("assets/finals"));
+    let draft0 = d["images"][0]["asset_id"].to_string();
+    assert_fails(root, &["promote", &draft0, "--upscale", "4k"], "tier `upscale` model `realesrgan-x4plus`");
+    assert_eq!(count_files(&root.join("assets/finals")), finals, "nothing rendered");
     // A corrupt library database.
     std::fs::write(
         root.join(".kiln/library.db"),
@@ -439,6 +513,26 @@ fn bench_synthetic_and_real_on_cpu() {
     assert_eq!((results[0]["cfg"].as_bool(), results[1]["cfg"].as_bool()), (Some(false), Some(true)));
     assert!(results[1]["parameters"].as_u64() > results[0]["parameters"].as_u64());
     assert!(image::open(&chart).unwrap().width() > 300);
+    // The upscale tier: random x4plus-shaped RRDBNet (widths / 16) on the final's 64 px output.
+    let ups = b["upscale"].as_array().unwrap();
+    assert_eq!(ups.len(), 1);
+    let u = &ups[0];
+    assert_eq!((u["synthetic"].as_bool(), u["scale"].as_u64()), (Some(true), Some(4)));
+    assert_eq!((u["input_width"].as_u64(), u["output_width"].as_u64()), (Some(64), Some(256)));
+    assert!(u["architecture"].as_str().unwrap().starts_with("RRDBNet x4"));
+    // RRDBNet x4plus with 4 features and growth 2: 23 blocks of 15 convolutions.
+    let x4plus_shrunk = {
+        let conv = |i: u64, o: u64| i * o * 9 + o;
+        let (f, g) = (4, 2);
+        let rdb = conv(f, g) + conv(f + g, g) + conv(f + 2 * g, g) + conv(f + 3 * g, g) + conv(f + 4 * g, f);
+        conv(3, f) + 23 * 3 * rdb + conv(f, f) * 4 + conv(f, 3)
+    };
+    assert_eq!(u["parameters"].as_u64(), Some(x4plus_shrunk));
+    let mp = 256.0 * 256.0 / 1e6;
+    assert!(
+        (u["megapixels_per_second"].as_f64().unwrap() * u["upscale"].as_f64().unwrap() - mp).abs() < 1e-9
+    );
+    assert!(u["peak_host_memory_bytes"].as_u64().unwrap() > 0);
     // Real weights: the project's tiers (the tiny model) through the pipeline.
     let r = ok_json(root, &["bench", "--device", "cpu", "--project", root.to_str().unwrap()]);
     let results = r["results"].as_array().unwrap();
@@ -473,4 +567,190 @@ fn full_size_synthetic_draft_has_the_published_parameter_count() {
         ],
     );
     assert_eq!(b["results"][0]["parameters"], 1_289_952_427u64);
+}
+
+fn sr_fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sr/srvgg-tiny-x4.safetensors")
+}
+
+#[test]
+fn promote_with_upscale_records_the_upscaled_child() {
+    // The upscale tier points at a copy of the tiny SRVGG x4 model (price from the built-in tier).
+    let dir = project("[tiers.upscale]\nmodel = \"./sr.safetensors\"\n");
+    let root = dir.path();
+    std::fs::copy(sr_fixture(), root.join("sr.safetensors")).unwrap();
+    let d = ok_json(root, &["draft", "a lighthouse at dusk", "-n", "1", "--seed", "5", "-q"]);
+    let draft_id = d["images"][0]["asset_id"].as_i64().unwrap();
+    let p = ok_json(root, &["promote", &draft_id.to_string(), "--upscale", "4", "-q"]);
+    let final_id = p["asset_id"].as_i64().unwrap();
+    let up = &p["upscaled"];
+    assert_eq!(up["parent_asset_id"].as_i64(), Some(final_id));
+    assert_eq!(up["input_size"], serde_json::json!([128, 96]));
+    assert_eq!(up["output_size"], serde_json::json!([512, 384]));
+    let up_path = PathBuf::from(up["path"].as_str().unwrap());
+    let upscaled = pixels(&up_path);
+    assert_eq!(upscaled.dimensions(), (512, 384));
+    // The same pixels as `kiln upscale` on the final with the same model.
+    let direct = root.join("direct-up.png");
+    let o = kiln(
+        root,
+        &[
+            "upscale",
+            p["path"].as_str().unwrap(),
+            "--model",
+            root.join("sr.safetensors").to_str().unwrap(),
+            "--scale",
+            "4",
+            "--out",
+            direct.to_str().unwrap(),
+            "-q",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(pixels(&direct), upscaled);
+
+    // Library: its own asset, lineage upscaled → final → draft, parameters and model hash.
+    let show = ok_json(root, &["assets", "show", &up["asset_id"].to_string()]);
+    let lineage: Vec<&str> =
+        show["lineage"].as_array().unwrap().iter().map(|a| a["kind"].as_str().unwrap()).collect();
+    assert_eq!(lineage, ["upscaled", "final", "draft"]);
+    let lib = Project::open(root).unwrap().library().unwrap();
+    let asset = lib.asset(up["asset_id"].as_i64().unwrap()).unwrap();
+    assert_eq!((asset.kind.as_str(), asset.tier.as_deref()), ("upscaled", Some("upscale")));
+    assert_eq!((asset.width, asset.height), (512, 384));
+    let sr_sha = kiln_core::loaders::weights::sha256_file(&sr_fixture()).unwrap();
+    assert_eq!(asset.model_hashes.len(), 1);
+    assert_eq!(
+        (asset.model_hashes[0].component.as_str(), asset.model_hashes[0].file.as_str()),
+        ("file", "sr.safetensors")
+    );
+    assert_eq!(asset.model_hashes[0].sha256, sr_sha);
+    let params = asset.params.as_ref().unwrap();
+    assert_eq!(
+        (params["step"].as_str(), params["arch"].as_str()),
+        (Some("upscale"), Some("SRVGGNetCompact"))
+    );
+    assert_eq!(params["output_size"], serde_json::json!([512, 384]));
+    assert_eq!(params["target"], serde_json::json!({ "Scale": 4.0 }));
+    // Ledger: an `upscale` job whose stages sum to its device seconds, priced per image.
+    let jobs = lib.jobs().unwrap();
+    let job = jobs.iter().find(|j| j.kind == "upscale").unwrap();
+    assert_eq!((job.tier.as_deref(), job.images), (Some("upscale"), 1));
+    let t = &job.timings;
+    assert!(t.upscale > 0.0 && t.steps.is_empty());
+    assert!((job.device_seconds - (t.load + t.upscale)).abs() < 1e-9);
+    assert!((job.credits - 0.02).abs() < 1e-12, "{}", job.credits);
+    assert!((up["credits"].as_f64().unwrap() - 0.02).abs() < 1e-12);
+    let report = ok_json(root, &["report"]);
+    let total: f64 = jobs.iter().map(|j| j.credits).sum();
+    assert!((report["total_credits"].as_f64().unwrap() - total).abs() < 1e-9);
+    assert_eq!(report["finals"], 1);
+    // The lock pins the upscale model too.
+    let lock = std::fs::read_to_string(root.join("kiln.lock")).unwrap();
+    assert!(lock.contains("[tiers.upscale]") && lock.contains(&sr_sha), "{lock}");
+
+    // Replay of the upscaled asset (by id, and by its PNG): generation + recorded upscale, bit-exact.
+    for source in [up["asset_id"].to_string(), up_path.display().to_string()] {
+        let out = root.join(format!("replay-up-{}.png", source.len()));
+        let rp = ok_json(root, &["replay", &source, "--out", out.to_str().unwrap(), "--strict", "-q"]);
+        assert_eq!(rp["bit_exact"], true, "{rp}");
+        assert_eq!(pixels(&out), upscaled);
+        assert!(rp["timings"]["upscale"].as_f64().unwrap() > 0.0);
+    }
+    // Each replay is billed per part: the final tier's seconds for the generation, the upscale
+    // tier's per-image price for the upscale step.
+    let lib = Project::open(root).unwrap().library().unwrap();
+    for j in lib.jobs().unwrap().iter().filter(|j| j.kind == "replay") {
+        let generation = j.device_seconds - j.timings.upscale;
+        assert!((j.credits - (0.05 * generation + 0.02)).abs() < 1e-9, "{j:?}");
+    }
+    // An upscaled PNG the library does not know (made by `kiln upscale`) is refused, not misread.
+    // (`direct` is byte-identical to the recorded asset, so the library finds it: use x2.)
+    let unknown = root.join("unknown-up.png");
+    let o = kiln(
+        root,
+        &[
+            "upscale",
+            p["path"].as_str().unwrap(),
+            "--model",
+            root.join("sr.safetensors").to_str().unwrap(),
+            "--scale",
+            "2",
+            "--out",
+            unknown.to_str().unwrap(),
+            "-q",
+        ],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_fails(root, &["replay", unknown.to_str().unwrap()], "upscaled image the library does not know");
+
+    // A fit target (WxH): inside 300×300 keeping the aspect ratio.
+    let p2 = ok_json(root, &["promote", &draft_id.to_string(), "--upscale", "300x300", "-q"]);
+    assert_eq!(p2["upscaled"]["output_size"], serde_json::json!([300, 225]));
+    assert_eq!(pixels(Path::new(p2["upscaled"]["path"].as_str().unwrap())).dimensions(), (300, 225));
+
+    // Drift of the SR weights is refused before the final is rendered.
+    let mut bytes = std::fs::read(root.join("sr.safetensors")).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(root.join("sr.safetensors"), bytes).unwrap();
+    let finals = count_files(&root.join("assets/finals"));
+    assert_fails(root, &["promote", &draft_id.to_string(), "--upscale", "4"], "sr.safetensors changed");
+    assert_eq!(count_files(&root.join("assets/finals")), finals);
+    let check = ok_json(root, &["assets", "check"]);
+    assert_eq!(check["consistent"], true, "{check}");
+}
+
+#[test]
+fn kill_9_during_an_upscale_leaves_the_library_consistent() {
+    // The tiny RRDBNet at 8K (three x4 passes, the last streamed to disk) runs long enough to
+    // be killed mid-write.
+    let dir = project("[tiers.upscale]\nmodel = \"./sr.pth\"\n");
+    let root = dir.path();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sr/rrdb-tiny-x4.pth"),
+        root.join("sr.pth"),
+    )
+    .unwrap();
+    let d = ok_json(root, &["draft", "x", "-n", "1", "--seed", "1", "-q"]);
+    let id = d["images"][0]["asset_id"].to_string();
+    let mut child = command(root, &["promote", &id, "--upscale", "8k", "-q"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // Kill as soon as the streamed writer's temp file appears (the last pass is writing rows).
+    let t0 = std::time::Instant::now();
+    let mut finished = false;
+    while count_files(&root.join("assets/upscaled")) == 0 && t0.elapsed().as_secs() < 120 {
+        if child.try_wait().unwrap().is_some() {
+            finished = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    finished |= child.try_wait().unwrap().is_some();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let lib = Project::open(root).unwrap().library().unwrap();
+    assert_eq!(lib.check().unwrap(), Vec::<String>::new());
+    let upscaled = lib
+        .list_assets(&kiln_core::library::assets::AssetFilter {
+            kind: Some("upscaled".into()),
+            ..Default::default()
+        })
+        .unwrap();
+    // No finished-looking PNG without its record: only a temp file may be left (an orphan).
+    let pngs: Vec<PathBuf> = std::fs::read_dir(root.join("assets/upscaled"))
+        .map(|r| r.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    let complete: Vec<&PathBuf> = pngs.iter().filter(|p| !p.to_string_lossy().ends_with(".tmp")).collect();
+    assert_eq!(complete.len(), upscaled.len(), "{pngs:?}");
+    assert!(!pngs.is_empty(), "killed before the upscale wrote anything");
+    eprintln!("finished before the kill: {finished}; upscaled recorded: {}; files {pngs:?}", upscaled.len());
+    assert!(!finished, "the upscale finished before the kill: the test proves nothing");
+    assert!(upscaled.is_empty());
+    let check = ok_json(root, &["assets", "check"]);
+    assert_eq!(check["consistent"], true);
 }

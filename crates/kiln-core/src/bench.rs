@@ -2,6 +2,7 @@
 //! tier on the current device. `synthetic` builds each tier's architecture with zero-valued
 //! weights instead of loading files (compute cost does not depend on weight values), so it
 //! runs where the real weights are absent; `shrink` divides every width by K for CI-sized runs.
+//! The upscale tier ([`bench_upscale`]) times one image of the final's size through its SR model.
 
 use crate::error::{Error, Result};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
@@ -40,6 +41,7 @@ pub struct TierBench {
     /// text encode + steps + VAE decode for one image.
     pub per_image: f64,
     pub images_per_second: f64,
+    /// Peak resident memory while this tier ran (Linux; cumulative where it cannot be reset).
     pub peak_host_memory_bytes: Option<u64>,
     pub parameters: usize,
 }
@@ -209,8 +211,16 @@ impl candle_nn::var_builder::SimpleBackend for CountingZeros {
     }
 }
 
+/// Resets the process's peak resident memory (Linux `clear_refs` 5), so each tier's
+/// `peak_host_memory_bytes` is its own rather than the run's so far. Best effort: elsewhere
+/// (or without permission) the peak stays cumulative.
+fn reset_peak_host_memory() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 /// Times one tier (synthetic: zero-weight model of its architecture).
 pub fn bench_synthetic(tier: &Tier, s: &BenchSettings) -> Result<TierBench> {
+    reset_peak_host_memory();
     if ![1, 2, 4, 8, 16, 32].contains(&s.shrink) {
         return Err(Error::arg("--shrink", format!("{} is not one of 1, 2, 4, 8, 16, 32", s.shrink)));
     }
@@ -304,6 +314,7 @@ pub fn bench_synthetic(tier: &Tier, s: &BenchSettings) -> Result<TierBench> {
 
 /// Times one tier with its real weights (through the generation pipeline, one image).
 pub fn bench_real(tier: &Tier, s: &BenchSettings) -> Result<TierBench> {
+    reset_peak_host_memory();
     use crate::pipeline::generate::{generate, NoProgress};
     let t0 = Instant::now();
     let model = crate::tiers::load::load_tier_model(tier, &s.device, s.dtype, false)?;
@@ -341,4 +352,153 @@ pub fn bench_real(tier: &Tier, s: &BenchSettings) -> Result<TierBench> {
         peak_host_memory_bytes: crate::device::peak_host_memory_bytes(),
         parameters: 0,
     })
+}
+
+/// The upscale tier's numbers: one image of the final's size through the SR model.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UpscaleBench {
+    pub tier: String,
+    pub architecture: String,
+    pub synthetic: bool,
+    pub shrink: usize,
+    pub device: String,
+    pub dtype: String,
+    pub scale: usize,
+    pub input_width: usize,
+    pub input_height: usize,
+    pub output_width: usize,
+    pub output_height: usize,
+    /// Tile side used (input pixels).
+    pub tile: usize,
+    pub load_cold: f64,
+    pub load_warm: f64,
+    /// The whole tiled upscale of one image.
+    pub upscale: f64,
+    pub images_per_second: f64,
+    /// Output megapixels per second.
+    pub megapixels_per_second: f64,
+    pub peak_host_memory_bytes: Option<u64>,
+    pub parameters: usize,
+}
+
+/// Whether `model` names Real-ESRGAN x4plus (the shipped upscale tier), whose shape
+/// `--synthetic` can build.
+fn is_x4plus(model: &str) -> bool {
+    let name = std::path::Path::new(model).file_stem().map(|s| s.to_string_lossy().to_ascii_lowercase());
+    name.is_some_and(|n| n.starts_with("realesrgan-x4plus") && !n.contains("anime"))
+}
+
+/// Random weights of Real-ESRGAN x4plus's shape (RRDBNet, 64 features, 23 blocks, growth 32,
+/// x4), channel widths divided by `shrink`. Random rather than zero so no path can shortcut.
+pub fn synthetic_x4plus(shrink: usize) -> Result<crate::loaders::store::SrWeights> {
+    use crate::models::sr::{RrdbConfig, SrArch, SrNet, SrSpec};
+    let mut config: RrdbConfig = parse(json!({}), "synthetic x4plus")?;
+    config.num_feat = (config.num_feat / shrink).max(1);
+    config.num_grow_ch = (config.num_grow_ch / shrink).max(1);
+    let spec = SrSpec { arch: SrArch::Rrdbnet(config), output_scale: None };
+    // Build once on a VarMap to learn every tensor's name and shape, then draw weights small
+    // enough (std 0.02) that 23 residual blocks stay finite.
+    let varmap = candle_nn::VarMap::new();
+    SrNet::new(&spec, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
+    let names: Vec<(String, Vec<usize>)> = varmap
+        .data()
+        .lock()
+        .map_err(|_| Error::Unsupported("synthetic x4plus: poisoned lock".into()))?
+        .iter()
+        .map(|(k, v)| (k.clone(), v.as_tensor().dims().to_vec()))
+        .collect();
+    let mut tensors = std::collections::HashMap::new();
+    for (name, shape) in names {
+        tensors.insert(name, Tensor::randn(0f32, 0.02, shape, &Device::Cpu)?);
+    }
+    Ok(crate::loaders::store::SrWeights {
+        name: format!("synthetic realesrgan-x4plus (shrink {shrink})"),
+        spec,
+        tensors,
+        sha256: None,
+    })
+}
+
+/// Times the upscale tier on one `width x height` image (the final's size). `synthetic`
+/// builds random x4plus-shaped weights for the shipped x4plus tier instead of loading them.
+pub fn bench_upscale(
+    tier: &Tier,
+    s: &BenchSettings,
+    synthetic: bool,
+    width: usize,
+    height: usize,
+) -> Result<UpscaleBench> {
+    use crate::pipeline::upscale::{UpscaleOptions, Upscaler};
+    crate::tiers::load::require_upscale(tier)?;
+    reset_peak_host_memory();
+    if width == 0 || height == 0 {
+        return Err(Error::arg("--size", "the upscale input must be at least 1x1"));
+    }
+    let synthetic = synthetic && is_x4plus(&tier.model);
+    if synthetic && ![1, 2, 4, 8, 16, 32].contains(&s.shrink) {
+        return Err(Error::arg("--shrink", format!("{} is not one of 1, 2, 4, 8, 16, 32", s.shrink)));
+    }
+    let load = || -> Result<Upscaler> {
+        if synthetic {
+            Upscaler::new(synthetic_x4plus(s.shrink)?, &s.device, s.dtype)
+        } else {
+            Ok(crate::tiers::load::load_upscale_tier_model(tier, &s.device, s.dtype)?.0)
+        }
+    };
+    let t0 = Instant::now();
+    let up = load()?;
+    s.device.synchronize()?;
+    let load_cold = t0.elapsed().as_secs_f64();
+    drop(up);
+    let t0 = Instant::now();
+    let up = load()?;
+    s.device.synchronize()?;
+    let load_warm = t0.elapsed().as_secs_f64();
+
+    // A deterministic textured input (cost does not depend on pixel values either).
+    let data: Vec<f32> = (0..3 * width * height).map(|i| ((i * 7919) % 255) as f32 / 255.0).collect();
+    let input = crate::image::io::PlanarImage { width, height, channels: 3, data };
+    let t0 = Instant::now();
+    let (out, tile) = up.upscale_planar(&input, &UpscaleOptions::default())?;
+    s.device.synchronize()?;
+    let upscale = t0.elapsed().as_secs_f64();
+    let mp = (out.width * out.height) as f64 / 1e6;
+    Ok(UpscaleBench {
+        tier: tier.name.clone(),
+        architecture: format!("{} x{} ({})", up.spec().arch_name(), up.spec().scale(), up.name()),
+        synthetic,
+        shrink: if synthetic { s.shrink } else { 1 },
+        device: crate::device::name(&s.device),
+        dtype: crate::device::dtype_name(s.dtype).to_string(),
+        scale: up.spec().scale(),
+        input_width: width,
+        input_height: height,
+        output_width: out.width,
+        output_height: out.height,
+        tile,
+        load_cold,
+        load_warm,
+        upscale,
+        images_per_second: if upscale > 0.0 { 1.0 / upscale } else { 0.0 },
+        megapixels_per_second: if upscale > 0.0 { mp / upscale } else { 0.0 },
+        peak_host_memory_bytes: crate::device::peak_host_memory_bytes(),
+        parameters: up.spec().param_count(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn synthetic_x4plus_has_the_published_parameter_count() -> Result<()> {
+        // Real-ESRGAN x4plus (RRDBNet, basicsr): 16,697,987 parameters.
+        let w = synthetic_x4plus(1)?;
+        let n: usize = w.tensors.values().map(|t| t.elem_count()).sum();
+        assert_eq!(n, 16_697_987);
+        assert_eq!(w.spec.param_count(), n);
+        assert!(is_x4plus("realesrgan-x4plus") && is_x4plus("/m/realesrgan-x4plus.param"));
+        assert!(!is_x4plus("realesrgan-x4plus-anime") && !is_x4plus("srvgg-tiny-x4"));
+        Ok(())
+    }
 }

@@ -194,3 +194,102 @@ fn drift_is_detected_after_a_weight_file_changes() {
     let err = drift::check(&lock, tier, &load(), false).err().unwrap().to_string();
     assert!(err.contains("kiln.lock"), "{err}");
 }
+
+#[test]
+fn upscale_tier_pins_and_drift() {
+    use kiln_core::tiers::load::load_upscale_tier_model;
+    let dir = tempfile::tempdir().unwrap();
+    let sr = dir.path().join("sr.safetensors");
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/sr/srvgg-tiny-x4.safetensors"),
+        &sr,
+    )
+    .unwrap();
+    let sha = kiln_core::loaders::weights::sha256_file(&sr).unwrap();
+    let toml = dir.path().join("kiln.toml");
+    let write = |weights: &str| {
+        std::fs::write(&toml, format!("[tiers.upscale]\nmodel = \"./sr.safetensors\"\n{weights}")).unwrap();
+        TierRegistry::load(None, Some(&toml)).unwrap().get("upscale").unwrap().clone()
+    };
+    // Setting the model drops the built-in store pin; the file is recorded as file/NAME.
+    let tier = write("");
+    assert!(tier.weights.is_empty());
+    let (up, records) = load_upscale_tier_model(&tier, &Device::Cpu, DType::F32).unwrap();
+    assert_eq!(up.spec().scale(), 4);
+    assert_eq!(records.len(), 1);
+    assert_eq!((records[0].component.as_str(), records[0].file.as_str()), ("file", "sr.safetensors"));
+    assert_eq!(records[0].sha256, sha);
+    // A matching pin loads; a wrong one names both hashes; pins for other files are refused.
+    let ok = write(&format!("weights = {{ \"file/sr.safetensors\" = \"{sha}\" }}\n"));
+    assert!(load_upscale_tier_model(&ok, &Device::Cpu, DType::F32).is_ok());
+    let zeros = "0".repeat(64);
+    let bad = write(&format!("weights = {{ \"file/sr.safetensors\" = \"{zeros}\" }}\n"));
+    let err = load_upscale_tier_model(&bad, &Device::Cpu, DType::F32).err().unwrap().to_string();
+    assert!(err.contains("file/sr.safetensors: pinned 0000") && err.contains(&sha), "{err}");
+    let other = write(&format!("weights = {{ \"store/realesrgan-x4plus.safetensors\" = \"{zeros}\" }}\n"));
+    let err = load_upscale_tier_model(&other, &Device::Cpu, DType::F32).err().unwrap().to_string();
+    assert!(err.contains("none of the pinned files"), "{err}");
+    // A scale that contradicts the model, and a missing model, are clear errors.
+    let x2 = write("scale = 2\n");
+    let err = load_upscale_tier_model(&x2, &Device::Cpu, DType::F32).err().unwrap().to_string();
+    assert!(err.contains("x2") && err.contains("x4"), "{err}");
+    std::fs::write(&toml, "[tiers.upscale]\nmodel = \"./gone.safetensors\"\n").unwrap();
+    let gone = TierRegistry::load(None, Some(&toml)).unwrap().get("upscale").unwrap().clone();
+    let err = load_upscale_tier_model(&gone, &Device::Cpu, DType::F32).err().unwrap().to_string();
+    assert!(err.contains("tier `upscale` model") && err.contains("gone.safetensors"), "{err}");
+    // An ncnn pair records both halves.
+    let param = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/sr/rrdb-tiny-x4.param");
+    std::fs::write(&toml, format!("[tiers.upscale]\nmodel = \"{param}\"\n")).unwrap();
+    let ncnn = TierRegistry::load(None, Some(&toml)).unwrap().get("upscale").unwrap().clone();
+    let (_, pair) = load_upscale_tier_model(&ncnn, &Device::Cpu, DType::F32).unwrap();
+    let files: Vec<&str> = pair.iter().map(|r| r.file.as_str()).collect();
+    assert_eq!(files, ["rrdb-tiny-x4.param", "rrdb-tiny-x4.bin"]);
+    let bin = Path::new(param).with_extension("bin");
+    assert_eq!(pair[1].sha256, kiln_core::loaders::weights::sha256_file(&bin).unwrap());
+    // A diffusion tier is not an upscaler.
+    let reg = TierRegistry::builtin().unwrap();
+    let err = load_upscale_tier_model(reg.get("draft").unwrap(), &Device::Cpu, DType::F32).err().unwrap();
+    assert!(err.to_string().contains("not an upscale tier"), "{err}");
+
+    // Drift: pinned on first use, refused after the file changes, re-pinned when accepted.
+    let lock = dir.path().join(drift::LOCK_FILE);
+    assert_eq!(drift::check_files(&lock, &tier, &records, false).unwrap(), DriftOutcome::Pinned);
+    let mut bytes = std::fs::read(&sr).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x01;
+    std::fs::write(&sr, &bytes).unwrap();
+    let (_, changed) = load_upscale_tier_model(&tier, &Device::Cpu, DType::F32).unwrap();
+    let err = drift::check_files(&lock, &tier, &changed, false).err().unwrap().to_string();
+    assert!(err.contains("file/sr.safetensors changed"), "{err}");
+    assert!(matches!(drift::check_files(&lock, &tier, &changed, true).unwrap(), DriftOutcome::Accepted(_)));
+    assert_eq!(drift::check_files(&lock, &tier, &changed, false).unwrap(), DriftOutcome::Unchanged);
+}
+
+#[test]
+fn explicit_unpinned_values() {
+    let dir = tempfile::tempdir().unwrap();
+    let toml = dir.path().join("kiln.toml");
+    std::fs::write(
+        &toml,
+        "[tiers.t]\nmodel = \"org/repo\"\nrevision = \"unpinned\"\n\
+         weights = { \"unet/a.safetensors\" = \"unpinned\", \"vae/b.safetensors\" = \"ABCDEF0123456789abcdef0123456789ABCDEF0123456789abcdef0123456789\" }\n",
+    )
+    .unwrap();
+    let reg = TierRegistry::load(None, Some(&toml)).unwrap();
+    let t = reg.get("t").unwrap();
+    assert_eq!(t.revision, None);
+    // Not a layering of the built-in final: a new model without a VAE drops SDXL's fp16-fix VAE.
+    std::fs::write(&toml, "[tiers.final]\nmodel = \"org/other\"\n").unwrap();
+    let fin = TierRegistry::load(None, Some(&toml)).unwrap().get("final").unwrap().clone();
+    assert_eq!((fin.vae, fin.vae_revision, fin.revision), (None, None, None));
+    assert!(fin.weights.is_empty() && fin.unpinned.is_empty());
+    assert_eq!(fin.steps, Some(30)); // non-model keys still layer
+    assert_eq!(t.unpinned, ["revision", "unet/a.safetensors"]);
+    // Hashes are compared case-insensitively: stored lower-case.
+    assert_eq!(
+        t.weights["vae/b.safetensors"],
+        "abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789"
+    );
+    let w = t.trust_on_first_use_warning().unwrap();
+    assert!(w.contains("revision, unet/a.safetensors") && w.contains("kiln.lock"), "{w}");
+}

@@ -25,19 +25,28 @@ pub fn bar_chart(title: &str, series: &[String], groups: &[BarGroup], unit: &str
     let n = series.len().max(1) as u32;
     let group_h = n * (bar_h + 4) + 12;
     let width = 16 + label_w + bar_w + value_w;
-    let height = 16 + 2 * line + 8 + groups.len() as u32 * group_h + 8;
+    // Legend entries flow left to right and wrap to a new line rather than run off the image.
+    let mut legend = Vec::with_capacity(series.len());
+    let (mut x, mut row) = (16, 0u32);
+    for name in series {
+        let w = 20 + text_width(name, scale);
+        if x > 16 && x + w > width - 16 {
+            (x, row) = (16, row + 1);
+        }
+        legend.push((x, row));
+        x += w + 24;
+    }
+    let legend_rows = row + 1;
+    let top = 16 + (1 + legend_rows) * line + 8;
+    let height = top + groups.len() as u32 * group_h + 8;
     let mut img = RgbImage::from_pixel(width, height, Rgb([255, 255, 255]));
     let ink = Rgb([30, 30, 30]);
     draw_text(&mut img, 16, 12, title, scale, ink);
-    // Legend.
-    let mut x = 16;
-    for (i, name) in series.iter().enumerate() {
-        let colour = SERIES_COLOURS[i % SERIES_COLOURS.len()];
-        fill_rect(&mut img, x, 16 + line, 14, 14, colour);
-        draw_text(&mut img, x + 20, 16 + line, name, scale, ink);
-        x += 20 + text_width(name, scale) + 24;
+    for (i, (name, &(x, row))) in series.iter().zip(&legend).enumerate() {
+        let y = 16 + (1 + row) * line;
+        fill_rect(&mut img, x, y, 14, 14, SERIES_COLOURS[i % SERIES_COLOURS.len()]);
+        draw_text(&mut img, x + 20, y, name, scale, ink);
     }
-    let top = 16 + 2 * line + 8;
     for (gi, group) in groups.iter().enumerate() {
         let y0 = top + gi as u32 * group_h;
         draw_text(&mut img, 16, y0 + 4, &group.label, scale, ink);
@@ -78,5 +87,15 @@ mod tests {
         // Bars 420/4 = 105 and 420 px long, 20 px high, plus a 14×14 legend swatch each.
         assert_eq!(pixels(SERIES_COLOURS[0]), 105 * 20 + 196);
         assert_eq!(pixels(SERIES_COLOURS[1]), 420 * 20 + 196);
+        // A legend too long for one line wraps: the third swatch sits on a second line.
+        let long: Vec<String> = (0..3).map(|i| format!("SERIES {i} NAME15")).collect();
+        let groups = [BarGroup { label: "X".into(), values: vec![1.0, 1.0, 1.0] }];
+        let wide = bar_chart("T", &long, &groups, "S");
+        let short = bar_chart("T", &["A".into(), "B".into(), "C".into()], &groups, "S");
+        assert_eq!(wide.height(), short.height() + (GLYPH_H + 3) * 2);
+        let swatch_rows: Vec<u32> = (0..wide.height())
+            .filter(|&y| (0..wide.width()).any(|x| wide.get_pixel(x, y) == &SERIES_COLOURS[2]))
+            .collect();
+        assert!(swatch_rows.first().is_some_and(|&y| y >= 16 + 2 * (GLYPH_H + 3) * 2), "{swatch_rows:?}");
     }
 }

@@ -19,6 +19,9 @@ pub struct JobTimings {
     /// Each denoising step (UNet + solver).
     pub steps: Vec<f64>,
     pub vae_decode: f64,
+    /// Super-resolution (upscale jobs).
+    #[serde(default)]
+    pub upscale: f64,
     /// Process CPU time (user + system) during the job, when the OS reports it.
     pub cpu_seconds: Option<f64>,
     pub peak_memory_bytes: Option<u64>,
@@ -33,6 +36,7 @@ impl JobTimings {
             vae_encode: t.vae_encode,
             steps: t.steps.clone(),
             vae_decode: t.vae_decode,
+            upscale: 0.0,
             cpu_seconds: None,
             peak_memory_bytes: crate::device::peak_host_memory_bytes(),
         }
@@ -42,16 +46,16 @@ impl JobTimings {
         self.steps.iter().sum()
     }
 
-    /// The sum of the stages: load + text encode + VAE encode + steps + VAE decode.
+    /// The sum of the stages: load + text encode + VAE encode + steps + VAE decode + upscale.
     pub fn device_seconds(&self) -> f64 {
-        self.load + self.text_encode + self.vae_encode + self.steps_total() + self.vae_decode
+        self.load + self.text_encode + self.vae_encode + self.steps_total() + self.vae_decode + self.upscale
     }
 }
 
 /// A job to record.
 #[derive(Debug, Clone)]
 pub struct NewJob {
-    /// draft | promote | generate | replay
+    /// draft | promote | generate | replay | upscale
     pub kind: String,
     pub tier: Option<String>,
     pub device: String,
@@ -65,7 +69,7 @@ pub struct NewJob {
 /// An output to record; its file must already be written (atomically).
 #[derive(Debug, Clone)]
 pub struct NewAsset {
-    /// draft | final | sheet | replay
+    /// draft | final | sheet | replay | upscaled
     pub kind: String,
     pub tier: Option<String>,
     pub path: PathBuf,
@@ -98,6 +102,9 @@ pub struct AssetRow {
     pub model_hashes: Vec<WeightRecord>,
     pub credits: f64,
     pub created_at: i64,
+    /// Parameters of a step that is not a generation (an upscale's model, sizes, tiling);
+    /// see [`Library::record_job_with_params`].
+    pub params: Option<serde_json::Value>,
 }
 
 /// A recorded job.
@@ -126,7 +133,8 @@ pub struct AssetFilter {
 }
 
 const ASSET_COLUMNS: &str = "id, job_id, parent_id, kind, tier, path, sha256, width, height, seed, prompt, \
-                             record_json, model_hashes, credits, created_at";
+                             record_json, model_hashes, credits, created_at, \
+                             (SELECT json FROM asset_params WHERE asset_params.asset_id = assets.id)";
 
 fn asset_from_row(row: &Row) -> rusqlite::Result<AssetRow> {
     let record: Option<String> = row.get(11)?;
@@ -148,6 +156,7 @@ fn asset_from_row(row: &Row) -> rusqlite::Result<AssetRow> {
         model_hashes: serde_json::from_str(&hashes).unwrap_or_default(),
         credits: row.get(13)?,
         created_at: row.get(14)?,
+        params: row.get::<_, Option<String>>(15)?.and_then(|p| serde_json::from_str(&p).ok()),
     })
 }
 
@@ -156,6 +165,17 @@ impl Library {
     /// asset's file must exist (outputs are written before they are recorded); its sha256 is
     /// taken now so a later change is detectable.
     pub fn record_job(&mut self, job: &NewJob, assets: &[NewAsset]) -> Result<(i64, Vec<i64>)> {
+        self.record_job_with_params(job, assets, &[])
+    }
+
+    /// [`Self::record_job`], with step parameters for the assets (`params[i]` for `assets[i]`;
+    /// missing entries are none), in the same transaction.
+    pub fn record_job_with_params(
+        &mut self,
+        job: &NewJob,
+        assets: &[NewAsset],
+        params: &[Option<serde_json::Value>],
+    ) -> Result<(i64, Vec<i64>)> {
         let mut hashes = Vec::with_capacity(assets.len());
         for a in assets {
             if !a.path.is_file() {
@@ -202,7 +222,7 @@ impl Library {
         .map_err(err)?;
         let job_id = tx.last_insert_rowid();
         let mut ids = Vec::with_capacity(assets.len());
-        for (a, sha) in assets.iter().zip(&hashes) {
+        for (i, (a, sha)) in assets.iter().zip(&hashes).enumerate() {
             let rel = a.path.strip_prefix(&root).unwrap_or(&a.path).to_string_lossy().into_owned();
             tx.execute(
                 "INSERT INTO assets (job_id, parent_id, kind, tier, path, sha256, width, height, seed, prompt, \
@@ -226,7 +246,15 @@ impl Library {
                 ],
             )
             .map_err(err)?;
-            ids.push(tx.last_insert_rowid());
+            let id = tx.last_insert_rowid();
+            if let Some(p) = params.get(i).and_then(Option::as_ref) {
+                tx.execute(
+                    "INSERT INTO asset_params (asset_id, json) VALUES (?1, ?2)",
+                    params![id, p.to_string()],
+                )
+                .map_err(err)?;
+            }
+            ids.push(id);
         }
         tx.commit().map_err(err)?;
         Ok((job_id, ids))

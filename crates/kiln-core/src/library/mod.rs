@@ -208,6 +208,12 @@ CREATE TABLE IF NOT EXISTS assets (
     credits REAL NOT NULL,
     created_at INTEGER NOT NULL
 );
+-- Parameters of non-generation steps (upscale); a side table so schema-1 libraries gain it
+-- on open without a migration.
+CREATE TABLE IF NOT EXISTS asset_params (
+    asset_id INTEGER PRIMARY KEY REFERENCES assets(id),
+    json TEXT NOT NULL
+);
 CREATE INDEX IF NOT EXISTS assets_parent ON assets(parent_id);
 CREATE INDEX IF NOT EXISTS assets_sha ON assets(sha256);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);

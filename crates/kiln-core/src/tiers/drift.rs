@@ -93,13 +93,22 @@ pub fn differences(locked: &LockedTier, tier: &Tier, loaded: &[WeightRecord]) ->
 /// Compares the loaded model with the project lock at `lock_path`: pins on first use, refuses
 /// drift unless `accept`, in which case the lock is updated and the changes returned.
 pub fn check(lock_path: &Path, tier: &Tier, model: &LoadedModel, accept: bool) -> Result<DriftOutcome> {
+    check_files(lock_path, tier, &model.weights, accept)
+}
+
+/// [`check`] for any loaded weight files (an upscale tier's model, ...).
+pub fn check_files(
+    lock_path: &Path,
+    tier: &Tier,
+    loaded: &[WeightRecord],
+    accept: bool,
+) -> Result<DriftOutcome> {
     let mut lock = Lock::read(lock_path)?;
-    let current =
-        LockedTier { model: tier.model.clone(), vae: tier.vae.clone(), files: model.weights.clone() };
+    let current = LockedTier { model: tier.model.clone(), vae: tier.vae.clone(), files: loaded.to_vec() };
     let outcome = match lock.tiers.get(&tier.name) {
         None => DriftOutcome::Pinned,
         Some(locked) => {
-            let diffs = differences(locked, tier, &model.weights);
+            let diffs = differences(locked, tier, loaded);
             if diffs.is_empty() {
                 return Ok(DriftOutcome::Unchanged);
             }

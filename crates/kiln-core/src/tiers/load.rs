@@ -5,10 +5,13 @@ use crate::device;
 use crate::error::{Error, Result};
 use crate::loaders::diffusers::Family;
 use crate::loaders::hub::{self, ModelSource};
+use crate::loaders::store::{SrWeights, Store};
 use crate::pipeline::generate::GenerateRequest;
-use crate::pipeline::model::LoadedModel;
+use crate::pipeline::model::{LoadedModel, WeightRecord};
+use crate::pipeline::upscale::Upscaler;
 use crate::schedule::SchedulerKind;
 use candle_core::{DType, Device};
+use std::path::Path;
 
 /// The dtype a tier runs in: an explicit override, else the tier's (`auto` = the device's default).
 pub fn tier_dtype(tier: &Tier, device: &Device, explicit: Option<DType>) -> Result<DType> {
@@ -59,7 +62,13 @@ pub fn resolve_tier(tier: &Tier, dtype: DType, progress: bool) -> Result<(ModelS
 pub fn load_tier_model(tier: &Tier, device: &Device, dtype: DType, progress: bool) -> Result<LoadedModel> {
     let (source, vae) = resolve_tier(tier, dtype, progress)?;
     let model = LoadedModel::load_with_vae(source, vae, device, dtype)?;
-    let mismatches = tier.weight_mismatches(&model.weights);
+    check_pins(tier, &model.weights)?;
+    Ok(model)
+}
+
+/// Refuses loaded files that contradict the tier's pins.
+fn check_pins(tier: &Tier, loaded: &[WeightRecord]) -> Result<()> {
+    let mismatches = tier.pin_problems(loaded);
     if !mismatches.is_empty() {
         return Err(Error::config(
             &tier.defined_in,
@@ -70,7 +79,79 @@ pub fn load_tier_model(tier: &Tier, device: &Device, dtype: DType, progress: boo
             ),
         ));
     }
-    Ok(model)
+    Ok(())
+}
+
+/// Refuses tiers that are not upscale tiers where an upscaler is needed.
+pub fn require_upscale(tier: &Tier) -> Result<()> {
+    if tier.kind != TierKind::Upscale {
+        return Err(Error::arg(
+            "--upscale-tier",
+            format!("tier `{}` is a diffusion tier, not an upscale tier (kind = \"upscale\")", tier.name),
+        ));
+    }
+    Ok(())
+}
+
+/// The weight records of a super-resolution model: the store blob for an imported name
+/// ("store/NAME.safetensors"), else the file itself ("file/NAME.ext", with an ncnn pair's
+/// other half).
+pub fn upscale_weight_records(tier: &Tier, weights: &SrWeights) -> Result<Vec<WeightRecord>> {
+    let path = Path::new(&tier.model);
+    if !path.is_file() {
+        let sha256 = weights.sha256.clone().ok_or_else(|| {
+            Error::config(&tier.defined_in, format!("tier `{}`: store model without a sha256", tier.name))
+        })?;
+        return Ok(vec![WeightRecord {
+            component: "store".into(),
+            file: format!("{}.safetensors", weights.name),
+            sha256,
+        }]);
+    }
+    let mut files = vec![path.to_path_buf()];
+    let ext = path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase());
+    match ext.as_deref() {
+        Some("param") => files.push(path.with_extension("bin")),
+        Some("bin") => files.insert(0, path.with_extension("param")),
+        _ => {}
+    }
+    files
+        .iter()
+        .filter(|p| p.is_file())
+        .map(|p| {
+            Ok(WeightRecord {
+                component: "file".into(),
+                file: p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default(),
+                sha256: crate::loaders::weights::sha256_file(p)?,
+            })
+        })
+        .collect()
+}
+
+/// Loads an upscale tier's super-resolution model (an imported store name, or a weight file)
+/// and checks the tier's pins. Returns the upscaler and the weight records for the drift lock.
+pub fn load_upscale_tier_model(
+    tier: &Tier,
+    device: &Device,
+    dtype: DType,
+) -> Result<(Upscaler, Vec<WeightRecord>)> {
+    require_upscale(tier)?;
+    let in_tier = |e: Error| {
+        Error::config(&tier.defined_in, format!("tier `{}` model `{}`: {e}", tier.name, tier.model))
+    };
+    let weights = Store::open_default().and_then(|s| s.resolve(&tier.model)).map_err(in_tier)?;
+    if let Some(scale) = tier.scale {
+        if weights.spec.scale() != scale as usize {
+            return Err(in_tier(Error::arg(
+                "scale",
+                format!("the tier says x{scale}, the model is x{}", weights.spec.scale()),
+            )));
+        }
+    }
+    let records = upscale_weight_records(tier, &weights)?;
+    check_pins(tier, &records)?;
+    let upscaler = Upscaler::new(weights, device, dtype)?;
+    Ok((upscaler, records))
 }
 
 /// Per-job values that override the tier's defaults (CLI flags).

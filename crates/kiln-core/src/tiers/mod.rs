@@ -17,6 +17,10 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+/// The value of `revision`, `vae_revision` or a `weights` entry that leaves it unpinned on
+/// purpose (trust on first use), instead of silently absent.
+pub const UNPINNED: &str = "unpinned";
+
 /// The registry kiln ships, compiled in so the binary works from any folder.
 pub const BUILTIN_TIERS: &str = include_str!("../../../../models/tiers.toml");
 /// Where the built-in layer is reported to come from.
@@ -77,6 +81,9 @@ pub struct Tier {
     /// Upscale tiers: the model's scale factor.
     pub scale: Option<u32>,
     pub price: Price,
+    /// Pins the layers set to [`UNPINNED`] on purpose: "revision", "vae_revision" or a weight
+    /// key. Trust on first use: the project's kiln.lock records what was loaded the first time.
+    pub unpinned: Vec<String>,
     /// The layer that last set `model` (for error messages).
     pub defined_in: String,
 }
@@ -102,6 +109,7 @@ impl Tier {
             negative_prompt: None,
             scale: None,
             price: Price::default(),
+            unpinned: Vec::new(),
             defined_in: String::new(),
         }
     }
@@ -118,7 +126,39 @@ impl Tier {
         } else {
             format!("{} weight file(s) pinned", self.weights.len())
         };
-        format!("{rev}, {weights}")
+        let tofu = self.unpinned.iter().filter(|k| !k.contains("revision")).count();
+        if tofu > 0 {
+            format!("{rev}, {weights}, {tofu} explicitly unpinned (trust on first use)")
+        } else {
+            format!("{rev}, {weights}")
+        }
+    }
+
+    /// A warning for a first use of a tier with explicitly unpinned parts (None otherwise).
+    pub fn trust_on_first_use_warning(&self) -> Option<String> {
+        (!self.unpinned.is_empty()).then(|| {
+            format!(
+                "tier `{}` is not fully pinned ({} = \"{UNPINNED}\"): trusting the files loaded now; \
+                 kiln.lock pins their sha256 from here on. Verify them and pin them in kiln.toml",
+                self.name,
+                self.unpinned.join(", ")
+            )
+        })
+    }
+
+    /// Pin problems: pinned files whose loaded hash differs ("component/file: pinned X, found
+    /// Y"), and pins that match none of the loaded files (pins written for another model).
+    pub fn pin_problems(&self, loaded: &[WeightRecord]) -> Vec<String> {
+        let mut out = self.weight_mismatches(loaded);
+        let keys: Vec<String> = loaded.iter().map(|r| format!("{}/{}", r.component, r.file)).collect();
+        if !self.weights.is_empty() && !self.weights.keys().any(|k| keys.contains(k)) {
+            out.push(format!(
+                "none of the pinned files ({}) was loaded; loaded: {}",
+                self.weights.keys().cloned().collect::<Vec<_>>().join(", "),
+                keys.join(", ")
+            ));
+        }
+        out
     }
 
     /// Pinned files whose loaded hash differs: "component/file: pinned X, found Y".
@@ -241,7 +281,7 @@ fn parse_layer(text: &str, path: &Path) -> Result<BTreeMap<String, TierLayer>> {
 }
 
 /// Overlays `upper` on `merged`. Relative model/VAE paths resolve against the layer's folder.
-/// Setting `model` drops the lower layers' revision and weight pins (they were for another
+/// Setting `model` drops the lower layers' revision, weight pins and VAE (they were for another
 /// model); setting `vae` drops the VAE revision and the `vae/...` pins.
 fn merge(
     merged: &mut BTreeMap<String, (TierLayer, String)>,
@@ -257,6 +297,10 @@ fn merge(
         if up.model.is_some() {
             base.revision = None;
             base.weights = None;
+            // The lower layer's VAE was chosen for its model (SDXL's fp16-fix VAE under an SD1
+            // model would decode garbage): a new model keeps only a VAE set beside it.
+            base.vae = None;
+            base.vae_revision = None;
             *defined_in = layer_name.to_string();
         }
         if up.vae.is_some() {
@@ -336,11 +380,26 @@ fn finish(name: &str, layer: TierLayer, defined_in: String) -> Result<Tier> {
     if layer.steps == Some(0) {
         return Err(bad("steps must be at least 1".into()));
     }
-    for (key, hash) in layer.weights.iter().flatten() {
-        if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
-            return Err(bad(format!("weights.\"{key}\" is not a sha256 (64 hex digits)")));
+    let mut unpinned = Vec::new();
+    let mut weights = BTreeMap::new();
+    for (key, hash) in layer.weights.unwrap_or_default() {
+        if hash == UNPINNED {
+            unpinned.push(key);
+        } else if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(bad(format!("weights.\"{key}\" is not a sha256 (64 hex digits) or \"{UNPINNED}\"")));
+        } else {
+            weights.insert(key, hash.to_ascii_lowercase());
         }
     }
+    let mut explicit = |what: &str, value: Option<String>| match value {
+        Some(v) if v == UNPINNED => {
+            unpinned.insert(0, what.to_string());
+            None
+        }
+        other => other,
+    };
+    let vae_revision = explicit("vae_revision", layer.vae_revision);
+    let revision = explicit("revision", layer.revision);
     let price = layer.price.unwrap_or_default();
     let price = Price {
         credits_per_image: price.credits_per_image.unwrap_or(0.0),
@@ -354,10 +413,10 @@ fn finish(name: &str, layer: TierLayer, defined_in: String) -> Result<Tier> {
         description: layer.description.unwrap_or_default(),
         kind: layer.kind.unwrap_or_default(),
         model,
-        revision: layer.revision,
+        revision,
         vae: layer.vae,
-        vae_revision: layer.vae_revision,
-        weights: layer.weights.unwrap_or_default(),
+        vae_revision,
+        weights,
         width: layer.width,
         height: layer.height,
         steps: layer.steps,
@@ -367,6 +426,7 @@ fn finish(name: &str, layer: TierLayer, defined_in: String) -> Result<Tier> {
         negative_prompt: layer.negative_prompt,
         scale: layer.scale,
         price,
+        unpinned,
         defined_in,
     })
 }
@@ -389,7 +449,35 @@ mod tests {
         assert_eq!((fin.width, fin.steps, fin.guidance), (Some(1024), Some(30), Some(6.0)));
         assert_eq!(fin.scheduler.as_deref(), Some("dpmpp-2m-karras"));
         assert_eq!(reg.get("upscale")?.kind, TierKind::Upscale);
-        assert_eq!(draft.pin_status(), "revision unpinned, weights unpinned");
+        // Revisions pinned; diffusion weights explicitly unpinned (trust on first use).
+        assert_eq!(draft.revision.as_deref(), Some("b261bac6fd2cf515557d5d0707481eafa0485ec2"));
+        assert_eq!(
+            draft.pin_status(),
+            "revision pinned, weights unpinned, 6 explicitly unpinned (trust on first use)"
+        );
+        assert!(draft
+            .trust_on_first_use_warning()
+            .is_some_and(|w| w.contains("unet/diffusion_pytorch_model")));
+        assert_eq!(fin.revision.as_deref(), Some("462165984030d82259a11f4367a4eed129e94a7b"));
+        assert_eq!(fin.vae_revision.as_deref(), Some("207b116dae70ace3637169f1ddd2434b91b3a8cd"));
+        let up = reg.get("upscale")?;
+        assert_eq!(up.pin_status(), "revision pinned, 1 weight file(s) pinned");
+        assert!(up.trust_on_first_use_warning().is_none());
+        // Every shipped tier pins its revision and every component's files, or names them
+        // "unpinned" explicitly: nothing is left silently absent.
+        for t in reg.tiers.values() {
+            match t.kind {
+                TierKind::Diffusion => {
+                    assert!(t.revision.is_some(), "{}", t.name);
+                    assert!(t.vae.is_none() || t.vae_revision.is_some(), "{}", t.name);
+                    for comp in ["unet/", "text_encoder/", "vae/"] {
+                        let named = t.weights.keys().chain(&t.unpinned).any(|k| k.starts_with(comp));
+                        assert!(named, "tier {} names no {comp} file", t.name);
+                    }
+                }
+                TierKind::Upscale => assert!(!t.weights.is_empty(), "{}", t.name),
+            }
+        }
         let err = reg.get("sketch").map(|_| ()).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("unknown tier `sketch`") && err.contains("draft, final, upscale"), "{err}");
         Ok(())

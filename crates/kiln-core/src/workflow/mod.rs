@@ -4,11 +4,13 @@
 //!
 //! - [`draft`]: N variants with consecutive seeds plus a contact sheet;
 //! - [`promote`]: a draft re-rendered by the final tier (img2img or reseed), with similarity;
-//! - [`replay`]: an asset regenerated from its stored parameters alone.
+//! - [`replay`]: an asset regenerated from its stored parameters alone;
+//! - [`upscale`]: an asset run through the upscale tier, recorded as its child.
 
 pub mod draft;
 pub mod promote;
 pub mod replay;
+pub mod upscale;
 
 use crate::error::{Error, Result};
 use crate::library::assets::{JobTimings, NewAsset, NewJob};
@@ -62,6 +64,16 @@ impl Workspace {
     /// Checks the budget for `images` images of `tier`: Err when refused, Some(warning) near it.
     pub fn check_budget(&self, tier: &Tier, images: usize) -> Result<Option<String>> {
         let estimate = ledger::estimate(&self.library, tier, images)?;
+        ledger::check_budget(&self.project.config, self.library.spent()?, estimate)
+    }
+
+    /// Checks the budget for several jobs at once (a promotion with its upscale): their
+    /// estimates are summed, so the chain is refused up front rather than half-way.
+    pub fn check_budget_all(&self, jobs: &[(Tier, usize)]) -> Result<Option<String>> {
+        let mut estimate = 0.0;
+        for (tier, images) in jobs {
+            estimate += ledger::estimate(&self.library, tier, *images)?;
+        }
         ledger::check_budget(&self.project.config, self.library.spent()?, estimate)
     }
 

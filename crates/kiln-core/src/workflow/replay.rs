@@ -67,6 +67,27 @@ pub fn replay(ws: &mut Workspace, req: &ReplayRequest, progress: &mut dyn Progre
         None => None,
     };
 
+    // An upscaled asset replays as its generation followed by the recorded upscale step; its
+    // upscaler loads first, so a missing SR model fails before the generation.
+    let upscale_params = match input.asset_id {
+        Some(id) => ws.library.asset(id)?.params.filter(|p| p["step"] == "upscale"),
+        None => None,
+    };
+    if upscale_params.is_none() && has_upscale_chunk(&input.path)? {
+        return Err(Error::arg(
+            "replay",
+            format!(
+                "{} is an upscaled image the library does not know; replay the image it was made from \
+                 (its generation record), then upscale that",
+                input.path.display()
+            ),
+        ));
+    }
+    let mut upscaler = match &upscale_params {
+        Some(p) => Some(load_recorded_upscaler(ws, p, input.asset_id, &mut warnings)?),
+        None => None,
+    };
+
     let cpu0 = super::process_cpu_seconds();
     let t0 = Instant::now();
     let model = load_recorded_model(ws, &record)?;
@@ -112,7 +133,25 @@ pub fn replay(ws: &mut Workspace, req: &ReplayRequest, progress: &mut dyn Progre
         Some(p) => p.clone(),
         None => ws.output_path("replays", &format!("replay-s{}", record.seed)),
     };
-    crate::image::png_meta::write_png_atomic(&path, &rgb, &png_chunks(&record, output.scheduler, &model))?;
+    let chunks = png_chunks(&record, output.scheduler, &model);
+    let mut upscale_seconds = 0.0;
+    let rgb = match (upscaler.as_mut(), &upscale_params) {
+        (Some(up), Some(p)) => {
+            // The regenerated base goes beside the output, is upscaled into it, then removed.
+            let base = ws.output_path("replays", &format!("replay-base-s{}", record.seed));
+            crate::image::png_meta::write_png_atomic(&base, &rgb, &chunks)?;
+            let t0 = Instant::now();
+            let upscaled = replay_upscale(up, p, &base, &path);
+            upscale_seconds = t0.elapsed().as_secs_f64() + std::mem::take(&mut up.load_seconds);
+            let _ = std::fs::remove_file(&base);
+            upscaled?;
+            crate::image::load_rgb(&path)?
+        }
+        _ => {
+            crate::image::png_meta::write_png_atomic(&path, &rgb, &chunks)?;
+            rgb
+        }
+    };
 
     let max_abs_diff = if rgb.dimensions() == original.dimensions() {
         rgb.as_raw().iter().zip(original.as_raw()).map(|(a, b)| a.abs_diff(*b)).max().unwrap_or(0)
@@ -121,13 +160,23 @@ pub fn replay(ws: &mut Workspace, req: &ReplayRequest, progress: &mut dyn Progre
     };
     let psnr = crate::image::compare::psnr(&rgb, &original).unwrap_or(0.0);
     let mut timings = JobTimings::from_stages(load_seconds, &output.timings);
+    timings.upscale = upscale_seconds;
     timings.cpu_seconds = match (cpu0, super::process_cpu_seconds()) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
     let written = [WrittenImage { path: path.clone(), seed: record.seed, rgb, record }];
-    let (job, assets) =
+    let (mut job, mut assets) =
         job_and_assets("replay", "replay", tier.as_ref(), &model, timings.clone(), &written, input.asset_id);
+    if let Some(up) = &upscaler {
+        // Each part at its own tier's price: the generation at the generating tier's, the
+        // upscale step (with its load) at the upscale tier's.
+        let generation = tier.as_ref().map(|t| t.price.cost(1, timings.device_seconds() - upscale_seconds));
+        job.credits = generation.unwrap_or(0.0) + up.tier.price.cost(1, upscale_seconds);
+        for a in &mut assets {
+            a.credits = job.credits;
+        }
+    }
     let (job_id, ids) = ws.library.record_job(&job, &assets)?;
     Ok(ReplayResult {
         job_id,
@@ -173,4 +222,65 @@ fn locate(ws: &Workspace, file: &FileRef, what: &str) -> Result<PathBuf> {
         path,
         "the replay needs the exact input file; restore it or its library asset",
     ))
+}
+
+/// Whether a PNG carries the upscaler's step record ([`crate::pipeline::upscale::META_KEY`]).
+fn has_upscale_chunk(path: &Path) -> Result<bool> {
+    let chunks = crate::image::png_meta::read_png_text(path)?;
+    Ok(chunks.iter().any(|c| c.keyword == crate::pipeline::upscale::META_KEY))
+}
+
+/// Loads the upscale tier an asset's upscale step names and checks its weights against the
+/// ones recorded with the asset (drift is refused unless `--accept-drift`).
+fn load_recorded_upscaler(
+    ws: &Workspace,
+    params: &serde_json::Value,
+    asset_id: Option<i64>,
+    warnings: &mut Vec<String>,
+) -> Result<super::upscale::WarmUpscaler> {
+    let tier = params["tier"].as_str().unwrap_or("upscale");
+    let warm = ws.load_upscale_tier(tier)?;
+    let recorded = match asset_id {
+        Some(id) => ws.library.asset(id)?.model_hashes,
+        None => Vec::new(),
+    };
+    let locked = drift::LockedTier { model: warm.tier.model.clone(), vae: None, files: recorded };
+    let diffs = drift::differences(&locked, &warm.tier, &warm.weights);
+    if !diffs.is_empty() {
+        let msg =
+            format!("upscale model differs from the one the image was made with:\n  {}", diffs.join("\n  "));
+        if !ws.options.accept_drift {
+            return Err(Error::config(
+                &warm.tier.defined_in,
+                format!("{msg}\nrerun with --accept-drift to replay anyway"),
+            ));
+        }
+        warnings.push(msg);
+    }
+    Ok(warm)
+}
+
+/// Re-runs a recorded upscale step on `base` into `out`, with the recorded output size and
+/// tiling (the tile decides RRDBNet's feathered seams, so it must match to be bit-exact).
+fn replay_upscale(
+    up: &super::upscale::WarmUpscaler,
+    params: &serde_json::Value,
+    base: &Path,
+    out: &Path,
+) -> Result<()> {
+    use crate::pipeline::upscale::{Target, UpscaleOptions};
+    let num = |k: &str| params[k].as_u64().map(|v| v as usize);
+    let size = |i: usize| params["output_size"][i].as_u64().map(|v| v as usize);
+    let (Some(width), Some(height)) = (size(0), size(1)) else {
+        return Err(Error::arg("replay", "the asset's upscale record has no output_size"));
+    };
+    let options = UpscaleOptions {
+        target: Some(Target::Fit { width, height }),
+        tile: num("tile"),
+        halo: num("halo"),
+        feather: num("feather"),
+        ..Default::default()
+    };
+    up.upscaler.upscale_file(base, out, &options, &mut |_, _| {})?;
+    Ok(())
 }
