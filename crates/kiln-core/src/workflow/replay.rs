@@ -4,9 +4,12 @@
 
 use super::{job_and_assets, resolve_input, AssetRef, Workspace, WrittenImage};
 use crate::error::{Error, Result};
+use crate::image::mask::Mask;
 use crate::library::assets::JobTimings;
 use crate::loaders::hub::{self, ModelSource};
 use crate::pipeline::generate::{generate, GenerateRequest, Progress};
+use crate::pipeline::inpaint::inpaint;
+use crate::pipeline::inpaint::replay::{is_inpaint_record, request_from_record, RecordedInputs};
 use crate::pipeline::metadata::{png_chunks, FileRef, ImageRecord};
 use crate::pipeline::model::LoadedModel;
 use crate::tiers::drift;
@@ -66,6 +69,12 @@ pub fn replay(ws: &mut Workspace, req: &ReplayRequest, progress: &mut dyn Progre
         }
         None => None,
     };
+    // Inpaint, outpaint and erase outputs replay through the inpainting pipeline, with the
+    // recorded mask (outpainting rebuilds its mask from the recorded extension).
+    let inpaint_mask = match record.inpaint.as_ref().and_then(|ip| ip.mask.as_ref()) {
+        Some(f) if is_inpaint_record(&record) => Some(Mask::load(&locate(ws, f, "mask")?)?),
+        _ => None,
+    };
 
     // An upscaled asset replays as its generation followed by the recorded upscale step; its
     // upscaler loads first, so a missing SR model fails before the generation.
@@ -110,30 +119,49 @@ pub fn replay(ws: &mut Workspace, req: &ReplayRequest, progress: &mut dyn Progre
         warnings.push("the model folder's scheduler config differs from the recorded one".into());
     }
 
-    let request = GenerateRequest {
-        prompt: record.prompt.clone(),
-        negative_prompt: record.negative_prompt.clone(),
-        width: record.width,
-        height: record.height,
-        steps: record.steps,
-        guidance: record.guidance,
-        scheduler: Some(record.scheduler.parse()?),
-        seeds: vec![record.seed],
-        init_latents,
-        init_image,
-        strength: record.strength.unwrap_or(1.0),
-        max_batch: 1,
+    let (rgb, scheduler, stage_timings) = if is_inpaint_record(&record) {
+        let image = init_image.ok_or_else(|| {
+            Error::arg(
+                "replay",
+                format!("the `{}` record of {} names no input image", record.mode, input.path.display()),
+            )
+        })?;
+        let inputs = RecordedInputs { image, mask: inpaint_mask, init_latents };
+        let request = request_from_record(&record, inputs)?;
+        let output = inpaint(&model, &request, progress)?;
+        let first = output
+            .images
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::Unsupported("inpainting returned no image".into()))?;
+        (first.image, output.scheduler, output.timings)
+    } else {
+        let request = GenerateRequest {
+            prompt: record.prompt.clone(),
+            negative_prompt: record.negative_prompt.clone(),
+            width: record.width,
+            height: record.height,
+            steps: record.steps,
+            guidance: record.guidance,
+            scheduler: Some(record.scheduler.parse()?),
+            seeds: vec![record.seed],
+            init_latents,
+            init_image,
+            strength: record.strength.unwrap_or(1.0),
+            max_batch: 1,
+        };
+        let output = generate(&model, &request, progress)?;
+        let image =
+            output.images.first().ok_or_else(|| Error::Unsupported("generation returned no image".into()))?;
+        let rgb = crate::image::unit_to_rgb8(&image.pixels)?;
+        (rgb, output.scheduler, output.timings)
     };
-    let output = generate(&model, &request, progress)?;
-    let image =
-        output.images.first().ok_or_else(|| Error::Unsupported("generation returned no image".into()))?;
-    let rgb = crate::image::unit_to_rgb8(&image.pixels)?;
     // The replay carries the original's record (same parameters), so its metadata is the same too.
     let path = match &req.out {
         Some(p) => p.clone(),
         None => ws.output_path("replays", &format!("replay-s{}", record.seed)),
     };
-    let chunks = png_chunks(&record, output.scheduler, &model);
+    let chunks = png_chunks(&record, scheduler, &model);
     let mut upscale_seconds = 0.0;
     let rgb = match (upscaler.as_mut(), &upscale_params) {
         (Some(up), Some(p)) => {
@@ -159,7 +187,7 @@ pub fn replay(ws: &mut Workspace, req: &ReplayRequest, progress: &mut dyn Progre
         255
     };
     let psnr = crate::image::compare::psnr(&rgb, &original).unwrap_or(0.0);
-    let mut timings = JobTimings::from_stages(load_seconds, &output.timings);
+    let mut timings = JobTimings::from_stages(load_seconds, &stage_timings);
     timings.upscale = upscale_seconds;
     timings.cpu_seconds = match (cpu0, super::process_cpu_seconds()) {
         (Some(a), Some(b)) => Some(b - a),
