@@ -7,7 +7,7 @@ use kiln_core::device::{self, DeviceRequest};
 use kiln_core::image::png_meta::write_png_atomic;
 use kiln_core::image::unit_to_rgb8;
 use kiln_core::library::assets::JobTimings;
-use kiln_core::library::Project;
+use kiln_core::library::{ledger, Project};
 use kiln_core::loaders::hub;
 use kiln_core::loaders::weights::sha256_file;
 use kiln_core::pipeline::generate::{generate, Progress};
@@ -16,6 +16,7 @@ use kiln_core::pipeline::model::LoadedModel;
 use kiln_core::schedule::SchedulerKind;
 use kiln_core::tiers::load::{load_tier_model, tier_dtype, tier_request, Overrides};
 use kiln_core::tiers::Tier;
+use kiln_core::workflow::{job_and_assets, WrittenImage};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -132,10 +133,22 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     }
     let device = device::open(args.device.parse::<DeviceRequest>()?)?;
     let explicit_dtype = args.dtype.as_deref().map(device::parse_dtype).transpose()?;
-    let tier = match &args.tier {
-        Some(name) => Some(Project::find(args.project.as_deref())?.tiers()?.get(name)?.clone()),
+    // A tier job belongs to a project: its library records it and its budget may refuse it.
+    let project = match &args.tier {
+        Some(_) => Some(Project::find(args.project.as_deref())?),
         None => None,
     };
+    let tier = match (&args.tier, &project) {
+        (Some(name), Some(project)) => Some(project.tiers()?.get(name)?.clone()),
+        _ => None,
+    };
+    if let (Some(project), Some(tier)) = (&project, &tier) {
+        let library = project.library()?;
+        let estimate = ledger::estimate(&library, tier, args.count)?;
+        if let Some(warning) = ledger::check_budget(&project.config, library.spent()?, estimate)? {
+            eprintln!("warning: {warning}");
+        }
+    }
     let dtype = match &tier {
         Some(t) => tier_dtype(t, &device, explicit_dtype)?,
         None => explicit_dtype.unwrap_or_else(|| device::default_dtype(&device)),
@@ -148,6 +161,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         None => None,
     };
 
+    let cpu0 = kiln_core::workflow::process_cpu_seconds();
     let t0 = Instant::now();
     let model = match (&tier, &args.model) {
         (Some(t), _) => load_tier_model(t, &device, dtype, show)?,
@@ -196,6 +210,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let init_latents_ref = args.init_latents.as_deref().map(file_ref).transpose()?;
     let init_image_ref = args.init_image.as_deref().map(file_ref).transpose()?;
     let mut outputs = Vec::new();
+    let mut written = Vec::new();
     for (i, image) in output.images.iter().enumerate() {
         let path = output_path(args.out.as_deref(), image.seed, i, args.count);
         let record = ImageRecord::build(
@@ -214,7 +229,31 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         if !args.json {
             eprintln!("wrote {} (seed {})", path.display(), image.seed);
         }
+        // Absolute the way the project root is, so the library stores it relative to the root.
+        let path = std::path::absolute(&path).unwrap_or(path);
+        written.push(WrittenImage { path, seed: image.seed, rgb, record });
     }
+    let mut timings = JobTimings::from_stages(load_seconds, &output.timings);
+    timings.cpu_seconds = cpu_seconds_since(cpu0);
+    // A tier's images are assets of the project (kind: the tier's name), children of the init
+    // image's asset when it is one.
+    let recorded = match (&project, &tier) {
+        (Some(project), Some(tier)) => {
+            let mut library = project.library()?;
+            let parent = match &init_image_ref {
+                Some(f) => library.asset_by_sha256(&f.sha256)?.map(|a| a.id),
+                None => None,
+            };
+            let (job, assets) =
+                job_and_assets("generate", &tier.name, Some(tier), &model, timings.clone(), &written, parent);
+            let (job_id, ids) = library.record_job(&job, &assets)?;
+            if !args.json {
+                eprintln!("recorded job {job_id}, assets {ids:?}");
+            }
+            Some(serde_json::json!({ "job_id": job_id, "asset_ids": ids, "parent_asset_id": parent }))
+        }
+        _ => None,
+    };
     if args.json {
         let t = &output.timings;
         let report = serde_json::json!({
@@ -234,10 +273,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             "device": device::name(&device),
             "dtype": device::dtype_name(dtype),
             "tier": args.tier,
-            "credits": tier.as_ref().map(|tier| {
-                let secs = JobTimings::from_stages(load_seconds, t).device_seconds();
-                tier.price.cost(output.images.len(), secs)
-            }),
+            "credits": tier.as_ref().map(|tier| tier.price.cost(output.images.len(), timings.device_seconds())),
+            "library": recorded,
             "warnings": output.warnings,
         });
         println!("{report}");
@@ -282,4 +319,11 @@ pub(crate) fn random_seed() -> u64 {
     );
     // Keep seeds within 32 bits: torch's CPU generator only uses the low 32 bits.
     h.finish() & 0xffff_ffff
+}
+
+fn cpu_seconds_since(start: Option<f64>) -> Option<f64> {
+    match (start, kiln_core::workflow::process_cpu_seconds()) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    }
 }

@@ -221,7 +221,13 @@ fn draft_batch_promote_and_replay() {
     assert_eq!(check["consistent"], true, "{check}");
     let lib = Project::open(root).unwrap().library().unwrap();
     let jobs = lib.jobs().unwrap();
-    assert_eq!(jobs.len(), 5); // draft, promote ×2, replay ×2 (generate is not recorded)
+    // draft, generate --tier draft, promote, generate --tier final, promote, generate --tier final,
+    // replay ×2.
+    let kinds: Vec<&str> = jobs.iter().map(|j| j.kind.as_str()).collect();
+    assert_eq!(
+        kinds,
+        ["draft", "generate", "promote", "generate", "promote", "generate", "replay", "replay"]
+    );
     for j in &jobs {
         let t = &j.timings;
         let stages =
@@ -230,7 +236,9 @@ fn draft_batch_promote_and_replay() {
     }
     // Draft: 0.01 per image (built-in price); final: 0.05 per device-second.
     assert!((jobs[0].credits - 0.04).abs() < 1e-12);
-    assert!((jobs[1].credits - 0.05 * jobs[1].device_seconds).abs() < 1e-12);
+    assert!((jobs[1].credits - 0.01).abs() < 1e-12);
+    assert!((jobs[2].credits - 0.05 * jobs[2].device_seconds).abs() < 1e-12);
+    assert!((jobs[3].credits - 0.05 * jobs[3].device_seconds).abs() < 1e-12);
     let report = ok_json(root, &["report"]);
     let total: f64 = jobs.iter().map(|j| j.credits).sum();
     let secs: f64 = jobs.iter().map(|j| j.device_seconds).sum();
@@ -239,12 +247,13 @@ fn draft_batch_promote_and_replay() {
     let day_sum: f64 =
         report["days"].as_array().unwrap().iter().map(|d| d["credits"].as_f64().unwrap()).sum();
     assert!((day_sum - total).abs() < 1e-9);
-    assert_eq!((report["drafts"].as_u64(), report["finals"].as_u64()), (Some(4), Some(2)));
-    assert_eq!(report["drafts_per_final"], 2.0);
-    assert!((report["cost_per_delivered"].as_f64().unwrap() - total / 2.0).abs() < 1e-9);
+    // `generate --tier` images count as their tier's assets: 4 + 1 drafts, 2 promoted + 2 finals.
+    assert_eq!((report["drafts"].as_u64(), report["finals"].as_u64()), (Some(5), Some(4)));
+    assert_eq!(report["drafts_per_final"], 1.25);
+    assert!((report["cost_per_delivered"].as_f64().unwrap() - total / 4.0).abs() < 1e-9);
     let o = kiln(root, &["report"]);
     let table = String::from_utf8_lossy(&o.stdout);
-    assert!(table.contains("draft:final 4:2 = 2.0:1 (policy 4:1"), "{table}");
+    assert!(table.contains("draft:final 5:4 = "), "{table}");
 }
 
 #[test]

@@ -148,7 +148,7 @@ pub(crate) fn write_images(
 }
 
 /// The job row and per-image asset rows for written images.
-pub(crate) fn job_and_assets(
+pub fn job_and_assets(
     kind: &str,
     asset_kind: &str,
     tier: Option<&Tier>,
