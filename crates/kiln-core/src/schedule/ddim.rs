@@ -85,20 +85,6 @@ impl Scheduler for Ddim {
         Ok(sample.clone())
     }
 
-    fn step(
-        &mut self,
-        model_output: &Tensor,
-        i: usize,
-        sample: &Tensor,
-        rng: &mut BatchRng,
-    ) -> Result<Tensor> {
-        self.step_with_denoised(model_output, i, sample, rng, &mut Ok)
-    }
-
-    fn forms_denoised(&self) -> bool {
-        true
-    }
-
     fn step_with_denoised(
         &mut self,
         model_output: &Tensor,

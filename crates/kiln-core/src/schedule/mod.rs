@@ -52,14 +52,14 @@ pub trait Scheduler: Send {
         i: usize,
         sample: &Tensor,
         rng: &mut BatchRng,
-    ) -> Result<Tensor>;
+    ) -> Result<Tensor> {
+        self.step_with_denoised(model_output, i, sample, rng, &mut Ok)
+    }
     /// [`Scheduler::step`] with `denoised` applied to the solver's estimate of the clean sample
     /// (x0, or LCM's denoised sample) before the solver uses it: masked sampling re-imposes the
     /// known region there as well as on x_t. `denoised` gets and returns float32 tensors of the
     /// sample's shape. With the identity it equals `step` bit for bit (PNDM, which steps on eps,
     /// applies it to the x0 its eps implies and converts back, so it keeps a separate `step`).
-    /// The default implementation, for a solver without such an estimate, ignores it: see
-    /// [`Scheduler::forms_denoised`].
     fn step_with_denoised(
         &mut self,
         model_output: &Tensor,
@@ -67,13 +67,11 @@ pub trait Scheduler: Send {
         sample: &Tensor,
         rng: &mut BatchRng,
         denoised: &mut DenoisedFn<'_>,
-    ) -> Result<Tensor> {
-        let _ = denoised;
-        self.step(model_output, i, sample, rng)
-    }
-    /// Whether [`Scheduler::step_with_denoised`] applies its transform.
+    ) -> Result<Tensor>;
+    /// Whether [`Scheduler::step_with_denoised`] applies its transform (every solver here does;
+    /// a future one without a clean-sample estimate returns false and ignores it).
     fn forms_denoised(&self) -> bool {
-        false
+        true
     }
     /// diffusers' add_noise at index i (img2img noises the init latents to the first kept step).
     fn add_noise(&self, original: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor>;

@@ -234,10 +234,6 @@ impl Scheduler for Pndm {
         self.step_f32(&m, t, &x, sample.dtype())
     }
 
-    fn forms_denoised(&self) -> bool {
-        true
-    }
-
     /// PNDM steps on eps alone; its x0 estimate is the one that eps implies at the sample's
     /// level. The transform is applied there and turned back into the model's parameterisation,
     /// so the multistep history holds the re-imposed outputs.
