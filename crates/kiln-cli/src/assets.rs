@@ -202,7 +202,7 @@ pub fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
     for w in &result.warnings {
         eprintln!("warning: {w}");
     }
-    if args.job.json {
+    if args.job.json() {
         println!("{}", serde_json::to_string(&result)?);
     } else {
         println!(

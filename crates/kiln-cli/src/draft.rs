@@ -1,9 +1,9 @@
 //! `kiln draft`: N variants from the draft tier, plus a contact sheet, recorded in the project's
 //! asset library.
 
+use crate::args::RunArgs;
 use crate::generate::{random_seed, Bar};
 use clap::Args;
-use kiln_core::device::{self, DeviceRequest};
 use kiln_core::library::Project;
 use kiln_core::tiers::drift::DriftOutcome;
 use kiln_core::tiers::load::Overrides;
@@ -18,32 +18,26 @@ pub struct JobArgs {
     /// Project folder (kiln.toml, kiln.lock, assets/, .kiln/library.db); default $KILN_PROJECT or the current folder.
     #[arg(long)]
     pub project: Option<PathBuf>,
-    /// auto | cpu | cuda[:N] | metal.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// f32 | f16 | bf16 (default: the tier's).
-    #[arg(long)]
-    pub dtype: Option<String>,
     /// Re-pin kiln.lock when a tier's weights changed, instead of refusing.
     #[arg(long)]
     pub accept_drift: bool,
-    /// Print one JSON object on stdout; no progress bar.
-    #[arg(long)]
-    pub json: bool,
-    /// No progress bar.
-    #[arg(short, long)]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 impl JobArgs {
     pub fn show(&self) -> bool {
-        !(self.json || self.quiet)
+        self.run.show()
+    }
+
+    pub fn json(&self) -> bool {
+        self.run.json
     }
 
     /// Opens the project workspace (library, tiers) with these options.
     pub fn workspace(&self) -> anyhow::Result<Workspace> {
-        let device = device::open(self.device.parse::<DeviceRequest>()?)?;
-        let dtype = self.dtype.as_deref().map(device::parse_dtype).transpose()?;
+        let device = self.run.device()?;
+        let dtype = self.run.explicit_dtype()?;
         let project = Project::find(self.project.as_deref())?;
         let options =
             JobOptions { device, dtype, accept_drift: self.accept_drift, show_progress: self.show() };
@@ -115,7 +109,7 @@ pub fn run(args: DraftArgs) -> anyhow::Result<()> {
     // Refuse before the (expensive) model load when the budget is spent.
     ws.check_budget(&tier, args.count)?;
     let mut warm = ws.load_tier(&args.tier)?;
-    report_drift(&args.tier, &warm.drift, args.job.json);
+    report_drift(&args.tier, &warm.drift, args.job.json());
     warn_trust_on_first_use(&warm.tier, &warm.drift);
     let request = DraftRequest {
         prompt: args.prompt.clone(),
@@ -136,7 +130,7 @@ pub fn run(args: DraftArgs) -> anyhow::Result<()> {
     for w in &result.warnings {
         eprintln!("warning: {w}");
     }
-    if args.job.json {
+    if args.job.json() {
         println!("{}", serde_json::to_string(&result)?);
     } else {
         for img in &result.images {

@@ -1,20 +1,17 @@
 //! `kiln generate`.
 
+use crate::args::{ModelArgs, RunArgs, SamplingArgs, TierJob};
 use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_core::device::{self, DeviceRequest};
+use kiln_core::device;
 use kiln_core::image::png_meta::write_png_atomic;
 use kiln_core::image::unit_to_rgb8;
 use kiln_core::library::assets::JobTimings;
-use kiln_core::library::{ledger, Project};
-use kiln_core::loaders::hub;
 use kiln_core::loaders::weights::sha256_file;
 use kiln_core::pipeline::generate::{generate, Progress};
 use kiln_core::pipeline::metadata::{png_chunks, FileRef, ImageRecord};
-use kiln_core::pipeline::model::LoadedModel;
-use kiln_core::schedule::SchedulerKind;
-use kiln_core::tiers::load::{load_tier_model, tier_dtype, tier_request, Overrides};
+use kiln_core::tiers::load::{tier_request, Overrides};
 use kiln_core::tiers::Tier;
 use kiln_core::workflow::{job_and_assets, WrittenImage};
 use std::path::{Path, PathBuf};
@@ -22,41 +19,18 @@ use std::time::Instant;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
-    /// A diffusers folder or a hub id (e.g. stabilityai/sd-turbo).
-    #[arg(long, required_unless_present = "tier", conflicts_with = "tier")]
-    model: Option<String>,
-    /// Take the model and defaults from a tier (draft, final, ...; see `kiln tiers`).
-    #[arg(long)]
-    tier: Option<String>,
-    /// Project folder whose kiln.toml layers the tiers (default: $KILN_PROJECT or the current folder).
-    #[arg(long)]
-    project: Option<PathBuf>,
-    /// Hub revision (branch, tag or commit) when --model is a hub id.
-    #[arg(long)]
-    revision: Option<String>,
     #[arg(long)]
     prompt: String,
-    /// Negative prompt (classifier-free guidance's unconditional side).
-    #[arg(long)]
-    negative: Option<String>,
+    #[command(flatten)]
+    source: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Width in pixels (default: the model's native size).
     #[arg(long)]
     width: Option<usize>,
     /// Height in pixels (default: the model's native size).
     #[arg(long)]
     height: Option<usize>,
-    /// Denoising steps (default: the tier's, else 30).
-    #[arg(long)]
-    steps: Option<usize>,
-    /// Classifier-free guidance scale; <= 1 skips the unconditional pass (default 7.5, SDXL 5).
-    #[arg(long)]
-    guidance: Option<f64>,
-    /// ddim | euler | euler-a | dpmpp-2m | dpmpp-2m-karras | lcm | pndm (default: the model's own).
-    #[arg(long)]
-    scheduler: Option<String>,
-    /// Seed of the first image (default: random); image i uses seed + i.
-    #[arg(long)]
-    seed: Option<u64>,
     /// Unit-normal starting noise (.npy, [1, C, H/8, W/8]); scaled by the scheduler's initial sigma.
     #[arg(long)]
     init_latents: Option<PathBuf>,
@@ -66,27 +40,14 @@ pub struct GenerateArgs {
     /// img2img: how much to change the init image, in (0, 1].
     #[arg(long, default_value_t = 0.8)]
     strength: f64,
-    /// Number of images (seeds S..S+N-1).
-    #[arg(long, default_value_t = 1)]
-    count: usize,
     /// Images per UNet batch (default: all of --count, up to 4).
     #[arg(long)]
     batch: Option<usize>,
-    /// auto | cpu | cuda[:N] | metal.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// f32 | f16 | bf16 (default: f16 on GPU, f32 on CPU).
-    #[arg(long)]
-    dtype: Option<String>,
     /// Output PNG (with --count N: PATH-0.png, PATH-1.png, ...). Default: kiln-<seed>.png.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Print one JSON object on stdout (paths, seeds, timings, memory); no progress bar.
-    #[arg(long)]
-    json: bool,
-    /// No progress bar.
-    #[arg(short, long)]
-    quiet: bool,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 /// A denoising progress bar on stderr (hidden when `show` is false).
@@ -127,33 +88,10 @@ impl Progress for Bar {
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let start = Instant::now();
-    let scheduler: Option<SchedulerKind> = args.scheduler.as_deref().map(str::parse).transpose()?;
-    if args.count == 0 || args.count > 1000 {
-        bail!("invalid --count: {} (expected 1..=1000)", args.count);
-    }
-    let device = device::open(args.device.parse::<DeviceRequest>()?)?;
-    let explicit_dtype = args.dtype.as_deref().map(device::parse_dtype).transpose()?;
-    // A tier job belongs to a project: its library records it and its budget may refuse it.
-    let project = match &args.tier {
-        Some(_) => Some(Project::find(args.project.as_deref())?),
-        None => None,
-    };
-    let tier = match (&args.tier, &project) {
-        (Some(name), Some(project)) => Some(project.tiers()?.get(name)?.clone()),
-        _ => None,
-    };
-    if let (Some(project), Some(tier)) = (&project, &tier) {
-        let library = project.library()?;
-        let estimate = ledger::estimate(&library, tier, args.count)?;
-        if let Some(warning) = ledger::check_budget(&project.config, library.spent()?, estimate)? {
-            eprintln!("warning: {warning}");
-        }
-    }
-    let dtype = match &tier {
-        Some(t) => tier_dtype(t, &device, explicit_dtype)?,
-        None => explicit_dtype.unwrap_or_else(|| device::default_dtype(&device)),
-    };
-    let show = !(args.json || args.quiet);
+    let scheduler = args.sampling.scheduler()?;
+    let choice = args.source.resolve(&args.run, args.sampling.count)?;
+    let (device, dtype, tier) = (&choice.device, choice.dtype, choice.tier());
+    let show = args.run.show();
     // Read the cheap inputs before the expensive model load, so bad input fails fast.
     let init_image = args.init_image.as_deref().map(kiln_core::image::load_rgb).transpose()?;
     let init_latents = match &args.init_latents {
@@ -163,30 +101,23 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
 
     let cpu0 = kiln_core::workflow::process_cpu_seconds();
     let t0 = Instant::now();
-    let model = match (&tier, &args.model) {
-        (Some(t), _) => load_tier_model(t, &device, dtype, show)?,
-        (None, Some(spec)) => {
-            let source = hub::resolve(spec, args.revision.as_deref(), dtype != candle_dtype_f32(), show)?;
-            LoadedModel::load(source, &device, dtype).with_context(|| format!("loading model {spec}"))?
-        }
-        (None, None) => bail!("pass --model or --tier"),
-    };
+    let model = args.source.load(&choice, show)?;
     let load_seconds = t0.elapsed().as_secs_f64();
 
-    let seed = args.seed.unwrap_or_else(random_seed);
-    let seeds: Vec<u64> = (0..args.count as u64).map(|i| seed.wrapping_add(i)).collect();
+    let seeds = args.sampling.seeds(args.sampling.seed.unwrap_or_else(random_seed));
+    let count = args.sampling.count;
     let overrides = Overrides {
         width: args.width,
         height: args.height,
-        steps: args.steps,
-        guidance: args.guidance,
+        steps: args.sampling.steps,
+        guidance: args.sampling.guidance,
         scheduler,
-        negative_prompt: args.negative.clone(),
-        max_batch: Some(args.batch.unwrap_or(args.count.min(4))),
+        negative_prompt: args.sampling.negative.clone(),
+        max_batch: Some(args.batch.unwrap_or(count.min(4))),
     };
     let fallback = Tier::untiered();
     let mut request =
-        tier_request(tier.as_ref().unwrap_or(&fallback), &model, &args.prompt, seeds.clone(), &overrides)?;
+        tier_request(tier.unwrap_or(&fallback), &model, &args.prompt, seeds.clone(), &overrides)?;
     if let Some(img) = init_image {
         // img2img without a tier defaults to the init image's size, rounded down to the VAE factor.
         if tier.is_none() {
@@ -212,7 +143,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let mut outputs = Vec::new();
     let mut written = Vec::new();
     for (i, image) in output.images.iter().enumerate() {
-        let path = output_path(args.out.as_deref(), image.seed, i, args.count);
+        let path = output_path(args.out.as_deref(), image.seed, i, count);
         let record = ImageRecord::build(
             &model,
             &request,
@@ -222,11 +153,11 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             init_latents_ref.clone(),
             init_image_ref.clone(),
         );
-        let record = ImageRecord { tier: args.tier.clone(), ..record };
+        let record = ImageRecord { tier: tier.map(|t| t.name.clone()), ..record };
         let rgb = unit_to_rgb8(&image.pixels)?;
         write_png_atomic(&path, &rgb, &png_chunks(&record, output.scheduler, &model))?;
         outputs.push(serde_json::json!({ "path": path, "seed": image.seed }));
-        if !args.json {
+        if !args.run.json {
             eprintln!("wrote {} (seed {})", path.display(), image.seed);
         }
         // Absolute the way the project root is, so the library stores it relative to the root.
@@ -237,8 +168,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     timings.cpu_seconds = cpu_seconds_since(cpu0);
     // A tier's images are assets of the project (kind: the tier's name), children of the init
     // image's asset when it is one.
-    let recorded = match (&project, &tier) {
-        (Some(project), Some(tier)) => {
+    let recorded = match &choice.tier {
+        Some(TierJob { project, tier }) => {
             let mut library = project.library()?;
             let parent = match &init_image_ref {
                 Some(f) => library.asset_by_sha256(&f.sha256)?.map(|a| a.id),
@@ -247,14 +178,14 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             let (job, assets) =
                 job_and_assets("generate", &tier.name, Some(tier), &model, timings.clone(), &written, parent);
             let (job_id, ids) = library.record_job(&job, &assets)?;
-            if !args.json {
+            if !args.run.json {
                 eprintln!("recorded job {job_id}, assets {ids:?}");
             }
             Some(serde_json::json!({ "job_id": job_id, "asset_ids": ids, "parent_asset_id": parent }))
         }
         _ => None,
     };
-    if args.json {
+    if args.run.json {
         let t = &output.timings;
         let report = serde_json::json!({
             "outputs": outputs,
@@ -270,20 +201,16 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
                 "total": start.elapsed().as_secs_f64(),
             },
             "peak_memory_bytes": device::peak_host_memory_bytes(),
-            "device": device::name(&device),
+            "device": device::name(device),
             "dtype": device::dtype_name(dtype),
-            "tier": args.tier,
-            "credits": tier.as_ref().map(|tier| tier.price.cost(output.images.len(), timings.device_seconds())),
+            "tier": tier.map(|t| t.name.clone()),
+            "credits": tier.map(|tier| tier.price.cost(output.images.len(), timings.device_seconds())),
             "library": recorded,
             "warnings": output.warnings,
         });
         println!("{report}");
     }
     Ok(())
-}
-
-pub(crate) fn candle_dtype_f32() -> kiln_core::candle::DType {
-    kiln_core::candle::DType::F32
 }
 
 pub(crate) fn read_npy(path: &Path) -> anyhow::Result<kiln_core::candle::Tensor> {

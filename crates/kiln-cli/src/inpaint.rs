@@ -1,24 +1,22 @@
 //! `kiln inpaint`, `kiln outpaint` and `kiln erase`: one inpainting job each, with the
 //! metadata `kiln generate` writes plus the mask and region used.
 
-use crate::generate::{candle_dtype_f32, file_ref, random_seed, read_npy, Bar};
+use crate::args::{ModelArgs, RunArgs, SamplingArgs};
+use crate::generate::{file_ref, random_seed, read_npy, Bar};
 use anyhow::{bail, Context};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
-use kiln_core::device::{self, DeviceRequest};
+use kiln_core::device;
 use kiln_core::image::mask::Mask;
 use kiln_core::image::png_meta::write_png_atomic;
 use kiln_core::library::assets::{JobTimings, NewAsset, NewJob};
-use kiln_core::library::{ledger, Project};
-use kiln_core::loaders::hub;
+use kiln_core::library::Project;
 use kiln_core::pipeline::inpaint::{
     check_inputs, inpaint, Blend, InpaintOutput, InpaintRequest, InpaintedImage, Region,
 };
 use kiln_core::pipeline::metadata::{model_record, png_chunks, FileRef, ImageRecord, InpaintRecord};
 use kiln_core::pipeline::model::LoadedModel;
 use kiln_core::pipeline::outpaint::{extend_canvas, Extension, Prefill, DEFAULT_OVERLAP};
-use kiln_core::schedule::SchedulerKind;
-use kiln_core::tiers::load::{load_tier_model, tier_dtype, tier_request, Overrides};
+use kiln_core::tiers::load::{tier_request, Overrides};
 use kiln_core::tiers::Tier;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -31,39 +29,10 @@ pub const ERASE_NEGATIVE: &str = "object, person, animal, text, watermark, logo,
 /// Options shared by the three commands.
 #[derive(Args, Debug)]
 pub struct JobArgs {
-    /// A diffusers folder or a hub id (any SD model, or a 9-channel inpainting model).
-    #[arg(long, required_unless_present = "tier", conflicts_with = "tier")]
-    model: Option<String>,
-    /// Take the model, steps, guidance, scheduler, negative prompt, dtype and the only-masked
-    /// processing size from a tier (draft, final, ...; see `kiln tiers`); the job is recorded in
-    /// the project's asset library, as a child of the input image's asset when it is one.
-    #[arg(long)]
-    tier: Option<String>,
-    /// Project folder whose kiln.toml layers the tiers and whose library records --tier jobs
-    /// (default: $KILN_PROJECT or the current folder).
-    #[arg(long)]
-    project: Option<PathBuf>,
-    /// Hub revision (branch, tag or commit) when --model is a hub id.
-    #[arg(long)]
-    revision: Option<String>,
-    /// Negative prompt.
-    #[arg(long)]
-    negative: Option<String>,
-    /// Denoising steps (default: the tier's, else 30).
-    #[arg(long)]
-    steps: Option<usize>,
-    /// Classifier-free guidance scale (default 7.5, SDXL 5).
-    #[arg(long)]
-    guidance: Option<f64>,
-    /// ddim | euler | euler-a | dpmpp-2m | dpmpp-2m-karras | lcm | pndm (default: the model's own).
-    #[arg(long)]
-    scheduler: Option<String>,
-    /// Seed of the first image (default: random); image i uses seed + i.
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Number of images (seeds S..S+N-1).
-    #[arg(long, default_value_t = 1)]
-    count: usize,
+    #[command(flatten)]
+    source: ModelArgs,
+    #[command(flatten)]
+    sampling: SamplingArgs,
     /// Unit-normal starting noise (.npy) at the processing size (see --json's "plan").
     #[arg(long)]
     init_latents: Option<PathBuf>,
@@ -80,21 +49,11 @@ pub struct JobArgs {
     /// dedicated 9-channel inpainting models, which see the known image themselves) | on | off.
     #[arg(long, default_value = "auto")]
     reimpose: String,
-    /// auto | cpu | cuda[:N] | metal.
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// f32 | f16 | bf16 (default: f16 on GPU, f32 on CPU).
-    #[arg(long)]
-    dtype: Option<String>,
     /// Output PNG (with --count N: PATH-0.png, ...). Default: kiln-<command>-<seed>.png.
     #[arg(long)]
     out: Option<PathBuf>,
-    /// Print one JSON object on stdout (paths, seeds, plan, timings, memory); no progress bar.
-    #[arg(long)]
-    json: bool,
-    /// No progress bar.
-    #[arg(short, long)]
-    quiet: bool,
+    #[command(flatten)]
+    run: RunArgs,
 }
 
 #[derive(Args, Debug)]
@@ -197,7 +156,7 @@ pub fn run_inpaint(args: InpaintArgs) -> anyhow::Result<()> {
         mask,
         mask_path: Some(args.mask),
         prompt: args.prompt,
-        negative: args.job.negative.clone(),
+        negative: args.job.sampling.negative.clone(),
         strength: args.strength,
         mask_blur: args.mask_blur,
         extend: None,
@@ -216,7 +175,7 @@ pub fn run_outpaint(args: OutpaintArgs) -> anyhow::Result<()> {
         None => Extension { left: args.left, right: args.right, top: args.top, bottom: args.bottom },
     };
     let fill: Prefill = args.fill.parse()?;
-    let seed = args.job.seed.unwrap_or_else(random_seed);
+    let seed = args.job.sampling.seed.unwrap_or_else(random_seed);
     let canvas = extend_canvas(&image, ext, fill, args.overlap, seed)?;
     let job = Job {
         mode: "outpaint",
@@ -225,7 +184,7 @@ pub fn run_outpaint(args: OutpaintArgs) -> anyhow::Result<()> {
         mask: canvas.mask,
         mask_path: None,
         prompt: args.prompt,
-        negative: args.job.negative.clone(),
+        negative: args.job.sampling.negative.clone(),
         strength: 1.0,
         // The ramp into the original is the feathering.
         mask_blur: Some(0.0),
@@ -254,7 +213,7 @@ pub fn run_erase(args: EraseArgs) -> anyhow::Result<()> {
         mask: grown,
         mask_path: Some(args.mask),
         prompt: args.prompt.unwrap_or_else(|| ERASE_PROMPT.to_string()),
-        negative: Some(args.job.negative.clone().unwrap_or_else(|| ERASE_NEGATIVE.to_string())),
+        negative: Some(args.job.sampling.negative.clone().unwrap_or_else(|| ERASE_NEGATIVE.to_string())),
         strength: 1.0,
         mask_blur: args.mask_blur,
         extend: None,
@@ -274,16 +233,13 @@ fn read_mask(path: &Path, image: &kiln_core::image::RgbImage, resize: bool) -> a
 }
 
 fn run(job: Job, args: &JobArgs) -> anyhow::Result<()> {
-    let seed = args.seed.unwrap_or_else(random_seed);
+    let seed = args.sampling.seed.unwrap_or_else(random_seed);
     run_seeded(job, args, seed)
 }
 
 fn run_seeded(job: Job, args: &JobArgs, seed: u64) -> anyhow::Result<()> {
     let start = Instant::now();
-    if args.count == 0 || args.count > 1000 {
-        bail!("invalid --count: {} (expected 1..=1000)", args.count);
-    }
-    let scheduler: Option<SchedulerKind> = args.scheduler.as_deref().map(str::parse).transpose()?;
+    let scheduler = args.sampling.scheduler()?;
     let blend: Blend = args.blend.parse()?;
     let region = match args.region.as_str() {
         "auto" => Region::Auto,
@@ -299,52 +255,24 @@ fn run_seeded(job: Job, args: &JobArgs, seed: u64) -> anyhow::Result<()> {
     };
     check_inputs(&job.image, &job.mask)?;
     let init_latents = args.init_latents.as_deref().map(read_npy).transpose()?;
-    let device = device::open(args.device.parse::<DeviceRequest>()?)?;
-    let explicit_dtype = args.dtype.as_deref().map(device::parse_dtype).transpose()?;
-    let tier = match &args.tier {
-        Some(name) => {
-            let project = Project::find(args.project.as_deref())?;
-            let tier = project.tiers()?.get(name)?.clone();
-            Some((project, tier))
-        }
-        None => None,
-    };
-    let dtype = match &tier {
-        Some((_, t)) => tier_dtype(t, &device, explicit_dtype)?,
-        None => explicit_dtype.unwrap_or_else(|| device::default_dtype(&device)),
-    };
-    let show = !(args.json || args.quiet);
-    // A tier job spends credits: refuse it before any work when it would pass the budget.
-    if let Some((project, tier)) = &tier {
-        let library = project.library()?;
-        let estimate = ledger::estimate(&library, tier, args.count)?;
-        if let Some(warning) = ledger::check_budget(&project.config, library.spent()?, estimate)? {
-            eprintln!("warning: {warning}");
-        }
-    }
+    let choice = args.source.resolve(&args.run, args.sampling.count)?;
+    let show = args.run.show();
 
     let t0 = Instant::now();
-    let model = match (&tier, &args.model) {
-        (Some((_, t)), _) => load_tier_model(t, &device, dtype, show)?,
-        (None, Some(spec)) => {
-            let source = hub::resolve(spec, args.revision.as_deref(), dtype != candle_dtype_f32(), show)?;
-            LoadedModel::load(source, &device, dtype).with_context(|| format!("loading model {spec}"))?
-        }
-        (None, None) => bail!("pass --model or --tier"),
-    };
+    let model = args.source.load(&choice, show)?;
     let load_seconds = t0.elapsed().as_secs_f64();
 
-    let seeds: Vec<u64> = (0..args.count as u64).map(|i| seed.wrapping_add(i)).collect();
+    let seeds = args.sampling.seeds(seed);
     // The tier's defaults (or, untiered, the model's) under the flags, resolved as generation does.
     let overrides = Overrides {
-        steps: args.steps,
-        guidance: args.guidance,
+        steps: args.sampling.steps,
+        guidance: args.sampling.guidance,
         scheduler,
         negative_prompt: job.negative.clone(),
         ..Overrides::default()
     };
     let fallback = Tier::untiered();
-    let tiered = tier.as_ref().map(|(_, t)| t);
+    let tiered = choice.tier();
     let defaults = tier_request(tiered.unwrap_or(&fallback), &model, &job.prompt, seeds.clone(), &overrides)?;
     let mut request = InpaintRequest::new(job.prompt.clone(), job.image.clone(), job.mask.clone());
     request.negative_prompt = defaults.negative_prompt;
@@ -366,25 +294,14 @@ fn run_seeded(job: Job, args: &JobArgs, seed: u64) -> anyhow::Result<()> {
     request.padding = args.padding;
     request.reimpose = reimpose;
 
-    let bar = show.then(|| {
-        let bar = ProgressBar::new(request.steps as u64);
-        bar.set_style(
-            ProgressStyle::with_template("{spinner} denoising [{bar:30}] {pos}/{len} {msg} ({elapsed})")
-                .unwrap_or_else(|_| ProgressStyle::default_bar())
-                .progress_chars("=> "),
-        );
-        bar
-    });
-    let mut progress = Bar(bar);
+    let mut progress = Bar::new(show, request.steps);
     let output = inpaint(&model, &request, &mut progress)?;
-    if let Some(bar) = progress.0 {
-        bar.finish_and_clear();
-    }
+    progress.finish();
     for w in &output.warnings {
         eprintln!("warning: {w}");
     }
     let ctx = OutputContext { job: &job, args, model: &model, request: &request, output: &output };
-    let tier = tier.as_ref().map(|(project, tier)| (project, tier));
+    let tier = choice.tier.as_ref().map(|job| (&job.project, &job.tier));
     write_outputs(&ctx, tier, seeds, load_seconds, start)
 }
 
@@ -437,7 +354,7 @@ fn write_outputs(
     let mut outputs = Vec::new();
     let mut written = Vec::new();
     for (i, image) in output.images.iter().enumerate() {
-        let path = output_path(args.out.as_deref(), job.mode, image.seed, i, args.count);
+        let path = output_path(args.out.as_deref(), job.mode, image.seed, i, args.sampling.count);
         let record = ImageRecord {
             kiln_version: kiln_core::VERSION.to_string(),
             mode: job.mode.to_string(),
@@ -464,7 +381,7 @@ fn write_outputs(
         };
         write_png_atomic(&path, &image.image, &png_chunks(&record, output.scheduler, model))?;
         outputs.push(serde_json::json!({ "path": path, "seed": image.seed }));
-        if !args.json {
+        if !args.run.json {
             eprintln!("wrote {} (seed {})", path.display(), image.seed);
         }
         written.push((path, image, record));
@@ -475,11 +392,11 @@ fn write_outputs(
         }
         None => None,
     };
-    if let (Some((job_id, ids, parent)), false) = (&recorded, args.json) {
+    if let (Some((job_id, ids, parent)), false) = (&recorded, args.run.json) {
         let parent = parent.map(|p| format!(", child of asset {p}")).unwrap_or_default();
         eprintln!("recorded job {job_id}, assets {ids:?}{parent}");
     }
-    if args.json {
+    if args.run.json {
         let t = &output.timings;
         let report = serde_json::json!({
             "outputs": outputs,

@@ -2,6 +2,7 @@
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
 
+mod args;
 mod assets;
 mod bench;
 mod draft;
@@ -77,5 +78,16 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Erase(args) => inpaint::run_erase(args),
         Command::Upscale(args) => upscale::run(args),
         Command::Models(args) => models_cmd::run(args),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// clap's own consistency checks over every subcommand's flags (shared flattened groups
+    /// included): duplicate names, dangling `requires`/`conflicts_with`, bad defaults.
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        super::Cli::command().debug_assert();
     }
 }

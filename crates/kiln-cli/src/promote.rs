@@ -75,14 +75,14 @@ pub fn run(args: PromoteArgs) -> anyhow::Result<()> {
     let mut warm_up = match target {
         Some(_) => {
             let w = ws.load_upscale_tier(&args.upscale_tier)?;
-            report_drift(&args.upscale_tier, &w.drift, args.job.json);
+            report_drift(&args.upscale_tier, &w.drift, args.job.json());
             warn_trust_on_first_use(&w.tier, &w.drift);
             Some(w)
         }
         None => None,
     };
     let mut warm = ws.load_tier(&args.tier)?;
-    report_drift(&args.tier, &warm.drift, args.job.json);
+    report_drift(&args.tier, &warm.drift, args.job.json());
     warn_trust_on_first_use(&warm.tier, &warm.drift);
     let mut bar = Bar::new(args.job.show(), warm.tier.steps.unwrap_or(1));
     let result = promote(&mut ws, &mut warm, &request, &mut bar)?;
@@ -109,7 +109,7 @@ pub fn run(args: PromoteArgs) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    if args.job.json {
+    if args.job.json() {
         let mut value = serde_json::to_value(&result)?;
         if let (Some(obj), Some(up)) = (value.as_object_mut(), &upscaled) {
             obj.insert("upscaled".into(), serde_json::to_value(up)?);
