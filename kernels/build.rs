@@ -17,7 +17,8 @@ fn main() {
         .unwrap_or_else(|| PathBuf::from("nvcc"));
     // PTX for the oldest architecture CUDA 13 supports: the driver JIT-compiles it for the GPU.
     let arch = std::env::var("KILN_PTX_ARCH").unwrap_or_else(|_| "compute_75".into());
-    for name in ["blend"] {
+    const KERNELS: &[&str] = &["blend"];
+    for name in KERNELS {
         let src = format!("cuda/{name}.cu");
         println!("cargo:rerun-if-changed={src}");
         let ptx = out.join(format!("{name}.ptx"));

@@ -259,6 +259,7 @@ mod cuda {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use candle_core::Device;
