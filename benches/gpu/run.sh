@@ -107,13 +107,13 @@ if [ "$ONLY" = all ] || [ "$ONLY" = tests ]; then
     SKIP=()
     DTYPES="f32 f16 bf16"
   fi
-  test_case kernels kiln_kernels -- -- "${SKIP[@]}"
+  test_case kernels kiln_kernels -- "${SKIP[@]}"
   for dt in $DTYPES; do
     test_case "pipelines-$dt" pipelines KILN_TEST_DEVICE=$DEVICE KILN_TEST_DTYPE=$dt -- --nocapture "${SKIP[@]}"
   done
-  test_case vae vae -- -- "${SKIP[@]}"
-  test_case precision precision -- -- "${SKIP[@]}"
-  [ $QUICK = 1 ] || test_case sr_tiling sr_tiling -- -- "${SKIP[@]}"
+  test_case vae vae -- "${SKIP[@]}"
+  test_case precision precision -- "${SKIP[@]}"
+  [ $QUICK = 1 ] || test_case sr_tiling sr_tiling -- "${SKIP[@]}"
 fi
 
 # --- 4. benchmarks -----------------------------------------------------------------------------------
