@@ -101,7 +101,7 @@ test_case() {  # test_case LABEL BINARY [env...] -- [test args...]
 if [ "$ONLY" = all ] || [ "$ONLY" = tests ]; then
   if [ "$DEVICE" = cpu ]; then
     # The stub driver cannot run CUDA: leave out the tests that open a CUDA device.
-    SKIP=(--skip cuda)
+    SKIP=(--skip cuda --skip gpu_)
     DTYPES="f32 f16"      # candle's CPU matmul has no bf16
   else
     SKIP=()
