@@ -93,9 +93,11 @@ test_case() {  # test_case LABEL BINARY [env...] -- [test args...]
   local t0=$SECONDS
   run "$TLOG" env "${envs[@]}" "$bin" --test-threads 1 "$@"
   local rc=$?
-  local passed failed
-  passed=$(grep -c ' \.\.\. ok$' <(sed -n "/^=== $label\$/,\$p" "$TLOG") || true)
-  failed=$(grep -c ' \.\.\. FAILED$' <(sed -n "/^=== $label\$/,\$p" "$TLOG") || true)
+  # libtest's summary line (per-test lines interleave with --nocapture output)
+  local summary passed failed
+  summary=$(sed -n "/^=== $label\$/,\$p" "$TLOG" | grep -E '^test result:' | tail -n 1)
+  passed=$(sed -nE 's/.* ([0-9]+) passed.*/\1/p' <<< "$summary"); passed=${passed:-0}
+  failed=$(sed -nE 's/.* ([0-9]+) failed.*/\1/p' <<< "$summary"); failed=${failed:-0}
   record "{\"test\":\"$label\",\"rc\":$rc,\"passed\":$passed,\"failed\":$failed,\"seconds\":$((SECONDS - t0))}"
 }
 if [ "$ONLY" = all ] || [ "$ONLY" = tests ]; then
@@ -175,7 +177,11 @@ for i in range(3): I.fromarray((np.clip(img, 0, 1) * 255).astype('uint8')).save(
       --device "$DEVICE" --dtype "$DTYPE" --out "$WORK/up-out" --json 2>> "$BLOG")
     rc=$?
     echo "$report" >> "$BLOG"
-    record "{\"impl\":\"kiln\",\"bench\":\"upscale-x4plus\",\"rc\":$rc,\"wall_s\":$(echo "$(date +%s.%N) - $t0" | bc),\"report\":$($PY -c 'import json,sys; t=sys.stdin.read().strip(); print(json.dumps(t))' <<< "$report")}"
+    record "{\"impl\":\"kiln\",\"bench\":\"upscale-x4plus\",\"rc\":$rc,\"wall_s\":$(echo "$(date +%s.%N) - $t0" | bc),\"report\":$($PY -c '
+import json, sys
+t = sys.stdin.read().strip()
+try: print(json.dumps(json.loads(t)))
+except ValueError: print(json.dumps(t))' <<< "$report")}"
   fi
 fi
 
@@ -199,8 +205,12 @@ for case, bench in (("sd-turbo", "draft,draft,draft"), ("sdxl", "final,final")):
     ps = p["seconds"]["median"] if p else None
     summary["compare"][case] = {"kiln_s": ks, "diffusers_s": ps, "ratio": (ks / ps) if ks and ps else None}
 up = next((r for r in rows if r.get("bench") == "upscale-x4plus"), None)
-summary["compare"]["x4plus"] = {"kiln_wall_3_images_s": up and up.get("wall_s"), "kiln_report": up and up.get("report"),
-                                 "pytorch_s": (peer("x4plus") or {}).get("seconds", {}).get("median")}
+rep = (up or {}).get("report")
+outs = rep.get("outputs") if isinstance(rep, dict) else None
+k_up = outs[-1].get("seconds") if outs else None  # the third image: warm
+p_up = (peer("x4plus") or {}).get("seconds", {}).get("median")
+summary["compare"]["x4plus"] = {"kiln_s": k_up, "pytorch_s": p_up, "ratio": (k_up / p_up) if k_up and p_up else None,
+                                "kiln_wall_3_images_s": up and up.get("wall_s")}
 summary["raw"] = rows
 json.dump(summary, open(sys.argv[2], "w"), indent=1)
 print(json.dumps({k: v for k, v in summary.items() if k != "raw"}, indent=1))
