@@ -4,13 +4,17 @@
 //!   column matrix in cache-sized bands of output rows, several times faster than candle's
 //!   tiled im2col on the shapes SD's VAE and Real-ESRGAN use; elsewhere candle's own conv
 //!   (cuDNN on CUDA when the `cudnn` feature is on).
+//! - [`blend`]: tile blend (accumulate a tile into an output strip with feather weights); the CPU
+//!   reference is what the tiling planner runs, with a CUDA kernel under `cuda`.
 //! - [`norm`]: GroupNorm (+ optional SiLU) fused into one pass per group on CPU.
 //!
 //! Every kernel is a candle `CustomOp` whose reference is candle's composed implementation, and
 //! the tests compare the two.
 
+pub mod blend;
 pub mod conv;
 pub mod norm;
 
+pub use blend::{blend_tile, blend_tile_slice, BlendRegion};
 pub use conv::{conv2d, Conv2d};
 pub use norm::{group_norm, GroupNorm};

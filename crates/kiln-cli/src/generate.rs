@@ -156,7 +156,12 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         let record = ImageRecord { tier: tier.map(|t| t.name.clone()), ..record };
         let rgb = unit_to_rgb8(&image.pixels)?;
         write_png_atomic(&path, &rgb, &png_chunks(&record, output.scheduler, &model))?;
-        outputs.push(serde_json::json!({ "path": path, "seed": image.seed }));
+        outputs.push(serde_json::json!({
+            "path": path,
+            "seed": image.seed,
+            // the dtype the image was decoded in again after its f16 VAE decode overflowed
+            "vae_fallback": image.vae_fallback.map(device::dtype_name),
+        }));
         if !args.run.json {
             eprintln!("wrote {} (seed {})", path.display(), image.seed);
         }

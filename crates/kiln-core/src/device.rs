@@ -109,6 +109,32 @@ pub fn default_dtype(device: &Device) -> DType {
     }
 }
 
+/// A dtype with f32's exponent range for a decode that overflowed in f16: bf16 on CUDA (tensor
+/// cores run it at f16 speed), f32 elsewhere (candle's CPU bf16 is slow; Metal's is partial).
+pub fn overflow_safe_dtype(device: &Device) -> DType {
+    if device.is_cuda() {
+        DType::BF16
+    } else {
+        DType::F32
+    }
+}
+
+/// The device and dtype the test suites run on: `KILN_TEST_DEVICE` (`cpu`, `cuda`, `cuda:N`,
+/// `metal`; default cpu) and `KILN_TEST_DTYPE` (`f32`, `f16`, `bf16`; default f32), so the same
+/// parity tests run on a GPU build (see docs/gpu.md).
+pub fn test_target() -> Result<(Device, DType)> {
+    let read = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let request: DeviceRequest = match read(crate::env::KILN_TEST_DEVICE) {
+        Some(v) => v.parse()?,
+        None => DeviceRequest::Cpu,
+    };
+    let dtype = match read(crate::env::KILN_TEST_DTYPE) {
+        Some(v) => parse_dtype(&v)?,
+        None => DType::F32,
+    };
+    Ok((open(request)?, dtype))
+}
+
 /// The dtype's name as recorded in metadata.
 pub fn dtype_name(dtype: DType) -> &'static str {
     match dtype {

@@ -16,6 +16,10 @@ pub const XDG_DATA_HOME: &str = "XDG_DATA_HOME";
 pub const XDG_CONFIG_HOME: &str = "XDG_CONFIG_HOME";
 /// The project folder (kiln.toml, asset library) when `--project` is not given; default: cwd.
 pub const KILN_PROJECT: &str = "KILN_PROJECT";
+/// Tests only: the device the parity suites run on (`cpu`, `cuda`, `cuda:N`, `metal`).
+pub const KILN_TEST_DEVICE: &str = "KILN_TEST_DEVICE";
+/// Tests only: the dtype the parity suites run in (`f32`, `f16`, `bf16`).
+pub const KILN_TEST_DTYPE: &str = "KILN_TEST_DTYPE";
 /// The user's home folder.
 pub const HOME: &str = "HOME";
 

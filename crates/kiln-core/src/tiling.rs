@@ -9,11 +9,13 @@
 //! are cross-faded with raised-cosine weights that sum to one ([`Axis::weight`]).
 //!
 //! [`StripAssembler`] accumulates one row of tiles at a time and hands back finished output
-//! rows, so memory follows the width of the image, never its height.
+//! rows, so memory follows the width of the image, never its height. The blend itself is
+//! `kiln_kernels::blend` (CPU reference here; a CUDA kernel for device-side strips).
 
 use std::ops::Range;
 
 use crate::error::{Error, Result};
+use kiln_kernels::blend::{blend_tile_slice, BlendRegion};
 
 /// Reflect-101 index: maps any integer coordinate into `[0, len)` by mirroring about the
 /// edge pixels (`-1 -> 1`, `len -> len - 2`), repeating for coordinates far outside.
@@ -279,22 +281,30 @@ impl StripAssembler {
         };
         let x0 = local(used_x.start, ox, tile.cols)?;
         local(used_x.end - 1, ox, tile.cols)?;
-        let wx = &self.x_weights[col];
-        for y in used_y.clone() {
-            let wy = self.plan.y.weight(row, y, self.scale);
-            if wy == 0.0 {
-                continue;
-            }
-            let ty = local(y, oy, tile.rows)?;
-            let dst = &mut self.acc[(y - self.top) * row_len..][..row_len];
-            for c in 0..self.channels {
-                let src = &tile.data[c * plane + ty * tile.cols + x0..][..used_x.len()];
-                for (i, (&v, &w)) in src.iter().zip(wx).enumerate() {
-                    dst[(used_x.start + i) * self.channels + c] += v * w * wy;
-                }
-            }
-        }
-        Ok(())
+        let y0 = local(used_y.start, oy, tile.rows)?;
+        local(used_y.end - 1, oy, tile.rows)?;
+        let wy: Vec<f32> = used_y.clone().map(|y| self.plan.y.weight(row, y, self.scale)).collect();
+        let region = BlendRegion {
+            strip_row: used_y.start - self.top,
+            strip_col: used_x.start,
+            tile_row: y0,
+            tile_col: x0,
+            rows: used_y.len(),
+            cols: used_x.len(),
+        };
+        // The kernel's CPU reference; a GPU strip would run the same op on device tensors.
+        blend_tile_slice(
+            &mut self.acc[..needed],
+            self.out_width,
+            self.channels,
+            &tile.data[..plane * self.channels],
+            tile.rows,
+            tile.cols,
+            region,
+            &wy,
+            &self.x_weights[col],
+        )
+        .map_err(|e| Error::arg("tile", e.to_string()))
     }
 
     /// After all tiles of tile-row `row` were added: returns the output rows that are now

@@ -56,6 +56,8 @@ pub struct GeneratedImage {
     pub seed: u64,
     /// [H, W, 3] float in [0, 1] on the CPU (diffusers' `output_type="np"`).
     pub pixels: Tensor,
+    /// Set when the model's f16 VAE overflowed and the image was decoded again in this dtype.
+    pub vae_fallback: Option<DType>,
 }
 
 /// What a generation produced.
@@ -183,7 +185,9 @@ pub fn generate(
         first += seeds.len();
     }
     timings.total = start.elapsed().as_secs_f64();
-    Ok(GenerateOutput { images, scheduler: kind, timings, warnings: prompts.warnings })
+    let mut warnings = prompts.warnings;
+    warnings.extend(images.iter().filter_map(vae_fallback_warning));
+    Ok(GenerateOutput { images, scheduler: kind, timings, warnings })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -392,7 +396,12 @@ pub(crate) fn encode_sampled(
 }
 
 /// Decodes final latents one image at a time into [H, W, 3] images in [0, 1].
-pub(crate) fn decode_batch(
+///
+/// An f16 VAE can overflow (SD/SDXL's decoders do at large activations) and return NaN/inf, a
+/// black image: such an image is decoded again from the same latents in an overflow-safe dtype
+/// ([`LoadedModel::vae_upcast`]) and marked in [`GeneratedImage::vae_fallback`]. Non-finite output
+/// that no fallback can fix is an error, never a silent black image.
+pub fn decode_batch(
     model: &LoadedModel,
     latents: &Tensor,
     seeds: &[u64],
@@ -405,14 +414,38 @@ pub(crate) fn decode_batch(
     let mut out = Vec::with_capacity(seeds.len());
     for (k, seed) in seeds.iter().enumerate() {
         // One image at a time: the decoder's activations dominate memory at large sizes.
-        let z = ((latents.narrow(0, k, 1)? / scaling)? + shift)?;
-        let decoded = model.vae.decode(&z)?;
-        check_finite(&decoded)?;
+        let latent = latents.narrow(0, k, 1)?;
+        let unscale = |l: &Tensor| -> Result<Tensor> { Ok(((l / scaling)? + shift)?) };
+        let mut decoded = model.vae.decode(&unscale(&latent)?)?;
+        let mut vae_fallback = None;
+        if !is_finite(&decoded)? && model.vae.dtype() == DType::F16 {
+            // Upcast before unscaling, so the wider dtype sees the latents as the sampler left them.
+            let vae = model.vae_upcast()?;
+            decoded = vae.decode(&unscale(&latent.to_dtype(vae.dtype())?)?)?;
+            vae_fallback = Some(vae.dtype());
+        }
+        if !is_finite(&decoded)? {
+            return Err(Error::Unsupported(format!(
+                "the decoded image contains NaN/inf in {}; retry with --dtype f32",
+                crate::device::dtype_name(decoded.dtype())
+            )));
+        }
         let unit = decoded_to_unit(&decoded)?.squeeze(0)?;
-        out.push(GeneratedImage { seed: *seed, pixels: unit });
+        out.push(GeneratedImage { seed: *seed, pixels: unit, vae_fallback });
     }
     timings.vae_decode += t0.elapsed().as_secs_f64();
     Ok(out)
+}
+
+/// The warning for an image whose VAE decode fell back to a wider dtype.
+pub fn vae_fallback_warning(image: &GeneratedImage) -> Option<String> {
+    image.vae_fallback.map(|dtype| {
+        format!(
+            "seed {}: the f16 VAE decode overflowed (NaN/inf); decoded again in {}",
+            image.seed,
+            crate::device::dtype_name(dtype)
+        )
+    })
 }
 
 /// The UNet's encoder_hidden_states (and SDXL text_embeds) for a batch of `b`, negatives first.
@@ -450,14 +483,9 @@ fn guidance_embedding(w: f64, dim: usize, b: usize, device: &candle_core::Device
     Ok(Tensor::from_vec(data, (b, dim), device)?)
 }
 
-/// A decoded image with NaN/inf means the model overflowed (typically an fp16 VAE): say so
-/// rather than return a black image.
-fn check_finite(image: &Tensor) -> Result<()> {
+/// Whether every value is finite (an f16 overflow leaves inf, and NaN after the next op).
+fn is_finite(image: &Tensor) -> Result<bool> {
+    // inf - inf = NaN and NaN propagates: one reduction in f32 answers for every element.
     let sum = image.to_dtype(DType::F32)?.sum_all()?.to_scalar::<f32>()?;
-    if !sum.is_finite() {
-        return Err(Error::Unsupported(
-            "the decoded image contains NaN/inf (fp16 overflow?); retry with --dtype f32 or bf16".into(),
-        ));
-    }
-    Ok(())
+    Ok(sum.is_finite())
 }

@@ -1,6 +1,7 @@
 //! A diffusers pipeline loaded into memory: tokenizers, text encoders, UNet, VAE and the
 //! scheduler config. Built once, reused across jobs (drafts, batches, a server's queue).
 
+use crate::device;
 use crate::error::{Error, Result};
 use crate::loaders::diffusers::{weight_files_in, DiffusersFolder, Family};
 use crate::loaders::hub::ModelSource;
@@ -13,6 +14,7 @@ use crate::schedule::{SchedulerConfig, SchedulerKind};
 use candle_core::{DType, Device};
 use serde::Serialize;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 
 /// One text encoder with its tokenizer.
 pub struct TextStack {
@@ -38,6 +40,10 @@ pub struct LoadedModel {
     pub text: Vec<TextStack>,
     pub unet: UNet2DConditionModel,
     pub vae: AutoencoderKl,
+    /// The VAE's weight files, reloaded in an overflow-safe dtype when an f16 decode overflows.
+    pub vae_files: Vec<PathBuf>,
+    /// That overflow-safe copy of the VAE, built on first need.
+    vae_upcast: OnceLock<AutoencoderKl>,
     pub scheduler_class: String,
     pub scheduler_config: SchedulerConfig,
     /// The scheduler config as written in the folder (recorded for replay).
@@ -117,6 +123,8 @@ impl LoadedModel {
             text,
             unet,
             vae,
+            vae_files: files,
+            vae_upcast: OnceLock::new(),
             scheduler_class,
             scheduler_config,
             scheduler_config_json,
@@ -146,6 +154,18 @@ impl LoadedModel {
             Some(v) => as_usize(v).map(|n| (n * f, n * f)).unwrap_or((512, 512)),
             None => (512, 512),
         }
+    }
+
+    /// The VAE in [`device::overflow_safe_dtype`] (bf16 on CUDA, f32 elsewhere), loaded from the
+    /// same files on first use: the fallback when the model's own (f16) VAE overflows.
+    pub fn vae_upcast(&self) -> Result<&AutoencoderKl> {
+        if let Some(vae) = self.vae_upcast.get() {
+            return Ok(vae);
+        }
+        let dtype = device::overflow_safe_dtype(&self.device);
+        let vb = open_safetensors(&self.vae_files, dtype, &self.device)?;
+        let vae = AutoencoderKl::new(self.vae.config(), vb).map_err(|e| named(e, &self.vae_files))?;
+        Ok(self.vae_upcast.get_or_init(|| vae))
     }
 
     /// The UNet weights' sha256, A1111's "Model hash" is its first 10 hex digits.
