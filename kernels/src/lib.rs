@@ -5,12 +5,21 @@
 //!   tiled im2col on the shapes SD's VAE and Real-ESRGAN use; elsewhere candle's own conv
 //!   (cuDNN on CUDA when the `cudnn` feature is on).
 //! - [`norm`]: GroupNorm (+ optional SiLU) fused into one pass per group on CPU.
+//! - [`attention`]: flash-attention-style fused attention (online softmax, never the full score
+//!   matrix) on CPU, candle's composed ops elsewhere.
+//! - [`linear`]: Linear with weights transposed once at load, bias and GELU/GEGLU fused in.
+//! - [`fastmath`]: vectorisable `exp` and erf-GELU used by those kernels.
 //!
 //! Every kernel is a candle `CustomOp` whose reference is candle's composed implementation, and
 //! the tests compare the two.
 
+pub mod attention;
 pub mod conv;
+pub mod fastmath;
+pub mod linear;
 pub mod norm;
 
+pub use attention::{attention, attention_bnc, attention_reference};
 pub use conv::{conv2d, Conv2d};
+pub use linear::{linear, linear_no_bias, Epilogue, Linear};
 pub use norm::{group_norm, GroupNorm};
