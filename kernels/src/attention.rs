@@ -17,10 +17,41 @@ use rayon::prelude::*;
 use crate::fastmath;
 use crate::linear::gemm_rows;
 
-/// Queries per task: small enough for many tasks, large enough for efficient block gemms.
-const Q_BLOCK: usize = 64;
-/// Score columns per block: a Q_BLOCK x KV_BLOCK f32 tile (128 KiB) stays in L2.
-const KV_BLOCK: usize = 512;
+/// Most queries per task: each task streams all of its head's keys and values once, so larger
+/// blocks re-read them less often (VAE heads are 512 wide); [`q_block`] shrinks it to keep
+/// every thread busy.
+const MAX_Q_BLOCK: usize = 256;
+/// Score columns per block: a 256 x 256 f32 tile (256 KiB) stays in L2.
+const KV_BLOCK: usize = 256;
+
+/// Queries per task: about four tasks per thread, between 16 and [`MAX_Q_BLOCK`].
+fn q_block(batch_heads: usize, n_q: usize) -> usize {
+    let target_tasks = 4 * rayon::current_num_threads().max(1);
+    let rows = (batch_heads * n_q).div_ceil(target_tasks).div_ceil(16) * 16;
+    rows.clamp(16, MAX_Q_BLOCK).min(n_q.max(1))
+}
+
+/// `kᵀ` per (batch, head): `[batch * heads, dim, tokens]`, contiguous, so the score gemms read
+/// their right-hand side row-major (gemm packs a transposed operand much more slowly).
+fn transpose_keys(k: &[f32], kv: &View) -> Vec<f32> {
+    const TILE: usize = 32;
+    let (d, n) = (kv.dim, kv.tokens);
+    let mut kt = vec![0f32; kv.batch * kv.heads * d * n];
+    kt.par_chunks_mut((d * n).max(1)).enumerate().for_each(|(bh, dst)| {
+        let base = kv.base(bh / kv.heads, bh % kv.heads);
+        for j0 in (0..n).step_by(TILE) {
+            for p0 in (0..d).step_by(TILE) {
+                for j in j0..(j0 + TILE).min(n) {
+                    let row = &k[base + j * kv.sn..];
+                    for p in p0..(p0 + TILE).min(d) {
+                        dst[p * n + j] = row[p];
+                    }
+                }
+            }
+        }
+    });
+    kt
+}
 
 /// How one operand's elements are addressed: element (b, h, n, d) sits at
 /// `offset + b*sb + h*sh + n*sn + d`.
@@ -113,7 +144,7 @@ impl AttentionCpu {
     fn block(
         &self,
         (q, qv): (&[f32], &View),
-        (k, kv): (&[f32], &View),
+        (kt, kv): (&[f32], &View),
         (v, vv): (&[f32], &View),
         (b, h, i0, rows): (usize, usize, usize, usize),
         out: &mut [f32],
@@ -135,39 +166,20 @@ impl AttentionCpu {
         let kv_end = if self.causal { kv.tokens.min(i0 + rows) } else { kv.tokens };
         let kb_max = KV_BLOCK.min(kv_end.max(1));
         let mut scores = vec![0f32; rows * kb_max];
-        let (kbase, vbase) = (kv.base(b, h), vv.base(b, h));
+        let n_k = kv.tokens;
+        let (kt_base, vbase) = ((b * kv.heads + h) * d * n_k, vv.base(b, h));
         let mut j0 = 0;
         while j0 < kv_end {
             let kb = KV_BLOCK.min(kv_end - j0);
             let s = &mut scores[..rows * kb];
-            let k_block = &k[kbase + j0 * kv.sn..];
+            let kt_block = &kt[kt_base + j0..];
             let v_block = &v[vbase + j0 * vv.sn..];
             #[allow(unsafe_code)]
-            // SAFETY: s is [rows, kb]; qbuf is [rows, d]; the kᵀ block reads k[j*sn + p] for
-            // j < kb, p < d, in bounds by the extent check in cpu_fwd.
+            // SAFETY: s is [rows, kb]; qbuf is [rows, d]; the kᵀ block reads
+            // kt[kt_base + p*n_k + j0 + j] for p < d, j < kb, inside this head's [d, n_k] slab.
             unsafe {
-                gemm::gemm(
-                    rows,
-                    kb,
-                    d,
-                    s.as_mut_ptr(),
-                    1,
-                    kb as isize,
-                    false,
-                    qbuf.as_ptr(),
-                    1,
-                    d as isize,
-                    k_block.as_ptr(),
-                    kv.sn as isize,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
+                gemm_rows(rows, kb, d, s.as_mut_ptr(), kb, false, qbuf.as_ptr(), d, kt_block.as_ptr(), n_k)
+            };
             for r in 0..rows {
                 let row = &mut s[r * kb..(r + 1) * kb];
                 let valid = if self.causal { kb.min((i0 + r + 1).saturating_sub(j0)) } else { kb };
@@ -250,14 +262,16 @@ impl CustomOp3 for AttentionCpu {
             // softmax over no keys: torch returns NaN; an all-zero output is the saner answer.
             return Ok((CpuStorage::F32(out), shape));
         }
-        let q_blocks = n_q.div_ceil(Q_BLOCK);
+        let kt = transpose_keys(k, &kv);
+        let q_rows = q_block(batch * heads, n_q);
+        let q_blocks = n_q.div_ceil(q_rows);
         let out_addr = out.as_mut_ptr() as usize;
         let out_len = out.len();
         (0..batch * heads * q_blocks).into_par_iter().for_each(|task| {
             let (bh, qb) = (task / q_blocks, task % q_blocks);
             let (b, h) = (bh / heads, bh % heads);
-            let i0 = qb * Q_BLOCK;
-            let rows = Q_BLOCK.min(n_q - i0);
+            let i0 = qb * q_rows;
+            let rows = q_rows.min(n_q - i0);
             let start = b * out_sb + h * out_sh + i0 * out_sn;
             let len = (rows - 1) * out_sn + dv;
             debug_assert!(start + len <= out_len);
@@ -266,7 +280,7 @@ impl CustomOp3 for AttentionCpu {
             // query rows); the slice spans other heads' columns too, which this task never
             // touches, and start + len <= out_len by construction.
             let dst = unsafe { std::slice::from_raw_parts_mut((out_addr as *mut f32).add(start), len) };
-            self.block((q, &qv), (k, &kv), (v, &vv), (b, h, i0, rows), dst, out_sn);
+            self.block((q, &qv), (&kt, &kv), (v, &vv), (b, h, i0, rows), dst, out_sn);
         });
         Ok((CpuStorage::F32(out), shape))
     }

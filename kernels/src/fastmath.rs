@@ -11,8 +11,11 @@ pub fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
+    // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer with plain adds
+    // (`floor` is a libm call without SSE4.1 and would stop the loops vectorising).
+    const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * LOG2E + 0.5).floor();
+    let n = (x * LOG2E + ROUND) - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -50,9 +53,8 @@ pub fn gelu_erf(x: f32) -> f32 {
     0.5 * x * erfc_neg_u
 }
 
-/// In place `row[i] = exp(row[i] - max)`, returning the sum.
-#[inline]
-pub fn exp_shifted_sum(row: &mut [f32], max: f32) -> f32 {
+#[inline(always)]
+fn exp_shifted_sum_generic(row: &mut [f32], max: f32) -> f32 {
     // Lane-wise partial sums so the loop vectorises.
     let mut acc = [0f32; 16];
     let mut chunks = row.chunks_exact_mut(16);
@@ -70,9 +72,8 @@ pub fn exp_shifted_sum(row: &mut [f32], max: f32) -> f32 {
     sum + acc.iter().sum::<f32>()
 }
 
-/// Largest element (`-inf` for an empty slice).
-#[inline]
-pub fn max(row: &[f32]) -> f32 {
+#[inline(always)]
+fn max_generic(row: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 16];
     let mut chunks = row.chunks_exact(16);
     for chunk in &mut chunks {
@@ -83,6 +84,68 @@ pub fn max(row: &[f32]) -> f32 {
     let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
     acc.iter().fold(tail, |m, &v| m.max(v))
 }
+
+#[inline(always)]
+fn gelu_erf_generic(xs: &mut [f32]) {
+    xs.iter_mut().for_each(|v| *v = gelu_erf(*v));
+}
+
+#[inline(always)]
+fn geglu_generic(out: &mut [f32], hidden: &[f32], gate: &[f32]) {
+    for ((o, &h), &g) in out.iter_mut().zip(hidden).zip(gate) {
+        *o = h * gelu_erf(g);
+    }
+}
+
+/// Defines `$name`, which runs `$generic` compiled for AVX-512 or AVX2+FMA when the CPU has them
+/// (the crate itself is built for baseline x86-64, i.e. 4-wide SSE2).
+macro_rules! dispatch {
+    ($(#[$doc:meta])* $name:ident, $generic:ident, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+        $(#[$doc])*
+        #[inline]
+        pub fn $name($($arg: $ty),*) -> $ret {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx512f")]
+                fn avx512($($arg: $ty),*) -> $ret {
+                    $generic($($arg),*)
+                }
+                #[target_feature(enable = "avx2,fma")]
+                fn avx2($($arg: $ty),*) -> $ret {
+                    $generic($($arg),*)
+                }
+                if std::arch::is_x86_feature_detected!("avx512f") {
+                    #[allow(unsafe_code)]
+                    // SAFETY: the CPU supports AVX-512F, checked just above.
+                    return unsafe { avx512($($arg),*) };
+                }
+                if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+                    #[allow(unsafe_code)]
+                    // SAFETY: the CPU supports AVX2 and FMA, checked just above.
+                    return unsafe { avx2($($arg),*) };
+                }
+            }
+            $generic($($arg),*)
+        }
+    };
+}
+
+dispatch!(
+    /// In place `row[i] = exp(row[i] - max)`, returning the sum.
+    exp_shifted_sum, exp_shifted_sum_generic, (row: &mut [f32], max: f32) -> f32
+);
+dispatch!(
+    /// Largest element (`-inf` for an empty slice).
+    max, max_generic, (row: &[f32]) -> f32
+);
+dispatch!(
+    /// In place exact GELU.
+    gelu_erf_inplace, gelu_erf_generic, (xs: &mut [f32]) -> ()
+);
+dispatch!(
+    /// `out = hidden * gelu(gate)`, element-wise (diffusers' GEGLU).
+    geglu, geglu_generic, (out: &mut [f32], hidden: &[f32], gate: &[f32]) -> ()
+);
 
 #[cfg(test)]
 mod tests {

@@ -117,7 +117,7 @@ impl CustomOp2 for LinearCpu {
                     gemm_rows(mr, n, k, d.as_mut_ptr(), n, accumulate, xr.as_ptr(), k, w.as_ptr(), n)
                 };
                 if gelu {
-                    d.iter_mut().for_each(|v| *v = fastmath::gelu_erf(*v));
+                    fastmath::gelu_erf_inplace(d);
                 }
             });
         } else {
@@ -136,7 +136,7 @@ impl CustomOp2 for LinearCpu {
                     if gelu {
                         for i in 0..m {
                             let row = std::slice::from_raw_parts_mut(d.add(i * n + j0), nc);
-                            row.iter_mut().for_each(|v| *v = fastmath::gelu_erf(*v));
+                            fastmath::gelu_erf_inplace(row);
                         }
                     }
                 }
@@ -148,9 +148,7 @@ impl CustomOp2 for LinearCpu {
             let mut out = vec![0f32; m * half];
             out.par_chunks_mut(half.max(1)).zip(dst.par_chunks(n.max(1))).for_each(|(o, row)| {
                 let (hidden, gate) = row.split_at(half);
-                for ((o, &h), &g) in o.iter_mut().zip(hidden).zip(gate) {
-                    *o = h * fastmath::gelu_erf(g);
-                }
+                fastmath::geglu(o, hidden, gate);
             });
             if let Some(last) = out_dims.last_mut() {
                 *last = half;
