@@ -181,40 +181,54 @@ pub struct Linear {
 impl Linear {
     /// `weight`: `[out, in]`; `bias`: `[out]`.
     pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
-        let (out_dim, in_dim) = weight.dims2()?;
-        if let Some(b) = &bias {
-            if b.dims() != [out_dim] {
-                candle_core::bail!("linear bias {:?} for {out_dim} outputs", b.dims());
+        Self::concat(&[(weight, bias)])
+    }
+
+    /// One layer computing several layers' outputs side by side (e.g. fused q/k/v projections).
+    /// All parts must share the input width and either all have a bias or none.
+    pub fn concat(parts: &[(Tensor, Option<Tensor>)]) -> Result<Self> {
+        let Some((first, _)) = parts.first() else {
+            candle_core::bail!("linear concat: no parts");
+        };
+        let in_dim = first.dims2()?.1;
+        let mut out_dim = 0;
+        for (w, b) in parts {
+            let (o, i) = w.dims2()?;
+            if i != in_dim {
+                candle_core::bail!("linear concat: parts take {in_dim} and {i} inputs");
             }
+            if let Some(b) = b {
+                if b.dims() != [o] {
+                    candle_core::bail!("linear bias {:?} for {o} outputs", b.dims());
+                }
+            }
+            out_dim += o;
         }
-        let cpu_f32 = weight.device().is_cpu()
-            && weight.dtype() == DType::F32
+        let biases: Option<Vec<&Tensor>> = parts.iter().map(|(_, b)| b.as_ref()).collect();
+        let bias = match biases {
+            Some(b) if b.len() == 1 => Some(b[0].clone()),
+            Some(b) => Some(Tensor::cat(&b, 0)?),
+            None if parts.iter().all(|(_, b)| b.is_none()) => None,
+            None => candle_core::bail!("linear concat: some parts have a bias and some do not"),
+        };
+        let cpu_f32 = parts.iter().all(|(w, _)| w.device().is_cpu() && w.dtype() == DType::F32)
             && bias.as_ref().is_none_or(|b| b.dtype() == DType::F32);
         let repr = if cpu_f32 {
-            let weight_t = transpose_f32(&weight)?;
+            let weights: Vec<&Tensor> = parts.iter().map(|(w, _)| w).collect();
+            let weight_t = transpose_concat(&weights)?;
             let bias_vec = match &bias {
                 Some(b) => Some(Arc::new(b.to_vec1::<f32>()?)),
                 None => None,
             };
             Repr::Cpu { weight_t, bias: bias_vec, bias_tensor: bias }
         } else {
+            let weight = match parts {
+                [(w, _)] => w.clone(),
+                _ => Tensor::cat(&parts.iter().map(|(w, _)| w).collect::<Vec<_>>(), 0)?,
+            };
             Repr::Candle(candle_nn::Linear::new(weight, bias))
         };
         Ok(Self { repr, in_dim, out_dim })
-    }
-
-    /// One layer computing several layers' outputs side by side (e.g. fused q/k/v projections).
-    /// All parts must share the input width and either all have a bias or none.
-    pub fn concat(parts: &[(Tensor, Option<Tensor>)]) -> Result<Self> {
-        let weights: Vec<&Tensor> = parts.iter().map(|(w, _)| w).collect();
-        let weight = Tensor::cat(&weights, 0)?;
-        let biases: Option<Vec<&Tensor>> = parts.iter().map(|(_, b)| b.as_ref()).collect();
-        let bias = match biases {
-            Some(b) => Some(Tensor::cat(&b, 0)?),
-            None if parts.iter().all(|(_, b)| b.is_none()) => None,
-            None => candle_core::bail!("linear concat: some parts have a bias and some do not"),
-        };
-        Self::new(weight, bias)
     }
 
     pub fn in_dim(&self) -> usize {
@@ -254,27 +268,43 @@ impl Linear {
     }
 }
 
-/// `[rows, cols]` -> contiguous `[cols, rows]` for a CPU f32 matrix, in cache-sized tiles
-/// (candle's strided copy goes element by element, seconds for a UNet's weights at load).
-fn transpose_f32(w: &Tensor) -> Result<Tensor> {
+/// CPU f32 `[out_i, in]` matrices -> one contiguous `[in, sum out_i]` (their transposes side by
+/// side), written in cache-sized tiles straight from the weights' storage: candle's strided copy
+/// goes element by element, and copying via `cat`/`to_vec1` first doubled the load time.
+fn transpose_concat(parts: &[&Tensor]) -> Result<Tensor> {
     const TILE: usize = 32;
-    let (rows, cols) = w.dims2()?;
-    let src = w.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-    let mut dst = vec![0f32; rows * cols];
-    // Each task fills TILE output rows (= TILE input columns).
-    dst.par_chunks_mut(TILE * rows.max(1)).enumerate().for_each(|(t, out)| {
-        let c0 = t * TILE;
-        let nc = out.len() / rows.max(1);
-        for r0 in (0..rows).step_by(TILE) {
-            for r in r0..(r0 + TILE).min(rows) {
-                let src_row = &src[r * cols + c0..r * cols + c0 + nc];
+    let Some(first) = parts.first() else {
+        candle_core::bail!("transpose: no matrices");
+    };
+    let in_dim = first.dims2()?.1;
+    let total: usize = parts.iter().map(|p| p.dims2().map(|d| d.0)).sum::<Result<usize>>()?;
+    let mut dst = vec![0f32; in_dim * total];
+    let mut col0 = 0;
+    for part in parts {
+        let part = part.contiguous()?;
+        let rows = part.dims2()?.0;
+        let (storage, layout) = part.storage_and_layout();
+        let candle_core::Storage::Cpu(CpuStorage::F32(data)) = &*storage else {
+            candle_core::bail!("transpose: expected a CPU f32 matrix");
+        };
+        let Some((o0, o1)) = layout.contiguous_offsets() else {
+            candle_core::bail!("transpose: matrix is not contiguous");
+        };
+        let src = &data[o0..o1];
+        // Each task fills TILE output rows (= TILE input columns).
+        dst.par_chunks_mut(TILE * total.max(1)).enumerate().for_each(|(t, out)| {
+            let c0 = t * TILE;
+            let nc = out.len() / total.max(1);
+            for r in 0..rows {
+                let src_row = &src[r * in_dim + c0..r * in_dim + c0 + nc];
                 for (c, &v) in src_row.iter().enumerate() {
-                    out[c * rows + r] = v;
+                    out[c * total + col0 + r] = v;
                 }
             }
-        }
-    });
-    Tensor::from_vec(dst, (cols, rows), w.device())
+        });
+        col0 += rows;
+    }
+    Tensor::from_vec(dst, (in_dim, total), first.device())
 }
 
 /// The epilogue as candle ops.
@@ -355,7 +385,7 @@ mod tests {
     #[test]
     fn tiled_transpose() -> Result<()> {
         let w = Tensor::randn(0f32, 1.0, (70, 45), &Device::Cpu)?;
-        let d = max_diff(&transpose_f32(&w)?, &w.t()?.contiguous()?)?;
+        let d = max_diff(&transpose_concat(&[&w])?, &w.t()?.contiguous()?)?;
         assert_eq!(d, 0.0);
         Ok(())
     }
