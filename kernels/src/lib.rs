@@ -7,7 +7,8 @@
 //! - [`norm`]: GroupNorm (+ optional SiLU) fused into one pass per group on CPU.
 //! - [`attention`]: flash-attention-style fused attention (online softmax, never the full score
 //!   matrix) on CPU, candle's composed ops elsewhere.
-//! - [`linear`]: Linear with weights transposed once at load, bias and GELU/GEGLU fused in.
+//! - [`linear`]: Linear as one gemm pass per thread block, bias and GELU/GEGLU fused in; layers
+//!   can be concatenated (fused q/k/v projections).
 //! - [`fastmath`]: vectorisable `exp` and erf-GELU used by those kernels.
 //!
 //! Every kernel is a candle `CustomOp` whose reference is candle's composed implementation, and
