@@ -106,12 +106,15 @@ macro_rules! dispatch {
         pub fn $name($($arg: $ty),*) -> $ret {
             #[cfg(target_arch = "x86_64")]
             {
+                // `unsafe fn` keeps the MSRV (1.85): safe target_feature functions need 1.86.
+                #[allow(unsafe_code)]
                 #[target_feature(enable = "avx512f")]
-                fn avx512($($arg: $ty),*) -> $ret {
+                unsafe fn avx512($($arg: $ty),*) -> $ret {
                     $generic($($arg),*)
                 }
+                #[allow(unsafe_code)]
                 #[target_feature(enable = "avx2,fma")]
-                fn avx2($($arg: $ty),*) -> $ret {
+                unsafe fn avx2($($arg: $ty),*) -> $ret {
                     $generic($($arg),*)
                 }
                 if std::arch::is_x86_feature_detected!("avx512f") {
