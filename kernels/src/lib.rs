@@ -7,14 +7,24 @@
 //! - [`blend`]: tile blend (accumulate a tile into an output strip with feather weights); the CPU
 //!   reference is what the tiling planner runs, with a CUDA kernel under `cuda`.
 //! - [`norm`]: GroupNorm (+ optional SiLU) fused into one pass per group on CPU.
+//! - [`attention`]: flash-attention-style fused attention (online softmax, never the full score
+//!   matrix) on CPU, candle's composed ops elsewhere.
+//! - [`linear`]: Linear as one gemm pass per thread block, bias and GELU/GEGLU fused in; layers
+//!   can be concatenated (fused q/k/v projections).
+//! - [`fastmath`]: vectorisable `exp` and erf-GELU used by those kernels.
 //!
 //! Every kernel is a candle `CustomOp` whose reference is candle's composed implementation, and
 //! the tests compare the two.
 
+pub mod attention;
 pub mod blend;
 pub mod conv;
+pub mod fastmath;
+pub mod linear;
 pub mod norm;
 
+pub use attention::{attention, attention_bnc, attention_reference};
 pub use blend::{blend_tile, blend_tile_slice, BlendRegion};
 pub use conv::{conv2d, Conv2d};
+pub use linear::{linear, linear_no_bias, Epilogue, Linear};
 pub use norm::{group_norm, GroupNorm};

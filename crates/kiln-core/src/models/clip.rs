@@ -158,12 +158,12 @@ impl EosRule {
     }
 }
 
+/// Self-attention with q/k/v fused into one projection; the attention itself is kiln's fused
+/// causal kernel, reading q, k and v straight out of the projection's output.
 #[derive(Debug, Clone)]
 struct Attention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
-    out_proj: Linear,
+    qkv_proj: kiln_kernels::Linear,
+    out_proj: kiln_kernels::Linear,
     num_heads: usize,
     head_dim: usize,
 }
@@ -171,31 +171,27 @@ struct Attention {
 impl Attention {
     fn new(cfg: &ClipTextConfig, vb: &VarBuilder) -> Result<Self> {
         let h = cfg.hidden_size;
+        let part = |name: &str| -> Result<(Tensor, Option<Tensor>)> {
+            let vb = vb.pp(name);
+            Ok((tensor(&vb, "weight", &[h, h])?, Some(tensor(&vb, "bias", &[h])?)))
+        };
         Ok(Self {
-            q_proj: linear(vb, "q_proj", h, h, true)?,
-            k_proj: linear(vb, "k_proj", h, h, true)?,
-            v_proj: linear(vb, "v_proj", h, h, true)?,
+            qkv_proj: kiln_kernels::Linear::concat(&[part("q_proj")?, part("k_proj")?, part("v_proj")?])?,
             out_proj: linear(vb, "out_proj", h, h, true)?,
             num_heads: cfg.num_attention_heads,
             head_dim: h / cfg.num_attention_heads,
         })
     }
 
-    /// `xs`: `[B, L, hidden]`; `causal_mask`: `[L, L]` f32 of 0 / -inf.
-    fn forward(&self, xs: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
-        let (b, l, hidden) = xs.dims3()?;
-        let heads = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, l, self.num_heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
-        };
-        let q = heads(self.q_proj.forward(xs)?)?;
-        let k = heads(self.k_proj.forward(xs)?)?;
-        let v = heads(self.v_proj.forward(xs)?)?;
+    /// `xs`: `[B, L, hidden]`; causal (query i sees tokens 0..=i).
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let hidden = self.num_heads * self.head_dim;
+        let qkv = self.qkv_proj.forward(xs)?;
+        let (q, k, v) =
+            (qkv.narrow(2, 0, hidden)?, qkv.narrow(2, hidden, hidden)?, qkv.narrow(2, 2 * hidden, hidden)?);
         let scale = (self.head_dim as f64).powf(-0.5);
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        // Softmax in f32, as transformers does for half-precision models.
-        let scores = scores.to_dtype(DType::F32)?.broadcast_add(causal_mask)?;
-        let weights = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let out = weights.matmul(&v)?.transpose(1, 2)?.reshape((b, l, hidden))?;
+        // Softmax in f32 whatever the dtype, as transformers does for half-precision models.
+        let out = kiln_kernels::attention_bnc(&q, &k, &v, self.num_heads, scale, true)?;
         Ok(self.out_proj.forward(&out)?)
     }
 }
@@ -205,8 +201,8 @@ struct EncoderLayer {
     layer_norm1: LayerNorm,
     self_attn: Attention,
     layer_norm2: LayerNorm,
-    fc1: Linear,
-    fc2: Linear,
+    fc1: kiln_kernels::Linear,
+    fc2: kiln_kernels::Linear,
     activation: Activation,
 }
 
@@ -224,11 +220,16 @@ impl EncoderLayer {
         })
     }
 
-    fn forward(&self, xs: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
-        let attn = self.self_attn.forward(&self.layer_norm1.forward(xs)?, causal_mask)?;
+    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let attn = self.self_attn.forward(&self.layer_norm1.forward(xs)?)?;
         let xs = (xs + attn)?;
-        let mlp = self.fc1.forward(&self.layer_norm2.forward(&xs)?)?;
-        let mlp = self.fc2.forward(&self.activation.apply(&mlp)?)?;
+        let normed = self.layer_norm2.forward(&xs)?;
+        // Exact GELU (OpenCLIP-H, SD 2.x) is fused into fc1; other activations run after it.
+        let mlp = match self.activation {
+            Activation::GeluErf => self.fc1.forward_with(&normed, kiln_kernels::Epilogue::GeluErf)?,
+            other => other.apply(&self.fc1.forward(&normed)?)?,
+        };
+        let mlp = self.fc2.forward(&mlp)?;
         Ok((xs + mlp)?)
     }
 }
@@ -359,11 +360,10 @@ impl ClipTextModel {
             .token_embedding
             .forward(&input_ids)?
             .broadcast_add(&self.position_embedding.forward(&positions)?.unsqueeze(0)?)?;
-        let causal_mask = causal_mask(l, device)?;
         let mut hidden_states = Vec::with_capacity(self.layers.len() + 1);
         hidden_states.push(xs.clone());
         for layer in &self.layers {
-            xs = layer.forward(&xs, &causal_mask)?;
+            xs = layer.forward(&xs)?;
             hidden_states.push(xs.clone());
         }
         let last_hidden_state = self.final_layer_norm.forward(&xs)?;
@@ -399,13 +399,6 @@ pub fn text_model_prefix_of_keys<'a>(keys: impl IntoIterator<Item = &'a str>) ->
     keys.into_iter().any(|k| k == wanted).then_some(TEXT_MODEL_PREFIX)
 }
 
-/// `[L, L]` f32: 0 on and below the diagonal, -inf above.
-fn causal_mask(len: usize, device: &Device) -> Result<Tensor> {
-    let mask: Vec<f32> =
-        (0..len).flat_map(|i| (0..len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
-    Ok(Tensor::from_vec(mask, (len, len), device)?)
-}
-
 /// Fetches `name` under `vb`, checking presence and shape so errors carry the full key.
 fn tensor(vb: &VarBuilder, name: &str, shape: &[usize]) -> Result<Tensor> {
     let full_name = if vb.prefix().is_empty() { name.to_string() } else { format!("{}.{name}", vb.prefix()) };
@@ -423,11 +416,17 @@ fn tensor(vb: &VarBuilder, name: &str, shape: &[usize]) -> Result<Tensor> {
     Ok(t)
 }
 
-fn linear(vb: &VarBuilder, name: &str, in_dim: usize, out_dim: usize, bias: bool) -> Result<Linear> {
+fn linear(
+    vb: &VarBuilder,
+    name: &str,
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+) -> Result<kiln_kernels::Linear> {
     let vb = vb.pp(name);
     let weight = tensor(&vb, "weight", &[out_dim, in_dim])?;
     let bias = if bias { Some(tensor(&vb, "bias", &[out_dim])?) } else { None };
-    Ok(Linear::new(weight, bias))
+    Ok(kiln_kernels::Linear::new(weight, bias)?)
 }
 
 fn layer_norm(vb: &VarBuilder, name: &str, dim: usize, eps: f64) -> Result<LayerNorm> {

@@ -1,80 +1,97 @@
 //! diffusers' `Transformer2DModel` over continuous inputs, its `BasicTransformerBlock`
 //! (self-attention, cross-attention, GEGLU feed-forward, pre-LayerNorm) and `Attention`.
 
-use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
-use kiln_kernels::{Conv2d, GroupNorm};
+use candle_core::{Module, Tensor};
+use candle_nn::{LayerNorm, VarBuilder};
+use kiln_kernels::{Conv2d, Epilogue, GroupNorm, Linear};
 
 use super::config::AttentionPlan;
 use crate::error::Result;
 
 /// Plain scaled-dot-product attention over `[B, H, N, D]` query/key/value:
-/// `softmax(q k^T * scale) v`. The one place attention is computed, so a fused kernel can
-/// replace it. Half-precision scores go through the softmax in f32 (a sum over thousands of
-/// tokens loses too much in f16), matching torch's SDPA, which accumulates in f32.
+/// `softmax(q k^T * scale) v`. On CPU in f32, kiln's fused kernel (never materialises the score
+/// matrix); elsewhere candle's ops, with half-precision scores going through the softmax in f32
+/// (a sum over thousands of tokens loses too much in f16), matching torch's SDPA.
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    let scores = (q * scale)?.matmul(&k.t()?)?;
-    let probs = match scores.dtype() {
-        DType::F16 | DType::BF16 => {
-            candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(scores.dtype())?
-        }
-        _ => candle_nn::ops::softmax_last_dim(&scores)?,
-    };
-    Ok(probs.matmul(v)?)
+    Ok(kiln_kernels::attention(q, k, v, scale, false)?)
+}
+
+/// Loads `to_q`/`to_k`/`to_v`-style projections (no bias) as one layer computing them side by side.
+fn fused_no_bias(in_dim: usize, out_dim: usize, names: &[&str], vb: &VarBuilder) -> Result<Linear> {
+    let parts = names
+        .iter()
+        .map(|name| Ok((vb.pp(*name).get((out_dim, in_dim), "weight")?, None)))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Linear::concat(&parts)?)
+}
+
+/// How q, k and v are projected: self-attention fuses all three into one gemm, cross-attention
+/// fuses k and v (both read the text context).
+#[derive(Debug, Clone)]
+enum Projections {
+    SelfAttention { qkv: Linear },
+    CrossAttention { q: Linear, kv: Linear },
 }
 
 /// diffusers' `Attention` as used by `BasicTransformerBlock`: q/k/v without bias, to_out with.
+/// The attention runs on the projections' `[B, N, heads * head_dim]` outputs directly.
 #[derive(Debug, Clone)]
 struct Attention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
+    projections: Projections,
     to_out: Linear,
     heads: usize,
     head_dim: usize,
 }
 
 impl Attention {
+    /// `context_dim: None` builds self-attention.
     fn new(
         query_dim: usize,
-        context_dim: usize,
+        context_dim: Option<usize>,
         heads: usize,
         head_dim: usize,
         vb: VarBuilder,
     ) -> Result<Self> {
         let inner = heads * head_dim;
+        let projections = match context_dim {
+            None => Projections::SelfAttention {
+                qkv: fused_no_bias(query_dim, inner, &["to_q", "to_k", "to_v"], &vb)?,
+            },
+            Some(context_dim) => Projections::CrossAttention {
+                q: kiln_kernels::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
+                kv: fused_no_bias(context_dim, inner, &["to_k", "to_v"], &vb)?,
+            },
+        };
         Ok(Self {
-            to_q: candle_nn::linear_no_bias(query_dim, inner, vb.pp("to_q"))?,
-            to_k: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_k"))?,
-            to_v: candle_nn::linear_no_bias(context_dim, inner, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(inner, query_dim, vb.pp("to_out").pp("0"))?,
+            projections,
+            to_out: kiln_kernels::linear(inner, query_dim, vb.pp("to_out").pp("0"))?,
             heads,
             head_dim,
         })
     }
 
-    /// `[B, N, C] -> [B, H, N, D]`, contiguous for the matmuls.
-    fn split_heads(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, _) = x.dims3()?;
-        Ok(x.reshape((b, n, self.heads, self.head_dim))?.transpose(1, 2)?.contiguous()?)
-    }
-
-    /// Self-attention when `context` is None.
-    fn forward(&self, x: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
-        let context = context.unwrap_or(x);
-        let q = self.split_heads(&self.to_q.forward(x)?)?;
-        let k = self.split_heads(&self.to_k.forward(context)?)?;
-        let v = self.split_heads(&self.to_v.forward(context)?)?;
+    /// `context` is used by cross-attention only.
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let inner = self.heads * self.head_dim;
+        let (q, k, v) = match &self.projections {
+            Projections::SelfAttention { qkv } => {
+                let qkv = qkv.forward(x)?;
+                (qkv.narrow(2, 0, inner)?, qkv.narrow(2, inner, inner)?, qkv.narrow(2, 2 * inner, inner)?)
+            }
+            Projections::CrossAttention { q, kv } => {
+                let kv = kv.forward(context)?;
+                (q.forward(x)?, kv.narrow(2, 0, inner)?, kv.narrow(2, inner, inner)?)
+            }
+        };
         let scale = 1.0 / (self.head_dim as f64).sqrt();
-        let out = scaled_dot_product_attention(&q, &k, &v, scale)?;
-        let (b, _, n, _) = out.dims4()?;
-        let out = out.transpose(1, 2)?.reshape((b, n, self.heads * self.head_dim))?;
+        let out = kiln_kernels::attention_bnc(&q, &k, &v, self.heads, scale, false)?;
         Ok(self.to_out.forward(&out)?)
     }
 }
 
 /// `FeedForward(activation_fn="geglu")`: `net.0` is GEGLU's projection to twice the inner
-/// width, halves `hidden * gelu(gate)` (exact erf GELU), `net.2` projects back.
+/// width, halves `hidden * gelu(gate)` (exact erf GELU, fused into the projection), `net.2`
+/// projects back.
 #[derive(Debug, Clone)]
 struct FeedForward {
     proj_in: Linear,
@@ -85,17 +102,13 @@ impl FeedForward {
     fn new(dim: usize, vb: VarBuilder) -> Result<Self> {
         let inner = dim * 4;
         Ok(Self {
-            proj_in: candle_nn::linear(dim, inner * 2, vb.pp("net").pp("0").pp("proj"))?,
-            proj_out: candle_nn::linear(inner, dim, vb.pp("net").pp("2"))?,
+            proj_in: kiln_kernels::linear(dim, inner * 2, vb.pp("net").pp("0").pp("proj"))?,
+            proj_out: kiln_kernels::linear(inner, dim, vb.pp("net").pp("2"))?,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let projected = self.proj_in.forward(x)?;
-        let inner = projected.dim(D::Minus1)? / 2;
-        let hidden = projected.narrow(D::Minus1, 0, inner)?;
-        let gate = projected.narrow(D::Minus1, inner, inner)?;
-        Ok(self.proj_out.forward(&(hidden * gate.gelu_erf()?)?)?)
+        Ok(self.proj_out.forward(&self.proj_in.forward_with(x, Epilogue::Geglu)?)?)
     }
 }
 
@@ -116,17 +129,23 @@ impl BasicTransformerBlock {
         let eps = 1e-5;
         Ok(Self {
             norm1: candle_nn::layer_norm(dim, eps, vb.pp("norm1"))?,
-            attn1: Attention::new(dim, dim, plan.heads, plan.head_dim, vb.pp("attn1"))?,
+            attn1: Attention::new(dim, None, plan.heads, plan.head_dim, vb.pp("attn1"))?,
             norm2: candle_nn::layer_norm(dim, eps, vb.pp("norm2"))?,
-            attn2: Attention::new(dim, plan.cross_attention_dim, plan.heads, plan.head_dim, vb.pp("attn2"))?,
+            attn2: Attention::new(
+                dim,
+                Some(plan.cross_attention_dim),
+                plan.heads,
+                plan.head_dim,
+                vb.pp("attn2"),
+            )?,
             norm3: candle_nn::layer_norm(dim, eps, vb.pp("norm3"))?,
             ff: FeedForward::new(dim, vb.pp("ff"))?,
         })
     }
 
     fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, None)? + x)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x)?, Some(context))? + &x)?;
+        let x = (self.attn1.forward(&self.norm1.forward(x)?, context)? + x)?;
+        let x = (self.attn2.forward(&self.norm2.forward(&x)?, context)? + &x)?;
         Ok((self.ff.forward(&self.norm3.forward(&x)?)? + &x)?)
     }
 }
@@ -141,7 +160,7 @@ enum Projection {
 impl Projection {
     fn new(in_dim: usize, out_dim: usize, linear: bool, vb: VarBuilder) -> Result<Self> {
         Ok(if linear {
-            Projection::Linear(candle_nn::linear(in_dim, out_dim, vb)?)
+            Projection::Linear(kiln_kernels::linear(in_dim, out_dim, vb)?)
         } else {
             Projection::Conv(kiln_kernels::conv2d(in_dim, out_dim, 1, Default::default(), vb)?)
         })

@@ -5,8 +5,8 @@
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Module, Tensor, D};
-use candle_nn::{Conv2dConfig, Linear, VarBuilder};
-use kiln_kernels::{Conv2d, GroupNorm};
+use candle_nn::{Conv2dConfig, VarBuilder};
+use kiln_kernels::{Conv2d, GroupNorm, Linear};
 
 /// Epsilon of every norm in the VAE (diffusers passes `resnet_eps=1e-6` throughout).
 pub(crate) const NORM_EPS: f64 = 1e-6;
@@ -162,7 +162,11 @@ const MAX_SCORES_PER_CHUNK: usize = 1 << 26;
 /// Scaled dot-product attention, `softmax(q·kᵀ·scale)·v`, over `[batch, heads, tokens, head_dim]`
 /// tensors. The softmax runs in f32 whatever the input dtype (diffusers declares
 /// `upcast_softmax=True` for the VAE). This is the one place a fused kernel would replace.
+/// On CPU in f32 this is kiln's fused kernel, which never materialises the score matrix.
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    if q.device().is_cpu() && q.dtype() == DType::F32 {
+        return Ok(kiln_kernels::attention(q, k, v, scale, false)?);
+    }
     chunked_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK)
 }
 
@@ -189,9 +193,9 @@ fn chunked_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, max_scores:
     Ok(Tensor::cat(&chunks, 2)?)
 }
 
-/// Loads a projection of the attention block as a `Linear`. Weights may be `[c, c]` (diffusers) or
+/// Loads a projection of the attention block (weight, bias). Weights may be `[c, c]` (diffusers) or
 /// `[c, c, 1, 1]` (1×1 convs of original LDM checkpoints converted without reshaping).
-fn attention_linear(channels: usize, vb: VarBuilder) -> Result<Linear> {
+fn attention_linear(channels: usize, vb: VarBuilder) -> Result<(Tensor, Option<Tensor>)> {
     let weight = vb.get_unchecked_dtype("weight", vb.dtype())?;
     let weight = match weight.dims() {
         [o, i] if *o == channels && *i == channels => weight,
@@ -205,7 +209,7 @@ fn attention_linear(channels: usize, vb: VarBuilder) -> Result<Linear> {
         }
     };
     let bias = vb.get(channels, "bias")?;
-    Ok(Linear::new(weight, Some(bias)))
+    Ok((weight, Some(bias)))
 }
 
 /// The VAE's spatial self-attention: group norm, q/k/v projections, attention, output projection,
@@ -215,9 +219,8 @@ fn attention_linear(channels: usize, vb: VarBuilder) -> Result<Linear> {
 #[derive(Debug, Clone)]
 pub(crate) struct SpatialAttention {
     group_norm: GroupNorm,
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
+    /// to_q, to_k and to_v side by side (one gemm).
+    to_qkv: Linear,
     to_out: Linear,
     heads: usize,
     scale: f64,
@@ -240,10 +243,15 @@ impl SpatialAttention {
         };
         Ok(Self {
             group_norm: group_norm(groups, channels, vb.pp("group_norm"))?,
-            to_q: attention_linear(channels, vb.pp(q))?,
-            to_k: attention_linear(channels, vb.pp(k))?,
-            to_v: attention_linear(channels, vb.pp(v))?,
-            to_out: attention_linear(channels, vb.pp(out))?,
+            to_qkv: Linear::concat(&[
+                attention_linear(channels, vb.pp(q))?,
+                attention_linear(channels, vb.pp(k))?,
+                attention_linear(channels, vb.pp(v))?,
+            ])?,
+            to_out: {
+                let (weight, bias) = attention_linear(channels, vb.pp(out))?;
+                Linear::new(weight, bias)?
+            },
             heads: channels / head_dim,
             scale: 1.0 / (head_dim as f64).sqrt(),
         })
@@ -255,14 +263,20 @@ impl SpatialAttention {
         // [b, hw, c], made contiguous: candle 0.11.1's CPU matmul folds the batch of a transposed lhs
         // against a broadcast rhs (what `Linear` does for 3-D inputs) into one gemm and gets it wrong.
         let tokens = self.group_norm.forward(xs)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
-        let split_heads = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, h * w, self.heads, head_dim))?.transpose(1, 2)?.contiguous()?)
+        let qkv = self.to_qkv.forward(&tokens)?;
+        let (q, k, v) = (qkv.narrow(2, 0, c)?, qkv.narrow(2, c, c)?, qkv.narrow(2, 2 * c, c)?);
+        let attended = if xs.device().is_cpu() && xs.dtype() == DType::F32 {
+            // Fused kernel straight on the projection's [b, hw, heads * head_dim] output.
+            kiln_kernels::attention_bnc(&q, &k, &v, self.heads, self.scale, false)?
+        } else {
+            let split_heads = |t: Tensor| -> Result<Tensor> {
+                Ok(t.reshape((b, h * w, self.heads, head_dim))?.transpose(1, 2)?.contiguous()?)
+            };
+            let (q, k, v) =
+                (split_heads(q.contiguous()?)?, split_heads(k.contiguous()?)?, split_heads(v.contiguous()?)?);
+            let attended = scaled_dot_product_attention(&q, &k, &v, self.scale)?;
+            attended.transpose(1, 2)?.reshape((b, h * w, c))?
         };
-        let q = split_heads(self.to_q.forward(&tokens)?)?;
-        let k = split_heads(self.to_k.forward(&tokens)?)?;
-        let v = split_heads(self.to_v.forward(&tokens)?)?;
-        let attended = scaled_dot_product_attention(&q, &k, &v, self.scale)?;
-        let attended = attended.transpose(1, 2)?.reshape((b, h * w, c))?;
         let out = self.to_out.forward(&attended)?;
         let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
         Ok((out + xs)?)

@@ -1,0 +1,413 @@
+//! Linear layers as one direct gemm per call on CPU, with the bias and an optional GELU / GEGLU
+//! epilogue fused in, the work split into one coarse block per thread (candle's `Linear` runs
+//! bias and activation as separate passes and lets gemm synchronise its threads per block).
+//!
+//! Weights stay in their `[out, in]` layout: transposing them once at load made gemm ~30% faster
+//! on 77-row (text encoder) products, but the extra copy of every weight cost seconds of page
+//! faults at load, more than a whole text encode gains.
+
+use std::sync::Arc;
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor, D};
+use candle_nn::VarBuilder;
+use rayon::prelude::*;
+
+use crate::fastmath;
+
+/// What is applied to the linear output before it is returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Epilogue {
+    None,
+    /// Exact (erf) GELU.
+    GeluErf,
+    /// diffusers' GEGLU: the output's two halves `[hidden, gate]` become `hidden * gelu(gate)`.
+    Geglu,
+}
+
+#[derive(Debug, Clone)]
+struct LinearCpu {
+    bias: Option<Arc<Vec<f32>>>,
+    epilogue: Epilogue,
+}
+
+/// `dst[m, n] (+)= lhs[m, k] @ rhs[k, n]` for row-major operands with row strides `lhs_rs`,
+/// `rhs_rs` and `dst_rs`, single-threaded (callers split the work).
+///
+/// # Safety
+/// Every `lhs[i * lhs_rs + p]`, `rhs[p * rhs_rs + j]`, `dst[i * dst_rs + j]` with `i < m`,
+/// `p < k`, `j < n` must be in bounds, and no other thread may touch those `dst` elements.
+#[allow(unsafe_code, clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_rows(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        1,
+        lhs_rs as isize,
+        rhs,
+        1,
+        rhs_rs as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+/// `dst[m, n] (+)= lhs[m, k] @ rhs[n, k]ᵀ`, all row-major and contiguous along k, dst rows
+/// `dst_rs` apart, single-threaded.
+///
+/// # Safety
+/// `lhs[i * lhs_rs + p]`, `rhs[j * k + p]`, `dst[i * dst_rs + j]` for `i < m`, `p < k`, `j < n`
+/// must be in bounds, and no other thread may touch those `dst` elements.
+#[allow(unsafe_code, clippy::too_many_arguments)]
+unsafe fn gemm_rows_rhs_t(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: *const f32,
+    lhs_rs: usize,
+    rhs: *const f32,
+) {
+    gemm::gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        1,
+        lhs_rs as isize,
+        rhs,
+        k as isize,
+        1,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        gemm::Parallelism::None,
+    )
+}
+
+impl CustomOp2 for LinearCpu {
+    fn name(&self) -> &'static str {
+        "kiln-linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (xs, ws) else {
+            candle_core::bail!("kiln-linear: only f32 is supported on CPU");
+        };
+        let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets()) else {
+            candle_core::bail!("kiln-linear: inputs must be contiguous");
+        };
+        let (x, w) = (&x[x0..x1], &w[w0..w1]);
+        let (n, k) = wl.shape().dims2()?;
+        let dims = xl.shape().dims();
+        if dims.last() != Some(&k) {
+            candle_core::bail!("kiln-linear: input {dims:?} does not end in the weight's {k} inputs");
+        }
+        if let Some(b) = &self.bias {
+            if b.len() != n {
+                candle_core::bail!("kiln-linear: bias of {} for {n} outputs", b.len());
+            }
+        }
+        let m = x.len() / k.max(1);
+        let mut dst = vec![0f32; m * n];
+        if let Some(b) = &self.bias {
+            dst.par_chunks_mut(n.max(1)).for_each(|row| row.copy_from_slice(b));
+        }
+        let accumulate = self.bias.is_some();
+        let threads = rayon::current_num_threads().max(1);
+        let gelu = self.epilogue == Epilogue::GeluErf;
+        if m >= n || m >= 64 * threads {
+            // Split rows: each thread packs the whole weight, which stays in cache for small n.
+            let rows = m.div_ceil(threads * 2).max(1);
+            dst.par_chunks_mut(rows * n).zip(x.par_chunks(rows * k)).for_each(|(d, xr)| {
+                let mr = xr.len() / k;
+                #[allow(unsafe_code)]
+                // SAFETY: d is [mr, n], xr is [mr, k], w is [n, k], all row-major; d is ours.
+                unsafe {
+                    gemm_rows_rhs_t(mr, n, k, d.as_mut_ptr(), n, accumulate, xr.as_ptr(), k, w.as_ptr())
+                };
+                if gelu {
+                    fastmath::gelu_erf_inplace(d);
+                }
+            });
+        } else {
+            // Few rows (text encoders): split columns so each thread streams its own weight slice.
+            let cols = n.div_ceil(threads).div_ceil(16) * 16;
+            let dst_addr = dst.as_mut_ptr() as usize;
+            (0..n.div_ceil(cols)).into_par_iter().for_each(|c| {
+                let j0 = c * cols;
+                let nc = cols.min(n - j0);
+                let d = dst_addr as *mut f32;
+                #[allow(unsafe_code)]
+                // SAFETY: columns j0..j0+nc of the [m, n] dst belong to this task alone; w's
+                // rows j0..j0+nc of [n, k] and x [m, k] are in bounds.
+                unsafe {
+                    gemm_rows_rhs_t(
+                        m,
+                        nc,
+                        k,
+                        d.add(j0),
+                        n,
+                        accumulate,
+                        x.as_ptr(),
+                        k,
+                        w.as_ptr().add(j0 * k),
+                    );
+                    if gelu {
+                        for i in 0..m {
+                            let row = std::slice::from_raw_parts_mut(d.add(i * n + j0), nc);
+                            fastmath::gelu_erf_inplace(row);
+                        }
+                    }
+                }
+            });
+        }
+        let mut out_dims = dims.to_vec();
+        if self.epilogue == Epilogue::Geglu {
+            let half = n / 2;
+            let mut out = vec![0f32; m * half];
+            out.par_chunks_mut(half.max(1)).zip(dst.par_chunks(n.max(1))).for_each(|(o, row)| {
+                let (hidden, gate) = row.split_at(half);
+                fastmath::geglu(o, hidden, gate);
+            });
+            if let Some(last) = out_dims.last_mut() {
+                *last = half;
+            }
+            return Ok((CpuStorage::F32(out), Shape::from_dims(&out_dims)));
+        }
+        if let Some(last) = out_dims.last_mut() {
+            *last = n;
+        }
+        Ok((CpuStorage::F32(dst), Shape::from_dims(&out_dims)))
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Repr {
+    /// CPU f32: `weight` is `[out, in]`, contiguous; bias copied out for the op.
+    Cpu { weight: Tensor, bias: Option<Arc<Vec<f32>>>, bias_tensor: Option<Tensor> },
+    /// Anything else: candle's own layer.
+    Candle(candle_nn::Linear),
+}
+
+/// A linear layer (`y = x wᵀ + b`) loaded from candle_nn's layout (`weight` `[out, in]`).
+#[derive(Debug, Clone)]
+pub struct Linear {
+    repr: Repr,
+    in_dim: usize,
+    out_dim: usize,
+}
+
+impl Linear {
+    /// `weight`: `[out, in]`; `bias`: `[out]`.
+    pub fn new(weight: Tensor, bias: Option<Tensor>) -> Result<Self> {
+        Self::concat(&[(weight, bias)])
+    }
+
+    /// One layer computing several layers' outputs side by side (e.g. fused q/k/v projections).
+    /// All parts must share the input width and either all have a bias or none.
+    pub fn concat(parts: &[(Tensor, Option<Tensor>)]) -> Result<Self> {
+        let Some((first, _)) = parts.first() else {
+            candle_core::bail!("linear concat: no parts");
+        };
+        let in_dim = first.dims2()?.1;
+        let mut out_dim = 0;
+        for (w, b) in parts {
+            let (o, i) = w.dims2()?;
+            if i != in_dim {
+                candle_core::bail!("linear concat: parts take {in_dim} and {i} inputs");
+            }
+            if let Some(b) = b {
+                if b.dims() != [o] {
+                    candle_core::bail!("linear bias {:?} for {o} outputs", b.dims());
+                }
+            }
+            out_dim += o;
+        }
+        let biases: Option<Vec<&Tensor>> = parts.iter().map(|(_, b)| b.as_ref()).collect();
+        let bias = match biases {
+            Some(b) if b.len() == 1 => Some(b[0].clone()),
+            Some(b) => Some(Tensor::cat(&b, 0)?),
+            None if parts.iter().all(|(_, b)| b.is_none()) => None,
+            None => candle_core::bail!("linear concat: some parts have a bias and some do not"),
+        };
+        let cpu_f32 = parts.iter().all(|(w, _)| w.device().is_cpu() && w.dtype() == DType::F32)
+            && bias.as_ref().is_none_or(|b| b.dtype() == DType::F32);
+        let weight = match parts {
+            [(w, _)] => w.clone(),
+            _ => Tensor::cat(&parts.iter().map(|(w, _)| w).collect::<Vec<_>>(), 0)?,
+        };
+        let repr = if cpu_f32 {
+            let bias_vec = match &bias {
+                Some(b) => Some(Arc::new(b.to_vec1::<f32>()?)),
+                None => None,
+            };
+            Repr::Cpu { weight: weight.contiguous()?, bias: bias_vec, bias_tensor: bias }
+        } else {
+            Repr::Candle(candle_nn::Linear::new(weight, bias))
+        };
+        Ok(Self { repr, in_dim, out_dim })
+    }
+
+    pub fn in_dim(&self) -> usize {
+        self.in_dim
+    }
+
+    pub fn out_dim(&self) -> usize {
+        self.out_dim
+    }
+
+    /// `epilogue(x wᵀ + b)`; with [`Epilogue::Geglu`] the last dimension halves.
+    pub fn forward_with(&self, x: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
+        match &self.repr {
+            Repr::Cpu { weight, bias, .. } if x.device().is_cpu() && x.dtype() == DType::F32 => {
+                let op = LinearCpu { bias: bias.clone(), epilogue };
+                x.contiguous()?.apply_op2_no_bwd(weight, &op)
+            }
+            _ => {
+                let y = self.forward_plain(x)?;
+                apply_epilogue(&y, epilogue)
+            }
+        }
+    }
+
+    /// candle's composition (also the reference the tests compare against).
+    fn forward_plain(&self, x: &Tensor) -> Result<Tensor> {
+        match &self.repr {
+            Repr::Cpu { weight, bias_tensor, .. } => {
+                let y = x.broadcast_matmul(&weight.to_dtype(x.dtype())?.t()?)?;
+                match bias_tensor {
+                    Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?),
+                    None => Ok(y),
+                }
+            }
+            Repr::Candle(lin) => lin.forward(x),
+        }
+    }
+}
+
+/// The epilogue as candle ops.
+pub fn apply_epilogue(y: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
+    match epilogue {
+        Epilogue::None => Ok(y.clone()),
+        Epilogue::GeluErf => y.gelu_erf(),
+        Epilogue::Geglu => {
+            let half = y.dim(D::Minus1)? / 2;
+            let hidden = y.narrow(D::Minus1, 0, half)?;
+            let gate = y.narrow(D::Minus1, half, half)?;
+            hidden * gate.gelu_erf()?
+        }
+    }
+}
+
+impl Module for Linear {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.forward_with(x, Epilogue::None)
+    }
+}
+
+/// Loads `weight` `[out, in]` and `bias` `[out]` like `candle_nn::linear`.
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    let weight = vb.get((out_dim, in_dim), "weight")?;
+    let bias = vb.get(out_dim, "bias")?;
+    Linear::new(weight, Some(bias))
+}
+
+/// Loads `weight` `[out, in]` like `candle_nn::linear_no_bias`.
+pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Linear> {
+    Linear::new(vb.get((out_dim, in_dim), "weight")?, None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
+        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
+    }
+
+    #[test]
+    fn matches_candle_linear() -> Result<()> {
+        let dev = Device::Cpu;
+        // (leading dims, in, out): text-encoder-like (few rows) and UNet-like (many rows) shapes.
+        let cases: [(&[usize], usize, usize); 5] = [
+            (&[1, 77], 64, 96),
+            (&[2, 77], 48, 33),
+            (&[1, 300], 40, 24),
+            (&[3], 5, 7),
+            (&[2, 3, 50], 16, 130),
+        ];
+        for (i, (lead, k, n)) in cases.into_iter().enumerate() {
+            let mut shape = lead.to_vec();
+            shape.push(k);
+            let x = Tensor::randn(0f32, 1.0, shape, &dev)?;
+            let w = Tensor::randn(0f32, 0.3, (n, k), &dev)?;
+            let b = Tensor::randn(0f32, 0.3, n, &dev)?;
+            for bias in [None, Some(b.clone())] {
+                let reference = candle_nn::Linear::new(w.clone(), bias.clone()).forward(&x)?;
+                let ours = Linear::new(w.clone(), bias.clone())?;
+                let d = max_diff(&ours.forward(&x)?, &reference)?;
+                assert!(d < 1e-4, "case {i}: plain diff {d}");
+                let d = max_diff(&ours.forward_with(&x, Epilogue::GeluErf)?, &reference.gelu_erf()?)?;
+                assert!(d < 1e-4, "case {i}: gelu diff {d}");
+                if n % 2 == 0 {
+                    let reference = apply_epilogue(&reference, Epilogue::Geglu)?;
+                    let d = max_diff(&ours.forward_with(&x, Epilogue::Geglu)?, &reference)?;
+                    assert!(d < 1e-4, "case {i}: geglu diff {d}");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn concat_equals_separate_layers() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (1, 9, 16), &dev)?;
+        let parts: Vec<(Tensor, Option<Tensor>)> = (0..3)
+            .map(|_| Ok((Tensor::randn(0f32, 0.3, (8, 16), &dev)?, Some(Tensor::randn(0f32, 0.3, 8, &dev)?))))
+            .collect::<Result<_>>()?;
+        let fused = Linear::concat(&parts)?.forward(&x)?;
+        for (i, (w, b)) in parts.iter().enumerate() {
+            let separate = candle_nn::Linear::new(w.clone(), b.clone()).forward(&x)?;
+            let d = max_diff(&fused.narrow(2, i * 8, 8)?, &separate)?;
+            assert!(d < 1e-5, "part {i}: diff {d}");
+        }
+        Ok(())
+    }
+}
