@@ -94,18 +94,43 @@ impl WinogradWeights {
                 w.len()
             );
         }
-        // Every kernel's 36 values, [cout, cin, 36], then one transpose per plane.
-        let mut kernels = vec![0f32; cout * cin * 36];
-        kernels.par_chunks_mut(36).zip(w.par_chunks(9)).for_each(|(dst, g)| transform_kernel(g, dst));
         let mut parts = Vec::with_capacity(splits.len());
         let mut start = 0;
         for &n in splits {
             let mut u = vec![0f32; 36 * cout * n];
-            u.par_chunks_mut(cout * n).enumerate().for_each(|(xi, plane)| {
+            // Row o of every plane, gathered per output channel so each task reads its kernels
+            // once, in order, and writes 36 sequential rows.
+            let mut rows: Vec<Vec<&mut [f32]>> = (0..cout).map(|_| Vec::with_capacity(36)).collect();
+            for plane in u.chunks_mut(cout * n) {
                 for (o, row) in plane.chunks_mut(n).enumerate() {
-                    let src = &kernels[(o * cin + start) * 36..];
-                    for (i, d) in row.iter_mut().enumerate() {
-                        *d = src[i * 36 + xi];
+                    rows[o].push(row);
+                }
+            }
+            rows.into_par_iter().enumerate().for_each(|(o, mut planes)| {
+                // Separable `G g G^T`, vectorised over the part's input channels.
+                let mut taps = vec![0f32; 9 * n];
+                for (i, g) in w[(o * cin + start) * 9..][..9 * n].chunks_exact(9).enumerate() {
+                    for (tap, &v) in g.iter().enumerate() {
+                        taps[tap * n + i] = v;
+                    }
+                }
+                let tap = |k: usize| &taps[k * n..(k + 1) * n];
+                let mut rows_g = vec![0f32; 18 * n];
+                for (r, gr) in G.iter().enumerate() {
+                    for l in 0..3 {
+                        let (a, b, c) = (tap(l), tap(3 + l), tap(6 + l));
+                        let dst = &mut rows_g[(r * 3 + l) * n..(r * 3 + l + 1) * n];
+                        for i in 0..n {
+                            dst[i] = gr[0] * a[i] + gr[1] * b[i] + gr[2] * c[i];
+                        }
+                    }
+                }
+                for (xi, plane) in planes.iter_mut().enumerate() {
+                    let (r, gc) = (xi / 6, &G[xi % 6]);
+                    let t = |l: usize| &rows_g[(r * 3 + l) * n..(r * 3 + l + 1) * n];
+                    let (a, b, c) = (t(0), t(1), t(2));
+                    for i in 0..n {
+                        plane[i] = gc[0] * a[i] + gc[1] * b[i] + gc[2] * c[i];
                     }
                 }
             });
@@ -130,28 +155,15 @@ impl WinogradWeights {
     }
 }
 
-/// Weight transform `G g G^T` of one 3x3 kernel (in f64 for accuracy).
-fn transform_kernel(g: &[f32], out: &mut [f32]) {
-    const G: [[f64; 3]; 6] = [
-        [0.25, 0.0, 0.0],
-        [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
-        [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
-        [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
-        [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
-        [0.0, 0.0, 1.0],
-    ];
-    let mut tmp = [[0f64; 3]; 6];
-    for (t, gr) in tmp.iter_mut().zip(&G) {
-        for (j, tj) in t.iter_mut().enumerate() {
-            *tj = (0..3).map(|k| gr[k] * f64::from(g[k * 3 + j])).sum();
-        }
-    }
-    for (i, t) in tmp.iter().enumerate() {
-        for (j, gr) in G.iter().enumerate() {
-            out[i * 6 + j] = (0..3).map(|k| t[k] * gr[k]).sum::<f64>() as f32;
-        }
-    }
-}
+/// Winograd F(4x4, 3x3) weight transform matrix (`U = G g G^T`).
+const G: [[f32; 3]; 6] = [
+    [0.25, 0.0, 0.0],
+    [-1.0 / 6.0, -1.0 / 6.0, -1.0 / 6.0],
+    [-1.0 / 6.0, 1.0 / 6.0, -1.0 / 6.0],
+    [1.0 / 24.0, 1.0 / 12.0, 1.0 / 6.0],
+    [1.0 / 24.0, -1.0 / 12.0, 1.0 / 6.0],
+    [0.0, 0.0, 1.0],
+];
 
 /// A feature map prepared for Winograd: `[C, 36, T]` transformed tiles (T = B * th * tw).
 #[derive(Debug, Clone)]
@@ -337,6 +349,9 @@ impl PlaneEpilogue<'_> {
 /// the last-level cache between the gemms and the output transform.
 const PRODUCT_BYTES: usize = 2 << 20;
 
+/// Fewest gemm columns (tiles) per band.
+const MIN_GEMM_COLUMNS: usize = 192;
+
 /// Winograd convolution of the channel concatenation of `parts` (all of one batch/size) into a
 /// new `[B, cout, H, W]` buffer.
 pub fn conv_winograd(
@@ -369,7 +384,8 @@ pub fn conv_winograd(
     let t_total = batch * th * tw;
     // Bands of whole tile rows; the product buffer is allocated once and every gemm overwrites
     // (first part) or accumulates into (later parts) its plane, so nothing is zeroed or copied.
-    let band = (PRODUCT_BYTES / (36 * cout * tw * 4)).clamp(1, th);
+    // At least MIN_GEMM_COLUMNS tiles per band keeps the gemms efficient for wide layers.
+    let band = (PRODUCT_BYTES / (36 * cout * tw * 4)).max(MIN_GEMM_COLUMNS.div_ceil(tw)).clamp(1, th);
     let mut products = vec![0f32; 36 * cout * band * tw];
     let mut out = vec![0f32; batch * cout * plane];
     for b in 0..batch {
