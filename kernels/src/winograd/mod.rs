@@ -21,6 +21,8 @@ pub use layer::Conv3x3;
 
 use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
+use std::cell::Cell;
+use std::mem::MaybeUninit;
 
 /// Activation applied after the bias.
 #[derive(Debug, Clone, PartialEq)]
@@ -201,8 +203,11 @@ impl WinoInput {
         }
         let (th, tw) = (tiles(height), tiles(width));
         let t_total = batch * th * tw;
-        let mut v = vec![0f32; channels * 36 * t_total];
-        v.par_chunks_mut(36 * t_total).enumerate().for_each(|(c, dst)| {
+        let len = channels * 36 * t_total;
+        // Every value is written exactly once below (36 planes x all tiles of every channel),
+        // so the buffer is not zero-filled first.
+        let mut v: Vec<f32> = Vec::with_capacity(len);
+        v.spare_capacity_mut()[..len].par_chunks_mut(36 * t_total).enumerate().for_each(|(c, dst)| {
             // The padded row split by phase (x mod 4), so tile tx reads d[j] = ph[j % 4][tx + j / 4]
             // from contiguous slices and the loops vectorise.
             let mut padded = vec![0f32; 4 * tw + 4];
@@ -254,6 +259,13 @@ impl WinoInput {
                 }
             }
         });
+        #[allow(unsafe_code)]
+        // SAFETY: capacity is `len`, and the loop above initialised all `len` values: for each
+        // channel, batch and tile row it writes the 36 planes' `tw` tiles (`kx` + 6 * output
+        // row), which covers all `t_total` tiles of every plane.
+        unsafe {
+            v.set_len(len)
+        };
         Ok(Self { v, channels, batch, height, width })
     }
 
@@ -267,21 +279,40 @@ impl WinoInput {
     }
 }
 
+/// A slot a kernel writes once: plain scratch or a not yet initialised output.
+trait Store {
+    fn store(&mut self, v: f32);
+}
+
+impl Store for f32 {
+    #[inline(always)]
+    fn store(&mut self, v: f32) {
+        *self = v;
+    }
+}
+
+impl Store for MaybeUninit<f32> {
+    #[inline(always)]
+    fn store(&mut self, v: f32) {
+        self.write(v);
+    }
+}
+
 /// `B^T d` for many tiles at once: `d[j][t]` is input sample j of tile t.
 #[inline]
-fn input_rows(d: [&[f32]; 6], out: [&mut [f32]; 6]) {
+fn input_rows<T: Store>(d: [&[f32]; 6], out: [&mut [T]; 6]) {
     let [o0, o1, o2, o3, o4, o5] = out;
     let n = o0.len();
     let (d0, d1, d2, d3, d4, d5) = (&d[0][..n], &d[1][..n], &d[2][..n], &d[3][..n], &d[4][..n], &d[5][..n]);
     let (o1, o2, o3, o4, o5) = (&mut o1[..n], &mut o2[..n], &mut o3[..n], &mut o4[..n], &mut o5[..n]);
     for t in 0..n {
         let (a0, a1, a2, a3, a4, a5) = (d0[t], d1[t], d2[t], d3[t], d4[t], d5[t]);
-        o0[t] = 4.0 * a0 - 5.0 * a2 + a4;
-        o1[t] = -4.0 * (a1 + a2) + a3 + a4;
-        o2[t] = 4.0 * (a1 - a2) - a3 + a4;
-        o3[t] = -2.0 * (a1 - a3) - a2 + a4;
-        o4[t] = 2.0 * (a1 - a3) - a2 + a4;
-        o5[t] = 4.0 * a1 - 5.0 * a3 + a5;
+        o0[t].store(4.0 * a0 - 5.0 * a2 + a4);
+        o1[t].store(-4.0 * (a1 + a2) + a3 + a4);
+        o2[t].store(4.0 * (a1 - a2) - a3 + a4);
+        o3[t].store(-2.0 * (a1 - a3) - a2 + a4);
+        o4[t].store(2.0 * (a1 - a3) - a2 + a4);
+        o5[t].store(4.0 * a1 - 5.0 * a3 + a5);
     }
 }
 
@@ -328,7 +359,7 @@ struct PlaneEpilogue<'a> {
 
 impl PlaneEpilogue<'_> {
     #[inline]
-    fn apply(&self, src: &[f32], dst: &mut [f32], offset: usize) {
+    fn apply(&self, src: &[f32], dst: &mut [MaybeUninit<f32>], offset: usize) {
         let (bias, slope, scale) = (self.bias, self.slope, self.scale);
         let act = |v: f32| {
             let v = v + bias;
@@ -336,10 +367,10 @@ impl PlaneEpilogue<'_> {
             scale * if v < 0.0 { neg } else { v }
         };
         match self.residual {
-            None => dst.iter_mut().zip(src).for_each(|(d, &v)| *d = act(v)),
+            None => dst.iter_mut().zip(src).for_each(|(d, &v)| d.store(act(v))),
             Some((r, s)) => {
                 let r = &r[offset..offset + dst.len()];
-                dst.iter_mut().zip(src).zip(r).for_each(|((d, &v), &rv)| *d = act(v) + s * rv)
+                dst.iter_mut().zip(src).zip(r).for_each(|((d, &v), &rv)| d.store(act(v) + s * rv))
             }
         }
     }
@@ -348,6 +379,12 @@ impl PlaneEpilogue<'_> {
 /// Budget for one band's gemm products (`36 * cout * tiles` floats): small enough to stay in
 /// the last-level cache between the gemms and the output transform.
 const PRODUCT_BYTES: usize = 2 << 20;
+
+thread_local! {
+    /// The calling thread's gemm product buffer, reused across convolutions (taken during a
+    /// call, so a nested call just allocates its own).
+    static PRODUCTS: Cell<Vec<f32>> = const { Cell::new(Vec::new()) };
+}
 
 /// Fewest gemm columns (tiles) per band.
 const MIN_GEMM_COLUMNS: usize = 192;
@@ -386,10 +423,16 @@ pub fn conv_winograd(
     // (first part) or accumulates into (later parts) its plane, so nothing is zeroed or copied.
     // At least MIN_GEMM_COLUMNS tiles per band keeps the gemms efficient for wide layers.
     let band = (PRODUCT_BYTES / (36 * cout * tw * 4)).max(MIN_GEMM_COLUMNS.div_ceil(tw)).clamp(1, th);
-    let mut products = vec![0f32; 36 * cout * band * tw];
-    let mut out = vec![0f32; batch * cout * plane];
+    let mut products = PRODUCTS.take();
+    if products.len() < 36 * cout * band * tw {
+        products = vec![0f32; 36 * cout * band * tw];
+    }
+    let len = batch * cout * plane;
+    // The epilogue writes every output value exactly once: no zero-fill.
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    let out_uninit = &mut out.spare_capacity_mut()[..len];
     for b in 0..batch {
-        let out_b = &mut out[b * cout * plane..][..cout * plane];
+        let out_b = &mut out_uninit[b * cout * plane..][..cout * plane];
         for ty0 in (0..th).step_by(band) {
             let ty1 = (ty0 + band).min(th);
             let (t0, n) = (b * th * tw + ty0 * tw, (ty1 - ty0) * tw);
@@ -489,6 +532,14 @@ pub fn conv_winograd(
             );
         }
     }
+    PRODUCTS.set(products);
+    #[allow(unsafe_code)]
+    // SAFETY: capacity is `len`; for every batch, band and output channel the epilogue wrote
+    // rows 4 * ty .. 4 * ty + 3 (below `height`) of all tile rows ty < th, i.e. every row, each
+    // in full (`line[..width]` into a `width`-long row).
+    unsafe {
+        out.set_len(len)
+    };
     Ok(out)
 }
 
