@@ -3,6 +3,7 @@
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Storage, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
+use std::sync::{Arc, OnceLock};
 
 use crate::winograd::{winograd_forward, Act, WinoInput, WinogradWeights};
 
@@ -154,8 +155,9 @@ fn im2col_gemm(x: &[f32], w: &[f32], g: &Geometry, out: &mut [f32], accumulate: 
     }
 }
 
-/// Whether a conv of these shapes runs Winograd on the CPU: 3x3, stride 1, padding 1, on
-/// feature maps large enough for its gemms (`cpu_kernels_bench` has the measurements).
+/// Whether a conv of these shapes runs Winograd on the CPU with its weights transformed per
+/// call: 3x3, stride 1, padding 1, on feature maps large enough that the weight transform is
+/// paid back (`cpu_kernels_bench` has the measurements).
 pub fn prefers_winograd(
     kernel: (usize, usize),
     stride: usize,
@@ -166,8 +168,17 @@ pub fn prefers_winograd(
     kernel == (3, 3) && stride == 1 && padding == 1 && height * width >= WINOGRAD_MIN_PIXELS
 }
 
-/// Smallest feature map (pixels) on which Winograd beats im2col.
-const WINOGRAD_MIN_PIXELS: usize = 64 * 64;
+/// Smallest feature map (pixels) on which Winograd with a per-call weight transform beats
+/// im2col (break-even is about 64x64 on 512 channels).
+const WINOGRAD_MIN_PIXELS: usize = 80 * 80;
+
+/// With its transformed weights kept by the layer, Winograd wins from 32x32 on.
+const WINOGRAD_CACHED_MIN_PIXELS: usize = 32 * 32;
+
+/// Largest transformed weight set a [`Conv2d`] keeps (4x the 3x3 weights): keeping every layer's
+/// would cost 4x the model's conv weights in memory, so only the narrower layers keep theirs
+/// (e.g. SD's 320-channel UNet convs, the VAE's 128/256-channel ones).
+const WINOGRAD_CACHE_BYTES: usize = 16 << 20;
 
 fn is_cpu_f32(x: &Tensor, weight: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32
@@ -203,6 +214,8 @@ pub struct Conv2d {
     bias: Option<Tensor>,
     /// The bias as f32 values when the layer lives on the CPU in f32.
     bias_values: Option<Vec<f32>>,
+    /// Winograd-transformed weights, made on first use when small enough to keep.
+    winograd: Arc<OnceLock<WinogradWeights>>,
     stride: usize,
     padding: usize,
 }
@@ -217,7 +230,14 @@ impl Conv2d {
             Some(b) if b.device().is_cpu() && b.dtype() == DType::F32 => Some(b.to_vec1::<f32>()?),
             _ => None,
         };
-        Ok(Self { weight, bias, bias_values, stride: cfg.stride, padding: cfg.padding })
+        Ok(Self {
+            weight,
+            bias,
+            bias_values,
+            winograd: Arc::new(OnceLock::new()),
+            stride: cfg.stride,
+            padding: cfg.padding,
+        })
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -263,11 +283,29 @@ impl Conv2d {
         };
         let bias = self.bias_values.as_deref();
         let scale = scale as f32;
-        if prefers_winograd((geometry.kh, geometry.kw), self.stride, self.padding, geometry.h, geometry.w) {
-            let weights = WinogradWeights::new(&weight, &[geometry.c])?;
+        let kernel = (geometry.kh, geometry.kw);
+        let keep = 36 * 4 * geometry.o * geometry.c <= WINOGRAD_CACHE_BYTES;
+        let cached = keep
+            && prefers_winograd(kernel, self.stride, self.padding, WINOGRAD_MIN_PIXELS, 1)
+            && geometry.h * geometry.w >= WINOGRAD_CACHED_MIN_PIXELS;
+        if cached || prefers_winograd(kernel, self.stride, self.padding, geometry.h, geometry.w) {
+            let per_call;
+            let weights = if keep {
+                if self.winograd.get().is_none() {
+                    // A race only transforms twice; the first value set is kept.
+                    let _ = self.winograd.set(WinogradWeights::new(&weight, &[geometry.c])?);
+                }
+                match self.winograd.get() {
+                    Some(w) => w,
+                    None => candle_core::bail!("kiln-conv2d: Winograd weights not kept"),
+                }
+            } else {
+                per_call = WinogradWeights::new(&weight, &[geometry.c])?;
+                &per_call
+            };
             let input = WinoInput::new(&x)?;
             let residual = residual.as_ref().map(|r| (r, scale));
-            return winograd_forward(&weights, &[&input], bias, &Act::None, scale, residual);
+            return winograd_forward(weights, &[&input], bias, &Act::None, scale, residual);
         }
         // im2col: the output starts as scale * (bias + residual) and the gemm adds scale * conv.
         let plane = geometry.oh * geometry.ow;
