@@ -1,8 +1,11 @@
 //! 2-D convolution with a fast CPU path.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Storage, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
+use std::sync::{Arc, OnceLock};
+
+use crate::winograd::{winograd_forward, Act, WinoInput, WinogradWeights};
 
 /// Upper bound on the column matrix built per band (floats): large enough for an efficient
 /// gemm, small enough to stay in cache and bound memory at 4K/8K sizes.
@@ -33,90 +36,169 @@ impl CustomOp2 for Conv2dCpu {
         let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets()) else {
             candle_core::bail!("kiln-conv2d: inputs must be contiguous");
         };
-        let (x, w) = (&x[x0..x1], &w[w0..w1]);
-        let (b, c, h, wd) = xl.shape().dims4()?;
-        let (o, wc, kh, kw) = wl.shape().dims4()?;
-        if wc != c {
-            candle_core::bail!("kiln-conv2d: input has {c} channels, weight expects {wc}");
-        }
-        let (s, p) = (self.stride, self.padding);
-        if h + 2 * p < kh || wd + 2 * p < kw || s == 0 {
-            candle_core::bail!("kiln-conv2d: input {h}x{wd} too small for kernel {kh}x{kw}");
-        }
-        let oh = (h + 2 * p - kh) / s + 1;
-        let ow = (wd + 2 * p - kw) / s + 1;
-        let k = c * kh * kw;
-        let mut out = vec![0f32; b * o * oh * ow];
-        let rows_per_band = (COL_BUDGET / (k * ow).max(1)).clamp(1, oh);
-        let mut col = vec![0f32; k * rows_per_band * ow];
-        let threads = rayon::current_num_threads();
-        let parallelism =
-            if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
-        for bi in 0..b {
-            let xb = &x[bi * c * h * wd..(bi + 1) * c * h * wd];
-            let ob = &mut out[bi * o * oh * ow..(bi + 1) * o * oh * ow];
-            let mut y0 = 0;
-            while y0 < oh {
-                let rows = rows_per_band.min(oh - y0);
-                let n = rows * ow;
-                let col = &mut col[..k * n];
-                // Row r of the column matrix is input channel c shifted by (dy, dx) = (kh, kw).
-                col.par_chunks_mut(n).enumerate().for_each(|(r, dst)| {
-                    let ci = r / (kh * kw);
-                    let (ky, kx) = ((r / kw) % kh, r % kw);
-                    let plane = &xb[ci * h * wd..(ci + 1) * h * wd];
-                    for (ry, drow) in dst.chunks_mut(ow).enumerate() {
-                        let iy = ((y0 + ry) * s + ky) as isize - p as isize;
-                        if iy < 0 || iy >= h as isize {
-                            drow.fill(0.0);
-                            continue;
-                        }
-                        let src = &plane[iy as usize * wd..(iy as usize + 1) * wd];
-                        for (ox, d) in drow.iter_mut().enumerate() {
-                            let ix = (ox * s + kx) as isize - p as isize;
-                            *d = if ix >= 0 && ix < wd as isize { src[ix as usize] } else { 0.0 };
-                        }
-                    }
-                });
-                let dst = &mut ob[y0 * ow..];
-                // out[o, y0*ow .. y0*ow + n] = W[o, k] @ col[k, n]; rows of out are oh*ow apart.
-                #[allow(unsafe_code)]
-                // SAFETY: dims and strides describe in-bounds regions: W is [o, k] row-major,
-                // col is [k, n] row-major, and dst row i spans i*oh*ow .. i*oh*ow + n within ob
-                // because y0 + rows <= oh.
-                unsafe {
-                    gemm::gemm(
-                        o,
-                        n,
-                        k,
-                        dst.as_mut_ptr(),
-                        1,
-                        (oh * ow) as isize,
-                        false,
-                        w.as_ptr(),
-                        1,
-                        k as isize,
-                        col.as_ptr(),
-                        1,
-                        n as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
-                        parallelism,
-                    );
-                }
-                y0 += rows;
-            }
-        }
-        Ok((CpuStorage::F32(out), Shape::from_dims(&[b, o, oh, ow])))
+        let geometry = Geometry::new(xl.shape().dims4()?, wl.shape().dims4()?, self.stride, self.padding)?;
+        let mut out = vec![0f32; geometry.out_len()];
+        im2col_gemm(&x[x0..x1], &w[w0..w1], &geometry, &mut out, false, 1.0);
+        Ok((CpuStorage::F32(out), Shape::from_dims(&geometry.out_dims())))
     }
 }
 
-/// `x.conv2d(weight)` with kiln's CPU kernel for f32 on CPU, candle's conv elsewhere.
+/// Shapes of one convolution (groups = 1, dilation = 1).
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    b: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    o: usize,
+    kh: usize,
+    kw: usize,
+    s: usize,
+    p: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Geometry {
+    fn new(
+        (b, c, h, w): (usize, usize, usize, usize),
+        (o, wc, kh, kw): (usize, usize, usize, usize),
+        s: usize,
+        p: usize,
+    ) -> Result<Self> {
+        if wc != c {
+            candle_core::bail!("kiln-conv2d: input has {c} channels, weight expects {wc}");
+        }
+        if h + 2 * p < kh || w + 2 * p < kw || s == 0 {
+            candle_core::bail!("kiln-conv2d: input {h}x{w} too small for kernel {kh}x{kw}");
+        }
+        let oh = (h + 2 * p - kh) / s + 1;
+        let ow = (w + 2 * p - kw) / s + 1;
+        Ok(Self { b, c, h, w, o, kh, kw, s, p, oh, ow })
+    }
+
+    fn out_len(&self) -> usize {
+        self.b * self.o * self.oh * self.ow
+    }
+
+    fn out_dims(&self) -> [usize; 4] {
+        [self.b, self.o, self.oh, self.ow]
+    }
+}
+
+/// `out = out + beta * conv(x, w)` when `accumulate`, else `out = beta * conv(x, w)`, by im2col
+/// over bands of output rows and one gemm per band.
+fn im2col_gemm(x: &[f32], w: &[f32], g: &Geometry, out: &mut [f32], accumulate: bool, beta: f32) {
+    let Geometry { b, c, h, w: wd, o, kh, kw, s, p, oh, ow } = *g;
+    let k = c * kh * kw;
+    let rows_per_band = (COL_BUDGET / (k * ow).max(1)).clamp(1, oh);
+    let mut col = vec![0f32; k * rows_per_band * ow];
+    let threads = rayon::current_num_threads();
+    let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+    for bi in 0..b {
+        let xb = &x[bi * c * h * wd..(bi + 1) * c * h * wd];
+        let ob = &mut out[bi * o * oh * ow..(bi + 1) * o * oh * ow];
+        let mut y0 = 0;
+        while y0 < oh {
+            let rows = rows_per_band.min(oh - y0);
+            let n = rows * ow;
+            let col = &mut col[..k * n];
+            // Row r of the column matrix is input channel c shifted by (dy, dx) = (kh, kw).
+            col.par_chunks_mut(n).enumerate().for_each(|(r, dst)| {
+                let ci = r / (kh * kw);
+                let (ky, kx) = ((r / kw) % kh, r % kw);
+                let plane = &xb[ci * h * wd..(ci + 1) * h * wd];
+                for (ry, drow) in dst.chunks_mut(ow).enumerate() {
+                    let iy = ((y0 + ry) * s + ky) as isize - p as isize;
+                    if iy < 0 || iy >= h as isize {
+                        drow.fill(0.0);
+                        continue;
+                    }
+                    let src = &plane[iy as usize * wd..(iy as usize + 1) * wd];
+                    for (ox, d) in drow.iter_mut().enumerate() {
+                        let ix = (ox * s + kx) as isize - p as isize;
+                        *d = if ix >= 0 && ix < wd as isize { src[ix as usize] } else { 0.0 };
+                    }
+                }
+            });
+            let dst = &mut ob[y0 * ow..];
+            // out[o, y0*ow .. y0*ow + n] (+)= beta * W[o, k] @ col[k, n]; rows of out are oh*ow apart.
+            #[allow(unsafe_code)]
+            // SAFETY: dims and strides describe in-bounds regions: W is [o, k] row-major,
+            // col is [k, n] row-major, and dst row i spans i*oh*ow .. i*oh*ow + n within ob
+            // because y0 + rows <= oh.
+            unsafe {
+                gemm::gemm(
+                    o,
+                    n,
+                    k,
+                    dst.as_mut_ptr(),
+                    1,
+                    (oh * ow) as isize,
+                    accumulate,
+                    w.as_ptr(),
+                    1,
+                    k as isize,
+                    col.as_ptr(),
+                    1,
+                    n as isize,
+                    1.0,
+                    beta,
+                    false,
+                    false,
+                    false,
+                    parallelism,
+                );
+            }
+            y0 += rows;
+        }
+    }
+}
+
+/// Whether a conv of these shapes runs Winograd on the CPU with its weights transformed per
+/// call: 3x3, stride 1, padding 1, on feature maps large enough that the weight transform is
+/// paid back (`cpu_kernels_bench` has the measurements).
+pub fn prefers_winograd(
+    kernel: (usize, usize),
+    stride: usize,
+    padding: usize,
+    height: usize,
+    width: usize,
+) -> bool {
+    kernel == (3, 3) && stride == 1 && padding == 1 && height * width >= WINOGRAD_MIN_PIXELS
+}
+
+/// Smallest feature map (pixels) on which Winograd with a per-call weight transform beats
+/// im2col (break-even is about 64x64 on 512 channels).
+const WINOGRAD_MIN_PIXELS: usize = 80 * 80;
+
+/// With its transformed weights kept by the layer, Winograd wins from 32x32 on.
+const WINOGRAD_CACHED_MIN_PIXELS: usize = 32 * 32;
+
+/// Largest transformed weight set a [`Conv2d`] keeps (4x the 3x3 weights): keeping every layer's
+/// would cost 4x the model's conv weights in memory, so only the narrower layers keep theirs
+/// (e.g. SD's 320-channel UNet convs, the VAE's 128/256-channel ones).
+const WINOGRAD_CACHE_BYTES: usize = 16 << 20;
+
+fn is_cpu_f32(x: &Tensor, weight: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32
+}
+
+/// `x.conv2d(weight)` with kiln's CPU kernels for f32 on CPU (Winograd where
+/// [`prefers_winograd`], im2col otherwise), candle's conv elsewhere.
 pub fn conv2d_forward(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
+    let (_, _, h, w) = x.dims4()?;
+    let (_, _, kh, kw) = weight.dims4()?;
+    if is_cpu_f32(x, weight) && prefers_winograd((kh, kw), stride, padding, h, w) {
+        crate::winograd::conv3x3_winograd(x, weight)
+    } else {
+        conv2d_forward_im2col(x, weight, stride, padding)
+    }
+}
+
+/// As [`conv2d_forward`], always by im2col on CPU f32.
+pub fn conv2d_forward_im2col(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
+    if is_cpu_f32(x, weight) {
         x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &Conv2dCpu { stride, padding })
     } else {
         x.conv2d(weight, padding, stride, 1, 1)
@@ -124,10 +206,16 @@ pub fn conv2d_forward(x: &Tensor, weight: &Tensor, stride: usize, padding: usize
 }
 
 /// A conv layer with candle_nn's weights layout (`weight` [O, I, KH, KW], optional `bias`).
+/// On CPU f32 the bias (and, through [`Conv2d::forward_add`], a residual and a scale) is fused
+/// into the convolution's output pass.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
     weight: Tensor,
     bias: Option<Tensor>,
+    /// The bias as f32 values when the layer lives on the CPU in f32.
+    bias_values: Option<Vec<f32>>,
+    /// Winograd-transformed weights, made on first use when small enough to keep.
+    winograd: Arc<OnceLock<WinogradWeights>>,
     stride: usize,
     padding: usize,
 }
@@ -138,7 +226,18 @@ impl Conv2d {
         if cfg.groups != 1 || cfg.dilation != 1 {
             candle_core::bail!("kiln Conv2d supports groups = 1 and dilation = 1 only");
         }
-        Ok(Self { weight, bias, stride: cfg.stride, padding: cfg.padding })
+        let bias_values = match &bias {
+            Some(b) if b.device().is_cpu() && b.dtype() == DType::F32 => Some(b.to_vec1::<f32>()?),
+            _ => None,
+        };
+        Ok(Self {
+            weight,
+            bias,
+            bias_values,
+            winograd: Arc::new(OnceLock::new()),
+            stride: cfg.stride,
+            padding: cfg.padding,
+        })
     }
 
     pub fn weight(&self) -> &Tensor {
@@ -148,15 +247,109 @@ impl Conv2d {
     pub fn bias(&self) -> Option<&Tensor> {
         self.bias.as_ref()
     }
+
+    /// `(conv(x) + bias + residual) * scale` in one output pass on CPU f32 (diffusers'
+    /// `(shortcut + hidden) / output_scale_factor`); composed candle ops elsewhere.
+    pub fn forward_add(&self, x: &Tensor, residual: &Tensor, scale: f64) -> Result<Tensor> {
+        self.forward_fused(x, Some(residual), scale)
+    }
+
+    fn forward_fused(&self, x: &Tensor, residual: Option<&Tensor>, scale: f64) -> Result<Tensor> {
+        let bias_ready = self.bias.is_none() || self.bias_values.is_some();
+        let residual_ready = residual.is_none_or(|r| r.device().is_cpu() && r.dtype() == DType::F32);
+        if !(is_cpu_f32(x, &self.weight) && bias_ready && residual_ready) {
+            let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+            let y = match &self.bias {
+                Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
+                None => y,
+            };
+            let y = match residual {
+                Some(r) => (y + r)?,
+                None => y,
+            };
+            return if scale == 1.0 { Ok(y) } else { y.affine(scale, 0.0) };
+        }
+        let x = x.contiguous()?;
+        let weight = self.weight.contiguous()?;
+        let geometry = Geometry::new(x.dims4()?, weight.dims4()?, self.stride, self.padding)?;
+        let residual = match residual {
+            Some(r) if r.dims() != geometry.out_dims() => candle_core::bail!(
+                "kiln-conv2d: residual {:?} differs from the output {:?}",
+                r.dims(),
+                geometry.out_dims()
+            ),
+            Some(r) => Some(r.contiguous()?),
+            None => None,
+        };
+        let bias = self.bias_values.as_deref();
+        let scale = scale as f32;
+        let kernel = (geometry.kh, geometry.kw);
+        let keep = 36 * 4 * geometry.o * geometry.c <= WINOGRAD_CACHE_BYTES;
+        let cached = keep
+            && prefers_winograd(kernel, self.stride, self.padding, WINOGRAD_MIN_PIXELS, 1)
+            && geometry.h * geometry.w >= WINOGRAD_CACHED_MIN_PIXELS;
+        if cached || prefers_winograd(kernel, self.stride, self.padding, geometry.h, geometry.w) {
+            let per_call;
+            let weights = if keep {
+                if self.winograd.get().is_none() {
+                    // A race only transforms twice; the first value set is kept.
+                    let _ = self.winograd.set(WinogradWeights::new(&weight, &[geometry.c])?);
+                }
+                match self.winograd.get() {
+                    Some(w) => w,
+                    None => candle_core::bail!("kiln-conv2d: Winograd weights not kept"),
+                }
+            } else {
+                per_call = WinogradWeights::new(&weight, &[geometry.c])?;
+                &per_call
+            };
+            let input = WinoInput::new(&x)?;
+            let residual = residual.as_ref().map(|r| (r, scale));
+            return winograd_forward(weights, &[&input], bias, &Act::None, scale, residual);
+        }
+        // im2col: the output starts as scale * (bias + residual) and the gemm adds scale * conv.
+        let plane = geometry.oh * geometry.ow;
+        let mut out = vec![0f32; geometry.out_len()];
+        let guard = residual.as_ref().map(|r| r.storage_and_layout());
+        let residual_data = match &guard {
+            Some((storage, layout)) => Some(&cpu_slice(storage, layout)?[..geometry.out_len()]),
+            None => None,
+        };
+        let initialised = bias.is_some() || residual_data.is_some();
+        if initialised {
+            out.par_chunks_mut(plane).enumerate().for_each(|(i, dst)| {
+                let b = bias.map_or(0.0, |b| b[i % geometry.o]);
+                match residual_data {
+                    Some(r) => {
+                        for (d, &rv) in dst.iter_mut().zip(&r[i * plane..(i + 1) * plane]) {
+                            *d = scale * (rv + b);
+                        }
+                    }
+                    None => dst.fill(scale * b),
+                }
+            });
+        }
+        drop(guard);
+        let (xs, xl) = x.storage_and_layout();
+        let (ws, wl) = weight.storage_and_layout();
+        let (xd, wd) = (cpu_slice(&xs, xl)?, cpu_slice(&ws, wl)?);
+        im2col_gemm(xd, wd, &geometry, &mut out, initialised, scale);
+        drop((xs, ws));
+        Tensor::from_vec(out, geometry.out_dims().to_vec(), &candle_core::Device::Cpu)
+    }
+}
+
+/// The f32 data of a contiguous CPU tensor from its layout's start.
+fn cpu_slice<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
+    match storage {
+        Storage::Cpu(cpu) => Ok(&cpu.as_slice::<f32>()?[layout.start_offset()..]),
+        _ => candle_core::bail!("kiln-conv2d: needs a CPU f32 tensor"),
+    }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = conv2d_forward(x, &self.weight, self.stride, self.padding)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?),
-            None => Ok(y),
-        }
+        self.forward_fused(x, None, 1.0)
     }
 }
 
@@ -208,10 +401,52 @@ mod tests {
         // Large enough that one band cannot hold all output rows.
         let x = rand(&[1, 32, 200, 300], 7)?;
         let wt = rand(&[16, 32, 3, 3], 8)?;
-        let ours = conv2d_forward(&x, &wt, 1, 1)?;
+        let ours = conv2d_forward_im2col(&x, &wt, 1, 1)?;
         let reference = x.conv2d(&wt, 1, 1, 1, 1)?;
         let diff = (ours - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
         assert!(diff < 1e-4, "max diff {diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn layer_fuses_bias_and_residual() -> Result<()> {
+        // (batch, cin, h, w, cout, kernel, stride, padding): im2col (small, 1x1, strided) and
+        // Winograd (3x3 stride 1 on >= 64x64) paths.
+        let cases = [
+            (1, 5, 9, 11, 7, 3, 1, 1),
+            (2, 6, 10, 9, 3, 1, 1, 0),
+            (1, 4, 13, 12, 6, 3, 2, 0),
+            (2, 7, 65, 70, 9, 3, 1, 1),
+            (1, 33, 64, 64, 17, 3, 1, 1),
+        ];
+        for (i, &(b, ci, h, w, co, k, s, p)) in cases.iter().enumerate() {
+            let x = rand(&[b, ci, h, w], 10 + i as u64)?;
+            let wt = (rand(&[co, ci, k, k], 20 + i as u64)? * 0.3)?;
+            let bias = rand(&[co], 30 + i as u64)?;
+            let cfg = Conv2dConfig { padding: p, stride: s, ..Default::default() };
+            let layer = Conv2d::new(wt.clone(), Some(bias.clone()), cfg)?;
+            let reference = x.conv2d(&wt, p, s, 1, 1)?.broadcast_add(&bias.reshape((1, co, 1, 1))?)?;
+            let scale = (reference.abs()?.max_all()?.to_scalar::<f32>()?).max(1.0);
+            let diff = (layer.forward(&x)? - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5 * scale, "case {i} forward: max diff {diff}");
+            let residual = rand(reference.dims(), 40 + i as u64)?;
+            let want = ((&reference + &residual)? * 0.5)?;
+            let got = layer.forward_add(&x, &residual, 0.5)?;
+            let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-5 * scale, "case {i} forward_add: max diff {diff}");
+            // Without bias.
+            let plain = Conv2d::new(wt.clone(), None, cfg)?;
+            let diff = ((plain.forward(&x)?
+                + bias.reshape((1, co, 1, 1))?.broadcast_as(reference.dims())?)?
+                - &reference)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert!(diff < 1e-5 * scale, "case {i} no bias: max diff {diff}");
+        }
+        let layer =
+            Conv2d::new(rand(&[4, 3, 3, 3], 1)?, None, Conv2dConfig { padding: 1, ..Default::default() })?;
+        assert!(layer.forward_add(&rand(&[1, 3, 8, 8], 2)?, &rand(&[1, 4, 8, 7], 3)?, 1.0).is_err());
         Ok(())
     }
 }

@@ -12,6 +12,9 @@
 //! - [`linear`]: Linear as one gemm pass per thread block, bias and GELU/GEGLU fused in; layers
 //!   can be concatenated (fused q/k/v projections).
 //! - [`fastmath`]: vectorisable `exp` and erf-GELU used by those kernels.
+//! - [`winograd`]: 3x3 stride-1 padding-1 convolution by Winograd F(4x4, 3x3) on CPU f32 with a
+//!   fused bias/activation/residual epilogue; [`Conv2d`] picks it where it beats im2col, and the
+//!   SR nets use its [`Conv3x3`] layer.
 //!
 //! Every kernel is a candle `CustomOp` whose reference is candle's composed implementation, and
 //! the tests compare the two.
@@ -22,9 +25,11 @@ pub mod conv;
 pub mod fastmath;
 pub mod linear;
 pub mod norm;
+pub mod winograd;
 
 pub use attention::{attention, attention_bnc, attention_reference};
 pub use blend::{blend_tile, blend_tile_slice, BlendRegion};
 pub use conv::{conv2d, Conv2d};
 pub use linear::{linear, linear_no_bias, Epilogue, Linear};
 pub use norm::{group_norm, GroupNorm};
+pub use winograd::{conv3x3_winograd, Act, Conv3x3, WinoInput, WinogradWeights};

@@ -1,7 +1,6 @@
 //! Super-resolution networks: RRDBNet and SRVGGNetCompact, plus their description ([`SrSpec`])
 //! inferred from a state dict's key names and shapes (weight files carry no config).
 
-pub mod conv;
 pub mod rrdbnet;
 pub mod srvgg;
 

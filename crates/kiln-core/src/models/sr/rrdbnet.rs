@@ -8,8 +8,8 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::conv::{Act, Conv3x3, WinoInput};
 use crate::error::{Error, Result};
+use kiln_kernels::{Act, Conv3x3, WinoInput};
 
 /// RRDBNet hyper-parameters (basicsr defaults; `num_in_ch` is the image's, before unshuffle).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -87,7 +87,7 @@ impl RrdbConfig {
 fn conv3(cin: usize, cout: usize, vb: VarBuilder, splits: &[usize]) -> Result<Conv3x3> {
     let weight = vb.get((cout, cin, 3, 3), "weight")?;
     let bias = vb.get(cout, "bias")?;
-    Conv3x3::new(weight, bias, splits)
+    Ok(Conv3x3::new(weight, bias, splits)?)
 }
 
 const LRELU: Act = Act::Leaky(0.2);
@@ -121,13 +121,13 @@ impl ResidualDenseBlock {
                 parts.push(WinoInput::new(&y)?);
             }
             let refs: Vec<&WinoInput> = parts.iter().collect();
-            return self.convs[4].forward_parts(&refs, &Act::None, Some((x, 0.2)));
+            return Ok(self.convs[4].forward_parts(&refs, &Act::None, Some((x, 0.2)))?);
         }
         let mut feats = vec![x.clone()];
         for conv in &self.convs[..4] {
             feats.push(conv.forward_generic(&feats, &LRELU, None)?);
         }
-        self.convs[4].forward_generic(&feats, &Act::None, Some((x, 0.2)))
+        Ok(self.convs[4].forward_generic(&feats, &Act::None, Some((x, 0.2)))?)
     }
 }
 
@@ -210,7 +210,7 @@ impl RrdbNet {
         let feat = self.conv_body.forward(&h, &Act::None, Some((&feat, 1.0)))?;
         let up = |x: &Tensor, conv: &Conv3x3| -> Result<Tensor> {
             let (_, _, hh, ww) = x.dims4()?;
-            conv.forward(&x.upsample_nearest2d(hh * 2, ww * 2)?, &LRELU, None)
+            Ok(conv.forward(&x.upsample_nearest2d(hh * 2, ww * 2)?, &LRELU, None)?)
         };
         let feat = up(&feat, &self.conv_up1)?;
         // The 4x tail (upsample, conv_up2, conv_hr, conv_last) holds the largest activations:

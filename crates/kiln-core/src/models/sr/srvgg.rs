@@ -8,8 +8,8 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::conv::{Act, Conv3x3};
 use crate::error::Result;
+use kiln_kernels::{Act, Conv3x3};
 
 /// Activation between convolutions (basicsr's `act_type`).
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize, Default)]

@@ -69,17 +69,13 @@ impl ResnetBlock2D {
         let hidden = self.conv1.forward(&self.norm1.forward_silu(input)?)?;
         let temb = self.time_emb_proj.forward(temb_act)?.unsqueeze(2)?.unsqueeze(3)?;
         let hidden = hidden.broadcast_add(&temb)?;
-        let hidden = self.conv2.forward(&self.norm2.forward_silu(&hidden)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(c) => c.forward(input)?,
             None => input.clone(),
         };
-        let out = (shortcut + hidden)?;
-        if self.output_scale_factor == 1.0 {
-            Ok(out)
-        } else {
-            Ok((out / self.output_scale_factor)?)
-        }
+        // (conv2(h) + shortcut) / output_scale_factor in the conv's output pass.
+        let hidden = self.norm2.forward_silu(&hidden)?;
+        Ok(self.conv2.forward_add(&hidden, &shortcut, 1.0 / self.output_scale_factor)?)
     }
 }
 

@@ -102,12 +102,12 @@ impl ResnetBlock2D {
         let h = self.act.after_norm(&self.norm1, xs)?;
         let h = self.conv1.forward(&h)?;
         let h = self.act.after_norm(&self.norm2, &h)?;
-        let h = self.conv2.forward(&h)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
         };
-        Ok((shortcut + h)?)
+        // conv2(h) + shortcut in the conv's output pass.
+        Ok(self.conv2.forward_add(&h, &shortcut, 1.0)?)
     }
 }
 
