@@ -437,3 +437,38 @@ mod tests {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod batch_invariance {
+    use super::*;
+    use candle_core::Device;
+
+    fn rand(shape: &[usize], seed: u64) -> Result<Tensor> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+    }
+
+    /// A batched image must equal the same image made alone, bit for bit (replay of batched
+    /// drafts): each batch item's attention is computed the same way whatever the batch.
+    #[test]
+    fn batched_equals_single_bit_for_bit() -> Result<()> {
+        for &(heads, tq, tk, d) in
+            &[(2, 64, 64, 16), (2, 64, 7, 16), (1, 1024, 1024, 32), (4, 256, 77, 40), (1, 64, 64, 512)]
+        {
+            let q = rand(&[4, heads, tq, d], 1)?;
+            let k = rand(&[4, heads, tk, d], 2)?;
+            let v = rand(&[4, heads, tk, d], 3)?;
+            let all = attention(&q, &k, &v, 0.125, false)?;
+            for i in 0..4 {
+                let one =
+                    attention(&q.narrow(0, i, 1)?, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?, 0.125, false)?;
+                let diff = (one - all.narrow(0, i, 1)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert_eq!(diff, 0.0, "{heads} heads {tq}x{tk} d{d}: item {i}");
+            }
+        }
+        Ok(())
+    }
+}

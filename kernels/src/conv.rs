@@ -450,3 +450,45 @@ mod tests {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod batch_invariance {
+    use super::*;
+    use candle_core::Device;
+
+    fn rand(shape: &[usize], seed: u64) -> Result<Tensor> {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let n: usize = shape.iter().product();
+        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu)
+    }
+
+    /// Both paths (im2col, Winograd with kept or per-call weights) give each batch item the
+    /// bits it gets alone.
+    #[test]
+    fn batched_equals_single_bit_for_bit() -> Result<()> {
+        for &(ci, h, w, co, k, s, p) in &[
+            (4, 8, 8, 32, 3, 1, 1),
+            (32, 16, 16, 32, 3, 1, 1),
+            (32, 32, 32, 32, 3, 1, 1),
+            (32, 64, 64, 3, 3, 1, 1),
+            (16, 96, 90, 8, 3, 1, 1),
+            (32, 32, 32, 32, 3, 2, 0),
+            (32, 32, 32, 32, 1, 1, 0),
+        ] {
+            let x = rand(&[4, ci, h, w], 1)?;
+            let wt = rand(&[co, ci, k, k], 2)?;
+            let bias = rand(&[co], 3)?;
+            let layer =
+                Conv2d::new(wt, Some(bias), Conv2dConfig { padding: p, stride: s, ..Default::default() })?;
+            let all = layer.forward(&x)?;
+            for i in 0..4 {
+                let one = layer.forward(&x.narrow(0, i, 1)?)?;
+                let diff = (one - all.narrow(0, i, 1)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                assert_eq!(diff, 0.0, "{ci} {h}x{w} -> {co} k{k} s{s}: item {i}");
+            }
+        }
+        Ok(())
+    }
+}

@@ -150,46 +150,63 @@ impl CustomOp2 for LinearCpu {
         let accumulate = self.bias.is_some();
         let threads = rayon::current_num_threads().max(1);
         let gelu = self.epilogue == Epilogue::GeluErf;
-        if m >= n || m >= 64 * threads {
+        // Batch invariance: every batch item (the rows of one sequence of a [.., tokens, in]
+        // input; each row of a 2-D input) is split and multiplied the same way whatever else is
+        // in the batch, so a batched image equals the same image made alone, bit for bit (gemm's
+        // blocking, and so its rounding, depends on the shapes it is given).
+        let item_rows = if dims.len() >= 3 { dims[dims.len() - 2].max(1) } else { 1 };
+        let items = m / item_rows;
+        if item_rows >= n || item_rows >= 64 * threads {
             // Split rows: each thread packs the whole weight, which stays in cache for small n.
-            let rows = m.div_ceil(threads * 2).max(1);
-            dst.par_chunks_mut(rows * n).zip(x.par_chunks(rows * k)).for_each(|(d, xr)| {
-                let mr = xr.len() / k;
+            let rows = item_rows.div_ceil(threads * 2).max(1);
+            let chunks_per_item = item_rows.div_ceil(rows);
+            let dst_addr = dst.as_mut_ptr() as usize;
+            (0..items * chunks_per_item).into_par_iter().for_each(|c| {
+                let (item, chunk) = (c / chunks_per_item, c % chunks_per_item);
+                let r0 = item * item_rows + chunk * rows;
+                let mr = rows.min(item_rows - chunk * rows);
+                let d = dst_addr as *mut f32;
                 #[allow(unsafe_code)]
-                // SAFETY: d is [mr, n], xr is [mr, k], w is [n, k], all row-major; d is ours.
+                // SAFETY: rows r0..r0+mr of the [m, n] dst belong to this task alone; x's rows
+                // r0..r0+mr of [m, k] and w [n, k] are in bounds.
                 unsafe {
-                    gemm_rows_rhs_t(mr, n, k, d.as_mut_ptr(), n, accumulate, xr.as_ptr(), k, w.as_ptr())
-                };
-                if gelu {
-                    fastmath::gelu_erf_inplace(d);
+                    let d = d.add(r0 * n);
+                    gemm_rows_rhs_t(mr, n, k, d, n, accumulate, x.as_ptr().add(r0 * k), k, w.as_ptr());
+                    if gelu {
+                        fastmath::gelu_erf_inplace(std::slice::from_raw_parts_mut(d, mr * n));
+                    }
                 }
             });
         } else {
             // Few rows (text encoders): split columns so each thread streams its own weight slice.
             let cols = n.div_ceil(threads).div_ceil(16) * 16;
+            let col_chunks = n.div_ceil(cols);
             let dst_addr = dst.as_mut_ptr() as usize;
-            (0..n.div_ceil(cols)).into_par_iter().for_each(|c| {
-                let j0 = c * cols;
+            (0..items * col_chunks).into_par_iter().for_each(|c| {
+                let (item, chunk) = (c / col_chunks, c % col_chunks);
+                let (r0, j0) = (item * item_rows, chunk * cols);
                 let nc = cols.min(n - j0);
                 let d = dst_addr as *mut f32;
                 #[allow(unsafe_code)]
-                // SAFETY: columns j0..j0+nc of the [m, n] dst belong to this task alone; w's
-                // rows j0..j0+nc of [n, k] and x [m, k] are in bounds.
+                // SAFETY: rows r0..r0+item_rows, columns j0..j0+nc of the [m, n] dst belong to
+                // this task alone; w's rows j0..j0+nc of [n, k] and x's rows of [m, k] are in
+                // bounds.
                 unsafe {
+                    let d = d.add(r0 * n + j0);
                     gemm_rows_rhs_t(
-                        m,
+                        item_rows,
                         nc,
                         k,
-                        d.add(j0),
+                        d,
                         n,
                         accumulate,
-                        x.as_ptr(),
+                        x.as_ptr().add(r0 * k),
                         k,
                         w.as_ptr().add(j0 * k),
                     );
                     if gelu {
-                        for i in 0..m {
-                            let row = std::slice::from_raw_parts_mut(d.add(i * n + j0), nc);
+                        for i in 0..item_rows {
+                            let row = std::slice::from_raw_parts_mut(d.add(i * n), nc);
                             fastmath::gelu_erf_inplace(row);
                         }
                     }
@@ -407,6 +424,34 @@ mod tests {
             let separate = candle_nn::Linear::new(w.clone(), b.clone()).forward(&x)?;
             let d = max_diff(&fused.narrow(2, i * 8, 8)?, &separate)?;
             assert!(d < 1e-5, "part {i}: diff {d}");
+        }
+        Ok(())
+    }
+
+    /// A batched image must equal the same image made alone, bit for bit: each batch item (a
+    /// sequence of a 3-D input, a row of a 2-D one) is multiplied the same way whatever the batch.
+    #[test]
+    fn batched_equals_single_bit_for_bit() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(m, k, n) in &[(16, 32, 32), (64, 32, 64), (77, 1024, 1024), (256, 320, 1280), (3, 40, 1000)] {
+            let x = Tensor::randn(0f32, 1.0, (4, m, k), &dev)?;
+            let lin = Linear::new(
+                Tensor::randn(0f32, 0.3, (n, k), &dev)?,
+                Some(Tensor::randn(0f32, 0.3, n, &dev)?),
+            )?;
+            for epilogue in [Epilogue::None, Epilogue::GeluErf] {
+                let all = lin.forward_with(&x, epilogue)?;
+                for i in 0..4 {
+                    let one = lin.forward_with(&x.narrow(0, i, 1)?, epilogue)?;
+                    assert_eq!(max_diff(&one, &all.narrow(0, i, 1)?)?, 0.0, "{m}x{k}->{n}: item {i}");
+                }
+            }
+            // 2-D input: each row is an item.
+            let rows = x.narrow(1, 0, 1)?.squeeze(1)?;
+            let all = lin.forward(&rows)?;
+            for i in 0..4 {
+                assert_eq!(max_diff(&lin.forward(&rows.narrow(0, i, 1)?)?, &all.narrow(0, i, 1)?)?, 0.0);
+            }
         }
         Ok(())
     }
