@@ -363,14 +363,9 @@ pub fn conv2d(cin: usize, cout: usize, kernel: usize, cfg: Conv2dConfig, vb: Var
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     fn rand(shape: &[usize], seed: u64) -> Result<Tensor> {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)
+        crate::test_util::rand(shape, seed, 1.0)
     }
 
     #[test]
@@ -454,14 +449,9 @@ mod tests {
 #[cfg(test)]
 mod batch_invariance {
     use super::*;
-    use candle_core::Device;
 
     fn rand(shape: &[usize], seed: u64) -> Result<Tensor> {
-        use rand::{Rng, SeedableRng};
-        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| rng.random_range(-1.0..1.0)).collect();
-        Tensor::from_vec(v, shape, &Device::Cpu)
+        crate::test_util::rand(shape, seed, 1.0)
     }
 
     /// Both paths (im2col, Winograd with kept or per-call weights) give each batch item the

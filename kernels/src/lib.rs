@@ -27,6 +27,9 @@ pub mod linear;
 pub mod norm;
 pub mod winograd;
 
+#[cfg(test)]
+mod test_util;
+
 pub use attention::{attention, attention_bnc, attention_reference};
 pub use blend::{blend_tile, blend_tile_slice, BlendRegion};
 pub use conv::{conv2d, Conv2d};

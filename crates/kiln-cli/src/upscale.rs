@@ -3,10 +3,11 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::args::RunArgs;
 use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_core::device::{self, DeviceRequest};
+use kiln_core::device;
 use kiln_core::loaders::store::Store;
 use kiln_core::pipeline::upscale::{Target, UpscaleOptions, Upscaler};
 
@@ -42,18 +43,8 @@ pub struct UpscaleArgs {
     /// Output file (one input) or folder (several); default: `<stem>_upscaled.png` beside the input.
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// auto, cpu, cuda, cuda:N or metal.
-    #[arg(long, default_value = "auto")]
-    pub device: String,
-    /// f32, f16 or bf16 (default: f16 on GPUs, f32 on CPU).
-    #[arg(long)]
-    pub dtype: Option<String>,
-    /// Print one JSON object on stdout (and no progress bar).
-    #[arg(long)]
-    pub json: bool,
-    /// No progress bar.
-    #[arg(short, long)]
-    pub quiet: bool,
+    #[command(flatten)]
+    pub run: RunArgs,
 }
 
 const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
@@ -115,11 +106,8 @@ pub fn run(args: UpscaleArgs) -> anyhow::Result<()> {
             bail!("--out {} is a file, but there are {} inputs: give a folder", out.display(), inputs.len());
         }
     }
-    let dev = device::open(args.device.parse::<DeviceRequest>()?)?;
-    let dtype = match &args.dtype {
-        Some(d) => device::parse_dtype(d)?,
-        None => device::default_dtype(&dev),
-    };
+    let dev = args.run.device()?;
+    let dtype = args.run.explicit_dtype()?.unwrap_or_else(|| device::default_dtype(&dev));
     let weights = Store::open_default()?.resolve(&args.model)?;
     let upscaler = Upscaler::new(weights, &dev, dtype).context("building the model")?;
     let opts = UpscaleOptions {
@@ -131,7 +119,7 @@ pub fn run(args: UpscaleArgs) -> anyhow::Result<()> {
         border: args.border,
         ..Default::default()
     };
-    let show = !(args.json || args.quiet);
+    let show = args.run.show();
     let mut reports = Vec::new();
     let mut failures = Vec::new();
     for input in &inputs {
@@ -150,7 +138,7 @@ pub fn run(args: UpscaleArgs) -> anyhow::Result<()> {
         match upscaler.upscale_file(input, &output, &opts, &mut progress) {
             Ok(r) => {
                 bar.finish_and_clear();
-                if !args.json {
+                if !args.run.json {
                     eprintln!(
                         "{} -> {} ({}x{} -> {}x{}, {:.1}s)",
                         input.display(),
@@ -166,14 +154,14 @@ pub fn run(args: UpscaleArgs) -> anyhow::Result<()> {
             }
             Err(e) => {
                 bar.abandon();
-                if !args.json {
+                if !args.run.json {
                     eprintln!("error: {}: {e}", input.display());
                 }
                 failures.push(serde_json::json!({ "input": input, "error": e.to_string() }));
             }
         }
     }
-    if args.json {
+    if args.run.json {
         let obj = serde_json::json!({
             "outputs": reports,
             "errors": failures,

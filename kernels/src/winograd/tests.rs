@@ -1,13 +1,6 @@
 use super::*;
-use candle_core::Device;
 
-fn rand(shape: &[usize], seed: u64, range: f32) -> Result<Tensor> {
-    use rand::{Rng, SeedableRng};
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let n: usize = shape.iter().product();
-    let v: Vec<f32> = (0..n).map(|_| rng.random_range(-range..range)).collect();
-    Tensor::from_vec(v, shape, &Device::Cpu)
-}
+use crate::test_util::rand;
 
 /// Max |a - b| relative to max |b|.
 fn rel_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
