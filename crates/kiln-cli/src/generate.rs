@@ -13,7 +13,7 @@ use kiln_core::pipeline::generate::{generate, Progress};
 use kiln_core::pipeline::metadata::{png_chunks, FileRef, ImageRecord};
 use kiln_core::tiers::load::{tier_request, Overrides};
 use kiln_core::tiers::Tier;
-use kiln_core::workflow::{job_and_assets, WrittenImage};
+use kiln_core::workflow::{record_tier_job, WrittenImage};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -176,19 +176,23 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let recorded = match &choice.tier {
         Some(TierJob { project, tier }) => {
             let mut library = project.library()?;
-            let parent = match &init_image_ref {
-                Some(f) => library.asset_by_sha256(&f.sha256)?.map(|a| a.id),
-                None => None,
-            };
-            let (job, assets) =
-                job_and_assets("generate", &tier.name, Some(tier), &model, timings.clone(), &written, parent);
-            let (job_id, ids) = library.record_job(&job, &assets)?;
+            let kind = tier.name.as_str();
+            let r = record_tier_job(
+                &mut library,
+                "generate",
+                kind,
+                tier,
+                &model,
+                timings.clone(),
+                &written,
+                init_image_ref.as_ref(),
+            )?;
             if !args.run.json {
-                eprintln!("recorded job {job_id}, assets {ids:?}");
+                eprintln!("recorded job {}, assets {:?}", r.job_id, r.asset_ids);
             }
-            Some(serde_json::json!({ "job_id": job_id, "asset_ids": ids, "parent_asset_id": parent }))
+            Some(r)
         }
-        _ => None,
+        None => None,
     };
     if args.run.json {
         let t = &output.timings;

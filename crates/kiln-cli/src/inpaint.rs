@@ -8,16 +8,15 @@ use clap::Args;
 use kiln_core::device;
 use kiln_core::image::mask::Mask;
 use kiln_core::image::png_meta::write_png_atomic;
-use kiln_core::library::assets::{JobTimings, NewAsset, NewJob};
+use kiln_core::library::assets::JobTimings;
 use kiln_core::library::Project;
-use kiln_core::pipeline::inpaint::{
-    check_inputs, inpaint, Blend, InpaintOutput, InpaintRequest, InpaintedImage, Region,
-};
+use kiln_core::pipeline::inpaint::{check_inputs, inpaint, Blend, InpaintOutput, InpaintRequest, Region};
 use kiln_core::pipeline::metadata::{model_record, png_chunks, FileRef, ImageRecord, InpaintRecord};
 use kiln_core::pipeline::model::LoadedModel;
 use kiln_core::pipeline::outpaint::{extend_canvas, Extension, Prefill, DEFAULT_OVERLAP};
 use kiln_core::tiers::load::{tier_request, Overrides};
 use kiln_core::tiers::Tier;
+use kiln_core::workflow::{record_tier_job, WrittenImage};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -384,17 +383,21 @@ fn write_outputs(
         if !args.run.json {
             eprintln!("wrote {} (seed {})", path.display(), image.seed);
         }
-        written.push((path, image, record));
+        // Absolute the way the project root is, so the library stores it relative to the root.
+        let path = std::path::absolute(&path).unwrap_or(path);
+        written.push(WrittenImage { path, seed: image.seed, rgb: image.image.clone(), record });
     }
     let recorded = match tier {
         Some((project, tier)) => {
-            Some(record_in_library(project, tier, model, job.mode, &image_ref, &written, timings.clone())?)
+            let mut library = project.library()?;
+            let (kind, input) = (job.mode, Some(&image_ref));
+            Some(record_tier_job(&mut library, kind, kind, tier, model, timings.clone(), &written, input)?)
         }
         None => None,
     };
-    if let (Some((job_id, ids, parent)), false) = (&recorded, args.run.json) {
-        let parent = parent.map(|p| format!(", child of asset {p}")).unwrap_or_default();
-        eprintln!("recorded job {job_id}, assets {ids:?}{parent}");
+    if let (Some(r), false) = (&recorded, args.run.json) {
+        let parent = r.parent_asset_id.map(|p| format!(", child of asset {p}")).unwrap_or_default();
+        eprintln!("recorded job {}, assets {:?}{parent}", r.job_id, r.asset_ids);
     }
     if args.run.json {
         let t = &output.timings;
@@ -422,60 +425,12 @@ fn write_outputs(
             "dtype": device::dtype_name(model.dtype),
             "tier": tier.map(|(_, t)| t.name.clone()),
             "credits": credits,
-            "library": recorded.map(|(job_id, ids, parent)| serde_json::json!({
-                "job_id": job_id, "asset_ids": ids, "parent_asset_id": parent,
-            })),
+            "library": recorded,
             "warnings": output.warnings,
         });
         println!("{report}");
     }
     Ok(())
-}
-
-/// Records a tier job and its outputs in the project's library; the parent is the asset whose
-/// file is the input image (when the input is one). Returns (job id, asset ids, parent id).
-fn record_in_library(
-    project: &Project,
-    tier: &Tier,
-    model: &LoadedModel,
-    mode: &str,
-    input: &FileRef,
-    written: &[(PathBuf, &InpaintedImage, ImageRecord)],
-    timings: JobTimings,
-) -> anyhow::Result<(i64, Vec<i64>, Option<i64>)> {
-    let mut library = project.library()?;
-    let parent = library.asset_by_sha256(&input.sha256)?.map(|a| a.id);
-    let credits = tier.price.cost(written.len(), timings.device_seconds());
-    let job = NewJob {
-        kind: mode.to_string(),
-        tier: Some(tier.name.clone()),
-        device: device::name(&model.device),
-        dtype: device::dtype_name(model.dtype).to_string(),
-        model_id: model_record(&model.source, Vec::new()).id,
-        images: written.len(),
-        timings,
-        credits,
-    };
-    let per_image = credits / written.len().max(1) as f64;
-    let assets: Vec<NewAsset> = written
-        .iter()
-        .map(|(path, image, record)| NewAsset {
-            kind: mode.to_string(),
-            tier: Some(tier.name.clone()),
-            // Absolute the way the project root is, so the library stores it relative to the root.
-            path: std::path::absolute(path).unwrap_or_else(|_| path.clone()),
-            parent_id: parent,
-            width: image.image.width(),
-            height: image.image.height(),
-            seed: Some(image.seed),
-            prompt: Some(record.prompt.clone()),
-            record: Some(record.clone()),
-            model_hashes: model.weights.clone(),
-            credits: per_image,
-        })
-        .collect();
-    let (job_id, ids) = library.record_job(&job, &assets)?;
-    Ok((job_id, ids, parent))
 }
 
 fn output_path(out: Option<&Path>, mode: &str, seed: u64, index: usize, count: usize) -> PathBuf {

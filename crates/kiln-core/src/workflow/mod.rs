@@ -148,7 +148,7 @@ pub(crate) fn write_images(
 }
 
 /// The job row and per-image asset rows for written images.
-pub fn job_and_assets(
+pub(crate) fn job_and_assets(
     kind: &str,
     asset_kind: &str,
     tier: Option<&Tier>,
@@ -186,6 +186,37 @@ pub fn job_and_assets(
         })
         .collect();
     (job, assets)
+}
+
+/// What [`record_tier_job`] stored: the job id, the asset ids, and the parent asset (if any).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RecordedJob {
+    pub job_id: i64,
+    pub asset_ids: Vec<i64>,
+    pub parent_asset_id: Option<i64>,
+}
+
+/// Records a finished tier job run outside a [`Workspace`] (`generate --tier`, `inpaint --tier`)
+/// and its written images; the parent is the library asset whose file is `input`, when it is one.
+#[allow(clippy::too_many_arguments)]
+pub fn record_tier_job(
+    library: &mut Library,
+    kind: &str,
+    asset_kind: &str,
+    tier: &Tier,
+    model: &LoadedModel,
+    timings: JobTimings,
+    written: &[WrittenImage],
+    input: Option<&crate::pipeline::metadata::FileRef>,
+) -> Result<RecordedJob> {
+    let parent_asset_id = match input {
+        Some(f) => library.asset_by_sha256(&f.sha256)?.map(|a| a.id),
+        None => None,
+    };
+    let (job, assets) =
+        job_and_assets(kind, asset_kind, Some(tier), model, timings, written, parent_asset_id);
+    let (job_id, asset_ids) = library.record_job(&job, &assets)?;
+    Ok(RecordedJob { job_id, asset_ids, parent_asset_id })
 }
 
 /// Where a job's input image comes from.
