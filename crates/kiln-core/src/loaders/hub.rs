@@ -66,53 +66,73 @@ pub fn cache_dir() -> Option<PathBuf> {
     std::env::var_os(env::HOME).map(|h| PathBuf::from(h).join(".cache").join("huggingface").join("hub"))
 }
 
-/// Resolves `--model`: an existing folder, or a hub id (cache first, then download).
-pub fn resolve(spec: &str, revision: Option<&str>, prefer_fp16: bool, progress: bool) -> Result<ModelSource> {
-    let path = Path::new(spec);
-    if path.is_dir() {
-        return Ok(ModelSource::Folder(path.to_path_buf()));
-    }
-    if !is_hub_id(spec) || path.exists() {
-        return Err(Error::not_found(
-            "model folder",
-            path,
-            "pass a diffusers folder (with model_index.json) or a hub id such as stabilityai/sd-turbo",
-        ));
-    }
-    let revision = revision.unwrap_or("main").to_string();
-    let repo = Repo::with_revision(spec.to_string(), RepoType::Model, revision.clone());
-    let cache_root = cache_dir().ok_or_else(|| Error::Hub {
-        repo: spec.into(),
-        msg: "no hub cache folder (set HF_HOME or HOME)".into(),
-    })?;
-    let cache = Cache::new(cache_root.clone());
-
-    if let Some(snapshot) = cached_snapshot(&cache, &repo, prefer_fp16) {
-        return Ok(ModelSource::Hub { repo: spec.into(), revision, snapshot });
-    }
-    let local_hint = format!(
-        "download it where the hub is reachable (`huggingface-cli download {spec}`) into {}, or pass a local folder with --model DIR",
-        cache_root.display()
-    );
-    if env::flag(env::HF_HUB_OFFLINE) {
-        return Err(Error::Hub {
-            repo: spec.into(),
-            msg: format!("not in the local hub cache and HF_HUB_OFFLINE is set; {local_hint}"),
-        });
-    }
-    if !hub_reachable() {
-        return Err(Error::Hub {
-            repo: spec.into(),
-            msg: format!("not in the local hub cache and huggingface.co is unreachable; {local_hint}"),
-        });
-    }
-    let snapshot = download(spec, &repo, cache, prefer_fp16, progress)?;
-    Ok(ModelSource::Hub { repo: spec.into(), revision, snapshot })
+/// What a hub repo is expected to hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// A diffusers pipeline (model_index.json + component folders).
+    Pipeline,
+    /// A bare VAE (config.json + diffusion_pytorch_model[.fp16].safetensors at its root, as
+    /// madebyollin/sdxl-vae-fp16-fix).
+    BareVae,
 }
 
-/// Resolves a VAE override: an existing folder, or a hub repo holding a bare VAE (config.json +
-/// diffusion_pytorch_model[.fp16].safetensors at its root, as madebyollin/sdxl-vae-fp16-fix).
+impl Layout {
+    /// What the user named, for errors.
+    fn what(self) -> &'static str {
+        match self {
+            Layout::Pipeline => "model",
+            Layout::BareVae => "VAE",
+        }
+    }
+
+    /// How to pass one instead.
+    fn folder_hint(self) -> &'static str {
+        match self {
+            Layout::Pipeline => {
+                "pass a diffusers folder (with model_index.json) or a hub id such as stabilityai/sd-turbo"
+            }
+            Layout::BareVae => "pass a VAE folder (config.json + safetensors) or a hub id",
+        }
+    }
+
+    /// Where a local folder goes instead.
+    fn local_flag(self) -> &'static str {
+        match self {
+            Layout::Pipeline => "--model DIR",
+            Layout::BareVae => "a tier's `vae = \"DIR\"`",
+        }
+    }
+
+    /// The snapshot folder when the cache holds everything this layout needs.
+    fn cached(self, cache: &Cache, repo: &Repo, prefer_fp16: bool) -> Option<PathBuf> {
+        match self {
+            Layout::Pipeline => cached_snapshot(cache, repo, prefer_fp16),
+            Layout::BareVae => {
+                let config = cache.repo(repo.clone()).get("config.json")?;
+                let snapshot = config.parent()?.to_path_buf();
+                weight_files_in(&snapshot, prefer_fp16).is_ok().then_some(snapshot)
+            }
+        }
+    }
+}
+
+/// Resolves `--model`: an existing folder, or a hub id (cache first, then download).
+pub fn resolve(spec: &str, revision: Option<&str>, prefer_fp16: bool, progress: bool) -> Result<ModelSource> {
+    resolve_as(Layout::Pipeline, spec, revision, prefer_fp16, progress)
+}
+
+/// Resolves a VAE override: an existing folder, or a hub repo holding a bare VAE.
 pub fn resolve_vae(
+    spec: &str,
+    revision: Option<&str>,
+    prefer_fp16: bool,
+    progress: bool,
+) -> Result<ModelSource> {
+    resolve_as(Layout::BareVae, spec, revision, prefer_fp16, progress)
+}
+
+fn resolve_as(
+    layout: Layout,
     spec: &str,
     revision: Option<&str>,
     prefer_fp16: bool,
@@ -123,11 +143,7 @@ pub fn resolve_vae(
         return Ok(ModelSource::Folder(path.to_path_buf()));
     }
     if !is_hub_id(spec) || path.exists() {
-        return Err(Error::not_found(
-            "VAE folder",
-            path,
-            "pass a VAE folder (config.json + safetensors) or a hub id",
-        ));
+        return Err(Error::not_found(format!("{} folder", layout.what()), path, layout.folder_hint()));
     }
     let revision = revision.unwrap_or("main").to_string();
     let repo = Repo::with_revision(spec.to_string(), RepoType::Model, revision.clone());
@@ -136,18 +152,25 @@ pub fn resolve_vae(
         msg: "no hub cache folder (set HF_HOME or HOME)".into(),
     })?;
     let cache = Cache::new(cache_root.clone());
-    let cached = cache.repo(repo.clone()).get("config.json").and_then(|c| c.parent().map(Path::to_path_buf));
-    if let Some(snapshot) = cached.filter(|d| weight_files_in(d, prefer_fp16).is_ok()) {
+    if let Some(snapshot) = layout.cached(&cache, &repo, prefer_fp16) {
         return Ok(ModelSource::Hub { repo: spec.into(), revision, snapshot });
     }
-    let hint = format!(
-        "download it where the hub is reachable (`huggingface-cli download {spec}`) into {}",
-        cache_root.display()
+    let local_hint = format!(
+        "download it where the hub is reachable (`huggingface-cli download {spec}`) into {}, or pass a local folder with {}",
+        cache_root.display(),
+        layout.local_flag()
     );
-    if env::flag(env::HF_HUB_OFFLINE) || !hub_reachable() {
+    let what = layout.what();
+    if env::flag(env::HF_HUB_OFFLINE) {
         return Err(Error::Hub {
             repo: spec.into(),
-            msg: format!("VAE not in the local hub cache and the hub is offline or unreachable; {hint}"),
+            msg: format!("{what} not in the local hub cache and HF_HUB_OFFLINE is set; {local_hint}"),
+        });
+    }
+    if !hub_reachable() {
+        return Err(Error::Hub {
+            repo: spec.into(),
+            msg: format!("{what} not in the local hub cache and huggingface.co is unreachable; {local_hint}"),
         });
     }
     let hub_err = |msg: String| Error::Hub { repo: spec.into(), msg };
@@ -158,18 +181,42 @@ pub fn resolve_vae(
         .map_err(|e| hub_err(e.to_string()))?;
     let api_repo = api.repo(repo);
     let info = api_repo.info().map_err(|e| hub_err(format!("cannot list files: {e}")))?;
-    let names: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+    let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
+    let (wanted, anchor) = match layout {
+        Layout::Pipeline => (select_files(&files, prefer_fp16), "model_index.json"),
+        Layout::BareVae => (select_vae_files(&files, prefer_fp16), "config.json"),
+    };
+    if !wanted.iter().any(|f| f == anchor) {
+        return Err(hub_err(match layout {
+            Layout::Pipeline => "no model_index.json: not a diffusers pipeline repo".into(),
+            Layout::BareVae => {
+                "no config.json and diffusion_pytorch_model safetensors at the repo root".into()
+            }
+        }));
+    }
+    let mut snapshot = None;
+    for file in &wanted {
+        let local = api_repo.get(file).map_err(|e| hub_err(format!("downloading {file}: {e}")))?;
+        if file == anchor {
+            snapshot = local.parent().map(Path::to_path_buf);
+        }
+    }
+    let snapshot = snapshot.ok_or_else(|| hub_err("download produced no snapshot folder".into()))?;
+    Ok(ModelSource::Hub { repo: spec.into(), revision, snapshot })
+}
+
+/// The files of a bare-VAE repo: config.json and one weight variant at the root (fp16 when
+/// preferred and present); empty when either is missing.
+fn select_vae_files(files: &[String], prefer_fp16: bool) -> Vec<String> {
     let variants = if prefer_fp16 { [".fp16", ""] } else { ["", ".fp16"] };
     let weights = variants
         .iter()
         .map(|v| format!("diffusion_pytorch_model{v}.safetensors"))
-        .find(|n| names.contains(n))
-        .ok_or_else(|| hub_err("no diffusion_pytorch_model safetensors at the repo root".into()))?;
-    let config = api_repo.get("config.json").map_err(|e| hub_err(format!("downloading config.json: {e}")))?;
-    api_repo.get(&weights).map_err(|e| hub_err(format!("downloading {weights}: {e}")))?;
-    let snapshot =
-        config.parent().map(Path::to_path_buf).ok_or_else(|| hub_err("no snapshot folder".into()))?;
-    Ok(ModelSource::Hub { repo: spec.into(), revision, snapshot })
+        .find(|n| files.contains(n));
+    match weights {
+        Some(w) if files.iter().any(|f| f == "config.json") => vec!["config.json".to_string(), w],
+        _ => Vec::new(),
+    }
 }
 
 /// The cached snapshot folder when it holds a complete pipeline.
@@ -200,32 +247,6 @@ fn hub_reachable() -> bool {
         let _ = tx.send(ok);
     });
     rx.recv_timeout(CONNECT_TIMEOUT + Duration::from_secs(5)).unwrap_or(false)
-}
-
-/// Downloads the files a pipeline needs (configs, tokenizers, one weight variant per component).
-fn download(spec: &str, repo: &Repo, cache: Cache, prefer_fp16: bool, progress: bool) -> Result<PathBuf> {
-    let hub_err = |msg: String| Error::Hub { repo: spec.into(), msg };
-    let token = std::env::var(env::HF_TOKEN).ok();
-    let api = ApiBuilder::from_cache(cache)
-        .with_progress(progress)
-        .with_token(token)
-        .build()
-        .map_err(|e| hub_err(e.to_string()))?;
-    let api_repo = api.repo(repo.clone());
-    let info = api_repo.info().map_err(|e| hub_err(format!("cannot list files: {e}")))?;
-    let files: Vec<String> = info.siblings.into_iter().map(|s| s.rfilename).collect();
-    let wanted = select_files(&files, prefer_fp16);
-    if !wanted.iter().any(|f| f == "model_index.json") {
-        return Err(hub_err("no model_index.json: not a diffusers pipeline repo".into()));
-    }
-    let mut snapshot = None;
-    for file in &wanted {
-        let local = api_repo.get(file).map_err(|e| hub_err(format!("downloading {file}: {e}")))?;
-        if file == "model_index.json" {
-            snapshot = local.parent().map(Path::to_path_buf);
-        }
-    }
-    snapshot.ok_or_else(|| hub_err("download produced no snapshot folder".into()))
 }
 
 /// Picks the files of a pipeline repo kiln needs: model_index.json, component configs and
