@@ -14,8 +14,11 @@
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use crate::cpu::gemm_f32;
 use crate::fastmath;
-use crate::linear::gemm_rows;
+
+/// Block products run inside the op's own rayon split.
+const NO_PAR: gemm::Parallelism = gemm::Parallelism::None;
 
 /// Most queries per task: each task streams all of its head's keys and values once, so larger
 /// blocks re-read them less often (VAE heads are 512 wide); [`q_block`] shrinks it to keep
@@ -178,7 +181,18 @@ impl AttentionCpu {
             // SAFETY: s is [rows, kb]; qbuf is [rows, d]; the kᵀ block reads
             // kt[kt_base + p*n_k + j0 + j] for p < d, j < kb, inside this head's [d, n_k] slab.
             unsafe {
-                gemm_rows(rows, kb, d, s.as_mut_ptr(), kb, false, qbuf.as_ptr(), d, kt_block.as_ptr(), n_k)
+                gemm_f32(
+                    (rows, kb, d),
+                    s.as_mut_ptr(),
+                    kb,
+                    false,
+                    qbuf.as_ptr(),
+                    d,
+                    kt_block.as_ptr(),
+                    (n_k, 1),
+                    1.0,
+                    NO_PAR,
+                )
             };
             for r in 0..rows {
                 let row = &mut s[r * kb..(r + 1) * kb];
@@ -201,7 +215,18 @@ impl AttentionCpu {
             // SAFETY: acc is [rows, dv]; s is [rows, kb]; the v block reads v[j*sn + p] for
             // j < kb, p < dv, in bounds by the extent check in cpu_fwd.
             unsafe {
-                gemm_rows(rows, dv, kb, acc.as_mut_ptr(), dv, true, s.as_ptr(), kb, v_block.as_ptr(), vv.sn)
+                gemm_f32(
+                    (rows, dv, kb),
+                    acc.as_mut_ptr(),
+                    dv,
+                    true,
+                    s.as_ptr(),
+                    kb,
+                    v_block.as_ptr(),
+                    (vv.sn, 1),
+                    1.0,
+                    NO_PAR,
+                )
             };
             j0 += kb;
         }

@@ -5,6 +5,7 @@ use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 use std::sync::{Arc, OnceLock};
 
+use crate::cpu::{f32_values, gemm_f32};
 use crate::winograd::{winograd_forward, Act, WinoInput, WinogradWeights};
 
 /// Upper bound on the column matrix built per band (floats): large enough for an efficient
@@ -30,15 +31,11 @@ impl CustomOp2 for Conv2dCpu {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (xs, ws) else {
-            candle_core::bail!("kiln-conv2d: only f32 is supported on CPU");
-        };
-        let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets()) else {
-            candle_core::bail!("kiln-conv2d: inputs must be contiguous");
-        };
+        let x = f32_values("kiln-conv2d", "input", xs, xl)?;
+        let w = f32_values("kiln-conv2d", "weight", ws, wl)?;
         let geometry = Geometry::new(xl.shape().dims4()?, wl.shape().dims4()?, self.stride, self.padding)?;
         let mut out = vec![0f32; geometry.out_len()];
-        im2col_gemm(&x[x0..x1], &w[w0..w1], &geometry, &mut out, false, 1.0);
+        im2col_gemm(x, w, &geometry, &mut out, false, 1.0);
         Ok((CpuStorage::F32(out), Shape::from_dims(&geometry.out_dims())))
     }
 }
@@ -128,25 +125,16 @@ fn im2col_gemm(x: &[f32], w: &[f32], g: &Geometry, out: &mut [f32], accumulate: 
             // col is [k, n] row-major, and dst row i spans i*oh*ow .. i*oh*ow + n within ob
             // because y0 + rows <= oh.
             unsafe {
-                gemm::gemm(
-                    o,
-                    n,
-                    k,
+                gemm_f32(
+                    (o, n, k),
                     dst.as_mut_ptr(),
-                    1,
-                    (oh * ow) as isize,
+                    oh * ow,
                     accumulate,
                     w.as_ptr(),
-                    1,
-                    k as isize,
+                    k,
                     col.as_ptr(),
-                    1,
-                    n as isize,
-                    1.0,
+                    (n, 1),
                     beta,
-                    false,
-                    false,
-                    false,
                     parallelism,
                 );
             }

@@ -22,6 +22,7 @@
 pub mod attention;
 pub mod blend;
 pub mod conv;
+mod cpu;
 pub mod fastmath;
 pub mod linear;
 pub mod norm;

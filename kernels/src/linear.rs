@@ -12,6 +12,7 @@ use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, T
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use crate::cpu::{f32_values, gemm_f32};
 use crate::fastmath;
 
 /// What is applied to the linear output before it is returned.
@@ -30,50 +31,7 @@ struct LinearCpu {
     epilogue: Epilogue,
 }
 
-/// `dst[m, n] (+)= lhs[m, k] @ rhs[k, n]` for row-major operands with row strides `lhs_rs`,
-/// `rhs_rs` and `dst_rs`, single-threaded (callers split the work).
-///
-/// # Safety
-/// Every `lhs[i * lhs_rs + p]`, `rhs[p * rhs_rs + j]`, `dst[i * dst_rs + j]` with `i < m`,
-/// `p < k`, `j < n` must be in bounds, and no other thread may touch those `dst` elements.
-#[allow(unsafe_code, clippy::too_many_arguments)]
-pub(crate) unsafe fn gemm_rows(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    accumulate: bool,
-    lhs: *const f32,
-    lhs_rs: usize,
-    rhs: *const f32,
-    rhs_rs: usize,
-) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        lhs,
-        1,
-        lhs_rs as isize,
-        rhs,
-        1,
-        rhs_rs as isize,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
-}
-
-/// `dst[m, n] (+)= lhs[m, k] @ rhs[n, k]ᵀ`, all row-major and contiguous along k, dst rows
-/// `dst_rs` apart, single-threaded.
+/// `dst[m, n] (+)= lhs[m, k] @ rhs[n, k]ᵀ`, single-threaded (callers split the work).
 ///
 /// # Safety
 /// `lhs[i * lhs_rs + p]`, `rhs[j * k + p]`, `dst[i * dst_rs + j]` for `i < m`, `p < k`, `j < n`
@@ -90,27 +48,7 @@ unsafe fn gemm_rows_rhs_t(
     lhs_rs: usize,
     rhs: *const f32,
 ) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst,
-        1,
-        dst_rs as isize,
-        accumulate,
-        lhs,
-        1,
-        lhs_rs as isize,
-        rhs,
-        k as isize,
-        1,
-        1.0,
-        1.0,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    )
+    gemm_f32((m, n, k), dst, dst_rs, accumulate, lhs, lhs_rs, rhs, (1, k), 1.0, gemm::Parallelism::None)
 }
 
 impl CustomOp2 for LinearCpu {
@@ -125,13 +63,8 @@ impl CustomOp2 for LinearCpu {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (xs, ws) else {
-            candle_core::bail!("kiln-linear: only f32 is supported on CPU");
-        };
-        let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets()) else {
-            candle_core::bail!("kiln-linear: inputs must be contiguous");
-        };
-        let (x, w) = (&x[x0..x1], &w[w0..w1]);
+        let x = f32_values("kiln-linear", "input", xs, xl)?;
+        let w = f32_values("kiln-linear", "weight", ws, wl)?;
         let (n, k) = wl.shape().dims2()?;
         let dims = xl.shape().dims();
         if dims.last() != Some(&k) {

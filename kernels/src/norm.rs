@@ -1,5 +1,6 @@
 //! GroupNorm (+ optional SiLU) in one pass per group on CPU; candle's composed ops elsewhere.
 
+use crate::cpu::f32_values;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
@@ -25,15 +26,9 @@ impl CustomOp3 for GroupNormCpu {
         bs: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) = (xs, ws, bs) else {
-            candle_core::bail!("kiln-group-norm: only f32 is supported on CPU");
-        };
-        let (Some((x0, x1)), Some((w0, w1)), Some((b0, b1))) =
-            (xl.contiguous_offsets(), wl.contiguous_offsets(), bl.contiguous_offsets())
-        else {
-            candle_core::bail!("kiln-group-norm: inputs must be contiguous");
-        };
-        let (x, w, b) = (&x[x0..x1], &w[w0..w1], &b[b0..b1]);
+        let x = f32_values("kiln-group-norm", "input", xs, xl)?;
+        let w = f32_values("kiln-group-norm", "weight", ws, wl)?;
+        let b = f32_values("kiln-group-norm", "bias", bs, bl)?;
         let dims = xl.shape().dims();
         if dims.len() < 2 {
             candle_core::bail!("kiln-group-norm: expected [B, C, ...], got {dims:?}");

@@ -19,6 +19,7 @@ mod tests;
 
 pub use layer::Conv3x3;
 
+use crate::cpu::{f32_values, gemm_f32};
 use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -447,25 +448,16 @@ pub fn conv_winograd(
                     // ci < c and t < n, the last one at offset (c - 1) * 36 * t_total + n - 1,
                     // inside p.v since xi * t_total + t0 + n <= 36 * t_total.
                     unsafe {
-                        gemm::gemm(
-                            cout,
-                            n,
-                            *c,
+                        gemm_f32(
+                            (cout, n, *c),
                             dst.as_mut_ptr(),
-                            1,
-                            n as isize,
+                            n,
                             pi > 0,
                             lhs.as_ptr(),
-                            1,
-                            *c as isize,
+                            *c,
                             rhs.as_ptr(),
-                            1,
-                            (36 * t_total) as isize,
+                            (36 * t_total, 1),
                             1.0,
-                            1.0,
-                            false,
-                            false,
-                            false,
                             gemm::Parallelism::None,
                         );
                     }
@@ -599,19 +591,15 @@ impl CustomOp2 for Winograd3x3 {
         ws: &CpuStorage,
         wl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (xs, ws) else {
-            candle_core::bail!("kiln-winograd3x3: only f32 is supported on CPU");
-        };
-        let (Some((x0, x1)), Some((w0, w1))) = (xl.contiguous_offsets(), wl.contiguous_offsets()) else {
-            candle_core::bail!("kiln-winograd3x3: inputs must be contiguous");
-        };
+        let x = f32_values("kiln-winograd3x3", "input", xs, xl)?;
+        let w = f32_values("kiln-winograd3x3", "weight", ws, wl)?;
         let (b, c, h, wd) = xl.shape().dims4()?;
         let (o, wc, kh, kw) = wl.shape().dims4()?;
         if wc != c || (kh, kw) != (3, 3) {
             candle_core::bail!("kiln-winograd3x3: weight {o}x{wc}x{kh}x{kw} for {c} input channels");
         }
-        let weights = WinogradWeights::from_slice(&w[w0..w1], o, c, &[c])?;
-        let input = WinoInput::from_slice(&x[x0..x1], b, c, h, wd)?;
+        let weights = WinogradWeights::from_slice(w, o, c, &[c])?;
+        let input = WinoInput::from_slice(x, b, c, h, wd)?;
         let out = conv_winograd(&weights, &[&input], &Epilogue::NONE)?;
         Ok((CpuStorage::F32(out), Shape::from_dims(&[b, o, h, wd])))
     }
