@@ -2,7 +2,8 @@
 //! asset, budget left; as a table or JSON.
 
 use clap::Args;
-use kiln_core::library::{ledger, Project};
+use kiln_core::library::ledger::{self, Burn};
+use kiln_core::library::Project;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -23,21 +24,9 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&r)?);
         return Ok(());
     }
-    println!("{:<12} {:>5} {:>7} {:>12} {:>10}", "day (UTC)", "jobs", "images", "device-s", "credits");
-    for d in &r.days {
-        println!(
-            "{:<12} {:>5} {:>7} {:>12.2} {:>10.4}",
-            d.date, d.jobs, d.images, d.device_seconds, d.credits
-        );
-    }
+    print_burns("day (UTC)", r.days.iter().map(|d| (d.date.as_str(), &d.burn)));
     println!();
-    println!("{:<12} {:>5} {:>7} {:>12} {:>10}", "tier", "jobs", "images", "device-s", "credits");
-    for t in &r.tiers {
-        println!(
-            "{:<12} {:>5} {:>7} {:>12.2} {:>10.4}",
-            t.tier, t.jobs, t.images, t.device_seconds, t.credits
-        );
-    }
+    print_burns("tier", r.tiers.iter().map(|t| (t.tier.as_str(), &t.burn)));
     println!();
     println!(
         "total: {} jobs, {:.2} device-s, {:.4} credits",
@@ -60,4 +49,12 @@ pub fn run(args: ReportArgs) -> anyhow::Result<()> {
         println!("budget: {:.4} of {limit:.4} credits left", left);
     }
     Ok(())
+}
+
+/// One table of burns, labelled by `heading` (day or tier).
+fn print_burns<'a>(heading: &str, rows: impl Iterator<Item = (&'a str, &'a Burn)>) {
+    println!("{heading:<12} {:>5} {:>7} {:>12} {:>10}", "jobs", "images", "device-s", "credits");
+    for (label, b) in rows {
+        println!("{label:<12} {:>5} {:>7} {:>12.2} {:>10.4}", b.jobs, b.images, b.device_seconds, b.credits);
+    }
 }

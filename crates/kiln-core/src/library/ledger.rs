@@ -1,6 +1,7 @@
 //! The cost ledger: what a job will cost (estimate, for the budget), whether the budget allows
 //! it, and the project report (burn per day, draft:final ratio, cost per delivered asset).
 
+use super::assets::JobRow;
 use super::{utc_date, Library, ProjectConfig};
 use crate::error::{Error, Result};
 use crate::tiers::Tier;
@@ -35,24 +36,38 @@ pub fn check_budget(config: &ProjectConfig, spent: f64, estimate: f64) -> Result
     Ok(None)
 }
 
-/// Credits and time of one UTC day.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct DayBurn {
-    pub date: String,
+/// Jobs, images, device time and credits summed over some jobs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Burn {
     pub jobs: usize,
     pub images: usize,
     pub device_seconds: f64,
     pub credits: f64,
 }
 
+impl Burn {
+    fn add(&mut self, job: &JobRow) {
+        self.jobs += 1;
+        self.images += job.images;
+        self.device_seconds += job.device_seconds;
+        self.credits += job.credits;
+    }
+}
+
+/// Credits and time of one UTC day.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct DayBurn {
+    pub date: String,
+    #[serde(flatten)]
+    pub burn: Burn,
+}
+
 /// Totals of one tier (or job kind without a tier).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct TierTotals {
     pub tier: String,
-    pub jobs: usize,
-    pub images: usize,
-    pub device_seconds: f64,
-    pub credits: f64,
+    #[serde(flatten)]
+    pub burn: Burn,
 }
 
 /// The project report.
@@ -85,29 +100,13 @@ pub fn report(library: &Library, config: &ProjectConfig) -> Result<Report> {
     let mut tiers: BTreeMap<String, TierTotals> = BTreeMap::new();
     for job in &jobs {
         let date = utc_date(job.created_at);
-        let day = days.entry(date.clone()).or_insert_with(|| DayBurn {
-            date,
-            jobs: 0,
-            images: 0,
-            device_seconds: 0.0,
-            credits: 0.0,
-        });
-        day.jobs += 1;
-        day.images += job.images;
-        day.device_seconds += job.device_seconds;
-        day.credits += job.credits;
+        days.entry(date.clone()).or_insert_with(|| DayBurn { date, burn: Burn::default() }).burn.add(job);
         let name = job.tier.clone().unwrap_or_else(|| format!("({})", job.kind));
-        let t = tiers.entry(name.clone()).or_insert_with(|| TierTotals {
-            tier: name,
-            jobs: 0,
-            images: 0,
-            device_seconds: 0.0,
-            credits: 0.0,
-        });
-        t.jobs += 1;
-        t.images += job.images;
-        t.device_seconds += job.device_seconds;
-        t.credits += job.credits;
+        tiers
+            .entry(name.clone())
+            .or_insert_with(|| TierTotals { tier: name, burn: Burn::default() })
+            .burn
+            .add(job);
     }
     let count = |kind: &str| -> Result<usize> {
         Ok(library
