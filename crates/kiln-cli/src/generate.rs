@@ -200,15 +200,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
             "outputs": outputs,
             "seeds": seeds,
             "scheduler": output.scheduler.name(),
-            "seconds": {
-                "load": load_seconds,
-                "text_encode": t.text_encode,
-                "vae_encode": t.vae_encode,
-                "steps": t.steps,
-                "vae_decode": t.vae_decode,
-                "generate": t.total,
-                "total": start.elapsed().as_secs_f64(),
-            },
+            "seconds": stage_seconds(load_seconds, t, "generate", start),
             "peak_memory_bytes": device::peak_host_memory_bytes(),
             "device": device::name(device),
             "dtype": device::dtype_name(dtype),
@@ -262,4 +254,24 @@ fn cpu_seconds_since(start: Option<f64>) -> Option<f64> {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     }
+}
+
+/// The `seconds` object of a job's `--json` report: load, each stage, the job (`job_key`) and
+/// the whole command since `start`.
+pub(crate) fn stage_seconds(
+    load: f64,
+    t: &kiln_core::pipeline::generate::StageTimings,
+    job_key: &str,
+    start: Instant,
+) -> serde_json::Value {
+    let mut seconds = serde_json::json!({
+        "load": load,
+        "text_encode": t.text_encode,
+        "vae_encode": t.vae_encode,
+        "steps": t.steps,
+        "vae_decode": t.vae_decode,
+        "total": start.elapsed().as_secs_f64(),
+    });
+    seconds[job_key] = serde_json::json!(t.total);
+    seconds
 }

@@ -2,7 +2,7 @@
 //! metadata `kiln generate` writes plus the mask and region used.
 
 use crate::args::{ModelArgs, RunArgs, SamplingArgs};
-use crate::generate::{file_ref, random_seed, read_npy, Bar};
+use crate::generate::{file_ref, random_seed, read_npy, stage_seconds, Bar};
 use anyhow::{bail, Context};
 use clap::Args;
 use kiln_core::device;
@@ -411,15 +411,7 @@ fn write_outputs(
                 kiln_core::pipeline::inpaint::UNetKind::Inpaint => "inpaint",
             },
             "plan": plan,
-            "seconds": {
-                "load": load_seconds,
-                "text_encode": t.text_encode,
-                "vae_encode": t.vae_encode,
-                "steps": t.steps,
-                "vae_decode": t.vae_decode,
-                "inpaint": t.total,
-                "total": start.elapsed().as_secs_f64(),
-            },
+            "seconds": stage_seconds(load_seconds, t, "inpaint", start),
             "peak_memory_bytes": device::peak_host_memory_bytes(),
             "device": device::name(&model.device),
             "dtype": device::dtype_name(model.dtype),
