@@ -600,22 +600,18 @@ fn promote_with_upscale_records_the_upscaled_child() {
     let upscaled = pixels(&up_path);
     assert_eq!(upscaled.dimensions(), (512, 384));
     // The same pixels as `kiln upscale` on the final with the same model.
+    // `kiln upscale` of the final with the tier's model, outside the library.
+    let upscale_final = |scale: &str, out: &Path| {
+        let sr = root.join("sr.safetensors");
+        let final_path = p["path"].as_str().unwrap();
+        let args = ["upscale", final_path, "--model", sr.to_str().unwrap(), "--scale", scale, "-q", "--out"];
+        let mut args = args.to_vec();
+        args.push(out.to_str().unwrap());
+        let o = kiln(root, &args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
     let direct = root.join("direct-up.png");
-    let o = kiln(
-        root,
-        &[
-            "upscale",
-            p["path"].as_str().unwrap(),
-            "--model",
-            root.join("sr.safetensors").to_str().unwrap(),
-            "--scale",
-            "4",
-            "--out",
-            direct.to_str().unwrap(),
-            "-q",
-        ],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    upscale_final("4", &direct);
     assert_eq!(pixels(&direct), upscaled);
 
     // Library: its own asset, lineage upscaled → final → draft, parameters and model hash.
@@ -676,21 +672,7 @@ fn promote_with_upscale_records_the_upscaled_child() {
     // An upscaled PNG the library does not know (made by `kiln upscale`) is refused, not misread.
     // (`direct` is byte-identical to the recorded asset, so the library finds it: use x2.)
     let unknown = root.join("unknown-up.png");
-    let o = kiln(
-        root,
-        &[
-            "upscale",
-            p["path"].as_str().unwrap(),
-            "--model",
-            root.join("sr.safetensors").to_str().unwrap(),
-            "--scale",
-            "2",
-            "--out",
-            unknown.to_str().unwrap(),
-            "-q",
-        ],
-    );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    upscale_final("2", &unknown);
     assert_fails(root, &["replay", unknown.to_str().unwrap()], "upscaled image the library does not know");
 
     // A fit target (WxH): inside 300×300 keeping the aspect ratio.
