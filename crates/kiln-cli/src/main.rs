@@ -7,6 +7,7 @@ mod assets;
 mod bench;
 mod draft;
 mod generate;
+mod host_memory;
 mod inpaint;
 mod models_cmd;
 mod promote;
@@ -53,6 +54,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    host_memory::keep_freed_blocks();
     let cli = Cli::parse();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
