@@ -2,13 +2,14 @@
 //! epilogue fused in, the work split into one coarse block per thread (candle's `Linear` runs
 //! bias and activation as separate passes and lets gemm synchronise its threads per block).
 //!
-//! Weights stay in their `[out, in]` layout: transposing them once at load made gemm ~30% faster
-//! on 77-row (text encoder) products, but the extra copy of every weight cost seconds of page
-//! faults at load, more than a whole text encode gains.
+//! On CPU the weight is kept transposed, `[in, out]` row-major: gemm then reads it as a
+//! column-major left operand (it computes the transposed product) without repacking it on every
+//! call, which made the 77-row text-encoder products ~30% faster. The transpose replaces the
+//! copy [`Linear::concat`] makes anyway, and runs once at load.
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Storage, Tensor, D};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
@@ -31,24 +32,36 @@ struct LinearCpu {
     epilogue: Epilogue,
 }
 
-/// `dst[m, n] (+)= lhs[m, k] @ rhs[n, k]ᵀ`, single-threaded (callers split the work).
+/// `dst[m, n] (+)= lhs[m, k] @ rhs[k, n]`, single-threaded (callers split the work); rows of
+/// dst and of rhs are `row_stride` apart (both are column ranges of `[.., row_stride]` matrices).
 ///
 /// # Safety
-/// `lhs[i * lhs_rs + p]`, `rhs[j * k + p]`, `dst[i * dst_rs + j]` for `i < m`, `p < k`, `j < n`
-/// must be in bounds, and no other thread may touch those `dst` elements.
+/// `lhs[i * lhs_rs + p]`, `rhs[p * row_stride + j]`, `dst[i * row_stride + j]` for `i < m`,
+/// `p < k`, `j < n` must be in bounds, and no other thread may touch those `dst` elements.
 #[allow(unsafe_code, clippy::too_many_arguments)]
-unsafe fn gemm_rows_rhs_t(
+unsafe fn gemm_rows(
     m: usize,
     n: usize,
     k: usize,
     dst: *mut f32,
-    dst_rs: usize,
+    row_stride: usize,
     accumulate: bool,
     lhs: *const f32,
     lhs_rs: usize,
     rhs: *const f32,
 ) {
-    gemm_f32((m, n, k), dst, dst_rs, accumulate, lhs, lhs_rs, rhs, (1, k), 1.0, gemm::Parallelism::None)
+    gemm_f32(
+        (m, n, k),
+        dst,
+        row_stride,
+        accumulate,
+        lhs,
+        lhs_rs,
+        rhs,
+        (row_stride, 1),
+        1.0,
+        gemm::Parallelism::None,
+    )
 }
 
 impl CustomOp2 for LinearCpu {
@@ -65,7 +78,7 @@ impl CustomOp2 for LinearCpu {
     ) -> Result<(CpuStorage, Shape)> {
         let x = f32_values("kiln-linear", "input", xs, xl)?;
         let w = f32_values("kiln-linear", "weight", ws, wl)?;
-        let (n, k) = wl.shape().dims2()?;
+        let (k, n) = wl.shape().dims2()?;
         let dims = xl.shape().dims();
         if dims.last() != Some(&k) {
             candle_core::bail!("kiln-linear: input {dims:?} does not end in the weight's {k} inputs");
@@ -90,7 +103,7 @@ impl CustomOp2 for LinearCpu {
         let item_rows = if dims.len() >= 3 { dims[dims.len() - 2].max(1) } else { 1 };
         let items = m / item_rows;
         if item_rows >= n || item_rows >= 64 * threads {
-            // Split rows: each thread packs the whole weight, which stays in cache for small n.
+            // Split rows: each thread reads the whole weight, which stays in cache for small n.
             let rows = item_rows.div_ceil(threads * 2).max(1);
             let chunks_per_item = item_rows.div_ceil(rows);
             let dst_addr = dst.as_mut_ptr() as usize;
@@ -101,10 +114,10 @@ impl CustomOp2 for LinearCpu {
                 let d = dst_addr as *mut f32;
                 #[allow(unsafe_code)]
                 // SAFETY: rows r0..r0+mr of the [m, n] dst belong to this task alone; x's rows
-                // r0..r0+mr of [m, k] and w [n, k] are in bounds.
+                // r0..r0+mr of [m, k] and w [k, n] are in bounds.
                 unsafe {
                     let d = d.add(r0 * n);
-                    gemm_rows_rhs_t(mr, n, k, d, n, accumulate, x.as_ptr().add(r0 * k), k, w.as_ptr());
+                    gemm_rows(mr, n, k, d, n, accumulate, x.as_ptr().add(r0 * k), k, w.as_ptr());
                     if gelu {
                         fastmath::gelu_erf_inplace(std::slice::from_raw_parts_mut(d, mr * n));
                     }
@@ -122,11 +135,11 @@ impl CustomOp2 for LinearCpu {
                 let d = dst_addr as *mut f32;
                 #[allow(unsafe_code)]
                 // SAFETY: rows r0..r0+item_rows, columns j0..j0+nc of the [m, n] dst belong to
-                // this task alone; w's rows j0..j0+nc of [n, k] and x's rows of [m, k] are in
+                // this task alone; w's columns j0..j0+nc of [k, n] and x's rows of [m, k] are in
                 // bounds.
                 unsafe {
                     let d = d.add(r0 * n + j0);
-                    gemm_rows_rhs_t(
+                    gemm_rows(
                         item_rows,
                         nc,
                         k,
@@ -135,7 +148,7 @@ impl CustomOp2 for LinearCpu {
                         accumulate,
                         x.as_ptr().add(r0 * k),
                         k,
-                        w.as_ptr().add(j0 * k),
+                        w.as_ptr().add(j0),
                     );
                     if gelu {
                         for i in 0..item_rows {
@@ -168,8 +181,9 @@ impl CustomOp2 for LinearCpu {
 
 #[derive(Debug, Clone)]
 enum Repr {
-    /// CPU f32: `weight` is `[out, in]`, contiguous; bias copied out for the op.
-    Cpu { weight: Tensor, bias: Option<Arc<Vec<f32>>>, bias_tensor: Option<Tensor> },
+    /// CPU f32: `weight_t` is the weight transposed, `[in, out]`, contiguous; bias copied out
+    /// for the op.
+    Cpu { weight_t: Tensor, bias: Option<Arc<Vec<f32>>>, bias_tensor: Option<Tensor> },
     /// Anything else: candle's own layer.
     Candle(candle_nn::Linear),
 }
@@ -217,17 +231,22 @@ impl Linear {
         };
         let cpu_f32 = parts.iter().all(|(w, _)| w.device().is_cpu() && w.dtype() == DType::F32)
             && bias.as_ref().is_none_or(|b| b.dtype() == DType::F32);
-        let weight = match parts {
-            [(w, _)] => w.clone(),
-            _ => Tensor::cat(&parts.iter().map(|(w, _)| w).collect::<Vec<_>>(), 0)?,
-        };
         let repr = if cpu_f32 {
             let bias_vec = match &bias {
                 Some(b) => Some(Arc::new(b.to_vec1::<f32>()?)),
                 None => None,
             };
-            Repr::Cpu { weight: weight.contiguous()?, bias: bias_vec, bias_tensor: bias }
+            let weights: Vec<&Tensor> = parts.iter().map(|(w, _)| w).collect();
+            Repr::Cpu {
+                weight_t: transpose_concat(&weights, in_dim, out_dim)?,
+                bias: bias_vec,
+                bias_tensor: bias,
+            }
         } else {
+            let weight = match parts {
+                [(w, _)] => w.clone(),
+                _ => Tensor::cat(&parts.iter().map(|(w, _)| w).collect::<Vec<_>>(), 0)?,
+            };
             Repr::Candle(candle_nn::Linear::new(weight, bias))
         };
         Ok(Self { repr, in_dim, out_dim })
@@ -244,9 +263,9 @@ impl Linear {
     /// `epilogue(x wᵀ + b)`; with [`Epilogue::Geglu`] the last dimension halves.
     pub fn forward_with(&self, x: &Tensor, epilogue: Epilogue) -> Result<Tensor> {
         match &self.repr {
-            Repr::Cpu { weight, bias, .. } if x.device().is_cpu() && x.dtype() == DType::F32 => {
+            Repr::Cpu { weight_t, bias, .. } if x.device().is_cpu() && x.dtype() == DType::F32 => {
                 let op = LinearCpu { bias: bias.clone(), epilogue };
-                x.contiguous()?.apply_op2_no_bwd(weight, &op)
+                x.contiguous()?.apply_op2_no_bwd(weight_t, &op)
             }
             _ => {
                 let y = self.forward_plain(x)?;
@@ -258,8 +277,8 @@ impl Linear {
     /// candle's composition (also the reference the tests compare against).
     fn forward_plain(&self, x: &Tensor) -> Result<Tensor> {
         match &self.repr {
-            Repr::Cpu { weight, bias_tensor, .. } => {
-                let y = x.broadcast_matmul(&weight.to_dtype(x.dtype())?.t()?)?;
+            Repr::Cpu { weight_t, bias_tensor, .. } => {
+                let y = x.broadcast_matmul(&weight_t.to_dtype(x.dtype())?)?;
                 match bias_tensor {
                     Some(b) => y.broadcast_add(&b.to_dtype(x.dtype())?),
                     None => Ok(y),
@@ -268,6 +287,53 @@ impl Linear {
             Repr::Candle(lin) => lin.forward(x),
         }
     }
+}
+
+/// The `[out_i, in]` weights stacked along `out` and transposed: one `[in, sum out_i]` tensor.
+fn transpose_concat(weights: &[&Tensor], in_dim: usize, out_dim: usize) -> Result<Tensor> {
+    let weights = weights.iter().map(|w| w.contiguous()).collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = weights.iter().map(|w| w.storage_and_layout()).collect();
+    // (first output column, values) of each part.
+    let mut sources = Vec::with_capacity(guards.len());
+    let mut j0 = 0;
+    for (storage, layout) in &guards {
+        let Storage::Cpu(cpu) = &**storage else {
+            candle_core::bail!("kiln-linear: weight must be on the CPU");
+        };
+        let values = f32_values("kiln-linear", "weight", cpu, layout)?;
+        sources.push((j0, values));
+        j0 += values.len() / in_dim.max(1);
+    }
+    let mut out: Vec<f32> = Vec::with_capacity(in_dim * out_dim);
+    // Tiles of TILE x TILE: the TILE source rows a tile reads are fetched together and stay in
+    // L1 while the tile's output rows are written contiguously (a column-at-a-time transpose is
+    // bound by one cache miss per value).
+    const TILE: usize = 64;
+    out.spare_capacity_mut()[..in_dim * out_dim].par_chunks_mut(TILE * out_dim.max(1)).enumerate().for_each(
+        |(block, dst)| {
+            let i0 = block * TILE;
+            let rows = dst.len() / out_dim.max(1);
+            for &(j0, src) in &sources {
+                let part_out = src.len() / in_dim.max(1);
+                for jt in (0..part_out).step_by(TILE) {
+                    let cols = TILE.min(part_out - jt);
+                    for r in 0..rows {
+                        let d = &mut dst[r * out_dim + j0 + jt..][..cols];
+                        for (c, slot) in d.iter_mut().enumerate() {
+                            slot.write(src[(jt + c) * in_dim + i0 + r]);
+                        }
+                    }
+                }
+            }
+        },
+    );
+    #[allow(unsafe_code)]
+    // SAFETY: the parts' output columns tile 0..out_dim and the blocks tile the rows, so every
+    // one of the in_dim * out_dim values was written above.
+    unsafe {
+        out.set_len(in_dim * out_dim)
+    };
+    Tensor::from_vec(out, (in_dim, out_dim), weights[0].device())
 }
 
 /// The epilogue as candle ops.
