@@ -97,6 +97,46 @@ fn geglu_generic(out: &mut [f32], hidden: &[f32], gate: &[f32]) {
     }
 }
 
+#[inline(always)]
+fn affine_generic(dst: &mut [f32], src: &[f32], scale: f32, shift: f32) {
+    for (d, &v) in dst.iter_mut().zip(src) {
+        *d = v * scale + shift;
+    }
+}
+
+#[inline(always)]
+fn affine_silu_generic(dst: &mut [f32], src: &[f32], scale: f32, shift: f32) {
+    for (d, &v) in dst.iter_mut().zip(src) {
+        let y = v * scale + shift;
+        *d = y / (1.0 + exp(-y));
+    }
+}
+
+#[inline(always)]
+fn sum_f64_generic(xs: &[f32]) -> f64 {
+    let mut acc = [0f64; 8];
+    let mut chunks = xs.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            *a += v as f64;
+        }
+    }
+    chunks.remainder().iter().map(|&v| v as f64).sum::<f64>() + acc.iter().sum::<f64>()
+}
+
+#[inline(always)]
+fn centered_square_sum_f64_generic(xs: &[f32], mean: f64) -> f64 {
+    let mut acc = [0f64; 8];
+    let mut chunks = xs.chunks_exact(8);
+    for chunk in &mut chunks {
+        for (a, &v) in acc.iter_mut().zip(chunk) {
+            let d = v as f64 - mean;
+            *a += d * d;
+        }
+    }
+    chunks.remainder().iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() + acc.iter().sum::<f64>()
+}
+
 /// Defines `$name`, which runs `$generic` compiled for AVX-512 or AVX2+FMA when the CPU has them
 /// (the crate itself is built for baseline x86-64, i.e. 4-wide SSE2).
 macro_rules! dispatch {
@@ -148,6 +188,23 @@ dispatch!(
 dispatch!(
     /// `out = hidden * gelu(gate)`, element-wise (diffusers' GEGLU).
     geglu, geglu_generic, (out: &mut [f32], hidden: &[f32], gate: &[f32]) -> ()
+);
+
+dispatch!(
+    /// `dst = src * scale + shift`, element-wise.
+    affine, affine_generic, (dst: &mut [f32], src: &[f32], scale: f32, shift: f32) -> ()
+);
+dispatch!(
+    /// `dst = silu(src * scale + shift)`, element-wise.
+    affine_silu, affine_silu_generic, (dst: &mut [f32], src: &[f32], scale: f32, shift: f32) -> ()
+);
+dispatch!(
+    /// Sum in f64 (8 lane-wise partial sums).
+    sum_f64, sum_f64_generic, (xs: &[f32]) -> f64
+);
+dispatch!(
+    /// `sum((x - mean)^2)` in f64 (8 lane-wise partial sums).
+    centered_square_sum_f64, centered_square_sum_f64_generic, (xs: &[f32], mean: f64) -> f64
 );
 
 #[cfg(test)]

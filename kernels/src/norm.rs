@@ -1,6 +1,7 @@
 //! GroupNorm (+ optional SiLU) in one pass per group on CPU; candle's composed ops elsewhere.
 
 use crate::cpu::f32_values;
+use crate::fastmath;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
@@ -50,16 +51,17 @@ impl CustomOp3 for GroupNormCpu {
             let g = i % self.groups;
             // Two passes in f64: exact enough to match torch's f32 Welford to ~1e-6.
             let n = src.len() as f64;
-            let mean = src.iter().map(|&v| v as f64).sum::<f64>() / n;
-            let var = src.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / n;
+            let mean = fastmath::sum_f64(src) / n;
+            let var = fastmath::centered_square_sum_f64(src, mean) / n;
             let rstd = 1.0 / (var + eps).sqrt();
             for (cl, (d, s)) in dst.chunks_mut(spatial).zip(src.chunks(spatial)).enumerate() {
                 let ch = g * cpg + cl;
                 let scale = (rstd * w[ch] as f64) as f32;
                 let shift = (b[ch] as f64 - mean * rstd * w[ch] as f64) as f32;
-                for (o, &v) in d.iter_mut().zip(s) {
-                    let y = v * scale + shift;
-                    *o = if silu { y / (1.0 + (-y).exp()) } else { y };
+                if silu {
+                    fastmath::affine_silu(d, s, scale, shift);
+                } else {
+                    fastmath::affine(d, s, scale, shift);
                 }
             }
         });
