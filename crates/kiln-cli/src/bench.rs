@@ -31,6 +31,13 @@ pub struct BenchArgs {
     /// Synthetic: divide every channel width by K (1, 2, 4, 8, 16, 32) for quick CPU runs.
     #[arg(long, default_value_t = 1)]
     shrink: usize,
+    /// Untimed images per tier before the timed ones (0: the first image is timed, as a
+    /// one-shot `kiln generate` would see it; 1 or more: steady state, as a server sees it).
+    #[arg(long, default_value_t = 0)]
+    warmup: usize,
+    /// Timed images per tier; each stage reports its fastest.
+    #[arg(long, default_value_t = 1)]
+    repeats: usize,
     /// auto | cpu | cuda[:N] | metal.
     #[arg(long, default_value = "auto")]
     device: String,
@@ -55,7 +62,15 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         None => device::default_dtype(&device),
     };
     let registry = Project::find(args.project.as_deref())?.tiers()?;
-    let settings = BenchSettings { device, dtype, size: args.size, steps: args.steps, shrink: args.shrink };
+    let settings = BenchSettings {
+        device,
+        dtype,
+        size: args.size,
+        steps: args.steps,
+        shrink: args.shrink,
+        warmup: args.warmup,
+        repeats: args.repeats,
+    };
     let mut results: Vec<TierBench> = Vec::new();
     let mut upscales: Vec<UpscaleBench> = Vec::new();
     let explicit = args.tiers.is_some();
@@ -178,13 +193,17 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     }
     if let Some(r) = results.first() {
         println!(
-            "device {} {}{}; seconds; load = {}",
+            "device {} {}{}; seconds{}; load = {}",
             r.device,
             r.dtype,
             if r.synthetic {
                 format!(", synthetic weights (zero; random for upscale), shrink {}", r.shrink)
             } else {
                 String::new()
+            },
+            match (r.warmup, r.repeats) {
+                (0, 1) => String::new(),
+                (w, n) => format!(", fastest of {n} images after {w} untimed"),
             },
             if r.synthetic { "building the model (allocation only)" } else { "reading the weights" }
         );

@@ -34,11 +34,15 @@ pub struct TierBench {
     pub load_cold: f64,
     /// Second load of the same model (OS file cache warm).
     pub load_warm: f64,
+    /// Untimed images made before the timed ones.
+    pub warmup: usize,
+    /// Timed images; every stage below is the fastest of them.
+    pub repeats: usize,
     pub text_encode: f64,
     pub step_mean: f64,
     pub steps_total: f64,
     pub vae_decode: f64,
-    /// text encode + steps + VAE decode for one image.
+    /// text encode + steps + VAE decode for one image (the fastest image).
     pub per_image: f64,
     pub images_per_second: f64,
     /// Peak resident memory while this tier ran (Linux; cumulative where it cannot be reset).
@@ -57,6 +61,10 @@ pub struct BenchSettings {
     pub steps: Option<usize>,
     /// Divide every channel width by this (1, 2, 4, 8, 16 or 32).
     pub shrink: usize,
+    /// Untimed images made first (caches, allocator and, on a GPU, kernel loading warm).
+    pub warmup: usize,
+    /// Timed images (at least 1); each stage reports its fastest.
+    pub repeats: usize,
 }
 
 /// The synthetic architectures kiln knows: (text encoders, unet, vae, name) configs in
@@ -218,6 +226,40 @@ fn reset_peak_host_memory() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
 }
 
+/// One image's stage times (seconds).
+#[derive(Debug, Clone, Copy)]
+struct ImageTimes {
+    text_encode: f64,
+    steps_total: f64,
+    vae_decode: f64,
+}
+
+/// Makes `s.warmup` untimed images, then `s.repeats` timed ones; returns each stage's fastest
+/// and the fastest whole image.
+fn time_images(
+    s: &BenchSettings,
+    mut image: impl FnMut() -> Result<ImageTimes>,
+) -> Result<(ImageTimes, f64)> {
+    if s.repeats == 0 {
+        return Err(Error::arg("--repeats", "must be at least 1"));
+    }
+    for _ in 0..s.warmup {
+        image()?;
+    }
+    let mut best = ImageTimes { text_encode: f64::MAX, steps_total: f64::MAX, vae_decode: f64::MAX };
+    let mut per_image = f64::MAX;
+    for _ in 0..s.repeats {
+        let t = image()?;
+        per_image = per_image.min(t.text_encode + t.steps_total + t.vae_decode);
+        best = ImageTimes {
+            text_encode: best.text_encode.min(t.text_encode),
+            steps_total: best.steps_total.min(t.steps_total),
+            vae_decode: best.vae_decode.min(t.vae_decode),
+        };
+    }
+    Ok((best, per_image))
+}
+
 /// Times one tier (synthetic: zero-weight model of its architecture).
 pub fn bench_synthetic(tier: &Tier, s: &BenchSettings) -> Result<TierBench> {
     reset_peak_host_memory();
@@ -245,49 +287,48 @@ pub fn bench_synthetic(tier: &Tier, s: &BenchSettings) -> Result<TierBench> {
     let cfg = tier.guidance.unwrap_or(7.5) > 1.0;
     let b = if cfg { 2 } else { 1 };
 
-    let t0 = Instant::now();
-    let ids = Tensor::zeros((1, 77), DType::U32, &s.device)?;
-    let mut hidden = Vec::new();
-    let mut pooled = None;
-    for enc in &built.text {
-        let out = enc.forward(&ids)?;
-        let n = out.hidden_states.len();
-        let h = if built.sdxl { out.hidden_states.get(n.saturating_sub(2)).cloned() } else { None };
-        hidden.push(h.unwrap_or(out.last_hidden_state));
-        if let Some(p) = out.text_embeds {
-            pooled = Some(p);
-        }
-    }
-    let hidden = Tensor::cat(&hidden, candle_core::D::Minus1)?.repeat((b, 1, 1))?;
-    sync(&s.device)?;
-    let text_encode = t0.elapsed().as_secs_f64();
-
-    let latents = Tensor::zeros((b, 4, side_h / 8, side_w / 8), s.dtype, &s.device)?;
-    let text_embeds = pooled.map(|p| p.repeat((b, 1))).transpose()?;
-    let time_ids = if built.sdxl { Some(Tensor::zeros((b, 6), s.dtype, &s.device)?) } else { None };
-    let cond = UNetCond {
-        encoder_hidden_states: &hidden,
-        text_embeds: text_embeds.as_ref(),
-        time_ids: time_ids.as_ref(),
-        timestep_cond: None,
-    };
-    let mut step_times = Vec::with_capacity(steps);
-    for i in 0..steps {
+    let (best, per_image) = time_images(s, || {
         let t0 = Instant::now();
-        let out = built.unet.forward(&latents, 999.0 - i as f64, &cond)?;
+        let ids = Tensor::zeros((1, 77), DType::U32, &s.device)?;
+        let mut hidden = Vec::new();
+        let mut pooled = None;
+        for enc in &built.text {
+            let out = enc.forward(&ids)?;
+            let n = out.hidden_states.len();
+            let h = if built.sdxl { out.hidden_states.get(n.saturating_sub(2)).cloned() } else { None };
+            hidden.push(h.unwrap_or(out.last_hidden_state));
+            if let Some(p) = out.text_embeds {
+                pooled = Some(p);
+            }
+        }
+        let hidden = Tensor::cat(&hidden, candle_core::D::Minus1)?.repeat((b, 1, 1))?;
         sync(&s.device)?;
-        drop(out);
-        step_times.push(t0.elapsed().as_secs_f64());
-    }
-    let t0 = Instant::now();
-    let z = latents.narrow(0, 0, 1)?;
-    let image = built.vae.decode(&z)?;
-    sync(&s.device)?;
-    drop(image);
-    let vae_decode = t0.elapsed().as_secs_f64();
+        let text_encode = t0.elapsed().as_secs_f64();
 
-    let steps_total: f64 = step_times.iter().sum();
-    let per_image = text_encode + steps_total + vae_decode;
+        let latents = Tensor::zeros((b, 4, side_h / 8, side_w / 8), s.dtype, &s.device)?;
+        let text_embeds = pooled.map(|p| p.repeat((b, 1))).transpose()?;
+        let time_ids = if built.sdxl { Some(Tensor::zeros((b, 6), s.dtype, &s.device)?) } else { None };
+        let cond = UNetCond {
+            encoder_hidden_states: &hidden,
+            text_embeds: text_embeds.as_ref(),
+            time_ids: time_ids.as_ref(),
+            timestep_cond: None,
+        };
+        let mut steps_total = 0.0;
+        for i in 0..steps {
+            let t0 = Instant::now();
+            let out = built.unet.forward(&latents, 999.0 - i as f64, &cond)?;
+            sync(&s.device)?;
+            drop(out);
+            steps_total += t0.elapsed().as_secs_f64();
+        }
+        let t0 = Instant::now();
+        let z = latents.narrow(0, 0, 1)?;
+        let image = built.vae.decode(&z)?;
+        sync(&s.device)?;
+        drop(image);
+        Ok(ImageTimes { text_encode, steps_total, vae_decode: t0.elapsed().as_secs_f64() })
+    })?;
     Ok(TierBench {
         tier: tier.name.clone(),
         architecture: arch.name.to_string(),
@@ -301,10 +342,12 @@ pub fn bench_synthetic(tier: &Tier, s: &BenchSettings) -> Result<TierBench> {
         cfg,
         load_cold,
         load_warm,
-        text_encode,
-        step_mean: steps_total / steps as f64,
-        steps_total,
-        vae_decode,
+        warmup: s.warmup,
+        repeats: s.repeats,
+        text_encode: best.text_encode,
+        step_mean: best.steps_total / steps as f64,
+        steps_total: best.steps_total,
+        vae_decode: best.vae_decode,
         per_image,
         images_per_second: if per_image > 0.0 { 1.0 / per_image } else { 0.0 },
         peak_host_memory_bytes: crate::device::peak_host_memory_bytes(),
@@ -326,10 +369,16 @@ pub fn bench_real(tier: &Tier, s: &BenchSettings) -> Result<TierBench> {
     let overrides =
         crate::tiers::load::Overrides { width: s.size, height: s.size, steps: s.steps, ..Default::default() };
     let req = crate::tiers::load::tier_request(tier, &model, "a benchmark prompt", vec![0], &overrides)?;
-    let out = generate(&model, &req, &mut NoProgress)?;
-    let t = &out.timings;
-    let steps_total: f64 = t.steps.iter().sum();
-    let per_image = t.text_encode + steps_total + t.vae_decode;
+    let mut steps = 0;
+    let (best, per_image) = time_images(s, || {
+        let t = generate(&model, &req, &mut NoProgress)?.timings;
+        steps = t.steps.len();
+        Ok(ImageTimes {
+            text_encode: t.text_encode,
+            steps_total: t.steps.iter().sum(),
+            vae_decode: t.vae_decode,
+        })
+    })?;
     Ok(TierBench {
         tier: tier.name.clone(),
         architecture: model.source.display_name(),
@@ -339,14 +388,16 @@ pub fn bench_real(tier: &Tier, s: &BenchSettings) -> Result<TierBench> {
         dtype: crate::device::dtype_name(s.dtype).to_string(),
         width: req.width,
         height: req.height,
-        steps: t.steps.len(),
+        steps,
         cfg: req.guidance > 1.0,
         load_cold,
         load_warm,
-        text_encode: t.text_encode,
-        step_mean: steps_total / t.steps.len().max(1) as f64,
-        steps_total,
-        vae_decode: t.vae_decode,
+        warmup: s.warmup,
+        repeats: s.repeats,
+        text_encode: best.text_encode,
+        step_mean: best.steps_total / steps.max(1) as f64,
+        steps_total: best.steps_total,
+        vae_decode: best.vae_decode,
         per_image,
         images_per_second: if per_image > 0.0 { 1.0 / per_image } else { 0.0 },
         peak_host_memory_bytes: crate::device::peak_host_memory_bytes(),
