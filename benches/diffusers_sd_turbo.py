@@ -3,7 +3,8 @@
 It runs the real pipeline call (pipe(...)), and splits its time with wrappers around the text
 encoder's forward, the UNet's forward (one call = one step, both CFG halves batched) and vae.decode;
 `other` is whatever the call spends outside them (scheduler steps, latents set-up, post-processing).
-One warm-up call first, then --repeats timed calls; each stage is reported as min / median over them.
+One warm-up call first (reported apart as `first_image`), then --repeats timed calls; each stage is
+reported as min / median over them.
 Prints one JSON object on stdout.
 
 Usage: /work/venv/bin/python benches/diffusers_sd_turbo.py MODEL_DIR [--width 256 --height 256 --steps 1
@@ -103,7 +104,12 @@ def main():
         total = time.perf_counter() - t
         return total, dict(clock.current), image
 
-    run()  # warm-up
+    # The first image of the process (untimed in the warm stats below): what a one-shot run sees.
+    first_total, first_stages, _ = run()
+    first = {"text_encode_s": round(first_stages["text_encode_s"], 4),
+             "unet_s": round(sum(first_stages["unet_steps_s"]), 4),
+             "vae_decode_s": round(first_stages["vae_decode_s"], 4),
+             "total_s": round(first_total, 4)}
     totals, text, unet, vae, other, per_step = [], [], [], [], [], []
     image = None
     for _ in range(args.repeats):
@@ -138,6 +144,7 @@ def main():
         "vae_decode_s": summary(vae),
         "other_s": summary(other),
         "total_s": summary(totals),
+        "first_image": first,
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "image_finite": bool(np.isfinite(image).all()),
         "image_shape": list(image.shape),
