@@ -13,7 +13,7 @@
 //! - [`attention_bnc`]: `[batch, tokens, heads * head_dim]` (what a linear layer produces),
 //!   output `[batch, q_tokens, heads * v_dim]`, so no head split/merge copies are needed.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu::gemm_f32;
@@ -348,23 +348,29 @@ impl CustomOp3 for AttentionOp {
     }
 }
 
-/// Whether the fused op runs these operands: CPU in f32, or (CUDA builds) a GPU in f32/f16/bf16
-/// with q/k and v head sizes `dims` that the CUDA kernel has a variant for.
-pub(crate) fn use_fused(q: &Tensor, k: &Tensor, v: &Tensor, dims: (usize, usize)) -> bool {
-    let dtype = q.dtype();
-    if ![k, v].iter().all(|t| t.dtype() == dtype) {
-        return false;
-    }
-    if q.device().is_cpu() {
+/// Whether [`attention`] and [`attention_bnc`] run a fused kernel (online softmax, the score
+/// matrix never held) for operands on `device` in `dtype` with heads `head_dim` wide: the CPU in
+/// f32; with the `cuda` feature, a CUDA GPU in f32/f16/bf16 with heads up to 512 wide (unless
+/// `KILN_CUDA_ATTENTION=composed`). Otherwise they take candle's composed ops, which materialise
+/// the whole score matrix, so callers with long sequences may want to chunk the queries.
+pub fn attention_is_fused(device: &Device, dtype: DType, head_dim: usize) -> bool {
+    if device.is_cpu() {
         return dtype == DType::F32;
     }
     #[cfg(feature = "cuda")]
-    if q.device().is_cuda() {
-        return matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
-            && dims.0.max(dims.1) <= crate::cuda::attention::MAX_HEAD_DIM;
+    if device.is_cuda() {
+        return crate::cuda::attention::enabled()
+            && matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+            && head_dim <= crate::cuda::attention::MAX_HEAD_DIM;
     }
-    let _ = dims;
+    let _ = head_dim;
     false
+}
+
+/// [`attention_is_fused`] for these operands (q/k and v head sizes `dims`), all of one dtype.
+pub(crate) fn use_fused(q: &Tensor, k: &Tensor, v: &Tensor, dims: (usize, usize)) -> bool {
+    let dtype = q.dtype();
+    [k, v].iter().all(|t| t.dtype() == dtype) && attention_is_fused(q.device(), dtype, dims.0.max(dims.1))
 }
 
 /// `softmax(q·kᵀ·scale)·v` over `[batch, heads, tokens, head_dim]`; `causal` masks keys after

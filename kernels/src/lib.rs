@@ -34,7 +34,7 @@ pub mod winograd;
 #[cfg(test)]
 mod test_util;
 
-pub use attention::{attention, attention_bnc, attention_reference};
+pub use attention::{attention, attention_bnc, attention_is_fused, attention_reference};
 pub use blend::{blend_tile, blend_tile_slice, BlendRegion};
 pub use conv::{conv2d, Conv2d};
 pub use linear::{linear, linear_no_bias, Epilogue, Linear};

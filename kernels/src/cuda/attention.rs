@@ -26,6 +26,13 @@ const VARIANTS: [(usize, usize, u32); 8] = [
 /// Widest q/k or v head the kernels take.
 pub(crate) const MAX_HEAD_DIM: usize = 512;
 
+/// False when `KILN_CUDA_ATTENTION=composed`: CUDA attention then takes candle's composed ops
+/// (cuBLAS matmuls, full score matrix), so the two can be timed against each other in one build.
+pub(crate) fn enabled() -> bool {
+    static ENABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ENABLED.get_or_init(|| std::env::var("KILN_CUDA_ATTENTION").map_or(true, |v| v != "composed"))
+}
+
 /// `softmax(q·kᵀ·scale [+ causal mask])·v` for operands already checked against each other
 /// (`AttentionOp::views`); the output is written with `out_strides` (batch, head, token) in a new
 /// buffer of `batch * heads * q_tokens * v_dim` elements.

@@ -98,7 +98,10 @@ fn cuda_attention_matches_cpu() -> Result<()> {
             let what = format!("case {i} {:?}", cases[i]);
             assert_close(&qg.apply_op3_no_bwd(&kg, &vg, &op)?, &want, dtype, &what)?;
             // The public entry point takes the fused op too.
-            assert!(use_fused(&qg, &kg, &vg, (d, dv)), "{what}: not fused on CUDA");
+            assert!(
+                use_fused(&qg, &kg, &vg, (d, dv)),
+                "{what}: not fused on CUDA (KILN_CUDA_ATTENTION set?)"
+            );
             assert_close(&attention(&qg, &kg, &vg, scale as f64, causal)?, &want, dtype, &what)?;
         }
     }
