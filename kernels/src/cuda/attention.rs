@@ -86,9 +86,10 @@ fn launch<T: CudaDType + DeviceRepr>(
     let (batch, heads, n_q, n_k, d, dv) = (qv.batch, qv.heads, qv.tokens, kv.tokens, qv.dim, vv.dim);
     let n_out = batch * heads * n_q * dv;
     // SAFETY (of the uninitialised buffer): the kernel writes every (batch, head, query, v dim)
-    // element, i.e. all n_out of them with the strides `output` gives.
+    // element, i.e. all n_out of them with the strides `output` gives. (At least one element:
+    // the driver refuses empty allocations; an empty output's spare element is never read.)
     #[allow(unsafe_code)]
-    let mut out = unsafe { dev.alloc::<T>(n_out) }?;
+    let mut out = unsafe { dev.alloc::<T>(n_out.max(1)) }?;
     if n_out == 0 {
         return Ok(out);
     }

@@ -82,9 +82,10 @@ fn launch<T: CudaDType + DeviceRepr, W: CudaDType + DeviceRepr>(
         candle_core::bail!("{OP}: operands do not match {:?}", args.dims);
     }
     // SAFETY (of the uninitialised buffer): one block per (batch, group) writes every element of
-    // its group, so all n elements are written.
+    // its group, so all n elements are written. (At least one element: the driver refuses empty
+    // allocations; an empty output's spare element is never read.)
     #[allow(unsafe_code)]
-    let mut out = unsafe { dev.alloc::<T>(n) }?;
+    let mut out = unsafe { dev.alloc::<T>(n.max(1)) }?;
     if n == 0 {
         return Ok(out);
     }
