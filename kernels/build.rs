@@ -17,7 +17,9 @@ fn main() {
         .unwrap_or_else(|| PathBuf::from("nvcc"));
     // PTX for the oldest architecture CUDA 13 supports: the driver JIT-compiles it for the GPU.
     let arch = std::env::var("KILN_PTX_ARCH").unwrap_or_else(|_| "compute_75".into());
-    const KERNELS: &[&str] = &["blend"];
+    const KERNELS: &[&str] = &["blend", "attention", "group_norm"];
+    // Included by the kernels: element-type loads and stores.
+    println!("cargo:rerun-if-changed=cuda/kiln_dtype.cuh");
     for name in KERNELS {
         let src = format!("cuda/{name}.cu");
         println!("cargo:rerun-if-changed={src}");

@@ -3,7 +3,9 @@
 //! On CPU (f32) a flash-attention-style kernel: each task takes one (batch, head, block of
 //! queries), walks the keys in blocks, and keeps a running row max and sum (online softmax), so
 //! the full score matrix is never materialised; the block products are gemm microkernels.
-//! Elsewhere (CUDA, Metal, half precision) candle's composed ops, with the softmax in f32.
+//! On CUDA (f32/f16/bf16, head sizes up to 512; `cuda` feature) the same algorithm as one kernel
+//! (kernels/cuda/attention.cu, f32 accumulation). Elsewhere (Metal, CPU half precision, wider
+//! heads) candle's composed ops, with the softmax in f32.
 //!
 //! Two layouts are accepted, both with a unit stride on the last dimension and any other
 //! strides (so narrowed views of a fused q/k/v projection need no copy):
@@ -11,7 +13,7 @@
 //! - [`attention_bnc`]: `[batch, tokens, heads * head_dim]` (what a linear layer produces),
 //!   output `[batch, q_tokens, heads * v_dim]`, so no head split/merge copies are needed.
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use crate::cpu::gemm_f32;
@@ -59,15 +61,15 @@ fn transpose_keys(k: &[f32], kv: &View) -> Vec<f32> {
 /// How one operand's elements are addressed: element (b, h, n, d) sits at
 /// `offset + b*sb + h*sh + n*sn + d`.
 #[derive(Debug, Clone, Copy)]
-struct View {
-    offset: usize,
-    sb: usize,
-    sh: usize,
-    sn: usize,
-    batch: usize,
-    heads: usize,
-    tokens: usize,
-    dim: usize,
+pub(crate) struct View {
+    pub(crate) offset: usize,
+    pub(crate) sb: usize,
+    pub(crate) sh: usize,
+    pub(crate) sn: usize,
+    pub(crate) batch: usize,
+    pub(crate) heads: usize,
+    pub(crate) tokens: usize,
+    pub(crate) dim: usize,
 }
 
 impl View {
@@ -124,7 +126,7 @@ impl View {
     }
 
     /// Largest index the view touches, plus one (0 for an empty view).
-    fn extent(&self) -> usize {
+    pub(crate) fn extent(&self) -> usize {
         if self.batch == 0 || self.heads == 0 || self.tokens == 0 || self.dim == 0 {
             return 0;
         }
@@ -133,14 +135,14 @@ impl View {
 }
 
 #[derive(Debug, Clone, Copy)]
-struct AttentionCpu {
-    scale: f32,
-    causal: bool,
+pub(crate) struct AttentionOp {
+    pub(crate) scale: f32,
+    pub(crate) causal: bool,
     /// `Some(heads)` for the `[batch, tokens, heads * dim]` layout.
-    bnc_heads: Option<usize>,
+    pub(crate) bnc_heads: Option<usize>,
 }
 
-impl AttentionCpu {
+impl AttentionOp {
     /// One task: queries `i0 .. i0 + rows` of head `h` in batch `b`, written to `out` rows
     /// (`out_sn` apart).
     #[allow(clippy::too_many_arguments)]
@@ -240,7 +242,37 @@ impl AttentionCpu {
     }
 }
 
-impl CustomOp3 for AttentionCpu {
+impl AttentionOp {
+    /// The three operands' views, checked against each other.
+    fn views(&self, ql: &Layout, kl: &Layout, vl: &Layout) -> Result<(View, View, View)> {
+        let (qv, kv, vv) =
+            (View::new(ql, self.bnc_heads)?, View::new(kl, self.bnc_heads)?, View::new(vl, self.bnc_heads)?);
+        if (qv.batch, qv.heads) != (kv.batch, kv.heads)
+            || (kv.batch, kv.heads, kv.tokens) != (vv.batch, vv.heads, vv.tokens)
+            || qv.dim != kv.dim
+        {
+            candle_core::bail!(
+                "kiln-attention: mismatched q {:?}, k {:?}, v {:?}",
+                ql.shape().dims(),
+                kl.shape().dims(),
+                vl.shape().dims()
+            );
+        }
+        Ok((qv, kv, vv))
+    }
+
+    /// The output's (batch, head, token) strides and shape: contiguous in the input's layout
+    /// family.
+    fn output(&self, qv: &View, vv: &View) -> ([usize; 3], Shape) {
+        let (batch, heads, n_q, dv) = (qv.batch, qv.heads, qv.tokens, vv.dim);
+        match self.bnc_heads {
+            None => ([heads * n_q * dv, n_q * dv, dv], Shape::from_dims(&[batch, heads, n_q, dv])),
+            Some(_) => ([n_q * heads * dv, dv, heads * dv], Shape::from_dims(&[batch, n_q, heads * dv])),
+        }
+    }
+}
+
+impl CustomOp3 for AttentionOp {
     fn name(&self) -> &'static str {
         "kiln-attention"
     }
@@ -257,29 +289,13 @@ impl CustomOp3 for AttentionCpu {
         let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (qs, ks, vs) else {
             candle_core::bail!("kiln-attention: only f32 is supported on CPU");
         };
-        let (qv, kv, vv) =
-            (View::new(ql, self.bnc_heads)?, View::new(kl, self.bnc_heads)?, View::new(vl, self.bnc_heads)?);
-        if (qv.batch, qv.heads) != (kv.batch, kv.heads)
-            || (kv.batch, kv.heads, kv.tokens) != (vv.batch, vv.heads, vv.tokens)
-            || qv.dim != kv.dim
-        {
-            candle_core::bail!(
-                "kiln-attention: mismatched q {:?}, k {:?}, v {:?}",
-                ql.shape().dims(),
-                kl.shape().dims(),
-                vl.shape().dims()
-            );
-        }
+        let (qv, kv, vv) = self.views(ql, kl, vl)?;
         if qv.extent() > q.len() || kv.extent() > k.len() || vv.extent() > v.len() {
             candle_core::bail!("kiln-attention: a layout reaches past its storage");
         }
         let (batch, heads, n_q, dv) = (qv.batch, qv.heads, qv.tokens, vv.dim);
         let mut out = vec![0f32; batch * heads * n_q * dv];
-        // Output addressing, contiguous in the input's layout family.
-        let (out_sb, out_sh, out_sn, shape) = match self.bnc_heads {
-            None => (heads * n_q * dv, n_q * dv, dv, Shape::from_dims(&[batch, heads, n_q, dv])),
-            Some(_) => (n_q * heads * dv, dv, heads * dv, Shape::from_dims(&[batch, n_q, heads * dv])),
-        };
+        let ([out_sb, out_sh, out_sn], shape) = self.output(&qv, &vv);
         if out.is_empty() {
             return Ok((CpuStorage::F32(out), shape));
         }
@@ -309,17 +325,60 @@ impl CustomOp3 for AttentionCpu {
         });
         Ok((CpuStorage::F32(out), shape))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qs: &candle_core::CudaStorage,
+        ql: &Layout,
+        ks: &candle_core::CudaStorage,
+        kl: &Layout,
+        vs: &candle_core::CudaStorage,
+        vl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (qv, kv, vv) = self.views(ql, kl, vl)?;
+        let (out_strides, shape) = self.output(&qv, &vv);
+        let out = crate::cuda::attention::forward(
+            [(qs, &qv), (ks, &kv), (vs, &vv)],
+            out_strides,
+            self.scale,
+            self.causal,
+        )?;
+        Ok((out, shape))
+    }
 }
 
-fn use_fused(q: &Tensor, k: &Tensor, v: &Tensor) -> bool {
-    q.device().is_cpu() && [q, k, v].iter().all(|t| t.dtype() == DType::F32)
+/// Whether [`attention`] and [`attention_bnc`] run a fused kernel (online softmax, the score
+/// matrix never held) for operands on `device` in `dtype` with heads `head_dim` wide: the CPU in
+/// f32; with the `cuda` feature, a CUDA GPU in f32/f16/bf16 with heads up to 512 wide (unless
+/// `KILN_CUDA_ATTENTION=composed`). Otherwise they take candle's composed ops, which materialise
+/// the whole score matrix, so callers with long sequences may want to chunk the queries.
+pub fn attention_is_fused(device: &Device, dtype: DType, head_dim: usize) -> bool {
+    if device.is_cpu() {
+        return dtype == DType::F32;
+    }
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        return crate::cuda::attention::enabled()
+            && matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+            && head_dim <= crate::cuda::attention::MAX_HEAD_DIM;
+    }
+    let _ = head_dim;
+    false
+}
+
+/// [`attention_is_fused`] for these operands (q/k and v head sizes `dims`), all of one dtype.
+pub(crate) fn use_fused(q: &Tensor, k: &Tensor, v: &Tensor, dims: (usize, usize)) -> bool {
+    let dtype = q.dtype();
+    [k, v].iter().all(|t| t.dtype() == dtype) && attention_is_fused(q.device(), dtype, dims.0.max(dims.1))
 }
 
 /// `softmax(q·kᵀ·scale)·v` over `[batch, heads, tokens, head_dim]`; `causal` masks keys after
 /// each query (query i sees keys 0..=i). k/v may have a different token count from q.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
-    if use_fused(q, k, v) {
-        let op = AttentionCpu { scale: scale as f32, causal, bnc_heads: None };
+    let last = |t: &Tensor| t.dims().last().copied().unwrap_or(0);
+    if use_fused(q, k, v, (last(q), last(v))) {
+        let op = AttentionOp { scale: scale as f32, causal, bnc_heads: None };
         return q.apply_op3_no_bwd(k, v, &op);
     }
     attention_reference(q, k, v, scale, causal)
@@ -335,8 +394,9 @@ pub fn attention_bnc(
     scale: f64,
     causal: bool,
 ) -> Result<Tensor> {
-    if use_fused(q, k, v) {
-        let op = AttentionCpu { scale: scale as f32, causal, bnc_heads: Some(heads) };
+    let head = |t: &Tensor| t.dims().last().copied().unwrap_or(0) / heads.max(1);
+    if use_fused(q, k, v, (head(q), head(v))) {
+        let op = AttentionOp { scale: scale as f32, causal, bnc_heads: Some(heads) };
         return q.apply_op3_no_bwd(k, v, &op);
     }
     let split = |t: &Tensor| -> Result<Tensor> {
@@ -352,7 +412,7 @@ pub fn attention_bnc(
 }
 
 /// candle's composed attention over `[batch, heads, tokens, dim]`: the reference for the fused
-/// kernel and the path on GPUs. Half-precision scores go through the softmax in f32.
+/// kernels and the path where they do not run (Metal, CPU half precision, heads over 512 wide). Half-precision scores go through the softmax in f32.
 pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causal: bool) -> Result<Tensor> {
     // Contiguous operands: candle 0.11.1's CPU matmul mis-handles some transposed batched inputs.
     let k_t = k.t()?.contiguous()?;

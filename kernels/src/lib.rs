@@ -6,9 +6,10 @@
 //!   (cuDNN on CUDA when the `cudnn` feature is on).
 //! - [`blend`]: tile blend (accumulate a tile into an output strip with feather weights); the CPU
 //!   reference is what the tiling planner runs, with a CUDA kernel under `cuda`.
-//! - [`norm`]: GroupNorm (+ optional SiLU) fused into one pass per group on CPU.
+//! - [`norm`]: GroupNorm (+ optional SiLU) fused into one pass per group on CPU, one kernel on
+//!   CUDA (f32/f16/bf16).
 //! - [`attention`]: flash-attention-style fused attention (online softmax, never the full score
-//!   matrix) on CPU, candle's composed ops elsewhere.
+//!   matrix) on CPU (f32) and CUDA (f32/f16/bf16), candle's composed ops elsewhere.
 //! - [`linear`]: Linear as one gemm pass per thread block, bias and GELU/GEGLU fused in; layers
 //!   can be concatenated (fused q/k/v projections).
 //! - [`fastmath`]: vectorisable `exp` and erf-GELU used by those kernels.
@@ -23,6 +24,8 @@ pub mod attention;
 pub mod blend;
 pub mod conv;
 mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
 pub mod fastmath;
 pub mod linear;
 pub mod norm;
@@ -31,7 +34,7 @@ pub mod winograd;
 #[cfg(test)]
 mod test_util;
 
-pub use attention::{attention, attention_bnc, attention_reference};
+pub use attention::{attention, attention_bnc, attention_is_fused, attention_reference};
 pub use blend::{blend_tile, blend_tile_slice, BlendRegion};
 pub use conv::{conv2d, Conv2d};
 pub use linear::{linear, linear_no_bias, Epilogue, Linear};

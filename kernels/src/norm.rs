@@ -1,4 +1,5 @@
-//! GroupNorm (+ optional SiLU) in one pass per group on CPU; candle's composed ops elsewhere.
+//! GroupNorm (+ optional SiLU) in one pass per group on CPU (f32), one kernel per call on CUDA
+//! (f32/f16/bf16, kernels/cuda/group_norm.cu, `cuda` feature); candle's composed ops elsewhere.
 
 use crate::cpu::f32_values;
 use crate::fastmath;
@@ -7,13 +8,33 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy)]
-struct GroupNormCpu {
-    groups: usize,
-    eps: f64,
-    silu: bool,
+pub(crate) struct GroupNormOp {
+    pub(crate) groups: usize,
+    pub(crate) eps: f64,
+    pub(crate) silu: bool,
 }
 
-impl CustomOp3 for GroupNormCpu {
+impl GroupNormOp {
+    /// (channels, spatial size) of input `xl`, checked against the groups and the affine
+    /// parameters' lengths.
+    fn check(&self, xl: &Layout, w_len: usize, b_len: usize) -> Result<(usize, usize)> {
+        let dims = xl.shape().dims();
+        if dims.len() < 2 {
+            candle_core::bail!("kiln-group-norm: expected [B, C, ...], got {dims:?}");
+        }
+        let c = dims[1];
+        let spatial: usize = dims[2..].iter().product();
+        if self.groups == 0 || c % self.groups != 0 || w_len != c || b_len != c {
+            candle_core::bail!(
+                "kiln-group-norm: {c} channels, {} groups, affine {w_len}/{b_len}",
+                self.groups
+            );
+        }
+        Ok((c, spatial))
+    }
+}
+
+impl CustomOp3 for GroupNormOp {
     fn name(&self) -> &'static str {
         "kiln-group-norm"
     }
@@ -30,20 +51,7 @@ impl CustomOp3 for GroupNormCpu {
         let x = f32_values("kiln-group-norm", "input", xs, xl)?;
         let w = f32_values("kiln-group-norm", "weight", ws, wl)?;
         let b = f32_values("kiln-group-norm", "bias", bs, bl)?;
-        let dims = xl.shape().dims();
-        if dims.len() < 2 {
-            candle_core::bail!("kiln-group-norm: expected [B, C, ...], got {dims:?}");
-        }
-        let c = dims[1];
-        let spatial: usize = dims[2..].iter().product();
-        if c % self.groups != 0 || w.len() != c || b.len() != c {
-            candle_core::bail!(
-                "kiln-group-norm: {c} channels, {} groups, affine {}/{}",
-                self.groups,
-                w.len(),
-                b.len()
-            );
-        }
+        let (c, spatial) = self.check(xl, w.len(), b.len())?;
         let per_group = (c / self.groups) * spatial;
         let mut out = vec![0f32; x.len()];
         let (eps, silu, cpg) = (self.eps, self.silu, c / self.groups);
@@ -67,6 +75,29 @@ impl CustomOp3 for GroupNormCpu {
         });
         Ok((CpuStorage::F32(out), xl.shape().clone()))
     }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+        bs: &candle_core::CudaStorage,
+        bl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (c, spatial) = self.check(xl, wl.shape().elem_count(), bl.shape().elem_count())?;
+        let batch = xl.shape().dims()[0];
+        let out = crate::cuda::group_norm::forward(
+            (xs, xl),
+            (ws, wl),
+            (bs, bl),
+            crate::cuda::group_norm::Dims { batch, channels: c, groups: self.groups, spatial },
+            self.eps as f32,
+            self.silu,
+        )?;
+        Ok((out, xl.shape().clone()))
+    }
 }
 
 /// GroupNorm with candle_nn's weights (`weight`, `bias` of [C]).
@@ -86,14 +117,26 @@ impl GroupNorm {
     }
 
     fn fused(&self, x: &Tensor, silu: bool) -> Result<Option<Tensor>> {
+        let op = GroupNormOp { groups: self.groups, eps: self.eps, silu };
         if x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 {
-            let op = GroupNormCpu { groups: self.groups, eps: self.eps, silu };
             return Ok(Some(x.contiguous()?.apply_op3_no_bwd(&self.weight, &self.bias, &op)?));
+        }
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16) {
+            // The kernel takes affine parameters in the input's dtype or in f32.
+            let w_dtype = self.weight.dtype();
+            let (weight, bias) =
+                if self.bias.dtype() == w_dtype && (w_dtype == x.dtype() || w_dtype == DType::F32) {
+                    (self.weight.clone(), self.bias.clone())
+                } else {
+                    (self.weight.to_dtype(DType::F32)?, self.bias.to_dtype(DType::F32)?)
+                };
+            return Ok(Some(x.contiguous()?.apply_op3_no_bwd(&weight, &bias, &op)?));
         }
         Ok(None)
     }
 
-    /// `silu(group_norm(x))`, fused on CPU.
+    /// `silu(group_norm(x))`, fused on CPU and CUDA.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
         match self.fused(x, true)? {
             Some(y) => Ok(y),

@@ -161,10 +161,11 @@ const MAX_SCORES_PER_CHUNK: usize = 1 << 26;
 
 /// Scaled dot-product attention, `softmax(q·kᵀ·scale)·v`, over `[batch, heads, tokens, head_dim]`
 /// tensors. The softmax runs in f32 whatever the input dtype (diffusers declares
-/// `upcast_softmax=True` for the VAE). This is the one place a fused kernel would replace.
-/// On CPU in f32 this is kiln's fused kernel, which never materialises the score matrix.
+/// `upcast_softmax=True` for the VAE). Where kiln has a fused kernel (CPU f32; CUDA f32/f16/bf16
+/// in CUDA builds) it runs that, which never materialises the score matrix; elsewhere the query
+/// chunks below.
 pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    if q.device().is_cpu() && q.dtype() == DType::F32 {
+    if kiln_kernels::attention_is_fused(q.device(), q.dtype(), q.dim(3)?.max(v.dim(3)?)) {
         return Ok(kiln_kernels::attention(q, k, v, scale, false)?);
     }
     chunked_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK)
@@ -265,7 +266,7 @@ impl SpatialAttention {
         let tokens = self.group_norm.forward(xs)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
         let qkv = self.to_qkv.forward(&tokens)?;
         let (q, k, v) = (qkv.narrow(2, 0, c)?, qkv.narrow(2, c, c)?, qkv.narrow(2, 2 * c, c)?);
-        let attended = if xs.device().is_cpu() && xs.dtype() == DType::F32 {
+        let attended = if kiln_kernels::attention_is_fused(xs.device(), qkv.dtype(), head_dim) {
             // Fused kernel straight on the projection's [b, hw, heads * head_dim] output.
             kiln_kernels::attention_bnc(&q, &k, &v, self.heads, self.scale, false)?
         } else {
