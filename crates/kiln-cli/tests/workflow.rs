@@ -542,11 +542,27 @@ fn bench_synthetic_and_real_on_cpu() {
         (u["megapixels_per_second"].as_f64().unwrap() * u["upscale"].as_f64().unwrap() - mp).abs() < 1e-9
     );
     assert!(u["peak_host_memory_bytes"].as_u64().unwrap() > 0);
-    // Real weights: the project's tiers (the tiny model) through the pipeline.
-    let r = ok_json(root, &["bench", "--device", "cpu", "--project", root.to_str().unwrap()]);
+    // Real weights: the project's tiers (the tiny model) through the pipeline, steady state:
+    // one untimed image, then the fastest of two per stage.
+    let project_arg = root.to_str().unwrap();
+    let args = ["bench", "--device", "cpu", "--project", project_arg, "--warmup", "1", "--repeats", "2"];
+    let r = ok_json(root, &args);
     let results = r["results"].as_array().unwrap();
     assert_eq!((results[0]["steps"].as_u64(), results[1]["steps"].as_u64()), (Some(2), Some(4)));
     assert_eq!((results[1]["width"].as_u64(), results[1]["height"].as_u64()), (Some(128), Some(96)));
+    for r in results {
+        assert_eq!((r["warmup"].as_u64(), r["repeats"].as_u64()), (Some(1), Some(2)));
+        // The fastest whole image is no faster than the sum of the fastest stages.
+        let stages = r["text_encode"].as_f64().unwrap()
+            + r["steps_total"].as_f64().unwrap()
+            + r["vae_decode"].as_f64().unwrap();
+        assert!(r["per_image"].as_f64().unwrap() >= stages - 1e-12);
+    }
+    assert_fails(
+        root,
+        &["bench", "--device", "cpu", "--project", project_arg, "--repeats", "0"],
+        "--repeats",
+    );
 }
 
 /// The synthetic SD-Turbo build has exactly the published parameter count: UNet 865,910,724 +

@@ -67,6 +67,19 @@ pub struct BenchSettings {
     pub repeats: usize,
 }
 
+impl BenchSettings {
+    /// Checks the settings before anything is loaded.
+    pub fn validate(&self) -> Result<()> {
+        if self.repeats == 0 {
+            return Err(Error::arg("--repeats", "must be at least 1"));
+        }
+        if ![1, 2, 4, 8, 16, 32].contains(&self.shrink) {
+            return Err(Error::arg("--shrink", format!("{} is not one of 1, 2, 4, 8, 16, 32", self.shrink)));
+        }
+        Ok(())
+    }
+}
+
 /// The synthetic architectures kiln knows: (text encoders, unet, vae, name) configs in
 /// diffusers/transformers key names, for the tiers' shipped models.
 struct Arch {
@@ -240,9 +253,7 @@ fn time_images(
     s: &BenchSettings,
     mut image: impl FnMut() -> Result<ImageTimes>,
 ) -> Result<(ImageTimes, f64)> {
-    if s.repeats == 0 {
-        return Err(Error::arg("--repeats", "must be at least 1"));
-    }
+    s.validate()?;
     for _ in 0..s.warmup {
         image()?;
     }
@@ -263,9 +274,7 @@ fn time_images(
 /// Times one tier (synthetic: zero-weight model of its architecture).
 pub fn bench_synthetic(tier: &Tier, s: &BenchSettings) -> Result<TierBench> {
     reset_peak_host_memory();
-    if ![1, 2, 4, 8, 16, 32].contains(&s.shrink) {
-        return Err(Error::arg("--shrink", format!("{} is not one of 1, 2, 4, 8, 16, 32", s.shrink)));
-    }
+    s.validate()?;
     let arch = arch_for(&tier.model, s.shrink)?;
     let sync = |d: &Device| d.synchronize();
     let t0 = Instant::now();
