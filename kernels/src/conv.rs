@@ -13,14 +13,15 @@ use crate::winograd::{winograd_forward, Act, WinoInput, WinogradWeights};
 /// gemm, small enough to stay in cache and bound memory at 4K/8K sizes.
 const COL_BUDGET: usize = 1 << 21;
 
-/// Convolution of an NCHW input by an OIHW weight (groups = 1, dilation = 1).
+/// Convolution of an NCHW input by an OIHW weight (groups = 1, dilation = 1): kiln's im2col
+/// kernel on the CPU (f32), cuDNN with kept plans on CUDA (f32/f16/bf16, the `cudnn` feature).
 #[derive(Debug, Clone, Copy)]
-struct Conv2dCpu {
-    stride: usize,
-    padding: usize,
+pub(crate) struct Conv2dOp {
+    pub(crate) stride: usize,
+    pub(crate) padding: usize,
 }
 
-impl CustomOp2 for Conv2dCpu {
+impl CustomOp2 for Conv2dOp {
     fn name(&self) -> &'static str {
         "kiln-conv2d"
     }
@@ -38,6 +39,26 @@ impl CustomOp2 for Conv2dCpu {
         let mut out = vec![0f32; geometry.out_len()];
         im2col_gemm(x, w, &geometry, &mut out, false, 1.0);
         Ok((CpuStorage::F32(out), Shape::from_dims(&geometry.out_dims())))
+    }
+
+    #[cfg(feature = "cudnn")]
+    fn cuda_fwd(
+        &self,
+        xs: &candle_core::CudaStorage,
+        xl: &Layout,
+        ws: &candle_core::CudaStorage,
+        wl: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let g = Geometry::new(xl.shape().dims4()?, wl.shape().dims4()?, self.stride, self.padding)?;
+        let shape = crate::cuda::cudnn::ConvShape {
+            input: [g.b, g.c, g.h, g.w],
+            weight: [g.o, g.c, g.kh, g.kw],
+            output: g.out_dims(),
+            stride: g.s,
+            padding: g.p,
+        };
+        let out = crate::cuda::cudnn::forward((xs, xl), (ws, wl), shape)?;
+        Ok((out, Shape::from_dims(&g.out_dims())))
     }
 }
 
@@ -181,8 +202,26 @@ fn is_cpu_f32(x: &Tensor, weight: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32
 }
 
+/// Whether a conv of `x` by `weight` runs as [`Conv2dOp`] on cuDNN with kept plans: with the
+/// `cudnn` feature, both on CUDA in one of f32/f16/bf16 (unless `KILN_CUDA_CONV=candle`).
+pub fn uses_cudnn(x: &Tensor, weight: &Tensor) -> bool {
+    #[cfg(feature = "cudnn")]
+    {
+        x.device().is_cuda()
+            && x.dtype() == weight.dtype()
+            && matches!(x.dtype(), DType::F32 | DType::F16 | DType::BF16)
+            && crate::cuda::cudnn::enabled()
+    }
+    #[cfg(not(feature = "cudnn"))]
+    {
+        let _ = (x, weight);
+        false
+    }
+}
+
 /// `x.conv2d(weight)` with kiln's CPU kernels for f32 on CPU (Winograd where
-/// [`prefers_winograd`], im2col otherwise), candle's conv elsewhere.
+/// [`prefers_winograd`], im2col otherwise), cuDNN with kept plans where [`uses_cudnn`], candle's
+/// conv elsewhere.
 pub fn conv2d_forward(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     let (_, _, kh, kw) = weight.dims4()?;
@@ -195,8 +234,8 @@ pub fn conv2d_forward(x: &Tensor, weight: &Tensor, stride: usize, padding: usize
 
 /// As [`conv2d_forward`], always by im2col on CPU f32.
 pub fn conv2d_forward_im2col(x: &Tensor, weight: &Tensor, stride: usize, padding: usize) -> Result<Tensor> {
-    if is_cpu_f32(x, weight) {
-        x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &Conv2dCpu { stride, padding })
+    if is_cpu_f32(x, weight) || uses_cudnn(x, weight) {
+        x.contiguous()?.apply_op2_no_bwd(&weight.contiguous()?, &Conv2dOp { stride, padding })
     } else {
         x.conv2d(weight, padding, stride, 1, 1)
     }
@@ -258,7 +297,14 @@ impl Conv2d {
         let bias_ready = self.bias.is_none() || self.bias_values.is_some();
         let residual_ready = residual.is_none_or(|r| r.device().is_cpu() && r.dtype() == DType::F32);
         if !(is_cpu_f32(x, &self.weight) && bias_ready && residual_ready) {
-            let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+            let y = if uses_cudnn(x, &self.weight) {
+                x.contiguous()?.apply_op2_no_bwd(
+                    &self.weight.contiguous()?,
+                    &Conv2dOp { stride: self.stride, padding: self.padding },
+                )?
+            } else {
+                x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+            };
             let y = match &self.bias {
                 Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
                 None => y,

@@ -2,8 +2,8 @@
 //!
 //! - [`conv`]: 2-D convolution. On CPU (f32) an im2col + single-gemm kernel that builds the
 //!   column matrix in cache-sized bands of output rows, several times faster than candle's
-//!   tiled im2col on the shapes SD's VAE and Real-ESRGAN use; elsewhere candle's own conv
-//!   (cuDNN on CUDA when the `cudnn` feature is on).
+//!   tiled im2col on the shapes SD's VAE and Real-ESRGAN use; on CUDA with the `cudnn` feature
+//!   cuDNN with descriptors, algorithms and workspace kept between calls; elsewhere candle's conv.
 //! - [`blend`]: tile blend (accumulate a tile into an output strip with feather weights); the CPU
 //!   reference is what the tiling planner runs, with a CUDA kernel under `cuda`.
 //! - [`norm`]: GroupNorm (+ optional SiLU) fused into one pass per group on CPU, one kernel on
@@ -28,6 +28,8 @@ mod cpu;
 mod cuda;
 pub mod fastmath;
 pub mod linear;
+#[cfg_attr(not(all(feature = "cudnn", not(test))), allow(dead_code))]
+mod lru;
 pub mod norm;
 pub mod winograd;
 

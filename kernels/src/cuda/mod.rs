@@ -2,11 +2,15 @@
 //! `cuda` feature, JIT-compiled by the driver and loaded once per device).
 //!
 //! - [`attention`]: kernels/cuda/attention.cu for [`crate::attention`]'s op;
-//! - [`group_norm`]: kernels/cuda/group_norm.cu for [`crate::norm::GroupNorm`].
+//! - [`group_norm`]: kernels/cuda/group_norm.cu for [`crate::norm::GroupNorm`];
+//! - [`cudnn`] (the `cudnn` feature): cuDNN forward convolution with kept descriptors, algorithms
+//!   and workspace for [`crate::conv`].
 //!
 //! The tile blend kernel keeps its launch beside its op in [`crate::blend`].
 
 pub(crate) mod attention;
+#[cfg(feature = "cudnn")]
+pub(crate) mod cudnn;
 pub(crate) mod group_norm;
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! The CUDA kernels against the CPU ops (`cpu_fwd`, the reference) on random inputs. They need a
 //! GPU: without one they fail, unless `KILN_SKIP_GPU_TESTS=1` says to skip them.
-//! Run on a GPU machine: `cargo test --release -p kiln-kernels --features cuda -- cuda::`.
+//! Run on a GPU machine: `cargo test --release -p kiln-kernels --features cuda -- cuda::`
+//! (`--features cudnn` adds the cuDNN convolution tests in [`cudnn`]).
 
 use crate::attention::{attention, attention_bnc, use_fused, AttentionOp};
 use crate::norm::{GroupNorm, GroupNormOp};
@@ -40,11 +41,21 @@ fn rounded(x: &Tensor, dtype: DType) -> Result<Tensor> {
 }
 
 fn assert_close(got: &Tensor, want: &Tensor, dtype: DType, what: &str) -> Result<()> {
+    assert_within(got, want, dtype, tolerance(dtype), what)
+}
+
+/// As [`assert_close`] with the bar `(abs, rel)`.
+fn assert_within(
+    got: &Tensor,
+    want: &Tensor,
+    dtype: DType,
+    (abs, rel): (f32, f32),
+    what: &str,
+) -> Result<()> {
     assert_eq!(got.dims(), want.dims(), "{what}: shape");
     assert_eq!(got.dtype(), dtype, "{what}: dtype");
     let got = got.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
     let want = want.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-    let (abs, rel) = tolerance(dtype);
     let mut worst = (0f32, 0usize);
     for (i, (&g, &w)) in got.iter().zip(&want).enumerate() {
         let excess = (g - w).abs() - (abs + rel * w.abs());
@@ -57,6 +68,9 @@ fn assert_close(got: &Tensor, want: &Tensor, dtype: DType, what: &str) -> Result
     assert!(worst.0 <= 0.0, "{what} ({dtype:?}): element {i} is {}, reference {}", got[i], want[i]);
     Ok(())
 }
+
+#[cfg(feature = "cudnn")]
+mod cudnn;
 
 const DTYPES: [DType; 3] = [DType::F32, DType::F16, DType::BF16];
 
