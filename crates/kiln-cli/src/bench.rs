@@ -71,7 +71,6 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         warmup: args.warmup,
         repeats: args.repeats,
     };
-    settings.validate()?;
     let mut results: Vec<TierBench> = Vec::new();
     let mut upscales: Vec<UpscaleBench> = Vec::new();
     let explicit = args.tiers.is_some();

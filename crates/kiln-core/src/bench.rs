@@ -247,13 +247,12 @@ struct ImageTimes {
     vae_decode: f64,
 }
 
-/// Makes `s.warmup` untimed images, then `s.repeats` timed ones; returns each stage's fastest
-/// and the fastest whole image.
+/// Makes `s.warmup` untimed images, then `s.repeats` timed ones (the callers' [`BenchSettings::validate`]
+/// made sure there is at least one); returns each stage's fastest and the fastest whole image.
 fn time_images(
     s: &BenchSettings,
     mut image: impl FnMut() -> Result<ImageTimes>,
 ) -> Result<(ImageTimes, f64)> {
-    s.validate()?;
     for _ in 0..s.warmup {
         image()?;
     }
@@ -366,6 +365,7 @@ pub fn bench_synthetic(tier: &Tier, s: &BenchSettings) -> Result<TierBench> {
 
 /// Times one tier with its real weights (through the generation pipeline, one image).
 pub fn bench_real(tier: &Tier, s: &BenchSettings) -> Result<TierBench> {
+    s.validate()?;
     reset_peak_host_memory();
     use crate::pipeline::generate::{generate, NoProgress};
     let t0 = Instant::now();
@@ -495,9 +495,7 @@ pub fn bench_upscale(
         return Err(Error::arg("--size", "the upscale input must be at least 1x1"));
     }
     let synthetic = synthetic && is_x4plus(&tier.model);
-    if synthetic && ![1, 2, 4, 8, 16, 32].contains(&s.shrink) {
-        return Err(Error::arg("--shrink", format!("{} is not one of 1, 2, 4, 8, 16, 32", s.shrink)));
-    }
+    s.validate()?;
     let load = || -> Result<Upscaler> {
         if synthetic {
             Upscaler::new(synthetic_x4plus(s.shrink)?, &s.device, s.dtype)
