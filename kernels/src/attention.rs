@@ -433,11 +433,8 @@ pub fn attention_reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, causa
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::max_abs_diff;
     use candle_core::Device;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
-    }
 
     #[test]
     fn matches_composed_attention() -> Result<()> {
@@ -461,7 +458,7 @@ mod tests {
             let expected = attention_reference(&q, &k, &v, scale, causal)?;
             let got = attention(&q, &k, &v, scale, causal)?;
             assert_eq!(got.dims(), expected.dims());
-            let diff = max_diff(&got, &expected)?;
+            let diff = max_abs_diff(&got, &expected)?;
             assert!(diff < 1e-4, "case {i}: diff {diff}");
         }
         Ok(())
@@ -488,7 +485,7 @@ mod tests {
             )?
             .transpose(1, 2)?
             .reshape((b, n, c))?;
-            let diff = max_diff(&got, &expected)?;
+            let diff = max_abs_diff(&got, &expected)?;
             assert!(diff < 1e-4, "causal {causal}: diff {diff}");
         }
         // Cross-attention in bnc layout: 77 context tokens.
@@ -501,14 +498,14 @@ mod tests {
         let expected = attention_reference(&split(&q, n)?, &split(&k, m)?, &split(&v, m)?, scale, false)?
             .transpose(1, 2)?
             .reshape((b, n, c))?;
-        let diff = max_diff(&got, &expected)?;
+        let diff = max_abs_diff(&got, &expected)?;
         assert!(diff < 1e-4, "cross: diff {diff}");
         // A transposed [b, h, n, d] view (non-contiguous token stride) in the 4-D entry point.
         let q4 = q.contiguous()?.reshape((b, n, heads, d))?.transpose(1, 2)?;
         let got = attention(&q4, &q4, &q4, scale, false)?;
         let expected =
             attention_reference(&q4.contiguous()?, &q4.contiguous()?, &q4.contiguous()?, scale, false)?;
-        let diff = max_diff(&got, &expected)?;
+        let diff = max_abs_diff(&got, &expected)?;
         assert!(diff < 1e-4, "transposed view: diff {diff}");
         Ok(())
     }
@@ -526,10 +523,7 @@ mod tests {
 #[cfg(test)]
 mod batch_invariance {
     use super::*;
-
-    fn rand(shape: &[usize], seed: u64) -> Result<Tensor> {
-        crate::test_util::rand(shape, seed, 1.0)
-    }
+    use crate::test_util::{max_abs_diff, rand_unit};
 
     /// A batched image must equal the same image made alone, bit for bit (replay of batched
     /// drafts): each batch item's attention is computed the same way whatever the batch.
@@ -538,14 +532,14 @@ mod batch_invariance {
         for &(heads, tq, tk, d) in
             &[(2, 64, 64, 16), (2, 64, 7, 16), (1, 1024, 1024, 32), (4, 256, 77, 40), (1, 64, 64, 512)]
         {
-            let q = rand(&[4, heads, tq, d], 1)?;
-            let k = rand(&[4, heads, tk, d], 2)?;
-            let v = rand(&[4, heads, tk, d], 3)?;
+            let q = rand_unit(&[4, heads, tq, d], 1)?;
+            let k = rand_unit(&[4, heads, tk, d], 2)?;
+            let v = rand_unit(&[4, heads, tk, d], 3)?;
             let all = attention(&q, &k, &v, 0.125, false)?;
             for i in 0..4 {
                 let one =
                     attention(&q.narrow(0, i, 1)?, &k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?, 0.125, false)?;
-                let diff = (one - all.narrow(0, i, 1)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let diff = max_abs_diff(&one, &all.narrow(0, i, 1)?)?;
                 assert_eq!(diff, 0.0, "{heads} heads {tq}x{tk} d{d}: item {i}");
             }
         }

@@ -414,10 +414,7 @@ pub fn conv2d(cin: usize, cout: usize, kernel: usize, cfg: Conv2dConfig, vb: Var
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn rand(shape: &[usize], seed: u64) -> Result<Tensor> {
-        crate::test_util::rand(shape, seed, 1.0)
-    }
+    use crate::test_util::{max_abs_diff, rand_unit};
 
     #[test]
     fn matches_candle_reference() -> Result<()> {
@@ -431,12 +428,12 @@ mod tests {
             (1, 64, 40, 70, 32, 3, 1, 1), // several bands
         ];
         for (i, &(b, ci, h, w, co, k, s, p)) in cases.iter().enumerate() {
-            let x = rand(&[b, ci, h, w], i as u64)?;
-            let wt = rand(&[co, ci, k, k], 100 + i as u64)?;
+            let x = rand_unit(&[b, ci, h, w], i as u64)?;
+            let wt = rand_unit(&[co, ci, k, k], 100 + i as u64)?;
             let ours = conv2d_forward(&x, &wt, s, p)?;
             let reference = x.conv2d(&wt, p, s, 1, 1)?;
             assert_eq!(ours.dims(), reference.dims(), "case {i}");
-            let diff = (ours - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = max_abs_diff(&ours, &reference)?;
             assert!(diff < 1e-4, "case {i}: max diff {diff}");
         }
         Ok(())
@@ -445,11 +442,11 @@ mod tests {
     #[test]
     fn band_budget_splits_rows() -> Result<()> {
         // Large enough that one band cannot hold all output rows.
-        let x = rand(&[1, 32, 200, 300], 7)?;
-        let wt = rand(&[16, 32, 3, 3], 8)?;
+        let x = rand_unit(&[1, 32, 200, 300], 7)?;
+        let wt = rand_unit(&[16, 32, 3, 3], 8)?;
         let ours = conv2d_forward_im2col(&x, &wt, 1, 1)?;
         let reference = x.conv2d(&wt, 1, 1, 1, 1)?;
-        let diff = (ours - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = max_abs_diff(&ours, &reference)?;
         assert!(diff < 1e-4, "max diff {diff}");
         Ok(())
     }
@@ -466,19 +463,19 @@ mod tests {
             (1, 33, 64, 64, 17, 3, 1, 1),
         ];
         for (i, &(b, ci, h, w, co, k, s, p)) in cases.iter().enumerate() {
-            let x = rand(&[b, ci, h, w], 10 + i as u64)?;
-            let wt = (rand(&[co, ci, k, k], 20 + i as u64)? * 0.3)?;
-            let bias = rand(&[co], 30 + i as u64)?;
+            let x = rand_unit(&[b, ci, h, w], 10 + i as u64)?;
+            let wt = (rand_unit(&[co, ci, k, k], 20 + i as u64)? * 0.3)?;
+            let bias = rand_unit(&[co], 30 + i as u64)?;
             let cfg = Conv2dConfig { padding: p, stride: s, ..Default::default() };
             let layer = Conv2d::new(wt.clone(), Some(bias.clone()), cfg)?;
             let reference = x.conv2d(&wt, p, s, 1, 1)?.broadcast_add(&bias.reshape((1, co, 1, 1))?)?;
             let scale = (reference.abs()?.max_all()?.to_scalar::<f32>()?).max(1.0);
-            let diff = (layer.forward(&x)? - &reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = max_abs_diff(&layer.forward(&x)?, &reference)?;
             assert!(diff < 1e-5 * scale, "case {i} forward: max diff {diff}");
-            let residual = rand(reference.dims(), 40 + i as u64)?;
+            let residual = rand_unit(reference.dims(), 40 + i as u64)?;
             let want = ((&reference + &residual)? * 0.5)?;
             let got = layer.forward_add(&x, &residual, 0.5)?;
-            let diff = (got - want)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = max_abs_diff(&got, &want)?;
             assert!(diff < 1e-5 * scale, "case {i} forward_add: max diff {diff}");
             // Without bias.
             let plain = Conv2d::new(wt.clone(), None, cfg)?;
@@ -490,9 +487,14 @@ mod tests {
                 .to_scalar::<f32>()?;
             assert!(diff < 1e-5 * scale, "case {i} no bias: max diff {diff}");
         }
-        let layer =
-            Conv2d::new(rand(&[4, 3, 3, 3], 1)?, None, Conv2dConfig { padding: 1, ..Default::default() })?;
-        assert!(layer.forward_add(&rand(&[1, 3, 8, 8], 2)?, &rand(&[1, 4, 8, 7], 3)?, 1.0).is_err());
+        let layer = Conv2d::new(
+            rand_unit(&[4, 3, 3, 3], 1)?,
+            None,
+            Conv2dConfig { padding: 1, ..Default::default() },
+        )?;
+        assert!(layer
+            .forward_add(&rand_unit(&[1, 3, 8, 8], 2)?, &rand_unit(&[1, 4, 8, 7], 3)?, 1.0)
+            .is_err());
         Ok(())
     }
 }
@@ -500,6 +502,7 @@ mod tests {
 #[cfg(test)]
 mod kept_weights {
     use super::*;
+    use crate::test_util::max_abs_diff;
 
     /// A layer whose transformed weights are only kept from its second call on gives the same
     /// bits on every call (a replay in a fresh process must match an image made later in a
@@ -517,11 +520,11 @@ mod kept_weights {
         assert!(layer.winograd.get().is_some(), "not kept on the second call");
         let third = layer.forward(&x)?;
         for later in [&second, &third] {
-            let diff = (&first - later)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            let diff = max_abs_diff(&first, later)?;
             assert_eq!(diff, 0.0);
         }
         let reference = x.conv2d(&wt, 1, 1, 1, 1)?;
-        let diff = (first - reference)?.abs()?.max_all()?.to_scalar::<f32>()?;
+        let diff = max_abs_diff(&first, &reference)?;
         assert!(diff < 1e-3, "max diff {diff}");
         Ok(())
     }
@@ -530,10 +533,7 @@ mod kept_weights {
 #[cfg(test)]
 mod batch_invariance {
     use super::*;
-
-    fn rand(shape: &[usize], seed: u64) -> Result<Tensor> {
-        crate::test_util::rand(shape, seed, 1.0)
-    }
+    use crate::test_util::{max_abs_diff, rand_unit};
 
     /// Both paths (im2col, Winograd with kept or per-call weights) give each batch item the
     /// bits it gets alone.
@@ -548,15 +548,15 @@ mod batch_invariance {
             (32, 32, 32, 32, 3, 2, 0),
             (32, 32, 32, 32, 1, 1, 0),
         ] {
-            let x = rand(&[4, ci, h, w], 1)?;
-            let wt = rand(&[co, ci, k, k], 2)?;
-            let bias = rand(&[co], 3)?;
+            let x = rand_unit(&[4, ci, h, w], 1)?;
+            let wt = rand_unit(&[co, ci, k, k], 2)?;
+            let bias = rand_unit(&[co], 3)?;
             let layer =
                 Conv2d::new(wt, Some(bias), Conv2dConfig { padding: p, stride: s, ..Default::default() })?;
             let all = layer.forward(&x)?;
             for i in 0..4 {
                 let one = layer.forward(&x.narrow(0, i, 1)?)?;
-                let diff = (one - all.narrow(0, i, 1)?)?.abs()?.max_all()?.to_scalar::<f32>()?;
+                let diff = max_abs_diff(&one, &all.narrow(0, i, 1)?)?;
                 assert_eq!(diff, 0.0, "{ci} {h}x{w} -> {co} k{k} s{s}: item {i}");
             }
         }

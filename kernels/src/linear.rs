@@ -371,11 +371,8 @@ pub fn linear_no_bias(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<L
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::max_abs_diff;
     use candle_core::Device;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> Result<f32> {
-        (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()
-    }
 
     #[test]
     fn matches_candle_linear() -> Result<()> {
@@ -397,13 +394,13 @@ mod tests {
             for bias in [None, Some(b.clone())] {
                 let reference = candle_nn::Linear::new(w.clone(), bias.clone()).forward(&x)?;
                 let ours = Linear::new(w.clone(), bias.clone())?;
-                let d = max_diff(&ours.forward(&x)?, &reference)?;
+                let d = max_abs_diff(&ours.forward(&x)?, &reference)?;
                 assert!(d < 1e-4, "case {i}: plain diff {d}");
-                let d = max_diff(&ours.forward_with(&x, Epilogue::GeluErf)?, &reference.gelu_erf()?)?;
+                let d = max_abs_diff(&ours.forward_with(&x, Epilogue::GeluErf)?, &reference.gelu_erf()?)?;
                 assert!(d < 1e-4, "case {i}: gelu diff {d}");
                 if n % 2 == 0 {
                     let reference = apply_epilogue(&reference, Epilogue::Geglu)?;
-                    let d = max_diff(&ours.forward_with(&x, Epilogue::Geglu)?, &reference)?;
+                    let d = max_abs_diff(&ours.forward_with(&x, Epilogue::Geglu)?, &reference)?;
                     assert!(d < 1e-4, "case {i}: geglu diff {d}");
                 }
             }
@@ -421,7 +418,7 @@ mod tests {
         let fused = Linear::concat(&parts)?.forward(&x)?;
         for (i, (w, b)) in parts.iter().enumerate() {
             let separate = candle_nn::Linear::new(w.clone(), b.clone()).forward(&x)?;
-            let d = max_diff(&fused.narrow(2, i * 8, 8)?, &separate)?;
+            let d = max_abs_diff(&fused.narrow(2, i * 8, 8)?, &separate)?;
             assert!(d < 1e-5, "part {i}: diff {d}");
         }
         Ok(())
@@ -442,14 +439,14 @@ mod tests {
                 let all = lin.forward_with(&x, epilogue)?;
                 for i in 0..4 {
                     let one = lin.forward_with(&x.narrow(0, i, 1)?, epilogue)?;
-                    assert_eq!(max_diff(&one, &all.narrow(0, i, 1)?)?, 0.0, "{m}x{k}->{n}: item {i}");
+                    assert_eq!(max_abs_diff(&one, &all.narrow(0, i, 1)?)?, 0.0, "{m}x{k}->{n}: item {i}");
                 }
             }
             // 2-D input: each row is an item.
             let rows = x.narrow(1, 0, 1)?.squeeze(1)?;
             let all = lin.forward(&rows)?;
             for i in 0..4 {
-                assert_eq!(max_diff(&lin.forward(&rows.narrow(0, i, 1)?)?, &all.narrow(0, i, 1)?)?, 0.0);
+                assert_eq!(max_abs_diff(&lin.forward(&rows.narrow(0, i, 1)?)?, &all.narrow(0, i, 1)?)?, 0.0);
             }
         }
         Ok(())

@@ -5,6 +5,7 @@
 
 use crate::attention::{attention, attention_bnc, use_fused, AttentionOp};
 use crate::norm::{GroupNorm, GroupNormOp};
+use crate::test_util::rand;
 use candle_core::{DType, Device, Result, Tensor};
 
 /// The first CUDA device, or `None` (test skipped) if there is none and KILN_SKIP_GPU_TESTS=1.
@@ -19,10 +20,6 @@ fn gpu() -> Option<Device> {
             panic!("no CUDA device could be opened ({e}); set KILN_SKIP_GPU_TESTS=1 to skip the GPU tests")
         }
     }
-}
-
-fn rand(shape: &[usize], seed: u64, range: f32) -> Result<Tensor> {
-    crate::test_util::rand(shape, seed, range)
 }
 
 /// Per-dtype bar: |got - want| <= abs + rel * |want| element by element. The reference sees the
