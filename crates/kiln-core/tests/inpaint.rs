@@ -259,23 +259,42 @@ fn seam_ratio(img: &RgbImage, (x0, y0, x1, y1): (u32, u32, u32, u32)) -> f64 {
     (across / n_across as f64) / (inner / n_inner as f64)
 }
 
+/// The seam tests' scene: a flat 96x64 image with a hard rectangular mask `FLAT_RECT`
+/// (x0, y0, x1, y1), its edges on the 8 px latent grid.
+const FLAT_RECT: (u32, u32, u32, u32) = (24, 16, 72, 48);
+
+fn flat_scene() -> (RgbImage, Mask) {
+    let (x0, y0, x1, y1) = FLAT_RECT;
+    let flat = RgbImage::from_pixel(96, 64, image::Rgb([150, 120, 90]));
+    let mask =
+        Mask::from_fn(96, 64, |x, y| if (x0..x1).contains(&x) && (y0..y1).contains(&y) { 1.0 } else { 0.0 });
+    (flat, mask)
+}
+
+/// A whole-image inpaint request with 8 steps, one seed, a solver and the x0 re-imposition set.
+fn whole_request(
+    image: &RgbImage,
+    mask: &Mask,
+    sched: &str,
+    seed: u64,
+    x0: bool,
+    blur: f64,
+) -> InpaintRequest {
+    let mut req = InpaintRequest::new("a red fox sitting in the snow", image.clone(), mask.clone());
+    req.steps = 8;
+    req.seeds = vec![seed];
+    req.region = Region::Whole;
+    req.scheduler = Some(sched.parse().unwrap());
+    req.reimpose_denoised = Some(x0);
+    req.mask_blur = blur;
+    req
+}
+
 #[test]
 fn flat_image_has_no_seam_and_keeps_unmasked_pixels() {
     let model = load_model("plain4");
-    let flat = RgbImage::from_pixel(96, 64, image::Rgb([150, 120, 90]));
-    let rect = (24u32, 16u32, 72u32, 48u32);
-    let mask =
-        Mask::from_fn(
-            96,
-            64,
-            |x, y| {
-                if x >= rect.0 && x < rect.2 && y >= rect.1 && y < rect.3 {
-                    1.0
-                } else {
-                    0.0
-                }
-            },
-        );
+    let (flat, mask) = flat_scene();
+    let rect = FLAT_RECT;
     let mut req = InpaintRequest::new("a red fox sitting in the snow", flat.clone(), mask);
     req.steps = 8;
     req.seeds = vec![11];
@@ -396,19 +415,10 @@ fn x0_reimposition_acts_on_soft_cells_only() {
     let model = load_model("plain4");
     let image = kiln_core::image::load_rgb(&dir().join("image.png")).unwrap();
     let mask = Mask::load(&dir().join("mask.png")).unwrap();
-    let flat = RgbImage::from_pixel(96, 64, image::Rgb([150, 120, 90]));
-    let rect = (24u32, 16u32, 72u32, 48u32);
-    let inside = |x: u32, y: u32| x >= rect.0 && x < rect.2 && y >= rect.1 && y < rect.3;
-    let flat_mask = Mask::from_fn(96, 64, |x, y| if inside(x, y) { 1.0 } else { 0.0 });
+    let (flat, flat_mask) = flat_scene();
+    let rect = FLAT_RECT;
     let run = |img: &RgbImage, m: &Mask, sched: &str, seed: u64, x0: bool, blur: f64| {
-        let mut req = InpaintRequest::new("a red fox sitting in the snow", img.clone(), m.clone());
-        req.steps = 8;
-        req.seeds = vec![seed];
-        req.region = Region::Whole;
-        req.scheduler = Some(sched.parse().unwrap());
-        req.reimpose_denoised = Some(x0);
-        req.mask_blur = blur;
-        inpaint_quiet(&model, &req).unwrap()
+        inpaint_quiet(&model, &whole_request(img, m, sched, seed, x0, blur)).unwrap()
     };
     let (mut seam_better, mut runs) = (0, 0);
     for sched in ["ddim", "euler", "euler-a", "dpmpp-2m", "lcm", "pndm"] {
@@ -454,20 +464,8 @@ fn x0_reimposition_acts_on_soft_cells_only() {
 #[ignore]
 fn x0_stats() {
     let model = load_model("plain4");
-    let flat = RgbImage::from_pixel(96, 64, image::Rgb([150, 120, 90]));
-    let rect = (24u32, 16u32, 72u32, 48u32);
-    let flat_mask =
-        Mask::from_fn(
-            96,
-            64,
-            |x, y| {
-                if x >= rect.0 && x < rect.2 && y >= rect.1 && y < rect.3 {
-                    1.0
-                } else {
-                    0.0
-                }
-            },
-        );
+    let (flat, flat_mask) = flat_scene();
+    let rect = FLAT_RECT;
     println!("| solver | blur px | seam ratio off | seam ratio on | runs on <= off | band mismatch off | band mismatch on |");
     println!("|---|---:|---:|---:|---:|---:|---:|");
     for blur in [4.0, 8.0] {
@@ -477,14 +475,7 @@ fn x0_stats() {
             for seed in seeds.clone() {
                 let mut s = [0f64; 2];
                 for (k, x0) in [false, true].into_iter().enumerate() {
-                    let mut req =
-                        InpaintRequest::new("a red fox sitting in the snow", flat.clone(), flat_mask.clone());
-                    req.steps = 8;
-                    req.seeds = vec![seed];
-                    req.region = Region::Whole;
-                    req.mask_blur = blur;
-                    req.scheduler = Some(sched.parse().unwrap());
-                    req.reimpose_denoised = Some(x0);
+                    let req = whole_request(&flat, &flat_mask, sched, seed, x0, blur);
                     let out = inpaint_quiet(&model, &req).unwrap();
                     s[k] = seam_ratio(&out.images[0].image, rect);
                     seam[k] += s[k];
