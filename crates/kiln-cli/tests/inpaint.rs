@@ -15,6 +15,13 @@ fn kiln(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_kiln")).args(args).env("KILN_DATA_DIR", data).output().unwrap()
 }
 
+/// Runs kiln and asserts it succeeded (showing its stderr otherwise).
+fn kiln_ok(args: &[&str]) -> Output {
+    let o = kiln(args);
+    assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    o
+}
+
 fn record(path: &Path) -> serde_json::Value {
     let chunks = kiln_core::image::png_meta::read_png_text(path).unwrap();
     let kiln = chunks.iter().find(|c| c.keyword == "kiln").unwrap();
@@ -31,7 +38,7 @@ fn inpaint_writes_metadata_keeps_unmasked_pixels_and_is_deterministic() {
     let outs: Vec<PathBuf> = ["a.png", "b.png"].iter().map(|n| dir.path().join(n)).collect();
     let (image, mask, model) = (fixture("image.png"), fixture("mask.png"), fixture("plain4/model"));
     for out in &outs {
-        let o = kiln(&[
+        let o = kiln_ok(&[
             "inpaint",
             &image,
             "--mask",
@@ -50,7 +57,6 @@ fn inpaint_writes_metadata_keeps_unmasked_pixels_and_is_deterministic() {
             "--out",
             out.to_str().unwrap(),
         ]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         assert_eq!(report["unet"], "plain");
         assert_eq!(report["plan"]["only_masked"], false);
@@ -83,7 +89,7 @@ fn outpaint_to_aspect_and_erase() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("wide.png");
     let image = fixture("image.png");
-    let o = kiln(&[
+    kiln_ok(&[
         "outpaint",
         &image,
         "--to",
@@ -100,7 +106,6 @@ fn outpaint_to_aspect_and_erase() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let wide = rgb(&out);
     assert_eq!(wide.dimensions(), (114, 64));
     let input = rgb(Path::new(&image));
@@ -115,7 +120,7 @@ fn outpaint_to_aspect_and_erase() {
     assert_eq!(r["inpaint"]["extend"], serde_json::json!([9, 9, 0, 0]));
 
     let erased = dir.path().join("erased.png");
-    let o = kiln(&[
+    kiln_ok(&[
         "erase",
         &image,
         "--mask",
@@ -132,7 +137,6 @@ fn outpaint_to_aspect_and_erase() {
         "--out",
         erased.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r = record(&erased);
     assert_eq!(r["mode"], "erase");
     assert_eq!(r["inpaint"]["grow"], 8);
@@ -180,7 +184,7 @@ fn bad_masks_fail_clearly_and_write_nothing() {
     }
     // With --resize-mask the smaller mask is stretched to the image and the run succeeds.
     let out = dir.path().join("resized.png");
-    let o = kiln(&[
+    kiln_ok(&[
         "inpaint",
         &image,
         "--mask",
@@ -201,7 +205,6 @@ fn bad_masks_fail_clearly_and_write_nothing() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(rgb(&out).dimensions(), (96, 64));
 }
 
@@ -250,8 +253,7 @@ price = {{ credits_per_image = 0.5 }}
             out.to_str().unwrap(),
         ];
         args.extend(extra);
-        let o = kiln(&args);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let o = kiln_ok(&args);
         serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()
     };
     let first = root.join("first.png");
@@ -281,7 +283,7 @@ price = {{ credits_per_image = 0.5 }}
     let r = record(&second);
     assert_eq!(r["steps"], 2);
     assert_eq!(r["negative_prompt"], "dark");
-    let o = kiln(&[
+    let o = kiln_ok(&[
         "assets",
         "show",
         &report["library"]["asset_ids"][0].to_string(),
@@ -289,7 +291,6 @@ price = {{ credits_per_image = 0.5 }}
         &project,
         "--json",
     ]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let shown: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(shown["asset"]["kind"], "inpaint");
     assert_eq!(shown["lineage"].as_array().unwrap().len(), 2, "{shown}");
@@ -389,8 +390,7 @@ fn init_latents_and_diffusers_blend_reproduce_the_reference() {
     let mut args = common.to_vec();
     let latents = fixture("latents.npy");
     args.extend(["--init-latents", &latents]);
-    let o = kiln(&args);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    kiln_ok(&args);
     let want = kiln_core::candle::Tensor::read_npy(fixture("plain4_pndm.npy"))
         .unwrap()
         .flatten_all()
@@ -402,8 +402,7 @@ fn init_latents_and_diffusers_blend_reproduce_the_reference() {
     assert!(p >= 35.0, "PSNR inside the mask {p:.1} dB");
     // Another seed's noise (no --init-latents) is far from that reference.
     std::fs::remove_file(&out).unwrap();
-    let o = kiln(&common);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    kiln_ok(&common);
     let p_other = psnr_inside(&rgb(&out), &want, &m);
     assert!(p_other < 30.0, "{p_other}");
     assert_eq!(record(&out)["inpaint"]["blend"], "diffusers");
@@ -445,7 +444,7 @@ fn rgba_alpha_mask_equals_its_grayscale_mask() {
     let mut outs = Vec::new();
     for (name, m) in [("g.png", fixture("mask.png")), ("a.png", rgba_path.display().to_string())] {
         let out = dir.path().join(name);
-        let o = kiln(&[
+        kiln_ok(&[
             "inpaint",
             &fixture("image.png"),
             "--mask",
@@ -464,7 +463,6 @@ fn rgba_alpha_mask_equals_its_grayscale_mask() {
             "--out",
             out.to_str().unwrap(),
         ]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         outs.push(rgb(&out));
     }
     assert_eq!(outs[0], outs[1]);
@@ -479,7 +477,7 @@ fn outpaint_sides_with_noise_fill_and_forced_reimposition() {
     let mut results = Vec::new();
     for reimpose in ["auto", "on"] {
         let out = dir.path().join(format!("{reimpose}.png"));
-        let o = kiln(&[
+        let o = kiln_ok(&[
             "outpaint",
             &image,
             "--left",
@@ -504,7 +502,6 @@ fn outpaint_sides_with_noise_fill_and_forced_reimposition() {
             "--out",
             out.to_str().unwrap(),
         ]);
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         assert_eq!(report["unet"], "inpaint");
         let got = rgb(&out);
@@ -575,8 +572,7 @@ fn records_replay_bit_exactly() {
             "--model", &model_dir, "--steps", "3", "--seed", "7", "--count", "2", "--device", "cpu",
             "--json", "--out", &out_s,
         ]);
-        let o = kiln(&args);
-        assert!(o.status.success(), "{mode}: {}", String::from_utf8_lossy(&o.stderr));
+        let o = kiln_ok(&args);
         let report: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
         let second = PathBuf::from(report["outputs"][1]["path"].as_str().unwrap());
         let chunks = kiln_core::image::png_meta::read_png_text(&second).unwrap();
