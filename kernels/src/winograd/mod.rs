@@ -85,8 +85,15 @@ impl WinogradWeights {
         if (kh, kw) != (3, 3) {
             candle_core::bail!("kiln-winograd: kernel {kh}x{kw}, not 3x3");
         }
-        let w = weight.to_device(&Device::Cpu)?.to_dtype(candle_core::DType::F32)?.flatten_all()?;
-        Self::from_slice(&w.to_vec1::<f32>()?, cout, cin, splits)
+        // Each step is a no-op for a contiguous CPU f32 weight, which is then read in place
+        // (a conv that transforms per call would otherwise copy its weight on every call).
+        let w = weight.to_device(&Device::Cpu)?.to_dtype(candle_core::DType::F32)?.contiguous()?;
+        let (storage, layout) = w.storage_and_layout();
+        let values = cpu_slice(&storage, layout)?;
+        let values = values.get(..cout * cin * 9).ok_or_else(|| {
+            candle_core::Error::Msg(format!("kiln-winograd: weight storage shorter than {cout}x{cin}x3x3"))
+        })?;
+        Self::from_slice(values, cout, cin, splits)
     }
 
     /// As [`WinogradWeights::new`] from OIHW data.
