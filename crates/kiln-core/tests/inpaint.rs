@@ -15,6 +15,9 @@ use std::path::{Path, PathBuf};
 #[derive(Deserialize, Debug)]
 struct Case {
     name: String,
+    /// SD cases: the fixture's model folder (`plain4`, `inpaint9`); SDXL cases (`unet` in their
+    /// cases.json): the UNet assembled into the sdxl pipeline fixture (`unet9` or `base`).
+    #[serde(alias = "unet")]
     model: String,
     scheduler: Option<String>,
     steps: usize,
@@ -48,6 +51,11 @@ fn request(case: &Case, image: &RgbImage, mask: &Mask) -> InpaintRequest {
     req.region = Region::Whole;
     req.mask_blur = 0.0;
     req
+}
+
+/// A reference array's values, flattened.
+fn npy_values(path: PathBuf) -> Vec<f32> {
+    Tensor::read_npy(path).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap()
 }
 
 /// PSNR over the pixels where `select` is true (values in [0, 1]).
@@ -89,12 +97,7 @@ fn matches_diffusers_inside_the_mask_and_keeps_the_rest() {
     let mut failures = Vec::new();
     for case in &cases {
         let model = models.entry(case.model.clone()).or_insert_with(|| load_model(&case.model));
-        let want = Tensor::read_npy(dir().join(&case.output))
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let want = npy_values(dir().join(&case.output));
         let out = inpaint_quiet(model, &request(case, &image, &mask)).unwrap();
         let expected_kind = if case.model == "inpaint9" { UNetKind::Inpaint } else { UNetKind::Plain };
         assert_eq!(out.unet_kind, expected_kind);
@@ -107,22 +110,6 @@ fn matches_diffusers_inside_the_mask_and_keeps_the_rest() {
         assert_outside_identical(&image, got, &out.composite_mask, &case.name);
     }
     assert!(failures.is_empty(), "below 35 dB: {failures:?}");
-}
-
-#[derive(Deserialize, Debug)]
-struct SdxlCase {
-    name: String,
-    /// "unet9" (the fixture's 9-channel UNet) or "base" (the sdxl pipeline fixture's own).
-    unet: String,
-    scheduler: Option<String>,
-    steps: usize,
-    guidance: f64,
-    seed: u64,
-    latents: Option<String>,
-    strength: f64,
-    prompt: String,
-    negative_prompt: String,
-    output: String,
 }
 
 /// An SDXL folder assembled from the sdxl pipeline fixture's components and `unet`
@@ -148,7 +135,7 @@ fn sdxl_dir() -> PathBuf {
 /// the 4-channel SDXL UNet, same image and mask as the SD cases.
 #[test]
 fn matches_diffusers_sdxl_inpaint() {
-    let cases: Vec<SdxlCase> =
+    let cases: Vec<Case> =
         serde_json::from_str(&std::fs::read_to_string(sdxl_dir().join("cases.json")).unwrap()).unwrap();
     let image = kiln_core::image::load_rgb(&dir().join("image.png")).unwrap();
     let mask = Mask::load(&dir().join("mask.png")).unwrap();
@@ -158,29 +145,11 @@ fn matches_diffusers_sdxl_inpaint() {
     let mut failures = Vec::new();
     let mut outputs: Vec<(String, RgbImage)> = Vec::new();
     for case in &cases {
-        let model = models.entry(case.unet.clone()).or_insert_with(|| sdxl_model(&case.unet, tmp.path()));
+        let model = models.entry(case.model.clone()).or_insert_with(|| sdxl_model(&case.model, tmp.path()));
         assert!(model.unet.config().addition_embed_type.as_deref() == Some("text_time"));
-        let want = Tensor::read_npy(sdxl_dir().join(&case.output))
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let as_sd = Case {
-            name: case.name.clone(),
-            model: case.unet.clone(),
-            scheduler: case.scheduler.clone(),
-            steps: case.steps,
-            guidance: case.guidance,
-            seed: case.seed,
-            latents: case.latents.clone(),
-            strength: case.strength,
-            prompt: case.prompt.clone(),
-            negative_prompt: case.negative_prompt.clone(),
-            output: case.output.clone(),
-        };
-        let out = inpaint_quiet(model, &request(&as_sd, &image, &mask)).unwrap();
-        let expected_kind = if case.unet == "unet9" { UNetKind::Inpaint } else { UNetKind::Plain };
+        let want = npy_values(sdxl_dir().join(&case.output));
+        let out = inpaint_quiet(model, &request(case, &image, &mask)).unwrap();
+        let expected_kind = if case.model == "unet9" { UNetKind::Inpaint } else { UNetKind::Plain };
         assert_eq!(out.unet_kind, expected_kind);
         let got = &out.images[0].image;
         let p = masked_psnr(got, &want, |i| inside.values()[i] == 1.0);
@@ -193,12 +162,7 @@ fn matches_diffusers_sdxl_inpaint() {
     }
     assert!(failures.is_empty(), "below 35 dB: {failures:?}");
     // The cases differ from each other by far more than the tolerance: the test can fail.
-    let first = Tensor::read_npy(sdxl_dir().join(&cases[0].output))
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let first = npy_values(sdxl_dir().join(&cases[0].output));
     for (name, got) in &outputs[1..] {
         let p = masked_psnr(got, &first, |i| inside.values()[i] == 1.0);
         println!("{name} vs the {} reference: {p:.1} dB", cases[0].name);
@@ -217,8 +181,7 @@ fn parity_test_tells_cases_apart() {
     let model = load_model("plain4");
     let case = cases.iter().find(|c| c.name == "plain4_pndm").unwrap();
     let other = cases.iter().find(|c| c.name == "plain4_euler_a").unwrap();
-    let want =
-        Tensor::read_npy(dir().join(&other.output)).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let want = npy_values(dir().join(&other.output));
     let out = inpaint_quiet(&model, &request(case, &image, &mask)).unwrap();
     let p = masked_psnr(&out.images[0].image, &want, |i| inside.values()[i] == 1.0);
     println!("plain4_pndm vs the euler-a reference: {p:.1} dB");
