@@ -1,12 +1,11 @@
 //! `kiln assets list|show|check` and `kiln replay`.
 
 use crate::draft::JobArgs;
-use crate::generate::Bar;
 use clap::{Args, Subcommand};
 use kiln_core::library::assets::{AssetFilter, AssetRow};
 use kiln_core::library::{utc_date, Project};
-use kiln_core::workflow::replay::{replay, ReplayRequest};
-use kiln_core::workflow::AssetRef;
+use kiln_core::jobs::spec::{ImageRef, ReplaySpec};
+use kiln_core::jobs::JobSpec;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -194,34 +193,36 @@ pub struct ReplayArgs {
 }
 
 pub fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
-    let mut ws = args.job.workspace()?;
-    let request = ReplayRequest { source: AssetRef::parse(&args.source), out: args.out.clone() };
-    let mut bar = Bar::new(args.job.show(), 1);
-    let result = replay(&mut ws, &request, &mut bar)?;
-    bar.finish();
-    for w in &result.warnings {
-        eprintln!("warning: {w}");
-    }
+    let asset = match args.source.trim_start_matches('#').trim_start_matches("asset:").parse::<i64>() {
+        Ok(id) if !std::path::Path::new(&args.source).exists() => ImageRef::Asset(id),
+        _ => ImageRef::File(args.source.clone().into()),
+    };
+    let spec = JobSpec::Replay(ReplaySpec { asset, out: args.out.clone() });
+    let engine = args.job.engine()?;
+    let out = crate::job::run(&engine, &spec, &args.job.run)?;
+    let d = &out.detail;
+    let bit_exact = d["bit_exact"].as_bool().unwrap_or(false);
     if args.job.json() {
-        println!("{}", serde_json::to_string(&result)?);
+        println!("{d}");
     } else {
         println!(
             "replayed {} -> {} (asset {})",
-            result.original.display(),
-            result.path.display(),
-            result.asset_id
+            d["original"].as_str().unwrap_or_default(),
+            d["path"].as_str().unwrap_or_default(),
+            d["asset_id"]
         );
-        if result.bit_exact {
+        if bit_exact {
             println!("bit-exact: every pixel equals the original");
         } else {
             println!(
                 "NOT bit-exact: max pixel difference {}, PSNR {:.2} dB",
-                result.max_abs_diff, result.psnr
+                d["max_abs_diff"],
+                d["psnr"].as_f64().unwrap_or(f64::NAN)
             );
         }
     }
-    if args.strict && !result.bit_exact {
-        anyhow::bail!("replay is not bit-exact (max difference {})", result.max_abs_diff);
+    if args.strict && !bit_exact {
+        anyhow::bail!("replay is not bit-exact (max difference {})", d["max_abs_diff"]);
     }
     Ok(())
 }

@@ -2,13 +2,13 @@
 //! asset library.
 
 use crate::args::RunArgs;
-use crate::generate::{random_seed, Bar};
+use crate::generate::random_seed;
 use clap::Args;
+use kiln_core::jobs::spec::DraftSpec;
+use kiln_core::jobs::JobSpec;
 use kiln_core::library::Project;
 use kiln_core::tiers::drift::DriftOutcome;
-use kiln_core::tiers::load::Overrides;
 use kiln_core::tiers::Tier;
-use kiln_core::workflow::draft::{draft, DraftRequest};
 use kiln_core::workflow::{JobOptions, Workspace};
 use std::path::PathBuf;
 
@@ -42,6 +42,11 @@ impl JobArgs {
         let options =
             JobOptions { device, dtype, accept_drift: self.accept_drift, show_progress: self.show() };
         Ok(Workspace::open(project, options)?)
+    }
+
+    /// The job engine over the project with these options.
+    pub fn engine(&self) -> anyhow::Result<kiln_core::jobs::Engine> {
+        crate::job::engine(self.project.as_deref(), &self.run, self.accept_drift)
     }
 }
 
@@ -101,54 +106,40 @@ pub struct DraftArgs {
 }
 
 pub fn run(args: DraftArgs) -> anyhow::Result<()> {
-    if args.count == 0 || args.count > kiln_core::workflow::draft::MAX_DRAFTS {
-        anyhow::bail!("invalid -n: {} (expected 1..={})", args.count, kiln_core::workflow::draft::MAX_DRAFTS);
-    }
-    let mut ws = args.job.workspace()?;
-    let tier = ws.tiers.get(&args.tier)?.clone();
-    // Refuse before the (expensive) model load when the budget is spent.
-    ws.check_budget(&tier, args.count)?;
-    let mut warm = ws.load_tier(&args.tier)?;
-    report_drift(&args.tier, &warm.drift, args.job.json());
-    warn_trust_on_first_use(&warm.tier, &warm.drift);
-    let request = DraftRequest {
+    let spec = JobSpec::Draft(DraftSpec {
+        tier: Some(args.tier.clone()),
         prompt: args.prompt.clone(),
-        count: args.count,
-        seed: args.seed.unwrap_or_else(random_seed),
-        overrides: Overrides {
-            width: args.width,
-            height: args.height,
-            steps: args.steps,
-            negative_prompt: args.negative.clone(),
-            max_batch: args.batch,
-            ..Default::default()
-        },
-    };
-    let mut bar = Bar::new(args.job.show(), warm.tier.steps.unwrap_or(1));
-    let result = draft(&mut ws, &mut warm, &request, &mut bar)?;
-    bar.finish();
-    for w in &result.warnings {
-        eprintln!("warning: {w}");
-    }
+        count: Some(args.count),
+        seed: Some(args.seed.unwrap_or_else(random_seed)),
+        negative: args.negative.clone(),
+        width: args.width,
+        height: args.height,
+        steps: args.steps,
+        batch: args.batch,
+    });
+    let engine = args.job.engine()?;
+    let out = crate::job::run(&engine, &spec, &args.job.run)?;
     if args.job.json() {
-        println!("{}", serde_json::to_string(&result)?);
-    } else {
-        for img in &result.images {
-            println!(
-                "#{:<3} asset {:<5} seed {:<12} {}",
-                img.index,
-                img.asset_id,
-                img.seed,
-                img.path.display()
-            );
-        }
-        println!("contact sheet: {} (asset {})", result.sheet.display(), result.sheet_asset_id);
+        println!("{}", out.detail);
+        return Ok(());
+    }
+    for (index, img) in out.images.iter().filter(|i| i.role == "draft").enumerate() {
         println!(
-            "job {}: {:.2} device-s, {:.4} credits",
-            result.job_id,
-            result.timings.device_seconds(),
-            result.credits
+            "#{:<3} asset {:<5} seed {:<12} {}",
+            index,
+            img.asset_id.unwrap_or_default(),
+            img.seed.unwrap_or_default(),
+            img.path.display()
         );
     }
+    if let Some(sheet) = out.images.iter().find(|i| i.role == "sheet") {
+        println!("contact sheet: {} (asset {})", sheet.path.display(), sheet.asset_id.unwrap_or_default());
+    }
+    println!(
+        "job {}: {:.2} device-s, {:.4} credits",
+        out.library_job_id.unwrap_or_default(),
+        out.device_seconds,
+        out.credits
+    );
     Ok(())
 }

@@ -1,21 +1,12 @@
 //! `kiln generate`.
 
-use crate::args::{ModelArgs, RunArgs, SamplingArgs, TierJob};
-use anyhow::{bail, Context};
+use crate::args::{ModelArgs, RunArgs, SamplingArgs};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
-use kiln_core::device;
-use kiln_core::image::png_meta::write_png_atomic;
-use kiln_core::image::unit_to_rgb8;
-use kiln_core::library::assets::JobTimings;
-use kiln_core::loaders::weights::sha256_file;
-use kiln_core::pipeline::generate::{generate, Progress};
-use kiln_core::pipeline::metadata::{png_chunks, FileRef, ImageRecord};
-use kiln_core::tiers::load::{tier_request, Overrides};
-use kiln_core::tiers::Tier;
-use kiln_core::workflow::{record_tier_job, WrittenImage};
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use kiln_core::jobs::spec::{GenerateSpec, ImageRef};
+use kiln_core::jobs::{JobOutput, JobSpec};
+use kiln_core::pipeline::generate::Progress;
+use std::path::PathBuf;
 
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -87,191 +78,51 @@ impl Progress for Bar {
 }
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
-    let start = Instant::now();
-    let scheduler = args.sampling.scheduler()?;
-    let choice = args.source.resolve(&args.run, args.sampling.count)?;
-    let (device, dtype, tier) = (&choice.device, choice.dtype, choice.tier());
-    let show = args.run.show();
-    // Read the cheap inputs before the expensive model load, so bad input fails fast.
-    let init_image = args.init_image.as_deref().map(kiln_core::image::load_rgb).transpose()?;
-    let init_latents = match &args.init_latents {
-        Some(p) => Some(read_npy(p)?),
-        None => None,
-    };
-
-    let cpu0 = kiln_core::workflow::process_cpu_seconds();
-    let t0 = Instant::now();
-    let model = args.source.load(&choice, show)?;
-    let load_seconds = t0.elapsed().as_secs_f64();
-
-    let seeds = args.sampling.seeds(args.sampling.seed.unwrap_or_else(random_seed));
-    let count = args.sampling.count;
-    let overrides = Overrides {
+    let spec = JobSpec::Generate(GenerateSpec {
+        tier: args.source.tier.clone(),
+        model: args.source.model.clone(),
+        revision: args.source.revision.clone(),
+        prompt: args.prompt.clone(),
+        negative: args.sampling.negative.clone(),
         width: args.width,
         height: args.height,
         steps: args.sampling.steps,
         guidance: args.sampling.guidance,
-        scheduler,
-        negative_prompt: args.sampling.negative.clone(),
-        max_batch: Some(args.batch.unwrap_or(count.min(4))),
-    };
-    let fallback = Tier::untiered();
-    let mut request =
-        tier_request(tier.unwrap_or(&fallback), &model, &args.prompt, seeds.clone(), &overrides)?;
-    if let Some(img) = init_image {
-        // img2img without a tier defaults to the init image's size, rounded down to the VAE factor.
-        if tier.is_none() {
-            let f = model.vae.scale_factor();
-            request.width = args.width.unwrap_or((img.width() as usize / f) * f);
-            request.height = args.height.unwrap_or((img.height() as usize / f) * f);
-        }
-        request.init_image = Some(img);
-        request.strength = args.strength;
-    }
-    request.init_latents = init_latents;
-    request.validate(&model)?;
+        scheduler: args.sampling.scheduler.clone(),
+        seed: Some(args.sampling.seed.unwrap_or_else(random_seed)),
+        count: Some(args.sampling.count),
+        batch: args.batch,
+        init_image: args.init_image.clone().map(ImageRef::File),
+        strength: Some(args.strength),
+        init_latents: args.init_latents.clone(),
+        out: args.out.clone(),
+    });
+    args.sampling.scheduler()?;
+    let engine = crate::job::engine(args.source.project.as_deref(), &args.run, false)?;
+    let out = crate::job::run(&engine, &spec, &args.run)?;
+    print_images(&out, args.run.json)
+}
 
-    let mut progress = Bar::new(show, request.steps);
-    let output = generate(&model, &request, &mut progress)?;
-    progress.finish();
-    for w in &output.warnings {
-        eprintln!("warning: {w}");
+/// Prints an image job's result: the JSON detail, or a line per image and the record.
+pub(crate) fn print_images(out: &JobOutput, json: bool) -> anyhow::Result<()> {
+    if json {
+        println!("{}", out.detail);
+        return Ok(());
     }
-
-    let init_latents_ref = args.init_latents.as_deref().map(file_ref).transpose()?;
-    let init_image_ref = args.init_image.as_deref().map(file_ref).transpose()?;
-    let mut outputs = Vec::new();
-    let mut written = Vec::new();
-    for (i, image) in output.images.iter().enumerate() {
-        let path = output_path(args.out.as_deref(), image.seed, i, count);
-        let record = ImageRecord::build(
-            &model,
-            &request,
-            output.scheduler,
-            image.seed,
-            i,
-            init_latents_ref.clone(),
-            init_image_ref.clone(),
-        );
-        let record = ImageRecord { tier: tier.map(|t| t.name.clone()), ..record };
-        let rgb = unit_to_rgb8(&image.pixels)?;
-        write_png_atomic(&path, &rgb, &png_chunks(&record, output.scheduler, &model))?;
-        outputs.push(serde_json::json!({
-            "path": path,
-            "seed": image.seed,
-            // the dtype the image was decoded in again after its f16 VAE decode overflowed
-            "vae_fallback": image.vae_fallback.map(device::dtype_name),
-        }));
-        if !args.run.json {
-            eprintln!("wrote {} (seed {})", path.display(), image.seed);
-        }
-        // Absolute the way the project root is, so the library stores it relative to the root.
-        let path = std::path::absolute(&path).unwrap_or(path);
-        written.push(WrittenImage { path, seed: image.seed, rgb, record });
+    for img in &out.images {
+        let seed = img.seed.map(|s| format!(" (seed {s})")).unwrap_or_default();
+        eprintln!("wrote {}{seed}", img.path.display());
     }
-    let mut timings = JobTimings::from_stages(load_seconds, &output.timings);
-    timings.cpu_seconds = cpu_seconds_since(cpu0);
-    // A tier's images are assets of the project (kind: the tier's name), children of the init
-    // image's asset when it is one.
-    let recorded = match &choice.tier {
-        Some(TierJob { project, tier }) => {
-            let mut library = project.library()?;
-            let kind = tier.name.as_str();
-            let r = record_tier_job(
-                &mut library,
-                "generate",
-                kind,
-                tier,
-                &model,
-                timings.clone(),
-                &written,
-                init_image_ref.as_ref(),
-            )?;
-            if !args.run.json {
-                eprintln!("recorded job {}, assets {:?}", r.job_id, r.asset_ids);
-            }
-            Some(r)
-        }
-        None => None,
-    };
-    if args.run.json {
-        let t = &output.timings;
-        let report = serde_json::json!({
-            "outputs": outputs,
-            "seeds": seeds,
-            "scheduler": output.scheduler.name(),
-            "seconds": stage_seconds(load_seconds, t, "generate", start),
-            "peak_memory_bytes": device::peak_host_memory_bytes(),
-            "device": device::name(device),
-            "dtype": device::dtype_name(dtype),
-            "tier": tier.map(|t| t.name.clone()),
-            "credits": tier.map(|tier| tier.price.cost(output.images.len(), timings.device_seconds())),
-            "library": recorded,
-            "warnings": output.warnings,
-        });
-        println!("{report}");
+    if let Some(job) = out.library_job_id {
+        let ids: Vec<i64> = out.images.iter().filter_map(|i| i.asset_id).collect();
+        let parent = out.detail["library"]["parent_asset_id"]
+            .as_i64()
+            .map(|p| format!(", child of asset {p}"))
+            .unwrap_or_default();
+        eprintln!("recorded job {job}, assets {ids:?}{parent}");
     }
     Ok(())
 }
 
-pub(crate) fn read_npy(path: &Path) -> anyhow::Result<kiln_core::candle::Tensor> {
-    if !path.is_file() {
-        bail!("--init-latents: {} not found", path.display());
-    }
-    let t = kiln_core::candle::Tensor::read_npy(path)
-        .with_context(|| format!("--init-latents: {} is not a readable .npy array", path.display()))?;
-    Ok(t.to_dtype(kiln_core::candle::DType::F32)?)
-}
+pub(crate) use kiln_core::jobs::engine::random_seed;
 
-pub(crate) fn file_ref(path: &Path) -> anyhow::Result<FileRef> {
-    Ok(FileRef { path: path.display().to_string(), sha256: sha256_file(path)? })
-}
-
-fn output_path(out: Option<&Path>, seed: u64, index: usize, count: usize) -> PathBuf {
-    match out {
-        None => PathBuf::from(format!("kiln-{seed}.png")),
-        Some(p) if count == 1 => p.to_path_buf(),
-        Some(p) => {
-            let stem =
-                p.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "kiln".into());
-            p.with_file_name(format!("{stem}-{index}.png"))
-        }
-    }
-}
-
-pub(crate) fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-    h.write_u128(
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0),
-    );
-    // Keep seeds within 32 bits: torch's CPU generator only uses the low 32 bits.
-    h.finish() & 0xffff_ffff
-}
-
-fn cpu_seconds_since(start: Option<f64>) -> Option<f64> {
-    match (start, kiln_core::workflow::process_cpu_seconds()) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
-    }
-}
-
-/// The `seconds` object of a job's `--json` report: load, each stage, the job (`job_key`) and
-/// the whole command since `start`.
-pub(crate) fn stage_seconds(
-    load: f64,
-    t: &kiln_core::pipeline::generate::StageTimings,
-    job_key: &str,
-    start: Instant,
-) -> serde_json::Value {
-    let mut seconds = serde_json::json!({
-        "load": load,
-        "text_encode": t.text_encode,
-        "vae_encode": t.vae_encode,
-        "steps": t.steps,
-        "vae_decode": t.vae_decode,
-        "total": start.elapsed().as_secs_f64(),
-    });
-    seconds[job_key] = serde_json::json!(t.total);
-    seconds
-}

@@ -8,6 +8,7 @@ mod bench;
 mod draft;
 mod generate;
 mod host_memory;
+mod job;
 mod inpaint;
 mod models_cmd;
 mod promote;

@@ -57,6 +57,19 @@ pub enum Error {
     #[error("unsupported: {0}")]
     Unsupported(String),
 
+    /// The job was cancelled (by its client, or a server shutting down) before it finished;
+    /// nothing was written or recorded.
+    #[error("cancelled before it finished; nothing was written")]
+    Cancelled,
+
+    /// A named record (job, asset, key) does not exist.
+    #[error("{what} {id} does not exist")]
+    UnknownId { what: String, id: String },
+
+    /// An API key's daily quota is spent.
+    #[error("quota exhausted: {msg}")]
+    Quota { msg: String, retry_after_seconds: u64 },
+
     /// An error from candle that carries no better context.
     #[error(transparent)]
     Candle(#[from] candle_core::Error),

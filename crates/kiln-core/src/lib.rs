@@ -5,7 +5,13 @@
 //! - [`schedule`]: sigma/timestep schedules, parameterisations and solvers;
 //! - [`models`]: architectures only (CLIP, UNet, VAE, super-resolution nets);
 //! - [`loaders`]: diffusers folders, hub, weight files;
-//! - [`pipeline`]: one job type per module (txt2img/img2img, upscale, ...).
+//! - [`pipeline`]: one job type per module (txt2img/img2img, upscale, ...): pure compute;
+//! - [`jobs`]: the job layer: specs, the engine that runs them, events, the model pool, the
+//!   durable queue and API keys;
+//! - [`workflow`]: the tiered draft → promote → upscale steps and replay the engine runs;
+//! - [`library`]: the project, its asset library, ledger and budget;
+//! - [`tiers`]: the tier registry and drift guard;
+//! - [`image`], [`tiling`], [`rng`], [`device`], [`bench`], [`env`], [`files`], [`error`].
 
 pub mod bench;
 pub mod device;
@@ -13,6 +19,7 @@ pub mod env;
 pub mod error;
 pub mod files;
 pub mod image;
+pub mod jobs;
 pub mod library;
 pub mod loaders;
 pub mod models;

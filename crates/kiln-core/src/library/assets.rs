@@ -221,6 +221,21 @@ impl Library {
         )
         .map_err(err)?;
         let job_id = tx.last_insert_rowid();
+        if let Some((queue_id, attempt)) = self.queue_claim {
+            let n = tx
+                .execute(
+                    "UPDATE queue SET library_job_id = COALESCE(library_job_id, ?1) \
+                     WHERE id = ?2 AND attempts = ?3 AND state = 'running'",
+                    params![job_id, queue_id, attempt],
+                )
+                .map_err(err)?;
+            if n != 1 {
+                return Err(Error::Library {
+                    path: path.clone(),
+                    msg: format!("queue job {queue_id} is no longer running this attempt; not recording it twice"),
+                });
+            }
+        }
         let mut ids = Vec::with_capacity(assets.len());
         for (i, (a, sha)) in assets.iter().zip(&hashes).enumerate() {
             let rel = a.path.strip_prefix(&root).unwrap_or(&a.path).to_string_lossy().into_owned();

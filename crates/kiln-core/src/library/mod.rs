@@ -167,6 +167,8 @@ pub struct Library {
     pub(crate) conn: Connection,
     pub(crate) path: PathBuf,
     pub(crate) root: PathBuf,
+    /// The queue row (id, attempt) this connection records for; see [`Library::claim_for_queue`].
+    pub(crate) queue_claim: Option<(i64, i64)>,
 }
 
 const SCHEMA: &str = "
@@ -233,9 +235,9 @@ impl Library {
         }
         };
         let conn = Connection::open(path).map_err(bad)?;
-        // A killed writer leaves a rollback journal that SQLite replays on the next open; WAL
-        // would do too, but one file is easier to back up and copy.
-        conn.busy_timeout(std::time::Duration::from_secs(10)).map_err(bad)?;
+        // WAL: the server's readers (queue listing, events) never wait for a job's write, and a
+        // killed writer's log is replayed on the next open.
+        conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(bad)?;
         let integrity: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(bad)?;
         if integrity != "ok" {
             return Err(Error::Library {
@@ -245,8 +247,11 @@ impl Library {
                 ),
             });
         }
+        conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0)).map_err(bad)?;
         conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL;").map_err(bad)?;
         conn.execute_batch(SCHEMA).map_err(bad)?;
+        conn.execute_batch(crate::jobs::queue::SCHEMA).map_err(bad)?;
+        conn.execute_batch(crate::jobs::keys::SCHEMA).map_err(bad)?;
         let version: Option<String> =
             conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).ok();
         match version.as_deref().map(str::parse::<i64>) {
@@ -267,7 +272,26 @@ impl Library {
                 })
             }
         }
-        Ok(Self { conn, path: path.to_path_buf(), root: root.to_path_buf() })
+        Ok(Self { conn, path: path.to_path_buf(), root: root.to_path_buf(), queue_claim: None })
+    }
+
+    /// Makes every job this connection records part of queue row `id`'s attempt `attempt`:
+    /// the record commits only while that row is still running that attempt, so a job that
+    /// was recovered and re-run by someone else is never recorded twice.
+    pub fn claim_for_queue(&mut self, id: i64, attempt: i64) {
+        self.queue_claim = Some((id, attempt));
+    }
+
+    /// A library that keeps nothing (jobs without a project: `generate --model`), so running
+    /// them never creates a database in the current folder.
+    pub fn in_memory(root: &Path) -> Result<Self> {
+        let path = PathBuf::from(":memory:");
+        let bad = |e: rusqlite::Error| Error::Library { path: path.clone(), msg: e.to_string() };
+        let conn = Connection::open_in_memory().map_err(bad)?;
+        conn.execute_batch(SCHEMA).map_err(bad)?;
+        conn.execute_batch(crate::jobs::queue::SCHEMA).map_err(bad)?;
+        conn.execute_batch(crate::jobs::keys::SCHEMA).map_err(bad)?;
+        Ok(Self { conn, path, root: root.to_path_buf(), queue_claim: None })
     }
 
     pub(crate) fn err(&self, e: rusqlite::Error) -> Error {

@@ -69,10 +69,28 @@ pub struct GenerateOutput {
     pub warnings: Vec<String>,
 }
 
-/// Receives progress events (the CLI draws a bar; a server would stream them).
+/// Receives progress events (the CLI draws a bar; the job layer streams them) and can stop
+/// the work: [`Progress::cancelled`] is asked after every step, so a job stops within one step.
 pub trait Progress {
     /// `done` of `total` denoising steps finished; the last one took `seconds`.
     fn step(&mut self, done: usize, total: usize, seconds: f64);
+
+    /// A stage ("text_encode", "vae_encode", "denoise", "vae_decode") starts.
+    fn stage(&mut self, _stage: &str) {}
+
+    /// Whether the job must stop now (checked after every step). Default: never.
+    fn cancelled(&mut self) -> bool {
+        false
+    }
+
+    /// Whether the sink wants the latents after step `done` (for a preview). Default: no, so
+    /// nothing is copied off the device.
+    fn wants_preview(&mut self, _done: usize, _total: usize) -> bool {
+        false
+    }
+
+    /// The latents `[B, C, h, w]` after step `done`, when [`Progress::wants_preview`] said yes.
+    fn preview(&mut self, _done: usize, _latents: &Tensor) {}
 }
 
 /// A no-op progress sink.
@@ -148,6 +166,10 @@ pub fn generate(
     let cfg = req.guidance > 1.0 && !guidance_embedded;
     let mut timings = StageTimings::default();
 
+    if progress.cancelled() {
+        return Err(Error::Cancelled);
+    }
+    progress.stage("text_encode");
     let t0 = Instant::now();
     let prompts = encode_prompts(model, &req.prompt, req.negative_prompt.as_deref(), cfg)?;
     timings.text_encode = t0.elapsed().as_secs_f64();
@@ -236,6 +258,7 @@ fn run_batch(
     };
 
     let conditioning = Conditioning::new(model, prompts, b, cfg, req.guidance, req.width, req.height)?;
+    progress.stage("denoise");
     let latents = denoise(
         model,
         scheduler.as_mut(),
@@ -247,6 +270,7 @@ fn run_batch(
         timings,
         progress,
     )?;
+    progress.stage("vae_decode");
     decode_batch(model, &latents, seeds, timings)
 }
 
@@ -368,6 +392,12 @@ pub(crate) fn denoise(
         let secs = t0.elapsed().as_secs_f64();
         timings.steps.push(secs);
         progress.step(done + 1, total, secs);
+        if progress.wants_preview(done + 1, total) {
+            progress.preview(done + 1, &latents);
+        }
+        if progress.cancelled() {
+            return Err(Error::Cancelled);
+        }
     }
     Ok(latents)
 }

@@ -80,6 +80,9 @@ pub struct Tier {
     pub negative_prompt: Option<String>,
     /// Upscale tiers: the model's scale factor.
     pub scale: Option<u32>,
+    /// Queue lane and asset kind of its images: "draft" (runs first, counts as a draft) or
+    /// "final". Default: "draft" for a tier named draft, "final" otherwise.
+    pub lane: Option<String>,
     pub price: Price,
     /// Pins the layers set to [`UNPINNED`] on purpose: "revision", "vae_revision" or a weight
     /// key. Trust on first use: the project's kiln.lock records what was loaded the first time.
@@ -89,6 +92,14 @@ pub struct Tier {
 }
 
 impl Tier {
+    /// Whether this tier's images are drafts (queue lane and asset kind); see [`Tier::lane`].
+    pub fn is_draft(&self) -> bool {
+        match self.lane.as_deref() {
+            Some(l) => l == "draft",
+            None => self.name == "draft",
+        }
+    }
+
     /// A tier with no defaults: `--model` without `--tier` (the model's own defaults apply).
     pub fn untiered() -> Self {
         Self {
@@ -108,6 +119,7 @@ impl Tier {
             dtype: None,
             negative_prompt: None,
             scale: None,
+            lane: None,
             price: Price::default(),
             unpinned: Vec::new(),
             defined_in: String::new(),
@@ -195,6 +207,7 @@ struct TierLayer {
     dtype: Option<String>,
     negative_prompt: Option<String>,
     scale: Option<u32>,
+    lane: Option<String>,
     price: Option<PriceLayer>,
 }
 
@@ -339,6 +352,7 @@ fn merge(
             dtype: up.dtype.or(base.dtype.take()),
             negative_prompt: up.negative_prompt.or(base.negative_prompt.take()),
             scale: up.scale.or(base.scale),
+            lane: up.lane.or(base.lane.take()),
             price,
         };
     }
@@ -408,6 +422,9 @@ fn finish(name: &str, layer: TierLayer, defined_in: String) -> Result<Tier> {
     if ![price.credits_per_image, price.credits_per_gpu_second].iter().all(|p| p.is_finite() && *p >= 0.0) {
         return Err(bad("prices must be finite and >= 0".into()));
     }
+    if let Some(l) = layer.lane.as_deref().filter(|l| !matches!(*l, "draft" | "final")) {
+        return Err(bad(format!("lane = \"{l}\": expected \"draft\" or \"final\"")));
+    }
     Ok(Tier {
         name: name.to_string(),
         description: layer.description.unwrap_or_default(),
@@ -425,6 +442,7 @@ fn finish(name: &str, layer: TierLayer, defined_in: String) -> Result<Tier> {
         dtype: layer.dtype,
         negative_prompt: layer.negative_prompt,
         scale: layer.scale,
+        lane: layer.lane.clone(),
         price,
         unpinned,
         defined_in,

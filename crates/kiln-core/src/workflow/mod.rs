@@ -21,9 +21,10 @@ use crate::pipeline::model::LoadedModel;
 use crate::tiers::drift::{self, DriftOutcome};
 use crate::tiers::load::{load_tier_model, tier_dtype};
 use crate::tiers::{Tier, TierRegistry};
+use crate::jobs::pool::{ModelPool, PoolKey, Pooled};
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::sync::Arc;
 
 /// How jobs run: device, dtype override, drift policy.
 #[derive(Debug, Clone)]
@@ -43,22 +44,43 @@ pub struct Workspace {
     pub library: Library,
     pub tiers: TierRegistry,
     pub options: JobOptions,
+    /// Where models are loaded once and shared with other jobs.
+    pub pool: Arc<ModelPool>,
+    /// Prefix of every output file name (a queued job's id), so the files of a job that did
+    /// not finish can be found and removed.
+    pub file_tag: Option<String>,
 }
 
 /// A tier's model, loaded once and reused across jobs.
 pub struct WarmModel {
     pub tier: Tier,
-    pub model: LoadedModel,
+    pub model: Arc<LoadedModel>,
     /// Seconds the load took; billed to the first job that uses the model, then 0.
     pub load_seconds: f64,
     pub drift: DriftOutcome,
 }
 
 impl Workspace {
+    /// Opens the project with a pool of its own (one-shot CLI jobs).
     pub fn open(project: Project, options: JobOptions) -> Result<Self> {
+        Self::open_with_pool(project, options, Arc::new(ModelPool::new(None)))
+    }
+
+    /// Opens the project sharing `pool` with other workspaces (a server's jobs).
+    pub fn open_with_pool(project: Project, options: JobOptions, pool: Arc<ModelPool>) -> Result<Self> {
         let library = project.library()?;
         let tiers = project.tiers()?;
-        Ok(Self { project, library, tiers, options })
+        Ok(Self { project, library, tiers, options, pool, file_tag: None })
+    }
+
+    /// The pool key of a tier's model on this workspace's device.
+    pub fn tier_key(&self, tier: &Tier, dtype: DType) -> PoolKey {
+        PoolKey {
+            model: format!("tier:{}:{}", tier.name, tier.model),
+            revision: tier.revision.clone(),
+            device: crate::device::name(&self.options.device),
+            dtype: crate::device::dtype_name(dtype).to_string(),
+        }
     }
 
     /// Checks the budget for `images` images of `tier`: Err when refused, Some(warning) near it.
@@ -80,10 +102,18 @@ impl Workspace {
     /// Loads a tier's model and checks it against the project's drift lock.
     pub fn load_tier(&self, name: &str) -> Result<WarmModel> {
         let tier = self.tiers.get(name)?.clone();
+        crate::tiers::load::require_diffusion(&tier)?;
         let dtype = tier_dtype(&tier, &self.options.device, self.options.dtype)?;
-        let t0 = Instant::now();
-        let model = load_tier_model(&tier, &self.options.device, dtype, self.options.show_progress)?;
-        let load_seconds = t0.elapsed().as_secs_f64();
+        let key = self.tier_key(&tier, dtype);
+        let (pooled, load_seconds) = self.pool.get_or_load(&key, None, || {
+            let model = load_tier_model(&tier, &self.options.device, dtype, self.options.show_progress)?;
+            let bytes = crate::jobs::pool::model_bytes(&model);
+            Ok((Pooled::Diffusion(Arc::new(model)), bytes))
+        })?;
+        let Pooled::Diffusion(model) = pooled else {
+            return Err(Error::Unsupported(format!("tier `{name}` is loaded as another kind of model")));
+        };
+        // The lock is checked on every job, warm or not: kiln.lock may have changed meanwhile.
         let drift = drift::check(&self.project.lock_path(), &tier, &model, self.options.accept_drift)?;
         Ok(WarmModel { tier, model, load_seconds, drift })
     }
@@ -95,6 +125,10 @@ impl Workspace {
             .map(|d| d.as_millis())
             .unwrap_or(0);
         let dir = self.project.assets_dir().join(folder);
+        let stem = match &self.file_tag {
+            Some(tag) => format!("{tag}-{stem}"),
+            None => stem.to_string(),
+        };
         let mut path = dir.join(format!("{stem}-{ms}.png"));
         let mut k = 1;
         while path.exists() {

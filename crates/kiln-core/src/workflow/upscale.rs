@@ -10,13 +10,15 @@ use crate::pipeline::upscale::{Target, UpscaleOptions, Upscaler};
 use crate::tiers::drift::{self, DriftOutcome};
 use crate::tiers::load::{load_upscale_tier_model, tier_dtype};
 use crate::tiers::Tier;
+use crate::jobs::pool::Pooled;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Instant;
 
 /// An upscale tier's model, loaded once.
 pub struct WarmUpscaler {
     pub tier: Tier,
-    pub upscaler: Upscaler,
+    pub upscaler: Arc<Upscaler>,
     /// The model's weight files (store blob or file), as locked in kiln.lock.
     pub weights: Vec<WeightRecord>,
     /// Seconds the load took; billed to the first job that uses it, then 0.
@@ -31,13 +33,25 @@ impl Workspace {
         let tier = self.tiers.get(name)?.clone();
         crate::tiers::load::require_upscale(&tier)?;
         let dtype = tier_dtype(&tier, &self.options.device, self.options.dtype)?;
-        let t0 = Instant::now();
-        let (upscaler, weights) = load_upscale_tier_model(&tier, &self.options.device, dtype)?;
-        let load_seconds = t0.elapsed().as_secs_f64();
+        let key = self.tier_key(&tier, dtype);
+        let (pooled, load_seconds) = self.pool.get_or_load(&key, None, || {
+            let (up, weights) = load_upscale_tier_model(&tier, &self.options.device, dtype)?;
+            let bytes = weights_bytes(&up);
+            Ok((Pooled::Upscaler(Arc::new(up), weights), bytes))
+        })?;
+        let Pooled::Upscaler(upscaler, weights) = pooled else {
+            return Err(Error::Unsupported(format!("tier `{name}` is loaded as another kind of model")));
+        };
         let drift =
             drift::check_files(&self.project.lock_path(), &tier, &weights, self.options.accept_drift)?;
         Ok(WarmUpscaler { tier, upscaler, weights, load_seconds, drift, dtype })
     }
+}
+
+/// Bytes an upscaler is counted as in the model pool: Real-ESRGAN x4plus, the largest
+/// shipped, is 67 MB in f32; the others are smaller.
+fn weights_bytes(_: &Upscaler) -> u64 {
+    70_000_000
 }
 
 /// Parses `--upscale`: `4k`, `8k`, `WxH`, or a scale factor (`2`, `4`, `1.5`).

@@ -1,0 +1,327 @@
+//! The engine: runs any [`JobSpec`] against a project (library, tiers, drift lock, budget) with
+//! a shared model pool, reporting to an event sink. The CLI runs one job with it in-process; the
+//! server's worker runs queued jobs with it. Everything a job does happens here, once.
+
+use super::events::{EventSink, JobEvent, SinkProgress};
+use super::pool::ModelPool;
+use super::spec::{ImageRef, JobKind, JobSpec};
+use crate::error::{Error, Result};
+use crate::library::assets::JobTimings;
+use crate::library::Project;
+use crate::tiers::load::Overrides;
+use crate::workflow::draft::{draft, DraftRequest};
+use crate::workflow::promote::{promote, PromoteMode, PromoteRequest};
+use crate::workflow::replay::{replay, ReplayRequest};
+use crate::workflow::upscale::{parse_target, upscale_asset};
+use crate::workflow::{AssetRef, JobOptions, Workspace};
+use serde::Serialize;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// Where uploaded input images live, relative to the project root (named by their sha256).
+pub const UPLOADS_DIR: &str = ".kiln/uploads";
+
+/// One image a job produced.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct OutputImage {
+    /// The library asset, when the job was recorded.
+    pub asset_id: Option<i64>,
+    pub path: PathBuf,
+    pub seed: Option<u64>,
+    /// draft | final | sheet | upscaled | replay | image
+    pub role: String,
+}
+
+/// What any job returns.
+#[derive(Debug, Clone, Serialize)]
+pub struct JobOutput {
+    pub kind: JobKind,
+    /// The library job it was recorded as (None for untiered local jobs).
+    pub library_job_id: Option<i64>,
+    pub images: Vec<OutputImage>,
+    pub timings: JobTimings,
+    /// Seconds billed (every stage, load included).
+    pub device_seconds: f64,
+    pub credits: f64,
+    pub warnings: Vec<String>,
+    /// The kind's own result (closeness of a promotion, bit-exactness of a replay, ...).
+    pub detail: serde_json::Value,
+}
+
+/// What the runner needs to know about where a job came from.
+#[derive(Debug, Clone, Default)]
+pub struct RunContext {
+    /// The queue row this run belongs to, with its attempt number: recording is refused
+    /// unless that row is still running that attempt, so a job is never recorded twice.
+    pub queue_claim: Option<(i64, i64)>,
+}
+
+/// The engine shared by all jobs of a process.
+pub struct Engine {
+    pub project: Project,
+    pub options: JobOptions,
+    pub pool: Arc<ModelPool>,
+}
+
+impl Engine {
+    pub fn new(project: Project, options: JobOptions, pool: Arc<ModelPool>) -> Self {
+        Self { project, options, pool }
+    }
+
+    /// A workspace (own library connection) over the shared pool.
+    pub fn workspace(&self) -> Result<Workspace> {
+        Workspace::open_with_pool(self.project.clone(), self.options.clone(), self.pool.clone())
+    }
+
+    /// Runs `spec` to completion (or cancellation), emitting events to `sink`.
+    pub fn run(&self, spec: &JobSpec, ctx: &RunContext, sink: &mut dyn EventSink) -> Result<JobOutput> {
+        spec.validate()?;
+        // A job on a model folder (no tier) keeps nothing: no library is opened or created.
+        let untiered = match spec {
+            JobSpec::Generate(s) => s.tier.is_none(),
+            JobSpec::Inpaint(s) => s.tier.is_none(),
+            _ => false,
+        };
+        let mut ws = if untiered {
+            Workspace {
+                library: crate::library::Library::in_memory(&self.project.root)?,
+                tiers: self.project.tiers()?,
+                project: self.project.clone(),
+                options: self.options.clone(),
+                pool: self.pool.clone(),
+                file_tag: None,
+            }
+        } else {
+            self.workspace()?
+        };
+        if let Some((id, attempt)) = ctx.queue_claim {
+            ws.file_tag = Some(format!("q{id}"));
+            ws.library.claim_for_queue(id, attempt);
+        }
+        let out = match spec {
+            JobSpec::Generate(s) => super::generate::run(&mut ws, s, sink),
+            JobSpec::Inpaint(s) => super::edit::run(&mut ws, s, sink),
+            JobSpec::Draft(s) => run_draft(&mut ws, s, sink),
+            JobSpec::Promote(s) => run_promote(&mut ws, s, sink),
+            JobSpec::Upscale(s) => run_upscale(&mut ws, s, sink),
+            JobSpec::Replay(s) => run_replay(&mut ws, s, sink),
+        }?;
+        Ok(out)
+    }
+}
+
+/// The local path of an input image.
+pub fn image_path(ws: &Workspace, r: &ImageRef, field: &str) -> Result<PathBuf> {
+    match r {
+        ImageRef::Asset(id) => Ok(ws.project.root.join(ws.library.asset(*id)?.path)),
+        ImageRef::Upload(sha) => {
+            if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(Error::arg(field, "an upload id is the 64-hex-digit sha256 the upload returned"));
+            }
+            let path = upload_path(&ws.project, sha);
+            if !path.is_file() {
+                return Err(Error::UnknownId { what: "upload".into(), id: sha.clone() });
+            }
+            Ok(path)
+        }
+        ImageRef::File(p) => Ok(p.clone()),
+    }
+}
+
+/// Where an upload with this sha256 is kept.
+pub fn upload_path(project: &Project, sha256: &str) -> PathBuf {
+    project.root.join(UPLOADS_DIR).join(format!("{}.png", sha256.to_ascii_lowercase()))
+}
+
+fn asset_ref(ws: &Workspace, r: &ImageRef, field: &str) -> Result<AssetRef> {
+    Ok(match r {
+        ImageRef::Asset(id) => AssetRef::Id(*id),
+        other => AssetRef::File(image_path(ws, other, field)?),
+    })
+}
+
+fn output(kind: JobKind, job: Option<i64>, images: Vec<OutputImage>, timings: JobTimings) -> JobOutput {
+    JobOutput {
+        kind,
+        library_job_id: job,
+        images,
+        device_seconds: timings.device_seconds(),
+        timings,
+        credits: 0.0,
+        warnings: Vec::new(),
+        detail: serde_json::Value::Null,
+    }
+}
+
+fn run_draft(ws: &mut Workspace, s: &super::spec::DraftSpec, sink: &mut dyn EventSink) -> Result<JobOutput> {
+    let tier_name = s.tier.as_deref().unwrap_or("draft");
+    let tier = ws.tiers.get(tier_name)?.clone();
+    let count = s.count.unwrap_or(8);
+    // Refuse before the (expensive) model load when the budget is spent.
+    ws.check_budget(&tier, count)?;
+    sink.emit(JobEvent::Stage { stage: "load".into() });
+    let mut warm = ws.load_tier(tier_name)?;
+    let request = DraftRequest {
+        prompt: s.prompt.clone(),
+        count,
+        seed: s.seed.unwrap_or_else(random_seed),
+        overrides: Overrides {
+            width: s.width,
+            height: s.height,
+            steps: s.steps,
+            negative_prompt: s.negative.clone(),
+            max_batch: s.batch,
+            ..Default::default()
+        },
+    };
+    let mut warnings: Vec<String> = tier_warnings(&warm.tier, &warm.drift);
+    let r = draft(ws, &mut warm, &request, &mut SinkProgress { sink })?;
+    let mut images: Vec<OutputImage> = r
+        .images
+        .iter()
+        .map(|i| OutputImage {
+            asset_id: Some(i.asset_id),
+            path: i.path.clone(),
+            seed: Some(i.seed),
+            role: "draft".into(),
+        })
+        .collect();
+    images.push(OutputImage {
+        asset_id: Some(r.sheet_asset_id),
+        path: r.sheet.clone(),
+        seed: None,
+        role: "sheet".into(),
+    });
+    warnings.extend(r.warnings.iter().cloned());
+    let mut out = output(JobKind::Draft, Some(r.job_id), images, r.timings.clone());
+    out.credits = r.credits;
+    out.warnings = warnings;
+    out.detail = serde_json::to_value(&r).unwrap_or_default();
+    Ok(out)
+}
+
+fn run_promote(ws: &mut Workspace, s: &super::spec::PromoteSpec, sink: &mut dyn EventSink) -> Result<JobOutput> {
+    let tier_name = s.tier.as_deref().unwrap_or("final");
+    let mode: PromoteMode = s.mode.as_deref().unwrap_or("img2img").parse()?;
+    let tier = ws.tiers.get(tier_name)?.clone();
+    // Validate the whole chain (target size, upscale tier, budget for both) before rendering.
+    let target = s.upscale.as_deref().map(parse_target).transpose()?;
+    let upscale_tier_name = s.upscale_tier.as_deref().unwrap_or("upscale");
+    let mut jobs = vec![(tier, 1)];
+    if target.is_some() {
+        let up = ws.tiers.get(upscale_tier_name)?.clone();
+        crate::tiers::load::require_upscale(&up)?;
+        jobs.push((up, 1));
+    }
+    ws.check_budget_all(&jobs)?;
+    let request = PromoteRequest {
+        draft: asset_ref(ws, &s.draft, "draft")?,
+        mode,
+        strength: s.strength.unwrap_or(0.5),
+        overrides: Overrides { width: s.width, height: s.height, steps: s.steps, ..Default::default() },
+    };
+    crate::workflow::resolve_input(&ws.library, &ws.project.root, &request.draft, "draft")?;
+    sink.emit(JobEvent::Stage { stage: "load".into() });
+    // The upscaler loads first: a missing or drifted SR model fails before the final renders.
+    let mut warm_up = match target {
+        Some(_) => Some(ws.load_upscale_tier(upscale_tier_name)?),
+        None => None,
+    };
+    let mut warm = ws.load_tier(tier_name)?;
+    let mut warnings = tier_warnings(&warm.tier, &warm.drift);
+    let r = promote(ws, &mut warm, &request, &mut SinkProgress { sink })?;
+    warnings.extend(r.warnings.iter().cloned());
+    let mut images = vec![OutputImage {
+        asset_id: Some(r.asset_id),
+        path: r.path.clone(),
+        seed: Some(r.seed),
+        role: "final".into(),
+    }];
+    let mut timings = r.timings.clone();
+    let mut credits = r.credits;
+    let mut detail = serde_json::to_value(&r).unwrap_or_default();
+    if let (Some(up), Some(target)) = (warm_up.as_mut(), target) {
+        if sink.cancelled() {
+            return Err(Error::Cancelled);
+        }
+        sink.emit(JobEvent::Stage { stage: "upscale".into() });
+        let u = upscale_asset(ws, up, &AssetRef::Id(r.asset_id), Some(target), s.tile, &mut |done, total| {
+            sink.emit(JobEvent::Tiles { done, total })
+        })?;
+        warnings.extend(u.warnings.iter().cloned());
+        images.push(OutputImage {
+            asset_id: Some(u.asset_id),
+            path: u.path.clone(),
+            seed: Some(r.seed),
+            role: "upscaled".into(),
+        });
+        timings.upscale += u.timings.upscale;
+        timings.load += u.timings.load;
+        credits += u.credits;
+        if let Some(obj) = detail.as_object_mut() {
+            obj.insert("upscaled".into(), serde_json::to_value(&u).unwrap_or_default());
+        }
+    }
+    let mut out = output(JobKind::Promote, Some(r.job_id), images, timings);
+    out.credits = credits;
+    out.warnings = warnings;
+    out.detail = detail;
+    Ok(out)
+}
+
+fn run_upscale(ws: &mut Workspace, s: &super::spec::UpscaleSpec, sink: &mut dyn EventSink) -> Result<JobOutput> {
+    let tier_name = s.tier.as_deref().unwrap_or("upscale");
+    let target = s.to.as_deref().map(parse_target).transpose()?;
+    let input = asset_ref(ws, &s.image, "image")?;
+    let tier = ws.tiers.get(tier_name)?.clone();
+    crate::tiers::load::require_upscale(&tier)?;
+    ws.check_budget(&tier, 1)?;
+    sink.emit(JobEvent::Stage { stage: "load".into() });
+    let mut warm = ws.load_upscale_tier(tier_name)?;
+    let mut warnings = tier_warnings(&warm.tier, &warm.drift);
+    sink.emit(JobEvent::Stage { stage: "upscale".into() });
+    let u = upscale_asset(ws, &mut warm, &input, target, s.tile, &mut |done, total| {
+        sink.emit(JobEvent::Tiles { done, total })
+    })?;
+    warnings.extend(u.warnings.iter().cloned());
+    let images =
+        vec![OutputImage { asset_id: Some(u.asset_id), path: u.path.clone(), seed: None, role: "upscaled".into() }];
+    let mut out = output(JobKind::Upscale, Some(u.job_id), images, u.timings.clone());
+    out.credits = u.credits;
+    out.warnings = warnings;
+    out.detail = serde_json::to_value(&u).unwrap_or_default();
+    Ok(out)
+}
+
+fn run_replay(ws: &mut Workspace, s: &super::spec::ReplaySpec, sink: &mut dyn EventSink) -> Result<JobOutput> {
+    let request = ReplayRequest { source: asset_ref(ws, &s.asset, "asset")?, out: s.out.clone() };
+    let r = replay(ws, &request, &mut SinkProgress { sink })?;
+    let images =
+        vec![OutputImage { asset_id: Some(r.asset_id), path: r.path.clone(), seed: None, role: "replay".into() }];
+    let mut out = output(JobKind::Replay, Some(r.job_id), images, r.timings.clone());
+    out.warnings = r.warnings.clone();
+    out.detail = serde_json::to_value(&r).unwrap_or_default();
+    Ok(out)
+}
+
+/// Warnings a tier's load leaves: drift accepted, or weights trusted on first use.
+pub fn tier_warnings(tier: &crate::tiers::Tier, drift: &crate::tiers::drift::DriftOutcome) -> Vec<String> {
+    use crate::tiers::drift::DriftOutcome;
+    match drift {
+        DriftOutcome::Pinned => tier.trust_on_first_use_warning().into_iter().collect(),
+        DriftOutcome::Accepted(changes) => {
+            vec![format!("accepted drift of tier `{}`: {}", tier.name, changes.join("; "))]
+        }
+        DriftOutcome::Unchanged => Vec::new(),
+    }
+}
+
+/// A random seed within 32 bits (torch's CPU generator only uses the low 32 bits).
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0),
+    );
+    h.finish() & 0xffff_ffff
+}

@@ -1,0 +1,269 @@
+//! The generate job: txt2img / img2img from a tier (written under the project's assets/ unless
+//! an `out` path is given, recorded in the library and billed) or from a model folder or hub id
+//! (written to `out`, not recorded).
+
+use super::engine::{image_path, random_seed, tier_warnings, JobOutput, OutputImage};
+use super::events::{EventSink, JobEvent, SinkProgress};
+use super::pool::{PoolKey, Pooled};
+use super::spec::{GenerateSpec, JobKind};
+use crate::error::{Error, Result};
+use crate::library::assets::JobTimings;
+use crate::loaders::hub;
+use crate::pipeline::generate::generate;
+use crate::pipeline::metadata::{png_chunks, FileRef, ImageRecord};
+use crate::pipeline::model::LoadedModel;
+use crate::tiers::load::{tier_request, Overrides};
+use crate::tiers::Tier;
+use crate::workflow::{process_cpu_seconds, record_tier_job, WrittenImage, Workspace};
+use candle_core::DType;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// A model for a job: a tier's (with its drift outcome) or a folder's/hub id's.
+pub(crate) struct JobModel {
+    pub model: Arc<LoadedModel>,
+    pub tier: Option<Tier>,
+    pub load_seconds: f64,
+    pub warnings: Vec<String>,
+}
+
+/// Loads (or takes warm from the pool) the model a spec names.
+pub(crate) fn job_model(
+    ws: &Workspace,
+    tier: Option<&str>,
+    model: Option<&str>,
+    revision: Option<&str>,
+    images: usize,
+) -> Result<JobModel> {
+    match (tier, model) {
+        (Some(name), _) => {
+            let t = ws.tiers.get(name)?.clone();
+            crate::tiers::load::require_diffusion(&t)?;
+            // Refuse before the (expensive) model load when the budget is spent.
+            let mut warnings: Vec<String> = ws.check_budget(&t, images)?.into_iter().collect();
+            let warm = ws.load_tier(name)?;
+            warnings.extend(tier_warnings(&warm.tier, &warm.drift));
+            Ok(JobModel { model: warm.model, tier: Some(warm.tier), load_seconds: warm.load_seconds, warnings })
+        }
+        (None, Some(spec)) => {
+            let device = &ws.options.device;
+            let dtype = ws.options.dtype.unwrap_or_else(|| crate::device::default_dtype(device));
+            let key = PoolKey {
+                model: format!("model:{spec}"),
+                revision: revision.map(str::to_string),
+                device: crate::device::name(device),
+                dtype: crate::device::dtype_name(dtype).to_string(),
+            };
+            let (pooled, load_seconds) = ws.pool.get_or_load(&key, None, || {
+                let source = hub::resolve(spec, revision, dtype != DType::F32, ws.options.show_progress)?;
+                let model = LoadedModel::load(source, device, dtype)?;
+                let bytes = super::pool::model_bytes(&model);
+                Ok((Pooled::Diffusion(Arc::new(model)), bytes))
+            })?;
+            let Pooled::Diffusion(model) = pooled else {
+                return Err(Error::Unsupported(format!("{spec} is loaded as another kind of model")));
+            };
+            Ok(JobModel { model, tier: None, load_seconds, warnings: Vec::new() })
+        }
+        (None, None) => Err(Error::arg("tier", "name a tier (or, locally, a model)")),
+    }
+}
+
+/// Refuses an output path that is not a plain file or a new name (a device, a folder).
+pub(crate) fn check_out_path(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_file() => Err(Error::arg(
+            "out",
+            format!("{} exists and is not a regular file; kiln writes only new or regular files", path.display()),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// `out` for image `index` of `count`: PATH, or PATH-0.png, PATH-1.png, ... for several.
+pub(crate) fn numbered(out: &Path, index: usize, count: usize) -> PathBuf {
+    if count == 1 {
+        return out.to_path_buf();
+    }
+    let stem = out.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|| "kiln".into());
+    out.with_file_name(format!("{stem}-{index}.png"))
+}
+
+fn file_ref(path: &Path) -> Result<FileRef> {
+    Ok(FileRef { path: path.display().to_string(), sha256: crate::loaders::weights::sha256_file(path)? })
+}
+
+/// Reads unit-normal starting noise (.npy) as f32.
+pub(crate) fn read_npy(path: &Path) -> Result<candle_core::Tensor> {
+    if !path.is_file() {
+        return Err(Error::not_found("init_latents", path, "pass an .npy file"));
+    }
+    let t = candle_core::Tensor::read_npy(path).map_err(|e| {
+        Error::arg("init_latents", format!("{} is not a readable .npy array: {e}", path.display()))
+    })?;
+    Ok(t.to_dtype(DType::F32)?)
+}
+
+/// Runs a generate job.
+pub fn run(ws: &mut Workspace, s: &GenerateSpec, sink: &mut dyn EventSink) -> Result<JobOutput> {
+    let start = Instant::now();
+    let count = s.count.unwrap_or(1);
+    let scheduler = s.scheduler.as_deref().map(str::parse).transpose()?;
+    if let Some(out) = &s.out {
+        check_out_path(out)?;
+    }
+    // Read the cheap inputs before the expensive model load, so bad input fails fast.
+    let init_path = s.init_image.as_ref().map(|r| image_path(ws, r, "init_image")).transpose()?;
+    let init_image = init_path.as_deref().map(crate::image::load_rgb).transpose()?;
+    let init_latents = s.init_latents.as_deref().map(read_npy).transpose()?;
+
+    sink.emit(JobEvent::Stage { stage: "load".into() });
+    let cpu0 = process_cpu_seconds();
+    let jm = job_model(ws, s.tier.as_deref(), s.model.as_deref(), s.revision.as_deref(), count)?;
+    let model = &jm.model;
+    let mut warnings = jm.warnings.clone();
+
+    let first_seed = s.seed.unwrap_or_else(random_seed);
+    let seeds: Vec<u64> = (0..count as u64).map(|i| first_seed.wrapping_add(i)).collect();
+    let overrides = Overrides {
+        width: s.width,
+        height: s.height,
+        steps: s.steps,
+        guidance: s.guidance,
+        scheduler,
+        negative_prompt: s.negative.clone(),
+        max_batch: Some(s.batch.unwrap_or(count.min(4))),
+    };
+    let fallback = Tier::untiered();
+    let mut request = tier_request(jm.tier.as_ref().unwrap_or(&fallback), model, &s.prompt, seeds.clone(), &overrides)?;
+    if let Some(img) = init_image {
+        // img2img without a tier defaults to the init image's size, rounded down to the VAE factor.
+        if jm.tier.is_none() {
+            let f = model.vae.scale_factor();
+            request.width = s.width.unwrap_or((img.width() as usize / f) * f);
+            request.height = s.height.unwrap_or((img.height() as usize / f) * f);
+        }
+        request.init_image = Some(img);
+        request.strength = s.strength.unwrap_or(0.8);
+    }
+    request.init_latents = init_latents;
+    request.validate(model)?;
+
+    let output = generate(model, &request, &mut SinkProgress { sink })?;
+    warnings.extend(output.warnings.iter().cloned());
+    if sink.cancelled() {
+        return Err(Error::Cancelled);
+    }
+
+    sink.emit(JobEvent::Stage { stage: "write".into() });
+    let init_latents_ref = s.init_latents.as_deref().map(file_ref).transpose()?;
+    let init_image_ref = init_path.as_deref().map(file_ref).transpose()?;
+    let tier_name = jm.tier.as_ref().map(|t| t.name.clone());
+    let mut written = Vec::new();
+    let mut outputs = Vec::new();
+    for (i, image) in output.images.iter().enumerate() {
+        let path = match (&s.out, &jm.tier) {
+            (Some(out), _) => numbered(out, i, count),
+            (None, Some(t)) => {
+                let folder = if t.is_draft() { "drafts" } else { "finals" };
+                ws.output_path(folder, &format!("{}-s{}", t.name, image.seed))
+            }
+            (None, None) => PathBuf::from(format!("kiln-{}.png", image.seed)),
+        };
+        let record = ImageRecord {
+            tier: tier_name.clone(),
+            ..ImageRecord::build(
+                model,
+                &request,
+                output.scheduler,
+                image.seed,
+                i,
+                init_latents_ref.clone(),
+                init_image_ref.clone(),
+            )
+        };
+        let rgb = crate::image::unit_to_rgb8(&image.pixels)?;
+        crate::image::png_meta::write_png_atomic(&path, &rgb, &png_chunks(&record, output.scheduler, model))?;
+        outputs.push(serde_json::json!({
+            "path": path,
+            "seed": image.seed,
+            // the dtype the image was decoded in again after its f16 VAE decode overflowed
+            "vae_fallback": image.vae_fallback.map(crate::device::dtype_name),
+        }));
+        // Absolute the way the project root is, so the library stores it relative to the root.
+        let path = std::path::absolute(&path).unwrap_or(path);
+        written.push(WrittenImage { path, seed: image.seed, rgb, record });
+    }
+    let mut timings = JobTimings::from_stages(jm.load_seconds, &output.timings);
+    timings.cpu_seconds = match (cpu0, process_cpu_seconds()) {
+        (Some(a), Some(b)) => Some(b - a),
+        _ => None,
+    };
+    let credits = jm.tier.as_ref().map(|t| t.price.cost(written.len(), timings.device_seconds()));
+    // A tier's images are assets of the project (a draft or a final by the tier's lane),
+    // children of the init image's asset when it is one.
+    let recorded = match &jm.tier {
+        Some(tier) => {
+            sink.emit(JobEvent::Stage { stage: "record".into() });
+            let kind = if tier.is_draft() { "draft" } else { "final" };
+            Some(record_tier_job(
+                &mut ws.library,
+                "generate",
+                kind,
+                tier,
+                model,
+                timings.clone(),
+                &written,
+                init_image_ref.as_ref(),
+            )?)
+        }
+        None => None,
+    };
+    let images = written
+        .iter()
+        .enumerate()
+        .map(|(i, w)| OutputImage {
+            asset_id: recorded.as_ref().and_then(|r| r.asset_ids.get(i).copied()),
+            path: w.path.clone(),
+            seed: Some(w.seed),
+            role: match &jm.tier {
+                Some(t) if t.is_draft() => "draft".into(),
+                Some(_) => "final".into(),
+                None => "image".into(),
+            },
+        })
+        .collect();
+    let t = &output.timings;
+    let detail = serde_json::json!({
+        "outputs": outputs,
+        "seeds": seeds,
+        "scheduler": output.scheduler.name(),
+        "seconds": {
+            "load": jm.load_seconds,
+            "text_encode": t.text_encode,
+            "vae_encode": t.vae_encode,
+            "steps": t.steps,
+            "vae_decode": t.vae_decode,
+            "generate": t.total,
+            "total": start.elapsed().as_secs_f64(),
+        },
+        "peak_memory_bytes": crate::device::peak_host_memory_bytes(),
+        "device": crate::device::name(&model.device),
+        "dtype": crate::device::dtype_name(model.dtype),
+        "tier": tier_name,
+        "credits": credits,
+        "library": recorded,
+        "warnings": warnings,
+    });
+    Ok(JobOutput {
+        kind: JobKind::Generate,
+        library_job_id: recorded.as_ref().map(|r| r.job_id),
+        images,
+        device_seconds: timings.device_seconds(),
+        timings,
+        credits: credits.unwrap_or(0.0),
+        warnings,
+        detail,
+    })
+}

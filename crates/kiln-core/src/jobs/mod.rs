@@ -1,0 +1,27 @@
+//! The job layer: one typed spec per job kind, one engine that runs any of them (budget, drift
+//! guard, model load from a shared pool, run, atomic write, library record with lineage, replay
+//! record), one event stream with cancellation, and the durable queue the server schedules.
+//! The CLI and the server only translate arguments or requests into [`spec::JobSpec`]s and
+//! print or serialise the [`engine::JobOutput`].
+//!
+//! - [`spec`]: the job specs (serde), kinds and lanes;
+//! - [`engine`]: the runner and the typed result;
+//! - [`generate`], [`edit`]: the generate and inpaint/erase/outpaint jobs;
+//! - [`events`]: job events, the sink trait, latent previews;
+//! - [`pool`]: loaded models shared by jobs, LRU within a memory budget;
+//! - [`queue`]: the durable queue in the project library (lanes, round-robin, leases, budget
+//!   reservations, crash recovery);
+//! - [`keys`]: API keys (hashed) and their quotas.
+
+pub mod edit;
+pub mod engine;
+pub mod events;
+pub mod generate;
+pub mod keys;
+pub mod pool;
+pub mod queue;
+pub mod spec;
+
+pub use engine::{Engine, JobOutput, OutputImage, RunContext};
+pub use events::{EventSink, JobEvent, NullSink};
+pub use spec::{JobKind, JobSpec, Lane};
