@@ -1,16 +1,11 @@
 //! Flags the generation-family commands share (generate, inpaint, outpaint, erase, and the
 //! project jobs), and what they resolve to.
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::Args;
 use kiln_core::candle::{DType, Device};
 use kiln_core::device::{self, DeviceRequest};
-use kiln_core::library::{ledger, Project};
-use kiln_core::loaders::hub;
-use kiln_core::pipeline::model::LoadedModel;
 use kiln_core::schedule::SchedulerKind;
-use kiln_core::tiers::load::{load_tier_model, tier_dtype};
-use kiln_core::tiers::Tier;
 use std::path::PathBuf;
 
 /// Most images one command makes.
@@ -69,66 +64,6 @@ pub struct ModelArgs {
     pub revision: Option<String>,
 }
 
-/// A tier job: the tier and the project that defines it, records it and pays for it.
-pub struct TierJob {
-    pub project: Project,
-    pub tier: Tier,
-}
-
-/// What [`ModelArgs::resolve`] decided: the device, the dtype and, for --tier, the tier job.
-pub struct ModelChoice {
-    pub device: Device,
-    pub dtype: DType,
-    pub tier: Option<TierJob>,
-}
-
-impl ModelArgs {
-    /// Resolves the device, the tier (with its project) and the dtype. A tier job of `images`
-    /// images is checked against the project budget here, before any expensive work: a warning
-    /// past the soft limit, an error past the hard one.
-    pub fn resolve(&self, run: &RunArgs, images: usize) -> anyhow::Result<ModelChoice> {
-        let device = run.device()?;
-        let explicit_dtype = run.explicit_dtype()?;
-        let tier = match &self.tier {
-            Some(name) => {
-                let project = Project::find(self.project.as_deref())?;
-                let tier = project.tiers()?.get(name)?.clone();
-                let library = project.library()?;
-                let estimate = ledger::estimate(&library, &tier, images)?;
-                if let Some(warning) = ledger::check_budget(&project.config, library.spent()?, estimate)? {
-                    eprintln!("warning: {warning}");
-                }
-                Some(TierJob { project, tier })
-            }
-            None => None,
-        };
-        let dtype = match &tier {
-            Some(job) => tier_dtype(&job.tier, &device, explicit_dtype)?,
-            None => explicit_dtype.unwrap_or_else(|| device::default_dtype(&device)),
-        };
-        Ok(ModelChoice { device, dtype, tier })
-    }
-
-    /// Loads the chosen model: the tier's (with its VAE and drift check) or --model's.
-    pub fn load(&self, choice: &ModelChoice, show: bool) -> anyhow::Result<LoadedModel> {
-        match (&choice.tier, &self.model) {
-            (Some(job), _) => Ok(load_tier_model(&job.tier, &choice.device, choice.dtype, show)?),
-            (None, Some(spec)) => {
-                let fp16_variant = choice.dtype != DType::F32;
-                let source = hub::resolve(spec, self.revision.as_deref(), fp16_variant, show)?;
-                LoadedModel::load(source, &choice.device, choice.dtype)
-                    .with_context(|| format!("loading model {spec}"))
-            }
-            (None, None) => bail!("pass --model or --tier"),
-        }
-    }
-}
-
-impl ModelChoice {
-    pub fn tier(&self) -> Option<&Tier> {
-        self.tier.as_ref().map(|job| &job.tier)
-    }
-}
 
 /// How the sampler runs and how many images it makes.
 #[derive(Args, Debug, Clone)]
@@ -162,8 +97,4 @@ impl SamplingArgs {
         Ok(self.scheduler.as_deref().map(str::parse).transpose()?)
     }
 
-    /// The per-image seeds starting at `first`.
-    pub fn seeds(&self, first: u64) -> Vec<u64> {
-        (0..self.count as u64).map(|i| first.wrapping_add(i)).collect()
-    }
 }

@@ -6,10 +6,6 @@ use crate::generate::random_seed;
 use clap::Args;
 use kiln_core::jobs::spec::DraftSpec;
 use kiln_core::jobs::JobSpec;
-use kiln_core::library::Project;
-use kiln_core::tiers::drift::DriftOutcome;
-use kiln_core::tiers::Tier;
-use kiln_core::workflow::{JobOptions, Workspace};
 use std::path::PathBuf;
 
 /// Options every project job takes.
@@ -26,22 +22,8 @@ pub struct JobArgs {
 }
 
 impl JobArgs {
-    pub fn show(&self) -> bool {
-        self.run.show()
-    }
-
     pub fn json(&self) -> bool {
         self.run.json
-    }
-
-    /// Opens the project workspace (library, tiers) with these options.
-    pub fn workspace(&self) -> anyhow::Result<Workspace> {
-        let device = self.run.device()?;
-        let dtype = self.run.explicit_dtype()?;
-        let project = Project::find(self.project.as_deref())?;
-        let options =
-            JobOptions { device, dtype, accept_drift: self.accept_drift, show_progress: self.show() };
-        Ok(Workspace::open(project, options)?)
     }
 
     /// The job engine over the project with these options.
@@ -50,29 +32,7 @@ impl JobArgs {
     }
 }
 
-/// Reports a drift-guard outcome on stderr.
-pub fn report_drift(tier: &str, outcome: &DriftOutcome, json: bool) {
-    if json {
-        return;
-    }
-    match outcome {
-        DriftOutcome::Pinned => eprintln!("pinned tier `{tier}` weights in kiln.lock"),
-        DriftOutcome::Accepted(changes) => {
-            eprintln!("accepted drift of tier `{tier}`:\n  {}", changes.join("\n  "))
-        }
-        DriftOutcome::Unchanged => {}
-    }
-}
 
-/// On a tier's first use in a project, warns about its explicitly unpinned parts (trusted now,
-/// locked from here on). Printed even with --json: it is about what was trusted.
-pub fn warn_trust_on_first_use(tier: &Tier, outcome: &DriftOutcome) {
-    if *outcome == DriftOutcome::Pinned {
-        if let Some(w) = tier.trust_on_first_use_warning() {
-            eprintln!("warning: {w}");
-        }
-    }
-}
 
 #[derive(Args, Debug)]
 pub struct DraftArgs {

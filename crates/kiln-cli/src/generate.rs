@@ -2,10 +2,8 @@
 
 use crate::args::{ModelArgs, RunArgs, SamplingArgs};
 use clap::Args;
-use indicatif::{ProgressBar, ProgressStyle};
 use kiln_core::jobs::spec::{GenerateSpec, ImageRef};
 use kiln_core::jobs::{JobOutput, JobSpec};
-use kiln_core::pipeline::generate::Progress;
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]
@@ -41,41 +39,6 @@ pub struct GenerateArgs {
     run: RunArgs,
 }
 
-/// A denoising progress bar on stderr (hidden when `show` is false).
-pub(crate) struct Bar(pub(crate) Option<ProgressBar>);
-
-impl Bar {
-    pub(crate) fn new(show: bool, steps: usize) -> Self {
-        Bar(show.then(|| {
-            let bar = ProgressBar::new(steps as u64);
-            bar.set_style(
-                ProgressStyle::with_template("{spinner} denoising [{bar:30}] {pos}/{len} {msg} ({elapsed})")
-                    .unwrap_or_else(|_| ProgressStyle::default_bar())
-                    .progress_chars("=> "),
-            );
-            bar
-        }))
-    }
-
-    pub(crate) fn finish(self) {
-        if let Some(bar) = self.0 {
-            bar.finish_and_clear();
-        }
-    }
-}
-
-impl Progress for Bar {
-    fn step(&mut self, done: usize, total: usize, seconds: f64) {
-        if let Some(bar) = &self.0 {
-            if bar.length() != Some(total as u64) {
-                bar.set_length(total as u64);
-                bar.set_position(0);
-            }
-            bar.set_position(done as u64);
-            bar.set_message(format!("{seconds:.2} s/step"));
-        }
-    }
-}
 
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let spec = JobSpec::Generate(GenerateSpec {

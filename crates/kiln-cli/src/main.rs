@@ -13,6 +13,7 @@ mod inpaint;
 mod models_cmd;
 mod promote;
 mod report;
+mod serve;
 mod tiers;
 mod upscale;
 
@@ -52,6 +53,11 @@ enum Command {
     Upscale(upscale::UpscaleArgs),
     /// Import and list super-resolution models.
     Models(models_cmd::ModelsArgs),
+    /// Serve the project over HTTP: native jobs API, OpenAI Images, AUTOMATIC1111; one warm
+    /// engine and a durable queue (drafts first).
+    Serve(serve::ServeArgs),
+    /// API keys for `kiln serve`: add, list, revoke.
+    Keys(serve::KeysArgs),
 }
 
 fn main() -> ExitCode {
@@ -81,6 +87,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Erase(args) => inpaint::run_erase(args),
         Command::Upscale(args) => upscale::run(args),
         Command::Models(args) => models_cmd::run(args),
+        Command::Serve(args) => serve::run(args),
+        Command::Keys(args) => serve::run_keys(args),
     }
 }
 

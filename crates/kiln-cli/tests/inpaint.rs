@@ -167,7 +167,7 @@ fn bad_masks_fail_clearly_and_write_nothing() {
         (vec!["inpaint", &image, "--mask", &text], "not a recognised image format"),
         (vec!["inpaint", &text, "--mask", &empty], "not a recognised image format"),
         (vec!["erase", &image, "--mask", &empty], "nothing to inpaint"),
-        (vec!["erase", &image, "--mask", &soft, "--grow", "200"], "use a smaller --grow"),
+        (vec!["erase", &image, "--mask", &soft, "--grow", "200"], "use a smaller grow"),
         (vec!["outpaint", &image], "nothing to extend"),
         (vec!["outpaint", &image, "--to", "16:0"], "aspect ratio"),
     ];
@@ -533,7 +533,7 @@ fn outpaint_sides_with_noise_fill_and_forced_reimposition() {
         &fixture("inpaint9/model"),
     ]);
     assert!(!o.status.success());
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--reimpose"));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("reimpose"));
 }
 
 /// Each command's PNG record rebuilds, through kiln_core's replay helper, a request that gives

@@ -38,3 +38,5 @@ pub fn data_dir() -> Option<std::path::PathBuf> {
         .or_else(|| non_empty(XDG_DATA_HOME).map(|d| d.join("kiln")))
         .or_else(|| non_empty(HOME).map(|h| h.join(".local").join("share").join("kiln")))
 }
+/// `kiln serve`'s log filter (tracing's env-filter syntax, e.g. `info`, `kiln_server=debug`).
+pub const KILN_LOG: &str = "KILN_LOG";

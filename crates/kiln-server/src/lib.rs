@@ -1,1 +1,199 @@
-//! placeholder
+//! kiln-server: kiln over HTTP (axum). It translates requests into job specs, queues them in
+//! the project library and serialises results; every job runs through kiln-core's engine, on
+//! one worker thread that shares the warm model pool. No model logic lives here.
+//!
+//! - [`native`]: `/v1/jobs` (+ SSE events), `/v1/assets`, `/v1/report`, `/v1/tiers`;
+//! - [`openai`]: OpenAI Images (`/v1/images/generations|edits`, `/v1/models`);
+//! - [`a1111`]: AUTOMATIC1111's `/sdapi/v1/*`;
+//! - [`auth`]: API keys (Bearer or Basic) once the project has any;
+//! - [`common`]: uploads, waiting for jobs, encoding results;
+//! - [`hub`]: live per-job event channels;
+//! - [`worker`]: the queue worker (with draft preemption at step boundaries);
+//! - [`state`], [`error`]: shared state and typed API errors.
+
+pub mod a1111;
+pub mod auth;
+pub mod common;
+pub mod error;
+pub mod hub;
+pub mod native;
+pub mod openai;
+pub mod state;
+pub mod worker;
+
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{get, post};
+use axum::Router;
+use kiln_core::jobs::keys::Keys;
+use kiln_core::jobs::queue::Queue;
+use kiln_core::jobs::Engine;
+use state::{AppState, Limits};
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// How to serve.
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub limits: Limits,
+    /// Tiers to load before accepting requests.
+    pub preload: Vec<String>,
+}
+
+/// Errors that stop the server from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(transparent)]
+    Core(#[from] kiln_core::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error(
+        "refusing to listen on {0} without API keys: anyone on the network could use this machine; \
+         run `kiln keys add NAME` first, or listen on 127.0.0.1"
+    )]
+    ExposedWithoutKeys(SocketAddr),
+    #[error("server error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// All routes over `state`.
+pub fn router(state: Arc<AppState>) -> Router {
+    let limits = state.limits;
+    Router::new()
+        .route("/healthz", get(native::healthz))
+        .route("/v1/jobs", post(native::create_job).get(native::list_jobs))
+        .route("/v1/jobs/{id}", get(native::get_job).delete(native::cancel_job))
+        .route("/v1/jobs/{id}/events", get(native::job_events))
+        .route("/v1/assets", get(native::list_assets))
+        .route("/v1/assets/{id}", get(native::get_asset))
+        .route("/v1/assets/{id}/image", get(native::asset_image))
+        .route("/v1/assets/{id}/lineage", get(native::asset_lineage))
+        .route("/v1/report", get(native::report))
+        .route("/v1/tiers", get(native::tiers))
+        .route("/v1/openapi.json", get(openapi))
+        .route("/v1/images/generations", post(openai::generations))
+        .route("/v1/images/edits", post(openai::edits))
+        .route("/v1/models", get(openai::models))
+        .route("/sdapi/v1/txt2img", post(a1111::txt2img))
+        .route("/sdapi/v1/img2img", post(a1111::img2img))
+        .route("/sdapi/v1/progress", get(a1111::progress))
+        .route("/sdapi/v1/interrupt", post(a1111::interrupt))
+        .route("/sdapi/v1/options", get(a1111::get_options).post(a1111::set_options))
+        .route("/sdapi/v1/sd-models", get(a1111::sd_models))
+        .route("/sdapi/v1/samplers", get(a1111::samplers))
+        .route("/sdapi/v1/schedulers", get(a1111::schedulers))
+        .route("/sdapi/v1/upscalers", get(a1111::upscalers))
+        .fallback(|| async { error::ApiError::NotFound("no such route; see GET /v1/openapi.json".into()) })
+        .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key))
+        .layer(DefaultBodyLimit::max(limits.body_bytes))
+        .layer(tower_http::limit::RequestBodyLimitLayer::new(limits.body_bytes))
+        .with_state(state)
+}
+
+/// The routes, for clients and tools.
+async fn openapi() -> axum::Json<serde_json::Value> {
+    let paths = [
+        ("/healthz", "get"),
+        ("/v1/jobs", "post"),
+        ("/v1/jobs", "get"),
+        ("/v1/jobs/{id}", "get"),
+        ("/v1/jobs/{id}", "delete"),
+        ("/v1/jobs/{id}/events", "get"),
+        ("/v1/assets", "get"),
+        ("/v1/assets/{id}", "get"),
+        ("/v1/assets/{id}/image", "get"),
+        ("/v1/assets/{id}/lineage", "get"),
+        ("/v1/report", "get"),
+        ("/v1/tiers", "get"),
+        ("/v1/images/generations", "post"),
+        ("/v1/images/edits", "post"),
+        ("/v1/models", "get"),
+        ("/sdapi/v1/txt2img", "post"),
+        ("/sdapi/v1/img2img", "post"),
+        ("/sdapi/v1/progress", "get"),
+        ("/sdapi/v1/interrupt", "post"),
+        ("/sdapi/v1/options", "get"),
+        ("/sdapi/v1/options", "post"),
+        ("/sdapi/v1/sd-models", "get"),
+        ("/sdapi/v1/samplers", "get"),
+        ("/sdapi/v1/schedulers", "get"),
+        ("/sdapi/v1/upscalers", "get"),
+    ];
+    let mut map = serde_json::Map::new();
+    for (p, m) in paths {
+        let entry = map.entry(p.to_string()).or_insert_with(|| serde_json::json!({}));
+        entry[m] = serde_json::json!({ "responses": { "200": { "description": "ok" } } });
+    }
+    axum::Json(serde_json::json!({
+        "openapi": "3.1.0",
+        "info": { "title": "kiln", "version": kiln_core::VERSION },
+        "paths": map,
+    }))
+}
+
+/// Serves until SIGTERM or Ctrl-C; the running job finishes first (queued ones stay queued).
+pub fn serve(engine: Engine, config: ServerConfig) -> Result<(), ServeError> {
+    let keys = Keys::open(&engine.project)?;
+    if !config.listen.ip().is_loopback() && !keys.any_active()? {
+        return Err(ServeError::ExposedWithoutKeys(config.listen));
+    }
+    let mut queue = Queue::open(&engine.project)?;
+    let recovery = queue.recover(&engine.project)?;
+    drop(queue);
+    let engine = Arc::new(engine);
+    for tier in &config.preload {
+        let ws = engine.workspace()?;
+        ws.load_tier(tier)?;
+        tracing::info!(tier = %tier, "preloaded");
+    }
+    let state = Arc::new(AppState::new(engine, config.limits));
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| ServeError::Bind { addr: config.listen, source })?;
+        let addr = listener.local_addr()?;
+        if !recovery.requeued.is_empty() || !recovery.completed.is_empty() {
+            tracing::warn!(requeued = ?recovery.requeued, completed = ?recovery.completed,
+                removed_files = recovery.removed_files, "recovered jobs left running by a previous process");
+        }
+        let worker_state = state.clone();
+        let worker = std::thread::spawn(move || worker::run(worker_state));
+        // A line tools can wait for (the port, when 0 was asked for).
+        tracing::info!("listening on http://{addr}");
+        eprintln!("kiln serve: listening on http://{addr}");
+        let shutdown_state = state.clone();
+        axum::serve(listener, router(state))
+            .with_graceful_shutdown(async move {
+                shutdown_signal().await;
+                tracing::info!("shutting down: finishing the running job");
+                shutdown_state.shutting_down.store(true, Ordering::SeqCst);
+                shutdown_state.notify_worker();
+            })
+            .await?;
+        let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+        tracing::info!("stopped");
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}

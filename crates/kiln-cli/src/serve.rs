@@ -1,0 +1,131 @@
+//! `kiln serve` (the HTTP server over the project) and `kiln keys` (its API keys).
+
+use crate::args::RunArgs;
+use clap::{Args, Subcommand};
+use kiln_core::jobs::keys::Keys;
+use kiln_core::jobs::pool::ModelPool;
+use kiln_core::jobs::Engine;
+use kiln_core::library::Project;
+use kiln_core::workflow::JobOptions;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// Project folder (kiln.toml, library, assets); default $KILN_PROJECT or the current folder.
+    #[arg(long)]
+    project: Option<PathBuf>,
+    /// Address to listen on. Anything but loopback needs API keys (`kiln keys add`).
+    #[arg(long, default_value = "127.0.0.1:7860")]
+    listen: std::net::SocketAddr,
+    /// Memory budget for loaded models (e.g. 8G, 512M); least recently used models are
+    /// unloaded to stay within it. Default: no limit.
+    #[arg(long)]
+    max_memory: Option<String>,
+    /// Load these tiers before accepting requests (repeatable).
+    #[arg(long)]
+    preload: Vec<String>,
+    /// Largest request body (e.g. 32M).
+    #[arg(long, default_value = "32M")]
+    max_body: String,
+    /// Re-pin kiln.lock when a tier's weights changed, instead of refusing.
+    #[arg(long)]
+    accept_drift: bool,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// Parses 8G, 512M, 64K or plain bytes.
+fn parse_bytes(field: &str, s: &str) -> anyhow::Result<u64> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
+        Some('G') => (&t[..t.len() - 1], 1u64 << 30),
+        Some('M') => (&t[..t.len() - 1], 1 << 20),
+        Some('K') => (&t[..t.len() - 1], 1 << 10),
+        _ => (t, 1),
+    };
+    let v: f64 = num.trim().parse().map_err(|_| anyhow::anyhow!("invalid {field}: `{s}` (expected e.g. 8G, 512M or bytes)"))?;
+    if !(v.is_finite() && v > 0.0) {
+        anyhow::bail!("invalid {field}: `{s}` must be > 0");
+    }
+    Ok((v * mult as f64) as u64)
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_from_env(kiln_core::env::KILN_LOG)
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let budget = args.max_memory.as_deref().map(|s| parse_bytes("--max-memory", s)).transpose()?;
+    let body = parse_bytes("--max-body", &args.max_body)?;
+    let project = Project::find(args.project.as_deref())?;
+    let options = JobOptions {
+        device: args.run.device()?,
+        dtype: args.run.explicit_dtype()?,
+        accept_drift: args.accept_drift,
+        show_progress: false,
+    };
+    let engine = Engine::new(project, options, Arc::new(ModelPool::new(budget)));
+    let limits = kiln_server::state::Limits {
+        body_bytes: usize::try_from(body).unwrap_or(usize::MAX),
+        ..Default::default()
+    };
+    let config = kiln_server::ServerConfig { listen: args.listen, limits, preload: args.preload };
+    kiln_server::serve(engine, config)?;
+    Ok(())
+}
+
+#[derive(Args, Debug)]
+pub struct KeysArgs {
+    #[command(subcommand)]
+    command: KeysCommand,
+    /// Project folder; default $KILN_PROJECT or the current folder.
+    #[arg(long, global = true)]
+    project: Option<PathBuf>,
+}
+
+#[derive(Subcommand, Debug)]
+enum KeysCommand {
+    /// Make a key; prints it once, alone, on the last line (only its hash is kept).
+    Add {
+        name: String,
+        /// Credits the key may spend per 24 hours (default: unlimited).
+        #[arg(long)]
+        quota: Option<f64>,
+    },
+    /// The keys (names, quotas, revoked or not; never the keys).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke a key by name.
+    Revoke { name: String },
+}
+
+pub fn run_keys(args: KeysArgs) -> anyhow::Result<()> {
+    let project = Project::find(args.project.as_deref())?;
+    let mut keys = Keys::open(&project)?;
+    match args.command {
+        KeysCommand::Add { name, quota } => {
+            let key = keys.add(&name, quota)?;
+            eprintln!("added key `{name}`; it is shown once, keep it:");
+            println!("{key}");
+        }
+        KeysCommand::List { json } => {
+            let list = keys.list()?;
+            if json {
+                println!("{}", serde_json::to_string(&list)?);
+            } else {
+                for k in list {
+                    let quota = k.quota.map(|q| format!("{q} credits/day")).unwrap_or_else(|| "no quota".into());
+                    let state = if k.revoked { "revoked" } else { "active" };
+                    println!("{:<24} {state:<8} {quota}", k.name);
+                }
+            }
+        }
+        KeysCommand::Revoke { name } => {
+            keys.revoke(&name)?;
+            eprintln!("revoked key `{name}`");
+        }
+    }
+    Ok(())
+}

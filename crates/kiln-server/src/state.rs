@@ -1,0 +1,132 @@
+//! The server's shared state (one `Arc`): the engine, the live event hub, the worker's wake-up
+//! signal and the limits every request is checked against.
+
+use crate::error::{ApiError, ApiResult};
+use crate::hub::EventHub;
+use kiln_core::jobs::queue::Queue;
+use kiln_core::jobs::spec::{JobSpec, Lane};
+use kiln_core::jobs::Engine;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Condvar, Mutex};
+
+/// Request limits, checked before anything is decoded.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest request body in bytes.
+    pub body_bytes: usize,
+    /// Largest side of an uploaded image in pixels.
+    pub image_side: u32,
+    /// Largest generated side in pixels.
+    pub generate_side: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self { body_bytes: 32 * 1024 * 1024, image_side: 4096, generate_side: 2048 }
+    }
+}
+
+/// Shared by every handler and the worker.
+pub struct AppState {
+    pub engine: Arc<Engine>,
+    pub hub: EventHub,
+    /// Set when there is new work; the worker waits on it.
+    pub wake: (Mutex<bool>, Condvar),
+    pub shutting_down: AtomicBool,
+    /// A1111's `sd_model_checkpoint`: the tier its txt2img/img2img use.
+    pub a1111_tier: Mutex<String>,
+    pub limits: Limits,
+}
+
+/// Who made a request: an API key's name, or "local" when the project has no keys.
+#[derive(Debug, Clone)]
+pub struct Owner(pub String);
+
+impl AppState {
+    pub fn new(engine: Arc<Engine>, limits: Limits) -> Self {
+        Self {
+            engine,
+            hub: EventHub::default(),
+            wake: (Mutex::new(false), Condvar::new()),
+            shutting_down: AtomicBool::new(false),
+            a1111_tier: Mutex::new("draft".into()),
+            limits,
+        }
+    }
+
+    pub fn queue(&self) -> ApiResult<Queue> {
+        Ok(Queue::open(&self.engine.project)?)
+    }
+
+    pub fn notify_worker(&self) {
+        let (lock, cv) = &self.wake;
+        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
+        cv.notify_all();
+    }
+
+    /// The lane a spec waits in: drafts (the draft job, and generations on a draft-lane tier)
+    /// before everything else.
+    pub fn lane(&self, spec: &JobSpec) -> ApiResult<Lane> {
+        let tiers = self.engine.project.tiers()?;
+        Ok(match spec {
+            JobSpec::Draft(_) => Lane::Draft,
+            JobSpec::Generate(_) | JobSpec::Inpaint(_) => match spec.tier() {
+                Some(t) if tiers.get(t)?.is_draft() => Lane::Draft,
+                _ => Lane::Final,
+            },
+            _ => Lane::Final,
+        })
+    }
+
+    /// Validates and queues a remote spec for `owner`: remote checks, the tier, the size
+    /// limits, the owner's daily quota and the project budget (reserved atomically).
+    pub fn submit(&self, spec: &JobSpec, owner: &Owner, quota: Option<f64>) -> ApiResult<i64> {
+        if self.shutting_down.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(ApiError::Unavailable("the server is shutting down; retry on its successor".into()));
+        }
+        spec.check_remote()?;
+        if let JobSpec::Generate(g) = spec {
+            for (field, v) in [("width", g.width), ("height", g.height)] {
+                if let Some(v) = v.filter(|v| *v > self.limits.generate_side) {
+                    return Err(ApiError::bad(format!(
+                        "invalid {field}: {v} exceeds the server's {} px limit; generate smaller and upscale",
+                        self.limits.generate_side
+                    )));
+                }
+            }
+        }
+        let tiers = self.engine.project.tiers()?;
+        let estimate = match spec.tier() {
+            Some(name) => {
+                let tier = tiers.get(name)?;
+                let library = self.engine.project.library()?;
+                kiln_core::library::ledger::estimate(&library, tier, spec.images())?
+            }
+            None => 0.0,
+        };
+        let lane = self.lane(spec)?;
+        let mut queue = self.queue()?;
+        if let Some(q) = quota {
+            let since = now() - 86_400.0;
+            let used = queue.owner_credits_since(&owner.0, since)?;
+            if used + estimate > q + 1e-9 {
+                return Err(kiln_core::Error::Quota {
+                    msg: format!(
+                        "key `{}` used {used:.4} of its {q:.4} credits in the last 24 h; this job needs about {estimate:.4}",
+                        owner.0
+                    ),
+                    retry_after_seconds: 3600,
+                }
+                .into());
+            }
+        }
+        let limit = self.engine.project.config.budget.map(|b| b.limit);
+        let id = queue.enqueue(spec, &owner.0, lane, estimate, limit)?;
+        self.notify_worker();
+        Ok(id)
+    }
+}
+
+pub fn now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
