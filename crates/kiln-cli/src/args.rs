@@ -64,7 +64,6 @@ pub struct ModelArgs {
     pub revision: Option<String>,
 }
 
-
 /// How the sampler runs and how many images it makes.
 #[derive(Args, Debug, Clone)]
 pub struct SamplingArgs {
@@ -96,5 +95,4 @@ impl SamplingArgs {
         }
         Ok(self.scheduler.as_deref().map(str::parse).transpose()?)
     }
-
 }

@@ -2,10 +2,10 @@
 
 use crate::draft::JobArgs;
 use clap::{Args, Subcommand};
-use kiln_core::library::assets::{AssetFilter, AssetRow};
-use kiln_core::library::{utc_date, Project};
 use kiln_core::jobs::spec::{ImageRef, ReplaySpec};
 use kiln_core::jobs::JobSpec;
+use kiln_core::library::assets::{AssetFilter, AssetRow};
+use kiln_core::library::{utc_date, Project};
 use std::path::PathBuf;
 
 #[derive(Args, Debug)]

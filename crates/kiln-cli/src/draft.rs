@@ -32,8 +32,6 @@ impl JobArgs {
     }
 }
 
-
-
 #[derive(Args, Debug)]
 pub struct DraftArgs {
     /// The prompt.

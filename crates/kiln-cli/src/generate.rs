@@ -39,7 +39,6 @@ pub struct GenerateArgs {
     run: RunArgs,
 }
 
-
 pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
     let spec = JobSpec::Generate(GenerateSpec {
         tier: args.source.tier.clone(),
@@ -88,4 +87,3 @@ pub(crate) fn print_images(out: &JobOutput, json: bool) -> anyhow::Result<()> {
 }
 
 pub(crate) use kiln_core::jobs::engine::random_seed;
-

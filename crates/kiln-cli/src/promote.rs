@@ -86,7 +86,10 @@ pub fn run(args: PromoteArgs) -> anyhow::Result<()> {
         d["job_id"],
         d["timings"]["load"].as_f64().unwrap_or(0.0)
             + d["timings"]["text_encode"].as_f64().unwrap_or(0.0)
-            + d["timings"]["steps"].as_array().map(|s| s.iter().filter_map(|v| v.as_f64()).sum()).unwrap_or(0.0)
+            + d["timings"]["steps"]
+                .as_array()
+                .map(|s| s.iter().filter_map(|v| v.as_f64()).sum())
+                .unwrap_or(0.0)
             + d["timings"]["vae_encode"].as_f64().unwrap_or(0.0)
             + d["timings"]["vae_decode"].as_f64().unwrap_or(0.0),
         d["credits"].as_f64().unwrap_or(0.0)

@@ -44,7 +44,10 @@ fn parse_bytes(field: &str, s: &str) -> anyhow::Result<u64> {
         Some('K') => (&t[..t.len() - 1], 1 << 10),
         _ => (t, 1),
     };
-    let v: f64 = num.trim().parse().map_err(|_| anyhow::anyhow!("invalid {field}: `{s}` (expected e.g. 8G, 512M or bytes)"))?;
+    let v: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("invalid {field}: `{s}` (expected e.g. 8G, 512M or bytes)"))?;
     if !(v.is_finite() && v > 0.0) {
         anyhow::bail!("invalid {field}: `{s}` must be > 0");
     }
@@ -54,7 +57,12 @@ fn parse_bytes(field: &str, s: &str) -> anyhow::Result<u64> {
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_env(kiln_core::env::KILN_LOG)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .try_init();
     let budget = args.max_memory.as_deref().map(|s| parse_bytes("--max-memory", s)).transpose()?;
     let body = parse_bytes("--max-body", &args.max_body)?;
     let project = Project::find(args.project.as_deref())?;
@@ -116,7 +124,8 @@ pub fn run_keys(args: KeysArgs) -> anyhow::Result<()> {
                 println!("{}", serde_json::to_string(&list)?);
             } else {
                 for k in list {
-                    let quota = k.quota.map(|q| format!("{q} credits/day")).unwrap_or_else(|| "no quota".into());
+                    let quota =
+                        k.quota.map(|q| format!("{q} credits/day")).unwrap_or_else(|| "no quota".into());
                     let state = if k.revoked { "revoked" } else { "active" };
                     println!("{:<24} {state:<8} {quota}", k.name);
                 }

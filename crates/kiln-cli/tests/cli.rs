@@ -142,8 +142,8 @@ fn bad_input_is_a_clear_error() {
     assert_fails(&base_args("nobody/not-cached-model", out_s), "nobody/not-cached-model");
     assert_fails(&with(&["--scheduler", "heun"]), "ddim");
     assert_fails(&with(&["--width", "100"]), "multiple of the VAE factor 8");
-    assert_fails(&with(&["--width", "65536"]), "--width");
-    assert_fails(&with(&["--steps", "0"]), "--steps");
+    assert_fails(&with(&["--width", "65536"]), "invalid width");
+    assert_fails(&with(&["--steps", "0"]), "invalid steps");
     assert_fails(&with(&["--device", "tpu"]), "--device");
     assert_fails(&with(&["--dtype", "f8"]), "--dtype");
     assert_fails(&with(&["--bogus-flag"]), "--bogus-flag");

@@ -366,15 +366,15 @@ fn bad_input_is_a_clear_error() {
     assert_fails(root, &["generate", "--tier", "sketch", "--prompt", "x"], "unknown tier `sketch`");
     assert_fails(root, &["draft", "x", "--tier", "broken"], "tier `broken` model");
     assert_fails(root, &["draft", "x", "--tier", "upscale"], "upscale tier");
-    assert_fails(root, &["draft", "x", "-n", "0"], "-n");
+    assert_fails(root, &["draft", "x", "-n", "0"], "invalid count");
     let plain = root.join("plain.png");
     image::RgbImage::new(16, 16).save(&plain).unwrap();
     assert_fails(root, &["promote", plain.to_str().unwrap()], "has no kiln metadata");
     assert_fails(root, &["replay", plain.to_str().unwrap()], "has no kiln metadata");
     assert_fails(root, &["promote", "/no/such.png"], "not found");
     assert_fails(root, &["promote", "999"], "no asset with id 999");
-    assert_fails(root, &["promote", "999", "--mode", "sideways"], "--mode");
-    assert_fails(root, &["promote", "999", "--upscale", "banana"], "--upscale");
+    assert_fails(root, &["promote", "999", "--mode", "sideways"], "invalid mode");
+    assert_fails(root, &["promote", "999", "--upscale", "banana"], "invalid upscale");
     assert_fails(
         root,
         &["promote", "999", "--upscale", "4k", "--upscale-tier", "final"],
@@ -386,7 +386,7 @@ fn bad_input_is_a_clear_error() {
     assert_fails(
         root,
         &["promote", &d["images"][0]["asset_id"].to_string(), "--strength", "1.5"],
-        "--strength",
+        "invalid strength",
     );
     // The built-in upscale tier names a store model this data dir has not imported: refused
     // before the final is rendered.

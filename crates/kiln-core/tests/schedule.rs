@@ -193,7 +193,7 @@ fn kinds_parse_and_map_classes() {
     cfg.algorithm_type = Some("sde-dpmsolver++".into());
     assert!(SchedulerKind::from_class("DPMSolverMultistepScheduler", &cfg).is_err());
     let err = SchedulerKind::from_class("UniPCMultistepScheduler", &cfg).expect_err("unsupported");
-    assert!(err.to_string().contains("--scheduler"), "{err}");
+    assert!(err.to_string().contains("scheduler"), "{err}");
 }
 
 #[test]

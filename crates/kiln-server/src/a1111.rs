@@ -52,14 +52,19 @@ fn body(bytes: &[u8]) -> ApiResult<serde_json::Map<String, Value>> {
 fn get_u64(m: &serde_json::Map<String, Value>, k: &str) -> ApiResult<Option<u64>> {
     match m.get(k) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_u64().map(Some).ok_or_else(|| ApiError::bad(format!("{k}: expected a non-negative integer, got {v}"))),
+        Some(v) => v
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| ApiError::bad(format!("{k}: expected a non-negative integer, got {v}"))),
     }
 }
 
 fn get_f64(m: &serde_json::Map<String, Value>, k: &str) -> ApiResult<Option<f64>> {
     match m.get(k) {
         None | Some(Value::Null) => Ok(None),
-        Some(v) => v.as_f64().map(Some).ok_or_else(|| ApiError::bad(format!("{k}: expected a number, got {v}"))),
+        Some(v) => {
+            v.as_f64().map(Some).ok_or_else(|| ApiError::bad(format!("{k}: expected a number, got {v}")))
+        }
     }
 }
 
@@ -96,7 +101,9 @@ struct Sampling {
 fn sampling(state: &AppState, m: &serde_json::Map<String, Value>) -> ApiResult<Sampling> {
     for flag in ["enable_hr", "restore_faces", "tiling"] {
         if get_bool(m, flag)? {
-            return Err(ApiError::bad(format!("{flag}: kiln does not do this; set it false (upscale with kiln's upscale tier)")));
+            return Err(ApiError::bad(format!(
+                "{flag}: kiln does not do this; set it false (upscale with kiln's upscale tier)"
+            )));
         }
     }
     let seed = match m.get("seed") {
@@ -110,10 +117,9 @@ fn sampling(state: &AppState, m: &serde_json::Map<String, Value>) -> ApiResult<S
     let dims = |k: &str| -> ApiResult<Option<usize>> {
         let v = get_u64(m, k)?;
         match v {
-            Some(v) if v == 0 || v as usize > state.limits.generate_side || v % 8 != 0 => Err(ApiError::bad(format!(
-                "{k} = {v}: expected a multiple of 8 in 8..={}",
-                state.limits.generate_side
-            ))),
+            Some(v) if v == 0 || v as usize > state.limits.generate_side || v % 8 != 0 => Err(ApiError::bad(
+                format!("{k} = {v}: expected a multiple of 8 in 8..={}", state.limits.generate_side),
+            )),
             v => Ok(v.map(|v| v as usize)),
         }
     };
@@ -163,7 +169,8 @@ fn reply(state: &AppState, s: &Sampling, params: Value, result: &Value) -> ApiRe
     for (img, _) in &images {
         encoded.push(b64(&encode(img, "png")?));
     }
-    Ok(Json(serde_json::json!({ "images": encoded, "parameters": params, "info": info.to_string() })).into_response())
+    Ok(Json(serde_json::json!({ "images": encoded, "parameters": params, "info": info.to_string() }))
+        .into_response())
 }
 
 pub async fn txt2img(
@@ -201,8 +208,12 @@ pub async fn img2img(
     let m = body(&bytes)?;
     let s = sampling(&state, &m)?;
     let init = match m.get("init_images") {
-        Some(Value::Array(a)) if a.len() == 1 => a[0].as_str().ok_or_else(|| ApiError::bad("init_images: expected base64 strings"))?,
-        Some(Value::Array(a)) if a.len() > 1 => return Err(ApiError::bad("init_images: kiln takes one image")),
+        Some(Value::Array(a)) if a.len() == 1 => {
+            a[0].as_str().ok_or_else(|| ApiError::bad("init_images: expected base64 strings"))?
+        }
+        Some(Value::Array(a)) if a.len() > 1 => {
+            return Err(ApiError::bad("init_images: kiln takes one image"))
+        }
         _ => return Err(ApiError::bad("init_images: one base64 image is required")),
     };
     let image = decode_upload(&state, "init_images[0]", &unb64("init_images[0]", init)?)?.image.to_rgb8();
@@ -273,7 +284,12 @@ pub async fn img2img(
 
 pub async fn progress(State(state): State<Arc<AppState>>) -> ApiResult<Response> {
     let cur = state.hub.current();
-    let queued = state.queue()?.list(1000)?.iter().filter(|j| j.state == kiln_core::jobs::queue::JobState::Queued).count();
+    let queued = state
+        .queue()?
+        .list(1000)?
+        .iter()
+        .filter(|j| j.state == kiln_core::jobs::queue::JobState::Queued)
+        .count();
     let progress = if cur.steps > 0 { cur.step as f64 / cur.steps as f64 } else { 0.0 };
     Ok(Json(serde_json::json!({
         "progress": progress,
@@ -303,7 +319,8 @@ pub async fn set_options(State(state): State<Arc<AppState>>, bytes: Bytes) -> Ap
     for (k, v) in &m {
         match k.as_str() {
             "sd_model_checkpoint" => {
-                let name = v.as_str().ok_or_else(|| ApiError::bad("sd_model_checkpoint: expected a tier name"))?;
+                let name =
+                    v.as_str().ok_or_else(|| ApiError::bad("sd_model_checkpoint: expected a tier name"))?;
                 // Clients send "title [hash]"; the title is the tier.
                 let name = name.split(" [").next().unwrap_or(name).trim();
                 let tiers = state.engine.project.tiers()?;
@@ -313,7 +330,11 @@ pub async fn set_options(State(state): State<Arc<AppState>>, bytes: Bytes) -> Ap
                 }
                 *state.a1111_tier.lock().unwrap_or_else(|p| p.into_inner()) = name.to_string();
             }
-            other => return Err(ApiError::bad(format!("option `{other}` is not one kiln has (sd_model_checkpoint)"))),
+            other => {
+                return Err(ApiError::bad(format!(
+                    "option `{other}` is not one kiln has (sd_model_checkpoint)"
+                )))
+            }
         }
     }
     Ok(Json(Value::Null).into_response())
@@ -332,7 +353,10 @@ pub async fn sd_models(State(state): State<Arc<AppState>>) -> ApiResult<Response
 
 pub async fn samplers() -> Json<Value> {
     Json(Value::Array(
-        SAMPLERS.iter().map(|(a, _)| serde_json::json!({ "name": a, "aliases": [], "options": {} })).collect(),
+        SAMPLERS
+            .iter()
+            .map(|(a, _)| serde_json::json!({ "name": a, "aliases": [], "options": {} }))
+            .collect(),
     ))
 }
 

@@ -28,9 +28,12 @@ pub fn decode_upload(state: &AppState, field: &str, bytes: &[u8]) -> ApiResult<U
         .map_err(|e| ApiError::bad(format!("{field}: cannot read the image's size ({e})")))?;
     let max = state.limits.image_side;
     if w == 0 || h == 0 || w > max || h > max {
-        return Err(ApiError::bad(format!("{field}: {w}x{h} is outside 1..={max} px a side; send a smaller image")));
+        return Err(ApiError::bad(format!(
+            "{field}: {w}x{h} is outside 1..={max} px a side; send a smaller image"
+        )));
     }
-    let image = image::load_from_memory(bytes).map_err(|e| ApiError::bad(format!("{field}: cannot decode ({e})")))?;
+    let image =
+        image::load_from_memory(bytes).map_err(|e| ApiError::bad(format!("{field}: cannot decode ({e})")))?;
     Ok(Upload { image })
 }
 
@@ -75,7 +78,10 @@ pub async fn wait_for(state: &AppState, id: i64) -> ApiResult<serde_json::Value>
 }
 
 /// The images of a finished job (sheets left out), with their seeds.
-pub fn result_images(state: &AppState, result: &serde_json::Value) -> ApiResult<Vec<(image::DynamicImage, Option<u64>)>> {
+pub fn result_images(
+    state: &AppState,
+    result: &serde_json::Value,
+) -> ApiResult<Vec<(image::DynamicImage, Option<u64>)>> {
     let root = &state.engine.project.root;
     let mut out = Vec::new();
     for img in result["images"].as_array().into_iter().flatten() {
@@ -119,7 +125,9 @@ pub fn parse_size(state: &AppState, field: &str, s: &str) -> ApiResult<(usize, u
     let (w, h) = s
         .split_once(['x', 'X'])
         .and_then(|(w, h)| Some((w.trim().parse::<usize>().ok()?, h.trim().parse::<usize>().ok()?)))
-        .ok_or_else(|| ApiError::bad(format!("{field} `{s}`: expected WIDTHxHEIGHT such as 512x512, or auto")))?;
+        .ok_or_else(|| {
+            ApiError::bad(format!("{field} `{s}`: expected WIDTHxHEIGHT such as 512x512, or auto"))
+        })?;
     let max = state.limits.generate_side;
     if w == 0 || h == 0 || w > max || h > max || w % 8 != 0 || h % 8 != 0 {
         return Err(ApiError::bad(format!("{field} `{s}`: each side must be a multiple of 8 in 8..={max}")));

@@ -54,9 +54,13 @@ impl From<CoreError> for ApiError {
             }
             CoreError::UnknownId { .. } => ApiError::NotFound(msg),
             CoreError::Budget(_) => ApiError::TooMany { msg, retry_after: 3600 },
-            CoreError::Quota { retry_after_seconds, .. } => ApiError::TooMany { msg, retry_after: retry_after_seconds },
+            CoreError::Quota { retry_after_seconds, .. } => {
+                ApiError::TooMany { msg, retry_after: retry_after_seconds }
+            }
             CoreError::Cancelled => ApiError::Conflict(msg),
-            CoreError::Config { .. } | CoreError::NotFound { .. } | CoreError::Hub { .. } => ApiError::Unavailable(msg),
+            CoreError::Config { .. } | CoreError::NotFound { .. } | CoreError::Hub { .. } => {
+                ApiError::Unavailable(msg)
+            }
             _ => ApiError::Internal(msg),
         }
     }
@@ -77,7 +81,8 @@ impl IntoResponse for ApiError {
             }
         }
         if let ApiError::Unauthorized(_) = &self {
-            resp.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer, Basic realm=\"kiln\""));
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer, Basic realm=\"kiln\""));
         }
         resp
     }

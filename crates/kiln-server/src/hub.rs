@@ -54,7 +54,9 @@ impl EventHub {
                     cur.step = *step;
                     cur.steps = *steps;
                 }
-                JobEvent::Preview { png_base64, .. } if cur.job == Some(job) => cur.preview = Some(png_base64.clone()),
+                JobEvent::Preview { png_base64, .. } if cur.job == Some(job) => {
+                    cur.preview = Some(png_base64.clone())
+                }
                 e if is_terminal(e) && cur.job == Some(job) => *cur = Current::default(),
                 _ => {}
             }

@@ -20,10 +20,9 @@ use std::sync::Arc;
 
 /// Parses a path id, saying what a valid one is.
 pub fn parse_id(what: &str, s: &str) -> ApiResult<i64> {
-    s.parse::<i64>()
-        .ok()
-        .filter(|v| *v > 0)
-        .ok_or_else(|| ApiError::NotFound(format!("{what} `{s}` does not exist ({what} ids are positive integers)")))
+    s.parse::<i64>().ok().filter(|v| *v > 0).ok_or_else(|| {
+        ApiError::NotFound(format!("{what} `{s}` does not exist ({what} ids are positive integers)"))
+    })
 }
 
 pub async fn create_job(
@@ -48,7 +47,10 @@ pub struct ListQuery {
     limit: Option<usize>,
 }
 
-pub async fn list_jobs(State(state): State<Arc<AppState>>, Query(q): Query<ListQuery>) -> ApiResult<Response> {
+pub async fn list_jobs(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<ListQuery>,
+) -> ApiResult<Response> {
     let limit = q.limit.unwrap_or(100).clamp(1, 1000);
     Ok(Json(serde_json::json!({ "jobs": state.queue()?.list(limit)? })).into_response())
 }
@@ -86,7 +88,9 @@ pub async fn job_events(
         match job.state {
             JobState::Queued => history.push(JobEvent::Queued { position: job.position.unwrap_or(0) }),
             JobState::Done => history.push(JobEvent::Done { result: job.result.clone().unwrap_or_default() }),
-            JobState::Failed => history.push(JobEvent::Failed { error: job.error.clone().unwrap_or_default() }),
+            JobState::Failed => {
+                history.push(JobEvent::Failed { error: job.error.clone().unwrap_or_default() })
+            }
             JobState::Cancelled => history.push(JobEvent::Cancelled),
             JobState::Running => {}
         }
@@ -126,7 +130,10 @@ pub struct AssetQuery {
     limit: Option<usize>,
 }
 
-pub async fn list_assets(State(state): State<Arc<AppState>>, Query(q): Query<AssetQuery>) -> ApiResult<Response> {
+pub async fn list_assets(
+    State(state): State<Arc<AppState>>,
+    Query(q): Query<AssetQuery>,
+) -> ApiResult<Response> {
     let library = state.engine.project.library()?;
     let filter = kiln_core::library::assets::AssetFilter {
         kind: q.kind,
@@ -166,7 +173,10 @@ pub async fn asset_image(State(state): State<Arc<AppState>>, Path(id): Path<Stri
     Ok(([(header::CONTENT_TYPE, mime)], bytes).into_response())
 }
 
-pub async fn asset_lineage(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<Response> {
+pub async fn asset_lineage(
+    State(state): State<Arc<AppState>>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
     let row = asset_row(&state, &id)?;
     let library = state.engine.project.library()?;
     Ok(Json(serde_json::json!({
@@ -179,7 +189,8 @@ pub async fn asset_lineage(State(state): State<Arc<AppState>>, Path(id): Path<St
 pub async fn report(State(state): State<Arc<AppState>>) -> ApiResult<Response> {
     let library = state.engine.project.library()?;
     let report = kiln_core::library::ledger::report(&library, &state.engine.project.config)?;
-    Ok(Json(serde_json::json!({ "report": report, "models_loaded": state.engine.pool.entries() })).into_response())
+    Ok(Json(serde_json::json!({ "report": report, "models_loaded": state.engine.pool.entries() }))
+        .into_response())
 }
 
 pub async fn tiers(State(state): State<Arc<AppState>>) -> ApiResult<Response> {

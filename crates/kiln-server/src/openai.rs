@@ -80,7 +80,10 @@ fn check_common(
     let tiers = state.engine.project.tiers()?;
     let t = tiers.get(&tier).map_err(|_| {
         let known: Vec<String> = tiers.tiers.keys().cloned().collect();
-        ApiError::bad(format!("model `{tier}` is not a tier of this server; use one of: {}", known.join(", ")))
+        ApiError::bad(format!(
+            "model `{tier}` is not a tier of this server; use one of: {}",
+            known.join(", ")
+        ))
     })?;
     if t.kind != kiln_core::tiers::TierKind::Diffusion {
         return Err(ApiError::bad(format!("model `{tier}` is an upscale tier, not an image model")));
@@ -132,8 +135,8 @@ pub async fn generations(
     Extension(quota): Extension<Quota>,
     body: Bytes,
 ) -> ApiResult<Response> {
-    let req: GenerationRequest = serde_json::from_slice(&body)
-        .map_err(|e| ApiError::bad(format!("invalid request body: {e}")))?;
+    let req: GenerationRequest =
+        serde_json::from_slice(&body).map_err(|e| ApiError::bad(format!("invalid request body: {e}")))?;
     let common = check_common(
         &state,
         req.model.as_deref(),
@@ -143,12 +146,18 @@ pub async fn generations(
         req.output_format.as_deref(),
     )?;
     if let Some(s) = &req.style {
-        return Err(ApiError::bad(format!("style `{s}` is a DALL-E 3 option kiln does not have; leave it out")));
+        return Err(ApiError::bad(format!(
+            "style `{s}` is a DALL-E 3 option kiln does not have; leave it out"
+        )));
     }
     if let Some(b) = req.background.as_deref().filter(|b| !matches!(*b, "auto" | "opaque")) {
         return Err(ApiError::bad(format!("background `{b}`: kiln makes opaque images (auto or opaque)")));
     }
-    if let Some(q) = req.quality.as_deref().filter(|q| !matches!(*q, "auto" | "standard" | "low" | "medium" | "high" | "hd")) {
+    if let Some(q) = req
+        .quality
+        .as_deref()
+        .filter(|q| !matches!(*q, "auto" | "standard" | "low" | "medium" | "high" | "hd"))
+    {
         return Err(ApiError::bad(format!("quality `{q}`: expected auto (the tier decides quality)")));
     }
     if let Some(m) = req.moderation.as_deref().filter(|m| !matches!(*m, "auto" | "low")) {
@@ -214,12 +223,18 @@ async fn stream(state: Arc<AppState>, id: i64, partials: usize, format: String) 
                                 "output_format": "png",
                             });
                             sent += 1;
-                            let ev = Event::default().event("image_generation.partial_image").data(data.to_string());
-                            return Some((Ok::<_, std::convert::Infallible>(ev), (state, rx, history, sent, false)));
+                            let ev = Event::default()
+                                .event("image_generation.partial_image")
+                                .data(data.to_string());
+                            return Some((
+                                Ok::<_, std::convert::Infallible>(ev),
+                                (state, rx, history, sent, false),
+                            ));
                         }
                         JobEvent::Done { result } => {
                             // One completed event per stream (OpenAI streams one image).
-                            let first = result_images(&state, &result).ok().and_then(|v| v.into_iter().next());
+                            let first =
+                                result_images(&state, &result).ok().and_then(|v| v.into_iter().next());
                             let body = match first {
                                 Some((img, _)) => serde_json::json!({
                                     "type": "image_generation.completed",
@@ -242,7 +257,8 @@ async fn stream(state: Arc<AppState>, id: i64, partials: usize, format: String) 
                             return Some((Ok(ev), (state, rx, history, sent, true)));
                         }
                         JobEvent::Cancelled => {
-                            let data = serde_json::json!({ "type": "error", "error": { "message": "cancelled" } });
+                            let data =
+                                serde_json::json!({ "type": "error", "error": { "message": "cancelled" } });
                             let ev = Event::default().event("error").data(data.to_string());
                             return Some((Ok(ev), (state, rx, history, sent, true)));
                         }
@@ -278,7 +294,8 @@ pub async fn edits(
             }
             "mask" => mask = Some(decode_upload(&state, "mask", &bytes)?),
             "prompt" | "model" | "n" | "size" | "response_format" | "output_format" | "quality" | "user"
-            | "background" | "seed" | "input_fidelity" | "output_compression" | "stream" | "partial_images" => {
+            | "background" | "seed" | "input_fidelity" | "output_compression" | "stream"
+            | "partial_images" => {
                 let text = String::from_utf8(bytes.to_vec())
                     .map_err(|_| ApiError::bad(format!("field `{name}` is not text")))?;
                 fields.insert(name, text);
@@ -288,8 +305,14 @@ pub async fn edits(
     }
     let image = image.ok_or_else(|| ApiError::bad("the `image` file is missing"))?;
     let prompt = fields.get("prompt").cloned().ok_or_else(|| ApiError::bad("`prompt` is missing"))?;
-    let n = fields.get("n").map(|v| v.parse::<usize>().map_err(|_| ApiError::bad(format!("n `{v}` is not a number")))).transpose()?;
-    let seed = fields.get("seed").map(|v| v.parse::<u64>().map_err(|_| ApiError::bad(format!("seed `{v}` is not a number")))).transpose()?;
+    let n = fields
+        .get("n")
+        .map(|v| v.parse::<usize>().map_err(|_| ApiError::bad(format!("n `{v}` is not a number"))))
+        .transpose()?;
+    let seed = fields
+        .get("seed")
+        .map(|v| v.parse::<u64>().map_err(|_| ApiError::bad(format!("seed `{v}` is not a number"))))
+        .transpose()?;
     if fields.get("stream").is_some_and(|s| s == "true") {
         return Err(ApiError::bad("stream: kiln streams generations, not edits; leave it out"));
     }

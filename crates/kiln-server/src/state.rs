@@ -85,6 +85,7 @@ impl AppState {
             return Err(ApiError::Unavailable("the server is shutting down; retry on its successor".into()));
         }
         spec.check_remote()?;
+        self.check_refs(spec)?;
         if let JobSpec::Generate(g) = spec {
             for (field, v) in [("width", g.width), ("height", g.height)] {
                 if let Some(v) = v.filter(|v| *v > self.limits.generate_side) {
@@ -124,6 +125,38 @@ impl AppState {
         let id = queue.enqueue(spec, &owner.0, lane, estimate, limit)?;
         self.notify_worker();
         Ok(id)
+    }
+}
+
+impl AppState {
+    /// Every asset and upload the spec names exists (so a bad id fails now, not in the queue).
+    fn check_refs(&self, spec: &JobSpec) -> ApiResult<()> {
+        use kiln_core::jobs::spec::ImageRef;
+        let refs: Vec<(&str, &ImageRef)> = match spec {
+            JobSpec::Generate(g) => g.init_image.iter().map(|r| ("init_image", r)).collect(),
+            JobSpec::Promote(p) => vec![("draft", &p.draft)],
+            JobSpec::Inpaint(i) => {
+                let mut v = vec![("image", &i.image)];
+                v.extend(i.mask.iter().map(|m| ("mask", m)));
+                v
+            }
+            JobSpec::Upscale(u) => vec![("image", &u.image)],
+            JobSpec::Replay(r) => vec![("asset", &r.asset)],
+            JobSpec::Draft(_) => Vec::new(),
+        };
+        if refs.is_empty() {
+            return Ok(());
+        }
+        let ws = self.engine.workspace()?;
+        for (field, r) in refs {
+            kiln_core::jobs::engine::image_path(&ws, r, field).map_err(|e| match e {
+                kiln_core::Error::InvalidArgument { .. } | kiln_core::Error::UnknownId { .. } => {
+                    ApiError::bad(format!("{field}: {e}"))
+                }
+                other => ApiError::from(other),
+            })?;
+        }
+        Ok(())
     }
 }
 

@@ -33,7 +33,10 @@ pub fn run(state: Arc<AppState>) {
                 let (lock, cv) = &state.wake;
                 let mut woken = lock.lock().unwrap_or_else(|p| p.into_inner());
                 if !*woken {
-                    woken = cv.wait_timeout(woken, Duration::from_millis(500)).map(|r| r.0).unwrap_or_else(|p| p.into_inner().0);
+                    woken = cv
+                        .wait_timeout(woken, Duration::from_millis(500))
+                        .map(|r| r.0)
+                        .unwrap_or_else(|p| p.into_inner().0);
                 }
                 *woken = false;
             }
@@ -51,10 +54,7 @@ fn run_claim(state: &Arc<AppState>, queue: &mut Queue, claim: Claim, may_yield: 
     tracing::info!(job = id, kind = claim.spec.kind().as_str(), owner = %claim.owner, lane = claim.lane.as_str(), "started");
     state.hub.publish(id, JobEvent::Started);
     let yields = may_yield && claim.lane == Lane::Final;
-    let mut sink = WorkerSink { state: state.clone(), id, may_yield: yields, checks: match state.queue() {
-        Ok(q) => Some(q),
-        Err(_) => None,
-    } };
+    let mut sink = WorkerSink { state: state.clone(), id, may_yield: yields, checks: state.queue().ok() };
     let ctx = RunContext { queue_claim: Some((id, claim.attempt)) };
     let result = state.engine.run(&claim.spec, &ctx, &mut sink);
     let root = state.engine.project.root.clone();
@@ -62,7 +62,9 @@ fn run_claim(state: &Arc<AppState>, queue: &mut Queue, claim: Claim, may_yield: 
         Ok(out) => {
             let mut value = serde_json::to_value(&out).unwrap_or_default();
             relativise_paths(&mut value, &root);
-            if let Err(e) = queue.finish(id, claim.attempt, Finish::Done { result: &value, credits: out.credits }) {
+            if let Err(e) =
+                queue.finish(id, claim.attempt, Finish::Done { result: &value, credits: out.credits })
+            {
                 tracing::error!(job = id, "recording the end failed: {e}");
             }
             tracing::info!(job = id, seconds = out.device_seconds, credits = out.credits, "done");

@@ -13,7 +13,7 @@ use crate::pipeline::metadata::{model_record, png_chunks, FileRef, ImageRecord, 
 use crate::pipeline::outpaint::{extend_canvas, Extension, Prefill, DEFAULT_OVERLAP};
 use crate::tiers::load::{tier_request, Overrides};
 use crate::tiers::Tier;
-use crate::workflow::{record_tier_job, WrittenImage, Workspace};
+use crate::workflow::{record_tier_job, Workspace, WrittenImage};
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -67,7 +67,15 @@ pub fn run(ws: &mut Workspace, s: &InpaintSpec, sink: &mut dyn EventSink) -> Res
     let (image, mask, prompt, negative, strength, mask_blur, grow) = match s.mode {
         EditMode::Inpaint => {
             let path = mask_file.as_deref().ok_or_else(|| Error::arg("mask", "inpainting needs a mask"))?;
-            (source.clone(), read_mask(path)?, s.prompt.clone(), s.negative.clone(), s.strength.unwrap_or(1.0), s.mask_blur, None)
+            (
+                source.clone(),
+                read_mask(path)?,
+                s.prompt.clone(),
+                s.negative.clone(),
+                s.strength.unwrap_or(1.0),
+                s.mask_blur,
+                None,
+            )
         }
         EditMode::Erase => {
             let path = mask_file.as_deref().ok_or_else(|| Error::arg("mask", "erasing needs a mask"))?;
@@ -88,7 +96,8 @@ pub fn run(ws: &mut Workspace, s: &InpaintSpec, sink: &mut dyn EventSink) -> Res
             (source.clone(), grown, prompt, negative, 1.0, s.mask_blur, Some(grow))
         }
         EditMode::Outpaint => {
-            let e = s.extend.as_ref().ok_or_else(|| Error::arg("extend", "outpainting needs an extension"))?;
+            let e =
+                s.extend.as_ref().ok_or_else(|| Error::arg("extend", "outpainting needs an extension"))?;
             let ext = match &e.to {
                 Some(aspect) => {
                     let (aw, ah) = Extension::parse_aspect(aspect)?;
@@ -121,7 +130,8 @@ pub fn run(ws: &mut Workspace, s: &InpaintSpec, sink: &mut dyn EventSink) -> Res
         ..Overrides::default()
     };
     let fallback = Tier::untiered();
-    let defaults = tier_request(jm.tier.as_ref().unwrap_or(&fallback), model, &prompt, seeds.clone(), &overrides)?;
+    let defaults =
+        tier_request(jm.tier.as_ref().unwrap_or(&fallback), model, &prompt, seeds.clone(), &overrides)?;
     let mut request = InpaintRequest::new(prompt, image.clone(), mask);
     request.negative_prompt = defaults.negative_prompt;
     request.steps = defaults.steps;
@@ -215,7 +225,11 @@ pub fn run(ws: &mut Workspace, s: &InpaintSpec, sink: &mut dyn EventSink) -> Res
             tier: jm.tier.as_ref().map(|t| t.name.clone()),
             inpaint: Some(inpaint_record.clone()),
         };
-        crate::image::png_meta::write_png_atomic(&path, &img.image, &png_chunks(&record, output.scheduler, model))?;
+        crate::image::png_meta::write_png_atomic(
+            &path,
+            &img.image,
+            &png_chunks(&record, output.scheduler, model),
+        )?;
         outputs.push(serde_json::json!({ "path": path, "seed": img.seed }));
         let path = std::path::absolute(&path).unwrap_or(path);
         written.push(WrittenImage { path, seed: img.seed, rgb: img.image.clone(), record });
@@ -223,7 +237,16 @@ pub fn run(ws: &mut Workspace, s: &InpaintSpec, sink: &mut dyn EventSink) -> Res
     let recorded = match &jm.tier {
         Some(tier) => {
             sink.emit(JobEvent::Stage { stage: "record".into() });
-            Some(record_tier_job(&mut ws.library, mode, mode, tier, model, timings.clone(), &written, Some(&image_ref))?)
+            Some(record_tier_job(
+                &mut ws.library,
+                mode,
+                mode,
+                tier,
+                model,
+                timings.clone(),
+                &written,
+                Some(&image_ref),
+            )?)
         }
         None => None,
     };

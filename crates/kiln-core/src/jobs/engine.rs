@@ -113,7 +113,13 @@ impl Engine {
 /// The local path of an input image.
 pub fn image_path(ws: &Workspace, r: &ImageRef, field: &str) -> Result<PathBuf> {
     match r {
-        ImageRef::Asset(id) => Ok(ws.project.root.join(ws.library.asset(*id)?.path)),
+        ImageRef::Asset(id) => {
+            let asset = ws
+                .library
+                .asset(*id)
+                .map_err(|_| Error::UnknownId { what: "asset".into(), id: id.to_string() })?;
+            Ok(ws.project.root.join(asset.path))
+        }
         ImageRef::Upload(sha) => {
             if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(Error::arg(field, "an upload id is the 64-hex-digit sha256 the upload returned"));
@@ -200,7 +206,11 @@ fn run_draft(ws: &mut Workspace, s: &super::spec::DraftSpec, sink: &mut dyn Even
     Ok(out)
 }
 
-fn run_promote(ws: &mut Workspace, s: &super::spec::PromoteSpec, sink: &mut dyn EventSink) -> Result<JobOutput> {
+fn run_promote(
+    ws: &mut Workspace,
+    s: &super::spec::PromoteSpec,
+    sink: &mut dyn EventSink,
+) -> Result<JobOutput> {
     let tier_name = s.tier.as_deref().unwrap_or("final");
     let mode: PromoteMode = s.mode.as_deref().unwrap_or("img2img").parse()?;
     let tier = ws.tiers.get(tier_name)?.clone();
@@ -245,9 +255,10 @@ fn run_promote(ws: &mut Workspace, s: &super::spec::PromoteSpec, sink: &mut dyn 
             return Err(Error::Cancelled);
         }
         sink.emit(JobEvent::Stage { stage: "upscale".into() });
-        let u = upscale_asset(ws, up, &AssetRef::Id(r.asset_id), Some(target), s.tile, &mut |done, total| {
-            sink.emit(JobEvent::Tiles { done, total })
-        })?;
+        let u =
+            upscale_asset(ws, up, &AssetRef::Id(r.asset_id), Some(target), s.tile, &mut |done, total| {
+                sink.emit(JobEvent::Tiles { done, total })
+            })?;
         warnings.extend(u.warnings.iter().cloned());
         images.push(OutputImage {
             asset_id: Some(u.asset_id),
@@ -269,7 +280,11 @@ fn run_promote(ws: &mut Workspace, s: &super::spec::PromoteSpec, sink: &mut dyn 
     Ok(out)
 }
 
-fn run_upscale(ws: &mut Workspace, s: &super::spec::UpscaleSpec, sink: &mut dyn EventSink) -> Result<JobOutput> {
+fn run_upscale(
+    ws: &mut Workspace,
+    s: &super::spec::UpscaleSpec,
+    sink: &mut dyn EventSink,
+) -> Result<JobOutput> {
     let tier_name = s.tier.as_deref().unwrap_or("upscale");
     let target = s.to.as_deref().map(parse_target).transpose()?;
     let input = asset_ref(ws, &s.image, "image")?;
@@ -284,8 +299,12 @@ fn run_upscale(ws: &mut Workspace, s: &super::spec::UpscaleSpec, sink: &mut dyn 
         sink.emit(JobEvent::Tiles { done, total })
     })?;
     warnings.extend(u.warnings.iter().cloned());
-    let images =
-        vec![OutputImage { asset_id: Some(u.asset_id), path: u.path.clone(), seed: None, role: "upscaled".into() }];
+    let images = vec![OutputImage {
+        asset_id: Some(u.asset_id),
+        path: u.path.clone(),
+        seed: None,
+        role: "upscaled".into(),
+    }];
     let mut out = output(JobKind::Upscale, Some(u.job_id), images, u.timings.clone());
     out.credits = u.credits;
     out.warnings = warnings;
@@ -293,11 +312,19 @@ fn run_upscale(ws: &mut Workspace, s: &super::spec::UpscaleSpec, sink: &mut dyn 
     Ok(out)
 }
 
-fn run_replay(ws: &mut Workspace, s: &super::spec::ReplaySpec, sink: &mut dyn EventSink) -> Result<JobOutput> {
+fn run_replay(
+    ws: &mut Workspace,
+    s: &super::spec::ReplaySpec,
+    sink: &mut dyn EventSink,
+) -> Result<JobOutput> {
     let request = ReplayRequest { source: asset_ref(ws, &s.asset, "asset")?, out: s.out.clone() };
     let r = replay(ws, &request, &mut SinkProgress { sink })?;
-    let images =
-        vec![OutputImage { asset_id: Some(r.asset_id), path: r.path.clone(), seed: None, role: "replay".into() }];
+    let images = vec![OutputImage {
+        asset_id: Some(r.asset_id),
+        path: r.path.clone(),
+        seed: None,
+        role: "replay".into(),
+    }];
     let mut out = output(JobKind::Replay, Some(r.job_id), images, r.timings.clone());
     out.warnings = r.warnings.clone();
     out.detail = serde_json::to_value(&r).unwrap_or_default();

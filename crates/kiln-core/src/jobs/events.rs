@@ -118,7 +118,8 @@ pub fn latent_preview(latents: &Tensor) -> crate::Result<image::RgbImage> {
     // Rows: latent channel; columns: R, G, B.
     const SD: [[f32; 3]; 4] =
         [[0.298, 0.207, 0.208], [0.187, 0.286, 0.173], [-0.158, 0.189, 0.264], [-0.184, -0.271, -0.473]];
-    let first = latents.narrow(0, 0, 1)?.squeeze(0)?.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?;
+    let first =
+        latents.narrow(0, 0, 1)?.squeeze(0)?.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?;
     let (c, h, w) = first.dims3()?;
     let data: Vec<f32> = first.flatten_all()?.to_vec1()?;
     let mut rgb = image::RgbImage::new(w as u32, h as u32);

@@ -14,7 +14,7 @@ use crate::pipeline::metadata::{png_chunks, FileRef, ImageRecord};
 use crate::pipeline::model::LoadedModel;
 use crate::tiers::load::{tier_request, Overrides};
 use crate::tiers::Tier;
-use crate::workflow::{process_cpu_seconds, record_tier_job, WrittenImage, Workspace};
+use crate::workflow::{process_cpu_seconds, record_tier_job, Workspace, WrittenImage};
 use candle_core::DType;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -44,7 +44,12 @@ pub(crate) fn job_model(
             let mut warnings: Vec<String> = ws.check_budget(&t, images)?.into_iter().collect();
             let warm = ws.load_tier(name)?;
             warnings.extend(tier_warnings(&warm.tier, &warm.drift));
-            Ok(JobModel { model: warm.model, tier: Some(warm.tier), load_seconds: warm.load_seconds, warnings })
+            Ok(JobModel {
+                model: warm.model,
+                tier: Some(warm.tier),
+                load_seconds: warm.load_seconds,
+                warnings,
+            })
         }
         (None, Some(spec)) => {
             let device = &ws.options.device;
@@ -75,7 +80,10 @@ pub(crate) fn check_out_path(path: &Path) -> Result<()> {
     match std::fs::symlink_metadata(path) {
         Ok(m) if !m.file_type().is_file() => Err(Error::arg(
             "out",
-            format!("{} exists and is not a regular file; kiln writes only new or regular files", path.display()),
+            format!(
+                "{} exists and is not a regular file; kiln writes only new or regular files",
+                path.display()
+            ),
         )),
         _ => Ok(()),
     }
@@ -136,7 +144,8 @@ pub fn run(ws: &mut Workspace, s: &GenerateSpec, sink: &mut dyn EventSink) -> Re
         max_batch: Some(s.batch.unwrap_or(count.min(4))),
     };
     let fallback = Tier::untiered();
-    let mut request = tier_request(jm.tier.as_ref().unwrap_or(&fallback), model, &s.prompt, seeds.clone(), &overrides)?;
+    let mut request =
+        tier_request(jm.tier.as_ref().unwrap_or(&fallback), model, &s.prompt, seeds.clone(), &overrides)?;
     if let Some(img) = init_image {
         // img2img without a tier defaults to the init image's size, rounded down to the VAE factor.
         if jm.tier.is_none() {

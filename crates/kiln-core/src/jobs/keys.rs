@@ -61,7 +61,10 @@ impl Keys {
 
     /// Adds a key named `name` and returns it (shown once; only its hash is kept).
     pub fn add(&mut self, name: &str, quota: Option<f64>) -> Result<String> {
-        if name.is_empty() || name.len() > 64 || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c)) {
+        if name.is_empty()
+            || name.len() > 64
+            || !name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.@".contains(c))
+        {
             return Err(Error::arg("NAME", "use 1-64 letters, digits, '-', '_', '.' or '@'"));
         }
         if let Some(q) = quota {
@@ -76,7 +79,10 @@ impl Keys {
             .optional()
             .map_err(|e| self.lib.err(e))?;
         if exists.is_some() {
-            return Err(Error::arg("NAME", format!("a key named `{name}` exists; revoke it or pick another name")));
+            return Err(Error::arg(
+                "NAME",
+                format!("a key named `{name}` exists; revoke it or pick another name"),
+            ));
         }
         let key = format!("{KEY_PREFIX}{}", random_hex(24)?);
         self.lib
@@ -115,7 +121,10 @@ impl Keys {
         let n = self
             .lib
             .conn
-            .execute("UPDATE api_keys SET revoked_at = ?1 WHERE name = ?2 AND revoked_at IS NULL", params![now_unix(), name])
+            .execute(
+                "UPDATE api_keys SET revoked_at = ?1 WHERE name = ?2 AND revoked_at IS NULL",
+                params![now_unix(), name],
+            )
             .map_err(|e| self.lib.err(e))?;
         if n == 0 {
             return Err(Error::UnknownId { what: "active key".into(), id: name.to_string() });
@@ -141,7 +150,12 @@ impl Keys {
             .map_err(|e| self.lib.err(e))?;
         let rows = stmt
             .query_map([], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, Option<f64>>(1)?, r.get::<_, i64>(2)?, r.get::<_, String>(3)?))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<f64>>(1)?,
+                    r.get::<_, i64>(2)?,
+                    r.get::<_, String>(3)?,
+                ))
             })
             .map_err(|e| self.lib.err(e))?
             .collect::<rusqlite::Result<Vec<_>>>()

@@ -194,7 +194,8 @@ mod tests {
     }
 
     fn fake(bytes: u64) -> Result<(Pooled, u64)> {
-        let fixture = concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/sr/srvgg-tiny-x4.safetensors");
+        let fixture =
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/sr/srvgg-tiny-x4.safetensors");
         let weights = crate::loaders::store::load_file(std::path::Path::new(fixture))?;
         let up = Upscaler::new(weights, &candle_core::Device::Cpu, candle_core::DType::F32)?;
         Ok((Pooled::Upscaler(Arc::new(up), Vec::new()), bytes))

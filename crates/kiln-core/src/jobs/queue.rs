@@ -226,9 +226,11 @@ impl Queue {
         let tx = self.lib.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(err)?;
         let lane: Option<i64> = match only {
             Some(l) => tx
-                .query_row("SELECT lane FROM queue WHERE state = 'queued' AND lane = ?1 LIMIT 1", [l as i64], |r| {
-                    r.get(0)
-                })
+                .query_row(
+                    "SELECT lane FROM queue WHERE state = 'queued' AND lane = ?1 LIMIT 1",
+                    [l as i64],
+                    |r| r.get(0),
+                )
                 .optional()
                 .map_err(err)?,
             None => tx
@@ -265,7 +267,10 @@ impl Queue {
             Err(e) => {
                 let msg = format!("stored spec no longer parses: {e}");
                 self.finish(id, attempt, Finish::Failed(&msg))?;
-                return Err(Error::Library { path: self.lib.path.clone(), msg: format!("queue job {id}: {msg}") });
+                return Err(Error::Library {
+                    path: self.lib.path.clone(),
+                    msg: format!("queue job {id}: {msg}"),
+                });
             }
         };
         Ok(Some(Claim { id, attempt, lane: Lane::from_index(lane), owner, spec }))
@@ -275,9 +280,11 @@ impl Queue {
     pub fn has_waiting(&self, lane: Lane) -> Result<bool> {
         self.lib
             .conn
-            .query_row("SELECT EXISTS(SELECT 1 FROM queue WHERE state = 'queued' AND lane = ?1)", [lane as i64], |r| {
-                r.get(0)
-            })
+            .query_row(
+                "SELECT EXISTS(SELECT 1 FROM queue WHERE state = 'queued' AND lane = ?1)",
+                [lane as i64],
+                |r| r.get(0),
+            )
             .map_err(|e| self.err(e))
     }
 

@@ -492,9 +492,8 @@ mod tests {
                 .unwrap_or_else(|e| panic!("{e}"));
         let err = spec.check_remote().err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("out") && err.contains("path"), "{err}");
-        let spec: JobSpec =
-            serde_json::from_str(r#"{"kind":"upscale","image":{"file":"../../etc/passwd"}}"#)
-                .unwrap_or_else(|e| panic!("{e}"));
+        let spec: JobSpec = serde_json::from_str(r#"{"kind":"upscale","image":{"file":"../../etc/passwd"}}"#)
+            .unwrap_or_else(|e| panic!("{e}"));
         assert!(spec.check_remote().is_err());
     }
 
@@ -502,7 +501,8 @@ mod tests {
     fn counts_are_bounded() {
         let spec = JobSpec::Draft(DraftSpec { prompt: "x".into(), count: Some(0), ..Default::default() });
         assert!(spec.validate().is_err());
-        let spec = JobSpec::Draft(DraftSpec { prompt: "x".into(), count: Some(100_000), ..Default::default() });
+        let spec =
+            JobSpec::Draft(DraftSpec { prompt: "x".into(), count: Some(100_000), ..Default::default() });
         assert!(spec.validate().is_err());
     }
 }

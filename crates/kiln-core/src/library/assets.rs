@@ -232,7 +232,9 @@ impl Library {
             if n != 1 {
                 return Err(Error::Library {
                     path: path.clone(),
-                    msg: format!("queue job {queue_id} is no longer running this attempt; not recording it twice"),
+                    msg: format!(
+                        "queue job {queue_id} is no longer running this attempt; not recording it twice"
+                    ),
                 });
             }
         }

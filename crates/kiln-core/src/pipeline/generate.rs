@@ -103,7 +103,7 @@ impl GenerateRequest {
     /// Checks the request against the model before anything is allocated.
     pub fn validate(&self, model: &LoadedModel) -> Result<()> {
         let f = model.vae.scale_factor();
-        for (arg, v) in [("--width", self.width), ("--height", self.height)] {
+        for (arg, v) in [("width", self.width), ("height", self.height)] {
             if v == 0 || v % f != 0 {
                 return Err(Error::arg(arg, format!("{v} is not a positive multiple of the VAE factor {f}")));
             }
@@ -115,16 +115,16 @@ impl GenerateRequest {
             }
         }
         if self.steps == 0 || self.steps > MAX_STEPS {
-            return Err(Error::arg("--steps", format!("{} is outside 1..={MAX_STEPS}", self.steps)));
+            return Err(Error::arg("steps", format!("{} is outside 1..={MAX_STEPS}", self.steps)));
         }
         if !self.guidance.is_finite() || self.guidance < 0.0 {
-            return Err(Error::arg("--guidance", format!("{} must be a finite number >= 0", self.guidance)));
+            return Err(Error::arg("guidance", format!("{} must be a finite number >= 0", self.guidance)));
         }
         if self.seeds.is_empty() {
-            return Err(Error::arg("--count", "at least one image is needed"));
+            return Err(Error::arg("count", "at least one image is needed"));
         }
         if self.init_image.is_some() && !(self.strength > 0.0 && self.strength <= 1.0) {
-            return Err(Error::arg("--strength", format!("{} must be in (0, 1]", self.strength)));
+            return Err(Error::arg("strength", format!("{} must be in (0, 1]", self.strength)));
         }
         if let Some(lat) = &self.init_latents {
             let expected = [model.unet.in_channels().min(4), self.height / f, self.width / f];
@@ -132,7 +132,7 @@ impl GenerateRequest {
             let n_ok = dims.first().is_some_and(|&n| n == 1 || n == self.seeds.len());
             if dims.len() != 4 || !n_ok || dims[1..] != expected {
                 return Err(Error::arg(
-                    "--init-latents",
+                    "init_latents",
                     format!(
                         "shape {dims:?}, expected [1, {}, {}, {}] (or a batch of {}) for {}x{}",
                         expected[0],
@@ -240,7 +240,7 @@ fn run_batch(
             let encoded = encode_sampled(model, image, &mut rng, timings)?;
             let start = schedule::strength_start(req.steps, req.strength);
             if start >= timesteps.len() {
-                return Err(Error::arg("--strength", format!("{} leaves no denoising steps", req.strength)));
+                return Err(Error::arg("strength", format!("{} leaves no denoising steps", req.strength)));
             }
             let noise = match init_latents {
                 Some(l) => l.to_device(device)?.to_dtype(dtype)?,

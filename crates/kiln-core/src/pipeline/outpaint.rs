@@ -29,30 +29,28 @@ impl Extension {
     /// short side evenly on both ends (never cropping).
     pub fn to_aspect(width: u32, height: u32, aw: u32, ah: u32) -> Result<Self> {
         if aw == 0 || ah == 0 {
-            return Err(Error::arg("--to", format!("{aw}:{ah} is not an aspect ratio")));
+            return Err(Error::arg("to", format!("{aw}:{ah} is not an aspect ratio")));
         }
         let (w, h) = (width as u64, height as u64);
         let (aw, ah) = (aw as u64, ah as u64);
         if w * ah == h * aw {
-            return Err(Error::arg("--to", format!("the image is already {aw}:{ah}; nothing to extend")));
+            return Err(Error::arg("to", format!("the image is already {aw}:{ah}; nothing to extend")));
         }
         if w * ah < h * aw {
             // Too narrow: widen to ceil(h * aw / ah).
             let grow = (h * aw).div_ceil(ah) - w;
-            let grow =
-                u32::try_from(grow).map_err(|_| Error::arg("--to", "the canvas would be too large"))?;
+            let grow = u32::try_from(grow).map_err(|_| Error::arg("to", "the canvas would be too large"))?;
             Ok(Self { left: grow / 2, right: grow - grow / 2, top: 0, bottom: 0 })
         } else {
             let grow = (w * ah).div_ceil(aw) - h;
-            let grow =
-                u32::try_from(grow).map_err(|_| Error::arg("--to", "the canvas would be too large"))?;
+            let grow = u32::try_from(grow).map_err(|_| Error::arg("to", "the canvas would be too large"))?;
             Ok(Self { left: 0, right: 0, top: grow / 2, bottom: grow - grow / 2 })
         }
     }
 
     /// Parses `W:H` (or `WxH`) for `--to`, e.g. `16:9`.
     pub fn parse_aspect(s: &str) -> Result<(u32, u32)> {
-        let bad = || Error::arg("--to", format!("`{s}`: expected an aspect ratio such as 16:9"));
+        let bad = || Error::arg("to", format!("`{s}`: expected an aspect ratio such as 16:9"));
         let (a, b) = s.split_once(':').or_else(|| s.split_once('x')).ok_or_else(bad)?;
         let a: u32 = a.trim().parse().map_err(|_| bad())?;
         let b: u32 = b.trim().parse().map_err(|_| bad())?;
@@ -79,7 +77,7 @@ impl std::str::FromStr for Prefill {
         match s {
             "edge" => Ok(Self::Edge),
             "noise" => Ok(Self::Noise),
-            _ => Err(Error::arg("--fill", format!("`{s}`: expected edge or noise"))),
+            _ => Err(Error::arg("fill", format!("`{s}`: expected edge or noise"))),
         }
     }
 }

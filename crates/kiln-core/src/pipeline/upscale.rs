@@ -46,7 +46,7 @@ impl Target {
             "8k" => return Ok(Target::LongEdge(7680)),
             _ => {}
         }
-        let bad = || Error::arg("--to", format!("`{s}`: expected 4k, 8k or WIDTHxHEIGHT"));
+        let bad = || Error::arg("to", format!("`{s}`: expected 4k, 8k or WIDTHxHEIGHT"));
         let (w, h) = lower.split_once('x').ok_or_else(bad)?;
         let (width, height) = (w.parse().map_err(|_| bad())?, h.parse().map_err(|_| bad())?);
         if width == 0 || height == 0 {

@@ -39,7 +39,7 @@ impl Lcm {
         }
         if n > original_steps {
             return Err(crate::error::Error::arg(
-                "--steps",
+                "steps",
                 format!("{n}: LCM allows at most original_inference_steps ({original_steps}) steps"),
             ));
         }

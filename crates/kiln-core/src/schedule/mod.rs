@@ -185,7 +185,7 @@ impl std::str::FromStr for SchedulerKind {
         Self::ALL
             .into_iter()
             .find(|k| k.name() == s)
-            .ok_or_else(|| Error::arg("--scheduler", format!("`{s}`: expected one of {}", valid_names())))
+            .ok_or_else(|| Error::arg("scheduler", format!("`{s}`: expected one of {}", valid_names())))
     }
 }
 
@@ -200,7 +200,7 @@ pub fn build(
     let train = cfg.num_train_timesteps.unwrap_or(1000);
     if num_inference_steps == 0 || num_inference_steps > train {
         return Err(Error::arg(
-            "--steps",
+            "steps",
             format!(
                 "{num_inference_steps}: must be between 1 and the scheduler's num_train_timesteps ({train})"
             ),

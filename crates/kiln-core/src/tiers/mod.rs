@@ -283,7 +283,7 @@ impl TierRegistry {
     pub fn get(&self, name: &str) -> Result<&Tier> {
         self.tiers.get(name).ok_or_else(|| {
             let known: Vec<&str> = self.tiers.keys().map(String::as_str).collect();
-            Error::arg("--tier", format!("unknown tier `{name}`; known tiers: {}", known.join(", ")))
+            Error::arg("tier", format!("unknown tier `{name}`; known tiers: {}", known.join(", ")))
         })
     }
 }

@@ -52,7 +52,7 @@ pub fn draft(
     progress: &mut dyn Progress,
 ) -> Result<DraftResult> {
     if req.count == 0 || req.count > MAX_DRAFTS {
-        return Err(Error::arg("-n", format!("{} is outside 1..={MAX_DRAFTS}", req.count)));
+        return Err(Error::arg("count", format!("{} is outside 1..={MAX_DRAFTS}", req.count)));
     }
     let mut warnings: Vec<String> = ws.check_budget(&warm.tier, req.count)?.into_iter().collect();
     let cpu0 = super::process_cpu_seconds();

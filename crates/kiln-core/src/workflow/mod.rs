@@ -13,6 +13,7 @@ pub mod replay;
 pub mod upscale;
 
 use crate::error::{Error, Result};
+use crate::jobs::pool::{ModelPool, PoolKey, Pooled};
 use crate::library::assets::{JobTimings, NewAsset, NewJob};
 use crate::library::{ledger, Library, Project};
 use crate::pipeline::generate::GenerateOutput;
@@ -21,7 +22,6 @@ use crate::pipeline::model::LoadedModel;
 use crate::tiers::drift::{self, DriftOutcome};
 use crate::tiers::load::{load_tier_model, tier_dtype};
 use crate::tiers::{Tier, TierRegistry};
-use crate::jobs::pool::{ModelPool, PoolKey, Pooled};
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

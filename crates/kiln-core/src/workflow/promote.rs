@@ -26,7 +26,7 @@ impl std::str::FromStr for PromoteMode {
         match s {
             "img2img" => Ok(Self::Img2img),
             "reseed" => Ok(Self::Reseed),
-            _ => Err(Error::arg("--mode", format!("`{s}`: expected img2img or reseed"))),
+            _ => Err(Error::arg("mode", format!("`{s}`: expected img2img or reseed"))),
         }
     }
 }
@@ -67,7 +67,7 @@ pub fn promote(
     progress: &mut dyn Progress,
 ) -> Result<PromoteResult> {
     if req.mode == PromoteMode::Img2img && !(req.strength > 0.0 && req.strength <= 1.0) {
-        return Err(Error::arg("--strength", format!("{} must be in (0, 1]", req.strength)));
+        return Err(Error::arg("strength", format!("{} must be in (0, 1]", req.strength)));
     }
     let input = resolve_input(&ws.library, &ws.project.root, &req.draft, "promote")?;
     let draft_rgb = crate::image::load_rgb(&input.path)?;

@@ -4,13 +4,13 @@
 
 use super::{resolve_input, AssetRef, Workspace};
 use crate::error::{Error, Result};
+use crate::jobs::pool::Pooled;
 use crate::library::assets::{JobTimings, NewAsset, NewJob};
 use crate::pipeline::model::WeightRecord;
 use crate::pipeline::upscale::{Target, UpscaleOptions, Upscaler};
 use crate::tiers::drift::{self, DriftOutcome};
 use crate::tiers::load::{load_upscale_tier_model, tier_dtype};
 use crate::tiers::Tier;
-use crate::jobs::pool::Pooled;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
@@ -58,9 +58,9 @@ fn weights_bytes(_: &Upscaler) -> u64 {
 pub fn parse_target(s: &str) -> Result<Target> {
     match s.trim().parse::<f64>() {
         Ok(scale) if scale.is_finite() && scale > 0.0 && scale <= 64.0 => Ok(Target::Scale(scale)),
-        Ok(_) => Err(Error::arg("--upscale", format!("`{s}`: a scale must be in (0, 64]"))),
+        Ok(_) => Err(Error::arg("upscale", format!("`{s}`: a scale must be in (0, 64]"))),
         Err(_) => Target::parse_to(s).map_err(|_| {
-            Error::arg("--upscale", format!("`{s}`: expected 4k, 8k, WIDTHxHEIGHT or a scale such as 4"))
+            Error::arg("upscale", format!("`{s}`: expected 4k, 8k, WIDTHxHEIGHT or a scale such as 4"))
         }),
     }
 }

@@ -46,7 +46,7 @@ impl std::str::FromStr for Blend {
         match s {
             "kiln" => Ok(Self::Kiln),
             "diffusers" => Ok(Self::Diffusers),
-            _ => Err(Error::arg("--blend", format!("`{s}`: expected kiln or diffusers"))),
+            _ => Err(Error::arg("blend", format!("`{s}`: expected kiln or diffusers"))),
         }
     }
 }
@@ -178,7 +178,7 @@ pub fn check_inputs(image: &RgbImage, mask: &Mask) -> Result<()> {
     let (w, h) = image.dimensions();
     if (mask.width(), mask.height()) != (w, h) {
         return Err(Error::arg(
-            "--mask",
+            "mask",
             format!(
                 "the mask is {}x{} but the image is {w}x{h}; pass --resize-mask to stretch it to the image",
                 mask.width(),
@@ -187,11 +187,11 @@ pub fn check_inputs(image: &RgbImage, mask: &Mask) -> Result<()> {
         ));
     }
     if mask.is_empty() {
-        return Err(Error::arg("--mask", "the mask is empty (all black): nothing to inpaint"));
+        return Err(Error::arg("mask", "the mask is empty (all black): nothing to inpaint"));
     }
     if mask.is_full() {
         return Err(Error::arg(
-            "--mask",
+            "mask",
             "the mask covers the whole image: nothing would be kept; use `kiln generate` instead",
         ));
     }
@@ -203,24 +203,24 @@ pub fn validate(model: &LoadedModel, req: &InpaintRequest) -> Result<Mask> {
     UNetKind::of(model)?;
     check_inputs(&req.image, &req.mask)?;
     if req.steps == 0 || req.steps > MAX_STEPS {
-        return Err(Error::arg("--steps", format!("{} is outside 1..={MAX_STEPS}", req.steps)));
+        return Err(Error::arg("steps", format!("{} is outside 1..={MAX_STEPS}", req.steps)));
     }
     if !req.guidance.is_finite() || req.guidance < 0.0 {
-        return Err(Error::arg("--guidance", format!("{} must be a finite number >= 0", req.guidance)));
+        return Err(Error::arg("guidance", format!("{} must be a finite number >= 0", req.guidance)));
     }
     if !(req.strength > 0.0 && req.strength <= 1.0) {
-        return Err(Error::arg("--strength", format!("{} must be in (0, 1]", req.strength)));
+        return Err(Error::arg("strength", format!("{} must be in (0, 1]", req.strength)));
     }
     if !req.mask_blur.is_finite() || req.mask_blur < 0.0 || req.mask_blur > 256.0 {
-        return Err(Error::arg("--mask-blur", format!("{} must be in 0..=256 px", req.mask_blur)));
+        return Err(Error::arg("mask_blur", format!("{} must be in 0..=256 px", req.mask_blur)));
     }
     if req.seeds.is_empty() {
-        return Err(Error::arg("--count", "at least one image is needed"));
+        return Err(Error::arg("count", "at least one image is needed"));
     }
     let mask = composite_mask(&req.mask, req.mask_blur, req.blend);
     if mask.is_empty() {
         return Err(Error::arg(
-            "--mask",
+            "mask",
             "nothing is left to repaint once binarized at 0.5 (--blend diffusers)",
         ));
     }
@@ -241,7 +241,7 @@ pub fn plan(model: &LoadedModel, req: &InpaintRequest, mask: &Mask) -> Result<In
             (w as u32, h as u32)
         }
     };
-    let bbox = mask.bbox().ok_or_else(|| Error::arg("--mask", "the mask is empty: nothing to inpaint"))?;
+    let bbox = mask.bbox().ok_or_else(|| Error::arg("mask", "the mask is empty: nothing to inpaint"))?;
     let crop = crop_for(bbox, req.padding, (w, h), (native_w, native_h));
     let only_masked = match req.region {
         Region::Whole => false,
@@ -338,7 +338,7 @@ pub fn inpaint(
         ];
         if lat.dims() != expected {
             return Err(Error::arg(
-                "--init-latents",
+                "init_latents",
                 format!(
                     "shape {:?}, expected {expected:?} for the {}x{} processing canvas",
                     lat.dims(),

@@ -145,7 +145,7 @@ pub(crate) fn sample_canvas(
     let mut scheduler = schedule::build(sampling.kind, &model.scheduler_config, sampling.steps)?;
     let start = schedule::strength_start(sampling.steps, sampling.strength);
     if start >= scheduler.timesteps().len() {
-        return Err(Error::arg("--strength", format!("{} leaves no denoising steps", sampling.strength)));
+        return Err(Error::arg("strength", format!("{} leaves no denoising steps", sampling.strength)));
     }
     let full_strength = sampling.strength >= 1.0;
     let image = rgb_to_tensor(canvas.image, device, dtype)?;

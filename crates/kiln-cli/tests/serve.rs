@@ -1,0 +1,493 @@
+//! `kiln serve` end to end on the tiny SD1 fixture: the same engine behind every door, events
+//! in order, cancellation, a final preempted by a draft resuming to the same bytes, lanes and
+//! round-robin, API keys and quotas, malformed requests, the budget race, kill -9 recovery and
+//! SIGTERM draining.
+#![allow(clippy::unwrap_used)]
+
+mod support;
+
+use serde_json::{json, Value};
+use support::{b64_pixels, file_pixels, kiln, project, Server};
+
+fn asset_pixels(server: &Server, id: i64, auth: Option<&str>) -> Vec<u8> {
+    let r = server.get(&format!("/v1/assets/{id}/image"), auth);
+    assert_eq!(r.status, 200, "{}", r.text());
+    image::load_from_memory(&r.bytes).unwrap().to_rgb8().into_raw()
+}
+
+fn submit(server: &Server, auth: Option<&str>, spec: Value) -> i64 {
+    let r = server.post_json("/v1/jobs", auth, &spec);
+    assert_eq!(r.status, 202, "{spec}: {}", r.text());
+    r.json()["id"].as_i64().unwrap()
+}
+
+fn first_asset(job: &Value) -> i64 {
+    job["result"]["images"][0]["asset_id"].as_i64().unwrap_or_else(|| panic!("no asset in {job}"))
+}
+
+#[test]
+fn every_door_gives_the_bytes_kiln_generate_gives() {
+    let dir = project(4, "");
+    let root = dir.path();
+    let out = root.join("cli.png");
+    let o = kiln(root)
+        .args([
+            "generate",
+            "--tier",
+            "draft",
+            "--prompt",
+            "a red kiln",
+            "--seed",
+            "7",
+            "--device",
+            "cpu",
+            "-q",
+        ])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cli = file_pixels(&out);
+
+    let server = Server::start(root, &[]);
+    assert_eq!(server.get("/healthz", None).text(), "ok");
+    let openai = server.post_json(
+        "/v1/images/generations",
+        None,
+        &json!({ "model": "draft", "prompt": "a red kiln", "seed": 7, "response_format": "b64_json" }),
+    );
+    assert_eq!(openai.status, 200, "{}", openai.text());
+    assert_eq!(
+        b64_pixels(openai.json()["data"][0]["b64_json"].as_str().unwrap()),
+        cli,
+        "OpenAI door differs"
+    );
+
+    let a1111 = server.post_json("/sdapi/v1/txt2img", None, &json!({ "prompt": "a red kiln", "seed": 7 }));
+    assert_eq!(a1111.status, 200, "{}", a1111.text());
+    let body = a1111.json();
+    assert_eq!(b64_pixels(body["images"][0].as_str().unwrap()), cli, "A1111 door differs");
+    let info: Value = serde_json::from_str(body["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["seed"], 7);
+    assert_eq!(info["all_seeds"], json!([7]));
+
+    let id = submit(
+        &server,
+        None,
+        json!({ "kind": "generate", "tier": "draft", "prompt": "a red kiln", "seed": 7 }),
+    );
+    let job = server.wait(id, None);
+    assert_eq!(job["state"], "done", "{job}");
+    assert_eq!(asset_pixels(&server, first_asset(&job), None), cli, "native door differs");
+    // The server's images are assets of the project, drafts by their tier's lane.
+    let assets = server.get("/v1/assets?kind=draft", None).json();
+    assert!(assets["assets"].as_array().unwrap().len() >= 3, "{assets}");
+    let lineage = server.get(&format!("/v1/assets/{}/lineage", first_asset(&job)), None);
+    assert_eq!(lineage.status, 200);
+}
+
+#[test]
+fn events_cancellation_preemption_and_lanes() {
+    let dir = project(40, "");
+    let root = dir.path();
+    let server = Server::start(root, &[]);
+    let final_spec = json!({ "kind": "generate", "tier": "final", "prompt": "a long final", "seed": 11 });
+
+    // Uninterrupted reference.
+    let reference = submit(&server, None, final_spec.clone());
+    let events = server.events(reference, None);
+    let names: Vec<&str> = events.iter().map(|e| e["event"].as_str().unwrap()).collect();
+    let steps: Vec<u64> =
+        events.iter().filter(|e| e["event"] == "step").map(|e| e["step"].as_u64().unwrap()).collect();
+    assert_eq!(steps, (1..=40).collect::<Vec<_>>(), "steps out of order: {names:?}");
+    assert_eq!(names.first(), Some(&"started"), "{names:?}");
+    assert_eq!(names.last(), Some(&"done"), "{names:?}");
+    for stage in ["load", "text_encode", "denoise", "vae_decode", "write", "record"] {
+        assert!(events.iter().any(|e| e["event"] == "stage" && e["stage"] == stage), "no {stage}: {names:?}");
+    }
+    assert!(names.contains(&"preview"), "no preview: {names:?}");
+    let reference_job = server.wait(reference, None);
+    let reference_pixels = asset_pixels(&server, first_asset(&reference_job), None);
+
+    // The same final, interrupted by a draft at a step boundary.
+    let preempted = submit(&server, None, final_spec.clone());
+    server.wait_running_step(preempted, None);
+    let draft = submit(&server, None, json!({ "kind": "draft", "prompt": "quick", "count": 1, "seed": 3 }));
+    let draft_job = server.wait(draft, None);
+    assert_eq!(draft_job["state"], "done", "{draft_job}");
+    assert_eq!(draft_job["lane"], "draft");
+    let final_job = server.wait(preempted, None);
+    assert_eq!(final_job["state"], "done", "{final_job}");
+    let events = server.events(preempted, None);
+    assert!(events.iter().any(|e| e["event"] == "yielded" && e["to"] == draft), "no yield: {events:?}");
+    assert!(events.iter().any(|e| e["event"] == "resumed"));
+    assert!(
+        draft_job["finished_at"].as_f64().unwrap() < final_job["finished_at"].as_f64().unwrap(),
+        "the draft did not overtake the final"
+    );
+    assert_eq!(
+        asset_pixels(&server, first_asset(&final_job), None),
+        reference_pixels,
+        "a preempted final must resume to the bytes of an uninterrupted one"
+    );
+
+    // Cancel mid-job: nothing recorded but the cancellation.
+    let assets_before = server.get("/v1/assets", None).json()["assets"].as_array().unwrap().len();
+    let doomed = submit(&server, None, final_spec.clone());
+    server.wait_running_step(doomed, None);
+    let r = server.call("DELETE", &format!("/v1/jobs/{doomed}"), None, None);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let job = server.wait(doomed, None);
+    assert_eq!(job["state"], "cancelled", "{job}");
+    let events = server.events(doomed, None);
+    assert_eq!(events.last().unwrap()["event"], "cancelled");
+    assert_eq!(server.get("/v1/assets", None).json()["assets"].as_array().unwrap().len(), assets_before);
+    assert_eq!(server.call("DELETE", &format!("/v1/jobs/{doomed}"), None, None).status, 409);
+    // A queued job is cancelled at once.
+    let blocker = submit(&server, None, final_spec.clone());
+    let queued = submit(&server, None, final_spec);
+    let r = server.call("DELETE", &format!("/v1/jobs/{queued}"), None, None);
+    assert_eq!(r.json()["state"], "cancelled");
+    server.wait(blocker, None);
+    // The listing shows finished jobs with their lane, owner and spec.
+    let list = server.get("/v1/jobs", None).json();
+    let jobs = list["jobs"].as_array().unwrap();
+    assert!(jobs
+        .iter()
+        .any(|j| j["id"] == queued && j["state"] == "cancelled" && j["spec"]["kind"] == "generate"));
+    assert!(jobs.iter().all(|j| j["owner"] == "local" && j["lane"].is_string()));
+}
+
+#[test]
+fn round_robin_between_keys_and_auth() {
+    let dir = project(40, "");
+    let root = dir.path();
+    let key = |name: &str, quota: Option<&str>| -> String {
+        let mut c = kiln(root);
+        c.args(["keys", "add", name]);
+        if let Some(q) = quota {
+            c.args(["--quota", q]);
+        }
+        let o = c.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        String::from_utf8_lossy(&o.stdout).lines().last().unwrap().to_string()
+    };
+    let alice = key("alice", None);
+    let bob = key("bob", None);
+    let carol = key("carol", Some("0.02"));
+    let mallory = key("mallory", None);
+    let o = kiln(root).args(["keys", "revoke", "mallory"]).output().unwrap();
+    assert!(o.status.success());
+    let list = kiln(root).args(["keys", "list", "--json"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&list.stdout).contains(&alice), "keys list shows a key");
+
+    let server = Server::start(root, &[]);
+    assert_eq!(server.get("/healthz", None).status, 200, "healthz needs no key");
+    for (auth, what) in
+        [(None, "no key"), (Some("kiln_wrong"), "wrong key"), (Some(mallory.as_str()), "revoked key")]
+    {
+        let r = server.get("/v1/jobs", auth);
+        assert_eq!(r.status, 401, "{what}: {}", r.text());
+        assert!(r.json()["error"]["message"].as_str().unwrap().contains("key"), "{what}");
+    }
+    // A1111 clients send HTTP Basic.
+    use base64::Engine;
+    let basic = format!("Basic {}", base64::engine::general_purpose::STANDARD.encode(format!("user:{bob}")));
+    assert_eq!(server.get("/sdapi/v1/sd-models", Some(&basic)).status, 200);
+
+    // Quota: carol may spend 0.02 credits a day; drafts cost 0.01 each.
+    let draft = |seed: u64| json!({ "kind": "draft", "prompt": "q", "count": 1, "seed": seed });
+    assert_eq!(server.post_json("/v1/jobs", Some(&carol), &draft(1)).status, 202);
+    assert_eq!(server.post_json("/v1/jobs", Some(&carol), &draft(2)).status, 202);
+    let r = server.post_json("/v1/jobs", Some(&carol), &draft(3));
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert!(r.retry_after.is_some());
+    assert!(r.text().contains("quota"), "{}", r.text());
+
+    // Round-robin: while a final holds the worker, alice queues three drafts, then bob two;
+    // they run alice, bob, alice, bob, alice.
+    let blocker = submit(
+        &server,
+        Some(&alice),
+        json!({ "kind": "generate", "tier": "final", "prompt": "x", "seed": 1 }),
+    );
+    server.wait_running_step(blocker, Some(&alice));
+    let mut ids = Vec::new();
+    for (k, seed) in [(&alice, 10), (&alice, 11), (&alice, 12), (&bob, 20), (&bob, 21)] {
+        ids.push((submit(&server, Some(k), draft(seed)), k == &alice));
+    }
+    let mut runs: Vec<(f64, bool)> = ids
+        .iter()
+        .map(|(id, is_alice)| (server.wait(*id, Some(&alice))["started_at"].as_f64().unwrap(), *is_alice))
+        .collect();
+    runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let order: Vec<&str> = runs.iter().map(|(_, a)| if *a { "alice" } else { "bob" }).collect();
+    assert_eq!(order, ["alice", "bob", "alice", "bob", "alice"]);
+    server.wait(blocker, Some(&alice));
+}
+
+#[test]
+fn malformed_requests_get_a_4xx_that_says_what_to_fix() {
+    let dir = project(2, "");
+    let root = dir.path();
+    let server = Server::start(root, &[]);
+    let big = vec![b'a'; 40 * 1024 * 1024];
+    let png_64 = {
+        let mut v = Vec::new();
+        image::RgbImage::new(64, 64)
+            .write_to(&mut std::io::Cursor::new(&mut v), image::ImageFormat::Png)
+            .unwrap();
+        v
+    };
+    let png_32_alpha = {
+        let mut v = Vec::new();
+        image::RgbaImage::new(32, 32)
+            .write_to(&mut std::io::Cursor::new(&mut v), image::ImageFormat::Png)
+            .unwrap();
+        v
+    };
+    let multipart = |parts: &[(&str, &[u8])]| -> (String, Vec<u8>) {
+        let boundary = "kilnboundary";
+        let mut body = Vec::new();
+        for (name, data) in parts {
+            body.extend(format!("--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{name}.png\"\r\n\r\n").as_bytes());
+            body.extend_from_slice(data);
+            body.extend(b"\r\n");
+        }
+        body.extend(format!("--{boundary}--\r\n").as_bytes());
+        (format!("multipart/form-data; boundary={boundary}"), body)
+    };
+    let b64 = |b: &[u8]| {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(b)
+    };
+    let json_cases: Vec<(&str, String, &str)> = vec![
+        ("/v1/jobs", "{not json".into(), "not a job spec"),
+        ("/v1/jobs", json!({ "kind": "paint", "prompt": "x" }).to_string(), "unknown variant"),
+        ("/v1/jobs", json!({ "kind": "draft" }).to_string(), "prompt"),
+        ("/v1/jobs", json!({ "kind": "draft", "prompt": 5 }).to_string(), "invalid type"),
+        ("/v1/jobs", json!({ "kind": "draft", "prompt": "x", "count": -1 }).to_string(), "invalid value"),
+        ("/v1/jobs", json!({ "kind": "draft", "prompt": "x", "count": 0 }).to_string(), "count"),
+        ("/v1/jobs", json!({ "kind": "draft", "prompt": "x", "count": 100000 }).to_string(), "count"),
+        ("/v1/jobs", json!({ "kind": "draft", "prompt": "x", "cuont": 2 }).to_string(), "unknown field"),
+        (
+            "/v1/jobs",
+            json!({ "kind": "generate", "tier": "draft", "prompt": "x", "width": 100000, "height": 100000 })
+                .to_string(),
+            "width",
+        ),
+        (
+            "/v1/jobs",
+            json!({ "kind": "generate", "tier": "nope", "prompt": "x" }).to_string(),
+            "unknown tier",
+        ),
+        ("/v1/jobs", json!({ "kind": "generate", "prompt": "x" }).to_string(), "tier"),
+        ("/v1/jobs", json!({ "kind": "generate", "model": "/etc", "prompt": "x" }).to_string(), "path"),
+        (
+            "/v1/jobs",
+            json!({ "kind": "generate", "tier": "draft", "prompt": "x", "out": "/tmp/x.png" }).to_string(),
+            "path",
+        ),
+        (
+            "/v1/jobs",
+            json!({ "kind": "upscale", "image": { "file": "../../etc/passwd" } }).to_string(),
+            "path",
+        ),
+        (
+            "/v1/jobs",
+            json!({ "kind": "generate", "tier": "draft", "prompt": "x", "strength": 3.0 }).to_string(),
+            "strength",
+        ),
+        (
+            "/v1/jobs",
+            json!({ "kind": "generate", "tier": "draft", "prompt": "x", "init_image": { "upload": "zz" } })
+                .to_string(),
+            "",
+        ),
+        ("/v1/images/generations", "[]".into(), "invalid request body"),
+        ("/v1/images/generations", json!({ "model": "draft" }).to_string(), "prompt"),
+        ("/v1/images/generations", json!({ "prompt": "x", "model": "sdxl-ultra" }).to_string(), "not a tier"),
+        ("/v1/images/generations", json!({ "prompt": "x", "size": "100000x100000" }).to_string(), "size"),
+        ("/v1/images/generations", json!({ "prompt": "x", "size": "big" }).to_string(), "WIDTHxHEIGHT"),
+        ("/v1/images/generations", json!({ "prompt": "x", "n": 50 }).to_string(), "n = 50"),
+        (
+            "/v1/images/generations",
+            json!({ "prompt": "x", "response_format": "url" }).to_string(),
+            "b64_json",
+        ),
+        ("/v1/images/generations", json!({ "prompt": "x", "style": "vivid" }).to_string(), "style"),
+        (
+            "/v1/images/generations",
+            json!({ "prompt": "x", "output_format": "gif" }).to_string(),
+            "output_format",
+        ),
+        (
+            "/v1/images/generations",
+            json!({ "prompt": "x", "background": "transparent" }).to_string(),
+            "opaque",
+        ),
+        ("/v1/images/generations", json!({ "prompt": "x", "frobnicate": true }).to_string(), "unknown field"),
+        ("/sdapi/v1/txt2img", json!({ "prompt": "x", "steps": "many" }).to_string(), "steps"),
+        ("/sdapi/v1/txt2img", json!({ "prompt": "x", "width": 100000 }).to_string(), "width"),
+        ("/sdapi/v1/txt2img", json!({ "prompt": "x", "sampler_name": "Heun++" }).to_string(), "sampler_name"),
+        ("/sdapi/v1/txt2img", json!({ "prompt": "x", "enable_hr": true }).to_string(), "enable_hr"),
+        ("/sdapi/v1/txt2img", "\"just a string\"".into(), "JSON object"),
+        ("/sdapi/v1/img2img", json!({ "prompt": "x" }).to_string(), "init_images"),
+        ("/sdapi/v1/img2img", json!({ "prompt": "x", "init_images": ["%%%"] }).to_string(), "base64"),
+        (
+            "/sdapi/v1/img2img",
+            json!({ "prompt": "x", "init_images": [b64(b"not an image")] }).to_string(),
+            "image",
+        ),
+        (
+            "/sdapi/v1/img2img",
+            json!({ "prompt": "x", "init_images": [b64(&png_64)], "mask": b64(&png_32_alpha) }).to_string(),
+            "mask is 32x32",
+        ),
+        ("/sdapi/v1/options", json!({ "sd_model_checkpoint": "nope" }).to_string(), "unknown tier"),
+        ("/sdapi/v1/options", json!({ "sd_model_checkpoint": "upscale" }).to_string(), "upscale tier"),
+        ("/sdapi/v1/options", json!({ "CLIP_stop_at_last_layers": 2 }).to_string(), "not one kiln has"),
+    ];
+    let mut checked = 0;
+    for (path, body, expected) in &json_cases {
+        let r = server.call("POST", path, None, Some(("application/json", body.clone().into_bytes())));
+        assert!((400..500).contains(&r.status), "{path} {body}: {} {}", r.status, r.text());
+        let msg = r.json()["error"]["message"].as_str().unwrap_or_default().to_string();
+        assert!(msg.contains(expected), "{path} {body}: `{msg}` lacks `{expected}`");
+        checked += 1;
+    }
+    type Case<'a> = (&'a str, &'a str, Option<(String, Vec<u8>)>, u16);
+    let other: Vec<Case> = vec![
+        ("GET", "/v1/jobs/999", None, 404),
+        ("GET", "/v1/jobs/abc", None, 404),
+        ("DELETE", "/v1/jobs/999", None, 404),
+        ("GET", "/v1/assets/..%2F..%2Fetc%2Fpasswd", None, 404),
+        ("GET", "/v1/assets/../../etc/passwd/image", None, 404),
+        ("GET", "/v1/assets/424242/image", None, 404),
+        ("GET", "/no/such/route", None, 404),
+        ("POST", "/v1/jobs", Some(("application/json".into(), big.clone())), 413),
+        ("POST", "/v1/images/edits", Some(multipart(&[("prompt", b"x")])), 400),
+        (
+            "POST",
+            "/v1/images/edits",
+            Some(("multipart/form-data; boundary=zz".into(), b"garbage".to_vec())),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/images/edits",
+            Some(multipart(&[("image", &png_64), ("mask", &png_32_alpha), ("prompt", b"x")])),
+            400,
+        ),
+        (
+            "POST",
+            "/v1/images/edits",
+            Some(multipart(&[("image", &png_64), ("mask", &png_64), ("prompt", b"x")])),
+            400,
+        ),
+        ("POST", "/v1/images/edits", Some(multipart(&[("image", b"nope"), ("prompt", b"x")])), 400),
+        (
+            "POST",
+            "/v1/images/edits",
+            Some(multipart(&[("image", &png_64), ("prompt", b"x"), ("evil", b"1")])),
+            400,
+        ),
+    ];
+    for (method, path, body, status) in other {
+        let r = server.call(method, path, None, body.as_ref().map(|(ct, b)| (ct.as_str(), b.clone())));
+        assert_eq!(r.status, status, "{method} {path}: {}", r.text());
+        checked += 1;
+    }
+    assert!(checked >= 30, "{checked} cases");
+    // Still serving, and nothing was queued by any of them.
+    assert_eq!(server.get("/healthz", None).status, 200);
+    assert!(server.get("/v1/jobs", None).json()["jobs"].as_array().unwrap().is_empty());
+}
+
+#[test]
+fn budget_race_runs_exactly_what_fits() {
+    // Drafts cost 0.01 a image; the budget fits five.
+    let dir = project(2, "[budget]\nlimit = 0.05\n");
+    let root = dir.path();
+    let server = std::sync::Arc::new(Server::start(root, &[]));
+    let handles: Vec<_> = (0..20)
+        .map(|i| {
+            let s = server.clone();
+            std::thread::spawn(move || {
+                s.post_json(
+                    "/v1/jobs",
+                    None,
+                    &json!({ "kind": "draft", "prompt": "race", "count": 1, "seed": i }),
+                )
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let accepted: Vec<i64> =
+        results.iter().filter(|r| r.status == 202).map(|r| r.json()["id"].as_i64().unwrap()).collect();
+    assert_eq!(accepted.len(), 5, "{:?}", results.iter().map(|r| (r.status, r.text())).collect::<Vec<_>>());
+    assert!(results
+        .iter()
+        .filter(|r| r.status != 202)
+        .all(|r| r.status == 429 && r.text().contains("budget")));
+    for id in accepted {
+        assert_eq!(server.wait(id, None)["state"], "done");
+    }
+}
+
+#[test]
+fn kill_9_loses_nothing_and_sigterm_drains() {
+    let dir = project(60, "");
+    let root = dir.path();
+    let mut server = Server::start(root, &[]);
+    let running =
+        submit(&server, None, json!({ "kind": "generate", "tier": "final", "prompt": "x", "seed": 5 }));
+    let queued: Vec<i64> = (0..3)
+        .map(|i| {
+            submit(&server, None, json!({ "kind": "generate", "tier": "final", "prompt": "y", "seed": i }))
+        })
+        .collect();
+    server.wait_running_step(running, None);
+    server.kill9();
+
+    let mut server = Server::start(root, &[]);
+    assert!(server.log().contains("recovered jobs"), "{}", server.log());
+    for id in std::iter::once(running).chain(queued.iter().copied()) {
+        let job = server.wait(id, None);
+        assert_eq!(job["state"], "done", "{job}");
+    }
+    // Each job recorded exactly once; the library is consistent, with no stray files.
+    let assets = server.get("/v1/assets", None).json()["assets"].as_array().unwrap().len();
+    assert_eq!(assets, 4);
+    let check = kiln(root).args(["assets", "check"]).output().unwrap();
+    assert!(
+        check.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&check.stdout),
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let library = kiln_core::library::Project::open(root).unwrap().library().unwrap();
+    assert!(library.orphans().unwrap().is_empty(), "{:?}", library.orphans().unwrap());
+
+    // SIGTERM while a job runs: it finishes, then the server exits 0.
+    let last =
+        submit(&server, None, json!({ "kind": "generate", "tier": "final", "prompt": "z", "seed": 9 }));
+    server.wait_running_step(last, None);
+    let status = server.terminate();
+    assert!(status.success(), "{status:?}: {}", server.log());
+    let server = Server::start(root, &[]);
+    assert_eq!(server.wait(last, None)["state"], "done");
+}
+
+#[test]
+fn exposed_address_needs_keys() {
+    let dir = project(2, "");
+    let o = kiln(dir.path()).args(["serve", "--listen", "0.0.0.0:0", "--device", "cpu"]).output().unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("kiln keys add"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
