@@ -138,6 +138,23 @@ impl Server {
         Resp { status, retry_after, bytes }
     }
 
+    /// Announces a `len`-byte JSON body and sends none of it: a limit that looks at the
+    /// declared length answers before reading (the status line is returned).
+    pub fn post_declared(&self, path: &str, len: usize) -> String {
+        use std::io::Write;
+        let addr = self.base.trim_start_matches("http://");
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(
+            stream,
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {len}\r\n\r\n"
+        )
+        .unwrap();
+        let mut line = String::new();
+        BufReader::new(stream).read_line(&mut line).unwrap();
+        line
+    }
+
     pub fn get(&self, path: &str, auth: Option<&str>) -> Resp {
         self.call("GET", path, auth, None)
     }
