@@ -43,7 +43,7 @@ impl EventSink for CliSink {
         let Some(bar) = &self.bar else { return };
         match event {
             JobEvent::Stage { stage } => bar.set_prefix(stage),
-            JobEvent::Step { step, steps, seconds } => {
+            JobEvent::Step { step, steps, seconds, .. } => {
                 bar.set_prefix("denoising");
                 bar.set_length(steps as u64);
                 bar.set_position(step as u64);

@@ -493,3 +493,26 @@ fn exposed_address_needs_keys() {
         String::from_utf8_lossy(&o.stderr)
     );
 }
+
+#[test]
+fn a_draft_that_cannot_fit_beside_the_final_waits_and_says_why() {
+    let dir = project(30, "");
+    let server = Server::start(dir.path(), &["--max-memory", "1K"]);
+    let fin = submit(&server, None, json!({ "kind": "generate", "tier": "final", "prompt": "x", "seed": 1 }));
+    server.wait_running_step(fin, None);
+    let draft = submit(&server, None, json!({ "kind": "draft", "prompt": "quick", "count": 1, "seed": 3 }));
+    let draft_job = server.wait(draft, None);
+    let final_job = server.wait(fin, None);
+    assert_eq!(draft_job["state"], "done");
+    assert!(
+        draft_job["started_at"].as_f64().unwrap() >= final_job["finished_at"].as_f64().unwrap(),
+        "it ran beside the final"
+    );
+    let events = server.events(draft, None);
+    let why =
+        events.iter().find(|e| e["event"] == "waiting").unwrap_or_else(|| panic!("no reason: {events:?}"));
+    assert!(why["reason"].as_str().unwrap().contains("--max-memory"), "{why}");
+    // The pool stayed within one model: the final's was unloaded for the draft's.
+    let report = server.get("/v1/report", None).json();
+    assert_eq!(report["models_loaded"].as_array().unwrap().len(), 1, "{report}");
+}

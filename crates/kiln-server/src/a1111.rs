@@ -5,7 +5,7 @@
 //! those set to values it cannot honour (hires fix, restore faces, tiling).
 
 use crate::auth::Quota;
-use crate::common::{b64, decode_upload, encode, result_images, store_upload, unb64, wait_for};
+use crate::common::{b64, decode_upload, result_images, store_upload, unb64, wait_for};
 use crate::error::{ApiError, ApiResult};
 use crate::state::{AppState, Owner};
 use axum::body::Bytes;
@@ -152,8 +152,8 @@ fn sampling(state: &AppState, m: &serde_json::Map<String, Value>) -> ApiResult<S
 /// The A1111 response: images, the parameters echoed, and `info` as the JSON string clients parse.
 fn reply(state: &AppState, s: &Sampling, params: Value, result: &Value) -> ApiResult<Response> {
     let images = result_images(state, result)?;
-    let seeds: Vec<u64> = images.iter().filter_map(|(_, s)| *s).collect();
-    let (w, h) = images.first().map(|(i, _)| (i.width(), i.height())).unwrap_or((0, 0));
+    let seeds: Vec<u64> = images.iter().filter_map(|i| i.seed).collect();
+    let (w, h) = images.first().map(|i| (i.width, i.height)).unwrap_or((0, 0));
     let sampler_name = result["detail"]["scheduler"].as_str().unwrap_or_default().to_string();
     let hash = result["detail"]["library"]["asset_ids"].clone();
     let info = serde_json::json!({
@@ -166,8 +166,8 @@ fn reply(state: &AppState, s: &Sampling, params: Value, result: &Value) -> ApiRe
         "infotexts": images.iter().map(|_| s.prompt.clone()).collect::<Vec<_>>(),
     });
     let mut encoded = Vec::new();
-    for (img, _) in &images {
-        encoded.push(b64(&encode(img, "png")?));
+    for img in &images {
+        encoded.push(b64(&img.png));
     }
     Ok(Json(serde_json::json!({ "images": encoded, "parameters": params, "info": info.to_string() }))
         .into_response())

@@ -77,11 +77,34 @@ pub async fn wait_for(state: &AppState, id: i64) -> ApiResult<serde_json::Value>
     }
 }
 
+/// One image of a finished job: its PNG file's bytes (with kiln's metadata), size and seed.
+pub struct ResultImage {
+    pub png: Vec<u8>,
+    pub width: u32,
+    pub height: u32,
+    pub seed: Option<u64>,
+}
+
+impl ResultImage {
+    /// The image as png (the file itself, no re-encoding), jpeg or webp.
+    pub fn encoded(&self, format: &str) -> ApiResult<Vec<u8>> {
+        let fmt = match format {
+            "png" => return Ok(self.png.clone()),
+            "jpeg" | "jpg" => image::ImageFormat::Jpeg,
+            "webp" => image::ImageFormat::WebP,
+            other => {
+                return Err(ApiError::bad(format!("output_format `{other}`: expected png, jpeg or webp")))
+            }
+        };
+        let img = image::load_from_memory(&self.png).map_err(|e| ApiError::Internal(e.to_string()))?;
+        let mut buf = Cursor::new(Vec::new());
+        img.to_rgb8().write_to(&mut buf, fmt).map_err(|e| ApiError::Internal(e.to_string()))?;
+        Ok(buf.into_inner())
+    }
+}
+
 /// The images of a finished job (sheets left out), with their seeds.
-pub fn result_images(
-    state: &AppState,
-    result: &serde_json::Value,
-) -> ApiResult<Vec<(image::DynamicImage, Option<u64>)>> {
+pub fn result_images(state: &AppState, result: &serde_json::Value) -> ApiResult<Vec<ResultImage>> {
     let root = &state.engine.project.root;
     let mut out = Vec::new();
     for img in result["images"].as_array().into_iter().flatten() {
@@ -89,24 +112,16 @@ pub fn result_images(
             continue;
         }
         let rel = img["path"].as_str().unwrap_or_default();
-        let path = root.join(rel);
-        let decoded = image::open(&path).map_err(|e| ApiError::Internal(format!("reading {rel}: {e}")))?;
-        out.push((decoded, img["seed"].as_u64()));
+        let png =
+            fs_err::read(root.join(rel)).map_err(|e| ApiError::Internal(format!("reading {rel}: {e}")))?;
+        let (width, height) = image::ImageReader::new(Cursor::new(&png))
+            .with_guessed_format()
+            .ok()
+            .and_then(|r| r.into_dimensions().ok())
+            .unwrap_or((0, 0));
+        out.push(ResultImage { png, width, height, seed: img["seed"].as_u64() });
     }
     Ok(out)
-}
-
-/// Encodes an image as png, jpeg or webp; PNG keeps the file's bytes (and its metadata).
-pub fn encode(img: &image::DynamicImage, format: &str) -> ApiResult<Vec<u8>> {
-    let fmt = match format {
-        "png" => image::ImageFormat::Png,
-        "jpeg" | "jpg" => image::ImageFormat::Jpeg,
-        "webp" => image::ImageFormat::WebP,
-        other => return Err(ApiError::bad(format!("output_format `{other}`: expected png, jpeg or webp"))),
-    };
-    let mut buf = Cursor::new(Vec::new());
-    img.to_rgb8().write_to(&mut buf, fmt).map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(buf.into_inner())
 }
 
 pub fn b64(bytes: &[u8]) -> String {

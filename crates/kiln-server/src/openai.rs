@@ -3,7 +3,7 @@
 //! `GET /v1/models` (the tiers). `model` is a tier; fields kiln cannot honour get a 400.
 
 use crate::auth::Quota;
-use crate::common::{b64, decode_upload, encode, parse_size, result_images, store_upload, wait_for};
+use crate::common::{b64, decode_upload, parse_size, result_images, store_upload, wait_for};
 use crate::error::{ApiError, ApiResult};
 use crate::state::{AppState, Owner};
 use axum::body::Bytes;
@@ -112,9 +112,9 @@ fn response(state: &AppState, result: &serde_json::Value, format: &str) -> ApiRe
     let images = result_images(state, result)?;
     let mut data = Vec::new();
     let mut size = String::new();
-    for (img, seed) in &images {
-        size = format!("{}x{}", img.width(), img.height());
-        data.push(serde_json::json!({ "b64_json": b64(&encode(img, format)?), "revised_prompt": null, "seed": seed }));
+    for img in &images {
+        size = format!("{}x{}", img.width, img.height);
+        data.push(serde_json::json!({ "b64_json": b64(&img.encoded(format)?), "revised_prompt": null, "seed": img.seed }));
     }
     Ok(Json(serde_json::json!({
         "created": crate::state::now() as i64,
@@ -236,11 +236,11 @@ async fn stream(state: Arc<AppState>, id: i64, partials: usize, format: String) 
                             let first =
                                 result_images(&state, &result).ok().and_then(|v| v.into_iter().next());
                             let body = match first {
-                                Some((img, _)) => serde_json::json!({
+                                Some(img) => serde_json::json!({
                                     "type": "image_generation.completed",
-                                    "b64_json": b64(&encode(&img, &format).unwrap_or_default()),
+                                    "b64_json": b64(&img.encoded(&format).unwrap_or_default()),
                                     "created_at": crate::state::now() as i64,
-                                    "size": format!("{}x{}", img.width(), img.height()), "quality": "auto",
+                                    "size": format!("{}x{}", img.width, img.height), "quality": "auto",
                                     "background": "opaque", "output_format": format,
                                     "usage": { "input_tokens": 0, "output_tokens": 0, "total_tokens": 0,
                                                "input_tokens_details": { "text_tokens": 0, "image_tokens": 0 } },

@@ -54,7 +54,13 @@ fn run_claim(state: &Arc<AppState>, queue: &mut Queue, claim: Claim, may_yield: 
     tracing::info!(job = id, kind = claim.spec.kind().as_str(), owner = %claim.owner, lane = claim.lane.as_str(), "started");
     state.hub.publish(id, JobEvent::Started);
     let yields = may_yield && claim.lane == Lane::Final;
-    let mut sink = WorkerSink { state: state.clone(), id, may_yield: yields, checks: state.queue().ok() };
+    let mut sink = WorkerSink {
+        state: state.clone(),
+        id,
+        may_yield: yields,
+        checks: state.queue().ok(),
+        told_to_wait: Default::default(),
+    };
     let ctx = RunContext { queue_claim: Some((id, claim.attempt)) };
     let result = state.engine.run(&claim.spec, &ctx, &mut sink);
     let root = state.engine.project.root.clone();
@@ -101,6 +107,8 @@ struct WorkerSink {
     may_yield: bool,
     /// A connection for cancel checks and preemption (the job's own writes use another).
     checks: Option<Queue>,
+    /// Drafts already told why they wait.
+    told_to_wait: std::collections::HashSet<i64>,
 }
 
 impl EventSink for WorkerSink {
@@ -129,6 +137,17 @@ impl EventSink for WorkerSink {
         let pool = &self.state.engine.pool;
         if let Some(budget) = pool.budget() {
             if pool.held_bytes().saturating_mul(2) > budget {
+                for id in queue.waiting(Lane::Draft).unwrap_or_default() {
+                    if self.told_to_wait.insert(id) {
+                        let reason = format!(
+                            "job {} holds {} MB of the {} MB model budget (--max-memory); this draft runs when it ends",
+                            self.id,
+                            pool.held_bytes() / 1_000_000,
+                            budget / 1_000_000
+                        );
+                        self.state.hub.publish(id, JobEvent::Waiting { reason });
+                    }
+                }
                 return;
             }
         }

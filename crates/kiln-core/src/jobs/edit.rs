@@ -152,7 +152,7 @@ pub fn run(ws: &mut Workspace, s: &InpaintSpec, sink: &mut dyn EventSink) -> Res
     request.padding = s.padding.unwrap_or(crate::pipeline::inpaint::DEFAULT_PADDING);
     request.reimpose = reimpose;
 
-    let output = inpaint(model, &request, &mut SinkProgress { sink })?;
+    let output = inpaint(model, &request, &mut SinkProgress::new(sink))?;
     warnings.extend(output.warnings.iter().cloned());
     if sink.cancelled() {
         return Err(Error::Cancelled);

@@ -181,7 +181,7 @@ fn run_draft(ws: &mut Workspace, s: &super::spec::DraftSpec, sink: &mut dyn Even
         },
     };
     let mut warnings: Vec<String> = tier_warnings(&warm.tier, &warm.drift);
-    let r = draft(ws, &mut warm, &request, &mut SinkProgress { sink })?;
+    let r = draft(ws, &mut warm, &request, &mut SinkProgress::new(sink))?;
     let mut images: Vec<OutputImage> = r
         .images
         .iter()
@@ -239,7 +239,7 @@ fn run_promote(
     };
     let mut warm = ws.load_tier(tier_name)?;
     let mut warnings = tier_warnings(&warm.tier, &warm.drift);
-    let r = promote(ws, &mut warm, &request, &mut SinkProgress { sink })?;
+    let r = promote(ws, &mut warm, &request, &mut SinkProgress::new(sink))?;
     warnings.extend(r.warnings.iter().cloned());
     let mut images = vec![OutputImage {
         asset_id: Some(r.asset_id),
@@ -257,7 +257,8 @@ fn run_promote(
         sink.emit(JobEvent::Stage { stage: "upscale".into() });
         let u =
             upscale_asset(ws, up, &AssetRef::Id(r.asset_id), Some(target), s.tile, &mut |done, total| {
-                sink.emit(JobEvent::Tiles { done, total })
+                sink.emit(JobEvent::Tiles { done, total });
+                !sink.cancelled()
             })?;
         warnings.extend(u.warnings.iter().cloned());
         images.push(OutputImage {
@@ -296,7 +297,8 @@ fn run_upscale(
     let mut warnings = tier_warnings(&warm.tier, &warm.drift);
     sink.emit(JobEvent::Stage { stage: "upscale".into() });
     let u = upscale_asset(ws, &mut warm, &input, target, s.tile, &mut |done, total| {
-        sink.emit(JobEvent::Tiles { done, total })
+        sink.emit(JobEvent::Tiles { done, total });
+        !sink.cancelled()
     })?;
     warnings.extend(u.warnings.iter().cloned());
     let images = vec![OutputImage {
@@ -318,7 +320,7 @@ fn run_replay(
     sink: &mut dyn EventSink,
 ) -> Result<JobOutput> {
     let request = ReplayRequest { source: asset_ref(ws, &s.asset, "asset")?, out: s.out.clone() };
-    let r = replay(ws, &request, &mut SinkProgress { sink })?;
+    let r = replay(ws, &request, &mut SinkProgress::new(sink))?;
     let images = vec![OutputImage {
         asset_id: Some(r.asset_id),
         path: r.path.clone(),

@@ -16,12 +16,15 @@ use serde::Serialize;
 pub enum JobEvent {
     /// Waiting; `position` jobs run before it (0 = next).
     Queued { position: usize },
+    /// Still waiting, and why (e.g. memory cannot hold its model beside a running one).
+    Waiting { reason: String },
     /// A worker took the job.
     Started,
     /// A stage began: load, text_encode, denoise, vae_decode, write, record, upscale.
     Stage { stage: String },
-    /// Denoising step `step` of `steps` finished in `seconds`.
-    Step { step: usize, steps: usize, seconds: f64 },
+    /// Denoising step `step` of `steps` of images `first_image..first_image + images`
+    /// finished in `seconds`.
+    Step { step: usize, steps: usize, seconds: f64, first_image: usize, images: usize },
     /// Upscale tiles done.
     Tiles { done: usize, total: usize },
     /// A preview of the first image after step `step`: a PNG, base64.
@@ -64,17 +67,29 @@ impl EventSink for NullSink {
 
 /// Adapts an [`EventSink`] to the pipelines' [`Progress`].
 pub struct SinkProgress<'a> {
-    pub sink: &'a mut dyn EventSink,
+    sink: &'a mut dyn EventSink,
+    batch: (usize, usize),
+}
+
+impl<'a> SinkProgress<'a> {
+    pub fn new(sink: &'a mut dyn EventSink) -> Self {
+        Self { sink, batch: (0, 1) }
+    }
 }
 
 impl Progress for SinkProgress<'_> {
     fn step(&mut self, done: usize, total: usize, seconds: f64) {
-        self.sink.emit(JobEvent::Step { step: done, steps: total, seconds });
+        let (first_image, images) = self.batch;
+        self.sink.emit(JobEvent::Step { step: done, steps: total, seconds, first_image, images });
         self.sink.yield_point();
     }
 
     fn stage(&mut self, stage: &str) {
         self.sink.emit(JobEvent::Stage { stage: stage.to_string() });
+    }
+
+    fn batch(&mut self, first: usize, count: usize) {
+        self.batch = (first, count);
     }
 
     fn cancelled(&mut self) -> bool {

@@ -159,7 +159,7 @@ pub fn run(ws: &mut Workspace, s: &GenerateSpec, sink: &mut dyn EventSink) -> Re
     request.init_latents = init_latents;
     request.validate(model)?;
 
-    let output = generate(model, &request, &mut SinkProgress { sink })?;
+    let output = generate(model, &request, &mut SinkProgress::new(sink))?;
     warnings.extend(output.warnings.iter().cloned());
     if sink.cancelled() {
         return Err(Error::Cancelled);

@@ -288,6 +288,21 @@ impl Queue {
             .map_err(|e| self.err(e))
     }
 
+    /// The ids of the jobs waiting in `lane`, oldest first.
+    pub fn waiting(&self, lane: Lane) -> Result<Vec<i64>> {
+        let mut stmt = self
+            .lib
+            .conn
+            .prepare("SELECT id FROM queue WHERE state = 'queued' AND lane = ?1 ORDER BY id")
+            .map_err(|e| self.err(e))?;
+        let ids = stmt
+            .query_map([lane as i64], |r| r.get(0))
+            .map_err(|e| self.err(e))?
+            .collect::<rusqlite::Result<Vec<i64>>>()
+            .map_err(|e| self.err(e));
+        ids
+    }
+
     /// Ends a run. Ignored when the row is no longer that attempt's (it was recovered meanwhile).
     pub fn finish(&mut self, id: i64, attempt: i64, how: Finish) -> Result<()> {
         let (state, result, credits, error) = match how {

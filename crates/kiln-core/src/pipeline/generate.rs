@@ -78,6 +78,9 @@ pub trait Progress {
     /// A stage ("text_encode", "vae_encode", "denoise", "vae_decode") starts.
     fn stage(&mut self, _stage: &str) {}
 
+    /// The next steps belong to images `first..first + count` of the request.
+    fn batch(&mut self, _first: usize, _count: usize) {}
+
     /// Whether the job must stop now (checked after every step). Default: never.
     fn cancelled(&mut self) -> bool {
         false
@@ -186,6 +189,7 @@ pub fn generate(
     let max_batch = req.max_batch.max(1);
     let mut first = 0;
     for seeds in req.seeds.chunks(max_batch) {
+        progress.batch(first, seeds.len());
         let latents_in = match &req.init_latents {
             Some(l) if l.dim(0)? > 1 => Some(l.narrow(0, first, seeds.len())?),
             Some(l) => Some(l.repeat((seeds.len(), 1, 1, 1))?),

@@ -252,7 +252,7 @@ impl Upscaler {
         img: &PlanarImage,
         t: PassTiling,
         skip_rows: usize,
-        progress: &mut dyn FnMut(usize),
+        progress: &mut dyn FnMut(usize) -> Result<()>,
         sink: &mut dyn FnMut(&[f32]) -> Result<()>,
     ) -> Result<()> {
         let scale = self.spec.scale();
@@ -276,7 +276,7 @@ impl Upscaler {
                 // Rows already delivered; keep the assembler's position in step.
                 let _ = asm.finish_row(row);
                 emitted = asm_top(&plan, row, scale);
-                progress(plan.x.cores.len());
+                progress(plan.x.cores.len())?;
                 continue;
             }
             let rows = plan.y.window(row);
@@ -347,7 +347,7 @@ impl Upscaler {
                 let origin = (rows.start * scale as isize, plan.x.window(col).start * scale as isize);
                 asm.add(row, col, &TileOutput { data: &data, rows: oh, cols: ow, origin })?;
             }
-            progress(plan.x.cores.len());
+            progress(plan.x.cores.len())?;
             let done = asm.finish_row(row);
             let row_len = asm.out_width() * channels;
             let n_rows = done.len() / row_len;
@@ -364,7 +364,7 @@ impl Upscaler {
         &self,
         img: &PlanarImage,
         mut t: PassTiling,
-        progress: &mut dyn FnMut(usize),
+        progress: &mut dyn FnMut(usize) -> Result<()>,
         sink: &mut dyn FnMut(&[f32]) -> Result<()>,
     ) -> Result<PassTiling> {
         let delivered = std::cell::Cell::new(0usize);
@@ -389,7 +389,7 @@ impl Upscaler {
     /// also returns the tile side finally used (smaller than asked after out-of-memory).
     pub fn upscale_planar(&self, img: &PlanarImage, opts: &UpscaleOptions) -> Result<(PlanarImage, usize)> {
         let t = self.tiling(opts, img.width, img.height);
-        let (out, used) = self.run_planar(img, t, &mut |_| {})?;
+        let (out, used) = self.run_planar(img, t, &mut |_| Ok(()))?;
         Ok((out, used.tile))
     }
 
@@ -397,7 +397,7 @@ impl Upscaler {
         &self,
         img: &PlanarImage,
         t: PassTiling,
-        progress: &mut dyn FnMut(usize),
+        progress: &mut dyn FnMut(usize) -> Result<()>,
     ) -> Result<(PlanarImage, PassTiling)> {
         let s = self.spec.scale();
         let (w, h, c) = (img.width * s, img.height * s, img.channels);
@@ -423,6 +423,21 @@ impl Upscaler {
         output: &Path,
         opts: &UpscaleOptions,
         progress: Progress,
+    ) -> Result<UpscaleReport> {
+        self.upscale_file_until(input, output, opts, &mut |done, total| {
+            progress(done, total);
+            true
+        })
+    }
+
+    /// [`Upscaler::upscale_file`] whose progress callback can stop the work: returning false
+    /// after a tile row ends the upscale with [`Error::Cancelled`], and nothing is written.
+    pub fn upscale_file_until(
+        &self,
+        input: &Path,
+        output: &Path,
+        opts: &UpscaleOptions,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<UpscaleReport> {
         let start = Instant::now();
         let decoded = io::decode(input, &opts.limits)?;
@@ -465,9 +480,13 @@ impl Upscaler {
             tiles_total += pw.div_ceil(t.tile) * ph.div_ceil(t.tile_rows.min(t.tile));
         }
         let mut tiles_done = 0;
-        let mut tick = |n: usize| {
+        let mut tick = |n: usize| -> Result<()> {
             tiles_done += n;
-            progress(tiles_done.min(tiles_total), tiles_total);
+            if progress(tiles_done.min(tiles_total), tiles_total) {
+                Ok(())
+            } else {
+                Err(Error::Cancelled)
+            }
         };
         let mut current = img;
         for t in &tilings[..passes - 1] {

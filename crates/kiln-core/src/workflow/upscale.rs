@@ -82,13 +82,14 @@ pub struct UpscaleStepResult {
 }
 
 /// Upscales a library asset or kiln PNG with the warm upscale tier and records the result.
+/// `progress` gets (tiles done, total) after every tile row; returning false cancels.
 pub fn upscale_asset(
     ws: &mut Workspace,
     warm: &mut WarmUpscaler,
     input: &AssetRef,
     target: Option<Target>,
     tile: Option<usize>,
-    progress: &mut dyn FnMut(usize, usize),
+    progress: &mut dyn FnMut(usize, usize) -> bool,
 ) -> Result<UpscaleStepResult> {
     let resolved = resolve_input(&ws.library, &ws.project.root, input, "upscale")?;
     let warnings: Vec<String> = ws.check_budget(&warm.tier, 1)?.into_iter().collect();
@@ -101,7 +102,7 @@ pub fn upscale_asset(
     let options = UpscaleOptions { target, tile, ..Default::default() };
     let t0 = Instant::now();
     // Written atomically (temp file + rename) by the streamed PNG writer, before it is recorded.
-    let report = warm.upscaler.upscale_file(&resolved.path, &out, &options, progress)?;
+    let report = warm.upscaler.upscale_file_until(&resolved.path, &out, &options, progress)?;
     let upscale_seconds = t0.elapsed().as_secs_f64();
 
     let timings = JobTimings {
