@@ -7,7 +7,7 @@ One warm-up call first (reported apart as `first_image`), then --repeats timed c
 reported as min / median over them.
 Prints one JSON object on stdout.
 
-Usage: /work/venv/bin/python benches/diffusers_sd_turbo.py MODEL_DIR [--width 256 --height 256 --steps 1
+Usage: python benches/diffusers_sd_turbo.py MODEL_DIR [--width 256 --height 256 --steps 1
        --guidance 0 --repeats 3 --threads 2]
 MODEL_DIR: e.g. the random-weight folder made by benches/make_sd_turbo_random.py.
 """

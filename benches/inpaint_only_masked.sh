@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=${1:-cpu}
 STEPS=${2:-4}
-PY=${PYTHON:-/work/venv/bin/python}
+PY=${PYTHON:-python3}
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 FEATURES=""

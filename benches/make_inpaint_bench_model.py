@@ -1,7 +1,7 @@
 """A random-weight SD1-layout pipeline for timing only-masked inpainting (cost does not depend on
 weight values). SD1.5's block structure (3 cross-attention down blocks + 1 plain, factor-8 VAE),
 narrower widths so a CPU run takes seconds; native size 512 x 512.
-Usage: /work/venv/bin/python benches/make_inpaint_bench_model.py OUT_DIR
+Usage: python benches/make_inpaint_bench_model.py OUT_DIR
 """
 import shutil
 import sys

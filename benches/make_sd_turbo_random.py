@@ -21,7 +21,7 @@ Shapes (from the SD 2.1 / sd-turbo diffusers configs):
   "epsilon": sd-turbo is distilled (ADD) from SD 2.1 at 512 px, whose base model is an eps model, and
   its hub scheduler config is SD 2.1-base's with Euler/trailing. Prediction type does not change cost.
 
-Usage: /work/venv/bin/python benches/make_sd_turbo_random.py OUT_DIR [--bpe PATH/bpe_simple_vocab_16e6.txt.gz]
+Usage: python benches/make_sd_turbo_random.py OUT_DIR [--bpe PATH/bpe_simple_vocab_16e6.txt.gz]
 (the .gz is in the open-clip-torch wheel: pip download --no-deps open-clip-torch==3.3.0, unzip it).
 Takes about 1-2 minutes and ~5.2 GB of disk (f32 safetensors).
 """
@@ -71,7 +71,7 @@ def make_tokenizer(dst: Path, bpe: Path):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out_dir", type=Path)
-    ap.add_argument("--bpe", type=Path, default=Path("/tmp/oc/open_clip/bpe_simple_vocab_16e6.txt.gz"))
+    ap.add_argument("--bpe", type=Path, required=True)
     args = ap.parse_args()
     out = args.out_dir
     start = time.time()

@@ -9,9 +9,9 @@ diffusers' cold times are its warm-up image in `repeats` fresh processes. Prints
 the kiln/diffusers ratios, warm against warm and cold against cold.
 
 Usage:
-    python benches/make_sd_turbo_random.py /work/cache/sd-turbo-random     # once, ~5 GB
+    python benches/make_sd_turbo_random.py MODEL_DIR     # once, ~5 GB
     cargo build --release -p kiln-cli
-    python benches/sd_turbo_cpu.py /work/cache/sd-turbo-random [--width 256 --height 256 --steps 1 --repeats 3]
+    python benches/sd_turbo_cpu.py MODEL_DIR [--width 256 --height 256 --steps 1 --repeats 3]
 Needs a venv with torch + diffusers + transformers (never a dependency of the tests).
 """
 import argparse, json, os, statistics, subprocess, sys, tempfile

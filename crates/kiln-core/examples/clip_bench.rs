@@ -1,5 +1,5 @@
 //! Times the SD-Turbo-sized CLIP text encoder and its parts on CPU:
-//! `cargo run --release -p kiln-core --example clip_bench -- /work/cache/sd-turbo-random/text_encoder`.
+//! `cargo run --release -p kiln-core --example clip_bench -- MODEL_DIR/text_encoder`.
 use std::time::Instant;
 
 use candle_core::{DType, Device, Module, Tensor};

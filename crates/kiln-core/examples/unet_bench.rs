@@ -1,5 +1,5 @@
 //! Times one UNet step on CPU, the first (cold) call and the warm ones apart:
-//! `cargo run --release -p kiln-core --example unet_bench -- /work/cache/sd-turbo-random/unet [latent side] [reps]`.
+//! `cargo run --release -p kiln-core --example unet_bench -- MODEL_DIR/unet [latent side] [reps]`.
 use std::path::PathBuf;
 use std::time::Instant;
 

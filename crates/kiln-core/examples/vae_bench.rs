@@ -1,5 +1,5 @@
 //! Times the VAE decoder on CPU, the first (cold: fresh pages) call and the warm ones apart:
-//! `cargo run --release -p kiln-core --example vae_bench -- /work/cache/sd-turbo-random/vae [latent side] [reps]`.
+//! `cargo run --release -p kiln-core --example vae_bench -- MODEL_DIR/vae [latent side] [reps]`.
 use std::path::PathBuf;
 use std::time::Instant;
 
