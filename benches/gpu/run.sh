@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU session's whole job in one command (issue 6): unpack the CUDA binaries that
+# The whole GPU check in one command: unpack the CUDA binaries that
 # scripts/build-cuda.sh packed into .dev/, run the parity tests on the device in f32/f16/bf16, then
 # time kiln against diffusers/PyTorch on the same GPU. Results land in $OUT (the device tool brings
 # back at most 8 files, so everything goes into these): env.txt, tests.log, bench.log, results.json.
