@@ -71,6 +71,12 @@ impl EventHub {
             if matches!(event, JobEvent::Preview { .. }) {
                 ch.history.retain(|e| !matches!(e, JobEvent::Preview { .. }));
             }
+            // A worker can take the job before its submitter reports it queued: the story
+            // still starts with `queued`.
+            if matches!(event, JobEvent::Queued { .. }) && !ch.history.is_empty() {
+                ch.history.insert(0, event);
+                return;
+            }
             ch.history.push(event.clone());
             ch.finished |= terminal;
             // No subscriber is fine: the history has it.

@@ -94,8 +94,6 @@ pub async fn job_events(
             JobState::Cancelled => history.push(JobEvent::Cancelled),
             JobState::Running => {}
         }
-    } else if job.state == JobState::Queued {
-        history.insert(0, JobEvent::Queued { position: job.position.unwrap_or(0) });
     }
     let ended = history.iter().any(is_terminal);
     let initial = futures_util::stream::iter(history.into_iter().map(|e| Ok(to_sse(&e))));

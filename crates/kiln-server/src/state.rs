@@ -123,6 +123,8 @@ impl AppState {
         }
         let limit = self.engine.project.config.budget.map(|b| b.limit);
         let id = queue.enqueue(spec, &owner.0, lane, estimate, limit)?;
+        let position = queue.get(id)?.position.unwrap_or(0);
+        self.hub.publish(id, kiln_core::jobs::JobEvent::Queued { position });
         self.notify_worker();
         Ok(id)
     }

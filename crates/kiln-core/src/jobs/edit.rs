@@ -7,7 +7,7 @@ use super::generate::{check_out_path, job_model, numbered, read_npy};
 use super::spec::{EditMode, InpaintSpec, JobKind};
 use crate::error::{Error, Result};
 use crate::image::mask::Mask;
-use crate::library::assets::JobTimings;
+use crate::library::assets::{AssetKind, JobTimings, RecordKind};
 use crate::pipeline::inpaint::{check_inputs, inpaint, Blend, InpaintRequest, Region, UNetKind};
 use crate::pipeline::metadata::{model_record, png_chunks, FileRef, ImageRecord, InpaintRecord};
 use crate::pipeline::outpaint::{extend_canvas, Extension, Prefill, DEFAULT_OVERLAP};
@@ -237,10 +237,15 @@ pub fn run(ws: &mut Workspace, s: &InpaintSpec, sink: &mut dyn EventSink) -> Res
     let recorded = match &jm.tier {
         Some(tier) => {
             sink.emit(JobEvent::Stage { stage: "record".into() });
+            let (record_kind, asset_kind) = match s.mode {
+                EditMode::Inpaint => (RecordKind::Inpaint, AssetKind::Inpaint),
+                EditMode::Erase => (RecordKind::Erase, AssetKind::Erase),
+                EditMode::Outpaint => (RecordKind::Outpaint, AssetKind::Outpaint),
+            };
             Some(record_tier_job(
                 &mut ws.library,
-                mode,
-                mode,
+                record_kind,
+                asset_kind,
                 tier,
                 model,
                 timings.clone(),

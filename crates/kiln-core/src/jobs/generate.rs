@@ -7,7 +7,7 @@ use super::events::{EventSink, JobEvent, SinkProgress};
 use super::pool::{PoolKey, Pooled};
 use super::spec::{GenerateSpec, JobKind};
 use crate::error::{Error, Result};
-use crate::library::assets::JobTimings;
+use crate::library::assets::{AssetKind, JobTimings, RecordKind};
 use crate::loaders::hub;
 use crate::pipeline::generate::generate;
 use crate::pipeline::metadata::{png_chunks, FileRef, ImageRecord};
@@ -215,11 +215,10 @@ pub fn run(ws: &mut Workspace, s: &GenerateSpec, sink: &mut dyn EventSink) -> Re
     let recorded = match &jm.tier {
         Some(tier) => {
             sink.emit(JobEvent::Stage { stage: "record".into() });
-            let kind = if tier.is_draft() { "draft" } else { "final" };
             Some(record_tier_job(
                 &mut ws.library,
-                "generate",
-                kind,
+                RecordKind::Generate,
+                AssetKind::of_tier(tier),
                 tier,
                 model,
                 timings.clone(),

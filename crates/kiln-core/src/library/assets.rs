@@ -52,11 +52,78 @@ impl JobTimings {
     }
 }
 
+/// What a recorded job did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RecordKind {
+    Draft,
+    Promote,
+    Generate,
+    Replay,
+    Upscale,
+    Inpaint,
+    Erase,
+    Outpaint,
+}
+
+impl RecordKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RecordKind::Draft => "draft",
+            RecordKind::Promote => "promote",
+            RecordKind::Generate => "generate",
+            RecordKind::Replay => "replay",
+            RecordKind::Upscale => "upscale",
+            RecordKind::Inpaint => "inpaint",
+            RecordKind::Erase => "erase",
+            RecordKind::Outpaint => "outpaint",
+        }
+    }
+}
+
+/// What an asset is. Drafts and finals are told apart by their tier's lane, not its name, so
+/// the ledger's draft:final ratio holds whatever the tiers are called.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AssetKind {
+    Draft,
+    Final,
+    Sheet,
+    Replay,
+    Upscaled,
+    Inpaint,
+    Erase,
+    Outpaint,
+}
+
+impl AssetKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AssetKind::Draft => "draft",
+            AssetKind::Final => "final",
+            AssetKind::Sheet => "sheet",
+            AssetKind::Replay => "replay",
+            AssetKind::Upscaled => "upscaled",
+            AssetKind::Inpaint => "inpaint",
+            AssetKind::Erase => "erase",
+            AssetKind::Outpaint => "outpaint",
+        }
+    }
+
+    /// A draft or a final by the tier's lane.
+    pub fn of_tier(tier: &crate::tiers::Tier) -> Self {
+        if tier.is_draft() {
+            AssetKind::Draft
+        } else {
+            AssetKind::Final
+        }
+    }
+}
+
 /// A job to record.
 #[derive(Debug, Clone)]
 pub struct NewJob {
-    /// draft | promote | generate | replay | upscale
-    pub kind: String,
+    pub kind: RecordKind,
     pub tier: Option<String>,
     pub device: String,
     pub dtype: String,
@@ -69,8 +136,7 @@ pub struct NewJob {
 /// An output to record; its file must already be written (atomically).
 #[derive(Debug, Clone)]
 pub struct NewAsset {
-    /// draft | final | sheet | replay | upscaled
-    pub kind: String,
+    pub kind: AssetKind,
     pub tier: Option<String>,
     pub path: PathBuf,
     pub parent_id: Option<i64>,
@@ -200,7 +266,7 @@ impl Library {
              cpu_seconds, peak_memory_bytes, credits, timings_json) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
             params![
-                job.kind,
+                job.kind.as_str(),
                 job.tier,
                 now,
                 job.device,
@@ -248,7 +314,7 @@ impl Library {
                 params![
                     job_id,
                     a.parent_id,
-                    a.kind,
+                    a.kind.as_str(),
                     a.tier,
                     rel,
                     sha,

@@ -4,7 +4,7 @@
 use super::{job_and_assets, write_images, WarmModel, Workspace};
 use crate::error::{Error, Result};
 use crate::image::sheet::{contact_sheet, SheetCell};
-use crate::library::assets::{JobTimings, NewAsset};
+use crate::library::assets::{AssetKind, JobTimings, NewAsset, RecordKind};
 use crate::pipeline::generate::{generate, Progress};
 use crate::tiers::load::{tier_request, Overrides};
 use std::path::PathBuf;
@@ -82,10 +82,17 @@ pub fn draft(
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
     };
-    let (job, mut assets) =
-        job_and_assets("draft", "draft", Some(&warm.tier), &warm.model, timings.clone(), &written, None);
+    let (job, mut assets) = job_and_assets(
+        RecordKind::Draft,
+        AssetKind::of_tier(&warm.tier),
+        Some(&warm.tier),
+        &warm.model,
+        timings.clone(),
+        &written,
+        None,
+    );
     assets.push(NewAsset {
-        kind: "sheet".into(),
+        kind: AssetKind::Sheet,
         tier: Some(warm.tier.name.clone()),
         path: sheet_path.clone(),
         parent_id: None,

@@ -14,7 +14,7 @@ pub mod upscale;
 
 use crate::error::{Error, Result};
 use crate::jobs::pool::{ModelPool, PoolKey, Pooled};
-use crate::library::assets::{JobTimings, NewAsset, NewJob};
+use crate::library::assets::{AssetKind, JobTimings, NewAsset, NewJob, RecordKind};
 use crate::library::{ledger, Library, Project};
 use crate::pipeline::generate::GenerateOutput;
 use crate::pipeline::metadata::{png_chunks, ImageRecord};
@@ -183,8 +183,8 @@ pub(crate) fn write_images(
 
 /// The job row and per-image asset rows for written images.
 pub(crate) fn job_and_assets(
-    kind: &str,
-    asset_kind: &str,
+    kind: RecordKind,
+    asset_kind: AssetKind,
     tier: Option<&Tier>,
     model: &LoadedModel,
     timings: JobTimings,
@@ -193,7 +193,7 @@ pub(crate) fn job_and_assets(
 ) -> (NewJob, Vec<NewAsset>) {
     let credits = tier.map(|t| t.price.cost(written.len(), timings.device_seconds())).unwrap_or(0.0);
     let job = NewJob {
-        kind: kind.to_string(),
+        kind,
         tier: tier.map(|t| t.name.clone()),
         device: crate::device::name(&model.device),
         dtype: crate::device::dtype_name(model.dtype).to_string(),
@@ -206,7 +206,7 @@ pub(crate) fn job_and_assets(
     let assets = written
         .iter()
         .map(|w| NewAsset {
-            kind: asset_kind.to_string(),
+            kind: asset_kind,
             tier: tier.map(|t| t.name.clone()),
             path: w.path.clone(),
             parent_id,
@@ -235,8 +235,8 @@ pub struct RecordedJob {
 #[allow(clippy::too_many_arguments)]
 pub fn record_tier_job(
     library: &mut Library,
-    kind: &str,
-    asset_kind: &str,
+    kind: RecordKind,
+    asset_kind: AssetKind,
     tier: &Tier,
     model: &LoadedModel,
     timings: JobTimings,

@@ -6,7 +6,7 @@
 use super::{job_and_assets, resolve_input, write_images, AssetRef, WarmModel, Workspace};
 use crate::error::{Error, Result};
 use crate::image::compare::{psnr, ssim};
-use crate::library::assets::JobTimings;
+use crate::library::assets::{AssetKind, JobTimings, RecordKind};
 use crate::pipeline::generate::{generate, Progress};
 use crate::pipeline::metadata::FileRef;
 use crate::tiers::load::{tier_request, Overrides};
@@ -109,8 +109,8 @@ pub fn promote(
         _ => None,
     };
     let (job, assets) = job_and_assets(
-        "promote",
-        "final",
+        RecordKind::Promote,
+        AssetKind::of_tier(&warm.tier),
         Some(&warm.tier),
         &warm.model,
         timings.clone(),

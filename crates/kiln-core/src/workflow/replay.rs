@@ -5,7 +5,7 @@
 use super::{job_and_assets, resolve_input, AssetRef, Workspace, WrittenImage};
 use crate::error::{Error, Result};
 use crate::image::mask::Mask;
-use crate::library::assets::JobTimings;
+use crate::library::assets::{AssetKind, JobTimings, RecordKind};
 use crate::loaders::hub::{self, ModelSource};
 use crate::pipeline::generate::{generate, GenerateRequest, Progress};
 use crate::pipeline::inpaint::inpaint;
@@ -194,8 +194,15 @@ pub fn replay(ws: &mut Workspace, req: &ReplayRequest, progress: &mut dyn Progre
         _ => None,
     };
     let written = [WrittenImage { path: path.clone(), seed: record.seed, rgb, record }];
-    let (mut job, mut assets) =
-        job_and_assets("replay", "replay", tier.as_ref(), &model, timings.clone(), &written, input.asset_id);
+    let (mut job, mut assets) = job_and_assets(
+        RecordKind::Replay,
+        AssetKind::Replay,
+        tier.as_ref(),
+        &model,
+        timings.clone(),
+        &written,
+        input.asset_id,
+    );
     if let Some(up) = &upscaler {
         // Each part at its own tier's price: the generation at the generating tier's, the
         // upscale step (with its load) at the upscale tier's.

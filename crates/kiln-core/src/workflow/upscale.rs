@@ -5,7 +5,7 @@
 use super::{resolve_input, AssetRef, Workspace};
 use crate::error::{Error, Result};
 use crate::jobs::pool::Pooled;
-use crate::library::assets::{JobTimings, NewAsset, NewJob};
+use crate::library::assets::{AssetKind, JobTimings, NewAsset, NewJob, RecordKind};
 use crate::pipeline::model::WeightRecord;
 use crate::pipeline::upscale::{Target, UpscaleOptions, Upscaler};
 use crate::tiers::drift::{self, DriftOutcome};
@@ -136,7 +136,7 @@ pub fn upscale_asset(
         "device": device,
     });
     let job = NewJob {
-        kind: "upscale".into(),
+        kind: RecordKind::Upscale,
         tier: Some(warm.tier.name.clone()),
         device,
         dtype: crate::device::dtype_name(warm.dtype).to_string(),
@@ -147,7 +147,7 @@ pub fn upscale_asset(
     };
     let [w, h] = report.output_size;
     let asset = NewAsset {
-        kind: "upscaled".into(),
+        kind: AssetKind::Upscaled,
         tier: Some(warm.tier.name.clone()),
         path: out.clone(),
         parent_id: resolved.asset_id,
