@@ -52,6 +52,10 @@ fn every_door_gives_the_bytes_kiln_generate_gives() {
 
     let server = Server::start(root, &[]);
     assert_eq!(server.get("/healthz", None).text(), "ok");
+    // The OpenAPI document describes the job spec from its type.
+    let doc = server.get("/v1/openapi.json", None).json();
+    assert!(doc["components"]["schemas"]["JobSpec"].is_object(), "{doc}");
+    assert!(doc["paths"]["/v1/jobs"]["post"]["requestBody"].is_object(), "{doc}");
     let openai = server.post_json(
         "/v1/images/generations",
         None,

@@ -4,6 +4,7 @@
 //!
 //! - [`native`]: `/v1/jobs` (+ SSE events), `/v1/assets`, `/v1/report`, `/v1/tiers`;
 //! - [`openai`]: OpenAI Images (`/v1/images/generations|edits`, `/v1/models`);
+//! - [`openapi`]: the OpenAPI document, generated from the request and response types;
 //! - [`a1111`]: AUTOMATIC1111's `/sdapi/v1/*`;
 //! - [`auth`]: API keys (Bearer or Basic) once the project has any;
 //! - [`common`]: uploads, waiting for jobs, encoding results;
@@ -18,6 +19,7 @@ pub mod error;
 pub mod hub;
 pub mod native;
 pub mod openai;
+pub mod openapi;
 pub mod state;
 pub mod worker;
 
@@ -90,45 +92,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
-/// The routes, for clients and tools.
+/// The OpenAPI document (generated from the request and response types).
 async fn openapi() -> axum::Json<serde_json::Value> {
-    let paths = [
-        ("/healthz", "get"),
-        ("/v1/jobs", "post"),
-        ("/v1/jobs", "get"),
-        ("/v1/jobs/{id}", "get"),
-        ("/v1/jobs/{id}", "delete"),
-        ("/v1/jobs/{id}/events", "get"),
-        ("/v1/assets", "get"),
-        ("/v1/assets/{id}", "get"),
-        ("/v1/assets/{id}/image", "get"),
-        ("/v1/assets/{id}/lineage", "get"),
-        ("/v1/report", "get"),
-        ("/v1/tiers", "get"),
-        ("/v1/images/generations", "post"),
-        ("/v1/images/edits", "post"),
-        ("/v1/models", "get"),
-        ("/sdapi/v1/txt2img", "post"),
-        ("/sdapi/v1/img2img", "post"),
-        ("/sdapi/v1/progress", "get"),
-        ("/sdapi/v1/interrupt", "post"),
-        ("/sdapi/v1/options", "get"),
-        ("/sdapi/v1/options", "post"),
-        ("/sdapi/v1/sd-models", "get"),
-        ("/sdapi/v1/samplers", "get"),
-        ("/sdapi/v1/schedulers", "get"),
-        ("/sdapi/v1/upscalers", "get"),
-    ];
-    let mut map = serde_json::Map::new();
-    for (p, m) in paths {
-        let entry = map.entry(p.to_string()).or_insert_with(|| serde_json::json!({}));
-        entry[m] = serde_json::json!({ "responses": { "200": { "description": "ok" } } });
-    }
-    axum::Json(serde_json::json!({
-        "openapi": "3.1.0",
-        "info": { "title": "kiln", "version": kiln_core::VERSION },
-        "paths": map,
-    }))
+    axum::Json(openapi::document())
 }
 
 /// Serves until SIGTERM or Ctrl-C; the running job finishes first (queued ones stay queued).

@@ -19,7 +19,7 @@ use std::sync::Arc;
 /// Most images one request may ask for.
 const MAX_N: usize = 10;
 
-#[derive(Deserialize)]
+#[derive(Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GenerationRequest {
     prompt: String,

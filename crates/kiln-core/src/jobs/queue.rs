@@ -41,7 +41,7 @@ CREATE INDEX IF NOT EXISTS queue_state ON queue(state, lane, id);
 ";
 
 /// A job's state in the queue.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobState {
     Queued,
@@ -78,7 +78,7 @@ impl JobState {
 }
 
 /// One queue row as clients see it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, schemars::JsonSchema)]
 pub struct QueuedJob {
     pub id: i64,
     pub kind: String,

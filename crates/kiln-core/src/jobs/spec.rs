@@ -14,7 +14,7 @@ use std::path::PathBuf;
 pub const MAX_IMAGES: usize = 256;
 
 /// Every kind of job the engine runs.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum JobSpec {
     /// txt2img / img2img with a tier (recorded in the library) or a model (written to `out`).
@@ -32,7 +32,7 @@ pub enum JobSpec {
 }
 
 /// The kind of a job, without its parameters.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum JobKind {
     Generate,
@@ -57,7 +57,9 @@ impl JobKind {
 }
 
 /// The queue lane a job waits in: drafts go before finals and upscales.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Lane {
     Draft = 0,
@@ -83,7 +85,7 @@ impl Lane {
 
 /// An input image: a library asset, an image uploaded to the server (by its sha256), or a local
 /// file (CLI only).
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ImageRef {
     Asset(i64),
@@ -92,7 +94,7 @@ pub enum ImageRef {
 }
 
 /// txt2img / img2img.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateSpec {
     /// A tier name (see `kiln tiers`); the job is then recorded and billed.
@@ -142,7 +144,7 @@ pub struct GenerateSpec {
 }
 
 /// `kiln draft`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DraftSpec {
     /// Default "draft".
@@ -167,7 +169,7 @@ pub struct DraftSpec {
 }
 
 /// `kiln promote`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PromoteSpec {
     /// The draft: an asset id (or, locally, a kiln PNG).
@@ -205,7 +207,7 @@ impl Default for ImageRef {
 }
 
 /// What an inpainting job does with its mask.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum EditMode {
     /// Repaint the masked area with the prompt.
@@ -218,7 +220,7 @@ pub enum EditMode {
 }
 
 /// How outpainting extends the canvas.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ExtendSpec {
     #[serde(default)]
@@ -241,7 +243,7 @@ pub struct ExtendSpec {
 }
 
 /// `kiln inpaint` / `kiln erase` (the server's edits).
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct InpaintSpec {
     #[serde(default)]
@@ -306,7 +308,7 @@ pub struct InpaintSpec {
 }
 
 /// `kiln upscale` of an asset through an upscale tier.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UpscaleSpec {
     pub image: ImageRef,
@@ -321,7 +323,7 @@ pub struct UpscaleSpec {
 }
 
 /// `kiln replay`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ReplaySpec {
     pub asset: ImageRef,
