@@ -520,3 +520,42 @@ fn a_draft_that_cannot_fit_beside_the_final_waits_and_says_why() {
     let report = server.get("/v1/report", None).json();
     assert_eq!(report["models_loaded"].as_array().unwrap().len(), 1, "{report}");
 }
+
+#[test]
+fn upscales_through_a1111_and_the_native_api() {
+    let dir = project(2, "[tiers.upscale]\nmodel = \"./sr.safetensors\"\n");
+    let root = dir.path();
+    let sr = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/sr/srvgg-tiny-x4.safetensors");
+    std::fs::copy(sr, root.join("sr.safetensors")).unwrap();
+    let server = Server::start(root, &[]);
+    let upscalers = server.get("/sdapi/v1/upscalers", None).json();
+    assert_eq!(upscalers[0]["name"], "upscale", "{upscalers}");
+    let mut png = Vec::new();
+    image::RgbImage::from_fn(16, 12, |x, y| image::Rgb([(x * 15) as u8, (y * 20) as u8, 90]))
+        .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+        .unwrap();
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(&png);
+    let r = server.post_json(
+        "/sdapi/v1/extra-single-image",
+        None,
+        &json!({ "image": b64, "upscaler_1": "upscale", "upscaling_resize": 4 }),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let out = image::load_from_memory(
+        &base64::engine::general_purpose::STANDARD.decode(r.json()["image"].as_str().unwrap()).unwrap(),
+    )
+    .unwrap();
+    assert_eq!((out.width(), out.height()), (64, 48));
+    // A draft, then its upscale as a native job: the upscaled asset is the draft's child.
+    let d = submit(&server, None, json!({ "kind": "draft", "prompt": "x", "count": 1, "seed": 2 }));
+    let draft_asset = first_asset(&server.wait(d, None));
+    let u = submit(&server, None, json!({ "kind": "upscale", "image": { "asset": draft_asset }, "to": "2" }));
+    let job = server.wait(u, None);
+    assert_eq!(job["state"], "done", "{job}");
+    let up = first_asset(&job);
+    let row = server.get(&format!("/v1/assets/{up}"), None).json();
+    assert_eq!(row["parent_id"], draft_asset, "{row}");
+    assert_eq!((row["width"].as_u64(), row["height"].as_u64()), (Some(128), Some(128)));
+}

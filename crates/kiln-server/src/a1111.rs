@@ -1,6 +1,7 @@
 //! AUTOMATIC1111's `/sdapi/v1`: txt2img, img2img (with mask: white = repaint, mask_blur,
 //! inpaint_full_res, inpaint_full_res_padding, denoising_strength), progress, interrupt,
-//! options (`sd_model_checkpoint` = a tier), sd-models, samplers, schedulers, upscalers.
+//! options (`sd_model_checkpoint` = a tier), sd-models, samplers, schedulers, upscalers,
+//! extra-single-image (an upscale tier).
 //! A1111 clients send many defaulted fields; kiln reads the ones it honours and refuses
 //! those set to values it cannot honour (hires fix, restore faces, tiling).
 
@@ -376,4 +377,41 @@ pub async fn upscalers(State(state): State<Arc<AppState>>) -> ApiResult<Response
         .map(|t| serde_json::json!({ "name": t.name, "model_name": t.model, "model_path": null, "model_url": null, "scale": t.scale }))
         .collect();
     Ok(Json(list).into_response())
+}
+
+/// `extra-single-image`: the image through an upscale tier (`upscaler_1` names it; default
+/// `upscale`), to `upscaling_resize` × its size (default: the model's scale).
+pub async fn extra_single_image(
+    State(state): State<Arc<AppState>>,
+    Extension(owner): Extension<Owner>,
+    Extension(quota): Extension<Quota>,
+    bytes: Bytes,
+) -> ApiResult<Response> {
+    let m = body(&bytes)?;
+    let image_b64 =
+        get_str(&m, "image")?.ok_or_else(|| ApiError::bad("image: one base64 image is required"))?;
+    let image = decode_upload(&state, "image", &unb64("image", image_b64)?)?.image.to_rgb8();
+    let id = store_upload(&state, &image)?;
+    let tier = match get_str(&m, "upscaler_1")? {
+        None | Some("None") | Some("") => "upscale".to_string(),
+        Some(name) => name.to_string(),
+    };
+    let to = match get_f64(&m, "upscaling_resize")? {
+        Some(s) if !(s.is_finite() && s > 0.0 && s <= 16.0) => {
+            return Err(ApiError::bad(format!("upscaling_resize = {s}: expected a scale in (0, 16]")))
+        }
+        Some(s) => Some(s.to_string()),
+        None => None,
+    };
+    let spec = JobSpec::Upscale(kiln_core::jobs::spec::UpscaleSpec {
+        image: ImageRef::Upload(id),
+        tier: Some(tier),
+        to,
+        tile: None,
+    });
+    let job = state.submit(&spec, &owner, quota.0)?;
+    let result = wait_for(&state, job).await?;
+    let images = result_images(&state, &result)?;
+    let first = images.first().ok_or_else(|| ApiError::Internal("the upscale made no image".into()))?;
+    Ok(Json(serde_json::json!({ "html_info": "", "image": b64(&first.png) })).into_response())
 }

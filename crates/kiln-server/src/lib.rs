@@ -85,6 +85,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/sdapi/v1/samplers", get(a1111::samplers))
         .route("/sdapi/v1/schedulers", get(a1111::schedulers))
         .route("/sdapi/v1/upscalers", get(a1111::upscalers))
+        .route("/sdapi/v1/extra-single-image", post(a1111::extra_single_image))
         .fallback(|| async { error::ApiError::NotFound("no such route; see GET /v1/openapi.json".into()) })
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key))
         .layer(DefaultBodyLimit::max(limits.body_bytes))

@@ -82,6 +82,7 @@ pub fn document() -> Value {
         ("/sdapi/v1/txt2img", "A1111 txt2img"),
         ("/sdapi/v1/img2img", "A1111 img2img / inpaint"),
         ("/sdapi/v1/interrupt", "A1111: cancel the running job"),
+        ("/sdapi/v1/extra-single-image", "A1111: upscale an image with an upscale tier"),
         ("/sdapi/v1/options", "A1111: set sd_model_checkpoint"),
     ] {
         add(p, "post", json!({ "summary": s, "responses": ok(s) }));

@@ -48,6 +48,13 @@ impl Workspace {
     }
 }
 
+/// The image an upscale reads, with its generation record when it has one.
+struct Input {
+    path: PathBuf,
+    record: Option<crate::pipeline::metadata::ImageRecord>,
+    asset_id: Option<i64>,
+}
+
 /// Bytes an upscaler is counted as in the model pool: Real-ESRGAN x4plus, the largest
 /// shipped, is 67 MB in f32; the others are smaller.
 fn weights_bytes(_: &Upscaler) -> u64 {
@@ -81,7 +88,8 @@ pub struct UpscaleStepResult {
     pub warnings: Vec<String>,
 }
 
-/// Upscales a library asset or kiln PNG with the warm upscale tier and records the result.
+/// Upscales a library asset, a kiln PNG or (for clients that send plain images) any image file
+/// with the warm upscale tier and records the result, child of the input's asset when it is one.
 /// `progress` gets (tiles done, total) after every tile row; returning false cancels.
 pub fn upscale_asset(
     ws: &mut Workspace,
@@ -91,7 +99,14 @@ pub fn upscale_asset(
     tile: Option<usize>,
     progress: &mut dyn FnMut(usize, usize) -> bool,
 ) -> Result<UpscaleStepResult> {
-    let resolved = resolve_input(&ws.library, &ws.project.root, input, "upscale")?;
+    // A plain image (no kiln record) upscales too; its result simply has no generation record.
+    let resolved = match (resolve_input(&ws.library, &ws.project.root, input, "upscale"), input) {
+        (Ok(r), _) => Input { path: r.path, record: Some(r.record), asset_id: r.asset_id },
+        (Err(Error::Image { .. }), AssetRef::File(path)) if path.is_file() => {
+            Input { path: path.clone(), record: None, asset_id: None }
+        }
+        (Err(e), _) => return Err(e),
+    };
     let warnings: Vec<String> = ws.check_budget(&warm.tier, 1)?.into_iter().collect();
     let cpu0 = super::process_cpu_seconds();
     let stem = resolved.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
@@ -153,10 +168,10 @@ pub fn upscale_asset(
         parent_id: resolved.asset_id,
         width: u32::try_from(w).unwrap_or(u32::MAX),
         height: u32::try_from(h).unwrap_or(u32::MAX),
-        seed: Some(resolved.record.seed),
-        prompt: Some(resolved.record.prompt.clone()),
+        seed: resolved.record.as_ref().map(|r| r.seed),
+        prompt: resolved.record.as_ref().map(|r| r.prompt.clone()),
         // The generation record of the image that was upscaled; the upscale step is `params`.
-        record: Some(resolved.record.clone()),
+        record: resolved.record.clone(),
         model_hashes: warm.weights.clone(),
         credits,
     };
