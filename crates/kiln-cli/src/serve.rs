@@ -31,6 +31,9 @@ pub struct ServeArgs {
     /// Re-pin kiln.lock when a tier's weights changed, instead of refusing.
     #[arg(long)]
     accept_drift: bool,
+    /// Let web pages from this origin call the API (repeatable; default: no CORS headers).
+    #[arg(long)]
+    cors_origin: Vec<String>,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -77,7 +80,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         body_bytes: usize::try_from(body).unwrap_or(usize::MAX),
         ..Default::default()
     };
-    let config = kiln_server::ServerConfig { listen: args.listen, limits, preload: args.preload };
+    let config = kiln_server::ServerConfig {
+        listen: args.listen,
+        limits,
+        preload: args.preload,
+        cors: kiln_server::state::Cors { origins: args.cors_origin },
+    };
     kiln_server::serve(engine, config)?;
     Ok(())
 }

@@ -559,3 +559,18 @@ fn upscales_through_a1111_and_the_native_api() {
     assert_eq!(row["parent_id"], draft_asset, "{row}");
     assert_eq!((row["width"].as_u64(), row["height"].as_u64()), (Some(128), Some(128)));
 }
+
+#[test]
+fn cors_is_off_unless_an_origin_is_configured() {
+    let dir = project(2, "");
+    let server = Server::start(dir.path(), &[]);
+    let r = server.raw_get("/v1/tiers", "Origin: https://studio.example\r\n");
+    assert!(r.starts_with("HTTP/1.1 200"), "{r}");
+    assert!(!r.to_ascii_lowercase().contains("access-control-allow-origin"), "{r}");
+    drop(server);
+    let server = Server::start(dir.path(), &["--cors-origin", "https://studio.example"]);
+    let r = server.raw_get("/v1/tiers", "Origin: https://studio.example\r\n").to_ascii_lowercase();
+    assert!(r.contains("access-control-allow-origin: https://studio.example"), "{r}");
+    let r = server.raw_get("/v1/tiers", "Origin: https://elsewhere.example\r\n").to_ascii_lowercase();
+    assert!(!r.contains("access-control-allow-origin"), "{r}");
+}

@@ -40,6 +40,8 @@ pub struct ServerConfig {
     pub limits: Limits,
     /// Tiers to load before accepting requests.
     pub preload: Vec<String>,
+    /// Browser origins allowed to call the API (CORS); empty = no CORS headers at all.
+    pub cors: state::Cors,
 }
 
 /// Errors that stop the server from starting.
@@ -56,11 +58,29 @@ pub enum ServeError {
     ExposedWithoutKeys(SocketAddr),
     #[error("server error: {0}")]
     Io(#[from] std::io::Error),
+    #[error("invalid --cors-origin `{0}`: expected an origin such as https://studio.example:8443")]
+    BadOrigin(String),
 }
 
-/// All routes over `state`.
-pub fn router(state: Arc<AppState>) -> Router {
+/// All routes over `state`, with CORS for `cors`'s origins only.
+pub fn router(state: Arc<AppState>, cors: &state::Cors) -> Result<Router, ServeError> {
     let limits = state.limits;
+    let router = routes(state, limits);
+    if cors.origins.is_empty() {
+        return Ok(router);
+    }
+    let mut origins = Vec::new();
+    for o in &cors.origins {
+        origins.push(axum::http::HeaderValue::from_str(o).map_err(|_| ServeError::BadOrigin(o.clone()))?);
+    }
+    let layer = tower_http::cors::CorsLayer::new()
+        .allow_origin(origins)
+        .allow_methods([axum::http::Method::GET, axum::http::Method::POST, axum::http::Method::DELETE])
+        .allow_headers([axum::http::header::AUTHORIZATION, axum::http::header::CONTENT_TYPE]);
+    Ok(router.layer(layer))
+}
+
+fn routes(state: Arc<AppState>, limits: Limits) -> Router {
     Router::new()
         .route("/healthz", get(native::healthz))
         .route("/v1/jobs", post(native::create_job).get(native::list_jobs))
@@ -130,7 +150,7 @@ pub fn serve(engine: Engine, config: ServerConfig) -> Result<(), ServeError> {
         tracing::info!("listening on http://{addr}");
         eprintln!("kiln serve: listening on http://{addr}");
         let shutdown_state = state.clone();
-        axum::serve(listener, router(state))
+        axum::serve(listener, router(state, &config.cors)?)
             .with_graceful_shutdown(async move {
                 shutdown_signal().await;
                 tracing::info!("shutting down: finishing the running job");

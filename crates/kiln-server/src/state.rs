@@ -20,6 +20,12 @@ pub struct Limits {
     pub generate_side: usize,
 }
 
+/// Which web origins may call the server from a browser (none unless configured).
+#[derive(Debug, Clone, Default)]
+pub struct Cors {
+    pub origins: Vec<String>,
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self { body_bytes: 32 * 1024 * 1024, image_side: 4096, generate_side: 2048 }

@@ -155,6 +155,18 @@ impl Server {
         line
     }
 
+    /// A raw GET with extra header lines; the whole response, headers included.
+    pub fn raw_get(&self, path: &str, headers: &str) -> String {
+        use std::io::Write;
+        let addr = self.base.trim_start_matches("http://");
+        let mut stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+        write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{headers}Connection: close\r\n\r\n").unwrap();
+        let mut out = String::new();
+        let _ = stream.read_to_string(&mut out);
+        out
+    }
+
     pub fn get(&self, path: &str, auth: Option<&str>) -> Resp {
         self.call("GET", path, auth, None)
     }
