@@ -106,6 +106,20 @@ pub fn run(args: UpscaleArgs) -> anyhow::Result<()> {
             bail!("--out {} is a file, but there are {} inputs: give a folder", out.display(), inputs.len());
         }
     }
+    // Two inputs that would write the same file (a.png and a.jpg) are refused before any work.
+    let mut targets = std::collections::BTreeMap::new();
+    for input in &inputs {
+        let output = output_for(input, args.out.as_deref(), many)?;
+        if let Some(first) = targets.insert(output.clone(), input.clone()) {
+            bail!(
+                "{} and {} would both be written to {}; upscale them in separate calls or rename one",
+                first.display(),
+                input.display(),
+                output.display()
+            );
+        }
+        kiln_core::files::guard_target(&output)?;
+    }
     let dev = args.run.device()?;
     let dtype = args.run.explicit_dtype()?.unwrap_or_else(|| device::default_dtype(&dev));
     let weights = Store::open_default()?.resolve(&args.model)?;

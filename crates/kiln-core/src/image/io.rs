@@ -1,7 +1,7 @@
 //! Image decoding (PNG 8/16-bit, JPEG, WebP; alpha; EXIF orientation; size limits checked
 //! from the header before any pixel buffer is allocated) and a streamed, atomic PNG writer.
 
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use image::{DynamicImage, ImageDecoder, ImageReader};
@@ -174,7 +174,9 @@ pub fn png_text(path: &Path) -> Result<Vec<(String, String)>> {
 pub struct PngStreamWriter {
     path: PathBuf,
     temp: tempfile::NamedTempFile,
-    stream: png::StreamWriter<'static, BufWriter<std::fs::File>>,
+    /// Bytes the encoder wrote and the first write error, checked before the file is committed.
+    outcome: crate::files::WriteOutcome,
+    stream: png::StreamWriter<'static, crate::files::CheckedWriter>,
     width: usize,
     height: usize,
     channels: usize,
@@ -196,14 +198,10 @@ impl PngStreamWriter {
         let (Ok(w32), Ok(h32)) = (u32::try_from(width), u32::try_from(height)) else {
             return Err(image_err(path, format!("{width}x{height} is too large for PNG")));
         };
-        let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        fs_err::create_dir_all(dir)?;
-        let temp =
-            tempfile::Builder::new().prefix(".kiln-").suffix(".png.tmp").tempfile_in(dir).map_err(|e| {
-                image_err(path, format!("cannot create a temporary file in {}: {e}", dir.display()))
-            })?;
+        let temp = crate::files::temp_beside(path, ".png.tmp")?;
         let file = temp.as_file().try_clone()?;
-        let mut enc = png::Encoder::new(BufWriter::with_capacity(1 << 20, file), w32, h32);
+        let (writer, outcome) = crate::files::CheckedWriter::new(file);
+        let mut enc = png::Encoder::new(writer, w32, h32);
         enc.set_color(match channels {
             3 => png::ColorType::Rgb,
             4 => png::ColorType::Rgba,
@@ -225,6 +223,7 @@ impl PngStreamWriter {
         Ok(Self {
             path: path.to_path_buf(),
             temp,
+            outcome,
             stream,
             width,
             height,
@@ -269,13 +268,13 @@ impl PngStreamWriter {
                 format!("only {} of {} rows were written", self.rows_written, self.height),
             ));
         }
+        // Finishing drops the buffered writer; its flush error (a full disk) lands in `outcome`.
         self.stream.finish().map_err(|e| image_err(&self.path, e.to_string()))?;
-        self.temp.as_file().sync_all()?;
-        let path = self.path;
-        self.temp.persist(&path).map_err(|e| {
-            image_err(&path, format!("cannot move the finished file into place: {}", e.error))
-        })?;
-        Ok(())
+        let (written, error) = self.outcome.lock().map(|g| g.clone()).unwrap_or((0, Some("poisoned".into())));
+        if let Some(e) = error {
+            return Err(image_err(&self.path, format!("writing failed: {e}; nothing was replaced")));
+        }
+        crate::files::commit_temp(self.temp, &self.path, written)
     }
 }
 

@@ -2,7 +2,6 @@
 
 use crate::error::{Error, Result};
 use image::RgbImage;
-use std::io::BufWriter;
 use std::path::Path;
 
 /// One PNG text chunk.
@@ -22,19 +21,12 @@ impl TextChunk {
 /// `path` only once complete, so a killed run never leaves a half-written image.
 pub fn write_png_atomic(path: &Path, image: &RgbImage, chunks: &[TextChunk]) -> Result<()> {
     let bad = |msg: String| Error::Image { path: path.to_path_buf(), msg };
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    fs_err::create_dir_all(dir)?;
-    let tmp = tempfile::Builder::new()
-        .prefix(".kiln-")
-        .suffix(".png.part")
-        .tempfile_in(dir)
-        .map_err(|e| bad(format!("cannot create a temp file in {}: {e}", dir.display())))?;
+    crate::files::guard_target(path)?;
+    // Encoded in memory first, then written with the one atomic writer (flush, sync, length
+    // check, rename): an encoder error or a full disk never reaches the final path.
+    let mut png_bytes = Vec::new();
     {
-        let writer = BufWriter::new(tmp.as_file());
-        let mut encoder = png::Encoder::new(writer, image.width(), image.height());
+        let mut encoder = png::Encoder::new(&mut png_bytes, image.width(), image.height());
         encoder.set_color(png::ColorType::Rgb);
         encoder.set_depth(png::BitDepth::Eight);
         for chunk in chunks {
@@ -50,9 +42,7 @@ pub fn write_png_atomic(path: &Path, image: &RgbImage, chunks: &[TextChunk]) -> 
         writer.write_image_data(image.as_raw()).map_err(|e| bad(e.to_string()))?;
         writer.finish().map_err(|e| bad(e.to_string()))?;
     }
-    tmp.as_file().sync_all()?;
-    tmp.persist(path).map_err(|e| bad(format!("cannot move the finished file into place: {}", e.error)))?;
-    Ok(())
+    crate::files::write_atomic(path, &png_bytes)
 }
 
 /// Reads every text chunk (tEXt, zTXt, iTXt) of a PNG.

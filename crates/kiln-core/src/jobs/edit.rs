@@ -48,7 +48,9 @@ pub fn run(ws: &mut Workspace, s: &InpaintSpec, sink: &mut dyn EventSink) -> Res
         other => return Err(Error::arg("reimpose", format!("`{other}`: expected auto, on or off"))),
     };
     if let Some(out) = &s.out {
-        check_out_path(out)?;
+        for i in 0..s.count.unwrap_or(1) {
+            check_out_path(&ws.library, &numbered(out, i, s.count.unwrap_or(1)))?;
+        }
     }
 
     // Inputs first (cheap), so bad ones fail before the model load.

@@ -75,18 +75,19 @@ pub(crate) fn job_model(
     }
 }
 
-/// Refuses an output path that is not a plain file or a new name (a device, a folder).
-pub(crate) fn check_out_path(path: &Path) -> Result<()> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if !m.file_type().is_file() => Err(Error::arg(
-            "out",
-            format!(
-                "{} exists and is not a regular file; kiln writes only new or regular files",
-                path.display()
-            ),
-        )),
-        _ => Ok(()),
+/// Refuses an output path that is not a plain file or a new name (a device, a folder), or that
+/// is a recorded asset of the project (its record would then describe another image).
+pub(crate) fn check_out_path(library: &crate::library::Library, path: &Path) -> Result<()> {
+    crate::files::guard_target(path)?;
+    if path.is_file() {
+        if let Some(asset) = library.asset_for_file(path)? {
+            return Err(Error::arg(
+                "out",
+                format!("{} is asset {} of the library; write to a new file", path.display(), asset.id),
+            ));
+        }
     }
+    Ok(())
 }
 
 /// `out` for image `index` of `count`: PATH, or PATH-0.png, PATH-1.png, ... for several.
@@ -119,7 +120,9 @@ pub fn run(ws: &mut Workspace, s: &GenerateSpec, sink: &mut dyn EventSink) -> Re
     let count = s.count.unwrap_or(1);
     let scheduler = s.scheduler.as_deref().map(str::parse).transpose()?;
     if let Some(out) = &s.out {
-        check_out_path(out)?;
+        for i in 0..count {
+            check_out_path(&ws.library, &numbered(out, i, count))?;
+        }
     }
     // Read the cheap inputs before the expensive model load, so bad input fails fast.
     let init_path = s.init_image.as_ref().map(|r| image_path(ws, r, "init_image")).transpose()?;

@@ -64,13 +64,18 @@ impl Default for Policy {
     }
 }
 
-/// The non-tier parts of kiln.toml (tiers are read by [`TierRegistry`]; other tables are ignored).
+/// The non-tier parts of kiln.toml (tiers are read by [`TierRegistry`]). Any other table is an
+/// error: a misspelt `[budgett]` must not silently leave the project without a budget.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct ProjectConfig {
     #[serde(default)]
     pub budget: Option<Budget>,
     #[serde(default)]
     pub policy: Policy,
+    /// Read by the tier registry.
+    #[serde(default, skip_serializing)]
+    tiers: Option<toml::Table>,
 }
 
 /// A project folder.
@@ -83,12 +88,21 @@ pub struct Project {
 impl Project {
     /// The project at `explicit`, else $KILN_PROJECT, else the current folder.
     pub fn find(explicit: Option<&Path>) -> Result<Self> {
-        let root = match explicit {
-            Some(p) => p.to_path_buf(),
-            None => match std::env::var_os(crate::env::KILN_PROJECT).filter(|p| !p.is_empty()) {
-                Some(p) => PathBuf::from(p),
-                None => std::env::current_dir()?,
-            },
+        let named = match explicit {
+            Some(p) => Some(p.to_path_buf()),
+            None => std::env::var_os(crate::env::KILN_PROJECT).filter(|p| !p.is_empty()).map(PathBuf::from),
+        };
+        let root = match named {
+            // A named project must exist: a typo must not quietly start a new, empty one.
+            Some(p) if !p.exists() => {
+                return Err(Error::not_found(
+                    "project folder",
+                    &p,
+                    "create it first (mkdir), or name an existing project with --project or KILN_PROJECT",
+                ))
+            }
+            Some(p) => p,
+            None => std::env::current_dir()?,
         };
         Self::open(&root)
     }
@@ -234,6 +248,19 @@ impl Library {
             msg: format!("{e}; the database is unreadable or corrupt: move it aside (assets/ keeps the images and their metadata)"),
         }
         };
+        // An empty or truncated file is not a new library: opening it would silently start over,
+        // losing the history and the budget's spend.
+        if let Ok(m) = std::fs::metadata(path) {
+            if m.len() == 0 {
+                return Err(Error::Library {
+                    path: path.to_path_buf(),
+                    msg:
+                        "the file is empty (0 bytes), not a kiln library; restore it from a backup, or move \
+                          it aside to start a new library (assets/ keeps the images and their metadata)"
+                            .into(),
+                });
+            }
+        }
         let conn = Connection::open(path).map_err(bad)?;
         // WAL: the server's readers (queue listing, events) never wait for a job's write, and a
         // killed writer's log is replayed on the next open.
@@ -377,6 +404,29 @@ pub fn utc_date(unix: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn config_mistakes_are_errors_not_silence() {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let write = |text: &str| std::fs::write(dir.path().join(PROJECT_FILE), text).unwrap_or_default();
+        write("[budgett]\nlimit = 5\n");
+        let err = Project::open(dir.path()).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("budgett"), "{err}");
+        write("[budget]\nlimit = 5\n[tiers.draft]\nsteps = 2\n");
+        assert!(Project::open(dir.path()).is_ok());
+        // A named project that does not exist is not created.
+        let missing = dir.path().join("no-such-project");
+        let err = Project::find(Some(&missing)).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("project folder not found"), "{err}");
+        assert!(!missing.exists());
+        // An empty library file is refused, not replaced by a fresh library.
+        let project = Project::open(dir.path()).unwrap_or_else(|e| panic!("{e}"));
+        std::fs::create_dir_all(dir.path().join(".kiln")).unwrap_or_default();
+        std::fs::write(project.library_path(), b"").unwrap_or_default();
+        let err = project.library().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("empty"), "{err}");
+        assert_eq!(std::fs::metadata(project.library_path()).map(|m| m.len()).unwrap_or(1), 0);
+    }
 
     #[test]
     fn dates() {
