@@ -167,7 +167,20 @@ impl Store {
             ));
         };
         let blob = self.blob_path(&entry.sha256);
-        let mut w = load_safetensors(&fs_err::read(&blob)?, &blob)?;
+        let bytes = fs_err::read(&blob)?;
+        // The store is content-addressed: a blob whose bytes no longer hash to its name was
+        // changed on disk, and is refused rather than used.
+        let actual = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+        if actual != entry.sha256 {
+            return Err(Error::Weights {
+                path: blob.clone(),
+                msg: format!(
+                    "the stored model `{}` was changed on disk (sha256 {actual}, recorded {}); import it again",
+                    entry.name, entry.sha256
+                ),
+            });
+        }
+        let mut w = load_safetensors(&bytes, &blob)?;
         w.name = entry.name;
         w.sha256 = Some(entry.sha256);
         Ok(w)
@@ -341,4 +354,28 @@ pub fn to_device(
     device: &Device,
 ) -> Result<HashMap<String, Tensor>> {
     tensors.iter().map(|(k, t)| Ok((k.clone(), t.to_dtype(dtype)?.to_device(device)?))).collect()
+}
+
+#[cfg(test)]
+mod integrity_tests {
+    use super::*;
+
+    #[test]
+    fn a_changed_blob_is_refused() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let store = Store::at(dir.path());
+        let fixture =
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/sr/srvgg-tiny-x4.safetensors");
+        let entries = store.import(Path::new(fixture))?;
+        let name = entries.first().map(|e| e.name.clone()).unwrap_or_default();
+        assert!(store.resolve(&name).is_ok());
+        let blob = store.blob_path(&entries[0].sha256);
+        let mut bytes = std::fs::read(&blob)?;
+        let last = bytes.len() - 1;
+        bytes[last] ^= 1;
+        std::fs::write(&blob, bytes)?;
+        let err = store.resolve(&name).err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("changed on disk"), "{err}");
+        Ok(())
+    }
 }

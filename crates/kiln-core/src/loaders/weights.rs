@@ -112,8 +112,10 @@ pub fn weight_sha256(path: &Path) -> Result<String> {
     sha256_file(path)
 }
 
-/// [`weight_sha256`] with a cache keyed by (canonical path, size, mtime) in kiln's data dir, so
-/// local multi-GB folders are hashed once, not on every load. Cache problems only cost a re-hash.
+/// [`weight_sha256`] with a cache keyed by (canonical path, size, mtime, and on Unix the inode
+/// and ctime) in kiln's data dir, so local multi-GB folders are hashed once, not on every load.
+/// The ctime cannot be set back by a user (any write or `touch -d` moves it), so a file edited
+/// with its size and mtime restored is hashed again. Cache problems only cost a re-hash.
 pub fn weight_sha256_cached(path: &Path) -> Result<String> {
     let Some(cache_file) = crate::env::data_dir().map(|d| d.join("hash-cache.json")) else {
         return weight_sha256(path);
@@ -121,7 +123,19 @@ pub fn weight_sha256_cached(path: &Path) -> Result<String> {
     let meta = fs_err::metadata(path)?;
     let mtime = meta.modified().ok().and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok());
     let canonical = fs_err::canonicalize(path)?;
-    let key = format!("{}|{}|{}", canonical.display(), meta.len(), mtime.map(|d| d.as_nanos()).unwrap_or(0));
+    #[cfg(unix)]
+    let changed = {
+        use std::os::unix::fs::MetadataExt;
+        format!("{}|{}.{}", meta.ino(), meta.ctime(), meta.ctime_nsec())
+    };
+    #[cfg(not(unix))]
+    let changed = String::new();
+    let key = format!(
+        "{}|{}|{}|{changed}",
+        canonical.display(),
+        meta.len(),
+        mtime.map(|d| d.as_nanos()).unwrap_or(0)
+    );
     let mut cache: std::collections::BTreeMap<String, String> = std::fs::read_to_string(&cache_file)
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
