@@ -56,6 +56,7 @@ pub struct BenchArgs {
 }
 
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    kiln_core::bounds::BENCH_UPSCALE_SIZE.check_opt(args.upscale_size)?;
     let device = device::open(args.device.parse::<DeviceRequest>()?)?;
     let dtype = match &args.dtype {
         Some(d) => device::parse_dtype(d)?,

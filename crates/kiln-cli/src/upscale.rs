@@ -106,6 +106,17 @@ pub fn run(args: UpscaleArgs) -> anyhow::Result<()> {
             bail!("--out {} is a file, but there are {} inputs: give a folder", out.display(), inputs.len());
         }
     }
+    let opts = UpscaleOptions {
+        target,
+        tile: args.tile,
+        halo: args.halo,
+        feather: args.feather,
+        batch: args.batch,
+        border: args.border,
+        ..Default::default()
+    };
+    // Every size and count is checked before a model loads or a pixel is allocated.
+    opts.validate()?;
     // Two inputs that would write the same file (a.png and a.jpg) are refused before any work.
     let mut targets = std::collections::BTreeMap::new();
     for input in &inputs {
@@ -124,15 +135,6 @@ pub fn run(args: UpscaleArgs) -> anyhow::Result<()> {
     let dtype = args.run.explicit_dtype()?.unwrap_or_else(|| device::default_dtype(&dev));
     let weights = Store::open_default()?.resolve(&args.model)?;
     let upscaler = Upscaler::new(weights, &dev, dtype).context("building the model")?;
-    let opts = UpscaleOptions {
-        target,
-        tile: args.tile,
-        halo: args.halo,
-        feather: args.feather,
-        batch: args.batch,
-        border: args.border,
-        ..Default::default()
-    };
     let show = args.run.show();
     let mut reports = Vec::new();
     let mut failures = Vec::new();

@@ -70,9 +70,10 @@ pub struct BenchSettings {
 impl BenchSettings {
     /// Checks the settings before anything is loaded.
     pub fn validate(&self) -> Result<()> {
-        if self.repeats == 0 {
-            return Err(Error::arg("--repeats", "must be at least 1"));
-        }
+        crate::bounds::REPEATS.check(self.repeats)?;
+        crate::bounds::WARMUP.check(self.warmup)?;
+        crate::bounds::STEPS.check_opt(self.steps)?;
+        crate::bounds::BENCH_SIZE.check_opt(self.size)?;
         if ![1, 2, 4, 8, 16, 32].contains(&self.shrink) {
             return Err(Error::arg("--shrink", format!("{} is not one of 1, 2, 4, 8, 16, 32", self.shrink)));
         }

@@ -11,9 +11,11 @@
 //! - [`workflow`]: the tiered draft → promote → upscale steps and replay the engine runs;
 //! - [`library`]: the project, its asset library, ledger and budget;
 //! - [`tiers`]: the tier registry and drift guard;
+//! - [`bounds`]: the range of every user-settable size, count and repeat;
 //! - [`image`], [`tiling`], [`rng`], [`device`], [`bench`], [`env`], [`files`], [`error`].
 
 pub mod bench;
+pub mod bounds;
 pub mod device;
 pub mod env;
 pub mod error;

@@ -384,6 +384,17 @@ impl JobSpec {
                 return Err(Error::arg("strength", format!("{v} must be in (0, 1]")));
             }
         }
+        let (batch, steps, tile) = match self {
+            JobSpec::Generate(s) => (s.batch, s.steps, None),
+            JobSpec::Draft(s) => (s.batch, s.steps, None),
+            JobSpec::Promote(s) => (None, s.steps, s.tile),
+            JobSpec::Inpaint(s) => (None, s.steps, None),
+            JobSpec::Upscale(s) => (None, None, s.tile),
+            JobSpec::Replay(_) => (None, None, None),
+        };
+        crate::bounds::BATCH.check_opt(batch)?;
+        crate::bounds::STEPS.check_opt(steps)?;
+        crate::bounds::TILE.check_opt(tile)?;
         if let JobSpec::Generate(s) = self {
             match (&s.tier, &s.model) {
                 (None, None) => return Err(Error::arg("tier", "name a tier (or, locally, a model)")),

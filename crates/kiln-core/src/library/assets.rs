@@ -97,6 +97,26 @@ pub enum AssetKind {
 }
 
 impl AssetKind {
+    /// Every kind, as stored and as filters name them.
+    pub const ALL: [AssetKind; 8] = [
+        AssetKind::Draft,
+        AssetKind::Final,
+        AssetKind::Sheet,
+        AssetKind::Replay,
+        AssetKind::Upscaled,
+        AssetKind::Inpaint,
+        AssetKind::Erase,
+        AssetKind::Outpaint,
+    ];
+
+    /// The kind named `s`, or an error listing the kinds.
+    pub fn parse(s: &str) -> Result<Self> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|k| k.as_str()).collect();
+            Error::arg("kind", format!("`{s}` is not an asset kind; expected one of {}", names.join(", ")))
+        })
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             AssetKind::Draft => "draft",
@@ -345,6 +365,9 @@ impl Library {
 
     /// Assets matching `filter`.
     pub fn list_assets(&self, filter: &AssetFilter) -> Result<Vec<AssetRow>> {
+        if let Some(kind) = &filter.kind {
+            AssetKind::parse(kind)?;
+        }
         let order = if filter.limit.is_some() { "DESC" } else { "ASC" };
         let sql = format!(
             "SELECT {ASSET_COLUMNS} FROM assets WHERE (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR tier = ?2) \

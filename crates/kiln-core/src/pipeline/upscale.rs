@@ -88,6 +88,18 @@ pub struct UpscaleOptions {
     pub limits: SizeLimits,
 }
 
+impl UpscaleOptions {
+    /// Checks every setting against [`crate::bounds`] before anything is allocated.
+    pub fn validate(&self) -> Result<()> {
+        crate::bounds::TILE.check_opt(self.tile)?;
+        crate::bounds::HALO.check_opt(self.halo)?;
+        crate::bounds::BORDER.check_opt(self.border)?;
+        crate::bounds::FEATHER.check_opt(self.feather)?;
+        crate::bounds::BATCH.check_opt(self.batch)?;
+        Ok(())
+    }
+}
+
 /// What a finished job reports (`--json`).
 #[derive(Debug, Clone, Serialize)]
 pub struct UpscaleReport {
@@ -388,6 +400,7 @@ impl Upscaler {
     /// Upscales an in-memory image to the model's scale (planar f32, clamped to [0, 1]);
     /// also returns the tile side finally used (smaller than asked after out-of-memory).
     pub fn upscale_planar(&self, img: &PlanarImage, opts: &UpscaleOptions) -> Result<(PlanarImage, usize)> {
+        opts.validate()?;
         let t = self.tiling(opts, img.width, img.height);
         let (out, used) = self.run_planar(img, t, &mut |_| Ok(()))?;
         Ok((out, used.tile))
@@ -439,6 +452,7 @@ impl Upscaler {
         opts: &UpscaleOptions,
         progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<UpscaleReport> {
+        opts.validate()?;
         let start = Instant::now();
         let decoded = io::decode(input, &opts.limits)?;
         let img = decoded.image;

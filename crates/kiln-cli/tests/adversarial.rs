@@ -1,0 +1,240 @@
+//! Bad input, tampering and faults, as a hostile user would try them: every case must fail with
+//! a non-zero exit and a message that names the problem, never panic, leave no file behind in
+//! the working folder, and leave the library as it was.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").canonicalize().unwrap()
+}
+
+/// A project with a draft tier on the tiny SD1 model and an upscale tier on the tiny SRVGG.
+fn project() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let f = fixtures();
+    std::fs::write(
+        dir.path().join("kiln.toml"),
+        format!(
+            "[tiers.draft]\nmodel = \"{}\"\nwidth = 64\nheight = 64\nsteps = 2\n\
+             [tiers.upscale]\nmodel = \"{}\"\n",
+            f.join("pipelines/sd1/model").display(),
+            f.join("sr/srvgg-tiny-x4.safetensors").display()
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+fn kiln(root: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .current_dir(root)
+        .env("KILN_PROJECT", root)
+        .env("KILN_DATA_DIR", root.join(".data"))
+        .env("XDG_CONFIG_HOME", root.join(".no-user-config"))
+        .output()
+        .unwrap()
+}
+
+/// Every file under `root` (paths relative to it), for "nothing was left behind".
+fn files(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.strip_prefix(root).unwrap().display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+fn library_digest(root: &Path) -> String {
+    let o = kiln(root, &["assets", "list", "--json"]);
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Runs `args` and checks the failure contract.
+fn refuse(root: &Path, args: &[&str], needle: &str) {
+    let before = files(root);
+    let library = library_digest(root);
+    let o = kiln(root, args);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{args:?} succeeded");
+    assert_eq!(o.status.code(), Some(1), "{args:?}: not a clean exit: {stderr}");
+    assert!(!stderr.contains("panicked"), "{args:?} panicked: {stderr}");
+    assert!(stderr.contains(needle), "{args:?}: `{needle}` not in: {stderr}");
+    let after = files(root);
+    assert_eq!(before, after, "{args:?} left files behind");
+    assert_eq!(library_digest(root), library, "{args:?} changed the library");
+}
+
+#[test]
+fn hostile_inputs_are_refused_cleanly() {
+    let dir = project();
+    let root = dir.path();
+    let f = fixtures();
+    let sd1 = f.join("pipelines/sd1/model");
+    let sd1 = sd1.to_str().unwrap();
+    let img = f.join("sr/input_40x32.png");
+    let img = img.to_str().unwrap();
+    let sr = f.join("sr/srvgg-tiny-x4.safetensors");
+    let sr = sr.to_str().unwrap();
+    // One recorded asset to protect.
+    let o = kiln(
+        root,
+        &["generate", "--tier", "draft", "--prompt", "x", "--seed", "1", "--device", "cpu", "-q", "--json"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let asset = v["outputs"][0]["path"].as_str().unwrap().to_string();
+    let asset_bytes = std::fs::read(&asset).unwrap();
+    let folder = root.join("a-folder");
+    std::fs::create_dir(&folder).unwrap();
+    let folder = folder.to_str().unwrap().to_string();
+    let jpg = root.join("input_40x32.jpg");
+    image::open(img).unwrap().save(&jpg).unwrap();
+    let jpg = jpg.to_str().unwrap().to_string();
+    let gen = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "generate", "--model", sd1, "--prompt", "x", "--device", "cpu", "-q", "--width", "64",
+            "--height", "64",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        // 1. Writing over what is not ours.
+        (gen(&["--out", "/dev/null"]), "not a regular file"),
+        (gen(&["--out", &folder]), "not a regular file"),
+        (
+            ["generate", "--tier", "draft", "--prompt", "y", "--device", "cpu", "-q", "--out", &asset]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            "is asset",
+        ),
+        (
+            ["upscale", img, &jpg, "--model", sr, "--out", &folder].iter().map(|s| s.to_string()).collect(),
+            "would both be written",
+        ),
+        // 4. Unbounded numbers.
+        (
+            ["upscale", img, "--model", sr, "--halo", "4294967295"].iter().map(|s| s.to_string()).collect(),
+            "invalid halo",
+        ),
+        (
+            ["upscale", img, "--model", sr, "--border", "100000"].iter().map(|s| s.to_string()).collect(),
+            "invalid border",
+        ),
+        (
+            ["upscale", img, "--model", sr, "--feather", "99999"].iter().map(|s| s.to_string()).collect(),
+            "invalid feather",
+        ),
+        (gen(&["--steps", "100000"]), "invalid steps"),
+        (gen(&["--count", "100000"]), "count"),
+        (
+            ["bench", "--synthetic", "--steps", "100000"].iter().map(|s| s.to_string()).collect(),
+            "invalid steps",
+        ),
+        (
+            ["bench", "--synthetic", "--warmup", "1000000"].iter().map(|s| s.to_string()).collect(),
+            "invalid warmup",
+        ),
+        (
+            ["bench", "--synthetic", "--size", "100000"].iter().map(|s| s.to_string()).collect(),
+            "invalid size",
+        ),
+        (
+            ["bench", "--synthetic", "--upscale-size", "1000000"].iter().map(|s| s.to_string()).collect(),
+            "invalid upscale-size",
+        ),
+        // 9. Zero where zero makes no sense.
+        (
+            ["upscale", img, "--model", sr, "--tile", "0"].iter().map(|s| s.to_string()).collect(),
+            "invalid tile",
+        ),
+        (
+            ["upscale", img, "--model", sr, "--batch", "0"].iter().map(|s| s.to_string()).collect(),
+            "invalid batch",
+        ),
+        (gen(&["--batch", "0"]), "invalid batch"),
+        (["bench", "--synthetic", "--steps", "0"].iter().map(|s| s.to_string()).collect(), "invalid steps"),
+        (
+            ["bench", "--synthetic", "--repeats", "0"].iter().map(|s| s.to_string()).collect(),
+            "invalid repeats",
+        ),
+        (["assets", "list", "--kind", "bogus"].iter().map(|s| s.to_string()).collect(), "not an asset kind"),
+        // 5. Mistakes that would silently change behaviour.
+        (
+            ["generate", "--project", "/no/such/project", "--tier", "draft", "--prompt", "x"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            "project folder not found",
+        ),
+        // Keys and the server.
+        (["keys", "add", "a b"].iter().map(|s| s.to_string()).collect(), "NAME"),
+        (["keys", "revoke", "nobody"].iter().map(|s| s.to_string()).collect(), "does not exist"),
+        (["serve", "--max-memory", "0"].iter().map(|s| s.to_string()).collect(), "max-memory"),
+        (["serve", "--max-memory", "banana"].iter().map(|s| s.to_string()).collect(), "max-memory"),
+        (["serve", "--listen", "0.0.0.0:0"].iter().map(|s| s.to_string()).collect(), "kiln keys add"),
+    ];
+    for (args, needle) in &cases {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        refuse(root, &args, needle);
+    }
+    assert!(!Path::new("/no/such/project").exists());
+    assert_eq!(std::fs::read(&asset).unwrap(), asset_bytes, "the recorded asset was touched");
+    let m = std::fs::symlink_metadata("/dev/null").unwrap();
+    assert!(!m.file_type().is_file(), "/dev/null was replaced");
+}
+
+#[test]
+fn config_and_library_faults_are_refused() {
+    let dir = project();
+    let root = dir.path();
+    // A misspelt table would otherwise leave the project without a budget.
+    let toml = std::fs::read_to_string(root.join("kiln.toml")).unwrap();
+    std::fs::write(root.join("kiln.toml"), format!("[budgett]\nlimit = 1\n{toml}")).unwrap();
+    refuse(root, &["draft", "x", "-n", "1", "--device", "cpu"], "budgett");
+    std::fs::write(root.join("kiln.toml"), toml).unwrap();
+    // An empty library file is not a fresh library.
+    std::fs::create_dir_all(root.join(".kiln")).unwrap();
+    std::fs::write(root.join(".kiln/library.db"), b"").unwrap();
+    let o = kiln(root, &["draft", "x", "-n", "1", "--device", "cpu"]);
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("empty"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(
+        std::fs::metadata(root.join(".kiln/library.db")).unwrap().len(),
+        0,
+        "the library was replaced"
+    );
+    // A tampered store model is refused, not used.
+    std::fs::remove_file(root.join(".kiln/library.db")).unwrap();
+    let o =
+        kiln(root, &["models", "import", fixtures().join("sr/srvgg-tiny-x4.safetensors").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let blobs = root.join(".data/models/blobs");
+    let blob = std::fs::read_dir(&blobs).unwrap().flatten().next().unwrap().path();
+    let mut bytes = std::fs::read(&blob).unwrap();
+    let n = bytes.len();
+    bytes[n - 1] ^= 1;
+    std::fs::write(&blob, bytes).unwrap();
+    let img = fixtures().join("sr/input_40x32.png");
+    refuse(
+        root,
+        &["upscale", img.to_str().unwrap(), "--model", "srvgg-tiny-x4", "--out", "up.png"],
+        "changed on disk",
+    );
+}
