@@ -7,7 +7,7 @@
 mod support;
 
 use serde_json::{json, Value};
-use support::{b64_pixels, file_pixels, kiln, project, Server};
+use support::{b64_pixels, generate_pixels, kiln, project, Server};
 
 fn asset_pixels(server: &Server, id: i64, auth: Option<&str>) -> Vec<u8> {
     let r = server.get(&format!("/v1/assets/{id}/image"), auth);
@@ -29,26 +29,7 @@ fn first_asset(job: &Value) -> i64 {
 fn every_door_gives_the_bytes_kiln_generate_gives() {
     let dir = project(4, "");
     let root = dir.path();
-    let out = root.join("cli.png");
-    let o = kiln(root)
-        .args([
-            "generate",
-            "--tier",
-            "draft",
-            "--prompt",
-            "a red kiln",
-            "--seed",
-            "7",
-            "--device",
-            "cpu",
-            "-q",
-        ])
-        .arg("--out")
-        .arg(&out)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let cli = file_pixels(&out);
+    let cli = generate_pixels(root, "a red kiln", 7, &[]);
 
     let server = Server::start(root, &[]);
     assert_eq!(server.get("/healthz", None).text(), "ok");

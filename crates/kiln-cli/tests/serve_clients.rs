@@ -9,7 +9,7 @@ mod support;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use support::{file_pixels, kiln, project, Server};
+use support::{file_pixels, generate_pixels, kiln, project, Server};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
@@ -76,26 +76,8 @@ fn openai_python_client() {
     assert!(r["bad_model"].as_str().unwrap().contains("not a tier"), "{r}");
 
     // The client's image is the one `kiln generate` makes with the same tier, prompt and seed.
-    let cli = root.join("cli.png");
-    let o = kiln(root)
-        .args([
-            "generate",
-            "--tier",
-            "draft",
-            "--prompt",
-            "a red kiln",
-            "--seed",
-            "7",
-            "--device",
-            "cpu",
-            "-q",
-        ])
-        .args(["--width", "64", "--height", "64", "--out"])
-        .arg(&cli)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    assert_eq!(file_pixels(&out.path().join("openai-0.png")), file_pixels(&cli));
+    let cli = generate_pixels(root, "a red kiln", 7, &["--width", "64", "--height", "64"]);
+    assert_eq!(file_pixels(&out.path().join("openai-0.png")), cli);
 
     // The edit kept the unmasked (opaque) right half: only alpha-0 pixels were repainted.
     let edited = image::open(out.path().join("openai-edit.png")).unwrap().to_rgb8();

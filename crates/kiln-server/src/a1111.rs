@@ -99,6 +99,25 @@ struct Sampling {
     count: usize,
 }
 
+impl Sampling {
+    /// The txt2img spec these settings make.
+    fn generate_spec(&self) -> GenerateSpec {
+        GenerateSpec {
+            tier: Some(self.tier.clone()),
+            prompt: self.prompt.clone(),
+            negative: self.negative.clone(),
+            width: self.width,
+            height: self.height,
+            steps: self.steps,
+            guidance: self.guidance,
+            scheduler: self.scheduler.clone(),
+            seed: self.seed,
+            count: Some(self.count),
+            ..Default::default()
+        }
+    }
+}
+
 fn sampling(state: &AppState, m: &serde_json::Map<String, Value>) -> ApiResult<Sampling> {
     for flag in ["enable_hr", "restore_faces", "tiling"] {
         if get_bool(m, flag)? {
@@ -182,19 +201,7 @@ pub async fn txt2img(
 ) -> ApiResult<Response> {
     let m = body(&bytes)?;
     let s = sampling(&state, &m)?;
-    let spec = JobSpec::Generate(GenerateSpec {
-        tier: Some(s.tier.clone()),
-        prompt: s.prompt.clone(),
-        negative: s.negative.clone(),
-        width: s.width,
-        height: s.height,
-        steps: s.steps,
-        guidance: s.guidance,
-        scheduler: s.scheduler.clone(),
-        seed: s.seed,
-        count: Some(s.count),
-        ..Default::default()
-    });
+    let spec = JobSpec::Generate(s.generate_spec());
     let id = state.submit(&spec, &owner, quota.0)?;
     let result = wait_for(&state, id).await?;
     reply(&state, &s, Value::Object(m), &result)
@@ -260,19 +267,9 @@ pub async fn img2img(
             })
         }
         None => JobSpec::Generate(GenerateSpec {
-            tier: Some(s.tier.clone()),
-            prompt: s.prompt.clone(),
-            negative: s.negative.clone(),
-            width: s.width,
-            height: s.height,
-            steps: s.steps,
-            guidance: s.guidance,
-            scheduler: s.scheduler.clone(),
-            seed: s.seed,
-            count: Some(s.count),
             init_image: Some(ImageRef::Upload(image_id)),
             strength: Some(strength),
-            ..Default::default()
+            ..s.generate_spec()
         }),
     };
     let id = state.submit(&spec, &owner, quota.0)?;

@@ -125,7 +125,7 @@ pub fn serve(engine: Engine, config: ServerConfig) -> Result<(), ServeError> {
         return Err(ServeError::ExposedWithoutKeys(config.listen));
     }
     let mut queue = Queue::open(&engine.project)?;
-    let recovery = queue.recover(&engine.project)?;
+    let recovery = queue.recover()?;
     drop(queue);
     let engine = Arc::new(engine);
     for tier in &config.preload {

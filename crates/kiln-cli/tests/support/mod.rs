@@ -53,6 +53,21 @@ pub fn kiln(project: &Path) -> Command {
     c
 }
 
+/// The pixels `kiln generate --tier draft --prompt PROMPT --seed SEED` writes (plus `extra`).
+pub fn generate_pixels(project: &Path, prompt: &str, seed: u64, extra: &[&str]) -> Vec<u8> {
+    let out = project.join(format!("cli-{seed}.png"));
+    let o = kiln(project)
+        .args(["generate", "--tier", "draft", "--prompt", prompt, "--device", "cpu", "-q"])
+        .args(["--seed", &seed.to_string()])
+        .args(extra)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    file_pixels(&out)
+}
+
 pub struct Server {
     pub child: Child,
     pub base: String,

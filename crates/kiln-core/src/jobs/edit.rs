@@ -3,7 +3,7 @@
 
 use super::engine::{image_path, random_seed, JobOutput, OutputImage};
 use super::events::{EventSink, JobEvent, SinkProgress};
-use super::generate::{check_out_path, job_model, numbered, read_npy};
+use super::generate::{check_out_path, job_model, numbered, read_npy, stage_seconds};
 use super::spec::{EditMode, InpaintSpec, JobKind};
 use crate::error::{Error, Result};
 use crate::image::mask::Mask;
@@ -278,15 +278,7 @@ pub fn run(ws: &mut Workspace, s: &InpaintSpec, sink: &mut dyn EventSink) -> Res
             UNetKind::Inpaint => "inpaint",
         },
         "plan": plan,
-        "seconds": {
-            "load": jm.load_seconds,
-            "text_encode": t.text_encode,
-            "vae_encode": t.vae_encode,
-            "steps": t.steps,
-            "vae_decode": t.vae_decode,
-            "inpaint": t.total,
-            "total": start.elapsed().as_secs_f64(),
-        },
+        "seconds": stage_seconds(jm.load_seconds, t, "inpaint", start),
         "peak_memory_bytes": crate::device::peak_host_memory_bytes(),
         "device": crate::device::name(&model.device),
         "dtype": crate::device::dtype_name(model.dtype),

@@ -114,6 +114,26 @@ pub(crate) fn read_npy(path: &Path) -> Result<candle_core::Tensor> {
     Ok(t.to_dtype(DType::F32)?)
 }
 
+/// The `seconds` object of an image job's result: load, each stage, the pipeline's own total
+/// under `job_key`, and the whole job since `start`.
+pub(crate) fn stage_seconds(
+    load: f64,
+    t: &crate::pipeline::generate::StageTimings,
+    job_key: &str,
+    start: Instant,
+) -> serde_json::Value {
+    let mut seconds = serde_json::json!({
+        "load": load,
+        "text_encode": t.text_encode,
+        "vae_encode": t.vae_encode,
+        "steps": t.steps,
+        "vae_decode": t.vae_decode,
+        "total": start.elapsed().as_secs_f64(),
+    });
+    seconds[job_key] = serde_json::json!(t.total);
+    seconds
+}
+
 /// Runs a generate job.
 pub fn run(ws: &mut Workspace, s: &GenerateSpec, sink: &mut dyn EventSink) -> Result<JobOutput> {
     let start = Instant::now();
@@ -250,15 +270,7 @@ pub fn run(ws: &mut Workspace, s: &GenerateSpec, sink: &mut dyn EventSink) -> Re
         "outputs": outputs,
         "seeds": seeds,
         "scheduler": output.scheduler.name(),
-        "seconds": {
-            "load": jm.load_seconds,
-            "text_encode": t.text_encode,
-            "vae_encode": t.vae_encode,
-            "steps": t.steps,
-            "vae_decode": t.vae_decode,
-            "generate": t.total,
-            "total": start.elapsed().as_secs_f64(),
-        },
+        "seconds": stage_seconds(jm.load_seconds, t, "generate", start),
         "peak_memory_bytes": crate::device::peak_host_memory_bytes(),
         "device": crate::device::name(&model.device),
         "dtype": crate::device::dtype_name(model.dtype),

@@ -12,7 +12,7 @@
 
 use super::spec::{JobSpec, Lane};
 use crate::error::{Error, Result};
-use crate::library::{Library, Project, ASSETS_DIR};
+use crate::library::{Library, Project};
 use rusqlite::{params, OptionalExtension, TransactionBehavior};
 use serde::Serialize;
 
@@ -422,7 +422,7 @@ impl Queue {
 
     /// After a crash: rows left running are re-queued (their unrecorded files removed), or
     /// done when their library record was committed; leftover temp files are removed.
-    pub fn recover(&mut self, project: &Project) -> Result<Recovery> {
+    pub fn recover(&mut self) -> Result<Recovery> {
         let mut report = Recovery::default();
         let rows: Vec<(i64, Option<i64>)> = {
             let mut stmt = self
@@ -437,12 +437,6 @@ impl Queue {
                 .map_err(|e| self.err(e))?;
             rows
         };
-        let recorded: std::collections::BTreeSet<String> = self
-            .lib
-            .list_assets(&crate::library::assets::AssetFilter::default())?
-            .into_iter()
-            .map(|a| a.path)
-            .collect();
         for (id, library_job) in rows {
             match library_job {
                 Some(job) => {
@@ -468,22 +462,12 @@ impl Queue {
         }
         // Files of runs that never recorded: named q<id>-..., or atomic-write temp files.
         let prefixes: Vec<String> = report.requeued.iter().map(|id| format!("q{id}-")).collect();
-        let mut stack = vec![project.root.join(ASSETS_DIR)];
-        while let Some(dir) = stack.pop() {
-            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
-            for entry in entries.flatten() {
-                let p = entry.path();
-                if p.is_dir() {
-                    stack.push(p);
-                    continue;
-                }
-                let name = entry.file_name().to_string_lossy().into_owned();
-                let rel = p.strip_prefix(&project.root).unwrap_or(&p).to_string_lossy().into_owned();
-                let stray_tmp = name.starts_with(".kiln-") && name.ends_with(".tmp");
-                let stray_run = prefixes.iter().any(|pre| name.starts_with(pre)) && !recorded.contains(&rel);
-                if (stray_tmp || stray_run) && std::fs::remove_file(&p).is_ok() {
-                    report.removed_files += 1;
-                }
+        for path in self.lib.orphans()? {
+            let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let stray_tmp = name.starts_with(".kiln-") && (name.ends_with(".tmp") || name.ends_with(".part"));
+            let stray_run = prefixes.iter().any(|pre| name.starts_with(pre));
+            if (stray_tmp || stray_run) && std::fs::remove_file(&path).is_ok() {
+                report.removed_files += 1;
             }
         }
         Ok(report)
