@@ -5,6 +5,8 @@ use std::process::ExitCode;
 mod args;
 mod assets;
 mod bench;
+mod cutout;
+mod cutout_replace;
 mod draft;
 mod generate;
 mod host_memory;
@@ -49,7 +51,9 @@ enum Command {
     Erase(inpaint::EraseArgs),
     /// Upscale images with a super-resolution model (tiled, streamed, any target size).
     Upscale(upscale::UpscaleArgs),
-    /// Import and list super-resolution models.
+    /// Remove (or replace) the background: RGBA cutout, composite, mask (U²-Net matting).
+    Cutout(cutout::CutoutArgs),
+    /// Import and list super-resolution and matting models.
     Models(models_cmd::ModelsArgs),
 }
 
@@ -80,6 +84,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Erase(args) => inpaint::run_erase(args),
         Command::Upscale(args) => upscale::run(args),
         Command::Models(args) => models_cmd::run(args),
+        Command::Cutout(args) => cutout::run(args),
     }
 }
 
