@@ -207,7 +207,8 @@ pub fn run(args: CutoutArgs) -> anyhow::Result<()> {
         match one() {
             Ok(r) => reports.push(r),
             Err(e) => {
-                if !args.run.json {
+                // One input: its error is the command's, printed once by main.
+                if !args.run.json && many {
                     bar.suspend(|| eprintln!("error: {}: {e:#}", input.display()));
                 }
                 failures.push(serde_json::json!({ "input": input, "error": format!("{e:#}") }));

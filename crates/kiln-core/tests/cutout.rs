@@ -104,6 +104,19 @@ fn background_image_of_another_size_is_refused() {
     assert!(err.to_string().contains("--fit-background"), "{err}");
 }
 
+#[test]
+fn a_net_that_sees_no_subject_is_reported() {
+    // The fuse conv's bias pushed far negative: sigmoid ~ 0 everywhere.
+    let mut m = OnnxModel::read(&model_path()).unwrap();
+    let t = m.graph.initializer.iter_mut().find(|t| t.name == "outconv.bias").unwrap();
+    t.raw_data = (-100f32).to_le_bytes().to_vec();
+    let w = load_onnx_bytes(&m.to_bytes(), Path::new("dark.onnx"), "dark").unwrap();
+    let model = MattingModel::load(w, &Device::Cpu).unwrap();
+    let photo = image::open(dir().join("photo.png")).unwrap().to_rgb8();
+    let err = cutout(&model, &photo, &CutoutOptions::default(), &mut |_| {}).unwrap_err();
+    assert!(err.to_string().contains("no subject found"), "{err}");
+}
+
 /// The fixture, decoded, changed by `f`, re-encoded and imported.
 fn import_variant(f: impl FnOnce(&mut OnnxModel)) -> Error {
     let mut m = OnnxModel::read(&model_path()).unwrap();

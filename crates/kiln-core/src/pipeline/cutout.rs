@@ -22,6 +22,9 @@ use crate::models::matting::{MattingNet, MattingSpec, Preprocess};
 
 /// Below this share of foreground (alpha ≥ 50 %) the result is reported as "no subject found".
 pub const EMPTY_COVERAGE: f64 = 0.001;
+/// rembg stretches the net's output to 0..255 whatever its range, so a net that sees no subject
+/// anywhere still yields a "mask"; below this top probability kiln reports no subject instead.
+pub const MIN_SUBJECT_PROB: f32 = 0.02;
 
 /// A matting model with its weights on a device, kept warm across images.
 #[derive(Debug, Clone)]
@@ -190,6 +193,12 @@ pub fn cutout(
     let t0 = Instant::now();
     let pred = model.predict(&input)?;
     t.net = t0.elapsed().as_secs_f64();
+    let top = pred.iter().copied().fold(0f32, f32::max);
+    if top < MIN_SUBJECT_PROB {
+        return Err(Error::Unsupported(format!(
+            "no subject found: the model's highest foreground probability is {top:.4}; nothing written"
+        )));
+    }
     progress(CutoutStage::Mask);
     let t0 = Instant::now();
     let raw_mask = mask_from_prediction(&pred, model.spec.preprocess().size, w, h)?;
