@@ -117,6 +117,39 @@ fn a_net_that_sees_no_subject_is_reported() {
     assert!(err.to_string().contains("no subject found"), "{err}");
 }
 
+#[test]
+fn replaced_background_keeps_opaque_subject_pixels_bit_identical() {
+    use kiln_core::candle::DType;
+    use kiln_core::loaders::hub::ModelSource;
+    use kiln_core::pipeline::cutout_replace::replace_request;
+    use kiln_core::pipeline::inpaint::inpaint_quiet;
+    use kiln_core::pipeline::model::LoadedModel;
+
+    let sd = dir().join("../pipelines/sd1/model");
+    let model = LoadedModel::load(ModelSource::Folder(sd), &Device::Cpu, DType::F32).unwrap();
+    let photo = image::open(dir().join("photo.png")).unwrap().to_rgb8();
+    // A hard subject (a disc) with a soft rim, as a matting mask has.
+    let subject = image::GrayImage::from_fn(64, 48, |x, y| {
+        let r = ((x as f32 - 32.0).powi(2) + (y as f32 - 24.0).powi(2)).sqrt();
+        image::Luma([((16.0 - r) * 64.0).clamp(0.0, 255.0) as u8])
+    });
+    let mut req = replace_request("a sandy beach", &photo, &subject, 4.0).unwrap();
+    req.steps = 2;
+    req.seeds = vec![3];
+    let out = inpaint_quiet(&model, &req).unwrap();
+    let result = &out.images[0].image;
+    let (mut kept, mut changed) = (0, 0);
+    for ((a, b), m) in photo.pixels().zip(result.pixels()).zip(subject.pixels()) {
+        if m.0[0] == 255 {
+            assert_eq!(a, b, "an opaque subject pixel changed");
+            kept += 1;
+        } else if m.0[0] == 0 && a != b {
+            changed += 1;
+        }
+    }
+    assert!(kept > 300 && changed > 1000, "kept {kept}, changed {changed}");
+}
+
 /// The fixture, decoded, changed by `f`, re-encoded and imported.
 fn import_variant(f: impl FnOnce(&mut OnnxModel)) -> Error {
     let mut m = OnnxModel::read(&model_path()).unwrap();
