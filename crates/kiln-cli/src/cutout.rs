@@ -116,7 +116,11 @@ pub fn run(args: CutoutArgs) -> anyhow::Result<()> {
     for (flag, out) in [("--out", &args.out), ("--mask-out", &args.mask_out)] {
         if let (true, Some(o)) = (many, out) {
             if o.is_file() {
-                bail!("{flag} {} is a file, but there are {} inputs: give a folder", o.display(), inputs.len());
+                bail!(
+                    "{flag} {} is a file, but there are {} inputs: give a folder",
+                    o.display(),
+                    inputs.len()
+                );
             }
         }
     }
@@ -252,7 +256,10 @@ pub fn import_matting(path: &Path) -> anyhow::Result<Vec<MattingEntry>> {
 
 pub fn print_imported_matting(entries: &[MattingEntry]) {
     for e in entries {
-        println!("imported {} ({} matting, {} params) from {}\n  sha256 {}", e.name, e.arch, e.params, e.source, e.sha256);
+        println!(
+            "imported {} ({} matting, {} params) from {}\n  sha256 {}",
+            e.name, e.arch, e.params, e.source, e.sha256
+        );
     }
 }
 
@@ -260,6 +267,13 @@ pub fn print_imported_matting(entries: &[MattingEntry]) {
 pub fn print_matting(entries: &[MattingEntry], width: usize) {
     let width = entries.iter().map(|e| e.name.len()).max().unwrap_or(4).max(width);
     for e in entries {
-        println!("{:<width$}  {:<16}  {:>5}  {:>10}  {}", e.name, format!("{} (matting)", e.arch), "-", e.params, e.sha256);
+        println!(
+            "{:<width$}  {:<16}  {:>5}  {:>10}  {}",
+            e.name,
+            format!("{} (matting)", e.arch),
+            "-",
+            e.params,
+            e.sha256
+        );
     }
 }

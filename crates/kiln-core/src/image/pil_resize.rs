@@ -40,8 +40,7 @@ fn coeffs(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
             // Pillow truncates toward zero after adding 0.5 ("round the value").
             let xmin = ((center - support + 0.5) as i64).max(0) as usize;
             let xmax = ((center + support + 0.5) as i64).min(in_size as i64).max(xmin as i64) as usize;
-            let mut k: Vec<f64> =
-                (xmin..xmax).map(|x| lanczos((x as f64 - center + 0.5) * ss)).collect();
+            let mut k: Vec<f64> = (xmin..xmax).map(|x| lanczos((x as f64 - center + 0.5) * ss)).collect();
             let ww: f64 = k.iter().sum();
             if ww != 0.0 {
                 k.iter_mut().for_each(|v| *v /= ww);

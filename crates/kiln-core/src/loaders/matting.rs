@@ -101,7 +101,9 @@ pub fn u2net_from_onnx(m: &OnnxModel) -> Result<(U2NetSpec, Vec<(Tensor, Tensor)
                 let mode = node.string("mode", "nearest");
                 let coords = node.string("coordinate_transformation_mode", "half_pixel");
                 let ok = mode == "linear"
-                    && (node.op_type == "Upsample" || coords == "pytorch_half_pixel" || coords == "half_pixel");
+                    && (node.op_type == "Upsample"
+                        || coords == "pytorch_half_pixel"
+                        || coords == "half_pixel");
                 if !ok {
                     return Err(refuse(format!(
                         "{} resizes with mode `{mode}` / `{coords}` (U²-Net upsamples bilinearly, half-pixel)",
@@ -132,7 +134,10 @@ pub fn u2net_from_onnx(m: &OnnxModel) -> Result<(U2NetSpec, Vec<(Tensor, Tensor)
     for &(node, i) in &convs {
         let get = |k: usize, what: &str| -> Result<Tensor> {
             let name = node.input.get(k).filter(|n| !n.is_empty()).ok_or_else(|| {
-                refuse(format!("{} has no {what} (batch norm folded into a biased conv expected)", node.describe(i)))
+                refuse(format!(
+                    "{} has no {what} (batch norm folded into a biased conv expected)",
+                    node.describe(i)
+                ))
             })?;
             let t = inits.get(name.as_str()).ok_or_else(|| {
                 refuse(format!("{} reads {what} `{name}`, which is not an initializer", node.describe(i)))
@@ -220,7 +225,9 @@ fn stem(path: &Path) -> String {
 }
 
 fn is_ext(path: &Path, exts: &[&str]) -> bool {
-    path.extension().map(|e| e.to_string_lossy().to_ascii_lowercase()).is_some_and(|e| exts.contains(&e.as_str()))
+    path.extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .is_some_and(|e| exts.contains(&e.as_str()))
 }
 
 /// Imported matting models under a data dir.
@@ -327,7 +334,8 @@ impl MattingStore {
         let mut index = self.read_index()?;
         index.models.retain(|k, _| !k.eq_ignore_ascii_case(&w.name));
         index.models.insert(w.name.clone(), entry.clone());
-        let json = serde_json::to_vec_pretty(&index).map_err(|e| Error::config(self.index_path(), e.to_string()))?;
+        let json =
+            serde_json::to_vec_pretty(&index).map_err(|e| Error::config(self.index_path(), e.to_string()))?;
         write_atomic(&self.index_path(), &json)?;
         Ok(entry)
     }

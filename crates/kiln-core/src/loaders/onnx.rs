@@ -170,7 +170,11 @@ impl OnnxModel {
 
     /// The default-domain opset version, if declared.
     pub fn opset(&self) -> Option<i64> {
-        self.model.opset_import.iter().find(|o| o.domain.is_empty() || o.domain == "ai.onnx").map(|o| o.version)
+        self.model
+            .opset_import
+            .iter()
+            .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
+            .map(|o| o.version)
     }
 
     /// Initializers by name.

@@ -40,14 +40,21 @@ impl MattingModel {
     /// Builds the net on `device` (f32: the net is small and the mask must match rembg's).
     pub fn load(weights: MattingWeights, device: &Device) -> Result<Self> {
         let net = MattingNet::new(&weights.spec, &weights.convs, device)?;
-        Ok(Self { name: weights.name, sha256: weights.sha256, spec: weights.spec, net, device: device.clone() })
+        Ok(Self {
+            name: weights.name,
+            sha256: weights.sha256,
+            spec: weights.spec,
+            net,
+            device: device.clone(),
+        })
     }
 
     /// The net's input for an image: `[1, 3, S, S]` f32 (rembg's `normalize`).
     pub fn input_tensor(&self, image: &RgbImage) -> Result<Tensor> {
         let p = self.spec.preprocess();
         let s = p.size as usize;
-        let small = resize_lanczos_u8(image.as_raw(), image.width() as usize, image.height() as usize, 3, s, s);
+        let small =
+            resize_lanczos_u8(image.as_raw(), image.width() as usize, image.height() as usize, 3, s, s);
         Ok(normalize(&small, s, &p, &self.device)?)
     }
 

@@ -78,7 +78,9 @@ pub fn rsu_dilations(height: usize, pooled: bool) -> Vec<usize> {
 pub fn conv_slots() -> Vec<ConvSlot> {
     let mut slots = Vec::new();
     for &(height, pooled) in &STAGES {
-        slots.extend(rsu_dilations(height, pooled).into_iter().map(|dilation| ConvSlot { kernel: 3, dilation }));
+        slots.extend(
+            rsu_dilations(height, pooled).into_iter().map(|dilation| ConvSlot { kernel: 3, dilation }),
+        );
     }
     slots.extend((0..6).map(|_| ConvSlot { kernel: 3, dilation: 1 }));
     slots.push(ConvSlot { kernel: 1, dilation: 1 });
@@ -234,7 +236,8 @@ struct Conv {
 impl Conv {
     fn new(weight: Tensor, bias: Tensor, slot: ConvSlot, relu: bool) -> Result<Self> {
         let padding = if slot.kernel == 1 { 0 } else { slot.dilation };
-        let cfg = Conv2dConfig { padding, stride: 1, dilation: slot.dilation, groups: 1, cudnn_fwd_algo: None };
+        let cfg =
+            Conv2dConfig { padding, stride: 1, dilation: slot.dilation, groups: 1, cudnn_fwd_algo: None };
         let op = if slot.dilation == 1 {
             ConvOp::Plain(kiln_kernels::Conv2d::new(weight, Some(bias), cfg)?)
         } else {
@@ -339,7 +342,8 @@ impl U2Net {
                 .collect::<Result<Vec<_>>>()?;
             stages.push(Rsu { height, pooled, convs });
         }
-        let mut rest = layers.map(|((w, b), slot)| Conv::new(w, b, slot, false)).collect::<Result<Vec<_>>>()?;
+        let mut rest =
+            layers.map(|((w, b), slot)| Conv::new(w, b, slot, false)).collect::<Result<Vec<_>>>()?;
         let fuse = rest.pop().ok_or_else(|| Error::Unsupported("U²-Net without a fuse conv".into()))?;
         Ok(Self { spec, stages, sides: rest, fuse })
     }
