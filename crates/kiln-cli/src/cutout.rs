@@ -263,9 +263,8 @@ pub fn print_imported_matting(entries: &[MattingEntry]) {
     }
 }
 
-/// Rows of `kiln models list` for matting models (SCALE is `-`).
+/// Rows of `kiln models list` for matting models (SCALE is `-`), names padded to `width`.
 pub fn print_matting(entries: &[MattingEntry], width: usize) {
-    let width = entries.iter().map(|e| e.name.len()).max().unwrap_or(4).max(width);
     for e in entries {
         println!(
             "{:<width$}  {:<16}  {:>5}  {:>10}  {}",

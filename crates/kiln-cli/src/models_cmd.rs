@@ -75,7 +75,8 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
             } else if entries.is_empty() && matting.is_empty() {
                 println!("no models imported (see `kiln models import --help`)");
             } else {
-                let width = entries.iter().map(|e| e.name.len()).max().unwrap_or(4).max(4);
+                let names = entries.iter().map(|e| e.name.len()).chain(matting.iter().map(|e| e.name.len()));
+                let width = names.max().unwrap_or(4).max(4);
                 println!("{:<width$}  {:<16}  {:>5}  {:>10}  SHA256", "NAME", "ARCH", "SCALE", "PARAMS");
                 for e in entries {
                     println!(
