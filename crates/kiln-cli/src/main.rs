@@ -5,6 +5,8 @@ use std::process::ExitCode;
 mod args;
 mod assets;
 mod bench;
+mod cutout;
+mod cutout_replace;
 mod draft;
 mod generate;
 mod host_memory;
@@ -51,7 +53,9 @@ enum Command {
     Erase(inpaint::EraseArgs),
     /// Upscale images with a super-resolution model (tiled, streamed, any target size).
     Upscale(upscale::UpscaleArgs),
-    /// Import and list super-resolution models.
+    /// Remove (or replace) the background: RGBA cutout, composite, mask (U²-Net matting).
+    Cutout(cutout::CutoutArgs),
+    /// Import and list super-resolution and matting models.
     Models(models_cmd::ModelsArgs),
     /// Serve the project over HTTP: native jobs API, OpenAI Images, AUTOMATIC1111; one warm
     /// engine and a durable queue (drafts first).
@@ -89,6 +93,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Models(args) => models_cmd::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Keys(args) => serve::run_keys(args),
+        Command::Cutout(args) => cutout::run(args),
     }
 }
 

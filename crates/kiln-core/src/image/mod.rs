@@ -3,9 +3,12 @@
 pub mod chart;
 pub mod compare;
 pub mod font;
+pub mod guided;
 pub mod io;
 pub mod mask;
+pub mod pil_resize;
 pub mod png_meta;
+pub mod png_out;
 pub mod resize;
 pub mod sheet;
 

@@ -73,6 +73,36 @@ impl Engine {
         Workspace::open_with_pool(self.project.clone(), self.options.clone(), self.pool.clone())
     }
 
+    /// A workspace whose library is the project's, or (`project_library` false: work on a
+    /// model folder) one that keeps nothing, so no database is created.
+    fn workspace_for(&self, project_library: bool) -> Result<Workspace> {
+        if project_library {
+            return self.workspace();
+        }
+        Ok(Workspace {
+            library: crate::library::Library::in_memory(&self.project.root)?,
+            tiers: self.project.tiers()?,
+            project: self.project.clone(),
+            options: self.options.clone(),
+            pool: self.pool.clone(),
+            file_tag: None,
+        })
+    }
+
+    /// A diffusion model for work that is not (yet) a job kind of its own, such as cutout's
+    /// background replacement: a tier's (budget-checked for `images`, drift-guarded) or a
+    /// folder's / hub id's, taken from the pool. Returns the model, its tier and warnings.
+    pub fn diffusion_model(
+        &self,
+        tier: Option<&str>,
+        model: Option<&str>,
+        images: usize,
+    ) -> Result<(Arc<crate::pipeline::model::LoadedModel>, Option<crate::tiers::Tier>, Vec<String>)> {
+        let ws = self.workspace_for(tier.is_some())?;
+        let jm = super::generate::job_model(&ws, tier, model, None, images)?;
+        Ok((jm.model, jm.tier, jm.warnings))
+    }
+
     /// Runs `spec` to completion (or cancellation), emitting events to `sink`.
     pub fn run(&self, spec: &JobSpec, ctx: &RunContext, sink: &mut dyn EventSink) -> Result<JobOutput> {
         spec.validate()?;
@@ -82,18 +112,7 @@ impl Engine {
             JobSpec::Inpaint(s) => s.tier.is_none(),
             _ => false,
         };
-        let mut ws = if untiered {
-            Workspace {
-                library: crate::library::Library::in_memory(&self.project.root)?,
-                tiers: self.project.tiers()?,
-                project: self.project.clone(),
-                options: self.options.clone(),
-                pool: self.pool.clone(),
-                file_tag: None,
-            }
-        } else {
-            self.workspace()?
-        };
+        let mut ws = self.workspace_for(!untiered)?;
         if let Some((id, attempt)) = ctx.queue_claim {
             ws.file_tag = Some(format!("q{id}"));
             ws.library.claim_for_queue(id, attempt);

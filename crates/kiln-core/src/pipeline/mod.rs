@@ -5,9 +5,13 @@
 //! - [`generate`]: txt2img and img2img;
 //! - [`inpaint`]: inpainting (any model, or dedicated 9-channel ones);
 //! - [`outpaint`]: canvas extension and its mask, run through [`inpaint`];
+//! - [`cutout`]: background removal with a matting model (rembg's mask, refinement, compositing);
+//! - [`cutout_replace`]: background replacement (inverted cutout mask, feathered, inpainted);
 //! - [`upscale`]: tiled super-resolution, streamed to the PNG encoder;
 //! - [`metadata`]: what goes into output PNGs (A1111 `parameters`, kiln's replay JSON).
 
+pub mod cutout;
+pub mod cutout_replace;
 pub mod generate;
 pub mod inpaint;
 pub mod metadata;

@@ -1,0 +1,278 @@
+//! `kiln cutout`: background removal (and replacement) for images or folders.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use clap::Args;
+use indicatif::{ProgressBar, ProgressStyle};
+use kiln_core::device;
+use kiln_core::image::png_meta::{write_png_atomic, TextChunk};
+use kiln_core::image::png_out::{write_gray_atomic, write_rgba_atomic};
+use kiln_core::loaders::matting::{MattingEntry, MattingStore};
+use kiln_core::pipeline::cutout::{
+    cutout, fit_background, parse_color, Background, CutoutImage, CutoutOptions, MattingModel,
+};
+
+use crate::args::RunArgs;
+
+#[derive(Args, Debug)]
+pub struct CutoutArgs {
+    /// Input images (PNG, JPEG, WebP) or folders of them.
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// Matting model: an imported name (`kiln models list`) or an .onnx file (default: u2netp).
+    #[arg(long)]
+    pub model: Option<String>,
+    /// Output file (one input) or folder (several); default: `<stem>_cutout.png` beside the input.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Also write the mask (grey PNG, white = subject; `kiln inpaint --mask` reads it): a file
+    /// for one input, a folder (`<stem>_mask.png`) for several.
+    #[arg(long)]
+    pub mask_out: Option<PathBuf>,
+    /// Composite onto a colour (#rrggbb, #rgb, white, black, ...) or an image instead of
+    /// writing a transparent PNG.
+    #[arg(long)]
+    pub background: Option<String>,
+    /// Scale and centre-crop a background image of another size to each input's size
+    /// (otherwise a size mismatch is an error).
+    #[arg(long)]
+    pub fit_background: bool,
+    /// Refine the mask's edges at full resolution with a guided filter (hair, soft contours).
+    #[arg(long)]
+    pub refine: bool,
+    #[command(flatten)]
+    pub replace: crate::cutout_replace::ReplaceArgs,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
+
+/// Files and folders (their PNG/JPEG/WebP files, sorted) → the input list.
+fn expand_inputs(inputs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for input in inputs {
+        if input.is_dir() {
+            let mut files: Vec<PathBuf> = fs_err::read_dir(input)?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| {
+                    p.is_file()
+                        && p.extension()
+                            .and_then(|e| e.to_str())
+                            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+                })
+                .collect();
+            files.sort();
+            if files.is_empty() {
+                bail!("no PNG/JPEG/WebP images in folder {}", input.display());
+            }
+            out.extend(files);
+        } else if input.is_file() {
+            out.push(input.clone());
+        } else {
+            bail!("input not found: {}", input.display());
+        }
+    }
+    Ok(out)
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in bytes.
+fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+fn output_for(input: &Path, out: Option<&Path>, many: bool, suffix: &str) -> PathBuf {
+    let name = format!("{}_{suffix}.png", input.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default());
+    match out {
+        None => input.with_file_name(name),
+        Some(o) if many || o.is_dir() || o.as_os_str().to_string_lossy().ends_with('/') => o.join(name),
+        Some(o) => o.to_path_buf(),
+    }
+}
+
+/// `--background`: a colour, or else an image file.
+fn parse_background(arg: Option<&str>) -> anyhow::Result<Background> {
+    let Some(s) = arg else { return Ok(Background::Transparent) };
+    if let Some(c) = parse_color(s) {
+        if !Path::new(s).is_file() {
+            return Ok(Background::Color(c));
+        }
+    }
+    let path = Path::new(s);
+    if !path.is_file() {
+        bail!("invalid --background `{s}`: neither a colour (#rrggbb, #rgb, white, black, gray, red, green, blue) nor an image file");
+    }
+    Ok(Background::Image(kiln_core::image::load_rgb(path)?))
+}
+
+pub fn run(args: CutoutArgs) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let inputs = expand_inputs(&args.inputs)?;
+    let many = inputs.len() > 1;
+    for (flag, out) in [("--out", &args.out), ("--mask-out", &args.mask_out)] {
+        if let (true, Some(o)) = (many, out) {
+            if o.is_file() {
+                bail!(
+                    "{flag} {} is a file, but there are {} inputs: give a folder",
+                    o.display(),
+                    inputs.len()
+                );
+            }
+        }
+    }
+    let background = parse_background(args.background.as_deref())?;
+    let replace = args.replace.prepare(&args.run, inputs.len(), args.background.is_some())?;
+    let dev = args.run.device()?;
+    let t0 = Instant::now();
+    let weights = MattingStore::open_default()?.resolve(args.model.as_deref())?;
+    let model = MattingModel::load(weights, &dev).context("building the matting model")?;
+    let load_seconds = t0.elapsed().as_secs_f64();
+    let replace = replace.map(|r| r.load(args.run.show())).transpose()?;
+
+    let show = args.run.show();
+    let bar = if show && many { ProgressBar::new(inputs.len() as u64) } else { ProgressBar::hidden() };
+    bar.set_style(
+        ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} images {elapsed_precise} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    let mut reports = Vec::new();
+    let mut failures = Vec::new();
+    for input in &inputs {
+        bar.set_message(input.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default());
+        let output = output_for(input, args.out.as_deref(), many, "cutout");
+        let mask_path = args.mask_out.as_deref().map(|m| output_for(input, Some(m), many, "mask"));
+        let one = || -> anyhow::Result<serde_json::Value> {
+            let t_in = Instant::now();
+            let image = kiln_core::image::load_rgb(input)?;
+            let background = match &background {
+                Background::Image(bg) if args.fit_background => {
+                    Background::Image(fit_background(bg, image.width(), image.height()))
+                }
+                other => other.clone(),
+            };
+            let opts = CutoutOptions { refine: args.refine, background };
+            let out = cutout(&model, &image, &opts, &mut |_| {})?;
+            let meta = serde_json::json!({
+                "kind": "cutout",
+                "source": input.file_name().map(|n| n.to_string_lossy().into_owned()),
+                "model": model.name,
+                "model_sha256": model.sha256,
+                "arch": model.spec.arch_name(),
+                "refine": args.refine,
+                "background": args.background,
+                "replace": args.replace.replace,
+                "version": kiln_core::VERSION,
+            });
+            let chunks = [TextChunk::new("kiln", meta.to_string())];
+            let mut replaced = None;
+            if let Some(r) = &replace {
+                let (img, info) = r.run(&image, &out.mask)?;
+                write_png_atomic(&output, &img, &chunks)?;
+                replaced = Some(info);
+            } else {
+                match &out.image {
+                    CutoutImage::Rgba(img) => write_rgba_atomic(&output, img, &chunks)?,
+                    CutoutImage::Rgb(img) => write_png_atomic(&output, img, &chunks)?,
+                }
+            }
+            if let Some(m) = &mask_path {
+                write_gray_atomic(m, &out.mask, &chunks)?;
+            }
+            if !args.run.json {
+                bar.suspend(|| {
+                    eprintln!(
+                        "{} -> {} ({}x{}, {:.1} % subject, {:.2}s)",
+                        input.display(),
+                        output.display(),
+                        image.width(),
+                        image.height(),
+                        out.coverage * 100.0,
+                        out.timings.total
+                    )
+                });
+            }
+            Ok(serde_json::json!({
+                "input": input,
+                "output": output,
+                "mask": mask_path,
+                "width": image.width(),
+                "height": image.height(),
+                "coverage": out.coverage,
+                "seconds": out.timings,
+                "replace": replaced,
+                "wall_seconds": t_in.elapsed().as_secs_f64(),
+            }))
+        };
+        match one() {
+            Ok(r) => reports.push(r),
+            Err(e) => {
+                // One input: its error is the command's, printed once by main.
+                if !args.run.json && many {
+                    bar.suspend(|| eprintln!("error: {}: {e:#}", input.display()));
+                }
+                failures.push(serde_json::json!({ "input": input, "error": format!("{e:#}") }));
+            }
+        }
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    if args.run.json {
+        let obj = serde_json::json!({
+            "outputs": reports,
+            "errors": failures,
+            "model": model.name,
+            "model_sha256": model.sha256,
+            "arch": model.spec.arch_name(),
+            "device": device::name(&dev),
+            "dtype": "f32",
+            "load_seconds": load_seconds,
+            "seconds": start.elapsed().as_secs_f64(),
+            "peak_rss_bytes": peak_rss(),
+        });
+        println!("{obj}");
+    }
+    if !failures.is_empty() {
+        if inputs.len() == 1 {
+            bail!("{}", failures[0]["error"].as_str().unwrap_or("failed"));
+        }
+        bail!("{} of {} inputs failed", failures.len(), inputs.len());
+    }
+    Ok(())
+}
+
+/// `kiln models import`'s matting half: the matting models in `path` (none for paths that
+/// cannot hold any).
+pub fn import_matting(path: &Path) -> anyhow::Result<Vec<MattingEntry>> {
+    if !MattingStore::may_hold(path) {
+        return Ok(Vec::new());
+    }
+    Ok(MattingStore::open_default()?.import(path)?)
+}
+
+pub fn print_imported_matting(entries: &[MattingEntry]) {
+    for e in entries {
+        println!(
+            "imported {} ({} matting, {} params) from {}\n  sha256 {}",
+            e.name, e.arch, e.params, e.source, e.sha256
+        );
+    }
+}
+
+/// Rows of `kiln models list` for matting models (SCALE is `-`), names padded to `width`.
+pub fn print_matting(entries: &[MattingEntry], width: usize) {
+    for e in entries {
+        println!(
+            "{:<width$}  {:<16}  {:>5}  {:>10}  {}",
+            e.name,
+            format!("{} (matting)", e.arch),
+            "-",
+            e.params,
+            e.sha256
+        );
+    }
+}
