@@ -6,7 +6,8 @@
 //! - [`inpaint`]: inpainting (any model, or dedicated 9-channel ones);
 //! - [`outpaint`]: canvas extension and its mask, run through [`inpaint`];
 //! - [`upscale`]: tiled super-resolution, streamed to the PNG encoder;
-//! - [`metadata`]: what goes into output PNGs (A1111 `parameters`, kiln's replay JSON).
+//! - [`metadata`]: what goes into output PNGs (A1111 `parameters`, kiln's replay JSON);
+//! - [`vae_tiling`]: untiled vs tiled VAE decode/encode (`--vae-tiling`, `--vae-tile`).
 
 pub mod generate;
 pub mod inpaint;
@@ -15,3 +16,4 @@ pub mod model;
 pub mod outpaint;
 pub mod text;
 pub mod upscale;
+pub mod vae_tiling;
