@@ -4,7 +4,7 @@ same latents shape, same run, SDXL VAE shape with RANDOM weights (cost does not 
 Each side runs in its own process and reports its own peak RSS (VmHWM). kiln runs the release
 example `vae_tiled_bench` (cargo build --release -p kiln-core --example vae_tiled_bench first).
 
-Usage: python benches/vae_tiled_bench.py WORK_DIR [--latent 512] [--tile 512] [--threads 2]
+Usage: python benches/vae_tiled_bench.py WORK_DIR [--latent 512] [--tile 512] [--threads 2] [--kiln-bin PATH]
 (--latent 512 = a 4096² image, the issue's size; --tile = tile size in output pixels for both).
 """
 import argparse
@@ -65,11 +65,12 @@ def main() -> None:
     ap.add_argument("--latent", type=int, default=512)
     ap.add_argument("--tile", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--kiln-bin", help="the vae_tiled_bench example binary (default: target/release/examples/)")
     a = ap.parse_args()
     vae_dir = os.path.join(a.work, "sdxl-vae-random")
     make_vae(vae_dir)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    kiln_bin = os.path.join(root, "target", "release", "examples", "vae_tiled_bench")
+    kiln_bin = a.kiln_bin or os.path.join(root, "target", "release", "examples", "vae_tiled_bench")
     env = dict(os.environ, RAYON_NUM_THREADS=str(a.threads))
     kiln = json.loads(subprocess.check_output([kiln_bin, vae_dir, str(a.latent), str(a.tile)], env=env).decode().strip().splitlines()[-1])
     diff = json.loads(

@@ -8,6 +8,7 @@ use kiln_core::device::{self, DeviceRequest};
 use kiln_core::library::{ledger, Project};
 use kiln_core::loaders::hub;
 use kiln_core::pipeline::model::LoadedModel;
+use kiln_core::pipeline::vae_tiling::VaeTiling;
 use kiln_core::schedule::SchedulerKind;
 use kiln_core::tiers::load::{load_tier_model, tier_dtype};
 use kiln_core::tiers::Tier;
@@ -31,6 +32,29 @@ pub struct RunArgs {
     /// No progress bar.
     #[arg(short, long)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub vae: VaeTilingArgs,
+}
+
+/// Tiled VAE decode/encode, for every command that runs the VAE (docs/vae-tiling.md).
+#[derive(Args, Debug, Clone)]
+pub struct VaeTilingArgs {
+    /// on | off | auto: decode/encode the VAE in tiles with whole-image GroupNorm statistics
+    /// (auto: when the untiled pass would not fit the memory budget).
+    #[arg(long, default_value = "auto")]
+    pub vae_tiling: String,
+    /// Largest VAE tile in output pixels (default 512; smaller forces more tiles).
+    #[arg(long, value_name = "PX")]
+    pub vae_tile: Option<usize>,
+}
+
+impl VaeTilingArgs {
+    /// The checked choice the core request carries.
+    pub fn tiling(&self) -> anyhow::Result<VaeTiling> {
+        let tiling = VaeTiling { mode: self.vae_tiling.parse()?, tile_px: self.vae_tile, budget_bytes: None };
+        tiling.validate()?;
+        Ok(tiling)
+    }
 }
 
 impl RunArgs {

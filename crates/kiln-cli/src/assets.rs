@@ -126,6 +126,17 @@ pub fn run(args: AssetsArgs) -> anyhow::Result<()> {
                         p["device"].as_str().unwrap_or("?")
                     );
                 }
+                if let Some(q) = &asset.qc {
+                    println!(
+                        "qc      {} ({} of {} tiles flagged; bp > {} or hf > {}), heatmap {}",
+                        q["verdict"].as_str().unwrap_or("?"),
+                        q["flagged"],
+                        q["tiles"].as_array().map_or(0, Vec::len),
+                        q["options"]["bp_threshold"],
+                        q["options"]["hf_threshold"],
+                        q["heatmap"].as_str().unwrap_or("?")
+                    );
+                }
                 let label = if asset.params.is_some() { "weights" } else { "hashes" };
                 if !asset.model_hashes.is_empty() {
                     println!("{label}");
@@ -195,7 +206,11 @@ pub struct ReplayArgs {
 
 pub fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
     let mut ws = args.job.workspace()?;
-    let request = ReplayRequest { source: AssetRef::parse(&args.source), out: args.out.clone() };
+    let request = ReplayRequest {
+        source: AssetRef::parse(&args.source),
+        out: args.out.clone(),
+        vae_tiling: args.job.run.vae.tiling()?,
+    };
     let mut bar = Bar::new(args.job.show(), 1);
     let result = replay(&mut ws, &request, &mut bar)?;
     bar.finish();

@@ -121,6 +121,7 @@ pub fn run(args: DraftArgs) -> anyhow::Result<()> {
             steps: args.steps,
             negative_prompt: args.negative.clone(),
             max_batch: args.batch,
+            vae_tiling: args.job.run.vae.tiling()?,
             ..Default::default()
         },
     };

@@ -114,6 +114,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         scheduler,
         negative_prompt: args.sampling.negative.clone(),
         max_batch: Some(args.batch.unwrap_or(count.min(4))),
+        vae_tiling: args.run.vae.tiling()?,
     };
     let fallback = Tier::untiered();
     let mut request =

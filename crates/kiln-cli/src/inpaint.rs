@@ -292,6 +292,7 @@ fn run_seeded(job: Job, args: &JobArgs, seed: u64) -> anyhow::Result<()> {
     request.region = region;
     request.padding = args.padding;
     request.reimpose = reimpose;
+    request.vae_tiling = args.run.vae.tiling()?;
 
     let mut progress = Bar::new(show, request.steps);
     let output = inpaint(&model, &request, &mut progress)?;

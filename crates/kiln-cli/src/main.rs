@@ -11,6 +11,7 @@ mod host_memory;
 mod inpaint;
 mod models_cmd;
 mod promote;
+mod qc;
 mod report;
 mod tiers;
 mod upscale;
@@ -51,6 +52,8 @@ enum Command {
     Upscale(upscale::UpscaleArgs),
     /// Import and list super-resolution models.
     Models(models_cmd::ModelsArgs),
+    /// Hallucination QC of an upscale against its source: per-tile map, heatmap, worst tiles.
+    Qc(qc::QcArgs),
 }
 
 fn main() -> ExitCode {
@@ -80,6 +83,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Erase(args) => inpaint::run_erase(args),
         Command::Upscale(args) => upscale::run(args),
         Command::Models(args) => models_cmd::run(args),
+        Command::Qc(args) => qc::run(args),
     }
 }
 

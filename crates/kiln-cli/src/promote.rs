@@ -66,6 +66,7 @@ pub fn run(args: PromoteArgs) -> anyhow::Result<()> {
             width: args.width,
             height: args.height,
             steps: args.steps,
+            vae_tiling: args.job.run.vae.tiling()?,
             ..Default::default()
         },
     };

@@ -268,16 +268,18 @@ mod tests {
     fn a_lanczos_enlargement_passes() {
         let src = scene(40, 30);
         let up = imageops::resize(&src, 160, 120, FilterType::Lanczos3);
-        let report = check(&src, &up, &QcOptions { tile_px: 32, ..QcOptions::default() }).unwrap();
+        let report = check(&src, &up, &QcOptions { tile_px: 32, ..QcOptions::default() }).expect("qc");
         assert_eq!(report.verdict, "pass", "{report:?}");
         assert_eq!((report.columns, report.rows), (5, 4));
     }
 
     #[test]
     fn unrelated_sizes_are_refused() {
-        let err = check(&scene(40, 30), &scene(160, 60), &QcOptions::default()).unwrap_err().to_string();
+        let err =
+            check(&scene(40, 30), &scene(160, 60), &QcOptions::default()).expect_err("must fail").to_string();
         assert!(err.contains("not the source"), "{err}");
-        let err = check(&scene(40, 30), &scene(20, 15), &QcOptions::default()).unwrap_err().to_string();
+        let err =
+            check(&scene(40, 30), &scene(20, 15), &QcOptions::default()).expect_err("must fail").to_string();
         assert!(err.contains("smaller"), "{err}");
     }
 }

@@ -44,7 +44,7 @@ pub struct QcRun {
 pub fn run_qc(
     output: &Path,
     source: Option<&Path>,
-    mut library: Option<&mut Library>,
+    library: Option<&mut Library>,
     options: &QcOptions,
     out_dir: Option<&Path>,
 ) -> Result<QcRun> {
@@ -90,7 +90,7 @@ pub fn run_qc(
     write_png_atomic(&heatmap, &qc::heatmap(&src_img, &report), &[])?;
     write_png_atomic(&sheet, &qc::worst_tiles_sheet(&out_img, &report)?, &[])?;
     let asset_id = asset.as_ref().map(|a| a.id);
-    if let (Some(id), Some(lib)) = (asset_id, library.as_deref_mut()) {
+    if let (Some(id), Some(lib)) = (asset_id, library) {
         let rel = |p: &Path| p.strip_prefix(&lib.root).unwrap_or(p).to_string_lossy().into_owned();
         let mut stored = serde_json::to_value(&report).map_err(|e| Error::Unsupported(e.to_string()))?;
         stored["source"] = rel(&source).into();

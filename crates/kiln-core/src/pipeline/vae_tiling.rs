@@ -157,9 +157,12 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_flag() {
-        let err = "sideways".parse::<VaeTilingMode>().unwrap_err().to_string();
+        let err = "sideways".parse::<VaeTilingMode>().expect_err("must fail").to_string();
         assert!(err.contains("vae-tiling"), "{err}");
-        let err = VaeTiling { tile_px: Some(8), ..Default::default() }.validate().unwrap_err().to_string();
+        let err = VaeTiling { tile_px: Some(8), ..Default::default() }
+            .validate()
+            .expect_err("must fail")
+            .to_string();
         assert!(err.contains("vae-tile") && err.contains("512"), "{err}");
     }
 }

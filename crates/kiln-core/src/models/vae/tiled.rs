@@ -192,6 +192,15 @@ fn clamp(window: Range<isize>, len: usize) -> Range<usize> {
     window.start.max(0) as usize..(window.end.max(0) as usize).min(len)
 }
 
+/// One tile's input window, its extent in plan units and its core in the window's base coordinates.
+struct Window {
+    input: Tensor,
+    ys: Range<usize>,
+    xs: Range<usize>,
+    core_rows: Range<usize>,
+    core_cols: Range<usize>,
+}
+
 /// Runs `body` on every tile of `plan` (windows of `input` at `in_scale` input pixels per plan
 /// unit), blending outputs at `out_scale` output pixels per plan unit, for as many passes as the
 /// statistics need. Returns the blended output `[1, C, H, W]` (f32) and the run's figures.
@@ -201,15 +210,12 @@ fn run_tiles(
     in_scale: usize,
     out_scale: usize,
     out_channels: usize,
-    spec: &TileSpec,
     body: &dyn Fn(&Tensor, &mut dyn Norms) -> Result<Tensor>,
 ) -> Result<(Tensor, TiledRun)> {
     let mut known = LayerStats::new();
     let mut run = TiledRun { tiles: plan.tile_count(), passes: 0 };
     // Window of tile (row, col), and its core in the window's base coordinates.
-    let tile = |row: usize,
-                col: usize|
-     -> Result<(Tensor, Range<usize>, Range<usize>, Range<usize>, Range<usize>)> {
+    let tile = |row: usize, col: usize| -> Result<Window> {
         let (ys, xs) = (clamp(plan.y.window(row), plan.y.len), clamp(plan.x.window(col), plan.x.len));
         let (cy, cx) = (&plan.y.cores[row], &plan.x.cores[col]);
         let window = input.narrow(2, ys.start * in_scale, ys.len() * in_scale)?.narrow(
@@ -219,7 +225,7 @@ fn run_tiles(
         )?;
         let core_rows = (cy.start - ys.start) * in_scale..(cy.end - ys.start) * in_scale;
         let core_cols = (cx.start - xs.start) * in_scale..(cx.end - xs.start) * in_scale;
-        Ok((window, ys, xs, core_rows, core_cols))
+        Ok(Window { input: window, ys, xs, core_rows, core_cols })
     };
     // Statistics passes: norm k's whole-image moments, with norms before k already exact.
     loop {
@@ -228,7 +234,7 @@ fn run_tiles(
         let mut reached = false;
         for row in 0..plan.y.cores.len() {
             for col in 0..plan.x.cores.len() {
-                let (window, ys, xs, core_rows, core_cols) = tile(row, col)?;
+                let Window { input: window, ys, xs, core_rows, core_cols } = tile(row, col)?;
                 let base = (ys.len() * in_scale, xs.len() * in_scale);
                 let mut norms = TileNorms {
                     known: &known,
@@ -260,7 +266,7 @@ fn run_tiles(
     let mut none = Vec::new();
     for row in 0..plan.y.cores.len() {
         for col in 0..plan.x.cores.len() {
-            let (window, ys, xs, core_rows, core_cols) = tile(row, col)?;
+            let Window { input: window, ys, xs, core_rows, core_cols } = tile(row, col)?;
             let base = (ys.len() * in_scale, xs.len() * in_scale);
             let mut norms = TileNorms {
                 known: &known,
@@ -336,7 +342,7 @@ impl AutoencoderKl {
             let h = self.decoder.start(&z)?;
             drop(z);
             let body = |x: &Tensor, n: &mut dyn Norms| self.decoder.render(x, n);
-            let (image, r) = run_tiles(&h, &plan, 1, f, self.cfg.out_channels, spec, &body)?;
+            let (image, r) = run_tiles(&h, &plan, 1, f, self.cfg.out_channels, &body)?;
             images.push(image);
             run = r;
         }
@@ -366,7 +372,7 @@ impl AutoencoderKl {
         for i in 0..b {
             let x = image.narrow(0, i, 1)?;
             let body = |x: &Tensor, n: &mut dyn Norms| self.encoder.features(x, n);
-            let (feats, r) = run_tiles(&x, &plan, f, 1, channels, spec, &body)?;
+            let (feats, r) = run_tiles(&x, &plan, f, 1, channels, &body)?;
             run = r;
             let mut moments = self.encoder.finish(&feats.to_dtype(self.dtype)?)?;
             if let Some(conv) = &self.quant_conv {
