@@ -116,6 +116,24 @@ impl GroupNorm {
         Ok(Self { inner, weight, bias, groups, eps })
     }
 
+    /// The per-channel scale (gamma), `[C]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    /// The per-channel shift (beta), `[C]`.
+    pub fn bias(&self) -> &Tensor {
+        &self.bias
+    }
+
+    pub fn groups(&self) -> usize {
+        self.groups
+    }
+
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+
     fn fused(&self, x: &Tensor, silu: bool) -> Result<Option<Tensor>> {
         let op = GroupNormOp { groups: self.groups, eps: self.eps, silu };
         if x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32 {

@@ -26,6 +26,20 @@ pub struct RunArgs {
     /// No progress bar.
     #[arg(short, long)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub vae: VaeTilingArgs,
+}
+
+/// Tiled VAE decode/encode, for every command that runs the VAE (docs/vae-tiling.md).
+#[derive(Args, Debug, Clone)]
+pub struct VaeTilingArgs {
+    /// on | off | auto: decode/encode the VAE in tiles with whole-image GroupNorm statistics
+    /// (auto: when the untiled pass would not fit the memory budget).
+    #[arg(long, default_value = "auto")]
+    pub vae_tiling: String,
+    /// Largest VAE tile in output pixels (default 512; smaller forces more tiles).
+    #[arg(long, value_name = "PX")]
+    pub vae_tile: Option<usize>,
 }
 
 impl RunArgs {

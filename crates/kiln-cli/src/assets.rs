@@ -125,6 +125,17 @@ pub fn run(args: AssetsArgs) -> anyhow::Result<()> {
                         p["device"].as_str().unwrap_or("?")
                     );
                 }
+                if let Some(q) = &asset.qc {
+                    println!(
+                        "qc      {} ({} of {} tiles flagged; bp > {} or hf > {}), heatmap {}",
+                        q["verdict"].as_str().unwrap_or("?"),
+                        q["flagged"],
+                        q["tiles"].as_array().map_or(0, Vec::len),
+                        q["options"]["bp_threshold"],
+                        q["options"]["hf_threshold"],
+                        q["heatmap"].as_str().unwrap_or("?")
+                    );
+                }
                 let label = if asset.params.is_some() { "weights" } else { "hashes" };
                 if !asset.model_hashes.is_empty() {
                     println!("{label}");
@@ -197,7 +208,12 @@ pub fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
         Ok(id) if !std::path::Path::new(&args.source).exists() => ImageRef::Asset(id),
         _ => ImageRef::File(args.source.clone().into()),
     };
-    let spec = JobSpec::Replay(ReplaySpec { asset, out: args.out.clone() });
+    let spec = JobSpec::Replay(ReplaySpec {
+        asset,
+        out: args.out.clone(),
+        vae_tiling: Some(args.job.run.vae.vae_tiling.clone()),
+        vae_tile: args.job.run.vae.vae_tile,
+    });
     let engine = args.job.engine()?;
     let out = crate::job::run(&engine, &spec, &args.job.run)?;
     let d = &out.detail;

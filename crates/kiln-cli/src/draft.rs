@@ -74,6 +74,8 @@ pub fn run(args: DraftArgs) -> anyhow::Result<()> {
         height: args.height,
         steps: args.steps,
         batch: args.batch,
+        vae_tiling: Some(args.job.run.vae.vae_tiling.clone()),
+        vae_tile: args.job.run.vae.vae_tile,
     });
     let engine = args.job.engine()?;
     let out = crate::job::run(&engine, &spec, &args.job.run)?;

@@ -58,6 +58,8 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         strength: Some(args.strength),
         init_latents: args.init_latents.clone(),
         out: args.out.clone(),
+        vae_tiling: Some(args.run.vae.vae_tiling.clone()),
+        vae_tile: args.run.vae.vae_tile,
     });
     args.sampling.scheduler()?;
     let engine = crate::job::engine(args.source.project.as_deref(), &args.run, false)?;

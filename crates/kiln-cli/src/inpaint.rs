@@ -134,6 +134,8 @@ impl JobArgs {
             reimpose: Some(self.reimpose.clone()),
             init_latents: self.init_latents.clone(),
             out: self.out.clone(),
+            vae_tiling: Some(self.run.vae.vae_tiling.clone()),
+            vae_tile: self.run.vae.vae_tile,
             ..Default::default()
         })
     }

@@ -14,6 +14,7 @@ mod inpaint;
 mod job;
 mod models_cmd;
 mod promote;
+mod qc;
 mod report;
 mod serve;
 mod tiers;
@@ -62,6 +63,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// API keys for `kiln serve`: add, list, revoke.
     Keys(serve::KeysArgs),
+    /// Hallucination QC of an upscale against its source: per-tile map, heatmap, worst tiles.
+    Qc(qc::QcArgs),
 }
 
 fn main() -> ExitCode {
@@ -94,6 +97,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Serve(args) => serve::run(args),
         Command::Keys(args) => serve::run_keys(args),
         Command::Cutout(args) => cutout::run(args),
+        Command::Qc(args) => qc::run(args),
     }
 }
 

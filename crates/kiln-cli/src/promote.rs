@@ -60,6 +60,8 @@ pub fn run(args: PromoteArgs) -> anyhow::Result<()> {
         upscale: args.upscale.clone(),
         upscale_tier: Some(args.upscale_tier.clone()),
         tile: args.tile,
+        vae_tiling: Some(args.job.run.vae.vae_tiling.clone()),
+        vae_tile: args.job.run.vae.vae_tile,
     });
     let engine = args.job.engine()?;
     let out = crate::job::run(&engine, &spec, &args.job.run)?;

@@ -108,6 +108,7 @@ fn run_fixture(name: &str) {
             init_image: case.init_image.as_ref().map(|f| kiln_core::image::load_rgb(&dir.join(f)).unwrap()),
             strength: case.strength.unwrap_or(1.0),
             max_batch: 1,
+            vae_tiling: Default::default(),
         };
         assert_eq!(
             case.mode == "img2img",

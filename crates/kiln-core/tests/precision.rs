@@ -73,8 +73,10 @@ fn f16_vae_overflow_falls_back_to_f32_decode() {
     assert!(!is_finite(&raw), "the scaled fixture no longer overflows in f16: the test proves nothing");
 
     let mut timings = StageTimings::default();
-    let got = decode_batch(&half, &latents, &[7], &mut timings).unwrap();
-    let want = decode_batch(&full, &latents.to_dtype(DType::F32).unwrap(), &[7], &mut timings).unwrap();
+    let got = decode_batch(&half, &latents, &[7], &Default::default(), &mut timings).unwrap();
+    let want =
+        decode_batch(&full, &latents.to_dtype(DType::F32).unwrap(), &[7], &Default::default(), &mut timings)
+            .unwrap();
     assert_eq!(got[0].vae_fallback, Some(DType::F32));
     assert_eq!(want[0].vae_fallback, None);
     let (g, w) = (&got[0].pixels, &want[0].pixels);
@@ -107,6 +109,7 @@ fn f16_generate_warns_and_matches_f32() {
         init_image: None,
         strength: 1.0,
         max_batch: 1,
+        vae_tiling: Default::default(),
     };
     let run = |dtype| {
         let model = LoadedModel::load(ModelSource::Folder(dir.clone()), &Device::Cpu, dtype).unwrap();

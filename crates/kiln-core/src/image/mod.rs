@@ -1,4 +1,5 @@
-//! Images: pixels <-> tensors, decoding with size limits, PNG metadata and atomic writes.
+//! Images: pixels <-> tensors, decoding with size limits, PNG metadata and atomic writes;
+//! [`qc`]: hallucination QC of upscales (back-projection and added high-frequency energy per tile).
 
 pub mod chart;
 pub mod compare;
@@ -9,6 +10,7 @@ pub mod mask;
 pub mod pil_resize;
 pub mod png_meta;
 pub mod png_out;
+pub mod qc;
 pub mod resize;
 pub mod sheet;
 

@@ -153,6 +153,7 @@ pub fn run(ws: &mut Workspace, s: &InpaintSpec, sink: &mut dyn EventSink) -> Res
     request.region = region;
     request.padding = s.padding.unwrap_or(crate::pipeline::inpaint::DEFAULT_PADDING);
     request.reimpose = reimpose;
+    request.vae_tiling = super::spec::vae_tiling(s.vae_tiling.as_deref(), s.vae_tile)?;
 
     let output = inpaint(model, &request, &mut SinkProgress::new(sink))?;
     warnings.extend(output.warnings.iter().cloned());

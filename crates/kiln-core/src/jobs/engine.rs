@@ -196,6 +196,7 @@ fn run_draft(ws: &mut Workspace, s: &super::spec::DraftSpec, sink: &mut dyn Even
             steps: s.steps,
             negative_prompt: s.negative.clone(),
             max_batch: s.batch,
+            vae_tiling: super::spec::vae_tiling(s.vae_tiling.as_deref(), s.vae_tile)?,
             ..Default::default()
         },
     };
@@ -247,7 +248,13 @@ fn run_promote(
         draft: asset_ref(ws, &s.draft, "draft")?,
         mode,
         strength: s.strength.unwrap_or(0.5),
-        overrides: Overrides { width: s.width, height: s.height, steps: s.steps, ..Default::default() },
+        overrides: Overrides {
+            width: s.width,
+            height: s.height,
+            steps: s.steps,
+            vae_tiling: super::spec::vae_tiling(s.vae_tiling.as_deref(), s.vae_tile)?,
+            ..Default::default()
+        },
     };
     crate::workflow::resolve_input(&ws.library, &ws.project.root, &request.draft, "draft")?;
     sink.emit(JobEvent::Stage { stage: "load".into() });
@@ -338,7 +345,11 @@ fn run_replay(
     s: &super::spec::ReplaySpec,
     sink: &mut dyn EventSink,
 ) -> Result<JobOutput> {
-    let request = ReplayRequest { source: asset_ref(ws, &s.asset, "asset")?, out: s.out.clone() };
+    let request = ReplayRequest {
+        source: asset_ref(ws, &s.asset, "asset")?,
+        out: s.out.clone(),
+        vae_tiling: super::spec::vae_tiling(s.vae_tiling.as_deref(), s.vae_tile)?,
+    };
     let r = replay(ws, &request, &mut SinkProgress::new(sink))?;
     let images = vec![OutputImage {
         asset_id: Some(r.asset_id),

@@ -165,6 +165,7 @@ pub fn run(ws: &mut Workspace, s: &GenerateSpec, sink: &mut dyn EventSink) -> Re
         scheduler,
         negative_prompt: s.negative.clone(),
         max_batch: Some(s.batch.unwrap_or(count.min(4))),
+        vae_tiling: super::spec::vae_tiling(s.vae_tiling.as_deref(), s.vae_tile)?,
     };
     let fallback = Tier::untiered();
     let mut request =

@@ -141,6 +141,12 @@ pub struct GenerateSpec {
     /// Output path (local only; with several images PATH-0.png, PATH-1.png, ...).
     #[serde(default)]
     pub out: Option<PathBuf>,
+    /// on | off | auto (default): decode/encode the VAE in tiles with whole-image statistics.
+    #[serde(default)]
+    pub vae_tiling: Option<String>,
+    /// Largest VAE tile in output pixels.
+    #[serde(default)]
+    pub vae_tile: Option<usize>,
 }
 
 /// `kiln draft`.
@@ -166,6 +172,12 @@ pub struct DraftSpec {
     pub steps: Option<usize>,
     #[serde(default)]
     pub batch: Option<usize>,
+    /// on | off | auto (default): decode/encode the VAE in tiles with whole-image statistics.
+    #[serde(default)]
+    pub vae_tiling: Option<String>,
+    /// Largest VAE tile in output pixels.
+    #[serde(default)]
+    pub vae_tile: Option<usize>,
 }
 
 /// `kiln promote`.
@@ -198,6 +210,12 @@ pub struct PromoteSpec {
     /// Upscale tile side in input pixels (default: chosen from available memory).
     #[serde(default)]
     pub tile: Option<usize>,
+    /// on | off | auto (default): decode/encode the VAE in tiles with whole-image statistics.
+    #[serde(default)]
+    pub vae_tiling: Option<String>,
+    /// Largest VAE tile in output pixels.
+    #[serde(default)]
+    pub vae_tile: Option<usize>,
 }
 
 impl Default for ImageRef {
@@ -305,6 +323,12 @@ pub struct InpaintSpec {
     /// Erase: grow the mask by this many pixels (default 8).
     #[serde(default)]
     pub grow: Option<u32>,
+    /// on | off | auto (default): decode/encode the VAE in tiles with whole-image statistics.
+    #[serde(default)]
+    pub vae_tiling: Option<String>,
+    /// Largest VAE tile in output pixels.
+    #[serde(default)]
+    pub vae_tile: Option<usize>,
 }
 
 /// `kiln upscale` of an asset through an upscale tier.
@@ -330,9 +354,39 @@ pub struct ReplaySpec {
     /// Local only.
     #[serde(default)]
     pub out: Option<PathBuf>,
+    /// on | off | auto (default): decode/encode the VAE in tiles with whole-image statistics.
+    #[serde(default)]
+    pub vae_tiling: Option<String>,
+    /// Largest VAE tile in output pixels.
+    #[serde(default)]
+    pub vae_tile: Option<usize>,
+}
+
+/// A spec's `vae_tiling` and `vae_tile` as the pipelines take them, checked.
+pub fn vae_tiling(mode: Option<&str>, tile: Option<usize>) -> Result<crate::pipeline::vae_tiling::VaeTiling> {
+    let tiling = crate::pipeline::vae_tiling::VaeTiling {
+        mode: mode.unwrap_or("auto").parse()?,
+        tile_px: tile,
+        budget_bytes: None,
+    };
+    tiling.validate()?;
+    Ok(tiling)
 }
 
 impl JobSpec {
+    /// The spec's VAE tiling choice.
+    pub fn vae(&self) -> Result<crate::pipeline::vae_tiling::VaeTiling> {
+        let (mode, tile) = match self {
+            JobSpec::Generate(s) => (s.vae_tiling.as_deref(), s.vae_tile),
+            JobSpec::Draft(s) => (s.vae_tiling.as_deref(), s.vae_tile),
+            JobSpec::Promote(s) => (s.vae_tiling.as_deref(), s.vae_tile),
+            JobSpec::Inpaint(s) => (s.vae_tiling.as_deref(), s.vae_tile),
+            JobSpec::Replay(s) => (s.vae_tiling.as_deref(), s.vae_tile),
+            JobSpec::Upscale(_) => (None, None),
+        };
+        vae_tiling(mode, tile)
+    }
+
     pub fn kind(&self) -> JobKind {
         match self {
             JobSpec::Generate(_) => JobKind::Generate,
@@ -395,6 +449,7 @@ impl JobSpec {
         crate::bounds::BATCH.check_opt(batch)?;
         crate::bounds::STEPS.check_opt(steps)?;
         crate::bounds::TILE.check_opt(tile)?;
+        self.vae()?;
         if let JobSpec::Generate(s) = self {
             match (&s.tier, &s.model) {
                 (None, None) => return Err(Error::arg("tier", "name a tier (or, locally, a model)")),

@@ -191,6 +191,8 @@ pub struct AssetRow {
     /// Parameters of a step that is not a generation (an upscale's model, sizes, tiling);
     /// see [`Library::record_job_with_params`].
     pub params: Option<serde_json::Value>,
+    /// The latest hallucination-QC report (`kiln qc`), see [`Library::set_qc`].
+    pub qc: Option<serde_json::Value>,
 }
 
 /// A recorded job.
@@ -220,7 +222,8 @@ pub struct AssetFilter {
 
 const ASSET_COLUMNS: &str = "id, job_id, parent_id, kind, tier, path, sha256, width, height, seed, prompt, \
                              record_json, model_hashes, credits, created_at, \
-                             (SELECT json FROM asset_params WHERE asset_params.asset_id = assets.id)";
+                             (SELECT json FROM asset_params WHERE asset_params.asset_id = assets.id), \
+                             (SELECT json FROM asset_qc WHERE asset_qc.asset_id = assets.id)";
 
 fn asset_from_row(row: &Row) -> rusqlite::Result<AssetRow> {
     let record: Option<String> = row.get(11)?;
@@ -243,6 +246,7 @@ fn asset_from_row(row: &Row) -> rusqlite::Result<AssetRow> {
         credits: row.get(13)?,
         created_at: row.get(14)?,
         params: row.get::<_, Option<String>>(15)?.and_then(|p| serde_json::from_str(&p).ok()),
+        qc: row.get::<_, Option<String>>(16)?.and_then(|p| serde_json::from_str(&p).ok()),
     })
 }
 

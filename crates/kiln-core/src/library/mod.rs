@@ -7,10 +7,12 @@
 //! unrecorded files (reported by [`Library::check`] as orphans), never a record without its file.
 //!
 //! - [`assets`]: recording jobs and assets, queries, lineage;
-//! - [`ledger`]: costs, budget, reports.
+//! - [`ledger`]: costs, budget, reports;
+//! - [`qc`]: hallucination-QC reports stored on assets (`kiln qc`).
 
 pub mod assets;
 pub mod ledger;
+pub mod qc;
 
 use crate::error::{Error, Result};
 use crate::tiers::drift::LOCK_FILE;
@@ -229,6 +231,11 @@ CREATE TABLE IF NOT EXISTS assets (
 CREATE TABLE IF NOT EXISTS asset_params (
     asset_id INTEGER PRIMARY KEY REFERENCES assets(id),
     json TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS asset_qc (
+    asset_id INTEGER PRIMARY KEY REFERENCES assets(id),
+    json TEXT NOT NULL,
+    created_at INTEGER NOT NULL
 );
 CREATE INDEX IF NOT EXISTS assets_parent ON assets(parent_id);
 CREATE INDEX IF NOT EXISTS assets_sha ON assets(sha256);

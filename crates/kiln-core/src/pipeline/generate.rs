@@ -7,6 +7,7 @@ use crate::loaders::diffusers::Family;
 use crate::models::unet::UNetCond;
 use crate::pipeline::model::LoadedModel;
 use crate::pipeline::text::{encode_prompts, EncodedPrompts};
+use crate::pipeline::vae_tiling::VaeTiling;
 use crate::rng::BatchRng;
 use crate::schedule::{self, Scheduler, SchedulerKind};
 use candle_core::{DType, Tensor};
@@ -38,6 +39,8 @@ pub struct GenerateRequest {
     pub strength: f64,
     /// Images per UNet batch (memory bound); at least 1.
     pub max_batch: usize,
+    /// Untiled or tiled VAE decode/encode (`--vae-tiling`, `--vae-tile`).
+    pub vae_tiling: VaeTiling,
 }
 
 /// Seconds per stage.
@@ -126,6 +129,7 @@ impl GenerateRequest {
         if self.seeds.is_empty() {
             return Err(Error::arg("count", "at least one image is needed"));
         }
+        self.vae_tiling.validate()?;
         if self.init_image.is_some() && !(self.strength > 0.0 && self.strength <= 1.0) {
             return Err(Error::arg("strength", format!("{} must be in (0, 1]", self.strength)));
         }
@@ -241,7 +245,7 @@ fn run_batch(
     // diffusers' order of draws: img2img samples the VAE latent distribution, then the noise.
     let (latents, first_step) = match init_image {
         Some(image) => {
-            let encoded = encode_sampled(model, image, &mut rng, timings)?;
+            let encoded = encode_sampled(model, image, &req.vae_tiling, &mut rng, timings)?;
             let start = schedule::strength_start(req.steps, req.strength);
             if start >= timesteps.len() {
                 return Err(Error::arg("strength", format!("{} leaves no denoising steps", req.strength)));
@@ -275,7 +279,7 @@ fn run_batch(
         progress,
     )?;
     progress.stage("vae_decode");
-    decode_batch(model, &latents, seeds, timings)
+    decode_batch(model, &latents, seeds, &req.vae_tiling, timings)
 }
 
 /// Everything the UNet is conditioned on besides the sample, for one batch of `b` images.
@@ -412,13 +416,14 @@ pub(crate) fn denoise(
 pub(crate) fn encode_sampled(
     model: &LoadedModel,
     image: &Tensor,
+    tiling: &VaeTiling,
     rng: &mut BatchRng,
     timings: &mut StageTimings,
 ) -> Result<Tensor> {
     let t0 = Instant::now();
     let b = rng.len();
     let vae_cfg = model.vae.config();
-    let dist = model.vae.encode(image)?;
+    let dist = tiling.encode(&model.vae, image)?;
     let latent_shape = dist.mean.dims()[1..].to_vec();
     let dist_noise = rng.randn(&latent_shape, &model.device, model.dtype)?;
     let mean = dist.mean.repeat((b, 1, 1, 1))?;
@@ -439,6 +444,7 @@ pub fn decode_batch(
     model: &LoadedModel,
     latents: &Tensor,
     seeds: &[u64],
+    tiling: &VaeTiling,
     timings: &mut StageTimings,
 ) -> Result<Vec<GeneratedImage>> {
     let vae_cfg = model.vae.config();
@@ -450,12 +456,12 @@ pub fn decode_batch(
         // One image at a time: the decoder's activations dominate memory at large sizes.
         let latent = latents.narrow(0, k, 1)?;
         let unscale = |l: &Tensor| -> Result<Tensor> { Ok(((l / scaling)? + shift)?) };
-        let mut decoded = model.vae.decode(&unscale(&latent)?)?;
+        let mut decoded = tiling.decode(&model.vae, &unscale(&latent)?)?;
         let mut vae_fallback = None;
         if !is_finite(&decoded)? && model.vae.dtype() == DType::F16 {
             // Upcast before unscaling, so the wider dtype sees the latents as the sampler left them.
             let vae = model.vae_upcast()?;
-            decoded = vae.decode(&unscale(&latent.to_dtype(vae.dtype())?)?)?;
+            decoded = tiling.decode(vae, &unscale(&latent.to_dtype(vae.dtype())?)?)?;
             vae_fallback = Some(vae.dtype());
         }
         if !is_finite(&decoded)? {

@@ -8,7 +8,8 @@
 //! - [`cutout`]: background removal with a matting model (rembg's mask, refinement, compositing);
 //! - [`cutout_replace`]: background replacement (inverted cutout mask, feathered, inpainted);
 //! - [`upscale`]: tiled super-resolution, streamed to the PNG encoder;
-//! - [`metadata`]: what goes into output PNGs (A1111 `parameters`, kiln's replay JSON).
+//! - [`metadata`]: what goes into output PNGs (A1111 `parameters`, kiln's replay JSON);
+//! - [`vae_tiling`]: untiled vs tiled VAE decode/encode (`--vae-tiling`, `--vae-tile`).
 
 pub mod cutout;
 pub mod cutout_replace;
@@ -19,3 +20,4 @@ pub mod model;
 pub mod outpaint;
 pub mod text;
 pub mod upscale;
+pub mod vae_tiling;

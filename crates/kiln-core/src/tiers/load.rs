@@ -9,6 +9,7 @@ use crate::loaders::store::{SrWeights, Store};
 use crate::pipeline::generate::GenerateRequest;
 use crate::pipeline::model::{LoadedModel, WeightRecord};
 use crate::pipeline::upscale::Upscaler;
+use crate::pipeline::vae_tiling::VaeTiling;
 use crate::schedule::SchedulerKind;
 use candle_core::{DType, Device};
 use std::path::Path;
@@ -164,6 +165,8 @@ pub struct Overrides {
     pub scheduler: Option<SchedulerKind>,
     pub negative_prompt: Option<String>,
     pub max_batch: Option<usize>,
+    /// `--vae-tiling` / `--vae-tile`.
+    pub vae_tiling: VaeTiling,
 }
 
 /// A txt2img request for `seeds` from the tier's defaults, overridden by `o`; what neither sets
@@ -199,5 +202,6 @@ pub fn tier_request(
         init_image: None,
         strength: 1.0,
         max_batch: o.max_batch.unwrap_or(n.min(8)).max(1),
+        vae_tiling: o.vae_tiling,
     })
 }

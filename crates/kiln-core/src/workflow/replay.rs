@@ -23,6 +23,8 @@ pub struct ReplayRequest {
     pub source: AssetRef,
     /// Where to write the regenerated PNG (default: assets/replays/).
     pub out: Option<PathBuf>,
+    /// `--vae-tiling` / `--vae-tile` (a tiled decode differs from an untiled one in the last bits).
+    pub vae_tiling: crate::pipeline::vae_tiling::VaeTiling,
 }
 
 /// What a replay produced.
@@ -127,7 +129,8 @@ pub fn replay(ws: &mut Workspace, req: &ReplayRequest, progress: &mut dyn Progre
             )
         })?;
         let inputs = RecordedInputs { image, mask: inpaint_mask, init_latents };
-        let request = request_from_record(&record, inputs)?;
+        let mut request = request_from_record(&record, inputs)?;
+        request.vae_tiling = req.vae_tiling;
         let output = inpaint(&model, &request, progress)?;
         let first = output
             .images
@@ -149,6 +152,7 @@ pub fn replay(ws: &mut Workspace, req: &ReplayRequest, progress: &mut dyn Progre
             init_image,
             strength: record.strength.unwrap_or(1.0),
             max_batch: 1,
+            vae_tiling: req.vae_tiling,
         };
         let output = generate(&model, &request, progress)?;
         let image =

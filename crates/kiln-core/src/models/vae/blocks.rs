@@ -51,6 +51,26 @@ impl Activation {
     }
 }
 
+/// How a forward pass applies its GroupNorms. [`PlainNorms`] normalises each tensor with its own
+/// statistics (the untiled model); the tiled VAE ([`super::tiled`]) substitutes whole-image
+/// statistics so every tile is normalised exactly as the full image would be.
+pub(crate) trait Norms {
+    /// `act(norm(xs))`, or `norm(xs)` when `act` is None.
+    fn apply(&mut self, norm: &GroupNorm, act: Option<Activation>, xs: &Tensor) -> Result<Tensor>;
+}
+
+/// Each GroupNorm uses the statistics of the tensor it is given.
+pub(crate) struct PlainNorms;
+
+impl Norms for PlainNorms {
+    fn apply(&mut self, norm: &GroupNorm, act: Option<Activation>, xs: &Tensor) -> Result<Tensor> {
+        match act {
+            Some(act) => act.after_norm(norm, xs),
+            None => Ok(norm.forward(xs)?),
+        }
+    }
+}
+
 pub(crate) fn conv2d(
     cin: usize,
     cout: usize,
@@ -98,10 +118,10 @@ impl ResnetBlock2D {
         })
     }
 
-    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let h = self.act.after_norm(&self.norm1, xs)?;
+    pub(crate) fn forward(&self, xs: &Tensor, norms: &mut dyn Norms) -> Result<Tensor> {
+        let h = norms.apply(&self.norm1, Some(self.act), xs)?;
         let h = self.conv1.forward(&h)?;
-        let h = self.act.after_norm(&self.norm2, &h)?;
+        let h = norms.apply(&self.norm2, Some(self.act), &h)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
@@ -258,12 +278,13 @@ impl SpatialAttention {
         })
     }
 
-    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, xs: &Tensor, norms: &mut dyn Norms) -> Result<Tensor> {
         let (b, c, h, w) = xs.dims4()?;
         let head_dim = c / self.heads;
         // [b, hw, c], made contiguous: candle 0.11.1's CPU matmul folds the batch of a transposed lhs
         // against a broadcast rhs (what `Linear` does for 3-D inputs) into one gemm and gets it wrong.
-        let tokens = self.group_norm.forward(xs)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
+        let tokens =
+            norms.apply(&self.group_norm, None, xs)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
         let qkv = self.to_qkv.forward(&tokens)?;
         let (q, k, v) = (qkv.narrow(2, 0, c)?, qkv.narrow(2, c, c)?, qkv.narrow(2, 2 * c, c)?);
         let attended = if kiln_kernels::attention_is_fused(xs.device(), qkv.dtype(), head_dim) {
@@ -310,15 +331,15 @@ impl MidBlock2D {
         Ok(Self { resnets, attention })
     }
 
-    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    pub(crate) fn forward(&self, xs: &Tensor, norms: &mut dyn Norms) -> Result<Tensor> {
         let mut xs = xs.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             if i > 0 {
                 if let Some(attention) = &self.attention {
-                    xs = attention.forward(&xs)?;
+                    xs = attention.forward(&xs, norms)?;
                 }
             }
-            xs = resnet.forward(&xs)?;
+            xs = resnet.forward(&xs, norms)?;
         }
         Ok(xs)
     }
@@ -354,12 +375,12 @@ impl ResnetStack {
         Ok(Self { resnets, attentions })
     }
 
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, norms: &mut dyn Norms) -> Result<Tensor> {
         let mut xs = xs.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
-            xs = resnet.forward(&xs)?;
+            xs = resnet.forward(&xs, norms)?;
             if let Some(attention) = self.attentions.get(i) {
-                xs = attention.forward(&xs)?;
+                xs = attention.forward(&xs, norms)?;
             }
         }
         Ok(xs)
@@ -405,8 +426,8 @@ impl DownEncoderBlock2D {
         Ok(Self { stack, downsample })
     }
 
-    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = self.stack.forward(xs)?;
+    pub(crate) fn forward(&self, xs: &Tensor, norms: &mut dyn Norms) -> Result<Tensor> {
+        let xs = self.stack.forward(xs, norms)?;
         match &self.downsample {
             Some(down) => down.forward(&xs),
             None => Ok(xs),
@@ -437,8 +458,8 @@ impl UpDecoderBlock2D {
         Ok(Self { stack, upsample })
     }
 
-    pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = self.stack.forward(xs)?;
+    pub(crate) fn forward(&self, xs: &Tensor, norms: &mut dyn Norms) -> Result<Tensor> {
+        let xs = self.stack.forward(xs, norms)?;
         match &self.upsample {
             Some(up) => up.forward(&xs),
             None => Ok(xs),

@@ -1,7 +1,8 @@
 //! diffusers' VAE `Encoder` and `Decoder` (vae.py), group-norm variant.
 
 use super::blocks::{
-    conv2d, group_norm, Activation, BlockSpec, DownEncoderBlock2D, MidBlock2D, UpDecoderBlock2D,
+    conv2d, group_norm, Activation, BlockSpec, DownEncoderBlock2D, MidBlock2D, Norms, PlainNorms,
+    UpDecoderBlock2D,
 };
 use super::VaeConfig;
 use crate::error::Result;
@@ -56,11 +57,23 @@ impl Encoder {
     }
 
     pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = self.features(xs, &mut PlainNorms)?;
+        self.finish(&xs)
+    }
+
+    /// conv_in and the down blocks: everything local (convolutions and norms), which the tiled
+    /// encoder runs tile by tile.
+    pub(crate) fn features(&self, xs: &Tensor, norms: &mut dyn Norms) -> Result<Tensor> {
         let mut xs = self.conv_in.forward(xs)?;
         for block in &self.down_blocks {
-            xs = block.forward(&xs)?;
+            xs = block.forward(&xs, norms)?;
         }
-        let xs = self.mid_block.forward(&xs)?;
+        Ok(xs)
+    }
+
+    /// The mid block (with its whole-image attention), norm and conv_out, at latent resolution.
+    pub(crate) fn finish(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = self.mid_block.forward(xs, &mut PlainNorms)?;
         let xs = self.act.after_norm(&self.conv_norm_out, &xs)?;
         Ok(self.conv_out.forward(&xs)?)
     }
@@ -114,12 +127,23 @@ impl Decoder {
     }
 
     pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = self.start(xs)?;
+        self.render(&xs, &mut PlainNorms)
+    }
+
+    /// conv_in and the mid block (with its whole-image attention), at latent resolution.
+    pub(crate) fn start(&self, xs: &Tensor) -> Result<Tensor> {
         let xs = self.conv_in.forward(xs)?;
-        let mut xs = self.mid_block.forward(&xs)?;
+        self.mid_block.forward(&xs, &mut PlainNorms)
+    }
+
+    /// The up blocks, norm and conv_out: everything local, which the tiled decoder runs tile by tile.
+    pub(crate) fn render(&self, xs: &Tensor, norms: &mut dyn Norms) -> Result<Tensor> {
+        let mut xs = xs.clone();
         for block in &self.up_blocks {
-            xs = block.forward(&xs)?;
+            xs = block.forward(&xs, norms)?;
         }
-        let xs = self.act.after_norm(&self.conv_norm_out, &xs)?;
+        let xs = norms.apply(&self.conv_norm_out, Some(self.act), &xs)?;
         Ok(self.conv_out.forward(&xs)?)
     }
 }

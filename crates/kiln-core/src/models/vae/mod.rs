@@ -4,11 +4,16 @@
 //! `DownEncoderBlock2D`/`UpDecoderBlock2D` (and `Attn*` variants) and `UNetMidBlock2D` blocks,
 //! `ResnetBlock2D`, and the VAE's single-head spatial attention. Inputs and outputs are unscaled:
 //! the pipeline applies `scaling_factor`/`shift_factor` and converts pixels.
+//!
+//! Modules: `blocks` (resnet, attention, up/down/mid blocks), `coder` (Encoder, Decoder),
+//! `tiled` (tiled decode/encode with whole-image GroupNorm statistics: [`TileSpec`]).
 
 mod blocks;
 mod coder;
+mod tiled;
 
 pub use blocks::scaled_dot_product_attention;
+pub use tiled::{TileSpec, TiledRun};
 
 use crate::error::{Error, Result};
 use blocks::Activation;
@@ -248,6 +253,11 @@ impl AutoencoderKl {
         if let Some(conv) = &self.quant_conv {
             moments = conv.forward(&moments)?;
         }
+        self.split_moments(&moments)
+    }
+
+    /// `quant_conv`'s output (mean and log-variance side by side) → the latent distribution.
+    fn split_moments(&self, moments: &Tensor) -> Result<LatentDist> {
         let latent = self.cfg.latent_channels;
         let mean = moments.narrow(1, 0, latent)?.contiguous()?;
         let logvar = moments.narrow(1, latent, latent)?.clamp(-30f32, 20f32)?;

@@ -16,6 +16,7 @@ use crate::image::mask::{composite, Mask, Rect};
 use crate::pipeline::generate::{NoProgress, Progress, StageTimings, MAX_GENERATE_SIDE, MAX_STEPS};
 use crate::pipeline::model::LoadedModel;
 use crate::pipeline::text::encode_prompts;
+use crate::pipeline::vae_tiling::VaeTiling;
 use crate::schedule::SchedulerKind;
 use candle_core::Tensor;
 use image::{Rgb32FImage, RgbImage};
@@ -100,6 +101,8 @@ pub struct InpaintRequest {
     /// The only-masked processing size (its pixel count and the crop's aspect); None = the
     /// model's native size. A tier's width × height sets it.
     pub native_size: Option<(u32, u32)>,
+    /// Untiled or tiled VAE decode/encode (`--vae-tiling`, `--vae-tile`).
+    pub vae_tiling: VaeTiling,
 }
 
 impl InpaintRequest {
@@ -124,6 +127,7 @@ impl InpaintRequest {
             reimpose_denoised: None,
             inflate: 1,
             native_size: None,
+            vae_tiling: VaeTiling::default(),
         }
     }
 }
@@ -202,6 +206,7 @@ pub fn check_inputs(image: &RgbImage, mask: &Mask) -> Result<()> {
 pub fn validate(model: &LoadedModel, req: &InpaintRequest) -> Result<Mask> {
     UNetKind::of(model)?;
     check_inputs(&req.image, &req.mask)?;
+    req.vae_tiling.validate()?;
     if req.steps == 0 || req.steps > MAX_STEPS {
         return Err(Error::arg("steps", format!("{} is outside 1..={MAX_STEPS}", req.steps)));
     }
@@ -372,6 +377,7 @@ pub fn inpaint(
         guidance: req.guidance,
         cfg,
         prompts: &prompts,
+        vae_tiling: req.vae_tiling,
     };
     let mut images = Vec::with_capacity(req.seeds.len());
     for &seed in &req.seeds {

@@ -11,6 +11,7 @@ use crate::pipeline::generate::{
 };
 use crate::pipeline::model::LoadedModel;
 use crate::pipeline::text::EncodedPrompts;
+use crate::pipeline::vae_tiling::VaeTiling;
 use crate::rng::BatchRng;
 use crate::schedule::{self, Scheduler, SchedulerKind};
 use candle_core::Tensor;
@@ -63,6 +64,7 @@ pub(crate) struct Sampling<'a> {
     pub guidance: f64,
     pub cfg: bool,
     pub prompts: &'a EncodedPrompts,
+    pub vae_tiling: VaeTiling,
 }
 
 /// Re-imposes `known` (noised to the next step's level) wherever the latent mask is below 1.
@@ -153,8 +155,11 @@ pub(crate) fn sample_canvas(
     // diffusers' order of draws: the image's latent sample (4-channel UNets, or any strength
     // below 1), the starting noise, then the masked image's latent sample.
     let needs_image_latents = unet_kind == UNetKind::Plain || !full_strength;
-    let image_latents =
-        if needs_image_latents { Some(encode_sampled(model, &image, &mut rng, timings)?) } else { None };
+    let image_latents = if needs_image_latents {
+        Some(encode_sampled(model, &image, &sampling.vae_tiling, &mut rng, timings)?)
+    } else {
+        None
+    };
     let noise = match init_latents {
         Some(l) => l.to_device(device)?.to_dtype(dtype)?,
         None => rng.randn(&latent_shape, device, dtype)?,
@@ -171,7 +176,8 @@ pub(crate) fn sample_canvas(
     let masked_image = image.broadcast_mul(&masked_keep)?;
     let extra = match unet_kind {
         UNetKind::Inpaint => {
-            let masked_latents = encode_sampled(model, &masked_image, &mut rng, timings)?;
+            let masked_latents =
+                encode_sampled(model, &masked_image, &sampling.vae_tiling, &mut rng, timings)?;
             let mask_latent = match canvas.blend {
                 Blend::Diffusers => binary.latent_nearest(f as u32, device, dtype)?,
                 Blend::Kiln => binary.latent_max_pool(f as u32, 0, device, dtype)?,
@@ -195,7 +201,7 @@ pub(crate) fn sample_canvas(
         Some(k) => k,
         // A 9-channel run at full strength asked to re-impose: encode now (no draw: the mean).
         None if canvas.reimpose => {
-            let dist = model.vae.encode(&image)?;
+            let dist = sampling.vae_tiling.encode(&model.vae, &image)?;
             let cfg = model.vae.config();
             ((dist.mean - cfg.shift_factor.unwrap_or(0.0))? * cfg.scaling_factor)?
         }
@@ -213,6 +219,6 @@ pub(crate) fn sample_canvas(
     let cond = Conditioning::new(model, sampling.prompts, 1, sampling.cfg, sampling.guidance, width, height)?;
     let latents =
         denoise(model, scheduler.as_mut(), &cond, latents, start, &mut rng, &mut hooks, timings, progress)?;
-    let mut images = decode_batch(model, &latents, &[seed], timings)?;
+    let mut images = decode_batch(model, &latents, &[seed], &sampling.vae_tiling, timings)?;
     images.pop().map(|g| g.pixels).ok_or_else(|| Error::Unsupported("the decoder returned no image".into()))
 }

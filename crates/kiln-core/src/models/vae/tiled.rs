@@ -1,0 +1,457 @@
+//! Tiled VAE decode and encode whose GroupNorms use **whole-image** statistics.
+//!
+//! Tiled decoders that normalise each tile with its own GroupNorm statistics (diffusers'
+//! `enable_tiling`, ComfyUI's VAEDecodeTiled) shift tone from tile to tile. Here every tile is
+//! normalised with the mean/variance of the whole image, so tiles agree with each other and with an
+//! untiled decode:
+//!
+//! - The parts of the network that mix the whole image — the mid block with its attention — run
+//!   once, untiled, at latent resolution (1/64 of the pixels): decoder `conv_in` + mid block,
+//!   encoder mid block + `conv_norm_out` + `conv_out`.
+//! - The high-resolution part (decoder up blocks, encoder down blocks) runs tile by tile on the
+//!   planner of [`crate::tiling`]: overlapping windows, raised-cosine blending of the overlaps.
+//! - GroupNorm statistics, exactly: one statistics pass per norm layer k runs every tile up to
+//!   norm k (normalising layers before k with the whole-image statistics already found) and merges
+//!   each group's count/mean/M2 over the tile *cores* (which partition the image at every
+//!   resolution, so each pixel counts once; Chan et al.'s merge). Then a last pass runs every tile
+//!   through with all statistics known and blends the outputs. (A cheaper fixed-point iteration —
+//!   run everything with last pass's statistics, measure again — was tried: with random weights it
+//!   only becomes exact one layer per pass, so it is not used.)
+//!
+//! Memory: the latent-resolution activations of the whole image (the mid block's input/output)
+//! plus one tile's activations plus the output image. Attention inside up/down blocks (rare: none
+//! in SD/SDXL's VAEs) stays per tile, as in every tiled decoder.
+
+use super::blocks::{Activation, Norms};
+use super::{AutoencoderKl, LatentDist};
+use crate::error::{Error, Result};
+use crate::tiling::{StripAssembler, TileOptions, TileOutput, TilePlan};
+use candle_core::{DType, Module, Tensor};
+use kiln_kernels::GroupNorm;
+use std::ops::Range;
+
+/// How to tile, in latent pixels except `tile_px`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TileSpec {
+    /// Largest tile core in image pixels (rounded down to whole latent pixels, at least 1).
+    pub tile_px: usize,
+    /// Context around each core towards neighbouring tiles, in latent pixels.
+    pub halo: usize,
+    /// Cross-fade width around each boundary, in latent pixels (at most `2 * halo`; narrowed to
+    /// the smallest tile).
+    pub feather: usize,
+}
+
+impl Default for TileSpec {
+    fn default() -> Self {
+        Self { tile_px: 512, halo: 8, feather: 8 }
+    }
+}
+
+/// What a tiled run did.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct TiledRun {
+    pub tiles: usize,
+    /// Passes over the tiles: one statistics pass per tiled norm layer, plus the output pass.
+    pub passes: usize,
+}
+
+/// Running count/mean/M2 of one group (merged across tiles with Chan's formula).
+#[derive(Debug, Clone, Copy, Default)]
+struct Moments {
+    n: f64,
+    mean: f64,
+    m2: f64,
+}
+
+impl Moments {
+    fn merge(&mut self, o: Moments) {
+        if o.n == 0.0 {
+            return;
+        }
+        let n = self.n + o.n;
+        let delta = o.mean - self.mean;
+        self.mean += delta * o.n / n;
+        self.m2 += o.m2 + delta * delta * self.n * o.n / n;
+        self.n = n;
+    }
+
+    fn var(&self) -> f64 {
+        if self.n > 0.0 {
+            self.m2 / self.n
+        } else {
+            0.0
+        }
+    }
+}
+
+/// Per norm layer (in forward order), per group.
+type LayerStats = Vec<Vec<Moments>>;
+
+/// The [`Norms`] of one tile: normalises with the whole-image statistics found so far; at norm
+/// `stop_at` it adds the tile core's moments to `acc` and stops the forward pass (`stopped`).
+struct TileNorms<'a> {
+    known: &'a LayerStats,
+    acc: &'a mut Vec<Moments>,
+    stop_at: Option<usize>,
+    stopped: bool,
+    next: usize,
+    /// The tile core inside the window, in the window's base coordinates (`base` = window size).
+    core_rows: Range<usize>,
+    core_cols: Range<usize>,
+    base: (usize, usize),
+}
+
+impl TileNorms<'_> {
+    /// The core scaled to a feature map of `h x w` (exact: resolutions are powers of two of the base).
+    fn core_at(&self, h: usize, w: usize) -> (Range<usize>, Range<usize>) {
+        let (bh, bw) = self.base;
+        let rows = self.core_rows.start * h / bh..self.core_rows.end * h / bh;
+        let cols = self.core_cols.start * w / bw..self.core_cols.end * w / bw;
+        (rows, cols)
+    }
+
+    fn measure(&self, xs: &Tensor, groups: usize) -> Result<Vec<Moments>> {
+        let (_, c, h, w) = xs.dims4()?;
+        let (rows, cols) = self.core_at(h, w);
+        let data = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let per_group = c / groups;
+        let mut out = vec![Moments::default(); groups];
+        let row = |ch: usize, y: usize| &data[(ch * h + y) * w..][cols.clone()];
+        for (g, m) in out.iter_mut().enumerate() {
+            let channels = g * per_group..(g + 1) * per_group;
+            // Two passes (mean, then squared deviations): sum-of-squares minus squared sum loses
+            // the variance of groups whose mean is large against their spread.
+            let (mut sum, mut n) = (0f64, 0usize);
+            for ch in channels.clone() {
+                for y in rows.clone() {
+                    let r = row(ch, y);
+                    sum += r.iter().map(|&v| v as f64).sum::<f64>();
+                    n += r.len();
+                }
+            }
+            if n == 0 {
+                continue;
+            }
+            let mean = sum / n as f64;
+            let mut m2 = 0f64;
+            for ch in channels {
+                for y in rows.clone() {
+                    m2 += row(ch, y).iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>();
+                }
+            }
+            *m = Moments { n: n as f64, mean, m2 };
+        }
+        Ok(out)
+    }
+}
+
+impl Norms for TileNorms<'_> {
+    fn apply(&mut self, norm: &GroupNorm, act: Option<Activation>, xs: &Tensor) -> Result<Tensor> {
+        let idx = self.next;
+        self.next += 1;
+        let groups = norm.groups();
+        if self.stop_at == Some(idx) {
+            let tile = self.measure(xs, groups)?;
+            self.acc.resize(groups, Moments::default());
+            for (a, t) in self.acc.iter_mut().zip(&tile) {
+                a.merge(*t);
+            }
+            self.stopped = true;
+            // Not a failure: run_tiles sees `stopped` and skips the rest of the tile's forward pass.
+            return Err(Error::Unsupported("statistics pass stop".into()));
+        }
+        let Some(stats) = self.known.get(idx) else {
+            return Err(Error::Unsupported(format!("tiled VAE: norm layer {idx} has no statistics yet")));
+        };
+        let channels = xs.dim(1)?;
+        let per_group = channels / groups.max(1);
+        let gamma = norm.weight().to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let beta = norm.bias().to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let (mut scale, mut shift) = (Vec::with_capacity(channels), Vec::with_capacity(channels));
+        for ch in 0..channels {
+            let m = stats.get(ch / per_group).copied().unwrap_or_default();
+            let a = gamma.get(ch).copied().unwrap_or(1.0) / (m.var() + norm.eps()).sqrt();
+            scale.push(a as f32);
+            shift.push((beta.get(ch).copied().unwrap_or(0.0) - m.mean * a) as f32);
+        }
+        let shape = (1, channels, 1, 1);
+        let scale = Tensor::from_vec(scale, shape, xs.device())?.to_dtype(xs.dtype())?;
+        let shift = Tensor::from_vec(shift, shape, xs.device())?.to_dtype(xs.dtype())?;
+        let ys = xs.broadcast_mul(&scale)?.broadcast_add(&shift)?;
+        match act {
+            Some(act) => act.apply(&ys),
+            None => Ok(ys),
+        }
+    }
+}
+
+/// A window of `axis`'s tile `k`, clamped to the image: the untiled network sees zero padding
+/// at the image edges, and so does a tile there.
+fn clamp(window: Range<isize>, len: usize) -> Range<usize> {
+    window.start.max(0) as usize..(window.end.max(0) as usize).min(len)
+}
+
+/// One tile's input window, its extent in plan units and its core in the window's base coordinates.
+struct Window {
+    input: Tensor,
+    ys: Range<usize>,
+    xs: Range<usize>,
+    core_rows: Range<usize>,
+    core_cols: Range<usize>,
+}
+
+/// Runs `body` on every tile of `plan` (windows of `input` at `in_scale` input pixels per plan
+/// unit), blending outputs at `out_scale` output pixels per plan unit, for as many passes as the
+/// statistics need. Returns the blended output `[1, C, H, W]` (f32) and the run's figures.
+fn run_tiles(
+    input: &Tensor,
+    plan: &TilePlan,
+    in_scale: usize,
+    out_scale: usize,
+    out_channels: usize,
+    body: &dyn Fn(&Tensor, &mut dyn Norms) -> Result<Tensor>,
+) -> Result<(Tensor, TiledRun)> {
+    let mut known = LayerStats::new();
+    let mut run = TiledRun { tiles: plan.tile_count(), passes: 0 };
+    // Window of tile (row, col), and its core in the window's base coordinates.
+    let tile = |row: usize, col: usize| -> Result<Window> {
+        let (ys, xs) = (clamp(plan.y.window(row), plan.y.len), clamp(plan.x.window(col), plan.x.len));
+        let (cy, cx) = (&plan.y.cores[row], &plan.x.cores[col]);
+        let window = input.narrow(2, ys.start * in_scale, ys.len() * in_scale)?.narrow(
+            3,
+            xs.start * in_scale,
+            xs.len() * in_scale,
+        )?;
+        let core_rows = (cy.start - ys.start) * in_scale..(cy.end - ys.start) * in_scale;
+        let core_cols = (cx.start - xs.start) * in_scale..(cx.end - xs.start) * in_scale;
+        Ok(Window { input: window, ys, xs, core_rows, core_cols })
+    };
+    // Statistics passes: norm k's whole-image moments, with norms before k already exact.
+    loop {
+        let stop_at = known.len();
+        let mut acc = Vec::new();
+        let mut reached = false;
+        for row in 0..plan.y.cores.len() {
+            for col in 0..plan.x.cores.len() {
+                let Window { input: window, ys, xs, core_rows, core_cols } = tile(row, col)?;
+                let base = (ys.len() * in_scale, xs.len() * in_scale);
+                let mut norms = TileNorms {
+                    known: &known,
+                    acc: &mut acc,
+                    stop_at: Some(stop_at),
+                    stopped: false,
+                    next: 0,
+                    core_rows,
+                    core_cols,
+                    base,
+                };
+                match body(&window, &mut norms) {
+                    Err(_) if norms.stopped => reached = true,
+                    Err(e) => return Err(e),
+                    // The forward pass has fewer norms than `stop_at`: all are known.
+                    Ok(_) => {}
+                }
+            }
+        }
+        run.passes += 1;
+        if !reached {
+            break;
+        }
+        known.push(acc);
+    }
+    // Output pass.
+    let mut assembler = StripAssembler::new(plan.clone(), out_scale, out_channels);
+    let mut rows_out: Vec<f32> = Vec::new();
+    let mut none = Vec::new();
+    for row in 0..plan.y.cores.len() {
+        for col in 0..plan.x.cores.len() {
+            let Window { input: window, ys, xs, core_rows, core_cols } = tile(row, col)?;
+            let base = (ys.len() * in_scale, xs.len() * in_scale);
+            let mut norms = TileNorms {
+                known: &known,
+                acc: &mut none,
+                stop_at: None,
+                stopped: false,
+                next: 0,
+                core_rows,
+                core_cols,
+                base,
+            };
+            let out = body(&window, &mut norms)?;
+            let (_, c, h, w) = out.dims4()?;
+            if c != out_channels || h != ys.len() * out_scale || w != xs.len() * out_scale {
+                return Err(Error::Unsupported(format!(
+                    "tiled VAE: a tile produced {c}x{h}x{w}, expected {out_channels}x{}x{}",
+                    ys.len() * out_scale,
+                    xs.len() * out_scale
+                )));
+            }
+            let data = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            let origin = ((ys.start * out_scale) as isize, (xs.start * out_scale) as isize);
+            assembler.add(row, col, &TileOutput { data: &data, rows: h, cols: w, origin })?;
+        }
+        rows_out.extend(assembler.finish_row(row));
+    }
+    run.passes += 1;
+    let (h, w) = (assembler.out_height(), assembler.out_width());
+    let image = Tensor::from_vec(rows_out, (1, h, w, out_channels), input.device())?;
+    Ok((image.permute((0, 3, 1, 2))?.contiguous()?, run))
+}
+
+fn plan(latent_h: usize, latent_w: usize, factor: usize, spec: &TileSpec) -> Result<TilePlan> {
+    if spec.feather > 2 * spec.halo {
+        return Err(Error::arg(
+            "vae-tile",
+            format!(
+                "a feather of {} latent pixels needs a halo of at least {}",
+                spec.feather,
+                spec.feather.div_ceil(2)
+            ),
+        ));
+    }
+    let tile = (spec.tile_px / factor.max(1)).max(1);
+    // The cross-fade reaches half its width into each neighbour: keep it inside the smallest core.
+    let smallest =
+        |len: usize| crate::tiling::even_split(len, tile, 1).iter().map(|r| r.len()).min().unwrap_or(1);
+    let feather = spec.feather.min(smallest(latent_h)).min(smallest(latent_w));
+    TilePlan::new(
+        latent_w,
+        latent_h,
+        TileOptions { max_tile: tile, max_tile_rows: tile, halo: spec.halo, border: 0, feather, multiple: 1 },
+    )
+}
+
+impl AutoencoderKl {
+    /// [`AutoencoderKl::decode`] tile by tile with whole-image GroupNorm statistics. Output in f32.
+    pub fn decode_tiled(&self, latents: &Tensor, spec: &TileSpec) -> Result<(Tensor, TiledRun)> {
+        let latents = self.prepare("latents", latents, self.cfg.latent_channels)?;
+        let (b, _, lh, lw) = latents.dims4()?;
+        let f = self.scale_factor();
+        let plan = plan(lh, lw, f, spec)?;
+        if plan.tile_count() == 1 {
+            return Ok((self.decode(&latents)?, TiledRun { tiles: 1, passes: 1 }));
+        }
+        let mut images = Vec::with_capacity(b);
+        let mut run = TiledRun::default();
+        for i in 0..b {
+            let mut z = latents.narrow(0, i, 1)?;
+            if let Some(conv) = &self.post_quant_conv {
+                z = conv.forward(&z)?;
+            }
+            let h = self.decoder.start(&z)?;
+            drop(z);
+            let body = |x: &Tensor, n: &mut dyn Norms| self.decoder.render(x, n);
+            let (image, r) = run_tiles(&h, &plan, 1, f, self.cfg.out_channels, &body)?;
+            images.push(image);
+            run = r;
+        }
+        Ok((Tensor::cat(&images, 0)?, run))
+    }
+
+    /// [`AutoencoderKl::encode`] tile by tile with whole-image GroupNorm statistics. The image's
+    /// height and width must be multiples of the scale factor.
+    pub fn encode_tiled(&self, image: &Tensor, spec: &TileSpec) -> Result<(LatentDist, TiledRun)> {
+        let image = self.prepare("image", image, self.cfg.in_channels)?;
+        let (b, _, h, w) = image.dims4()?;
+        let f = self.scale_factor();
+        if h % f != 0 || w % f != 0 {
+            return Err(Error::arg(
+                "image",
+                format!("{w}x{h} is not a multiple of {f}; tiled VAE encoding needs whole latent pixels"),
+            ));
+        }
+        let plan = plan(h / f, w / f, f, spec)?;
+        if plan.tile_count() == 1 {
+            return Ok((self.encode(&image)?, TiledRun { tiles: 1, passes: 1 }));
+        }
+        let channels = self.cfg.block_out_channels.last().copied().unwrap_or_default();
+        let mut means = Vec::with_capacity(b);
+        let mut stds = Vec::with_capacity(b);
+        let mut run = TiledRun::default();
+        for i in 0..b {
+            let x = image.narrow(0, i, 1)?;
+            let body = |x: &Tensor, n: &mut dyn Norms| self.encoder.features(x, n);
+            let (feats, r) = run_tiles(&x, &plan, f, 1, channels, &body)?;
+            run = r;
+            let mut moments = self.encoder.finish(&feats.to_dtype(self.dtype)?)?;
+            if let Some(conv) = &self.quant_conv {
+                moments = conv.forward(&moments)?;
+            }
+            let dist = self.split_moments(&moments)?;
+            means.push(dist.mean);
+            stds.push(dist.std);
+        }
+        Ok((LatentDist { mean: Tensor::cat(&means, 0)?, std: Tensor::cat(&stds, 0)? }, run))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn measured_whole_image_statistics_reproduce_group_norm() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 2.0, (1, 8, 6, 5), &dev)? + 3.0)?;
+        let norm = GroupNorm::new(
+            Tensor::randn(1f32, 0.2, 8, &dev)?,
+            Tensor::randn(0f32, 0.2, 8, &dev)?,
+            8,
+            2,
+            1e-6,
+        )?;
+        let want = Activation::Silu.after_norm(&norm, &x)?;
+        let mut acc = Vec::new();
+        // Two "tiles": rows 0..2 and 2..6 of the same window.
+        for rows in [0..2, 2..6] {
+            let known = LayerStats::new();
+            let mut n = TileNorms {
+                known: &known,
+                acc: &mut acc,
+                stop_at: Some(0),
+                stopped: false,
+                next: 0,
+                core_rows: rows,
+                core_cols: 0..5,
+                base: (6, 5),
+            };
+            assert!(n.apply(&norm, Some(Activation::Silu), &x).is_err() && n.stopped);
+        }
+        let known = vec![acc];
+        let mut none = Vec::new();
+        let mut n = TileNorms {
+            known: &known,
+            acc: &mut none,
+            stop_at: None,
+            stopped: false,
+            next: 0,
+            core_rows: 0..6,
+            core_cols: 0..5,
+            base: (6, 5),
+        };
+        let got = n.apply(&norm, Some(Activation::Silu), &x)?;
+        let diff = (got - want)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
+        assert!(diff < 1e-5, "{diff}");
+        Ok(())
+    }
+
+    #[test]
+    fn merged_moments_equal_the_whole() {
+        let xs: Vec<f64> = (0..1000).map(|i| ((i * 37 % 101) as f64).sin() * 3.0 + 1.5).collect();
+        let whole = {
+            let mean = xs.iter().sum::<f64>() / xs.len() as f64;
+            let var = xs.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / xs.len() as f64;
+            (mean, var)
+        };
+        let mut acc = Moments::default();
+        for chunk in xs.chunks(137) {
+            let n = chunk.len() as f64;
+            let mean = chunk.iter().sum::<f64>() / n;
+            let m2 = chunk.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>();
+            acc.merge(Moments { n, mean, m2 });
+        }
+        assert!((acc.mean - whole.0).abs() < 1e-12 && (acc.var() - whole.1).abs() < 1e-12);
+    }
+}
