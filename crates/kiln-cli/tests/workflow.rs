@@ -561,7 +561,7 @@ fn bench_synthetic_and_real_on_cpu() {
     assert_fails(
         root,
         &["bench", "--device", "cpu", "--project", project_arg, "--repeats", "0"],
-        "--repeats",
+        "invalid repeats",
     );
 }
 

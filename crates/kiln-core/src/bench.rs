@@ -75,7 +75,7 @@ impl BenchSettings {
         crate::bounds::STEPS.check_opt(self.steps)?;
         crate::bounds::BENCH_SIZE.check_opt(self.size)?;
         if ![1, 2, 4, 8, 16, 32].contains(&self.shrink) {
-            return Err(Error::arg("--shrink", format!("{} is not one of 1, 2, 4, 8, 16, 32", self.shrink)));
+            return Err(Error::arg("shrink", format!("{} is not one of 1, 2, 4, 8, 16, 32", self.shrink)));
         }
         Ok(())
     }

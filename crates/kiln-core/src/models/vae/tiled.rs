@@ -52,7 +52,7 @@ impl Default for TileSpec {
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 pub struct TiledRun {
     pub tiles: usize,
-    /// Passes over the tiles: one statistics pass per tiled norm layer, plus the output pass.
+    /// Passes over the tiles: one statistics pass per tiled norm layer, then the output pass.
     pub passes: usize,
 }
 
@@ -227,10 +227,13 @@ fn run_tiles(
         let core_cols = (cx.start - xs.start) * in_scale..(cx.end - xs.start) * in_scale;
         Ok(Window { input: window, ys, xs, core_rows, core_cols })
     };
-    // Statistics passes: norm k's whole-image moments, with norms before k already exact.
+    // Statistics passes: norm k's whole-image moments, with norms before k already exact. The pass
+    // whose tiles run through without meeting a new norm is the output pass: its tiles are blended.
     loop {
         let stop_at = known.len();
         let mut acc = Vec::new();
+        let mut assembler = StripAssembler::new(plan.clone(), out_scale, out_channels);
+        let mut rows_out: Vec<f32> = Vec::new();
         let mut reached = false;
         for row in 0..plan.y.cores.len() {
             for col in 0..plan.x.cores.len() {
@@ -246,57 +249,42 @@ fn run_tiles(
                     core_cols,
                     base,
                 };
-                match body(&window, &mut norms) {
-                    Err(_) if norms.stopped => reached = true,
+                let out = match body(&window, &mut norms) {
+                    Err(_) if norms.stopped => {
+                        reached = true;
+                        continue;
+                    }
                     Err(e) => return Err(e),
-                    // The forward pass has fewer norms than `stop_at`: all are known.
-                    Ok(_) => {}
+                    Ok(out) => out,
+                };
+                if reached {
+                    return Err(Error::Unsupported("tiled VAE: tiles disagree on their norm layers".into()));
                 }
+                let (_, c, h, w) = out.dims4()?;
+                if c != out_channels || h != ys.len() * out_scale || w != xs.len() * out_scale {
+                    return Err(Error::Unsupported(format!(
+                        "tiled VAE: a tile produced {c}x{h}x{w}, expected {out_channels}x{}x{}",
+                        ys.len() * out_scale,
+                        xs.len() * out_scale
+                    )));
+                }
+                let data = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+                let origin = ((ys.start * out_scale) as isize, (xs.start * out_scale) as isize);
+                assembler.add(row, col, &TileOutput { data: &data, rows: h, cols: w, origin })?;
+            }
+            if !reached {
+                rows_out.extend(assembler.finish_row(row));
             }
         }
         run.passes += 1;
-        if !reached {
-            break;
+        if reached {
+            known.push(acc);
+            continue;
         }
-        known.push(acc);
+        let (h, w) = (assembler.out_height(), assembler.out_width());
+        let image = Tensor::from_vec(rows_out, (1, h, w, out_channels), input.device())?;
+        return Ok((image.permute((0, 3, 1, 2))?.contiguous()?, run));
     }
-    // Output pass.
-    let mut assembler = StripAssembler::new(plan.clone(), out_scale, out_channels);
-    let mut rows_out: Vec<f32> = Vec::new();
-    let mut none = Vec::new();
-    for row in 0..plan.y.cores.len() {
-        for col in 0..plan.x.cores.len() {
-            let Window { input: window, ys, xs, core_rows, core_cols } = tile(row, col)?;
-            let base = (ys.len() * in_scale, xs.len() * in_scale);
-            let mut norms = TileNorms {
-                known: &known,
-                acc: &mut none,
-                stop_at: None,
-                stopped: false,
-                next: 0,
-                core_rows,
-                core_cols,
-                base,
-            };
-            let out = body(&window, &mut norms)?;
-            let (_, c, h, w) = out.dims4()?;
-            if c != out_channels || h != ys.len() * out_scale || w != xs.len() * out_scale {
-                return Err(Error::Unsupported(format!(
-                    "tiled VAE: a tile produced {c}x{h}x{w}, expected {out_channels}x{}x{}",
-                    ys.len() * out_scale,
-                    xs.len() * out_scale
-                )));
-            }
-            let data = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-            let origin = ((ys.start * out_scale) as isize, (xs.start * out_scale) as isize);
-            assembler.add(row, col, &TileOutput { data: &data, rows: h, cols: w, origin })?;
-        }
-        rows_out.extend(assembler.finish_row(row));
-    }
-    run.passes += 1;
-    let (h, w) = (assembler.out_height(), assembler.out_width());
-    let image = Tensor::from_vec(rows_out, (1, h, w, out_channels), input.device())?;
-    Ok((image.permute((0, 3, 1, 2))?.contiguous()?, run))
 }
 
 fn plan(latent_h: usize, latent_w: usize, factor: usize, spec: &TileSpec) -> Result<TilePlan> {
