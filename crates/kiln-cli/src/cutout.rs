@@ -48,42 +48,7 @@ pub struct CutoutArgs {
     pub run: RunArgs,
 }
 
-const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
-
-/// Files and folders (their PNG/JPEG/WebP files, sorted) → the input list.
-fn expand_inputs(inputs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for input in inputs {
-        if input.is_dir() {
-            let mut files: Vec<PathBuf> = fs_err::read_dir(input)?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| {
-                    p.is_file()
-                        && p.extension()
-                            .and_then(|e| e.to_str())
-                            .is_some_and(|e| IMAGE_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-                })
-                .collect();
-            files.sort();
-            if files.is_empty() {
-                bail!("no PNG/JPEG/WebP images in folder {}", input.display());
-            }
-            out.extend(files);
-        } else if input.is_file() {
-            out.push(input.clone());
-        } else {
-            bail!("input not found: {}", input.display());
-        }
-    }
-    Ok(out)
-}
-
-/// Peak resident memory of this process (Linux `VmHWM`), in bytes.
-fn peak_rss() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
-}
+use crate::upscale::{expand_inputs, peak_rss};
 
 fn output_for(input: &Path, out: Option<&Path>, many: bool, suffix: &str) -> PathBuf {
     let name = format!("{}_{suffix}.png", input.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default());
