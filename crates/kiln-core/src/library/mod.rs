@@ -272,38 +272,47 @@ impl Library {
         // WAL: the server's readers (queue listing, events) never wait for a job's write, and a
         // killed writer's log is replayed on the next open.
         conn.busy_timeout(std::time::Duration::from_secs(30)).map_err(bad)?;
-        let integrity: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(bad)?;
-        if integrity != "ok" {
-            return Err(Error::Library {
-                path: path.to_path_buf(),
-                msg: format!(
-                    "integrity check failed: {integrity}; move the file aside to start a new library"
-                ),
-            });
-        }
-        conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0)).map_err(bad)?;
         conn.execute_batch("PRAGMA foreign_keys = ON; PRAGMA synchronous = FULL;").map_err(bad)?;
-        conn.execute_batch(SCHEMA).map_err(bad)?;
-        conn.execute_batch(crate::jobs::queue::SCHEMA).map_err(bad)?;
-        conn.execute_batch(crate::jobs::keys::SCHEMA).map_err(bad)?;
-        let version: Option<String> =
-            conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).ok();
-        match version.as_deref().map(str::parse::<i64>) {
-            None => {
-                conn.execute(
-                    "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)",
-                    [SCHEMA_VERSION.to_string()],
-                )
-                .map_err(bad)?;
-            }
-            Some(Ok(v)) if v == SCHEMA_VERSION => {}
-            Some(other) => {
+        // The integrity check, WAL switch, schema and version check are per file, not per
+        // connection: a server opens the library on every request, and quick_check reads the
+        // whole database. They run on the first open of this file in this process.
+        let identity = file_identity(path);
+        if !identity.as_ref().is_some_and(already_prepared) {
+            let integrity: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(bad)?;
+            if integrity != "ok" {
                 return Err(Error::Library {
                     path: path.to_path_buf(),
                     msg: format!(
-                        "schema version {other:?} is not {SCHEMA_VERSION}; it was written by another kiln version"
+                        "integrity check failed: {integrity}; move the file aside to start a new library"
                     ),
-                })
+                });
+            }
+            conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0)).map_err(bad)?;
+            conn.execute_batch(SCHEMA).map_err(bad)?;
+            conn.execute_batch(crate::jobs::queue::SCHEMA).map_err(bad)?;
+            conn.execute_batch(crate::jobs::keys::SCHEMA).map_err(bad)?;
+            let version: Option<String> =
+                conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).ok();
+            match version.as_deref().map(str::parse::<i64>) {
+                None => {
+                    conn.execute(
+                        "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)",
+                        [SCHEMA_VERSION.to_string()],
+                    )
+                    .map_err(bad)?;
+                }
+                Some(Ok(v)) if v == SCHEMA_VERSION => {}
+                Some(other) => {
+                    return Err(Error::Library {
+                        path: path.to_path_buf(),
+                        msg: format!(
+                            "schema version {other:?} is not {SCHEMA_VERSION}; it was written by another kiln version"
+                        ),
+                    })
+                }
+            }
+            if let Some(id) = identity {
+                mark_prepared(id);
             }
         }
         Ok(Self { conn, path: path.to_path_buf(), root: root.to_path_buf(), queue_claim: None })
@@ -382,6 +391,35 @@ impl Library {
         }
         out.sort();
         Ok(out)
+    }
+}
+
+/// A database file as the once-per-file preparation knows it: its path and, on Unix, its inode
+/// (a file replaced under a running process is checked again).
+type FileIdentity = (PathBuf, u64);
+
+fn file_identity(path: &Path) -> Option<FileIdentity> {
+    let meta = std::fs::metadata(path).ok()?;
+    #[cfg(unix)]
+    let inode = std::os::unix::fs::MetadataExt::ino(&meta);
+    #[cfg(not(unix))]
+    let inode = meta.len();
+    Some((std::fs::canonicalize(path).ok()?, inode))
+}
+
+fn prepared() -> &'static std::sync::Mutex<std::collections::HashSet<FileIdentity>> {
+    static PREPARED: std::sync::OnceLock<std::sync::Mutex<std::collections::HashSet<FileIdentity>>> =
+        std::sync::OnceLock::new();
+    PREPARED.get_or_init(Default::default)
+}
+
+fn already_prepared(id: &FileIdentity) -> bool {
+    prepared().lock().map(|set| set.contains(id)).unwrap_or(false)
+}
+
+fn mark_prepared(id: FileIdentity) {
+    if let Ok(mut set) = prepared().lock() {
+        set.insert(id);
     }
 }
 
