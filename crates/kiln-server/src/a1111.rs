@@ -6,7 +6,7 @@
 //! those set to values it cannot honour (hires fix, restore faces, tiling).
 
 use crate::auth::Quota;
-use crate::common::{b64, decode_upload, result_images, store_upload, unb64, wait_for};
+use crate::common::{b64, decode_upload, result_images, run_to_end, store_upload, unb64};
 use crate::error::{ApiError, ApiResult};
 use crate::state::{AppState, Owner};
 use axum::body::Bytes;
@@ -202,8 +202,7 @@ pub async fn txt2img(
     let m = body(&bytes)?;
     let s = sampling(&state, &m)?;
     let spec = JobSpec::Generate(s.generate_spec());
-    let id = state.submit(&spec, &owner, quota.0)?;
-    let result = wait_for(&state, id).await?;
+    let result = run_to_end(&state, &spec, &owner, quota.0).await?;
     reply(&state, &s, Value::Object(m), &result)
 }
 
@@ -272,8 +271,7 @@ pub async fn img2img(
             ..s.generate_spec()
         }),
     };
-    let id = state.submit(&spec, &owner, quota.0)?;
-    let result = wait_for(&state, id).await?;
+    let result = run_to_end(&state, &spec, &owner, quota.0).await?;
     let mut params = m;
     params.remove("init_images");
     params.remove("mask");
@@ -406,8 +404,7 @@ pub async fn extra_single_image(
         to,
         tile: None,
     });
-    let job = state.submit(&spec, &owner, quota.0)?;
-    let result = wait_for(&state, job).await?;
+    let result = run_to_end(&state, &spec, &owner, quota.0).await?;
     let images = result_images(&state, &result)?;
     let first = images.first().ok_or_else(|| ApiError::Internal("the upscale made no image".into()))?;
     Ok(Json(serde_json::json!({ "html_info": "", "image": b64(&first.png) })).into_response())

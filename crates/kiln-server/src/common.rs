@@ -57,6 +57,17 @@ pub fn store_upload(state: &AppState, rgb: &image::RgbImage) -> ApiResult<String
     Ok(sha)
 }
 
+/// Queues `spec` for `owner` and waits for its result (the synchronous OpenAI and A1111 routes).
+pub async fn run_to_end(
+    state: &AppState,
+    spec: &kiln_core::jobs::JobSpec,
+    owner: &crate::state::Owner,
+    quota: Option<f64>,
+) -> ApiResult<serde_json::Value> {
+    let id = state.submit(spec, owner, quota)?;
+    wait_for(state, id).await
+}
+
 /// Waits for job `id` to end; its result on success.
 pub async fn wait_for(state: &AppState, id: i64) -> ApiResult<serde_json::Value> {
     let (history, mut rx) = state.hub.subscribe(id);

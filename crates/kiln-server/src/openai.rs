@@ -3,7 +3,7 @@
 //! `GET /v1/models` (the tiers). `model` is a tier; fields kiln cannot honour get a 400.
 
 use crate::auth::Quota;
-use crate::common::{b64, decode_upload, parse_size, result_images, store_upload, wait_for};
+use crate::common::{b64, decode_upload, parse_size, result_images, run_to_end, store_upload, wait_for};
 use crate::error::{ApiError, ApiResult};
 use crate::state::{AppState, Owner};
 use axum::body::Bytes;
@@ -372,8 +372,7 @@ pub async fn edits(
             ..Default::default()
         }),
     };
-    let id = state.submit(&spec, &owner, quota.0)?;
-    let result = wait_for(&state, id).await?;
+    let result = run_to_end(&state, &spec, &owner, quota.0).await?;
     response(&state, &result, &common.format)
 }
 
