@@ -4,6 +4,16 @@ use crate::error::{Error, Result};
 use std::io::Write;
 use std::path::Path;
 
+/// A JSON file's contents, or the default when the file does not exist yet (the model stores'
+/// indexes); unparsable JSON is an error naming the file.
+pub fn read_json_or_default<T: Default + serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    if !path.exists() {
+        return Ok(T::default());
+    }
+    let text = fs_err::read_to_string(path)?;
+    serde_json::from_str(&text).map_err(|e| Error::config(path, e.to_string()))
+}
+
 /// The one output-path guard: kiln replaces only regular files (or writes new names). A
 /// device, a folder, a socket or a symlink at the target is refused, so an atomic rename can
 /// never replace `/dev/null` or follow a link somewhere else.

@@ -253,12 +253,7 @@ impl MattingStore {
     }
 
     fn read_index(&self) -> Result<Index> {
-        let path = self.index_path();
-        if !path.exists() {
-            return Ok(Index::default());
-        }
-        let text = fs_err::read_to_string(&path)?;
-        serde_json::from_str(&text).map_err(|e| Error::config(&path, e.to_string()))
+        crate::files::read_json_or_default(&self.index_path())
     }
 
     /// All imported matting models, sorted by name.

@@ -80,12 +80,7 @@ impl Store {
     }
 
     fn read_index(&self) -> Result<Index> {
-        let path = self.index_path();
-        if !path.exists() {
-            return Ok(Index::default());
-        }
-        let text = fs_err::read_to_string(&path)?;
-        serde_json::from_str(&text).map_err(|e| Error::config(&path, e.to_string()))
+        crate::files::read_json_or_default(&self.index_path())
     }
 
     fn write_index(&self, index: &Index) -> Result<()> {
