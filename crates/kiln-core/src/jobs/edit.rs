@@ -1,9 +1,9 @@
 //! The edit jobs: inpaint, erase and outpaint, with the metadata a generation writes plus the
 //! mask and region used; recorded as children of the input image's asset for a tier.
 
-use super::engine::{image_path, random_seed, JobOutput, OutputImage};
+use super::engine::{image_path, random_seed, JobOutput};
 use super::events::{EventSink, JobEvent, SinkProgress};
-use super::generate::{check_out_path, job_model, numbered, read_npy, stage_seconds};
+use super::generate::{check_out_path, job_model, numbered, output_images, read_npy, stage_seconds};
 use super::spec::{EditMode, InpaintSpec, JobKind};
 use crate::error::{Error, Result};
 use crate::image::mask::Mask;
@@ -258,16 +258,7 @@ pub fn run(ws: &mut Workspace, s: &InpaintSpec, sink: &mut dyn EventSink) -> Res
         }
         None => None,
     };
-    let images = written
-        .iter()
-        .enumerate()
-        .map(|(i, w)| OutputImage {
-            asset_id: recorded.as_ref().and_then(|r| r.asset_ids.get(i).copied()),
-            path: w.path.clone(),
-            seed: Some(w.seed),
-            role: mode.to_string(),
-        })
-        .collect();
+    let images = output_images(&written, recorded.as_ref(), mode);
     let t = &output.timings;
     let detail = serde_json::json!({
         "outputs": outputs,

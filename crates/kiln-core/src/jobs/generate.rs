@@ -134,6 +134,24 @@ pub(crate) fn stage_seconds(
     seconds
 }
 
+/// The job result's images: each written file with its asset id when the job was recorded.
+pub(crate) fn output_images(
+    written: &[WrittenImage],
+    recorded: Option<&crate::workflow::RecordedJob>,
+    role: &str,
+) -> Vec<OutputImage> {
+    written
+        .iter()
+        .enumerate()
+        .map(|(i, w)| OutputImage {
+            asset_id: recorded.and_then(|r| r.asset_ids.get(i).copied()),
+            path: w.path.clone(),
+            seed: Some(w.seed),
+            role: role.to_string(),
+        })
+        .collect()
+}
+
 /// Runs a generate job.
 pub fn run(ws: &mut Workspace, s: &GenerateSpec, sink: &mut dyn EventSink) -> Result<JobOutput> {
     let start = Instant::now();
@@ -252,20 +270,12 @@ pub fn run(ws: &mut Workspace, s: &GenerateSpec, sink: &mut dyn EventSink) -> Re
         }
         None => None,
     };
-    let images = written
-        .iter()
-        .enumerate()
-        .map(|(i, w)| OutputImage {
-            asset_id: recorded.as_ref().and_then(|r| r.asset_ids.get(i).copied()),
-            path: w.path.clone(),
-            seed: Some(w.seed),
-            role: match &jm.tier {
-                Some(t) if t.is_draft() => "draft".into(),
-                Some(_) => "final".into(),
-                None => "image".into(),
-            },
-        })
-        .collect();
+    let role = match &jm.tier {
+        Some(t) if t.is_draft() => "draft",
+        Some(_) => "final",
+        None => "image",
+    };
+    let images = output_images(&written, recorded.as_ref(), role);
     let t = &output.timings;
     let detail = serde_json::json!({
         "outputs": outputs,
