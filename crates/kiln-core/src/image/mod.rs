@@ -3,6 +3,7 @@
 
 pub mod chart;
 pub mod compare;
+pub mod depth;
 pub mod font;
 pub mod guided;
 pub mod io;
@@ -16,6 +17,7 @@ pub mod sheet;
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
+use image::ImageDecoder as _;
 pub use image::RgbImage;
 use std::path::Path;
 
@@ -29,8 +31,10 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
     Ok(load_dynamic(path)?.to_rgb8())
 }
 
-/// Decodes an image file keeping its channels (masks read the alpha channel), refusing absurd
-/// sizes before the pixels are allocated.
+/// Decodes an image file keeping its channels and bit depth (masks read the alpha channel,
+/// inpainting keeps both), upright by its EXIF orientation as viewers show it (a phone photo
+/// tagged "rotate 90°" is edited the way it looks), refusing absurd sizes before the pixels
+/// are allocated.
 pub fn load_dynamic(path: &Path) -> Result<image::DynamicImage> {
     let bad = |msg: String| Error::Image { path: path.to_path_buf(), msg };
     let reader = image::ImageReader::open(path)
@@ -50,7 +54,12 @@ pub fn load_dynamic(path: &Path) -> Result<image::DynamicImage> {
     limits.max_image_width = Some(MAX_SIDE);
     limits.max_image_height = Some(MAX_SIDE);
     reader.limits(limits);
-    reader.decode().map_err(|e| bad(format!("cannot decode: {e}")))
+    let mut decoder = reader.into_decoder().map_err(|e| bad(format!("cannot decode: {e}")))?;
+    let orientation = decoder.orientation().map_err(|e| bad(format!("cannot read EXIF orientation: {e}")))?;
+    let mut img =
+        image::DynamicImage::from_decoder(decoder).map_err(|e| bad(format!("cannot decode: {e}")))?;
+    img.apply_orientation(orientation);
+    Ok(img)
 }
 
 /// Refuses sizes kiln will not allocate.

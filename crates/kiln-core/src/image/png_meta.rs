@@ -1,7 +1,7 @@
 //! PNG text metadata (A1111 `parameters`, kiln's replay JSON) and atomic PNG writes.
 
 use crate::error::{Error, Result};
-use image::RgbImage;
+use image::{DynamicImage, RgbImage};
 use std::path::Path;
 
 /// One PNG text chunk.
@@ -20,15 +20,53 @@ impl TextChunk {
 /// Writes an RGB PNG with text chunks atomically: a temp file in the same folder, renamed over
 /// `path` only once complete, so a killed run never leaves a half-written image.
 pub fn write_png_atomic(path: &Path, image: &RgbImage, chunks: &[TextChunk]) -> Result<()> {
+    write_pixels_atomic(path, image.width(), image.height(), Pixels::Rgb8(image.as_raw()), chunks)
+}
+
+/// Writes an 8- or 16-bit RGB or RGBA image with text chunks atomically (edits of a deep or
+/// translucent source keep its depth and alpha); other colour types are written as RGB8.
+pub fn write_dynamic_png_atomic(path: &Path, image: &DynamicImage, chunks: &[TextChunk]) -> Result<()> {
+    let (w, h) = (image.width(), image.height());
+    match image {
+        DynamicImage::ImageRgba8(img) => write_pixels_atomic(path, w, h, Pixels::Rgba8(img.as_raw()), chunks),
+        DynamicImage::ImageRgb16(img) => write_pixels_atomic(path, w, h, Pixels::Rgb16(img.as_raw()), chunks),
+        DynamicImage::ImageRgba16(img) => {
+            write_pixels_atomic(path, w, h, Pixels::Rgba16(img.as_raw()), chunks)
+        }
+        DynamicImage::ImageRgb8(img) => write_png_atomic(path, img, chunks),
+        other => write_png_atomic(path, &other.to_rgb8(), chunks),
+    }
+}
+
+enum Pixels<'a> {
+    Rgb8(&'a [u8]),
+    Rgba8(&'a [u8]),
+    Rgb16(&'a [u16]),
+    Rgba16(&'a [u16]),
+}
+
+fn write_pixels_atomic(
+    path: &Path,
+    width: u32,
+    height: u32,
+    pixels: Pixels,
+    chunks: &[TextChunk],
+) -> Result<()> {
     let bad = |msg: String| Error::Image { path: path.to_path_buf(), msg };
     crate::files::guard_target(path)?;
     // Encoded in memory first, then written with the one atomic writer (flush, sync, length
     // check, rename): an encoder error or a full disk never reaches the final path.
     let mut png_bytes = Vec::new();
     {
-        let mut encoder = png::Encoder::new(&mut png_bytes, image.width(), image.height());
-        encoder.set_color(png::ColorType::Rgb);
-        encoder.set_depth(png::BitDepth::Eight);
+        let mut encoder = png::Encoder::new(&mut png_bytes, width, height);
+        let (color, depth) = match pixels {
+            Pixels::Rgb8(_) => (png::ColorType::Rgb, png::BitDepth::Eight),
+            Pixels::Rgba8(_) => (png::ColorType::Rgba, png::BitDepth::Eight),
+            Pixels::Rgb16(_) => (png::ColorType::Rgb, png::BitDepth::Sixteen),
+            Pixels::Rgba16(_) => (png::ColorType::Rgba, png::BitDepth::Sixteen),
+        };
+        encoder.set_color(color);
+        encoder.set_depth(depth);
         for chunk in chunks {
             // Latin-1 text goes in tEXt (what A1111 and most readers expect), anything else in iTXt.
             let res = if chunk.text.chars().all(|c| (c as u32) < 256) && chunk.text.is_ascii() {
@@ -39,7 +77,12 @@ pub fn write_png_atomic(path: &Path, image: &RgbImage, chunks: &[TextChunk]) -> 
             res.map_err(|e| bad(format!("text chunk `{}`: {e}", chunk.keyword)))?;
         }
         let mut writer = encoder.write_header().map_err(|e| bad(e.to_string()))?;
-        writer.write_image_data(image.as_raw()).map_err(|e| bad(e.to_string()))?;
+        // PNG stores 16-bit samples big-endian.
+        let data: std::borrow::Cow<[u8]> = match pixels {
+            Pixels::Rgb8(p) | Pixels::Rgba8(p) => p.into(),
+            Pixels::Rgb16(p) | Pixels::Rgba16(p) => p.iter().flat_map(|v| v.to_be_bytes()).collect(),
+        };
+        writer.write_image_data(&data).map_err(|e| bad(e.to_string()))?;
         writer.finish().map_err(|e| bad(e.to_string()))?;
     }
     crate::files::write_atomic(path, &png_bytes)

@@ -55,7 +55,10 @@ pub fn run(ws: &mut Workspace, s: &InpaintSpec, sink: &mut dyn EventSink) -> Res
 
     // Inputs first (cheap), so bad ones fail before the model load.
     let image_file = image_path(ws, &s.image, "image")?;
-    let source = crate::image::load_rgb(&image_file)?;
+    // Decoded once at full depth: the edit runs on 8-bit RGB, the written file keeps the
+    // source's bit depth and alpha wherever the edit left pixels unchanged.
+    let source_full = crate::image::load_dynamic(&image_file)?;
+    let source = source_full.to_rgb8();
     let mask_file = s.mask.as_ref().map(|m| image_path(ws, m, "mask")).transpose()?;
     let read_mask = |path: &std::path::Path| -> Result<Mask> {
         let mut mask = Mask::load(path)?;
@@ -228,9 +231,10 @@ pub fn run(ws: &mut Workspace, s: &InpaintSpec, sink: &mut dyn EventSink) -> Res
             tier: jm.tier.as_ref().map(|t| t.name.clone()),
             inpaint: Some(inpaint_record.clone()),
         };
-        crate::image::png_meta::write_png_atomic(
+        let offset = extend.map_or((0, 0), |(e, _, _)| (e.left, e.top));
+        crate::image::png_meta::write_dynamic_png_atomic(
             &path,
-            &img.image,
+            &crate::image::depth::restore_depth(&source_full, &img.image, offset),
             &png_chunks(&record, output.scheduler, model),
         )?;
         outputs.push(serde_json::json!({ "path": path, "seed": img.seed }));
