@@ -238,3 +238,71 @@ fn config_and_library_faults_are_refused() {
         "changed on disk",
     );
 }
+
+/// `kiln assets check` verifies what it claims: an edited database or file is reported by
+/// name (lineage cycle, a recorded file that hashes right but is no image, a ledger whose sums
+/// disagree), with a failing exit, and `assets show` still terminates on a cycle.
+#[test]
+fn assets_check_finds_a_tampered_library() {
+    let dir = project();
+    let root = dir.path();
+    let mut paths = Vec::new();
+    for seed in ["1", "2"] {
+        let o = kiln(
+            root,
+            &[
+                "generate", "--tier", "draft", "--prompt", "x", "--seed", seed, "--device", "cpu", "-q",
+                "--json",
+            ],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        paths.push(PathBuf::from(v["outputs"][0]["path"].as_str().unwrap()));
+    }
+    let check = || {
+        let o = kiln(root, &["assets", "check", "--json"]);
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+        let problems: Vec<String> =
+            v["problems"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect();
+        assert_eq!(o.status.success(), problems.is_empty(), "exit status disagrees with {problems:?}");
+        problems
+    };
+    assert_eq!(check(), Vec::<String>::new());
+    let db = rusqlite::Connection::open(root.join(".kiln/library.db")).unwrap();
+    let sql = |q: &str| db.execute_batch(q).unwrap();
+
+    sql("UPDATE assets SET parent_id = 2 WHERE id = 1; UPDATE assets SET parent_id = 1 WHERE id = 2;");
+    let p = check();
+    assert!(p.len() == 1 && p[0].contains("lineage cycle: #1 -> #2 -> #1"), "{p:?}");
+    let o = kiln(root, &["assets", "show", "1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    sql("UPDATE assets SET parent_id = NULL;");
+
+    // Half a PNG whose recorded hash was updated to match: only decoding can tell.
+    let bytes = std::fs::read(&paths[1]).unwrap();
+    std::fs::write(&paths[1], &bytes[..bytes.len() / 2]).unwrap();
+    let sha = kiln_core::loaders::weights::sha256_file(&paths[1]).unwrap();
+    sql(&format!("UPDATE assets SET sha256 = '{sha}' WHERE id = 2;"));
+    let p = check();
+    assert!(p.len() == 1 && p[0].contains("asset 2 file does not decode"), "{p:?}");
+    std::fs::write(&paths[1], &bytes).unwrap();
+    let first = std::fs::read(&paths[0]).unwrap();
+    std::fs::remove_file(&paths[0]).unwrap();
+    let p = check();
+    assert!(
+        p.len() == 2 && p[0].contains("asset 1 file missing") && p[1].contains("asset 2 file changed"),
+        "{p:?}"
+    );
+    std::fs::write(&paths[0], &first).unwrap();
+    sql(&format!(
+        "UPDATE assets SET sha256 = '{}' WHERE id = 2;",
+        kiln_core::loaders::weights::sha256_file(&paths[1]).unwrap()
+    ));
+    assert_eq!(check(), Vec::<String>::new());
+
+    sql("UPDATE jobs SET credits = credits + 1 WHERE id = 1; UPDATE jobs SET device_seconds = device_seconds + 5 WHERE id = 2;");
+    let p = check();
+    assert!(p.len() == 2, "{p:?}");
+    assert!(p[0].contains("job 1 costs") && p[0].contains("its assets carry"), "{p:?}");
+    assert!(p[1].contains("job 2 records") && p[1].contains("stages sum to"), "{p:?}");
+}

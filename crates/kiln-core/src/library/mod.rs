@@ -8,9 +8,11 @@
 //!
 //! - [`assets`]: recording jobs and assets, queries, lineage;
 //! - [`ledger`]: costs, budget, reports;
+//! - `check`: `kiln assets check` (files, hashes, decoding, lineage cycles, ledger sums);
 //! - [`qc`]: hallucination-QC reports stored on assets (`kiln qc`).
 
 pub mod assets;
+mod check;
 pub mod ledger;
 pub mod qc;
 
@@ -339,34 +341,6 @@ impl Library {
 
     pub(crate) fn err(&self, e: rusqlite::Error) -> Error {
         Error::Library { path: self.path.clone(), msg: e.to_string() }
-    }
-
-    /// Consistency problems: SQLite's integrity and foreign-key checks, and recorded assets
-    /// whose file is missing or changed. Empty = consistent.
-    pub fn check(&self) -> Result<Vec<String>> {
-        let mut problems = Vec::new();
-        let integrity: String =
-            self.conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).map_err(|e| self.err(e))?;
-        if integrity != "ok" {
-            problems.push(format!("integrity_check: {integrity}"));
-        }
-        let mut stmt = self.conn.prepare("PRAGMA foreign_key_check").map_err(|e| self.err(e))?;
-        let fk: Vec<String> = stmt
-            .query_map([], |r| Ok(format!("{}:{}", r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
-            .map_err(|e| self.err(e))?
-            .collect::<std::result::Result<_, _>>()
-            .map_err(|e| self.err(e))?;
-        problems.extend(fk.into_iter().map(|row| format!("dangling reference in {row}")));
-        for asset in self.list_assets(&assets::AssetFilter::default())? {
-            let path = self.root.join(&asset.path);
-            if !path.is_file() {
-                problems.push(format!("asset {} file missing: {}", asset.id, asset.path));
-            } else if crate::loaders::weights::sha256_file(&path)? != asset.sha256 {
-                problems
-                    .push(format!("asset {} file changed since it was recorded: {}", asset.id, asset.path));
-            }
-        }
-        Ok(problems)
     }
 
     /// Image files under assets/ that no asset records (left by a killed run; safe to delete).
