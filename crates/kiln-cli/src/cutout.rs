@@ -212,11 +212,11 @@ pub fn run(args: CutoutArgs) -> anyhow::Result<()> {
 
 /// `kiln models import`'s matting half: the matting models in `path` (none for paths that
 /// cannot hold any).
-pub fn import_matting(path: &Path) -> anyhow::Result<Vec<MattingEntry>> {
+pub fn import_matting(path: &Path, replace: bool) -> anyhow::Result<Vec<MattingEntry>> {
     if !MattingStore::may_hold(path) {
         return Ok(Vec::new());
     }
-    Ok(MattingStore::open_default()?.import(path)?)
+    Ok(MattingStore::open_default()?.import(path, replace)?)
 }
 
 pub fn print_imported_matting(entries: &[MattingEntry]) {

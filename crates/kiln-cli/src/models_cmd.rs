@@ -21,6 +21,10 @@ pub enum ModelsCommand {
     Import {
         #[arg(required = true)]
         paths: Vec<PathBuf>,
+        /// Point a name that is already imported at the new weights (without it, importing
+        /// other weights under a taken name is refused).
+        #[arg(long)]
+        replace: bool,
         /// Print one JSON object on stdout.
         #[arg(long)]
         json: bool,
@@ -36,14 +40,14 @@ pub enum ModelsCommand {
 pub fn run(args: ModelsArgs) -> anyhow::Result<()> {
     let store = Store::open_default()?;
     match args.command {
-        ModelsCommand::Import { paths, json } => {
+        ModelsCommand::Import { paths, replace, json } => {
             let mut imported = Vec::new();
             let mut matting = Vec::new();
             for path in &paths {
                 let context = || format!("importing {}", path.display());
-                let m = crate::cutout::import_matting(path).with_context(context)?;
+                let m = crate::cutout::import_matting(path, replace).with_context(context)?;
                 let is_onnx = path.extension().is_some_and(|e| e.eq_ignore_ascii_case("onnx"));
-                let entries = match store.import(path) {
+                let entries = match store.import(path, replace) {
                     _ if is_onnx => Vec::new(),
                     // A wheel or folder of matting models holds no super-resolution model.
                     Err(kiln_core::Error::NotFound { .. }) if !m.is_empty() => Vec::new(),

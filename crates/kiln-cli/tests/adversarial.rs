@@ -306,3 +306,59 @@ fn assets_check_finds_a_tampered_library() {
     assert!(p[0].contains("job 1 costs") && p[0].contains("its assets carry"), "{p:?}");
     assert!(p[1].contains("job 2 records") && p[1].contains("stages sum to"), "{p:?}");
 }
+
+/// Rewrites one tensor's shape in a safetensors header (same element count, so the file is
+/// still well-formed): weights that no longer fit the architecture they claim.
+fn reshaped_safetensors(src: &Path, dst: &Path, tensor: &str, shape: &[usize]) {
+    let bytes = std::fs::read(src).unwrap();
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let mut header: serde_json::Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    header[tensor]["shape"] = serde_json::json!(shape);
+    let mut json = serde_json::to_vec(&header).unwrap();
+    json.resize(n.max(json.len()).next_multiple_of(8), b' ');
+    let mut out = (json.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(&json);
+    out.extend_from_slice(&bytes[8 + n..]);
+    std::fs::write(dst, out).unwrap();
+}
+
+#[test]
+fn imports_refuse_wrong_shapes_and_taken_names_and_survive_link_loops() {
+    let dir = project();
+    let root = dir.path();
+    let sr = fixtures().join("sr");
+    let inputs = tempfile::tempdir().unwrap();
+    let bad = inputs.path().join("bent.safetensors");
+    reshaped_safetensors(&sr.join("srvgg-tiny-x4.safetensors"), &bad, "body.4.weight", &[8, 8, 9, 1]);
+    refuse(root, &["models", "import", bad.to_str().unwrap()], "do not fit");
+
+    let o = kiln(root, &["models", "import", sr.join("srvgg-tiny-x4.safetensors").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // Other weights under a taken name: refused, store unchanged; the same weights again: fine.
+    let other = inputs.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::copy(sr.join("rrdb-tiny-x4.pth"), other.join("srvgg-tiny-x4.pth")).unwrap();
+    let other_pth = other.join("srvgg-tiny-x4.pth");
+    refuse(root, &["models", "import", other_pth.to_str().unwrap()], "already imported");
+    let o = kiln(root, &["models", "import", sr.join("srvgg-tiny-x4.safetensors").to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = kiln(root, &["models", "import", "--replace", other_pth.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = kiln(root, &["models", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["models"].as_array().unwrap().len(), 1, "{v}");
+    assert_eq!(v["models"][0]["arch"], "RRDBNet", "{v}");
+
+    // A folder that links back to itself holds one model, imported once.
+    let looped = inputs.path().join("looped");
+    std::fs::create_dir(&looped).unwrap();
+    for f in ["srvgg-tiny-x2.param", "srvgg-tiny-x2.bin"] {
+        std::fs::copy(sr.join(f), looped.join(f)).unwrap();
+    }
+    std::os::unix::fs::symlink(&looped, looped.join("again")).unwrap();
+    std::os::unix::fs::symlink(looped.join("srvgg-tiny-x2.param"), looped.join("alias.param")).unwrap();
+    let o = kiln(root, &["models", "import", "--json", looped.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["imported"].as_array().unwrap().len(), 1, "{v}");
+}

@@ -2,7 +2,7 @@
 
 use crate::error::{Error, Result};
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// A JSON file's contents, or the default when the file does not exist yet (the model stores'
 /// indexes); unparsable JSON is an error naming the file.
@@ -12,6 +12,49 @@ pub fn read_json_or_default<T: Default + serde::de::DeserializeOwned>(path: &Pat
     }
     let text = fs_err::read_to_string(path)?;
     serde_json::from_str(&text).map_err(|e| Error::config(path, e.to_string()))
+}
+
+/// Most entries one folder walk visits: a hostile or mistaken tree (the root of a disk) is
+/// refused rather than walked for hours.
+pub const MAX_WALK_ENTRIES: usize = 100_000;
+
+/// Every file under `dir`, sorted, each once. Symbolic links are followed, but a folder reached
+/// twice (a link loop, or two links to one folder) is walked once and a file reached through
+/// two names is listed once, so an import never sees one model forty times.
+pub fn walk_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut seen_dirs = std::collections::HashSet::new();
+    let mut seen_files = std::collections::HashSet::new();
+    let mut files = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    let mut visited = 0usize;
+    while let Some(d) = stack.pop() {
+        if !seen_dirs.insert(fs_err::canonicalize(&d)?) {
+            continue;
+        }
+        for entry in fs_err::read_dir(&d)? {
+            visited += 1;
+            if visited > MAX_WALK_ENTRIES {
+                return Err(Error::arg(
+                    "folder",
+                    format!(
+                        "{} holds more than {MAX_WALK_ENTRIES} entries; pass the folder that holds the models",
+                        dir.display()
+                    ),
+                ));
+            }
+            let p = entry?.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.is_file() {
+                // A dangling link or a socket is not a model; a file seen under another name is skipped.
+                if seen_files.insert(fs_err::canonicalize(&p)?) {
+                    files.push(p);
+                }
+            }
+        }
+    }
+    files.sort();
+    Ok(files)
 }
 
 /// The one output-path guard: kiln replaces only regular files (or writes new names). A
@@ -134,6 +177,26 @@ impl Drop for CheckedWriter {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn walk_files_survives_link_loops_and_lists_each_file_once() -> Result<()> {
+        let dir = tempfile::tempdir()?;
+        let sub = dir.path().join("sub");
+        fs_err::create_dir(&sub)?;
+        fs_err::write(sub.join("a.pth"), b"x")?;
+        fs_err::write(dir.path().join("b.pth"), b"y")?;
+        #[cfg(unix)]
+        {
+            std::os::unix::fs::symlink(dir.path(), sub.join("loop"))?;
+            std::os::unix::fs::symlink(sub.join("a.pth"), dir.path().join("alias.pth"))?;
+            std::os::unix::fs::symlink(dir.path().join("gone"), dir.path().join("dangling.pth"))?;
+        }
+        let found = walk_files(dir.path())?;
+        let names: Vec<String> =
+            found.iter().map(|p| p.strip_prefix(dir.path()).unwrap_or(p).display().to_string()).collect();
+        assert_eq!(names.len(), 2, "{names:?}");
+        Ok(())
+    }
+
     use super::*;
 
     #[test]

