@@ -34,6 +34,9 @@ pub const REPEATS: Bound = Bound { name: "repeats", min: 1, max: 100, unit: "ima
 pub const BENCH_SIZE: Bound = Bound { name: "size", min: 8, max: 4096, unit: "px" };
 /// Benchmark upscale input side.
 pub const BENCH_UPSCALE_SIZE: Bound = Bound { name: "upscale-size", min: 8, max: 8192, unit: "px" };
+/// Elements of an `.npy` array kiln reads (init latents: 4×128×128 for a 1024² image is 65 536;
+/// this allows batches of 8K latents with room to spare).
+pub const NPY_ELEMENTS: Bound = Bound { name: "npy elements", min: 0, max: 1 << 26, unit: "values" };
 
 impl Bound {
     /// `value` if it lies in the range; an error naming the setting and the range otherwise.

@@ -32,8 +32,10 @@ pub fn decode_upload(state: &AppState, field: &str, bytes: &[u8]) -> ApiResult<U
             "{field}: {w}x{h} is outside 1..={max} px a side; send a smaller image"
         )));
     }
+    // kiln's one decoder: EXIF orientation applied, as for files on disk.
     let image =
-        image::load_from_memory(bytes).map_err(|e| ApiError::bad(format!("{field}: cannot decode ({e})")))?;
+        kiln_core::image::decode_bytes(bytes, max, std::path::Path::new(&format!("upload `{field}`")))
+            .map_err(|e| ApiError::bad(e.to_string()))?;
     Ok(Upload { image })
 }
 

@@ -36,25 +36,42 @@ pub fn load_rgb(path: &Path) -> Result<RgbImage> {
 /// tagged "rotate 90°" is edited the way it looks), refusing absurd sizes before the pixels
 /// are allocated.
 pub fn load_dynamic(path: &Path) -> Result<image::DynamicImage> {
+    let file = std::fs::File::open(path)
+        .map_err(|e| Error::Image { path: path.to_path_buf(), msg: format!("cannot open: {e}") })?;
+    decode_from(std::io::BufReader::new(file), MAX_SIDE, path)
+}
+
+/// [`load_dynamic`] for bytes in memory (uploads), with `max_side` as the size limit; `label`
+/// names the source in errors.
+pub fn decode_bytes(bytes: &[u8], max_side: u32, label: &Path) -> Result<image::DynamicImage> {
+    decode_from(std::io::Cursor::new(bytes), max_side.min(MAX_SIDE), label)
+}
+
+/// The one image decoder: format sniffed from the bytes, size checked from the header before
+/// any pixel is allocated, EXIF orientation applied.
+fn decode_from<R: std::io::BufRead + std::io::Seek>(
+    reader: R,
+    max_side: u32,
+    path: &Path,
+) -> Result<image::DynamicImage> {
     let bad = |msg: String| Error::Image { path: path.to_path_buf(), msg };
-    let reader = image::ImageReader::open(path)
-        .map_err(|e| bad(format!("cannot open: {e}")))?
+    let reader = image::ImageReader::new(reader)
         .with_guessed_format()
         .map_err(|e| bad(format!("cannot read: {e}")))?;
     if reader.format().is_none() {
         return Err(bad("not a recognised image format (PNG, JPEG or WebP expected)".into()));
     }
-    let (w, h) = reader.into_dimensions().map_err(|e| bad(format!("cannot decode header: {e}")))?;
+    // Opening the decoder reads the header only; the size is judged before any pixel exists.
+    let mut decoder = reader.into_decoder().map_err(|e| bad(format!("cannot decode header: {e}")))?;
+    let (w, h) = decoder.dimensions();
     check_size(w, h).map_err(bad)?;
-    let mut reader = image::ImageReader::open(path)
-        .map_err(|e| bad(format!("cannot open: {e}")))?
-        .with_guessed_format()
-        .map_err(|e| bad(format!("cannot read: {e}")))?;
+    if w > max_side || h > max_side {
+        return Err(bad(format!("{w}x{h} exceeds the limit of {max_side} px per side")));
+    }
     let mut limits = image::Limits::default();
-    limits.max_image_width = Some(MAX_SIDE);
-    limits.max_image_height = Some(MAX_SIDE);
-    reader.limits(limits);
-    let mut decoder = reader.into_decoder().map_err(|e| bad(format!("cannot decode: {e}")))?;
+    limits.max_image_width = Some(max_side);
+    limits.max_image_height = Some(max_side);
+    decoder.set_limits(limits).map_err(|e| bad(format!("cannot decode: {e}")))?;
     let orientation = decoder.orientation().map_err(|e| bad(format!("cannot read EXIF orientation: {e}")))?;
     let mut img =
         image::DynamicImage::from_decoder(decoder).map_err(|e| bad(format!("cannot decode: {e}")))?;

@@ -90,9 +90,17 @@ fn write_pixels_atomic(
 
 /// Reads every text chunk (tEXt, zTXt, iTXt) of a PNG.
 pub fn read_png_text(path: &Path) -> Result<Vec<TextChunk>> {
-    let bad = |msg: String| Error::Image { path: path.to_path_buf(), msg };
     let file = fs_err::File::open(path)?;
-    let decoder = png::Decoder::new(std::io::BufReader::new(file));
+    read_png_text_from(std::io::BufReader::new(file), path)
+}
+
+/// [`read_png_text`] from any reader (bytes in memory); `path` names the source in errors.
+pub fn read_png_text_from<R: std::io::BufRead + std::io::Seek>(
+    reader: R,
+    path: &Path,
+) -> Result<Vec<TextChunk>> {
+    let bad = |msg: String| Error::Image { path: path.to_path_buf(), msg };
+    let decoder = png::Decoder::new(reader);
     let reader = decoder.read_info().map_err(|e| bad(format!("not a readable PNG: {e}")))?;
     let info = reader.info();
     let mut out = Vec::new();

@@ -108,10 +108,7 @@ pub(crate) fn read_npy(path: &Path) -> Result<candle_core::Tensor> {
     if !path.is_file() {
         return Err(Error::not_found("init_latents", path, "pass an .npy file"));
     }
-    let t = candle_core::Tensor::read_npy(path).map_err(|e| {
-        Error::arg("init_latents", format!("{} is not a readable .npy array: {e}", path.display()))
-    })?;
-    Ok(t.to_dtype(DType::F32)?)
+    crate::loaders::npy::read(path)
 }
 
 /// The `seconds` object of an image job's result: load, each stage, the pipeline's own total

@@ -5,6 +5,7 @@ pub mod diffusers;
 pub mod hub;
 pub mod matting;
 pub mod ncnn;
+pub mod npy;
 pub mod onnx;
 pub mod pth;
 pub mod store;

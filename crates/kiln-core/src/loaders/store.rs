@@ -277,7 +277,9 @@ fn detect(tensors: &HashMap<String, Tensor>, path: &Path) -> Result<SrSpec> {
     SrSpec::detect(&shapes, path)
 }
 
-fn load_safetensors(bytes: &[u8], path: &Path) -> Result<SrWeights> {
+/// Reads super-resolution weights from safetensors bytes (the store's blobs, imported files);
+/// `path` names the source in errors.
+pub fn load_safetensors(bytes: &[u8], path: &Path) -> Result<SrWeights> {
     let bad = |msg: String| Error::Weights { path: path.to_path_buf(), msg };
     let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).map_err(|e| bad(e.to_string()))?;
     let tensors = candle_core::safetensors::load_buffer(bytes, &Device::Cpu)?;

@@ -67,7 +67,7 @@ pub fn replay(ws: &mut Workspace, req: &ReplayRequest, progress: &mut dyn Progre
     let init_latents = match &record.init_latents {
         Some(f) => {
             let p = locate(ws, f, "init latents")?;
-            Some(candle_core::Tensor::read_npy(&p)?.to_dtype(candle_core::DType::F32)?)
+            Some(crate::loaders::npy::read(&p)?)
         }
         None => None,
     };
