@@ -1,5 +1,5 @@
 //! `kiln`: thin binary over kiln-core. main → run → ExitCode; anyhow only here.
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Subcommand};
 use std::process::ExitCode;
 
 mod args;
@@ -20,7 +20,7 @@ mod serve;
 mod tiers;
 mod upscale;
 
-#[derive(Parser)]
+#[derive(clap::Parser)]
 #[command(name = "kiln", version, about = "Local, offline image generation on your own GPUs")]
 struct Cli {
     #[command(subcommand)]
@@ -69,7 +69,7 @@ enum Command {
 
 fn main() -> ExitCode {
     host_memory::keep_freed_blocks();
-    let cli = Cli::parse();
+    let cli = parse_args();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -98,6 +98,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys(args) => serve::run_keys(args),
         Command::Cutout(args) => cutout::run(args),
         Command::Qc(args) => qc::run(args),
+    }
+}
+
+/// Parses the command line. Negative numbers are values (`--width -64` is then refused as a
+/// negative width, not read as an unknown flag `-6`), and the standard library's parse errors
+/// are said in words.
+fn parse_args() -> Cli {
+    fn allow_negative(cmd: clap::Command) -> clap::Command {
+        cmd.allow_negative_numbers(true).mut_subcommands(allow_negative)
+    }
+    let parsed = allow_negative(Cli::command()).try_get_matches().and_then(|m| Cli::from_arg_matches(&m));
+    match parsed {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(), // --help, --version
+        Err(e) => {
+            let text = e.render().to_string();
+            let text = [
+                ("invalid digit found in string", "expected a whole number (0 or more)"),
+                ("cannot parse integer from empty string", "expected a whole number"),
+                ("number too large to fit in target type", "the number is too large"),
+                ("invalid float literal", "expected a number"),
+            ]
+            .iter()
+            .fold(text, |t, (from, to)| t.replace(from, to));
+            eprint!("{text}");
+            std::process::exit(e.exit_code());
+        }
     }
 }
 

@@ -100,6 +100,18 @@ pub fn parse_dtype(s: &str) -> Result<DType> {
     }
 }
 
+/// Refuses a dtype the device cannot compute in, before any weight is loaded: candle's CPU
+/// backend has no bf16 matmul, so `--dtype bf16` on the CPU would fail deep in the first layer.
+pub fn check_dtype(device: &Device, dtype: DType) -> Result<()> {
+    if device.is_cpu() && dtype == DType::BF16 {
+        return Err(Error::arg(
+            "--dtype",
+            "bf16 is not supported on the CPU (candle's CPU matmul has no bf16); use f32, or bf16 on a CUDA GPU",
+        ));
+    }
+    Ok(())
+}
+
 /// The default dtype for a device: f16 on GPUs, f32 on CPU (candle's CPU f16 is slow).
 pub fn default_dtype(device: &Device) -> DType {
     if device.is_cpu() {

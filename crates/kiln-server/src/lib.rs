@@ -69,10 +69,7 @@ pub fn router(state: Arc<AppState>, cors: &state::Cors) -> Result<Router, ServeE
     if cors.origins.is_empty() {
         return Ok(router);
     }
-    let mut origins = Vec::new();
-    for o in &cors.origins {
-        origins.push(axum::http::HeaderValue::from_str(o).map_err(|_| ServeError::BadOrigin(o.clone()))?);
-    }
+    let origins = cors.header_values()?;
     let layer = tower_http::cors::CorsLayer::new()
         .allow_origin(origins)
         .allow_methods([axum::http::Method::GET, axum::http::Method::POST, axum::http::Method::DELETE])
@@ -120,6 +117,8 @@ async fn openapi() -> axum::Json<serde_json::Value> {
 
 /// Serves until SIGTERM or Ctrl-C; the running job finishes first (queued ones stay queued).
 pub fn serve(engine: Engine, config: ServerConfig) -> Result<(), ServeError> {
+    // Flag mistakes first, before recovery, preloading or binding.
+    config.cors.header_values()?;
     let keys = Keys::open(&engine.project)?;
     if !config.listen.ip().is_loopback() && !keys.any_active()? {
         return Err(ServeError::ExposedWithoutKeys(config.listen));

@@ -26,6 +26,47 @@ pub struct Cors {
     pub origins: Vec<String>,
 }
 
+impl Cors {
+    /// The origins as header values, each checked to be an origin as browsers send it:
+    /// `http` or `https`, `://`, a host (letters, digits, `.`, `-`, or a bracketed IPv6
+    /// address) and an optional port; nothing else (no path, no spaces, no wildcard).
+    pub fn header_values(&self) -> Result<Vec<axum::http::HeaderValue>, crate::ServeError> {
+        self.origins
+            .iter()
+            .map(|o| {
+                let bad = || crate::ServeError::BadOrigin(o.clone());
+                let rest =
+                    o.strip_prefix("https://").or_else(|| o.strip_prefix("http://")).ok_or_else(bad)?;
+                let (host, port) = match rest.strip_prefix('[') {
+                    // [IPv6]:port
+                    Some(v6) => {
+                        let (addr, after) = v6.split_once(']').ok_or_else(bad)?;
+                        let port = if after.is_empty() {
+                            None
+                        } else {
+                            Some(after.strip_prefix(':').ok_or_else(bad)?)
+                        };
+                        let ok = !addr.is_empty()
+                            && addr.chars().all(|c| c.is_ascii_hexdigit() || c == ':' || c == '.');
+                        (if ok { "v6" } else { "" }, port)
+                    }
+                    None => match rest.split_once(':') {
+                        Some((h, p)) => (h, Some(p)),
+                        None => (rest, None),
+                    },
+                };
+                let host_ok = !host.is_empty()
+                    && host.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-');
+                let port_ok = port.is_none_or(|p| p.parse::<u16>().is_ok_and(|n| n > 0));
+                if !host_ok || !port_ok {
+                    return Err(bad());
+                }
+                axum::http::HeaderValue::from_str(o).map_err(|_| bad())
+            })
+            .collect()
+    }
+}
+
 impl Default for Limits {
     fn default() -> Self {
         Self { body_bytes: 32 * 1024 * 1024, image_side: 4096, generate_side: 2048 }
@@ -170,4 +211,37 @@ impl AppState {
 
 pub fn now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Cors;
+
+    #[test]
+    fn only_real_origins_are_accepted() {
+        let check = |o: &str| Cors { origins: vec![o.to_string()] }.header_values().is_ok();
+        for good in [
+            "https://studio.example",
+            "http://localhost:5173",
+            "http://[::1]:8080",
+            "http://[::1]",
+            "http://10.0.0.2",
+        ] {
+            assert!(check(good), "{good}");
+        }
+        for bad in [
+            "not a url",
+            "studio.example",
+            "https://",
+            "https://a b",
+            "https://x/path",
+            "https://x:0",
+            "https://x:99999",
+            "*",
+            "ftp://x",
+            "http://[zz]",
+        ] {
+            assert!(!check(bad), "{bad}");
+        }
+    }
 }

@@ -69,6 +69,7 @@ impl LoadedModel {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
+        crate::device::check_dtype(device, dtype)?;
         let folder = DiffusersFolder::open(source.dir())?;
         let family = folder.family();
         let prefer_fp16 = dtype != DType::F32;

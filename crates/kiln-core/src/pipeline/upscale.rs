@@ -152,6 +152,7 @@ fn is_oom(e: &Error) -> bool {
 
 impl Upscaler {
     pub fn new(weights: SrWeights, device: &Device, dtype: DType) -> Result<Self> {
+        crate::device::check_dtype(device, dtype)?;
         let tensors = store::to_device(&weights.tensors, dtype, device)?;
         let vb = VarBuilder::from_tensors(tensors, dtype, device);
         let net = SrNet::new(&weights.spec, vb)?;
