@@ -17,8 +17,9 @@ fn project() -> tempfile::TempDir {
     std::fs::write(
         dir.path().join("kiln.toml"),
         format!(
-            "[tiers.draft]\nmodel = \"{}\"\nwidth = 64\nheight = 64\nsteps = 2\n\
-             [tiers.upscale]\nmodel = \"{}\"\n",
+            "[tiers.draft]\nmodel = \"{0}\"\nwidth = 64\nheight = 64\nsteps = 2\n\
+             [tiers.final]\nmodel = \"{0}\"\nwidth = 64\nheight = 64\nsteps = 2\n\
+             [tiers.upscale]\nmodel = \"{1}\"\n",
             f.join("pipelines/sd1/model").display(),
             f.join("sr/srvgg-tiny-x4.safetensors").display()
         ),
@@ -527,6 +528,12 @@ fn every_subcommand_refuses_bad_values() {
         (a(&["promote", "1", "--strength", "-1", "--device", "cpu"]), "must be in (0, 1]"),
         (a(&["promote", "1", "--mode", "sideways", "--device", "cpu"]), "expected img2img or reseed"),
         (a(&["promote", "1", "--upscale", "banana", "--device", "cpu"]), "expected 4k, 8k, WIDTHxHEIGHT"),
+        // Refused before the final renders (nothing written, nothing billed).
+        (a(&["promote", "1", "--upscale", "100000x100000", "--device", "cpu"]), "exceeds the limit"),
+        (
+            a(&["promote", "1", "--upscale", "64", "--width", "4096", "--height", "4096", "--device", "cpu"]),
+            "exceeds the limit",
+        ),
         (a(&["promote", "1", "--tier", "nosuch", "--device", "cpu"]), "unknown tier `nosuch`"),
         (a(&["promote", "1", "--tile", "0", "--upscale", "4k", "--device", "cpu"]), "invalid --tile: 0"),
         // inpaint / erase / outpaint

@@ -236,6 +236,14 @@ fn run_promote(
     let tier = ws.tiers.get(tier_name)?.clone();
     // Validate the whole chain (target size, upscale tier, budget for both) before rendering.
     let target = s.upscale.as_deref().map(parse_target).transpose()?;
+    if let (Some(t), Some(w), Some(h)) = (target, s.width.or(tier.width), s.height.or(tier.height)) {
+        // The final's size is known from the tier: an upscale it cannot reach is refused before
+        // the final renders, not after it is billed.
+        let (ow, oh) = t.size(w, h)?;
+        crate::image::io::SizeLimits::default()
+            .check_output(ow, oh, std::path::Path::new("upscaled final"))
+            .map_err(|e| Error::arg("upscale", e.to_string()))?;
+    }
     let upscale_tier_name = s.upscale_tier.as_deref().unwrap_or("upscale");
     let mut jobs = vec![(tier, 1)];
     if target.is_some() {
