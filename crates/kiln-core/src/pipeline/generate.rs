@@ -327,6 +327,42 @@ impl Conditioning {
     }
 }
 
+impl Conditioning {
+    /// The guided noise prediction for `latents` ([batch, C, h, w]) at step `i`: the
+    /// scheduler's input scaling, the UNet (on negatives and positives together under CFG,
+    /// with `extra` channels appended), and the guidance combination.
+    pub(crate) fn predict(
+        &self,
+        model: &LoadedModel,
+        scheduler: &dyn Scheduler,
+        latents: &Tensor,
+        i: usize,
+        extra: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let b = self.batch;
+        let model_in = if self.cfg { Tensor::cat(&[latents, latents], 0)? } else { latents.clone() };
+        let mut model_in = scheduler.scale_model_input(&model_in, i)?;
+        if let Some(extra) = extra {
+            model_in = Tensor::cat(&[&model_in, extra], 1)?;
+        }
+        let unet_cond = UNetCond {
+            encoder_hidden_states: &self.hidden,
+            text_embeds: self.text_embeds.as_ref(),
+            time_ids: self.time_ids.as_ref(),
+            timestep_cond: self.timestep_cond.as_ref(),
+        };
+        let t = crate::schedule::at(scheduler.timesteps(), i, "timesteps")?;
+        let pred = model.unet.forward(&model_in, t, &unet_cond)?;
+        Ok(if self.cfg {
+            let uncond = pred.narrow(0, 0, b)?;
+            let text = pred.narrow(0, b, b)?;
+            (&uncond + ((text - &uncond)? * self.guidance)?)?
+        } else {
+            pred
+        })
+    }
+}
+
 /// What a pipeline adds to the plain denoising loop (inpainting's extra UNet channels and
 /// re-imposed known latents).
 pub(crate) trait LoopHooks {
@@ -367,30 +403,11 @@ pub(crate) fn denoise(
     timings: &mut StageTimings,
     progress: &mut dyn Progress,
 ) -> Result<Tensor> {
-    let b = cond.batch;
     let timesteps = scheduler.timesteps().to_vec();
     let total = timesteps.len().saturating_sub(first_step);
     for (done, i) in (first_step..timesteps.len()).enumerate() {
         let t0 = Instant::now();
-        let model_in = if cond.cfg { Tensor::cat(&[&latents, &latents], 0)? } else { latents.clone() };
-        let mut model_in = scheduler.scale_model_input(&model_in, i)?;
-        if let Some(extra) = hooks.extra_input() {
-            model_in = Tensor::cat(&[&model_in, extra], 1)?;
-        }
-        let unet_cond = UNetCond {
-            encoder_hidden_states: &cond.hidden,
-            text_embeds: cond.text_embeds.as_ref(),
-            time_ids: cond.time_ids.as_ref(),
-            timestep_cond: cond.timestep_cond.as_ref(),
-        };
-        let pred = model.unet.forward(&model_in, timesteps[i], &unet_cond)?;
-        let pred = if cond.cfg {
-            let uncond = pred.narrow(0, 0, b)?;
-            let text = pred.narrow(0, b, b)?;
-            (&uncond + ((text - &uncond)? * cond.guidance)?)?
-        } else {
-            pred
-        };
+        let pred = cond.predict(model, scheduler, &latents, i, hooks.extra_input())?;
         latents = if hooks.transforms_denoised() {
             scheduler.step_with_denoised(&pred, i, &latents, rng, &mut |x0| hooks.denoised(i, x0))?
         } else {

@@ -8,6 +8,7 @@
 //! - [`cutout`]: background removal with a matting model (rembg's mask, refinement, compositing);
 //! - [`cutout_replace`]: background replacement (inverted cutout mask, feathered, inpainted);
 //! - [`upscale`]: tiled super-resolution, streamed to the PNG encoder;
+//! - [`redetail`]: diffusion re-detail of a large image on blended latent tiles (MultiDiffusion);
 //! - [`metadata`]: what goes into output PNGs (A1111 `parameters`, kiln's replay JSON);
 //! - [`vae_tiling`]: untiled vs tiled VAE decode/encode (`--vae-tiling`, `--vae-tile`).
 
@@ -18,6 +19,7 @@ pub mod inpaint;
 pub mod metadata;
 pub mod model;
 pub mod outpaint;
+pub mod redetail;
 pub mod text;
 pub mod upscale;
 pub mod vae_tiling;

@@ -1,0 +1,206 @@
+//! Diffusion re-detail of a large image (after super-resolution): img2img at a low strength
+//! where, at every step, the denoiser runs on overlapping latent tiles and their predictions
+//! are blended into **one global prediction** before the scheduler steps (MultiDiffusion). The
+//! latent stays one image, so neighbouring tiles agree at every step and no seam can form, unlike
+//! a per-tile img2img (Ultimate SD Upscale) whose tiles are denoised apart and pasted.
+//!
+//! With one tile covering the image this is exactly the img2img pipeline (same draws, same
+//! solver), which is how it is checked against diffusers.
+
+use crate::error::{Error, Result};
+use crate::image::rgb_to_tensor;
+use crate::pipeline::generate::{
+    decode_batch, encode_sampled, Conditioning, GeneratedImage, Progress, StageTimings,
+};
+use crate::pipeline::model::LoadedModel;
+use crate::pipeline::text::encode_prompts;
+use crate::pipeline::vae_tiling::VaeTiling;
+use crate::rng::BatchRng;
+use crate::schedule::{self, SchedulerKind};
+use candle_core::{DType, Tensor};
+use image::RgbImage;
+use std::time::Instant;
+
+/// Default denoiser tile in latent pixels (512 image pixels for an 8× VAE: the SD 1.x/Turbo
+/// native size) and the overlap between neighbouring tiles.
+pub const DEFAULT_TILE: usize = 64;
+pub const DEFAULT_OVERLAP: usize = 16;
+/// Tiles per denoiser call (batched; bounds the activations' memory).
+const TILES_PER_CALL: usize = 4;
+
+#[derive(Debug, Clone)]
+pub struct RedetailRequest {
+    /// The image at its final size (sides multiples of the VAE factor), usually a
+    /// super-resolution output.
+    pub image: RgbImage,
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub steps: usize,
+    /// How far the result may depart from `image`, in (0, 1]; 0.2–0.5 adds detail and keeps
+    /// the composition.
+    pub strength: f64,
+    pub guidance: f64,
+    pub scheduler: Option<SchedulerKind>,
+    pub seed: u64,
+    /// Denoiser tile side and overlap, in latent pixels.
+    pub tile: usize,
+    pub overlap: usize,
+    pub vae_tiling: VaeTiling,
+}
+
+/// What [`redetail`] produced.
+#[derive(Debug)]
+pub struct RedetailOutput {
+    pub image: GeneratedImage,
+    pub scheduler: SchedulerKind,
+    pub timings: StageTimings,
+    /// Latent tiles per step (rows × columns).
+    pub tiles: (usize, usize),
+    pub warnings: Vec<String>,
+}
+
+/// Start offsets of equal windows of `tile` covering `0..len` with at least `overlap` shared
+/// between neighbours; one window of `len` when the image is no larger than a tile.
+pub fn windows(len: usize, tile: usize, overlap: usize) -> Vec<usize> {
+    if len <= tile {
+        return vec![0];
+    }
+    let stride = tile.saturating_sub(overlap).max(1);
+    let n = (len - overlap).div_ceil(stride).max(2);
+    (0..n).map(|k| ((k * (len - tile)) as f64 / (n - 1) as f64).round() as usize).collect()
+}
+
+/// Blend weight of position `x` in a window of `size`: a linear ramp over `ramp` pixels at
+/// both ends, never zero, so every latent pixel has weight and overlaps cross-fade.
+fn ramp_weight(x: usize, size: usize, ramp: usize) -> f32 {
+    let ramp = ramp.max(1);
+    ((x + 1).min(size - x).min(ramp)) as f32 / ramp as f32
+}
+
+pub fn redetail(
+    model: &LoadedModel,
+    req: &RedetailRequest,
+    progress: &mut dyn Progress,
+) -> Result<RedetailOutput> {
+    let f = model.vae.scale_factor();
+    let (width, height) = (req.image.width() as usize, req.image.height() as usize);
+    if width % f != 0 || height % f != 0 || width == 0 || height == 0 {
+        return Err(Error::arg("size", format!("{width}x{height} is not a multiple of the VAE factor {f}")));
+    }
+    if !(req.strength > 0.0 && req.strength <= 1.0) {
+        return Err(Error::arg("strength", format!("{} must be in (0, 1]", req.strength)));
+    }
+    if req.tile < 8 || req.overlap >= req.tile {
+        return Err(Error::arg(
+            "tile",
+            format!("tile {} with overlap {}: need tile >= 8 and overlap < tile", req.tile, req.overlap),
+        ));
+    }
+    let kind = match req.scheduler {
+        Some(k) => k,
+        None => model.default_scheduler()?,
+    };
+    let guidance_embedded = model.unet.config().time_cond_proj_dim.is_some();
+    let cfg = req.guidance > 1.0 && !guidance_embedded;
+    let mut timings = StageTimings::default();
+    let start = Instant::now();
+
+    progress.stage("text_encode");
+    let t0 = Instant::now();
+    let prompts = encode_prompts(model, &req.prompt, req.negative_prompt.as_deref(), cfg)?;
+    timings.text_encode = t0.elapsed().as_secs_f64();
+
+    let (lh, lw) = (height / f, width / f);
+    let (rows, cols) = (windows(lh, req.tile, req.overlap), windows(lw, req.tile, req.overlap));
+    let (th, tw) = (lh.min(req.tile), lw.min(req.tile));
+    // Per-pixel blend weights of one window, and their sum over the whole latent.
+    let window_weights: Vec<f32> = (0..th)
+        .flat_map(|y| (0..tw).map(move |x| ramp_weight(y, th, req.overlap) * ramp_weight(x, tw, req.overlap)))
+        .collect();
+    let mut total = vec![0f32; lh * lw];
+    for &y0 in &rows {
+        for &x0 in &cols {
+            for y in 0..th {
+                for x in 0..tw {
+                    total[(y0 + y) * lw + x0 + x] += window_weights[y * tw + x];
+                }
+            }
+        }
+    }
+    let device = &model.device;
+    let window_w = Tensor::from_vec(window_weights, (1, 1, th, tw), device)?.to_dtype(DType::F32)?;
+    let inv_total =
+        Tensor::from_vec(total.iter().map(|w| 1.0 / w).collect::<Vec<f32>>(), (1, 1, lh, lw), device)?;
+
+    let mut rng = BatchRng::new(&[req.seed]);
+    let mut scheduler = schedule::build(kind, &model.scheduler_config, req.steps)?;
+    let timesteps = scheduler.timesteps().to_vec();
+    let first = schedule::strength_start(req.steps, req.strength);
+    if first >= timesteps.len() {
+        return Err(Error::arg("strength", format!("{} leaves no denoising steps", req.strength)));
+    }
+    // diffusers' img2img order of draws: the VAE latent sample, then the noise.
+    progress.stage("vae_encode");
+    let image = rgb_to_tensor(&req.image, device, model.dtype)?;
+    let encoded = encode_sampled(model, &image, &req.vae_tiling, &mut rng, &mut timings)?;
+    let noise = rng.randn(&encoded.dims()[1..], device, model.dtype)?;
+    let mut latents = scheduler.add_noise(&encoded, &noise, first)?;
+
+    let single = rows.len() == 1 && cols.len() == 1;
+    let origins: Vec<(usize, usize)> = rows.iter().flat_map(|&y| cols.iter().map(move |&x| (y, x))).collect();
+    // Conditioning per call size (full calls of TILES_PER_CALL tiles, and the last, smaller one).
+    let mut conds: std::collections::BTreeMap<usize, Conditioning> = Default::default();
+    for chunk in origins.chunks(TILES_PER_CALL) {
+        if let std::collections::btree_map::Entry::Vacant(slot) = conds.entry(chunk.len()) {
+            slot.insert(Conditioning::new(model, &prompts, chunk.len(), cfg, req.guidance, tw * f, th * f)?);
+        }
+    }
+    progress.stage("denoise");
+    let total_steps = timesteps.len() - first;
+    for (done, i) in (first..timesteps.len()).enumerate() {
+        let t0 = Instant::now();
+        let pred = if single {
+            conds[&1].predict(model, scheduler.as_ref(), &latents, i, None)?
+        } else {
+            // Every tile's prediction, weighted, summed into the global latent, normalised.
+            let mut acc = Tensor::zeros((1, latents.dim(1)?, lh, lw), DType::F32, device)?;
+            for chunk in origins.chunks(TILES_PER_CALL) {
+                let crops: Vec<Tensor> = chunk
+                    .iter()
+                    .map(|&(y, x)| Ok(latents.narrow(2, y, th)?.narrow(3, x, tw)?))
+                    .collect::<Result<_>>()?;
+                let preds = conds[&chunk.len()].predict(
+                    model,
+                    scheduler.as_ref(),
+                    &Tensor::cat(&crops, 0)?,
+                    i,
+                    None,
+                )?;
+                for (k, &(y, x)) in chunk.iter().enumerate() {
+                    let p = preds.narrow(0, k, 1)?;
+                    let weighted = p.to_dtype(DType::F32)?.broadcast_mul(&window_w)?;
+                    let padded =
+                        weighted.pad_with_zeros(2, y, lh - y - th)?.pad_with_zeros(3, x, lw - x - tw)?;
+                    acc = (acc + padded)?;
+                }
+            }
+            acc.broadcast_mul(&inv_total)?.to_dtype(model.dtype)?
+        };
+        latents = scheduler.step(&pred, i, &latents, &mut rng)?;
+        let secs = t0.elapsed().as_secs_f64();
+        timings.steps.push(secs);
+        progress.step(done + 1, total_steps, secs);
+        if progress.wants_preview(done + 1, total_steps) {
+            progress.preview(done + 1, &latents);
+        }
+        if progress.cancelled() {
+            return Err(Error::Cancelled);
+        }
+    }
+    progress.stage("vae_decode");
+    let image = decode_batch(model, &latents, &[req.seed], &req.vae_tiling, &mut timings)?.remove(0);
+    timings.total = start.elapsed().as_secs_f64();
+    let mut warnings = prompts.warnings;
+    warnings.extend(crate::pipeline::generate::vae_fallback_warning(&image));
+    Ok(RedetailOutput { image, scheduler: kind, timings, tiles: (rows.len(), cols.len()), warnings })
+}
