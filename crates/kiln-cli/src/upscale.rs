@@ -44,7 +44,107 @@ pub struct UpscaleArgs {
     #[arg(long)]
     pub out: Option<PathBuf>,
     #[command(flatten)]
+    pub redetail: RedetailArgs,
+    #[command(flatten)]
     pub run: RunArgs,
+}
+
+/// Diffusion re-detail after super-resolution (docs/upscale.md).
+#[derive(Args, Debug)]
+pub struct RedetailArgs {
+    /// Re-detail the upscaled image with a diffusion model: img2img at a low strength on
+    /// overlapping latent tiles blended into one latent, so real detail appears and no seam can.
+    #[arg(long)]
+    pub redetail: bool,
+    /// Tier whose model re-details (see `kiln tiers`).
+    #[arg(long, requires = "redetail")]
+    pub tier: Option<String>,
+    /// Diffusers folder or hub id that re-details (instead of --tier).
+    #[arg(long, requires = "redetail", conflicts_with = "tier")]
+    pub redetail_model: Option<String>,
+    /// Project folder defining the tiers (default: $KILN_PROJECT or the current folder).
+    #[arg(long, requires = "redetail")]
+    pub project: Option<PathBuf>,
+    /// How far the result may depart from the upscale, in (0, 1] [default: 0.3].
+    #[arg(long, requires = "redetail")]
+    pub strength: Option<f64>,
+    /// Prompt (default: the prompt recorded in the input, else none).
+    #[arg(long, requires = "redetail")]
+    pub prompt: Option<String>,
+    /// Steps of the full schedule (about strength × steps run) [default: the tier's, else 20].
+    #[arg(long, requires = "redetail")]
+    pub steps: Option<usize>,
+    /// Guidance scale [default: the tier's, else 5].
+    #[arg(long, requires = "redetail")]
+    pub guidance: Option<f64>,
+    /// Seed [default: 0].
+    #[arg(long, requires = "redetail")]
+    pub seed: Option<u64>,
+    /// Denoiser tile side in image pixels (a multiple of 8) [default: 512].
+    #[arg(long, requires = "redetail")]
+    pub redetail_tile: Option<usize>,
+}
+
+/// The re-detail model and the request every input shares.
+fn redetail_setup(
+    a: &RedetailArgs,
+    dev: &kiln_core::candle::Device,
+    dtype: Option<kiln_core::candle::DType>,
+    vae: &crate::args::VaeTilingArgs,
+    show: bool,
+) -> anyhow::Result<
+    Option<(kiln_core::pipeline::model::LoadedModel, kiln_core::pipeline::redetail::RedetailRequest)>,
+> {
+    use kiln_core::pipeline::redetail::{RedetailRequest, DEFAULT_OVERLAP, DEFAULT_TILE};
+    if !a.redetail {
+        return Ok(None);
+    }
+    let strength = a.strength.unwrap_or(0.3);
+    if !(strength > 0.0 && strength <= 1.0) {
+        bail!("invalid --strength: {strength} must be in (0, 1]");
+    }
+    let tile = match a.redetail_tile {
+        Some(px) if px % 8 != 0 || !(64..=2048).contains(&px) => {
+            bail!("invalid --redetail-tile: {px} must be a multiple of 8 in 64..=2048")
+        }
+        Some(px) => px / 8,
+        None => DEFAULT_TILE,
+    };
+    kiln_core::bounds::STEPS.check_opt(a.steps)?;
+    let (model, steps, guidance) = match (&a.tier, &a.redetail_model) {
+        (Some(name), _) => {
+            let project = kiln_core::library::Project::find(a.project.as_deref())?;
+            let tiers = kiln_core::tiers::TierRegistry::discover(Some(&project.root))?;
+            let tier = tiers.get(name)?;
+            kiln_core::tiers::load::require_diffusion(tier)?;
+            let dtype = kiln_core::tiers::load::tier_dtype(tier, dev, dtype)?;
+            let model = kiln_core::tiers::load::load_tier_model(tier, dev, dtype, show)?;
+            (model, tier.steps, tier.guidance)
+        }
+        (None, Some(spec)) => {
+            let dtype = dtype.unwrap_or_else(|| device::default_dtype(dev));
+            let source =
+                kiln_core::loaders::hub::resolve(spec, None, dtype != kiln_core::candle::DType::F32, show)?;
+            (kiln_core::pipeline::model::LoadedModel::load(source, dev, dtype)?, None, None)
+        }
+        (None, None) => {
+            bail!("--redetail needs a diffusion model: pass --tier T or --redetail-model DIR|HUB_ID")
+        }
+    };
+    let request = RedetailRequest {
+        image: kiln_core::image::RgbImage::new(0, 0),
+        prompt: a.prompt.clone().unwrap_or_default(),
+        negative_prompt: None,
+        steps: a.steps.or(steps).unwrap_or(20),
+        strength,
+        guidance: a.guidance.or(guidance).unwrap_or(5.0),
+        scheduler: None,
+        seed: a.seed.unwrap_or(0),
+        tile,
+        overlap: DEFAULT_OVERLAP.min(tile / 2),
+        vae_tiling: kiln_core::jobs::spec::vae_tiling(Some(&vae.vae_tiling), vae.vae_tile)?,
+    };
+    Ok(Some((model, request)))
 }
 
 const IMAGE_EXTENSIONS: [&str; 4] = ["png", "jpg", "jpeg", "webp"];
@@ -132,12 +232,19 @@ pub fn run(args: UpscaleArgs) -> anyhow::Result<()> {
         }
         kiln_core::files::guard_target(&output)?;
     }
+    let r = &args.redetail;
+    if r.redetail && r.tier.is_none() && r.redetail_model.is_none() {
+        bail!("--redetail needs a diffusion model: pass --tier T or --redetail-model DIR|HUB_ID");
+    }
     let dev = args.run.device()?;
     let dtype = args.run.explicit_dtype()?.unwrap_or_else(|| device::default_dtype(&dev));
     let weights = Store::open_default()?.resolve(&args.model)?;
     let upscaler = Upscaler::new(weights, &dev, dtype).context("building the model")?;
+    let redetail =
+        redetail_setup(&args.redetail, &dev, args.run.explicit_dtype()?, &args.run.vae, args.run.show())?;
     let show = args.run.show();
     let mut reports = Vec::new();
+    let mut redetails = Vec::new();
     let mut failures = Vec::new();
     for input in &inputs {
         let output = output_for(input, args.out.as_deref(), many)?;
@@ -152,9 +259,35 @@ pub fn run(args: UpscaleArgs) -> anyhow::Result<()> {
             bar.set_length(total as u64);
             bar.set_position(done as u64);
         };
-        match upscaler.upscale_file(input, &output, &opts, &mut progress) {
-            Ok(r) => {
+        let result = upscaler.upscale_file(input, &output, &opts, &mut progress).and_then(|r| {
+            let Some((model, request)) = &redetail else { return Ok((r, None)) };
+            bar.set_message("re-detail");
+            let mut none = kiln_core::pipeline::generate::NoProgress;
+            let d = kiln_core::pipeline::redetail::redetail_png(
+                model,
+                &output,
+                &output,
+                request.clone(),
+                &mut none,
+            )?;
+            Ok((r, Some(d)))
+        });
+        match result {
+            Ok((r, detail)) => {
                 bar.finish_and_clear();
+                if let (false, Some(d)) = (args.run.json, &detail) {
+                    eprintln!(
+                        "re-detailed {} at strength {} of a {}-step {} schedule ({}x{} latent tiles, {:.1}s)",
+                        output.display(),
+                        d.strength,
+                        d.steps,
+                        d.scheduler,
+                        d.tiles[0],
+                        d.tiles[1],
+                        d.seconds
+                    );
+                }
+                redetails.extend(detail);
                 if !args.run.json {
                     eprintln!(
                         "{} -> {} ({}x{} -> {}x{}, {:.1}s)",
@@ -181,6 +314,7 @@ pub fn run(args: UpscaleArgs) -> anyhow::Result<()> {
     if args.run.json {
         let obj = serde_json::json!({
             "outputs": reports,
+            "redetail": redetails,
             "errors": failures,
             "model": upscaler.name(),
             "arch": upscaler.spec().arch_name(),

@@ -80,3 +80,65 @@ fn import_list_upscale_json_and_errors() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// `--redetail`: super-resolution, then diffusion re-detail on blended latent tiles; the
+/// output keeps the upscale record and adds the re-detail record; same seed, same pixels.
+#[test]
+fn redetail_after_super_resolution() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let data = dir.path().join("data");
+    let sd1 = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/pipelines/sd1/model"));
+    let input = fixture("input_40x32.png");
+    let run = |out: &Path| {
+        let o = kiln(
+            &data,
+            &[
+                "upscale",
+                input.to_str().expect("utf8"),
+                "--model",
+                fixture("srvgg-tiny-x4.safetensors").to_str().expect("utf8"),
+                "--redetail",
+                "--redetail-model",
+                sd1.to_str().expect("utf8"),
+                "--redetail-tile",
+                "128",
+                "--strength",
+                "0.5",
+                "--steps",
+                "4",
+                "--prompt",
+                "a lighthouse",
+                "--seed",
+                "3",
+                "--device",
+                "cpu",
+                "--json",
+                "--out",
+                out.to_str().expect("utf8"),
+            ],
+        );
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+        assert_eq!(v["redetail"][0]["tiles"], serde_json::json!([1, 2]), "{v}");
+        image::open(out).expect("png").to_rgb8()
+    };
+    let (a_path, b_path) = (dir.path().join("a.png"), dir.path().join("b.png"));
+    let (a, b) = (run(&a_path), run(&b_path));
+    assert_eq!(a.dimensions(), (160, 128));
+    assert!(a == b, "same seed, same pixels");
+    let text = kiln_core::image::png_meta::read_png_text(&a_path).expect("text");
+    let keys: Vec<&str> = text.iter().map(|c| c.keyword.as_str()).collect();
+    assert!(keys.contains(&"kiln.upscale") && keys.contains(&"kiln.redetail"), "{keys:?}");
+    let record: serde_json::Value =
+        serde_json::from_str(&text.iter().find(|c| c.keyword == "kiln.redetail").expect("record").text)
+            .expect("json");
+    assert_eq!(record["prompt"], "a lighthouse");
+    assert_eq!(record["strength"], 0.5);
+
+    let o = kiln(
+        &data,
+        &["upscale", input.to_str().expect("utf8"), "--model", "nosuch", "--redetail", "--out", "never.png"],
+    );
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--redetail needs a diffusion model"));
+}

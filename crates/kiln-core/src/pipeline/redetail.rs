@@ -204,3 +204,79 @@ pub fn redetail(
     warnings.extend(crate::pipeline::generate::vae_fallback_warning(&image));
     Ok(RedetailOutput { image, scheduler: kind, timings, tiles: (rows.len(), cols.len()), warnings })
 }
+
+/// PNG text key of the re-detail record (a JSON object) in the output file.
+pub const META_KEY: &str = "kiln.redetail";
+
+/// What [`redetail_png`] did, for reports and the output's metadata.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RedetailReport {
+    pub input: std::path::PathBuf,
+    pub output: std::path::PathBuf,
+    pub size: [usize; 2],
+    pub model: String,
+    pub prompt: String,
+    pub strength: f64,
+    pub steps: usize,
+    pub scheduler: String,
+    pub seed: u64,
+    /// Latent tiles per step (rows, columns), tile side and overlap in latent pixels.
+    pub tiles: [usize; 2],
+    pub tile: usize,
+    pub overlap: usize,
+    pub seconds: f64,
+}
+
+/// Re-details the image at `input` (usually a super-resolution output) and writes `output`
+/// atomically, keeping the input's text chunks (its upscale record) and adding [`META_KEY`].
+/// A side that is not a multiple of the VAE factor is trimmed to one (at most 7 pixels).
+/// An empty `req.prompt` takes the prompt in the input's kiln record, if it has one.
+pub fn redetail_png(
+    model: &LoadedModel,
+    input: &std::path::Path,
+    output: &std::path::Path,
+    mut req: RedetailRequest,
+    progress: &mut dyn Progress,
+) -> Result<RedetailReport> {
+    use crate::image::png_meta::{read_png_text, write_png_atomic, TextChunk};
+    crate::files::guard_target(output)?;
+    let image = crate::image::load_rgb(input)?;
+    let f = model.vae.scale_factor() as u32;
+    let (w, h) = (image.width() / f * f, image.height() / f * f);
+    if w == 0 || h == 0 {
+        return Err(Error::arg("image", format!("{} is smaller than {f} px", input.display())));
+    }
+    req.image = image::imageops::crop_imm(&image, 0, 0, w, h).to_image();
+    let chunks = read_png_text(input).unwrap_or_default();
+    if req.prompt.is_empty() {
+        let recorded = chunks
+            .iter()
+            .find(|c| c.keyword == "kiln")
+            .and_then(|c| serde_json::from_str::<crate::pipeline::metadata::ImageRecord>(&c.text).ok());
+        if let Some(r) = recorded {
+            req.prompt = r.prompt;
+        }
+    }
+    let start = Instant::now();
+    let out = redetail(model, &req, progress)?;
+    let rgb = crate::image::unit_to_rgb8(&out.image.pixels)?;
+    let report = RedetailReport {
+        input: input.to_path_buf(),
+        output: output.to_path_buf(),
+        size: [w as usize, h as usize],
+        model: model.source.dir().display().to_string(),
+        prompt: req.prompt.clone(),
+        strength: req.strength,
+        steps: req.steps,
+        scheduler: out.scheduler.name().to_string(),
+        seed: req.seed,
+        tiles: [out.tiles.0, out.tiles.1],
+        tile: req.tile,
+        overlap: req.overlap,
+        seconds: start.elapsed().as_secs_f64(),
+    };
+    let mut chunks: Vec<TextChunk> = chunks.into_iter().filter(|c| c.keyword != META_KEY).collect();
+    chunks.push(TextChunk::new(META_KEY, serde_json::to_string(&report).unwrap_or_default()));
+    write_png_atomic(output, &rgb, &chunks)?;
+    Ok(report)
+}
