@@ -308,6 +308,16 @@ fn assets_check_finds_a_tampered_library() {
     assert!(p.len() == 2, "{p:?}");
     assert!(p[0].contains("job 1 costs") && p[0].contains("its assets carry"), "{p:?}");
     assert!(p[1].contains("job 2 records") && p[1].contains("stages sum to"), "{p:?}");
+
+    // Values kiln never writes, and a library from another version: said in words.
+    sql("UPDATE assets SET width = -5 WHERE id = 1;");
+    let o = kiln(root, &["assets", "list"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("-5") && err.contains("edited outside kiln"), "{err}");
+    sql("UPDATE meta SET value = '999' WHERE key = 'schema_version';");
+    let o = kiln(root, &["assets", "list"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("schema version is `999`"), "{err}");
 }
 
 /// Rewrites one tensor's shape in a safetensors header (same element count, so the file is

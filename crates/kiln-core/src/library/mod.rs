@@ -295,7 +295,7 @@ impl Library {
             conn.execute_batch(crate::jobs::keys::SCHEMA).map_err(bad)?;
             let version: Option<String> =
                 conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).ok();
-            match version.as_deref().map(str::parse::<i64>) {
+            match version.as_deref() {
                 None => {
                     conn.execute(
                         "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)",
@@ -303,12 +303,13 @@ impl Library {
                     )
                     .map_err(bad)?;
                 }
-                Some(Ok(v)) if v == SCHEMA_VERSION => {}
+                Some(v) if v.parse::<i64>().ok() == Some(SCHEMA_VERSION) => {}
                 Some(other) => {
                     return Err(Error::Library {
                         path: path.to_path_buf(),
                         msg: format!(
-                            "schema version {other:?} is not {SCHEMA_VERSION}; it was written by another kiln version"
+                            "its schema version is `{other}`, this kiln reads version {SCHEMA_VERSION}: it was \
+                             written by another kiln version; open it with that version, or move it aside to start a new library"
                         ),
                     })
                 }
@@ -340,7 +341,19 @@ impl Library {
     }
 
     pub(crate) fn err(&self, e: rusqlite::Error) -> Error {
-        Error::Library { path: self.path.clone(), msg: e.to_string() }
+        let msg = match &e {
+            // A value kiln never writes (a negative seed or size): the database was edited.
+            rusqlite::Error::IntegralValueOutOfRange(column, value) => format!(
+                "a row holds {value} in column {column}, which kiln never writes: the library was edited \
+                 outside kiln; run `kiln assets check` and restore it from a backup"
+            ),
+            rusqlite::Error::InvalidColumnType(column, name, kind) => format!(
+                "column `{name}` ({column}) holds a {kind} value, which kiln never writes: the library was \
+                 edited outside kiln; run `kiln assets check` and restore it from a backup"
+            ),
+            _ => e.to_string(),
+        };
+        Error::Library { path: self.path.clone(), msg }
     }
 
     /// Image files under assets/ that no asset records (left by a killed run; safe to delete).

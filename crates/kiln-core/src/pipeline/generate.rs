@@ -482,8 +482,12 @@ pub fn decode_batch(
             vae_fallback = Some(vae.dtype());
         }
         if !is_finite(&decoded)? {
+            let hint = match decoded.dtype() {
+                DType::F32 => "the model's weights or the starting latents hold NaN/inf; check the model files and --init-latents",
+                _ => "retry with --dtype f32",
+            };
             return Err(Error::Unsupported(format!(
-                "the decoded image contains NaN/inf in {}; retry with --dtype f32",
+                "the decoded image contains NaN/inf in {}; {hint}",
                 crate::device::dtype_name(decoded.dtype())
             )));
         }
