@@ -2,7 +2,7 @@
 
 use crate::draft::JobArgs;
 use clap::Args;
-use kiln_core::jobs::spec::{ImageRef, PromoteSpec};
+use kiln_core::jobs::spec::{ImageRef, PromoteSpec, RedetailSpec};
 use kiln_core::jobs::JobSpec;
 
 #[derive(Args, Debug)]
@@ -28,6 +28,19 @@ pub struct PromoteArgs {
     /// Upscale tile side in input pixels (default: chosen from available memory).
     #[arg(long)]
     tile: Option<usize>,
+    /// After the upscale, re-detail it with a diffusion tier on blended latent tiles (real
+    /// detail, no seams); recorded as the upscale's child.
+    #[arg(long, requires = "upscale")]
+    redetail: bool,
+    /// Tier that re-details.
+    #[arg(long, default_value = "final", requires = "redetail")]
+    redetail_tier: String,
+    /// Re-detail strength, in (0, 1] [default: 0.3].
+    #[arg(long, requires = "redetail")]
+    redetail_strength: Option<f64>,
+    /// Re-detail denoiser tile in image pixels [default: 512].
+    #[arg(long, requires = "redetail")]
+    redetail_tile: Option<usize>,
     /// Override the tier's steps.
     #[arg(long)]
     steps: Option<usize>,
@@ -60,6 +73,12 @@ pub fn run(args: PromoteArgs) -> anyhow::Result<()> {
         upscale: args.upscale.clone(),
         upscale_tier: Some(args.upscale_tier.clone()),
         tile: args.tile,
+        redetail: args.redetail.then(|| RedetailSpec {
+            tier: Some(args.redetail_tier.clone()),
+            strength: args.redetail_strength,
+            tile: args.redetail_tile,
+            ..Default::default()
+        }),
         vae_tiling: Some(args.job.run.vae.vae_tiling.clone()),
         vae_tile: args.job.run.vae.vae_tile,
     });
@@ -114,6 +133,20 @@ pub fn run(args: PromoteArgs) -> anyhow::Result<()> {
             up["timings"]["upscale"].as_f64().unwrap_or(0.0) + up["timings"]["load"].as_f64().unwrap_or(0.0),
             up["timings"]["upscale"].as_f64().unwrap_or(0.0),
             up["credits"].as_f64().unwrap_or(0.0)
+        );
+    }
+    if let Some(rd) = d.get("redetailed") {
+        println!(
+            "re-detailed: {} (asset {}, child of {}), {:.2} device-s, {:.4} credits",
+            rd["path"].as_str().unwrap_or_default(),
+            rd["asset_id"],
+            rd["parent_asset_id"],
+            rd["timings"]["steps"]
+                .as_array()
+                .map(|s| s.iter().filter_map(|v| v.as_f64()).sum())
+                .unwrap_or(0.0)
+                + rd["timings"]["load"].as_f64().unwrap_or(0.0),
+            rd["credits"].as_f64().unwrap_or(0.0)
         );
     }
     Ok(())

@@ -403,6 +403,7 @@ pub async fn extra_single_image(
         tier: Some(tier),
         to,
         tile: None,
+        redetail: None,
     });
     let result = run_to_end(&state, &spec, &owner, quota.0).await?;
     let images = result_images(&state, &result)?;

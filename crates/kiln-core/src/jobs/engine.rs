@@ -251,6 +251,13 @@ fn run_promote(
         crate::tiers::load::require_upscale(&up)?;
         jobs.push((up, 1));
     }
+    let redetail = redetail_plan(ws, s.redetail.as_ref())?;
+    if redetail.is_some() && target.is_none() {
+        return Err(Error::arg("redetail", "re-detail follows an upscale: set `upscale` too (e.g. 4k)"));
+    }
+    if let Some((t, _)) = &redetail {
+        jobs.push((t.clone(), 1));
+    }
     ws.check_budget_all(&jobs)?;
     let request = PromoteRequest {
         draft: asset_ref(ws, &s.draft, "draft")?,
@@ -307,6 +314,22 @@ fn run_promote(
         if let Some(obj) = detail.as_object_mut() {
             obj.insert("upscaled".into(), serde_json::to_value(&u).unwrap_or_default());
         }
+        if let Some((rd_tier, request)) = redetail {
+            let d = run_redetail(ws, &rd_tier, u.asset_id, request, sink)?;
+            images.push(OutputImage {
+                asset_id: Some(d.asset_id),
+                path: d.path.clone(),
+                seed: Some(r.seed),
+                role: "redetailed".into(),
+            });
+            timings.steps.extend(d.timings.steps.iter().copied());
+            timings.load += d.timings.load;
+            credits += d.credits;
+            warnings.extend(d.warnings.iter().cloned());
+            if let Some(obj) = detail.as_object_mut() {
+                obj.insert("redetailed".into(), serde_json::to_value(&d).unwrap_or_default());
+            }
+        }
     }
     let mut out = output(JobKind::Promote, Some(r.job_id), images, timings);
     out.credits = credits;
@@ -325,7 +348,12 @@ fn run_upscale(
     let input = asset_ref(ws, &s.image, "image")?;
     let tier = ws.tiers.get(tier_name)?.clone();
     crate::tiers::load::require_upscale(&tier)?;
-    ws.check_budget(&tier, 1)?;
+    let redetail = redetail_plan(ws, s.redetail.as_ref())?;
+    let mut jobs = vec![(tier, 1)];
+    if let Some((t, _)) = &redetail {
+        jobs.push((t.clone(), 1));
+    }
+    ws.check_budget_all(&jobs)?;
     sink.emit(JobEvent::Stage { stage: "load".into() });
     let mut warm = ws.load_upscale_tier(tier_name)?;
     let mut warnings = tier_warnings(&warm.tier, &warm.drift);
@@ -335,17 +363,64 @@ fn run_upscale(
         !sink.cancelled()
     })?;
     warnings.extend(u.warnings.iter().cloned());
-    let images = vec![OutputImage {
+    let mut images = vec![OutputImage {
         asset_id: Some(u.asset_id),
         path: u.path.clone(),
         seed: None,
         role: "upscaled".into(),
     }];
-    let mut out = output(JobKind::Upscale, Some(u.job_id), images, u.timings.clone());
-    out.credits = u.credits;
+    let mut timings = u.timings.clone();
+    let mut credits = u.credits;
+    let mut detail = serde_json::to_value(&u).unwrap_or_default();
+    if let Some((rd_tier, request)) = redetail {
+        let d = run_redetail(ws, &rd_tier, u.asset_id, request, sink)?;
+        images.push(OutputImage {
+            asset_id: Some(d.asset_id),
+            path: d.path.clone(),
+            seed: None,
+            role: "redetailed".into(),
+        });
+        timings.steps.extend(d.timings.steps.iter().copied());
+        timings.load += d.timings.load;
+        credits += d.credits;
+        warnings.extend(d.warnings.iter().cloned());
+        if let Some(obj) = detail.as_object_mut() {
+            obj.insert("redetailed".into(), serde_json::to_value(&d).unwrap_or_default());
+        }
+    }
+    let mut out = output(JobKind::Upscale, Some(u.job_id), images, timings);
+    out.credits = credits;
     out.warnings = warnings;
-    out.detail = serde_json::to_value(&u).unwrap_or_default();
+    out.detail = detail;
     Ok(out)
+}
+
+/// The diffusion tier and request of a chain's re-detail step, checked before any work.
+fn redetail_plan(
+    ws: &Workspace,
+    spec: Option<&super::spec::RedetailSpec>,
+) -> Result<Option<(crate::tiers::Tier, crate::pipeline::redetail::RedetailRequest)>> {
+    let Some(spec) = spec else { return Ok(None) };
+    let tier = ws.tiers.get(spec.tier.as_deref().unwrap_or("final"))?.clone();
+    crate::tiers::load::require_diffusion(&tier)?;
+    let request = spec.request(&tier)?;
+    Ok(Some((tier, request)))
+}
+
+/// Loads the re-detail tier (pooled) and re-details asset `asset_id`, with progress events.
+fn run_redetail(
+    ws: &mut Workspace,
+    tier: &crate::tiers::Tier,
+    asset_id: i64,
+    request: crate::pipeline::redetail::RedetailRequest,
+    sink: &mut dyn EventSink,
+) -> Result<crate::workflow::upscale::UpscaleStepResult> {
+    if sink.cancelled() {
+        return Err(Error::Cancelled);
+    }
+    sink.emit(JobEvent::Stage { stage: "redetail".into() });
+    let mut warm = ws.load_tier(&tier.name)?;
+    crate::workflow::redetail::redetail_asset(ws, &mut warm, asset_id, request, &mut SinkProgress::new(sink))
 }
 
 fn run_replay(

@@ -210,6 +210,9 @@ pub struct PromoteSpec {
     /// Upscale tile side in input pixels (default: chosen from available memory).
     #[serde(default)]
     pub tile: Option<usize>,
+    /// Re-detail the upscale with a diffusion tier (needs `upscale`).
+    #[serde(default)]
+    pub redetail: Option<RedetailSpec>,
     /// on | off | auto (default): decode/encode the VAE in tiles with whole-image statistics.
     #[serde(default)]
     pub vae_tiling: Option<String>,
@@ -331,6 +334,63 @@ pub struct InpaintSpec {
     pub vae_tile: Option<usize>,
 }
 
+/// Diffusion re-detail after an upscale (`upscale` and `promote --upscale`): img2img at a low
+/// strength on blended latent tiles (docs/upscale.md).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RedetailSpec {
+    /// The diffusion tier that re-details (default "final").
+    #[serde(default)]
+    pub tier: Option<String>,
+    /// How far the result may depart from the upscale, in (0, 1] (default 0.3).
+    #[serde(default)]
+    pub strength: Option<f64>,
+    /// Default: the asset's own prompt.
+    #[serde(default)]
+    pub prompt: Option<String>,
+    /// Steps of the full schedule (default: the tier's, else 20).
+    #[serde(default)]
+    pub steps: Option<usize>,
+    /// Default 0.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Denoiser tile side in image pixels, a multiple of 8 in 64..=2048 (default 512).
+    #[serde(default)]
+    pub tile: Option<usize>,
+}
+
+impl RedetailSpec {
+    /// Checks the numbers and builds the request (image and, when empty, prompt filled later).
+    pub fn request(&self, tier: &crate::tiers::Tier) -> Result<crate::pipeline::redetail::RedetailRequest> {
+        use crate::pipeline::redetail::{RedetailRequest, DEFAULT_OVERLAP, DEFAULT_TILE};
+        let strength = self.strength.unwrap_or(0.3);
+        if !(strength > 0.0 && strength <= 1.0) {
+            return Err(Error::arg("redetail.strength", format!("{strength} must be in (0, 1]")));
+        }
+        let tile = match self.tile {
+            Some(px) if px % 8 != 0 || !(64..=2048).contains(&px) => {
+                return Err(Error::arg("redetail.tile", format!("{px} must be a multiple of 8 in 64..=2048")))
+            }
+            Some(px) => px / 8,
+            None => DEFAULT_TILE,
+        };
+        crate::bounds::STEPS.check_opt(self.steps)?;
+        Ok(RedetailRequest {
+            image: image::RgbImage::new(0, 0),
+            prompt: self.prompt.clone().unwrap_or_default(),
+            negative_prompt: tier.negative_prompt.clone(),
+            steps: self.steps.or(tier.steps).unwrap_or(20),
+            strength,
+            guidance: tier.guidance.unwrap_or(5.0),
+            scheduler: tier.scheduler.as_deref().map(str::parse).transpose()?,
+            seed: self.seed.unwrap_or(0),
+            tile,
+            overlap: DEFAULT_OVERLAP.min(tile / 2),
+            vae_tiling: Default::default(),
+        })
+    }
+}
+
 /// `kiln upscale` of an asset through an upscale tier.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -344,6 +404,9 @@ pub struct UpscaleSpec {
     pub to: Option<String>,
     #[serde(default)]
     pub tile: Option<usize>,
+    /// Re-detail the upscale with a diffusion tier.
+    #[serde(default)]
+    pub redetail: Option<RedetailSpec>,
 }
 
 /// `kiln replay`.

@@ -64,6 +64,8 @@ pub enum RecordKind {
     Inpaint,
     Erase,
     Outpaint,
+    /// Diffusion re-detail of an upscale (blended latent tiles).
+    Redetail,
 }
 
 impl RecordKind {
@@ -77,6 +79,7 @@ impl RecordKind {
             RecordKind::Inpaint => "inpaint",
             RecordKind::Erase => "erase",
             RecordKind::Outpaint => "outpaint",
+            RecordKind::Redetail => "redetail",
         }
     }
 }

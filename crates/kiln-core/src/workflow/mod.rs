@@ -5,10 +5,12 @@
 //! - [`draft`]: N variants with consecutive seeds plus a contact sheet;
 //! - [`promote`]: a draft re-rendered by the final tier (img2img or reseed), with similarity;
 //! - [`replay`]: an asset regenerated from its stored parameters alone;
-//! - [`upscale`]: an asset run through the upscale tier, recorded as its child.
+//! - [`upscale`]: an asset run through the upscale tier, recorded as its child;
+//! - [`redetail`]: an upscale re-detailed by a diffusion tier on blended latent tiles.
 
 pub mod draft;
 pub mod promote;
+pub mod redetail;
 pub mod replay;
 pub mod upscale;
 

@@ -1,0 +1,88 @@
+//! `promote --upscale … --redetail`: the final, its upscale and the re-detailed upscale, each a
+//! library asset, child of the one before, with the re-detail step's parameters, timings and
+//! cost recorded, and the library consistent.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").canonicalize().unwrap()
+}
+
+fn kiln(root: &Path, args: &[&str]) -> serde_json::Value {
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("KILN_PROJECT", root)
+        .env("KILN_DATA_DIR", root.join(".data"))
+        .env("XDG_CONFIG_HOME", root.join(".no-user-config"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
+    serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null)
+}
+
+#[test]
+fn promote_upscale_redetail_records_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    let f = fixtures();
+    std::fs::write(
+        root.join("kiln.toml"),
+        format!(
+            "[tiers.draft]\nmodel = \"{0}\"\nwidth = 64\nheight = 64\nsteps = 2\nlane = \"draft\"\n\
+             [tiers.final]\nmodel = \"{0}\"\nwidth = 64\nheight = 64\nsteps = 4\n\
+             [tiers.final.price]\ncredits_per_image = 0.5\n\
+             [tiers.upscale]\nmodel = \"{1}\"\n",
+            f.join("pipelines/sd1/model").display(),
+            f.join("sr/srvgg-tiny-x4.safetensors").display()
+        ),
+    )
+    .unwrap();
+    kiln(root, &["draft", "a lighthouse", "-n", "1", "--seed", "5", "--device", "cpu", "-q"]);
+    let v = kiln(
+        root,
+        &[
+            "promote",
+            "1",
+            "--upscale",
+            "2",
+            "--redetail",
+            "--redetail-strength",
+            "0.5",
+            "--redetail-tile",
+            "64",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    );
+    let rd = &v["redetailed"];
+    assert_eq!(rd["output_size"], serde_json::json!([128, 128]), "{v}");
+    let (up_id, rd_id) = (v["upscaled"]["asset_id"].as_i64().unwrap(), rd["asset_id"].as_i64().unwrap());
+    assert_eq!(rd["parent_asset_id"].as_i64(), Some(up_id));
+    let credits = rd["credits"].as_f64().unwrap();
+    assert!((0.5..0.6).contains(&credits), "the final tier's price per image plus its seconds: {credits}");
+
+    let show = kiln(root, &["assets", "show", &rd_id.to_string(), "--json"]);
+    let text = show.to_string();
+    assert!(text.contains("\"step\":\"redetail\"") && text.contains("a lighthouse"), "{show}");
+    let check = kiln(root, &["assets", "check", "--json"]);
+    assert_eq!(check["consistent"], true, "{check}");
+    let report = kiln(root, &["report", "--json"]);
+    assert_eq!(report["jobs"], 4, "draft, final, upscale, re-detail: {report}");
+    assert!(report["total_credits"].as_f64().unwrap() > 1.0, "{report}");
+
+    // Re-detail without an upscale is refused before anything runs.
+    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(["promote", "1", "--redetail", "--device", "cpu"])
+        .env("KILN_PROJECT", root)
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--upscale"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
