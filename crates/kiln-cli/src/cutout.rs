@@ -48,16 +48,7 @@ pub struct CutoutArgs {
     pub run: RunArgs,
 }
 
-use crate::upscale::{expand_inputs, peak_rss};
-
-fn output_for(input: &Path, out: Option<&Path>, many: bool, suffix: &str) -> PathBuf {
-    let name = format!("{}_{suffix}.png", input.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default());
-    match out {
-        None => input.with_file_name(name),
-        Some(o) if many || o.is_dir() || o.as_os_str().to_string_lossy().ends_with('/') => o.join(name),
-        Some(o) => o.to_path_buf(),
-    }
-}
+use crate::upscale::{expand_inputs, output_for, peak_rss};
 
 /// `--background`: a colour, or else an image file.
 fn parse_background(arg: Option<&str>) -> anyhow::Result<Background> {

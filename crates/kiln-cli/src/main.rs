@@ -9,6 +9,7 @@ mod cutout;
 mod cutout_replace;
 mod draft;
 mod generate;
+mod grade;
 mod host_memory;
 mod inpaint;
 mod job;
@@ -65,6 +66,8 @@ enum Command {
     Keys(serve::KeysArgs),
     /// Hallucination QC of an upscale against its source: per-tile map, heatmap, worst tiles.
     Qc(qc::QcArgs),
+    /// Colour-grade images with a 3D LUT (.cube), recorded in their metadata.
+    Grade(grade::GradeArgs),
 }
 
 fn main() -> ExitCode {
@@ -98,6 +101,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Keys(args) => serve::run_keys(args),
         Command::Cutout(args) => cutout::run(args),
         Command::Qc(args) => qc::run(args),
+        Command::Grade(args) => grade::run(args),
     }
 }
 

@@ -177,13 +177,15 @@ pub(crate) fn expand_inputs(inputs: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> 
     Ok(out)
 }
 
-fn output_for(input: &Path, out: Option<&Path>, many: bool) -> anyhow::Result<PathBuf> {
-    let name = format!("{}_upscaled.png", input.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default());
-    Ok(match out {
+/// Where one input's result goes: `<stem>_<suffix>.png` beside it, or in `out` when that is a
+/// folder (or there are several inputs), else `out` itself.
+pub(crate) fn output_for(input: &Path, out: Option<&Path>, many: bool, suffix: &str) -> PathBuf {
+    let name = format!("{}_{suffix}.png", input.file_stem().map(|s| s.to_string_lossy()).unwrap_or_default());
+    match out {
         None => input.with_file_name(name),
         Some(o) if many || o.is_dir() || o.as_os_str().to_string_lossy().ends_with('/') => o.join(name),
         Some(o) => o.to_path_buf(),
-    })
+    }
 }
 
 /// Peak resident memory of this process (Linux `VmHWM`), in bytes.
@@ -221,7 +223,7 @@ pub fn run(args: UpscaleArgs) -> anyhow::Result<()> {
     // Two inputs that would write the same file (a.png and a.jpg) are refused before any work.
     let mut targets = std::collections::BTreeMap::new();
     for input in &inputs {
-        let output = output_for(input, args.out.as_deref(), many)?;
+        let output = output_for(input, args.out.as_deref(), many, "upscaled");
         if let Some(first) = targets.insert(output.clone(), input.clone()) {
             bail!(
                 "{} and {} would both be written to {}; upscale them in separate calls or rename one",
@@ -247,7 +249,7 @@ pub fn run(args: UpscaleArgs) -> anyhow::Result<()> {
     let mut redetails = Vec::new();
     let mut failures = Vec::new();
     for input in &inputs {
-        let output = output_for(input, args.out.as_deref(), many)?;
+        let output = output_for(input, args.out.as_deref(), many, "upscaled");
         let bar = if show { ProgressBar::new(1) } else { ProgressBar::hidden() };
         bar.set_style(
             ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} tiles {elapsed_precise} eta {eta}")

@@ -644,6 +644,24 @@ fn every_subcommand_refuses_bad_values() {
         (a(&["serve", "--preload", "nosuch"]), "unknown tier `nosuch`"),
         (a(&["serve", "--cors-origin", "not a url"]), "expected an origin such as"),
         (a(&["serve", "--cors-origin", "https://studio.example/path"]), "expected an origin such as"),
+        // grade
+        (a(&["grade", &img, "--lut", &img]), "not a .cube LUT: the file is not text"),
+        (a(&["grade", &img, "--lut", "/no/such.cube"]), "No such file"),
+        (a(&["grade", &img, "--lut", &put("big.cube", b"LUT_3D_SIZE 99\n")]), "LUT_3D_SIZE must be 2..=65"),
+        (
+            a(&["grade", &img, "--lut", &put("short.cube", b"LUT_3D_SIZE 2\n0 0 0\n")]),
+            "needs 8 rows, the file has 1",
+        ),
+        (a(&["grade", &img, "--lut", &put("one_d.cube", b"LUT_1D_SIZE 4\n")]), "1D LUT"),
+        (a(&["grade", &img, "--lut", &fx("lut/grade2.cube"), "--strength", "2"]), "must be in 0..=1"),
+        (
+            a(&["grade", &img, "--lut", &fx("lut/grade2.cube"), "--interp", "cubic"]),
+            "expected trilinear or tetrahedral",
+        ),
+        (
+            a(&["grade", &txt, "--lut", &fx("lut/grade2.cube"), "--out", "x.png"]),
+            "not a recognised image format",
+        ),
         // qc, cutout
         (a(&["qc", &txt]), "pass --source SRC"),
         (a(&["qc", &small, "--source", &txt]), "not a recognised image format"),

@@ -178,3 +178,57 @@ fn outpaint_keeps_the_source_alpha_and_makes_the_new_canvas_opaque() {
         }
     }
 }
+
+#[test]
+fn grade_keeps_the_generation_record_and_adds_its_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let generated = dir.path().join("gen.png");
+    kiln_ok(&[
+        "generate",
+        "--model",
+        &fixture("pipelines/sd1/model"),
+        "--prompt",
+        "a harbour",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--steps",
+        "2",
+        "--seed",
+        "1",
+        "--device",
+        "cpu",
+        "-q",
+        "--out",
+        generated.to_str().unwrap(),
+    ]);
+    let lut = fixture("lut/grade17.cube");
+    let graded = dir.path().join("graded.png");
+    let o = kiln_ok(&[
+        "grade",
+        generated.to_str().unwrap(),
+        "--lut",
+        &lut,
+        "--strength",
+        "0.8",
+        "--json",
+        "--out",
+        graded.to_str().unwrap(),
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["outputs"][0]["interpolation"], "tetrahedral");
+    let text = kiln_core::image::png_meta::read_png_text(&graded).unwrap();
+    let find = |k: &str| text.iter().find(|c| c.keyword == k).map(|c| c.text.clone());
+    assert!(find("kiln").is_some_and(|t| t.contains("a harbour")), "the generation record is kept");
+    let record: serde_json::Value = serde_json::from_str(&find("kiln.grade").unwrap()).unwrap();
+    assert_eq!(record["lut_sha256"].as_str().unwrap().len(), 64);
+    assert_eq!(record["strength"], 0.8);
+    let table = kiln_core::image::lut::Lut3d::read(Path::new(&lut)).unwrap();
+    let want = table.apply(
+        &image::open(&generated).unwrap().to_rgb8(),
+        kiln_core::image::lut::Interpolation::Tetrahedral,
+        0.8,
+    );
+    assert!(image::open(&graded).unwrap().to_rgb8() == want);
+}

@@ -1,5 +1,5 @@
 //! Mutation fuzzing of every parser kiln runs on untrusted bytes: safetensors, ncnn `.param`
-//! and `.bin`, the `.pth` unpickler, ONNX, PNG text chunks, `.npy`, images (uploads), kiln.toml
+//! and `.bin`, the `.pth` unpickler, ONNX, PNG text chunks, `.npy`, `.cube` LUTs, images (uploads), kiln.toml
 //! (project and tier layers) and job specs as JSON request bodies. Each target starts from
 //! valid inputs, applies random byte-level mutations (proptest strategies, so a failure is
 //! shrunk to a small mutation list) and must return `Ok` or a clean `Err` — never panic, never
@@ -295,5 +295,12 @@ fn job_spec_json() {
             let _ = spec.validate();
             let _ = spec.check_remote();
         }
+    });
+}
+
+#[test]
+fn cube_luts() {
+    fuzz("cube", vec![fixture("lut/grade2.cube"), fixture("lut/grade17.cube")], |b| {
+        let _ = kiln_core::image::lut::Lut3d::parse(&String::from_utf8_lossy(b), &label());
     });
 }

@@ -7,6 +7,7 @@ pub mod depth;
 pub mod font;
 pub mod guided;
 pub mod io;
+pub mod lut;
 pub mod mask;
 pub mod pil_resize;
 pub mod png_meta;
