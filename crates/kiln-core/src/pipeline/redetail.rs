@@ -225,6 +225,11 @@ pub struct RedetailReport {
     pub tile: usize,
     pub overlap: usize,
     pub seconds: f64,
+    /// Stage seconds: text encode, VAE encode, each denoising step (all tiles), VAE decode.
+    pub text_encode_seconds: f64,
+    pub vae_encode_seconds: f64,
+    pub step_seconds: Vec<f64>,
+    pub vae_decode_seconds: f64,
 }
 
 /// Re-details the image at `input` (usually a super-resolution output) and writes `output`
@@ -274,6 +279,10 @@ pub fn redetail_png(
         tile: req.tile,
         overlap: req.overlap,
         seconds: start.elapsed().as_secs_f64(),
+        text_encode_seconds: out.timings.text_encode,
+        vae_encode_seconds: out.timings.vae_encode,
+        step_seconds: out.timings.steps.clone(),
+        vae_decode_seconds: out.timings.vae_decode,
     };
     let mut chunks: Vec<TextChunk> = chunks.into_iter().filter(|c| c.keyword != META_KEY).collect();
     chunks.push(TextChunk::new(META_KEY, serde_json::to_string(&report).unwrap_or_default()));
