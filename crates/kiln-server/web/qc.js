@@ -82,6 +82,10 @@ function setMode(mode) {
   slider.hidden = mode !== "slider" || !hasParent;
   before.hidden = mode === "off" || !hasParent;
   before.style.clipPath = mode === "slider" ? `inset(0 ${100 - slider.value}% 0 0)` : "none";
+  // A line where the parent (left) meets the asset (right).
+  const divider = $("qc-divider");
+  divider.hidden = slider.hidden;
+  divider.style.left = `${slider.value}%`;
   before.style.visibility = "visible";
   if (mode === "flicker" && hasParent) {
     flickerTimer = setInterval(() => {
