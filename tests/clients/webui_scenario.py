@@ -3,7 +3,8 @@
 Usage: python webui_scenario.py BASE_URL ALICE_KEY BOB_KEY SHOT_DIR
 
 Walks the designer's path: key prompt, generate 4 drafts (previews first), promote one, brush a
-mask and inpaint, outpaint to 16:9, upscale, QC at 100% with compare, library lineage and
+mask and inpaint, outpaint to 16:9, upscale, QC at 100% with compare, outpaint by dragging the
+frame's edge, library lineage and
 credits, costs; cancels a queued job; shows the server's message for bad input; a second key
 in a second browser context sees its own jobs as its own. Fails on any console error, page
 error, failed request or HTTP error the step did not expect. Writes a screenshot per step to
@@ -240,6 +241,21 @@ with sync_playwright() as p:
     shot(page, "qc")
     page.keyboard.press("Escape")
     expect(page.locator("#qc")).to_be_hidden()
+
+    # Outpaint by dragging the frame's right edge outwards.
+    page.locator(".version img[data-asset='%d']" % out["final"]).first.click()
+    expect(page.locator("#editor-host")).to_have_attribute("data-asset", str(out["final"]))
+    hb = page.locator("#editor-host .frame-handle.right").bounding_box()
+    page.mouse.move(hb["x"] + hb["width"] / 2, hb["y"] + hb["height"] / 2)
+    page.mouse.down()
+    page.mouse.move(hb["x"] + hb["width"] / 2 + 40, hb["y"] + hb["height"] / 2, steps=5)
+    page.mouse.up()
+    expect(page.locator("#frame-extend")).to_contain_text("right +")
+    out["frame_right"] = int(re.search(r"right \+(\d+)", page.locator("#frame-extend").inner_text()).group(1))
+    page.click("#outpaint-frame")
+    card = version_done(page, f"outpaint frame of {out['final']}")
+    out["frame_outpainted"] = int(card.locator("img").first.get_attribute("data-asset"))
+    watch.check("outpaint frame")
 
     # Bad input shows the server's own message: an empty mask (the job fails) and a size over
     # the server's limit (the request is refused).

@@ -1,7 +1,8 @@
 //! The studio page served by `kiln serve`, driven in Debian's chromium by Playwright for Python
 //! (tests/clients/webui_scenario.py, from .venv-clients): generate, promote, inpaint with a
-//! brushed mask, outpaint, upscale, QC view, library, costs, queue cancel, bad input, and two
-//! keys in two browser contexts. The scenario fails on any console error or failed request;
+//! brushed mask, outpaint (to an aspect, and by dragging the frame's edge), upscale, QC view,
+//! library, costs, a dropped connection, queue cancel, bad input, and two keys in two browser
+//! contexts. The scenario fails on any console error or failed request;
 //! this test then checks what the clicks did against the API, and prints the latencies the
 //! browser measured next to the API's own.
 //!
@@ -98,6 +99,13 @@ fn studio_page_in_chromium() {
     let out = asset(&server, &alice, &r["outpainted"]);
     let (w, h) = (out["width"].as_f64().unwrap(), out["height"].as_f64().unwrap());
     assert!((w / h - 16.0 / 9.0).abs() < 0.1, "outpainted to {w}x{h}, not 16:9");
+    // Dragging the frame's right edge extended the final by that many pixels, on the right only.
+    let framed = asset(&server, &alice, &r["frame_outpainted"]);
+    assert_eq!(framed["parent_id"], r["final"], "{framed}");
+    let right = r["frame_right"].as_u64().unwrap();
+    assert!(right > 0, "{r}");
+    assert_eq!(framed["width"].as_u64().unwrap(), final_row["width"].as_u64().unwrap() + right, "{framed}");
+    assert_eq!(framed["height"], final_row["height"], "{framed}");
     let up = asset(&server, &alice, &r["upscaled"]);
     assert_eq!(up["width"].as_f64().unwrap(), 2.0 * w, "{up}");
     assert_eq!(r["qc_size"], serde_json::json!([up["width"], up["height"]]), "{r}");

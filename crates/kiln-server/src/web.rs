@@ -34,6 +34,7 @@ static FILES: &[WebFile] = &[
     web_file!("queue.js", JS),
     web_file!("library.js", JS),
     web_file!("costs.js", JS),
+    web_file!("frame.js", JS),
 ];
 
 /// Paths served without an API key: the page and its files.

@@ -1,11 +1,13 @@
 // The studio: the generate form, the draft grid (live previews, then the images), and the
-// selected asset's panel: promote, edit (mask brush, inpaint, erase, outpaint), upscale, and
-// the versions those jobs made, each with its progress while queued and running.
+// selected asset's panel: promote, edit (mask brush, inpaint, erase, outpaint by aspect or by
+// dragging the frame's edges), upscale, and the versions those jobs made, each with its
+// progress while queued and running.
 
 import {
   assetImageUrl, del, el, fmtSeconds, getJson, resultImages, showAsset, showError, submitJob, upload, watchJob,
 } from "./api.js";
 import { MaskEditor } from "./editor.js";
+import { FrameDrag } from "./frame.js";
 import { openQc } from "./qc.js";
 
 const $ = (id) => document.getElementById(id);
@@ -15,6 +17,7 @@ const drafts = [];
 /** The asset the work panel acts on: {assetId, label}. */
 let selected = null;
 let editor = null;
+let frame = null;
 let tiers = [];
 
 /** Named points in time (performance marks) the browser test reads to measure latency. */
@@ -52,6 +55,13 @@ export async function initStudio() {
       })),
     );
   }
+  $("outpaint-frame").addEventListener("click", () =>
+    runOnSelected("outpaint frame", (id) => ({
+      kind: "inpaint", mode: "outpaint", tier: $("edit-tier").value, image: { asset: id },
+      extend: { ...frame.extend }, prompt: $("edit-prompt").value || form.prompt.value,
+    })),
+  );
+  $("frame-reset").addEventListener("click", () => frame?.reset());
   $("open-qc").addEventListener("click", () => selected && openQc(selected.assetId));
   $("brush-erase").addEventListener("click", () => toggleRubOut());
   $("mask-invert").addEventListener("click", () => editor?.invert());
@@ -211,6 +221,13 @@ export async function select(assetId, label, tile = null) {
   editor.hardness = Number($("brush-hardness").value);
   $("brush-erase").setAttribute("aria-pressed", "false");
   await editor.load(await assetImageUrl(assetId));
+  frame = new FrameDrag(editor.wrap, editor.canvas.width, (e) => {
+    const parts = Object.entries(e).filter(([, v]) => v > 0).map(([k, v]) => `${k} +${v}`);
+    $("frame-extend").value = parts.length ? `${parts.join(", ")} px` : "+0 px";
+  });
+  $("frame-extend").value = "+0 px";
+  // Picked from the versions further down: bring the image back into view to work on it.
+  $("work").scrollTop = 0;
   host.dataset.asset = assetId;
 }
 
