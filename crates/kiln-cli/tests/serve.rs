@@ -555,3 +555,48 @@ fn cors_is_off_unless_an_origin_is_configured() {
     let r = server.raw_get("/v1/tiers", "Origin: https://elsewhere.example\r\n").to_ascii_lowercase();
     assert!(!r.contains("access-control-allow-origin"), "{r}");
 }
+
+#[test]
+fn uploads_whoami_and_the_job_behind_an_asset() {
+    let dir = project(2, "");
+    let root = dir.path();
+    let o = kiln(root).args(["keys", "add", "dana", "--quota", "5"]).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let key = String::from_utf8_lossy(&o.stdout).lines().last().unwrap().to_string();
+    let server = Server::start(root, &[]);
+    let me = server.get("/v1/me", Some(&key)).json();
+    assert_eq!(me, json!({ "owner": "dana", "quota_credits_per_day": 5.0 }));
+    assert_eq!(server.get("/v1/me", None).status, 401);
+
+    // A draft, then a mask uploaded as a PNG body and named by its sha256 in an inpaint job.
+    let d = submit(&server, Some(&key), json!({ "kind": "draft", "prompt": "x", "count": 1, "seed": 4 }));
+    let draft = first_asset(&server.wait(d, Some(&key)));
+    let mut png = Vec::new();
+    image::RgbaImage::from_fn(64, 64, |x, _| {
+        let v = if x < 24 { 255 } else { 0 };
+        image::Rgba([v, v, v, 255])
+    })
+    .write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png)
+    .unwrap();
+    let up = server.call("POST", "/v1/uploads", Some(&key), Some(("image/png", png)));
+    assert_eq!(up.status, 201, "{}", up.text());
+    let up = up.json();
+    assert_eq!((up["width"].as_u64(), up["height"].as_u64()), (Some(64), Some(64)), "{up}");
+    let sha = up["upload"].as_str().unwrap();
+    assert!(root.join(".kiln/uploads").read_dir().unwrap().count() >= 1);
+    let spec = json!({ "kind": "inpaint", "tier": "draft", "image": { "asset": draft }, "mask": { "upload": sha },
+                       "prompt": "a door", "seed": 1 });
+    let job = server.wait(submit(&server, Some(&key), spec), Some(&key));
+    assert_eq!(job["state"], "done", "{job}");
+    let edited = first_asset(&job);
+    let row = server.get(&format!("/v1/assets/{edited}"), Some(&key)).json();
+    assert_eq!(row["parent_id"], draft, "{row}");
+    // The asset carries the library job that made it: its device seconds and credits.
+    assert_eq!(row["job"]["id"], row["job_id"], "{row}");
+    assert!(row["job"]["device_seconds"].as_f64().unwrap() > 0.0, "{row}");
+    assert!(row["job"]["credits"].as_f64().unwrap() > 0.0, "{row}");
+
+    let bad = server.call("POST", "/v1/uploads", Some(&key), Some(("image/png", b"not an image".to_vec())));
+    assert_eq!(bad.status, 400, "{}", bad.text());
+    assert!(bad.json()["error"]["message"].as_str().unwrap().contains("upload"), "{}", bad.text());
+}

@@ -6,42 +6,7 @@
 
 mod support;
 
-use serde_json::Value;
-use std::path::{Path, PathBuf};
-use std::process::Command;
-use support::{file_pixels, generate_pixels, kiln, project, Server};
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
-}
-
-fn python() -> PathBuf {
-    let repo = repo();
-    let py = repo.join(".venv-clients/bin/python");
-    let ok = py.is_file()
-        && Command::new(&py).args(["-c", "import openai, requests"]).status().is_ok_and(|s| s.success());
-    if !ok {
-        let s = Command::new(repo.join("scripts/client-venv.sh")).status().unwrap();
-        assert!(
-            s.success(),
-            "scripts/client-venv.sh failed: the client tests need PyPI's openai and requests"
-        );
-    }
-    py
-}
-
-fn run_client(script: &str, args: &[&str]) -> Value {
-    let o =
-        Command::new(python()).arg(repo().join("tests/clients").join(script)).args(args).output().unwrap();
-    assert!(
-        o.status.success(),
-        "{script} failed:\n{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let out = String::from_utf8_lossy(&o.stdout);
-    serde_json::from_str(out.lines().last().unwrap()).unwrap()
-}
+use support::{file_pixels, generate_pixels, kiln, project, run_client, Server};
 
 #[test]
 fn openai_python_client() {

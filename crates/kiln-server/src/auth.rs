@@ -1,4 +1,4 @@
-//! API keys on every request once the project has any (`/healthz` excepted): `Authorization:
+//! API keys on every request once the project has any (`/healthz` and the web page excepted): `Authorization:
 //! Bearer KEY` (native and OpenAI routes) or HTTP Basic with the key as the password (A1111
 //! clients). The key's name becomes the request's [`Owner`].
 
@@ -29,7 +29,9 @@ fn presented_key(req: &Request) -> Option<String> {
 }
 
 pub async fn require_key(State(state): State<Arc<AppState>>, mut req: Request, next: Next) -> Response {
-    if req.uri().path() == "/healthz" {
+    // The page and its files are the same for everyone and hold no data: it asks for a key
+    // itself when the API answers 401.
+    if req.uri().path() == "/healthz" || crate::web::is_public(req.uri().path()) {
         return next.run(req).await;
     }
     let keys = match Keys::open(&state.engine.project) {

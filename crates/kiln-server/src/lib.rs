@@ -2,7 +2,9 @@
 //! the project library and serialises results; every job runs through kiln-core's engine, on
 //! one worker thread that shares the warm model pool. No model logic lives here.
 //!
-//! - [`native`]: `/v1/jobs` (+ SSE events), `/v1/assets`, `/v1/report`, `/v1/tiers`;
+//! - [`native`]: `/v1/jobs` (+ SSE events), `/v1/assets`, `/v1/uploads`, `/v1/me`, `/v1/report`,
+//!   `/v1/tiers`;
+//! - [`web`]: the studio page at `/` and its files under `/ui/`, embedded in the binary;
 //! - [`openai`]: OpenAI Images (`/v1/images/generations|edits`, `/v1/models`);
 //! - [`openapi`]: the OpenAPI document, generated from the request and response types;
 //! - [`a1111`]: AUTOMATIC1111's `/sdapi/v1/*`;
@@ -21,6 +23,7 @@ pub mod native;
 pub mod openai;
 pub mod openapi;
 pub mod state;
+pub mod web;
 pub mod worker;
 
 use axum::extract::DefaultBodyLimit;
@@ -87,6 +90,8 @@ fn routes(state: Arc<AppState>, limits: Limits) -> Router {
         .route("/v1/assets/{id}", get(native::get_asset))
         .route("/v1/assets/{id}/image", get(native::asset_image))
         .route("/v1/assets/{id}/lineage", get(native::asset_lineage))
+        .route("/v1/uploads", post(native::create_upload))
+        .route("/v1/me", get(native::me))
         .route("/v1/report", get(native::report))
         .route("/v1/tiers", get(native::tiers))
         .route("/v1/openapi.json", get(openapi))
@@ -103,6 +108,8 @@ fn routes(state: Arc<AppState>, limits: Limits) -> Router {
         .route("/sdapi/v1/schedulers", get(a1111::schedulers))
         .route("/sdapi/v1/upscalers", get(a1111::upscalers))
         .route("/sdapi/v1/extra-single-image", post(a1111::extra_single_image))
+        .route("/", get(web::index))
+        .route("/ui/{file}", get(web::asset))
         .fallback(|| async { error::ApiError::NotFound("no such route; see GET /v1/openapi.json".into()) })
         .layer(axum::middleware::from_fn_with_state(state.clone(), auth::require_key))
         .layer(DefaultBodyLimit::max(limits.body_bytes))

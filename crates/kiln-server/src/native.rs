@@ -1,5 +1,6 @@
 //! kiln's own API: `/v1/jobs` (any job spec; list, get, cancel, SSE events), `/v1/assets`
-//! (+ image, lineage), `/v1/report`, `/v1/tiers`, `/v1/openapi.json`.
+//! (+ image, lineage), `/v1/uploads` (images for masks and inputs), `/v1/me`, `/v1/report`,
+//! `/v1/tiers`, `/v1/openapi.json`.
 
 use crate::auth::Quota;
 use crate::error::{ApiError, ApiResult};
@@ -147,8 +148,34 @@ fn asset_row(state: &AppState, id: &str) -> ApiResult<kiln_core::library::assets
     library.asset(id).map_err(|_| ApiError::NotFound(format!("asset {id} does not exist")))
 }
 
+/// The asset's row, with the library job that made it (device seconds, timings, device) under
+/// `job`.
 pub async fn get_asset(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<Response> {
-    Ok(Json(asset_row(&state, &id)?).into_response())
+    let row = asset_row(&state, &id)?;
+    let job = state.engine.project.library()?.job(row.job_id)?;
+    let mut value = serde_json::to_value(&row).map_err(|e| ApiError::Internal(e.to_string()))?;
+    value["job"] = serde_json::to_value(job).map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(Json(value).into_response())
+}
+
+/// Stores an image (PNG, JPEG or WebP; the body is the file) in the project's uploads, for a
+/// job spec to name as `{"upload": "<sha256>"}` (an inpainting mask, an init image). Stored as
+/// RGB: a mask is white where it repaints, black where it keeps.
+pub async fn create_upload(State(state): State<Arc<AppState>>, body: Bytes) -> ApiResult<Response> {
+    let upload = crate::common::decode_upload(&state, "upload", &body)?;
+    let rgb = upload.image.to_rgb8();
+    let sha = crate::common::store_upload(&state, &rgb)?;
+    let body = serde_json::json!({ "upload": sha, "width": rgb.width(), "height": rgb.height() });
+    Ok((axum::http::StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// Who the request's key belongs to (`local` when the project has no keys) and its daily quota,
+/// so a client can tell its own jobs from everyone's in `GET /v1/jobs`.
+pub async fn me(
+    Extension(owner): Extension<Owner>,
+    Extension(quota): Extension<Quota>,
+) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "owner": owner.0, "quota_credits_per_day": quota.0 }))
 }
 
 pub async fn asset_image(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<Response> {

@@ -53,9 +53,10 @@ pub fn document() -> Value {
     );
     for (p, s) in [
         ("/v1/assets", "the library's assets (?kind=&tier=&limit=)"),
-        ("/v1/assets/{id}", "one asset with its record"),
+        ("/v1/assets/{id}", "one asset with its record and its library job (device seconds)"),
         ("/v1/assets/{id}/image", "the asset's file"),
         ("/v1/assets/{id}/lineage", "parents and children"),
+        ("/v1/me", "the key's owner name and daily quota"),
         ("/v1/report", "costs and loaded models"),
         ("/v1/tiers", "the tiers"),
         ("/v1/models", "OpenAI: the diffusion tiers"),
@@ -77,6 +78,13 @@ pub fn document() -> Value {
         "/v1/images/edits",
         "post",
         json!({ "summary": "OpenAI Images: edit (multipart image, mask, prompt)", "responses": ok("{created, data}") }),
+    );
+    add(
+        "/v1/uploads",
+        "post",
+        json!({ "summary": "store an image (the body: PNG, JPEG or WebP) for a spec's {upload: sha256}",
+                "requestBody": { "required": true, "content": { "image/png": {}, "image/jpeg": {}, "image/webp": {} } },
+                "responses": { "201": { "description": "{upload, width, height}" } } }),
     );
     for (p, s) in [
         ("/sdapi/v1/txt2img", "A1111 txt2img"),

@@ -275,6 +275,47 @@ impl Resp {
     }
 }
 
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+/// The Python of .venv-clients (the real clients and Playwright the server tests drive), made
+/// by scripts/client-venv.sh when it is missing or lacks a module.
+pub fn client_python() -> PathBuf {
+    let repo = repo();
+    let py = repo.join(".venv-clients/bin/python");
+    let ok = py.is_file()
+        && Command::new(&py)
+            .args(["-c", "import openai, requests, playwright"])
+            .status()
+            .is_ok_and(|s| s.success());
+    if !ok {
+        let s = Command::new(repo.join("scripts/client-venv.sh")).status().unwrap();
+        assert!(
+            s.success(),
+            "scripts/client-venv.sh failed: the client tests need PyPI's openai, requests and playwright"
+        );
+    }
+    py
+}
+
+/// Runs tests/clients/SCRIPT with `args`; its last stdout line, parsed as JSON.
+pub fn run_client(script: &str, args: &[&str]) -> Value {
+    let o = Command::new(client_python())
+        .arg(repo().join("tests/clients").join(script))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{script} failed:\n{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    serde_json::from_str(out.lines().last().unwrap()).unwrap()
+}
+
 /// Decodes a base64 PNG to RGB pixels.
 pub fn b64_pixels(s: &str) -> Vec<u8> {
     use base64::Engine;

@@ -438,15 +438,24 @@ impl Library {
 
     /// Every job, oldest first.
     pub fn jobs(&self) -> Result<Vec<JobRow>> {
+        self.query_jobs("", [])
+    }
+
+    /// One job (None when no job has this id).
+    pub fn job(&self, id: i64) -> Result<Option<JobRow>> {
+        Ok(self.query_jobs("WHERE id = ?1", [id])?.pop())
+    }
+
+    fn query_jobs<P: rusqlite::Params>(&self, filter: &str, params: P) -> Result<Vec<JobRow>> {
         let mut stmt = self
             .conn
-            .prepare(
+            .prepare(&format!(
                 "SELECT id, kind, tier, created_at, device, dtype, model_id, images, device_seconds, credits, \
-                 timings_json FROM jobs ORDER BY id",
-            )
+                 timings_json FROM jobs {filter} ORDER BY id"
+            ))
             .map_err(|e| self.err(e))?;
         let rows = stmt
-            .query_map([], |r| {
+            .query_map(params, |r| {
                 let timings: String = r.get(10)?;
                 Ok(JobRow {
                     id: r.get(0)?,
