@@ -227,6 +227,7 @@ pub fn run(ws: &mut Workspace, s: &InpaintSpec, sink: &mut dyn EventSink) -> Res
             vae: None,
             tier: jm.tier.as_ref().map(|t| t.name.clone()),
             inpaint: Some(inpaint_record.clone()),
+            max_sequence_length: None,
         };
         crate::image::png_meta::write_png_atomic(
             &path,
