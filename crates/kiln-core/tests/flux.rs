@@ -192,3 +192,117 @@ fn flux_bad_inputs_are_clear_errors() {
     .unwrap_err();
     assert!(err.to_string().contains("flow-euler"), "{err}");
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// Loads a copy of the schnell model after `damage` changed it, returning the error text.
+fn load_error(damage: impl FnOnce(&Path)) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    copy_dir(&fixture_dir("schnell").join("model"), &model);
+    damage(&model);
+    match LoadedModel::load(ModelSource::Folder(model), &Device::Cpu, DType::F32) {
+        Ok(_) => panic!("the damaged model loaded"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn flux_folder_damage_is_named() {
+    // A missing shard that the index lists.
+    let err = load_error(|m| {
+        std::fs::remove_file(m.join("transformer/diffusion_pytorch_model-00002-of-00003.safetensors"))
+            .unwrap()
+    });
+    assert!(
+        err.contains("diffusion_pytorch_model-00002-of-00003.safetensors") && err.contains("index"),
+        "{err}"
+    );
+    // A config that does not match the weights: the tensor, expected and found shapes.
+    let err = load_error(|m| {
+        let path = m.join("transformer/config.json");
+        let cfg = std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("\"joint_attention_dim\": 32", "\"joint_attention_dim\": 48");
+        std::fs::write(path, cfg).unwrap();
+    });
+    assert!(err.contains("context_embedder.weight") && err.contains("48") && err.contains("32"), "{err}");
+    // The T5 tokenizer file is missing.
+    let err = load_error(|m| std::fs::remove_file(m.join("tokenizer_2/tokenizer.json")).unwrap());
+    assert!(err.contains("T5 tokenizer") && err.contains("tokenizer.json"), "{err}");
+}
+
+#[test]
+fn flux_warns_on_ignored_guidance_and_truncated_prompts() {
+    let dir = fixture_dir("schnell");
+    let model = LoadedModel::load(ModelSource::Folder(dir.join("model")), &Device::Cpu, DType::F32).unwrap();
+    let request = GenerateRequest {
+        prompt: "a photo of an astronaut riding a horse on the moon".into(),
+        negative_prompt: None,
+        width: 32,
+        height: 32,
+        steps: 1,
+        guidance: 3.5,
+        scheduler: None,
+        seeds: vec![1],
+        init_latents: None,
+        init_image: None,
+        strength: 1.0,
+        max_batch: 1,
+        vae_tiling: Default::default(),
+        max_sequence_length: Some(6),
+    };
+    let out = generate(&model, &request, &mut NoProgress).unwrap();
+    let all = out.warnings.join("\n");
+    assert!(all.contains("guidance 3.5 is ignored"), "{all}");
+    assert!(all.contains("longer than 6 T5 tokens") && all.contains("moon"), "{all}");
+    println!("{all}");
+}
+
+/// The path `kiln generate --model DIR` takes (a generate job through the engine, defaults from
+/// the family registry), written as a PNG: the 8-bit image matches diffusers' float reference.
+#[test]
+fn flux_generate_job_from_a_folder_writes_the_reference_image() {
+    use kiln_core::jobs::spec::GenerateSpec;
+    use kiln_core::jobs::{Engine, JobSpec, NullSink, RunContext};
+    use kiln_core::library::Project;
+    use kiln_core::workflow::JobOptions;
+
+    let dir = fixture_dir("dev");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("flux.png");
+    let options = JobOptions { device: Device::Cpu, dtype: None, accept_drift: false, show_progress: false };
+    let pool = std::sync::Arc::new(kiln_core::jobs::pool::ModelPool::new(None));
+    let engine = Engine::new(Project::open(tmp.path()).unwrap(), options, pool);
+    // Guidance left out: FLUX.1-dev's default 3.5, as the reference case used.
+    let spec = JobSpec::Generate(GenerateSpec {
+        model: Some(dir.join("model").display().to_string()),
+        prompt: "a photo of an astronaut riding a horse on the moon".into(),
+        width: Some(96),
+        height: Some(64),
+        steps: Some(4),
+        seed: Some(42),
+        out: Some(out.clone()),
+        ..Default::default()
+    });
+    let result = engine.run(&spec, &RunContext::default(), &mut NullSink).unwrap();
+    assert!(result.warnings.is_empty(), "{:?}", result.warnings);
+    let png = kiln_core::image::load_rgb(&out).unwrap();
+    let got: Vec<f32> = png.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
+    let got = Tensor::from_vec(got, (64, 96, 3), &Device::Cpu).unwrap();
+    let want = Tensor::read_npy(dir.join("seed42.npy")).unwrap().reshape((64, 96, 3)).unwrap();
+    let p = psnr(&got, &want);
+    println!("generate job (8-bit PNG) vs diffusers seed42: PSNR {p:.1} dB");
+    assert!(p >= 40.0, "PSNR {p:.1} dB");
+}

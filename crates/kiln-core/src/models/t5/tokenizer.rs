@@ -79,10 +79,9 @@ impl T5Tokenizer {
         }));
         let ids = tok.encode(text, true).map_err(|e| self.error(e))?.get_ids().to_vec();
         let full = self.encode_ids(text)?;
-        let kept = ids.iter().filter(|&&id| id != self.pad_id).count();
         let truncated = if full.len() > max_length {
-            // The kept prompt tokens end one before the appended `</s>`.
-            let dropped = full.get(kept.saturating_sub(1)..full.len().saturating_sub(1)).unwrap_or(&[]);
+            // Truncation keeps `max_length - 1` prompt tokens before the appended `</s>`.
+            let dropped = full.get(max_length.saturating_sub(1)..full.len().saturating_sub(1)).unwrap_or(&[]);
             Some(self.inner.decode(dropped, true).map_err(|e| self.error(e))?)
         } else {
             None
