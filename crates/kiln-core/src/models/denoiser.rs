@@ -148,3 +148,33 @@ pub fn unpack_2x2(tokens: &Tensor, h: usize, w: usize) -> Result<Tensor> {
     let c = d / 4;
     Ok(tokens.reshape((b, h / 2, w / 2, c, 2, 2))?.permute((0, 3, 1, 4, 2, 5))?.reshape((b, c, h, w))?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packing_follows_diffusers_layout_and_round_trips() -> Result<()> {
+        let (c, h, w) = (3, 4, 6);
+        let x = Tensor::arange(0f32, (c * h * w) as f32, &Device::Cpu)?.reshape((1, c, h, w))?;
+        let packed = pack_2x2(&x)?;
+        assert_eq!(packed.dims(), &[1, (h / 2) * (w / 2), 4 * c]);
+        // diffusers: token (i, j) holds x[ch, 2i + dy, 2j + dx] at feature ch * 4 + dy * 2 + dx.
+        let p = packed.squeeze(0)?.to_vec2::<f32>()?;
+        let v = x.flatten_all()?.to_vec1::<f32>()?;
+        for i in 0..h / 2 {
+            for j in 0..w / 2 {
+                for ch in 0..c {
+                    for (dy, dx) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                        let want = v[ch * h * w + (2 * i + dy) * w + 2 * j + dx];
+                        assert_eq!(p[i * (w / 2) + j][ch * 4 + dy * 2 + dx], want);
+                    }
+                }
+            }
+        }
+        let back = unpack_2x2(&packed, h, w)?;
+        assert_eq!(back.flatten_all()?.to_vec1::<f32>()?, v);
+        assert!(pack_2x2(&Tensor::zeros((1, 1, 3, 4), DType::F32, &Device::Cpu)?).is_err());
+        Ok(())
+    }
+}
