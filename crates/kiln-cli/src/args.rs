@@ -84,10 +84,12 @@ pub struct SamplingArgs {
     /// Negative prompt (classifier-free guidance's unconditional side).
     #[arg(long)]
     pub negative: Option<String>,
-    /// Denoising steps (default: the tier's, else 30).
+    /// Denoising steps (default: the tier's, else 30; FLUX 28).
     #[arg(long)]
     pub steps: Option<usize>,
-    /// Classifier-free guidance scale; <= 1 skips the unconditional pass (default 7.5, SDXL 5).
+    /// Guidance scale (default: the tier's, else the family's: SD 7.5, SDXL 5, FLUX 3.5). SD/SDXL:
+    /// classifier-free guidance, <= 1 skips the unconditional pass. FLUX.1-dev: the distilled
+    /// guidance the transformer embeds (no negative pass); FLUX.1-schnell ignores it.
     #[arg(long)]
     pub guidance: Option<f64>,
     /// ddim | euler | euler-a | dpmpp-2m | dpmpp-2m-karras | lcm | pndm (default: the model's own).

@@ -213,6 +213,7 @@ pub fn run_replay(args: ReplayArgs) -> anyhow::Result<()> {
         out: args.out.clone(),
         vae_tiling: Some(args.job.run.vae.vae_tiling.clone()),
         vae_tile: args.job.run.vae.vae_tile,
+        max_sequence_length: None,
     });
     let engine = args.job.engine()?;
     let out = crate::job::run(&engine, &spec, &args.job.run)?;

@@ -32,6 +32,10 @@ pub struct GenerateArgs {
     /// Images per UNet batch (default: all of --count, up to 4).
     #[arg(long)]
     batch: Option<usize>,
+    /// Token budget of the long-context text encoder (FLUX: T5, default and maximum 512);
+    /// longer prompts are truncated with a warning.
+    #[arg(long)]
+    max_sequence_length: Option<usize>,
     /// Output PNG (with --count N: PATH-0.png, PATH-1.png, ...). Default: kiln-<seed>.png.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -60,6 +64,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         out: args.out.clone(),
         vae_tiling: Some(args.run.vae.vae_tiling.clone()),
         vae_tile: args.run.vae.vae_tile,
+        max_sequence_length: args.max_sequence_length,
     });
     args.sampling.scheduler()?;
     let engine = crate::job::engine(args.source.project.as_deref(), &args.run, false)?;

@@ -146,7 +146,7 @@ fn matches_diffusers_sdxl_inpaint() {
     let mut outputs: Vec<(String, RgbImage)> = Vec::new();
     for case in &cases {
         let model = models.entry(case.model.clone()).or_insert_with(|| sdxl_model(&case.model, tmp.path()));
-        assert!(model.unet.config().addition_embed_type.as_deref() == Some("text_time"));
+        assert!(model.unet().unwrap().config().addition_embed_type.as_deref() == Some("text_time"));
         let want = npy_values(sdxl_dir().join(&case.output));
         let out = inpaint_quiet(model, &request(case, &image, &mask)).unwrap();
         let expected_kind = if case.model == "unet9" { UNetKind::Inpaint } else { UNetKind::Plain };

@@ -109,6 +109,7 @@ fn run_fixture(name: &str) {
             strength: case.strength.unwrap_or(1.0),
             max_batch: 1,
             vae_tiling: Default::default(),
+            max_sequence_length: None,
         };
         assert_eq!(
             case.mode == "img2img",

@@ -110,6 +110,7 @@ fn f16_generate_warns_and_matches_f32() {
         strength: 1.0,
         max_batch: 1,
         vae_tiling: Default::default(),
+        max_sequence_length: None,
     };
     let run = |dtype| {
         let model = LoadedModel::load(ModelSource::Folder(dir.clone()), &Device::Cpu, dtype).unwrap();

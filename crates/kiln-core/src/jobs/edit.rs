@@ -230,6 +230,7 @@ pub fn run(ws: &mut Workspace, s: &InpaintSpec, sink: &mut dyn EventSink) -> Res
             vae: None,
             tier: jm.tier.as_ref().map(|t| t.name.clone()),
             inpaint: Some(inpaint_record.clone()),
+            max_sequence_length: None,
         };
         let offset = extend.map_or((0, 0), |(e, _, _)| (e.left, e.top));
         crate::image::png_meta::write_dynamic_png_atomic(

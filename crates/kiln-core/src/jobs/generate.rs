@@ -185,10 +185,12 @@ pub fn run(ws: &mut Workspace, s: &GenerateSpec, sink: &mut dyn EventSink) -> Re
     let fallback = Tier::untiered();
     let mut request =
         tier_request(jm.tier.as_ref().unwrap_or(&fallback), model, &s.prompt, seeds.clone(), &overrides)?;
+    request.max_sequence_length = s.max_sequence_length;
     if let Some(img) = init_image {
-        // img2img without a tier defaults to the init image's size, rounded down to the VAE factor.
+        // img2img without a tier defaults to the init image's size, rounded down to the model's
+        // size multiple (the VAE factor, times the latent patch for FLUX).
         if jm.tier.is_none() {
-            let f = model.vae.scale_factor();
+            let f = model.size_multiple();
             request.width = s.width.unwrap_or((img.width() as usize / f) * f);
             request.height = s.height.unwrap_or((img.height() as usize / f) * f);
         }

@@ -147,6 +147,9 @@ pub struct GenerateSpec {
     /// Largest VAE tile in output pixels.
     #[serde(default)]
     pub vae_tile: Option<usize>,
+    /// Token budget of the long-context text encoder (FLUX's T5; default: the family's own).
+    #[serde(default)]
+    pub max_sequence_length: Option<usize>,
 }
 
 /// `kiln draft`.
@@ -178,6 +181,9 @@ pub struct DraftSpec {
     /// Largest VAE tile in output pixels.
     #[serde(default)]
     pub vae_tile: Option<usize>,
+    /// Token budget of the long-context text encoder (FLUX's T5; default: the family's own).
+    #[serde(default)]
+    pub max_sequence_length: Option<usize>,
 }
 
 /// `kiln promote`.
@@ -219,6 +225,9 @@ pub struct PromoteSpec {
     /// Largest VAE tile in output pixels.
     #[serde(default)]
     pub vae_tile: Option<usize>,
+    /// Token budget of the long-context text encoder (FLUX's T5; default: the family's own).
+    #[serde(default)]
+    pub max_sequence_length: Option<usize>,
 }
 
 impl Default for ImageRef {
@@ -332,6 +341,9 @@ pub struct InpaintSpec {
     /// Largest VAE tile in output pixels.
     #[serde(default)]
     pub vae_tile: Option<usize>,
+    /// Token budget of the long-context text encoder (FLUX's T5; default: the family's own).
+    #[serde(default)]
+    pub max_sequence_length: Option<usize>,
 }
 
 /// Diffusion re-detail after an upscale (`upscale` and `promote --upscale`): img2img at a low
@@ -423,6 +435,9 @@ pub struct ReplaySpec {
     /// Largest VAE tile in output pixels.
     #[serde(default)]
     pub vae_tile: Option<usize>,
+    /// Token budget of the long-context text encoder (FLUX's T5; default: the family's own).
+    #[serde(default)]
+    pub max_sequence_length: Option<usize>,
 }
 
 /// A spec's `vae_tiling` and `vae_tile` as the pipelines take them, checked.

@@ -2,18 +2,10 @@
 //! its config and safetensors weights (optionally `*.fp16.safetensors` variants or shards).
 
 use crate::error::{Error, Result};
+use crate::models::family::Family;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-/// Which pipeline family a folder holds; decides how prompts are encoded and the UNet is fed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Family {
-    /// SD 1.x / 2.x: one CLIP text encoder, last hidden state.
-    StableDiffusion,
-    /// SDXL: two text encoders, penultimate hidden states, pooled + size/crop conditioning.
-    StableDiffusionXl,
-}
 
 /// A diffusers pipeline folder on disk.
 #[derive(Debug, Clone)]
@@ -74,13 +66,9 @@ impl DiffusersFolder {
         &self.class_name
     }
 
-    /// The pipeline family, from the components present (not the version).
+    /// The pipeline family ([`Family::detect`]).
     pub fn family(&self) -> Family {
-        if self.has("text_encoder_2") || self.class_name.contains("XL") {
-            Family::StableDiffusionXl
-        } else {
-            Family::StableDiffusion
-        }
+        Family::detect(self)
     }
 
     /// Whether model_index.json lists the component.

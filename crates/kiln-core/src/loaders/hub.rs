@@ -229,7 +229,7 @@ fn cached_snapshot(cache: &Cache, repo: &Repo, prefer_fp16: bool) -> Option<Path
 
 /// Whether every model component has its config and weights.
 fn complete(folder: &DiffusersFolder, prefer_fp16: bool) -> bool {
-    ["unet", "vae", "text_encoder", "text_encoder_2"]
+    ["unet", "transformer", "vae", "text_encoder", "text_encoder_2"]
         .iter()
         .filter(|c| folder.has(c))
         .all(|c| folder.config(c).is_ok() && folder.weight_files(c, prefer_fp16).is_ok())

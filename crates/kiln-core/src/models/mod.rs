@@ -1,9 +1,15 @@
-//! Model architectures: text encoders (CLIP), UNet, VAE, super-resolution nets, matting
-//! (U²-Net background removal).
+//! Model architectures: text encoders (CLIP, T5), UNet, the FLUX transformer, VAE,
+//! super-resolution nets, matting
+//! (U²-Net background removal), plus the family registry ([`family`]) and the denoiser
+//! interface every family's network implements ([`denoiser`]).
 
 pub mod clip;
 pub mod clip_tokenizer;
+pub mod denoiser;
+pub mod family;
+pub mod flux;
 pub mod matting;
 pub mod sr;
+pub mod t5;
 pub mod unet;
 pub mod vae;

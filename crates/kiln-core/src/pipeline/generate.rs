@@ -3,13 +3,12 @@
 
 use crate::error::{Error, Result};
 use crate::image::{decoded_to_unit, rgb_to_tensor};
-use crate::loaders::diffusers::Family;
-use crate::models::unet::UNetCond;
+use crate::models::denoiser::DenoiserCond;
 use crate::pipeline::model::LoadedModel;
-use crate::pipeline::text::{encode_prompts, EncodedPrompts};
+use crate::pipeline::text::{encode_prompts_with, EncodedPrompts};
 use crate::pipeline::vae_tiling::VaeTiling;
 use crate::rng::BatchRng;
-use crate::schedule::{self, Scheduler, SchedulerKind};
+use crate::schedule::{Scheduler, SchedulerKind};
 use candle_core::{DType, Tensor};
 use image::RgbImage;
 use std::time::Instant;
@@ -41,6 +40,9 @@ pub struct GenerateRequest {
     pub max_batch: usize,
     /// Untiled or tiled VAE decode/encode (`--vae-tiling`, `--vae-tile`).
     pub vae_tiling: VaeTiling,
+    /// `--max-sequence-length`: the long-context text encoder's token budget (None = the
+    /// family's default; only families with such an encoder accept it).
+    pub max_sequence_length: Option<usize>,
 }
 
 /// Seconds per stage.
@@ -109,9 +111,15 @@ impl GenerateRequest {
     /// Checks the request against the model before anything is allocated.
     pub fn validate(&self, model: &LoadedModel) -> Result<()> {
         let f = model.vae.scale_factor();
+        let multiple = model.size_multiple();
         for (arg, v) in [("width", self.width), ("height", self.height)] {
-            if v == 0 || v % f != 0 {
-                return Err(Error::arg(arg, format!("{v} is not a positive multiple of the VAE factor {f}")));
+            if v == 0 || v % multiple != 0 {
+                let what = if multiple == f {
+                    format!("the VAE factor {f}")
+                } else {
+                    format!("{multiple} (the VAE factor {f} times the {} latent patch)", model.spec.name)
+                };
+                return Err(Error::arg(arg, format!("{v} is not a positive multiple of {what}")));
             }
             if v > MAX_GENERATE_SIDE {
                 return Err(Error::arg(
@@ -134,7 +142,7 @@ impl GenerateRequest {
             return Err(Error::arg("strength", format!("{} must be in (0, 1]", self.strength)));
         }
         if let Some(lat) = &self.init_latents {
-            let expected = [model.unet.in_channels().min(4), self.height / f, self.width / f];
+            let expected = [model.vae.latent_channels(), self.height / f, self.width / f];
             let dims = lat.dims();
             let n_ok = dims.first().is_some_and(|&n| n == 1 || n == self.seeds.len());
             if dims.len() != 4 || !n_ok || dims[1..] != expected {
@@ -168,9 +176,7 @@ pub fn generate(
         Some(k) => k,
         None => model.default_scheduler()?,
     };
-    // diffusers: guidance > 1 turns CFG on, unless the UNet embeds guidance itself (LCM-distilled).
-    let guidance_embedded = model.unet.config().time_cond_proj_dim.is_some();
-    let cfg = req.guidance > 1.0 && !guidance_embedded;
+    let cfg = model.classifier_free(req.guidance);
     let mut timings = StageTimings::default();
 
     if progress.cancelled() {
@@ -178,7 +184,13 @@ pub fn generate(
     }
     progress.stage("text_encode");
     let t0 = Instant::now();
-    let prompts = encode_prompts(model, &req.prompt, req.negative_prompt.as_deref(), cfg)?;
+    let prompts = encode_prompts_with(
+        model,
+        &req.prompt,
+        req.negative_prompt.as_deref(),
+        cfg,
+        req.max_sequence_length,
+    )?;
     timings.text_encode = t0.elapsed().as_secs_f64();
 
     let init_image = match &req.init_image {
@@ -215,7 +227,8 @@ pub fn generate(
         first += seeds.len();
     }
     timings.total = start.elapsed().as_secs_f64();
-    let mut warnings = prompts.warnings;
+    let mut warnings = model.guidance_warnings(req.guidance, req.negative_prompt.as_deref());
+    warnings.extend(prompts.warnings);
     warnings.extend(images.iter().filter_map(vae_fallback_warning));
     Ok(GenerateOutput { images, scheduler: kind, timings, warnings })
 }
@@ -239,14 +252,14 @@ fn run_batch(
     let f = model.vae.scale_factor();
     let latent_shape = [model.vae.latent_channels(), req.height / f, req.width / f];
     let mut rng = BatchRng::new(seeds);
-    let mut scheduler = schedule::build(kind, &model.scheduler_config, req.steps)?;
+    let mut scheduler = model.build_scheduler(kind, req.steps, latent_shape[1], latent_shape[2])?;
     let timesteps = scheduler.timesteps().to_vec();
 
     // diffusers' order of draws: img2img samples the VAE latent distribution, then the noise.
     let (latents, first_step) = match init_image {
         Some(image) => {
             let encoded = encode_sampled(model, image, &req.vae_tiling, &mut rng, timings)?;
-            let start = schedule::strength_start(req.steps, req.strength);
+            let start = model.spec.strength_start(req.steps, req.strength);
             if start >= timesteps.len() {
                 return Err(Error::arg("strength", format!("{} leaves no denoising steps", req.strength)));
             }
@@ -282,12 +295,13 @@ fn run_batch(
     decode_batch(model, &latents, seeds, &req.vae_tiling, timings)
 }
 
-/// Everything the UNet is conditioned on besides the sample, for one batch of `b` images.
+/// Everything the denoiser is conditioned on besides the sample, for one batch of `b` images.
 pub(crate) struct Conditioning {
     hidden: Tensor,
-    text_embeds: Option<Tensor>,
+    pooled: Option<Tensor>,
     time_ids: Option<Tensor>,
-    timestep_cond: Option<Tensor>,
+    /// The guidance the denoiser embeds itself (LCM's w-embedding, FLUX.1-dev's guidance).
+    embedded_guidance: Option<Tensor>,
     cfg: bool,
     guidance: f64,
     batch: usize,
@@ -295,7 +309,7 @@ pub(crate) struct Conditioning {
 
 impl Conditioning {
     /// Text embeddings (negatives first under CFG), SDXL size ids for a `width`×`height` output
-    /// and the LCM guidance embedding, as diffusers builds them.
+    /// and the embedded guidance (LCM, FLUX.1-dev), as diffusers builds them.
     pub(crate) fn new(
         model: &LoadedModel,
         prompts: &EncodedPrompts,
@@ -307,29 +321,25 @@ impl Conditioning {
     ) -> Result<Self> {
         let device = &model.device;
         let dtype = model.dtype;
-        let (hidden, text_embeds) = batch_conditioning(prompts, b, cfg)?;
-        let time_ids = match model.family {
-            Family::StableDiffusionXl => {
-                // (original size, crop top-left, target size): diffusers' defaults for txt2img/img2img.
-                let (h, w) = (height as f32, width as f32);
-                let row = [h, w, 0.0, 0.0, h, w];
-                let rows = if cfg { 2 * b } else { b };
-                let data: Vec<f32> = row.iter().copied().cycle().take(6 * rows).collect();
-                Some(Tensor::from_vec(data, (rows, 6), device)?.to_dtype(dtype)?)
-            }
-            Family::StableDiffusion => None,
+        let (hidden, pooled) = batch_conditioning(prompts, b, cfg)?;
+        let time_ids = if model.spec.size_conditioning {
+            // (original size, crop top-left, target size): diffusers' defaults for txt2img/img2img.
+            let (h, w) = (height as f32, width as f32);
+            let row = [h, w, 0.0, 0.0, h, w];
+            let rows = if cfg { 2 * b } else { b };
+            let data: Vec<f32> = row.iter().copied().cycle().take(6 * rows).collect();
+            Some(Tensor::from_vec(data, (rows, 6), device)?.to_dtype(dtype)?)
+        } else {
+            None
         };
-        let timestep_cond = match model.unet.config().time_cond_proj_dim {
-            Some(dim) => Some(guidance_embedding(guidance - 1.0, dim, b, device)?.to_dtype(dtype)?),
-            None => None,
-        };
-        Ok(Self { hidden, text_embeds, time_ids, timestep_cond, cfg, guidance, batch: b })
+        let embedded_guidance = model.denoiser.guidance_input(guidance, b, device)?;
+        Ok(Self { hidden, pooled, time_ids, embedded_guidance, cfg, guidance, batch: b })
     }
 }
 
 impl Conditioning {
     /// The guided noise prediction for `latents` ([batch, C, h, w]) at step `i`: the
-    /// scheduler's input scaling, the UNet (on negatives and positives together under CFG,
+    /// scheduler's input scaling, the denoiser (on negatives and positives together under CFG,
     /// with `extra` channels appended), and the guidance combination.
     pub(crate) fn predict(
         &self,
@@ -345,14 +355,14 @@ impl Conditioning {
         if let Some(extra) = extra {
             model_in = Tensor::cat(&[&model_in, extra], 1)?;
         }
-        let unet_cond = UNetCond {
-            encoder_hidden_states: &self.hidden,
-            text_embeds: self.text_embeds.as_ref(),
+        let denoiser_cond = DenoiserCond {
+            tokens: &self.hidden,
+            pooled: self.pooled.as_ref(),
             time_ids: self.time_ids.as_ref(),
-            timestep_cond: self.timestep_cond.as_ref(),
+            guidance: self.embedded_guidance.as_ref(),
         };
         let t = crate::schedule::at(scheduler.timesteps(), i, "timesteps")?;
-        let pred = model.unet.forward(&model_in, t, &unet_cond)?;
+        let pred = model.denoiser.predict(&model_in, t, &denoiser_cond)?;
         Ok(if self.cfg {
             let uncond = pred.narrow(0, 0, b)?;
             let text = pred.narrow(0, b, b)?;
@@ -528,20 +538,6 @@ fn batch_conditioning(prompts: &EncodedPrompts, b: usize, cfg: bool) -> Result<(
         }
         _ => Ok((rep(&pos.hidden)?, pos.pooled.as_ref().map(rep).transpose()?)),
     }
-}
-
-/// diffusers' get_guidance_scale_embedding (for UNets with time_cond_proj_dim).
-fn guidance_embedding(w: f64, dim: usize, b: usize, device: &candle_core::Device) -> Result<Tensor> {
-    let half = dim / 2;
-    let scale = (10000f64).ln() / (half.max(2) - 1) as f64;
-    let w = w * 1000.0;
-    let mut row: Vec<f32> = Vec::with_capacity(dim);
-    let freqs: Vec<f64> = (0..half).map(|k| (-(k as f64) * scale).exp() * w).collect();
-    row.extend(freqs.iter().map(|x| x.sin() as f32));
-    row.extend(freqs.iter().map(|x| x.cos() as f32));
-    row.resize(dim, 0.0);
-    let data: Vec<f32> = row.iter().copied().cycle().take(dim * b).collect();
-    Ok(Tensor::from_vec(data, (b, dim), device)?)
 }
 
 /// Whether every value is finite (an f16 overflow leaves inf, and NaN after the next op).

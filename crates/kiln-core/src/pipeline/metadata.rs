@@ -40,6 +40,9 @@ pub struct ImageRecord {
     /// Inpainting, outpainting and erasing: the mask and how it was used (absent otherwise).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inpaint: Option<InpaintRecord>,
+    /// `--max-sequence-length` when set (absent = the family's default token budget).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sequence_length: Option<usize>,
 }
 
 /// What an inpainting-family job adds to the replay record.
@@ -116,6 +119,7 @@ impl ImageRecord {
             vae,
             tier: None,
             inpaint: None,
+            max_sequence_length: req.max_sequence_length,
         }
     }
 }
@@ -156,6 +160,7 @@ pub fn a1111_sampler(kind: SchedulerKind) -> &'static str {
         SchedulerKind::DpmPp2mKarras => "DPM++ 2M Karras",
         SchedulerKind::Lcm => "LCM",
         SchedulerKind::Pndm => "PLMS",
+        SchedulerKind::FlowEuler => "Euler",
     }
 }
 
@@ -165,7 +170,7 @@ pub fn a1111_parameters(record: &ImageRecord, kind: SchedulerKind, model: &Loade
     if let Some(neg) = record.negative_prompt.as_deref().filter(|n| !n.is_empty()) {
         s.push_str(&format!("\nNegative prompt: {neg}"));
     }
-    let hash: String = model.unet_sha256().chars().take(10).collect();
+    let hash: String = model.denoiser_sha256().chars().take(10).collect();
     s.push_str(&format!(
         "\nSteps: {}, Sampler: {}, CFG scale: {}, Seed: {}, Size: {}x{}, Model hash: {}, Model: {}",
         record.steps,

@@ -1,8 +1,8 @@
 //! Pipelines: one job type per module, all standing on a [`model::LoadedModel`].
 //!
 //! - [`model`]: a diffusers pipeline loaded once and kept warm (CLI run, later the server);
-//! - [`text`]: prompt encoding per family (SD 1.x/2.x, SDXL);
-//! - [`generate`]: txt2img and img2img;
+//! - [`text`]: prompt encoding per family (SD 1.x/2.x, SDXL, FLUX);
+//! - [`generate`]: txt2img and img2img for every family;
 //! - [`inpaint`]: inpainting (any model, or dedicated 9-channel ones);
 //! - [`outpaint`]: canvas extension and its mask, run through [`inpaint`];
 //! - [`cutout`]: background removal with a matting model (rembg's mask, refinement, compositing);

@@ -1,25 +1,34 @@
-//! A diffusers pipeline loaded into memory: tokenizers, text encoders, UNet, VAE and the
-//! scheduler config. Built once, reused across jobs (drafts, batches, a server's queue).
+//! A diffusers pipeline loaded into memory: tokenizers, text encoders, the denoiser (UNet or
+//! transformer), VAE and the scheduler config, as the family registry describes them. Built
+//! once, reused across jobs (drafts, batches, a server's queue).
 
 use crate::device;
 use crate::error::{Error, Result};
-use crate::loaders::diffusers::{weight_files_in, DiffusersFolder, Family};
+use crate::loaders::diffusers::{weight_files_in, DiffusersFolder};
 use crate::loaders::hub::ModelSource;
 use crate::loaders::weights::{loading_error, open_safetensors, weight_sha256_cached};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::clip_tokenizer::ClipTokenizer;
+use crate::models::denoiser::Denoiser;
+use crate::models::family::{
+    DenoiserKind, EncoderKind, Family, FamilySpec, FlowSigmas, GuidanceStyle, TextStackSpec,
+};
+use crate::models::flux::{FluxConfig, FluxTransformer};
+use crate::models::t5::tokenizer::T5Tokenizer;
+use crate::models::t5::{T5Config, T5Encoder};
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::models::vae::{AutoencoderKl, VaeConfig};
-use crate::schedule::{SchedulerConfig, SchedulerKind};
+use crate::schedule::{self, FlowInputs, Scheduler, SchedulerConfig, SchedulerKind};
 use candle_core::{DType, Device};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
 /// One text encoder with its tokenizer.
-pub struct TextStack {
-    pub tokenizer: ClipTokenizer,
-    pub encoder: ClipTextModel,
+#[allow(clippy::large_enum_variant)] // one per loaded model; boxing buys nothing
+pub enum TextStack {
+    Clip { tokenizer: ClipTokenizer, encoder: ClipTextModel },
+    T5 { tokenizer: T5Tokenizer, encoder: T5Encoder },
 }
 
 /// A weight file the model was built from, for metadata and drift checks.
@@ -30,15 +39,16 @@ pub struct WeightRecord {
     pub sha256: String,
 }
 
-/// A loaded Stable Diffusion-family pipeline.
+/// A loaded pipeline of any registered family.
 pub struct LoadedModel {
     pub source: ModelSource,
     /// A VAE loaded instead of the pipeline's own (e.g. madebyollin/sdxl-vae-fp16-fix).
     pub vae_source: Option<ModelSource>,
-    pub family: Family,
-    /// One stack for SD 1.x/2.x, two for SDXL (in diffusers' order).
+    /// The family's registry entry.
+    pub spec: &'static FamilySpec,
+    /// The family's text stacks, in diffusers' order.
     pub text: Vec<TextStack>,
-    pub unet: UNet2DConditionModel,
+    pub denoiser: Box<dyn Denoiser>,
     pub vae: AutoencoderKl,
     /// The VAE's weight files, reloaded in an overflow-safe dtype when an f16 decode overflows.
     pub vae_files: Vec<PathBuf>,
@@ -71,31 +81,15 @@ impl LoadedModel {
     ) -> Result<Self> {
         crate::device::check_dtype(device, dtype)?;
         let folder = DiffusersFolder::open(source.dir())?;
-        let family = folder.family();
+        let spec = folder.family().spec();
         let prefer_fp16 = dtype != DType::F32;
         let mut weights = Vec::new();
 
         let mut text = Vec::new();
-        let stacks: &[(&str, &str)] = match family {
-            Family::StableDiffusion => &[("tokenizer", "text_encoder")],
-            Family::StableDiffusionXl => &[("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2")],
-        };
-        for (tok_name, enc_name) in stacks {
-            let tokenizer = ClipTokenizer::from_dir(&folder.component_dir(tok_name)?)?;
-            let (_, cfg): (_, ClipTextConfig) = folder.parse_config(enc_name)?;
-            let with_projection = folder.component_class(enc_name) == Some("CLIPTextModelWithProjection");
-            let files = folder.weight_files(enc_name, prefer_fp16)?;
-            let vb = open_safetensors(&files, dtype, device)?;
-            let encoder = ClipTextModel::new(&cfg, vb, with_projection).map_err(|e| named(e, &files))?;
-            record(&mut weights, enc_name, &files)?;
-            text.push(TextStack { tokenizer, encoder });
+        for stack in spec.text {
+            text.push(load_text_stack(&folder, stack, device, dtype, &mut weights)?);
         }
-
-        let (_, unet_cfg): (_, UNetConfig) = folder.parse_config("unet")?;
-        let files = folder.weight_files("unet", prefer_fp16)?;
-        let vb = open_safetensors(&files, dtype, device)?;
-        let unet = UNet2DConditionModel::new(&unet_cfg, vb).map_err(|e| named(e, &files))?;
-        record(&mut weights, "unet", &files)?;
+        let denoiser = load_denoiser(&folder, spec, device, dtype, &mut weights)?;
 
         let (vae_cfg, files) = match &vae_source {
             None => {
@@ -120,9 +114,9 @@ impl LoadedModel {
         Ok(Self {
             source,
             vae_source,
-            family,
+            spec,
             text,
-            unet,
+            denoiser,
             vae,
             vae_files: files,
             vae_upcast: OnceLock::new(),
@@ -141,20 +135,101 @@ impl LoadedModel {
         SchedulerKind::from_class(&self.scheduler_class, &self.scheduler_config)
     }
 
-    /// diffusers' default output size: the UNet's sample size times the VAE factor.
-    /// Returns (width, height); 512² when the config has no usable sample_size.
+    /// The family the model belongs to.
+    pub fn family(&self) -> Family {
+        self.spec.family
+    }
+
+    /// The UNet, when the model's denoiser is one (tests and benchmarks inspect its config).
+    pub fn unet(&self) -> Option<&UNet2DConditionModel> {
+        self.denoiser.as_any().downcast_ref::<UNet2DConditionModel>()
+    }
+
+    /// diffusers' default output size: the denoiser's sample size times the VAE factor.
+    /// Returns (width, height); the family's default when the config has no usable sample_size.
     pub fn default_size(&self) -> (usize, usize) {
         let f = self.vae.scale_factor();
-        let as_usize = |v: &serde_json::Value| v.as_u64().map(|n| n as usize);
-        match &self.unet.config().sample_size {
-            Some(serde_json::Value::Array(hw)) if hw.len() == 2 => match (as_usize(&hw[0]), as_usize(&hw[1]))
-            {
-                (Some(h), Some(w)) => (w * f, h * f),
-                _ => (512, 512),
-            },
-            Some(v) => as_usize(v).map(|n| (n * f, n * f)).unwrap_or((512, 512)),
-            None => (512, 512),
+        match self.denoiser.default_latent_size() {
+            Some((h, w)) => (w * f, h * f),
+            None => (self.spec.default_size, self.spec.default_size),
         }
+    }
+
+    /// The guidance used when neither the request nor a tier sets one: the family's, or 0 for a
+    /// guidance-distilled family's model without a guidance embedding (FLUX.1-schnell).
+    pub fn default_guidance(&self) -> f64 {
+        if self.spec.guidance == GuidanceStyle::Distilled && !self.denoiser.embeds_guidance() {
+            0.0
+        } else {
+            self.spec.default_guidance
+        }
+    }
+
+    /// What the request's guidance and negative prompt will be ignored for, as warnings.
+    pub fn guidance_warnings(&self, guidance: f64, negative: Option<&str>) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.spec.guidance != GuidanceStyle::Distilled {
+            return out;
+        }
+        if !self.denoiser.embeds_guidance() && guidance != 0.0 {
+            out.push(format!(
+                "guidance {guidance} is ignored: this {} model has no guidance embedding (schnell-style)",
+                self.spec.name
+            ));
+        }
+        if negative.is_some_and(|n| !n.is_empty()) {
+            out.push(format!(
+                "the negative prompt is ignored: {} models are guidance-distilled (no negative pass)",
+                self.spec.name
+            ));
+        }
+        out
+    }
+
+    /// Whether `guidance` turns classifier-free guidance (a negative pass) on: for
+    /// [`GuidanceStyle::ClassifierFree`] families when g > 1, unless the denoiser embeds the
+    /// guidance itself (LCM-distilled UNets), as diffusers decides.
+    pub fn classifier_free(&self, guidance: f64) -> bool {
+        self.spec.guidance == GuidanceStyle::ClassifierFree
+            && guidance > 1.0
+            && !self.denoiser.embeds_guidance()
+    }
+
+    /// The scheduler `kind` for `steps` steps on `latent_h`×`latent_w` latents (flow-matching
+    /// schedules shift by the image's token count).
+    pub fn build_scheduler(
+        &self,
+        kind: SchedulerKind,
+        steps: usize,
+        latent_h: usize,
+        latent_w: usize,
+    ) -> Result<Box<dyn Scheduler>> {
+        if kind.is_flow() != self.spec.flow_matching {
+            let fits = SchedulerKind::ALL
+                .iter()
+                .filter(|k| k.is_flow() == self.spec.flow_matching)
+                .map(|k| k.name())
+                .collect::<Vec<_>>()
+                .join(", ");
+            return Err(Error::arg(
+                "scheduler",
+                format!("`{kind}` does not apply to {} models; use one of: {fits}", self.spec.name),
+            ));
+        }
+        let patch = self.denoiser.patch_size();
+        let flow = FlowInputs {
+            image_seq_len: Some((latent_h / patch) * (latent_w / patch)),
+            sigmas: match self.spec.flow_sigmas {
+                FlowSigmas::Scheduler => None,
+                FlowSigmas::LinspaceToInverseSteps => Some(FlowInputs::linspace_to_inverse_steps(steps)),
+            },
+        };
+        schedule::build_with(kind, &self.scheduler_config, steps, &flow)
+    }
+
+    /// Image sides must be multiples of this: the VAE factor times the denoiser's patch size.
+    pub fn size_multiple(&self) -> usize {
+        self.vae.scale_factor() * self.denoiser.patch_size()
     }
 
     /// The VAE in [`device::overflow_safe_dtype`] (bf16 on CUDA, f32 elsewhere), loaded from the
@@ -169,10 +244,71 @@ impl LoadedModel {
         Ok(self.vae_upcast.get_or_init(|| vae))
     }
 
-    /// The UNet weights' sha256, A1111's "Model hash" is its first 10 hex digits.
-    pub fn unet_sha256(&self) -> &str {
-        self.weights.iter().find(|w| w.component == "unet").map(|w| w.sha256.as_str()).unwrap_or("")
+    /// The denoiser weights' sha256 (the first file's, for sharded weights); A1111's "Model
+    /// hash" is its first 10 hex digits.
+    pub fn denoiser_sha256(&self) -> &str {
+        let component = self.spec.denoiser;
+        self.weights.iter().find(|w| w.component == component).map(|w| w.sha256.as_str()).unwrap_or("")
     }
+}
+
+/// Loads one tokenizer + text encoder pair as the registry describes it.
+fn load_text_stack(
+    folder: &DiffusersFolder,
+    stack: &TextStackSpec,
+    device: &Device,
+    dtype: DType,
+    weights: &mut Vec<WeightRecord>,
+) -> Result<TextStack> {
+    let prefer_fp16 = dtype != DType::F32;
+    let files = folder.weight_files(stack.encoder, prefer_fp16)?;
+    let loaded = match stack.kind {
+        EncoderKind::Clip => {
+            let tokenizer = ClipTokenizer::from_dir(&folder.component_dir(stack.tokenizer)?)?;
+            let (_, cfg): (_, ClipTextConfig) = folder.parse_config(stack.encoder)?;
+            let with_projection =
+                folder.component_class(stack.encoder) == Some("CLIPTextModelWithProjection");
+            let vb = open_safetensors(&files, dtype, device)?;
+            let encoder = ClipTextModel::new(&cfg, vb, with_projection).map_err(|e| named(e, &files))?;
+            TextStack::Clip { tokenizer, encoder }
+        }
+        EncoderKind::T5 => {
+            let tokenizer = T5Tokenizer::from_dir(&folder.component_dir(stack.tokenizer)?)?;
+            let (cfg_path, _) = folder.config(stack.encoder)?;
+            let cfg = T5Config::from_file(&cfg_path)?;
+            let vb = open_safetensors(&files, dtype, device)?;
+            let encoder = T5Encoder::new(&cfg, &cfg_path, vb).map_err(|e| named(e, &files))?;
+            TextStack::T5 { tokenizer, encoder }
+        }
+    };
+    record(weights, stack.encoder, &files)?;
+    Ok(loaded)
+}
+
+/// Loads the family's denoiser from its component folder.
+fn load_denoiser(
+    folder: &DiffusersFolder,
+    spec: &FamilySpec,
+    device: &Device,
+    dtype: DType,
+    weights: &mut Vec<WeightRecord>,
+) -> Result<Box<dyn Denoiser>> {
+    let prefer_fp16 = dtype != DType::F32;
+    let files = folder.weight_files(spec.denoiser, prefer_fp16)?;
+    let vb = open_safetensors(&files, dtype, device)?;
+    let denoiser: Box<dyn Denoiser> = match spec.denoiser_kind {
+        DenoiserKind::UNet => {
+            let (_, cfg): (_, UNetConfig) = folder.parse_config(spec.denoiser)?;
+            Box::new(UNet2DConditionModel::new(&cfg, vb).map_err(|e| named(e, &files))?)
+        }
+        DenoiserKind::FluxTransformer => {
+            let (cfg_path, cfg): (_, FluxConfig) = folder.parse_config(spec.denoiser)?;
+            cfg.validate(&cfg_path)?;
+            Box::new(FluxTransformer::new(&cfg, vb).map_err(|e| named(e, &files))?)
+        }
+    };
+    record(weights, spec.denoiser, &files)?;
+    Ok(denoiser)
 }
 
 /// The folder holding a VAE's config.json: the folder itself, or a pipeline folder's `vae/`.

@@ -16,7 +16,7 @@ use crate::pipeline::model::LoadedModel;
 use crate::pipeline::text::encode_prompts;
 use crate::pipeline::vae_tiling::VaeTiling;
 use crate::rng::BatchRng;
-use crate::schedule::{self, SchedulerKind};
+use crate::schedule::SchedulerKind;
 use candle_core::{DType, Tensor};
 use image::RgbImage;
 use std::time::Instant;
@@ -100,8 +100,14 @@ pub fn redetail(
         Some(k) => k,
         None => model.default_scheduler()?,
     };
-    let guidance_embedded = model.unet.config().time_cond_proj_dim.is_some();
-    let cfg = req.guidance > 1.0 && !guidance_embedded;
+    if model.unet().is_none() {
+        // Transformer families take packed latents with positions; their tiles are not planned yet.
+        return Err(Error::Unsupported(format!(
+            "re-detail runs UNet models (SD 1.x/2.x, SDXL); {} is not one yet",
+            model.spec.name
+        )));
+    }
+    let cfg = model.classifier_free(req.guidance);
     let mut timings = StageTimings::default();
     let start = Instant::now();
 
@@ -133,9 +139,9 @@ pub fn redetail(
         Tensor::from_vec(total.iter().map(|w| 1.0 / w).collect::<Vec<f32>>(), (1, 1, lh, lw), device)?;
 
     let mut rng = BatchRng::new(&[req.seed]);
-    let mut scheduler = schedule::build(kind, &model.scheduler_config, req.steps)?;
+    let mut scheduler = model.build_scheduler(kind, req.steps, lh, lw)?;
     let timesteps = scheduler.timesteps().to_vec();
-    let first = schedule::strength_start(req.steps, req.strength);
+    let first = model.spec.strength_start(req.steps, req.strength);
     if first >= timesteps.len() {
         return Err(Error::arg("strength", format!("{} leaves no denoising steps", req.strength)));
     }

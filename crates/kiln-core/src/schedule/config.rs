@@ -51,6 +51,16 @@ pub struct SchedulerConfig {
     pub original_inference_steps: Option<usize>,
     pub timestep_scaling: Option<f64>,
     pub skip_prk_steps: Option<bool>,
+    // Flow matching (FlowMatchEulerDiscreteScheduler).
+    pub shift: Option<f64>,
+    pub base_shift: Option<f64>,
+    pub max_shift: Option<f64>,
+    pub base_image_seq_len: Option<usize>,
+    pub max_image_seq_len: Option<usize>,
+    pub time_shift_type: Option<String>,
+    pub shift_terminal: Option<f64>,
+    pub invert_sigmas: Option<bool>,
+    pub stochastic_sampling: Option<bool>,
 }
 
 impl SchedulerConfig {

@@ -25,6 +25,7 @@ mod ddim;
 mod dpmpp_2m;
 mod euler;
 mod euler_ancestral;
+pub mod flow_match;
 mod lcm;
 mod param;
 mod pndm;
@@ -32,6 +33,7 @@ pub mod sigmas;
 pub mod spacing;
 
 pub use config::{FinalSigma, Prediction, SchedulerConfig, Spacing};
+pub use flow_match::FlowInputs;
 
 use crate::error::{Error, Result};
 use crate::rng::BatchRng;
@@ -96,11 +98,13 @@ pub enum SchedulerKind {
     DpmPp2mKarras,
     Lcm,
     Pndm,
+    /// Flow matching (FLUX.1 and later transformer families); not for noise-prediction models.
+    FlowEuler,
 }
 
 impl SchedulerKind {
     /// Every kind, in CLI order.
-    pub const ALL: [SchedulerKind; 7] = [
+    pub const ALL: [SchedulerKind; 8] = [
         SchedulerKind::Ddim,
         SchedulerKind::Euler,
         SchedulerKind::EulerAncestral,
@@ -108,6 +112,7 @@ impl SchedulerKind {
         SchedulerKind::DpmPp2mKarras,
         SchedulerKind::Lcm,
         SchedulerKind::Pndm,
+        SchedulerKind::FlowEuler,
     ];
 
     /// The CLI name (`--scheduler`).
@@ -120,6 +125,7 @@ impl SchedulerKind {
             Self::DpmPp2mKarras => "dpmpp-2m-karras",
             Self::Lcm => "lcm",
             Self::Pndm => "pndm",
+            Self::FlowEuler => "flow-euler",
         }
     }
 
@@ -132,7 +138,13 @@ impl SchedulerKind {
             Self::DpmPp2m | Self::DpmPp2mKarras => "DPMSolverMultistepScheduler",
             Self::Lcm => "LCMScheduler",
             Self::Pndm => "PNDMScheduler",
+            Self::FlowEuler => "FlowMatchEulerDiscreteScheduler",
         }
+    }
+
+    /// Whether the kind samples flow-matching (velocity) models rather than noise predictors.
+    pub fn is_flow(self) -> bool {
+        self == Self::FlowEuler
     }
 
     /// The kind for a model folder's own scheduler class (`_class_name` of its config).
@@ -143,6 +155,7 @@ impl SchedulerKind {
             "EulerAncestralDiscreteScheduler" => Ok(Self::EulerAncestral),
             "LCMScheduler" => Ok(Self::Lcm),
             "PNDMScheduler" => Ok(Self::Pndm),
+            "FlowMatchEulerDiscreteScheduler" => Ok(Self::FlowEuler),
             "DPMSolverMultistepScheduler" => {
                 // kiln's DPM kinds force dpmsolver++ of order 2; a folder asking for anything else
                 // would silently get a different sampler.
@@ -197,6 +210,17 @@ pub fn build(
     cfg: &SchedulerConfig,
     num_inference_steps: usize,
 ) -> Result<Box<dyn Scheduler>> {
+    build_with(kind, cfg, num_inference_steps, &FlowInputs::default())
+}
+
+/// [`build`] with what a flow-matching pipeline passes `set_timesteps` (its sigmas and the
+/// image's token count for dynamic shifting); the other kinds ignore `flow`.
+pub fn build_with(
+    kind: SchedulerKind,
+    cfg: &SchedulerConfig,
+    num_inference_steps: usize,
+    flow: &FlowInputs,
+) -> Result<Box<dyn Scheduler>> {
     let train = cfg.num_train_timesteps.unwrap_or(1000);
     if num_inference_steps == 0 || num_inference_steps > train {
         return Err(Error::arg(
@@ -216,6 +240,9 @@ pub fn build(
         SchedulerKind::DpmPp2mKarras => Box::new(dpmpp_2m::DpmPp2m::new(cfg, num_inference_steps, true)?),
         SchedulerKind::Lcm => Box::new(lcm::Lcm::new(cfg, num_inference_steps)?),
         SchedulerKind::Pndm => Box::new(pndm::Pndm::new(cfg, num_inference_steps)?),
+        SchedulerKind::FlowEuler => {
+            Box::new(flow_match::FlowMatchEuler::new(cfg, num_inference_steps, flow)?)
+        }
     })
 }
 

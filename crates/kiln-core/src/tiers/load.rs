@@ -3,7 +3,6 @@
 use super::{Tier, TierKind};
 use crate::device;
 use crate::error::{Error, Result};
-use crate::loaders::diffusers::Family;
 use crate::loaders::hub::{self, ModelSource};
 use crate::loaders::store::{SrWeights, Store};
 use crate::pipeline::generate::GenerateRequest;
@@ -170,7 +169,7 @@ pub struct Overrides {
 }
 
 /// A txt2img request for `seeds` from the tier's defaults, overridden by `o`; what neither sets
-/// takes the model's own defaults (native size, 30 steps, diffusers' guidance per family).
+/// takes the family's defaults (native size, steps and guidance from the family registry).
 pub fn tier_request(
     tier: &Tier,
     model: &LoadedModel,
@@ -184,17 +183,14 @@ pub fn tier_request(
         (None, Some(s)) => Some(s.parse::<SchedulerKind>()?),
         (None, None) => None,
     };
-    let guidance = o.guidance.or(tier.guidance).unwrap_or(match model.family {
-        Family::StableDiffusionXl => 5.0,
-        Family::StableDiffusion => 7.5,
-    });
+    let guidance = o.guidance.or(tier.guidance).unwrap_or_else(|| model.default_guidance());
     let n = seeds.len();
     Ok(GenerateRequest {
         prompt: prompt.to_string(),
         negative_prompt: o.negative_prompt.clone().or_else(|| tier.negative_prompt.clone()),
         width: o.width.or(tier.width).unwrap_or(default_w),
         height: o.height.or(tier.height).unwrap_or(default_h),
-        steps: o.steps.or(tier.steps).unwrap_or(30),
+        steps: o.steps.or(tier.steps).unwrap_or(model.spec.default_steps),
         guidance,
         scheduler,
         seeds,
@@ -203,5 +199,6 @@ pub fn tier_request(
         strength: 1.0,
         max_batch: o.max_batch.unwrap_or(n.min(8)).max(1),
         vae_tiling: o.vae_tiling,
+        max_sequence_length: None,
     })
 }

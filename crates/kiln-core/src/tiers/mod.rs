@@ -488,7 +488,8 @@ mod tests {
                 TierKind::Diffusion => {
                     assert!(t.revision.is_some(), "{}", t.name);
                     assert!(t.vae.is_none() || t.vae_revision.is_some(), "{}", t.name);
-                    for comp in ["unet/", "text_encoder/", "vae/"] {
+                    let denoiser = if t.model.contains("FLUX") { "transformer/" } else { "unet/" };
+                    for comp in [denoiser, "text_encoder/", "vae/"] {
                         let named = t.weights.keys().chain(&t.unpinned).any(|k| k.starts_with(comp));
                         assert!(named, "tier {} names no {comp} file", t.name);
                     }
@@ -496,8 +497,17 @@ mod tests {
                 TierKind::Upscale => assert!(!t.weights.is_empty(), "{}", t.name),
             }
         }
+        // The FLUX finals: pinned revisions, explicitly unpinned sharded weights, bf16.
+        let schnell = reg.get("flux-schnell")?;
+        assert_eq!(schnell.revision.as_deref(), Some("741f7c3ce8b383c54771c7003378a50191e9efe9"));
+        assert_eq!((schnell.steps, schnell.guidance), (Some(4), Some(0.0)));
+        assert_eq!(schnell.scheduler.as_deref(), Some("flow-euler"));
+        let dev = reg.get("flux-dev")?;
+        assert_eq!(dev.revision.as_deref(), Some("3de623fc3c33e44ffbe2bad470d0f45bccf2eb21"));
+        assert_eq!((dev.steps, dev.guidance, dev.dtype.as_deref()), (Some(28), Some(3.5), Some("bf16")));
+        assert!(!dev.is_draft() && !schnell.is_draft());
         let err = reg.get("sketch").map(|_| ()).err().map(|e| e.to_string()).unwrap_or_default();
-        assert!(err.contains("unknown tier `sketch`") && err.contains("draft, final, upscale"), "{err}");
+        assert!(err.contains("unknown tier `sketch`") && err.contains("draft, final"), "{err}");
         Ok(())
     }
 

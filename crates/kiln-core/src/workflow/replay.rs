@@ -153,6 +153,7 @@ pub fn replay(ws: &mut Workspace, req: &ReplayRequest, progress: &mut dyn Progre
             strength: record.strength.unwrap_or(1.0),
             max_batch: 1,
             vae_tiling: req.vae_tiling,
+            max_sequence_length: record.max_sequence_length,
         };
         let output = generate(&model, &request, progress)?;
         let image =

@@ -234,7 +234,8 @@ pub fn validate(model: &LoadedModel, req: &InpaintRequest) -> Result<Mask> {
 
 /// Chooses the region and processing size.
 pub fn plan(model: &LoadedModel, req: &InpaintRequest, mask: &Mask) -> Result<InpaintPlan> {
-    let f = model.vae.scale_factor() as u32;
+    // The processing canvas snaps to the model's size multiple (VAE factor × latent patch).
+    let f = model.size_multiple() as u32;
     let (w, h) = req.image.dimensions();
     let (native_w, native_h) = match req.native_size {
         Some((w, h)) if w >= f && h >= f => (w, h),
@@ -353,8 +354,7 @@ pub fn inpaint(
             ));
         }
     }
-    let guidance_embedded = model.unet.config().time_cond_proj_dim.is_some();
-    let cfg = req.guidance > 1.0 && !guidance_embedded;
+    let cfg = model.classifier_free(req.guidance);
     let mut timings = StageTimings::default();
     let t0 = Instant::now();
     let prompts = encode_prompts(model, &req.prompt, req.negative_prompt.as_deref(), cfg)?;

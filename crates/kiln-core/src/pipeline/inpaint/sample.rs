@@ -13,7 +13,7 @@ use crate::pipeline::model::LoadedModel;
 use crate::pipeline::text::EncodedPrompts;
 use crate::pipeline::vae_tiling::VaeTiling;
 use crate::rng::BatchRng;
-use crate::schedule::{self, Scheduler, SchedulerKind};
+use crate::schedule::{Scheduler, SchedulerKind};
 use candle_core::Tensor;
 use image::RgbImage;
 
@@ -30,7 +30,7 @@ impl UNetKind {
     /// Classifies the model's UNet, or says why it cannot inpaint.
     pub fn of(model: &LoadedModel) -> Result<Self> {
         let c = model.vae.latent_channels();
-        match model.unet.in_channels() {
+        match model.denoiser.in_channels() {
             n if n == c => Ok(Self::Plain),
             n if n == 2 * c + 1 => Ok(Self::Inpaint),
             n => Err(Error::Unsupported(format!(
@@ -128,15 +128,16 @@ pub(crate) fn sample_canvas(
     let device = &model.device;
     let dtype = model.dtype;
     let f = model.vae.scale_factor();
+    let multiple = model.size_multiple();
     let (width, height) = (canvas.image.width() as usize, canvas.image.height() as usize);
-    if width % f != 0
-        || height % f != 0
+    if width % multiple != 0
+        || height % multiple != 0
         || (canvas.mask.width(), canvas.mask.height()) != canvas.image.dimensions()
     {
         return Err(Error::arg(
             "canvas",
             format!(
-                "{width}x{height} image with a {}x{} mask (both must match and be multiples of {f})",
+                "{width}x{height} image with a {}x{} mask (both must match and be multiples of {multiple})",
                 canvas.mask.width(),
                 canvas.mask.height()
             ),
@@ -144,8 +145,9 @@ pub(crate) fn sample_canvas(
     }
     let latent_shape = [model.vae.latent_channels(), height / f, width / f];
     let mut rng = BatchRng::new(&[seed]);
-    let mut scheduler = schedule::build(sampling.kind, &model.scheduler_config, sampling.steps)?;
-    let start = schedule::strength_start(sampling.steps, sampling.strength);
+    let mut scheduler =
+        model.build_scheduler(sampling.kind, sampling.steps, latent_shape[1], latent_shape[2])?;
+    let start = model.spec.strength_start(sampling.steps, sampling.strength);
     if start >= scheduler.timesteps().len() {
         return Err(Error::arg("strength", format!("{} leaves no denoising steps", sampling.strength)));
     }

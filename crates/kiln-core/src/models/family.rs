@@ -1,0 +1,253 @@
+//! The family registry: every pipeline family kiln runs, how a diffusers folder is recognised
+//! as one, and what differs between families, as data. This is the only place that matches on
+//! [`Family`]; the pipelines read the [`FamilySpec`] fields instead, so a new family is one
+//! entry here plus its model files.
+
+use crate::loaders::diffusers::DiffusersFolder;
+
+/// A pipeline family: decides how prompts are encoded, which network denoises and how.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Family {
+    /// SD 1.x / 2.x: one CLIP text encoder, last hidden state, UNet.
+    StableDiffusion,
+    /// SDXL: two CLIP encoders, penultimate hidden states, pooled + size/crop conditioning.
+    StableDiffusionXl,
+    /// FLUX.1 (schnell, dev): CLIP-L pooled + T5 hidden states, flow-matching transformer.
+    Flux,
+}
+
+/// Which kind of text encoder a component holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EncoderKind {
+    /// CLIP text model (BPE tokenizer, 77 tokens).
+    Clip,
+    /// T5 encoder (Unigram tokenizer from tokenizer.json).
+    T5,
+}
+
+/// One tokenizer + text encoder pair, by component folder name.
+#[derive(Debug, Clone, Copy)]
+pub struct TextStackSpec {
+    pub tokenizer: &'static str,
+    pub encoder: &'static str,
+    pub kind: EncoderKind,
+}
+
+/// How the text encoders' outputs become the denoiser's conditioning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextConditioning {
+    /// The single encoder's last hidden state (SD 1.x / 2.x).
+    LastHidden,
+    /// Every encoder's penultimate hidden state, concatenated; pooled from the projecting
+    /// encoder (SDXL).
+    PenultimateConcatPooled,
+    /// CLIP's pooled output as the pooled vector, T5's last hidden state as the tokens (FLUX.1).
+    ClipPooledT5Tokens,
+}
+
+/// What `--guidance` means for the family.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuidanceStyle {
+    /// Classifier-free guidance with the negative prompt when g > 1 (unless the network embeds
+    /// guidance itself, as LCM-distilled UNets do).
+    ClassifierFree,
+    /// Guidance-distilled: the value is embedded by the network when it has a guidance
+    /// embedding (FLUX.1-dev) and ignored otherwise (FLUX.1-schnell); no negative pass.
+    Distilled,
+}
+
+/// How img2img's strength picks the first step (diffusers differs between pipelines).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StrengthRule {
+    /// `init = int(n * strength)`, `start = n - init` (Stable Diffusion pipelines).
+    IntegerInit,
+    /// `init = min(n * strength, n)`, `start = int(max(n - init, 0))` (FLUX, SD3 pipelines).
+    FloatInit,
+}
+
+/// The sigmas a flow-matching pipeline hands its scheduler.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FlowSigmas {
+    /// The scheduler's own spacing (non-flow families; flow schedulers spaced by config).
+    Scheduler,
+    /// `np.linspace(1.0, 1 / n, n)`, as FluxPipeline passes.
+    LinspaceToInverseSteps,
+}
+
+/// Which network denoises.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DenoiserKind {
+    /// diffusers' UNet2DConditionModel.
+    UNet,
+    /// diffusers' FluxTransformer2DModel.
+    FluxTransformer,
+}
+
+/// Everything the pipelines need to know about a family.
+#[derive(Debug, Clone, Copy)]
+pub struct FamilySpec {
+    pub family: Family,
+    /// Short name recorded in metadata and shown in errors.
+    pub name: &'static str,
+    /// The denoiser's component folder.
+    pub denoiser: &'static str,
+    pub denoiser_kind: DenoiserKind,
+    /// Output side (px) when the denoiser config records no sample size.
+    pub default_size: usize,
+    /// Text stacks in diffusers' order.
+    pub text: &'static [TextStackSpec],
+    pub conditioning: TextConditioning,
+    /// SDXL's (original size, crop, target size) ids.
+    pub size_conditioning: bool,
+    /// Whether model_index.json's `force_zeros_for_empty_prompt` applies (SDXL).
+    pub zeros_for_empty_negative: bool,
+    pub guidance: GuidanceStyle,
+    /// diffusers' default `guidance_scale` for the pipeline.
+    pub default_guidance: f64,
+    /// kiln's default step count when neither the request nor a tier sets one.
+    pub default_steps: usize,
+    pub strength: StrengthRule,
+    /// Trained with flow matching (velocity prediction): only flow schedulers apply.
+    pub flow_matching: bool,
+    pub flow_sigmas: FlowSigmas,
+    /// Default text token budget (`--max-sequence-length`) of the family's long-context
+    /// encoder, and its upper bound; None when every encoder has a fixed length (CLIP).
+    pub max_sequence_length: Option<(usize, usize)>,
+}
+
+const SD: FamilySpec = FamilySpec {
+    family: Family::StableDiffusion,
+    name: "sd",
+    denoiser: "unet",
+    denoiser_kind: DenoiserKind::UNet,
+    default_size: 512,
+    text: &[TextStackSpec { tokenizer: "tokenizer", encoder: "text_encoder", kind: EncoderKind::Clip }],
+    conditioning: TextConditioning::LastHidden,
+    size_conditioning: false,
+    zeros_for_empty_negative: false,
+    guidance: GuidanceStyle::ClassifierFree,
+    default_guidance: 7.5,
+    default_steps: 30,
+    strength: StrengthRule::IntegerInit,
+    flow_matching: false,
+    flow_sigmas: FlowSigmas::Scheduler,
+    max_sequence_length: None,
+};
+
+const SDXL: FamilySpec = FamilySpec {
+    family: Family::StableDiffusionXl,
+    name: "sdxl",
+    denoiser: "unet",
+    denoiser_kind: DenoiserKind::UNet,
+    default_size: 512,
+    text: &[
+        TextStackSpec { tokenizer: "tokenizer", encoder: "text_encoder", kind: EncoderKind::Clip },
+        TextStackSpec { tokenizer: "tokenizer_2", encoder: "text_encoder_2", kind: EncoderKind::Clip },
+    ],
+    conditioning: TextConditioning::PenultimateConcatPooled,
+    size_conditioning: true,
+    zeros_for_empty_negative: true,
+    guidance: GuidanceStyle::ClassifierFree,
+    default_guidance: 5.0,
+    default_steps: 30,
+    strength: StrengthRule::IntegerInit,
+    flow_matching: false,
+    flow_sigmas: FlowSigmas::Scheduler,
+    max_sequence_length: None,
+};
+
+const FLUX: FamilySpec = FamilySpec {
+    family: Family::Flux,
+    name: "flux",
+    denoiser: "transformer",
+    denoiser_kind: DenoiserKind::FluxTransformer,
+    // FluxPipeline: default_sample_size 128 latents × VAE factor 8.
+    default_size: 1024,
+    text: &[
+        TextStackSpec { tokenizer: "tokenizer", encoder: "text_encoder", kind: EncoderKind::Clip },
+        TextStackSpec { tokenizer: "tokenizer_2", encoder: "text_encoder_2", kind: EncoderKind::T5 },
+    ],
+    conditioning: TextConditioning::ClipPooledT5Tokens,
+    size_conditioning: false,
+    zeros_for_empty_negative: false,
+    guidance: GuidanceStyle::Distilled,
+    default_guidance: 3.5,
+    // FluxPipeline's num_inference_steps default (schnell is distilled for 1-4: set --steps).
+    default_steps: 28,
+    strength: StrengthRule::FloatInit,
+    flow_matching: true,
+    flow_sigmas: FlowSigmas::LinspaceToInverseSteps,
+    // FluxPipeline: max_sequence_length defaults to 512 and may not exceed it.
+    max_sequence_length: Some((512, 512)),
+};
+
+impl Family {
+    /// Every family, in detection order.
+    pub const ALL: [Family; 3] = [Family::Flux, Family::StableDiffusionXl, Family::StableDiffusion];
+
+    /// The family's registry entry.
+    pub fn spec(self) -> &'static FamilySpec {
+        match self {
+            Family::StableDiffusion => &SD,
+            Family::StableDiffusionXl => &SDXL,
+            Family::Flux => &FLUX,
+        }
+    }
+
+    /// The family a diffusers folder holds, from its pipeline class and components (not the
+    /// model version).
+    pub fn detect(folder: &DiffusersFolder) -> Family {
+        let class = folder.class_name();
+        if class.starts_with("Flux")
+            || folder.component_class("transformer") == Some("FluxTransformer2DModel")
+        {
+            Family::Flux
+        } else if folder.has("text_encoder_2") || class.contains("XL") {
+            Family::StableDiffusionXl
+        } else {
+            Family::StableDiffusion
+        }
+    }
+
+    /// The family by its [`FamilySpec::name`].
+    pub fn from_name(name: &str) -> Option<Family> {
+        Self::ALL.into_iter().find(|f| f.spec().name == name)
+    }
+}
+
+impl FamilySpec {
+    /// diffusers' img2img start index for `n` steps at `strength` (times the scheduler order,
+    /// 1 for all of kiln's).
+    pub fn strength_start(&self, n: usize, strength: f64) -> usize {
+        match self.strength {
+            StrengthRule::IntegerInit => crate::schedule::strength_start(n, strength),
+            StrengthRule::FloatInit => {
+                let init = (n as f64 * strength).min(n as f64);
+                (n as f64 - init).max(0.0) as usize
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for f in Family::ALL {
+            assert_eq!(Family::from_name(f.spec().name), Some(f));
+            assert_eq!(f.spec().family, f);
+        }
+    }
+
+    #[test]
+    fn flux_strength_rounds_like_flux_img2img() {
+        // FluxImg2ImgPipeline.get_timesteps: 4 steps at 0.6 keep int(4 - 2.4) = 1 → 3 steps run;
+        // the SD pipelines start at 4 - int(2.4) = 2.
+        assert_eq!(Family::Flux.spec().strength_start(4, 0.6), 1);
+        assert_eq!(Family::StableDiffusion.spec().strength_start(4, 0.6), 2);
+        assert_eq!(Family::Flux.spec().strength_start(5, 0.6), 2);
+        assert_eq!(Family::Flux.spec().strength_start(4, 1.0), 0);
+    }
+}
