@@ -183,25 +183,37 @@ fn round_robin_between_keys_and_auth() {
 
     // Quota: carol may spend 0.02 credits a day; drafts cost 0.01 each.
     let draft = |seed: u64| json!({ "kind": "draft", "prompt": "q", "count": 1, "seed": seed });
-    assert_eq!(server.post_json("/v1/jobs", Some(&carol), &draft(1)).status, 202);
-    assert_eq!(server.post_json("/v1/jobs", Some(&carol), &draft(2)).status, 202);
+    let carols: Vec<i64> = (1..=2)
+        .map(|seed| {
+            let r = server.post_json("/v1/jobs", Some(&carol), &draft(seed));
+            assert_eq!(r.status, 202, "{}", r.text());
+            r.json()["id"].as_i64().unwrap()
+        })
+        .collect();
     let r = server.post_json("/v1/jobs", Some(&carol), &draft(3));
     assert_eq!(r.status, 429, "{}", r.text());
     assert!(r.retry_after.is_some());
     assert!(r.text().contains("quota"), "{}", r.text());
 
-    // Round-robin: while a final holds the worker, alice queues three drafts, then bob two;
-    // they run alice, bob, alice, bob, alice.
+    // Round-robin: while a long final holds the worker (drafts cannot preempt it: the memory
+    // budget has no room for a second model), alice queues three drafts, then bob two; the final
+    // is cancelled and they run alice, bob, alice, bob, alice. Nothing here depends on timing.
+    for id in carols {
+        server.wait(id, Some(&carol));
+    }
+    drop(server);
+    let server = Server::start(root, &["--max-memory", "1K"]);
     let blocker = submit(
         &server,
         Some(&alice),
-        json!({ "kind": "generate", "tier": "final", "prompt": "x", "seed": 1 }),
+        json!({ "kind": "generate", "tier": "final", "prompt": "x", "seed": 1, "steps": 1000 }),
     );
     server.wait_running_step(blocker, Some(&alice));
     let mut ids = Vec::new();
     for (k, seed) in [(&alice, 10), (&alice, 11), (&alice, 12), (&bob, 20), (&bob, 21)] {
         ids.push((submit(&server, Some(k), draft(seed)), k == &alice));
     }
+    assert_eq!(server.call("DELETE", &format!("/v1/jobs/{blocker}"), Some(&alice), None).status, 200);
     let mut runs: Vec<(f64, bool)> = ids
         .iter()
         .map(|(id, is_alice)| (server.wait(*id, Some(&alice))["started_at"].as_f64().unwrap(), *is_alice))
@@ -209,7 +221,7 @@ fn round_robin_between_keys_and_auth() {
     runs.sort_by(|a, b| a.0.total_cmp(&b.0));
     let order: Vec<&str> = runs.iter().map(|(_, a)| if *a { "alice" } else { "bob" }).collect();
     assert_eq!(order, ["alice", "bob", "alice", "bob", "alice"]);
-    server.wait(blocker, Some(&alice));
+    assert_eq!(server.wait(blocker, Some(&alice))["state"], "cancelled");
 }
 
 #[test]
