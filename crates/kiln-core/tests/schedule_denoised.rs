@@ -57,7 +57,9 @@ fn identity_hook_is_step_and_a_transform_reaches_the_result() {
         let (same, calls) = run(kind, &cfg, Some(&|x0| x0));
         assert_eq!(calls, sched.timesteps().len(), "{kind}: the hook runs once per step");
         let d = max_diff(&plain, &same);
-        if kind == SchedulerKind::Pndm {
+        // PNDM blends several past predictions and the flow-matching Euler step goes through
+        // x0 and back (sample − σ·v), so their identity hook is exact only up to rounding.
+        if kind == SchedulerKind::Pndm || kind.is_flow() {
             assert!(d < 1e-4, "{kind}: identity hook moved the result by {d}");
         } else {
             assert_eq!(d, 0.0, "{kind}: identity hook is not bit-exact");
