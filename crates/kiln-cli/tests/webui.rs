@@ -124,11 +124,11 @@ fn studio_page_in_chromium() {
     let get = |k: &str, stat: &str| l[k][stat].as_f64().unwrap_or_else(|| panic!("no {k}.{stat} in {l}"));
     let line = |k: &str| format!("{:7.1} ms (median {:7.1})", get(k, "min"), get(k, "median"));
     eprintln!(
-        "web UI latency on the tiny model, warm, 5 runs each, minimum (median):\n  \
+        "web UI latency on the tiny model, warm, 7 runs each, minimum (median):\n  \
          click Generate -> first preview on screen: {}   API alone, POST -> preview event: {}\n  \
          click Generate -> first draft on screen:   {}   API alone, POST -> done event:    {}\n  \
-         added by the page (click -> request sent {}, plus event received -> painted):\n    \
-         preview {}, draft {} (its image fetched and decoded)",
+         added by the page: click -> request sent {}; with event received -> painted:\n    \
+         preview {}, draft {} (not counting the draft image's fetch, {}, which any client pays)",
         line("ui_click_to_preview_shown"),
         line("api_post_to_preview_event"),
         line("ui_click_to_draft_shown"),
@@ -136,6 +136,7 @@ fn studio_page_in_chromium() {
         line("ui_click_to_request"),
         line("ui_added_to_preview"),
         line("ui_added_to_draft"),
+        line("ui_draft_image_fetch"),
     );
     // What the page adds to the API's own events: click to request, and an event's arrival to
     // its pixels on screen. Minimums, so a busy machine's scheduling noise does not decide.
