@@ -213,6 +213,10 @@ fn round_robin_between_keys_and_auth() {
     for (k, seed) in [(&alice, 10), (&alice, 11), (&alice, 12), (&bob, 20), (&bob, 21)] {
         ids.push((submit(&server, Some(k), draft(seed)), k == &alice));
     }
+    // Only a job's owner may cancel it.
+    let r = server.call("DELETE", &format!("/v1/jobs/{blocker}"), Some(&bob), None);
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert!(r.text().contains("only its owner"), "{}", r.text());
     assert_eq!(server.call("DELETE", &format!("/v1/jobs/{blocker}"), Some(&alice), None).status, 200);
     let mut runs: Vec<(f64, bool)> = ids
         .iter()

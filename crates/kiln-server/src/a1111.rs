@@ -298,9 +298,19 @@ pub async fn progress(State(state): State<Arc<AppState>>) -> ApiResult<Response>
     .into_response())
 }
 
-pub async fn interrupt(State(state): State<Arc<AppState>>) -> ApiResult<Response> {
+pub async fn interrupt(
+    State(state): State<Arc<AppState>>,
+    Extension(owner): Extension<Owner>,
+) -> ApiResult<Response> {
     if let Some(job) = state.hub.current().job {
-        state.queue()?.cancel(job)?;
+        let mut queue = state.queue()?;
+        // Only the running job's owner may stop it.
+        if queue.get(job)?.owner != owner.0 {
+            return Err(ApiError::Forbidden(format!(
+                "job {job} belongs to another key; only its owner can interrupt it"
+            )));
+        }
+        queue.cancel(job)?;
     }
     Ok(Json(serde_json::json!({})).into_response())
 }

@@ -61,10 +61,21 @@ pub async fn get_job(State(state): State<Arc<AppState>>, Path(id): Path<String>)
     Ok(Json(state.queue()?.get(id)?).into_response())
 }
 
-pub async fn cancel_job(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<Response> {
+pub async fn cancel_job(
+    State(state): State<Arc<AppState>>,
+    Extension(owner): Extension<Owner>,
+    Path(id): Path<String>,
+) -> ApiResult<Response> {
     let id = parse_id("job", &id)?;
     let mut queue = state.queue()?;
-    let before = queue.get(id)?.state;
+    let job = queue.get(id)?;
+    // Everyone sees the queue; only a job's owner may cancel it.
+    if job.owner != owner.0 {
+        return Err(ApiError::Forbidden(format!(
+            "job {id} belongs to another key; only its owner can cancel it"
+        )));
+    }
+    let before = job.state;
     if before.is_final() {
         return Err(ApiError::Conflict(format!("job {id} already ended ({})", before.as_str())));
     }
