@@ -1,7 +1,7 @@
-//! kill -9 at several points of every recording job kind (generate, inpaint, outpaint, promote
-//! with upscale and re-detail): after each kill the library is consistent (`assets check`: every
-//! recorded file whole and hashing right, lineage acyclic, ledger sums right) and every job is
-//! recorded whole or not at all; the library keeps working afterwards.
+//! kill -9 at several points of every recording job kind (generate, inpaint, outpaint, erase,
+//! replay, promote with upscale and re-detail): after each kill the library is consistent
+//! (`assets check`: every recorded file whole and hashing right, lineage acyclic, ledger sums
+//! right) and every job is recorded whole or not at all; the library keeps working afterwards.
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
@@ -77,6 +77,11 @@ fn kill_9_at_several_points_of_each_recording_job_kind() {
                 "outpaint", image, "--to", "16:9", "--tier", "fill", "--count", "3", "--device", "cpu", "-q",
             ],
         ),
+        (
+            "erase",
+            vec!["erase", image, "--mask", mask, "--tier", "fill", "--count", "3", "--device", "cpu", "-q"],
+        ),
+        ("replay", vec!["replay", "1", "--device", "cpu", "-q"]),
         (
             "promote+upscale+redetail",
             vec![
