@@ -8,6 +8,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_core::device;
+use kiln_core::jobs::spec::RedetailSpec;
 use kiln_core::loaders::store::Store;
 use kiln_core::pipeline::upscale::{Target, UpscaleOptions, Upscaler};
 
@@ -85,6 +86,35 @@ pub struct RedetailArgs {
     pub redetail_tile: Option<usize>,
 }
 
+const REDETAIL_NEEDS_MODEL: &str =
+    "--redetail needs a diffusion model: pass --tier T or --redetail-model DIR|HUB_ID";
+
+impl RedetailArgs {
+    /// Checks the options before any model loads (the job layer's checks, and a model named).
+    fn check(&self) -> anyhow::Result<()> {
+        if self.redetail {
+            self.spec().request(None)?;
+            if self.tier.is_none() && self.redetail_model.is_none() {
+                bail!(REDETAIL_NEEDS_MODEL);
+            }
+        }
+        Ok(())
+    }
+
+    /// The options as the job layer's spec, whose checks and defaults the CLI shares.
+    fn spec(&self) -> RedetailSpec {
+        RedetailSpec {
+            tier: self.tier.clone(),
+            strength: self.strength,
+            prompt: self.prompt.clone(),
+            steps: self.steps,
+            seed: self.seed,
+            tile: self.redetail_tile,
+            guidance: self.guidance,
+        }
+    }
+}
+
 /// The re-detail model and the request every input shares.
 fn redetail_setup(
     a: &RedetailArgs,
@@ -95,55 +125,30 @@ fn redetail_setup(
 ) -> anyhow::Result<
     Option<(kiln_core::pipeline::model::LoadedModel, kiln_core::pipeline::redetail::RedetailRequest)>,
 > {
-    use kiln_core::pipeline::redetail::{RedetailRequest, DEFAULT_OVERLAP, DEFAULT_TILE};
     if !a.redetail {
         return Ok(None);
     }
-    let strength = a.strength.unwrap_or(0.3);
-    if !(strength > 0.0 && strength <= 1.0) {
-        bail!("invalid --strength: {strength} must be in (0, 1]");
-    }
-    let tile = match a.redetail_tile {
-        Some(px) if px % 8 != 0 || !(64..=2048).contains(&px) => {
-            bail!("invalid --redetail-tile: {px} must be a multiple of 8 in 64..=2048")
-        }
-        Some(px) => px / 8,
-        None => DEFAULT_TILE,
-    };
-    kiln_core::bounds::STEPS.check_opt(a.steps)?;
-    let (model, steps, guidance) = match (&a.tier, &a.redetail_model) {
+    let spec = a.spec();
+    let (model, mut request) = match (&a.tier, &a.redetail_model) {
         (Some(name), _) => {
             let project = kiln_core::library::Project::find(a.project.as_deref())?;
             let tiers = kiln_core::tiers::TierRegistry::discover(Some(&project.root))?;
             let tier = tiers.get(name)?;
             kiln_core::tiers::load::require_diffusion(tier)?;
+            let request = spec.request(Some(tier))?;
             let dtype = kiln_core::tiers::load::tier_dtype(tier, dev, dtype)?;
-            let model = kiln_core::tiers::load::load_tier_model(tier, dev, dtype, show)?;
-            (model, tier.steps, tier.guidance)
+            (kiln_core::tiers::load::load_tier_model(tier, dev, dtype, show)?, request)
         }
-        (None, Some(spec)) => {
+        (None, Some(model)) => {
+            let request = spec.request(None)?;
             let dtype = dtype.unwrap_or_else(|| device::default_dtype(dev));
             let source =
-                kiln_core::loaders::hub::resolve(spec, None, dtype != kiln_core::candle::DType::F32, show)?;
-            (kiln_core::pipeline::model::LoadedModel::load(source, dev, dtype)?, None, None)
+                kiln_core::loaders::hub::resolve(model, None, dtype != kiln_core::candle::DType::F32, show)?;
+            (kiln_core::pipeline::model::LoadedModel::load(source, dev, dtype)?, request)
         }
-        (None, None) => {
-            bail!("--redetail needs a diffusion model: pass --tier T or --redetail-model DIR|HUB_ID")
-        }
+        (None, None) => bail!(REDETAIL_NEEDS_MODEL),
     };
-    let request = RedetailRequest {
-        image: kiln_core::image::RgbImage::new(0, 0),
-        prompt: a.prompt.clone().unwrap_or_default(),
-        negative_prompt: None,
-        steps: a.steps.or(steps).unwrap_or(20),
-        strength,
-        guidance: a.guidance.or(guidance).unwrap_or(5.0),
-        scheduler: None,
-        seed: a.seed.unwrap_or(0),
-        tile,
-        overlap: DEFAULT_OVERLAP.min(tile / 2),
-        vae_tiling: kiln_core::jobs::spec::vae_tiling(Some(&vae.vae_tiling), vae.vae_tile)?,
-    };
+    request.vae_tiling = kiln_core::jobs::spec::vae_tiling(Some(&vae.vae_tiling), vae.vae_tile)?;
     Ok(Some((model, request)))
 }
 
@@ -234,10 +239,7 @@ pub fn run(args: UpscaleArgs) -> anyhow::Result<()> {
         }
         kiln_core::files::guard_target(&output)?;
     }
-    let r = &args.redetail;
-    if r.redetail && r.tier.is_none() && r.redetail_model.is_none() {
-        bail!("--redetail needs a diffusion model: pass --tier T or --redetail-model DIR|HUB_ID");
-    }
+    args.redetail.check()?;
     let dev = args.run.device()?;
     let dtype = args.run.explicit_dtype()?.unwrap_or_else(|| device::default_dtype(&dev));
     let weights = Store::open_default()?.resolve(&args.model)?;

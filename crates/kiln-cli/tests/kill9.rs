@@ -4,6 +4,8 @@
 //! right) and every job is recorded whole or not at all; the library keeps working afterwards.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,12 +15,8 @@ fn fixtures() -> PathBuf {
 }
 
 fn command(root: &Path, args: &[&str]) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_kiln"));
-    c.args(args)
-        .current_dir(root)
-        .env("KILN_PROJECT", root)
-        .env("KILN_DATA_DIR", root.join(".data"))
-        .env("XDG_CONFIG_HOME", root.join(".no-user-config"));
+    let mut c = support::kiln(root);
+    c.args(args).current_dir(root);
     c
 }
 

@@ -3,6 +3,8 @@
 //! cost recorded, and the library consistent.
 #![allow(clippy::unwrap_used)]
 
+mod support;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -11,13 +13,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn kiln(root: &Path, args: &[&str]) -> serde_json::Value {
-    let o = Command::new(env!("CARGO_BIN_EXE_kiln"))
-        .args(args)
-        .env("KILN_PROJECT", root)
-        .env("KILN_DATA_DIR", root.join(".data"))
-        .env("XDG_CONFIG_HOME", root.join(".no-user-config"))
-        .output()
-        .unwrap();
+    let o = support::kiln(root).args(args).output().unwrap();
     assert!(o.status.success(), "{args:?}: {}", String::from_utf8_lossy(&o.stderr));
     serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null)
 }

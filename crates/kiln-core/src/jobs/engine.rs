@@ -291,6 +291,7 @@ fn run_promote(
     let mut timings = r.timings.clone();
     let mut credits = r.credits;
     let mut detail = serde_json::to_value(&r).unwrap_or_default();
+    let mut redetailed = None;
     if let (Some(up), Some(target)) = (warm_up.as_mut(), target) {
         if sink.cancelled() {
             return Err(Error::Cancelled);
@@ -314,27 +315,15 @@ fn run_promote(
         if let Some(obj) = detail.as_object_mut() {
             obj.insert("upscaled".into(), serde_json::to_value(&u).unwrap_or_default());
         }
-        if let Some((rd_tier, request)) = redetail {
-            let d = run_redetail(ws, &rd_tier, u.asset_id, request, sink)?;
-            images.push(OutputImage {
-                asset_id: Some(d.asset_id),
-                path: d.path.clone(),
-                seed: Some(r.seed),
-                role: "redetailed".into(),
-            });
-            timings.steps.extend(d.timings.steps.iter().copied());
-            timings.load += d.timings.load;
-            credits += d.credits;
-            warnings.extend(d.warnings.iter().cloned());
-            if let Some(obj) = detail.as_object_mut() {
-                obj.insert("redetailed".into(), serde_json::to_value(&d).unwrap_or_default());
-            }
-        }
+        redetailed = redetail.map(|(t, req)| run_redetail(ws, &t, u.asset_id, req, sink)).transpose()?;
     }
     let mut out = output(JobKind::Promote, Some(r.job_id), images, timings);
     out.credits = credits;
     out.warnings = warnings;
     out.detail = detail;
+    if let Some(d) = redetailed {
+        add_redetailed(&mut out, d, Some(r.seed));
+    }
     Ok(out)
 }
 
@@ -363,36 +352,40 @@ fn run_upscale(
         !sink.cancelled()
     })?;
     warnings.extend(u.warnings.iter().cloned());
-    let mut images = vec![OutputImage {
+    let images = vec![OutputImage {
         asset_id: Some(u.asset_id),
         path: u.path.clone(),
         seed: None,
         role: "upscaled".into(),
     }];
-    let mut timings = u.timings.clone();
-    let mut credits = u.credits;
-    let mut detail = serde_json::to_value(&u).unwrap_or_default();
-    if let Some((rd_tier, request)) = redetail {
-        let d = run_redetail(ws, &rd_tier, u.asset_id, request, sink)?;
-        images.push(OutputImage {
-            asset_id: Some(d.asset_id),
-            path: d.path.clone(),
-            seed: None,
-            role: "redetailed".into(),
-        });
-        timings.steps.extend(d.timings.steps.iter().copied());
-        timings.load += d.timings.load;
-        credits += d.credits;
-        warnings.extend(d.warnings.iter().cloned());
-        if let Some(obj) = detail.as_object_mut() {
-            obj.insert("redetailed".into(), serde_json::to_value(&d).unwrap_or_default());
-        }
-    }
-    let mut out = output(JobKind::Upscale, Some(u.job_id), images, timings);
-    out.credits = credits;
+    let mut out = output(JobKind::Upscale, Some(u.job_id), images, u.timings.clone());
+    out.credits = u.credits;
     out.warnings = warnings;
-    out.detail = detail;
+    out.detail = serde_json::to_value(&u).unwrap_or_default();
+    if let Some((t, request)) = redetail {
+        let d = run_redetail(ws, &t, u.asset_id, request, sink)?;
+        add_redetailed(&mut out, d, None);
+    }
     Ok(out)
+}
+
+/// Adds a chain's re-detail step to the job's output: its image, seconds, cost, warnings and
+/// its own result under `redetailed`.
+fn add_redetailed(out: &mut JobOutput, d: crate::workflow::upscale::UpscaleStepResult, seed: Option<u64>) {
+    out.images.push(OutputImage {
+        asset_id: Some(d.asset_id),
+        path: d.path.clone(),
+        seed,
+        role: "redetailed".into(),
+    });
+    out.timings.steps.extend(d.timings.steps.iter().copied());
+    out.timings.load += d.timings.load;
+    out.device_seconds = out.timings.device_seconds();
+    out.credits += d.credits;
+    out.warnings.extend(d.warnings.iter().cloned());
+    if let Some(obj) = out.detail.as_object_mut() {
+        obj.insert("redetailed".into(), serde_json::to_value(&d).unwrap_or_default());
+    }
 }
 
 /// The diffusion tier and request of a chain's re-detail step, checked before any work.
@@ -403,7 +396,7 @@ fn redetail_plan(
     let Some(spec) = spec else { return Ok(None) };
     let tier = ws.tiers.get(spec.tier.as_deref().unwrap_or("final"))?.clone();
     crate::tiers::load::require_diffusion(&tier)?;
-    let request = spec.request(&tier)?;
+    let request = spec.request(Some(&tier))?;
     Ok(Some((tier, request)))
 }
 

@@ -369,11 +369,19 @@ pub struct RedetailSpec {
     /// Denoiser tile side in image pixels, a multiple of 8 in 64..=2048 (default 512).
     #[serde(default)]
     pub tile: Option<usize>,
+    /// Guidance scale (default: the tier's, else 5).
+    #[serde(default)]
+    pub guidance: Option<f64>,
 }
 
 impl RedetailSpec {
-    /// Checks the numbers and builds the request (image and, when empty, prompt filled later).
-    pub fn request(&self, tier: &crate::tiers::Tier) -> Result<crate::pipeline::redetail::RedetailRequest> {
+    /// Checks the numbers and builds the request (image and, when empty, prompt filled later),
+    /// with the tier's defaults when there is one (a model named directly has none). Called
+    /// without a tier it is also the up-front check, before any model loads.
+    pub fn request(
+        &self,
+        tier: Option<&crate::tiers::Tier>,
+    ) -> Result<crate::pipeline::redetail::RedetailRequest> {
         use crate::pipeline::redetail::{RedetailRequest, DEFAULT_OVERLAP, DEFAULT_TILE};
         let strength = self.strength.unwrap_or(0.3);
         if !(strength > 0.0 && strength <= 1.0) {
@@ -390,11 +398,11 @@ impl RedetailSpec {
         Ok(RedetailRequest {
             image: image::RgbImage::new(0, 0),
             prompt: self.prompt.clone().unwrap_or_default(),
-            negative_prompt: tier.negative_prompt.clone(),
-            steps: self.steps.or(tier.steps).unwrap_or(20),
+            negative_prompt: tier.and_then(|t| t.negative_prompt.clone()),
+            steps: self.steps.or(tier.and_then(|t| t.steps)).unwrap_or(20),
             strength,
-            guidance: tier.guidance.unwrap_or(5.0),
-            scheduler: tier.scheduler.as_deref().map(str::parse).transpose()?,
+            guidance: self.guidance.or(tier.and_then(|t| t.guidance)).unwrap_or(5.0),
+            scheduler: tier.and_then(|t| t.scheduler.as_deref()).map(str::parse).transpose()?,
             seed: self.seed.unwrap_or(0),
             tile,
             overlap: DEFAULT_OVERLAP.min(tile / 2),

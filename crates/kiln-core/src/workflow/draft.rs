@@ -78,10 +78,7 @@ pub fn draft(
     crate::image::png_meta::write_png_atomic(&sheet_path, &sheet_rgb, &[sheet_text])?;
 
     let mut timings = JobTimings::from_stages(std::mem::take(&mut warm.load_seconds), &output.timings);
-    timings.cpu_seconds = match (cpu0, super::process_cpu_seconds()) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
-    };
+    timings.cpu_seconds = super::cpu_seconds_since(cpu0);
     let (job, mut assets) = job_and_assets(
         RecordKind::Draft,
         AssetKind::of_tier(&warm.tier),

@@ -141,6 +141,12 @@ impl Workspace {
     }
 }
 
+/// CPU seconds this process used since `start` (a [`process_cpu_seconds`] reading), when the OS
+/// reports them.
+pub(crate) fn cpu_seconds_since(start: Option<f64>) -> Option<f64> {
+    Some(process_cpu_seconds()? - start?)
+}
+
 /// Process CPU time (user + system) in seconds, from /proc (Linux; None elsewhere).
 pub fn process_cpu_seconds() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;

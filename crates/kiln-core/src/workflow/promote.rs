@@ -104,10 +104,7 @@ pub fn promote(
     let (ssim_v, psnr_v) = (ssim(&small, &draft_rgb)?, psnr(&small, &draft_rgb)?);
 
     let mut timings = JobTimings::from_stages(std::mem::take(&mut warm.load_seconds), &output.timings);
-    timings.cpu_seconds = match (cpu0, super::process_cpu_seconds()) {
-        (Some(a), Some(b)) => Some(b - a),
-        _ => None,
-    };
+    timings.cpu_seconds = super::cpu_seconds_since(cpu0);
     let (job, assets) = job_and_assets(
         RecordKind::Promote,
         AssetKind::of_tier(&warm.tier),

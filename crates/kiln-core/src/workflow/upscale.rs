@@ -123,10 +123,7 @@ pub fn upscale_asset(
     let timings = JobTimings {
         load: std::mem::take(&mut warm.load_seconds),
         upscale: upscale_seconds,
-        cpu_seconds: match (cpu0, super::process_cpu_seconds()) {
-            (Some(a), Some(b)) => Some(b - a),
-            _ => None,
-        },
+        cpu_seconds: super::cpu_seconds_since(cpu0),
         peak_memory_bytes: crate::device::peak_host_memory_bytes(),
         ..Default::default()
     };
