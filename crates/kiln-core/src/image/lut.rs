@@ -43,6 +43,8 @@ pub struct Lut3d {
     pub domain_max: [f32; 3],
     /// `size³` output colours, red index fastest, then green, then blue.
     table: Vec<[f32; 3]>,
+    /// sha256 of the file it was read from (recorded with every grade); None when parsed from text.
+    pub sha256: Option<String>,
 }
 
 impl Lut3d {
@@ -57,7 +59,10 @@ impl Lut3d {
         let bytes = fs_err::read(path)?;
         let text = std::str::from_utf8(&bytes)
             .map_err(|_| Error::config(path, "not a .cube LUT: the file is not text"))?;
-        Self::parse(text, path)
+        let mut lut = Self::parse(text, path)?;
+        // Hashed once here from the bytes just read, not again for every graded image.
+        lut.sha256 = Some(hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes)));
+        Ok(lut)
     }
 
     /// Parses `.cube` text; `path` names the source in errors (with the line number).
@@ -148,7 +153,7 @@ impl Lut3d {
                 ),
             ));
         }
-        Ok(Self { title, size, domain_min, domain_max, table })
+        Ok(Self { title, size, domain_min, domain_max, table, sha256: None })
     }
 
     fn at(&self, r: usize, g: usize, b: usize) -> [f32; 3] {
@@ -267,7 +272,10 @@ pub fn grade_file(
         input: input.to_path_buf(),
         output: output.to_path_buf(),
         lut: lut_path.display().to_string(),
-        lut_sha256: crate::loaders::weights::sha256_file(lut_path)?,
+        lut_sha256: match &lut.sha256 {
+            Some(sha) => sha.clone(),
+            None => crate::loaders::weights::sha256_file(lut_path)?,
+        },
         lut_title: lut.title.clone(),
         lut_size: lut.size,
         interpolation: interp,
