@@ -81,6 +81,70 @@ def enter_key(page, key, owner):
     expect(page.locator("#owner")).to_have_text(owner, timeout=TIMEOUT)
 
 
+def mask_coverage(page):
+    """Share of the mask canvas's pixels the brush has painted."""
+    return page.evaluate("""() => {
+        const c = document.querySelector('#editor-host canvas');
+        const a = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 3; i < a.length; i += 4) n += a[i] > 0; return n / (a.length / 4); }""")
+
+
+def touch_and_pen_strokes(page, canvas, coverage):
+    """Paints with a finger and with a pen through Chromium's own input pipeline (DevTools
+    Input events, as a tablet's digitizer delivers them) and checks what each stroke adds: the
+    touch stroke paints, and a firm pen stroke paints a wider line than a light one."""
+    page.evaluate("""() => {
+        window.__kilnPointerTypes = [];
+        document.querySelector('#editor-host canvas').addEventListener('pointerdown',
+            (e) => window.__kilnPointerTypes.push(e.pointerType));
+    }""")
+    cdp = page.context.new_cdp_session(page)
+    box = canvas.bounding_box()
+
+    def at(fx, fy):
+        return box["x"] + box["width"] * fx, box["y"] + box["height"] * fy
+
+    def line(fy):
+        return [at(0.1 + 0.06 * k, fy) for k in range(11)]
+
+    # A finger stroke along the top band.
+    points = line(0.12)
+    x, y = points[0]
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchStart", "touchPoints": [{"x": x, "y": y}]})
+    for x, y in points[1:]:
+        cdp.send("Input.dispatchTouchEvent", {"type": "touchMove", "touchPoints": [{"x": x, "y": y}]})
+    cdp.send("Input.dispatchTouchEvent", {"type": "touchEnd", "touchPoints": []})
+    after_touch = mask_coverage(page)
+
+    def pen_stroke(fy, force):
+        points = line(fy)
+        x, y = points[0]
+        pen = {"pointerType": "pen", "force": force, "button": "left"}
+        cdp.send("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": x, "y": y, "pointerType": "pen"})
+        cdp.send("Input.dispatchMouseEvent", {"type": "mousePressed", "x": x, "y": y, "clickCount": 1, **pen})
+        for x, y in points[1:]:
+            cdp.send("Input.dispatchMouseEvent", {"type": "mouseMoved", "x": x, "y": y, "buttons": 1, **pen})
+        cdp.send("Input.dispatchMouseEvent", {"type": "mouseReleased", "x": x, "y": y, "clickCount": 1, **pen})
+        return mask_coverage(page)
+
+    after_light = pen_stroke(0.80, 0.15)
+    after_firm = pen_stroke(0.93, 1.0)
+    kinds = page.evaluate("() => window.__kilnPointerTypes")
+    cdp.detach()
+    painted = {
+        "pointer_types": kinds,
+        "touch": after_touch - coverage,
+        "pen_light": after_light - after_touch,
+        "pen_firm": after_firm - after_light,
+    }
+    print(f"mask strokes: {painted}", file=sys.stderr)
+    assert "touch" in kinds and "pen" in kinds, f"pointer types seen by the canvas: {kinds}"
+    assert painted["touch"] > 0.01, f"the touch stroke painted {painted['touch']:.4f} of the mask"
+    assert painted["pen_light"] > 0, "the light pen stroke painted nothing"
+    assert painted["pen_firm"] > 1.5 * painted["pen_light"], f"pen pressure does not widen the stroke: {painted}"
+    return painted
+
+
 def version_done(page, label_part):
     """The newest version card whose title contains label_part, once its job has ended."""
     card = page.locator(".version", has_text=label_part).first
@@ -145,7 +209,8 @@ def api_latency(seed):
 
 with sync_playwright() as p:
     browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=["--no-sandbox"])
-    alice_ctx = browser.new_context(viewport={"width": 1280, "height": 800})
+    # has_touch: the page must work from a tablet too (touch strokes on the mask below).
+    alice_ctx = browser.new_context(viewport={"width": 1280, "height": 800}, has_touch=True)
     page = alice_ctx.new_page()
     page.set_default_timeout(TIMEOUT)
     watch = Watch(page, "alice")
@@ -194,11 +259,9 @@ with sync_playwright() as p:
     for k in range(1, 11):
         page.mouse.move(box["x"] + box["width"] * (0.3 + 0.04 * k), box["y"] + box["height"] * (0.3 + 0.03 * k))
     page.mouse.up()
-    coverage = page.evaluate("""() => {
-        const c = document.querySelector('#editor-host canvas');
-        const a = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
-        let n = 0; for (let i = 3; i < a.length; i += 4) n += a[i] > 0; return n / (a.length / 4); }""")
+    coverage = mask_coverage(page)
     assert 0.01 < coverage < 0.9, f"the brushed mask covers {coverage:.3f} of the image"
+    out["mask_strokes"] = touch_and_pen_strokes(page, canvas, coverage)
     page.fill("#edit-prompt", "a glowing window")
     page.click("#inpaint")
     card = version_done(page, f"inpaint of {out['final']}")

@@ -94,6 +94,10 @@ fn studio_page_in_chromium() {
         let child = asset(&server, &alice, pair[1]);
         assert_eq!(&child["parent_id"], pair[0], "{child}");
     }
+    // Touch and pen strokes painted the mask (checked in the scenario); their record.
+    let strokes = &r["mask_strokes"];
+    assert!(strokes["touch"].as_f64().unwrap() > 0.0 && strokes["pen_firm"].as_f64().unwrap() > 0.0, "{r}");
+    eprintln!("mask strokes (share of the mask each painted): {strokes}");
     let final_row = asset(&server, &alice, &r["final"]);
     assert_eq!(final_row["record"]["strength"], 0.6, "the strength slider's value: {final_row}");
     let out = asset(&server, &alice, &r["outpainted"]);
