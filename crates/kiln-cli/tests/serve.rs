@@ -616,3 +616,75 @@ fn uploads_whoami_and_the_job_behind_an_asset() {
     assert_eq!(bad.status, 400, "{}", bad.text());
     assert!(bad.json()["error"]["message"].as_str().unwrap().contains("upload"), "{}", bad.text());
 }
+
+#[test]
+fn cutouts_are_jobs_recorded_in_the_library() {
+    let dir = project(2, "");
+    let root = dir.path();
+    let fixtures = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/cutout");
+    let onnx = root.join("u2netp.onnx");
+    std::fs::copy(fixtures.join("tiny_u2netp.onnx"), &onnx).unwrap();
+    let o = kiln(root).args(["models", "import"]).arg(&onnx).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let server = Server::start(root, &[]);
+
+    // An uploaded photo: an RGBA cutout whose alpha is rembg's mask (the fixture's reference).
+    let photo = std::fs::read(fixtures.join("photo.png")).unwrap();
+    let up = server.call("POST", "/v1/uploads", None, Some(("image/png", photo)));
+    assert_eq!(up.status, 201, "{}", up.text());
+    let upload = up.json()["upload"].as_str().unwrap().to_string();
+    let id = submit(&server, None, json!({ "kind": "cutout", "image": { "upload": upload } }));
+    assert_eq!(server.get(&format!("/v1/jobs/{id}"), None).json()["lane"], "draft");
+    let job = server.wait(id, None);
+    assert_eq!(job["state"], "done", "{job}");
+    let cut = first_asset(&job);
+    let row = server.get(&format!("/v1/assets/{cut}"), None).json();
+    assert_eq!(row["kind"], "cutout", "{row}");
+    assert!(row["parent_id"].is_null(), "an upload has no parent asset: {row}");
+    let r = server.get(&format!("/v1/assets/{cut}/image"), None);
+    let rgba = image::load_from_memory(&r.bytes).unwrap();
+    assert_eq!(rgba.color(), image::ColorType::Rgba8);
+    let want = image::open(fixtures.join("photo_mask.png")).unwrap().to_luma8();
+    let worst = rgba.to_rgba8().pixels().zip(want.pixels()).map(|(p, m)| p.0[3].abs_diff(m.0[0])).max();
+    assert!(worst.is_some_and(|d| d <= 2), "alpha differs from rembg's mask by {worst:?}");
+    let listed = server.get("/v1/assets?kind=cutout", None).json();
+    assert!(listed.to_string().contains(&format!("\"id\":{cut}")), "{listed}");
+
+    // A draft's cutout onto a colour: RGB, the draft's child, with its prompt and the model's hash.
+    let d = submit(&server, None, json!({ "kind": "draft", "prompt": "a vase", "count": 1, "seed": 4 }));
+    let draft = first_asset(&server.wait(d, None));
+    let id = submit(
+        &server,
+        None,
+        json!({ "kind": "cutout", "image": { "asset": draft }, "background": "#00ff00" }),
+    );
+    let job = server.wait(id, None);
+    assert_eq!(job["state"], "done", "{job}");
+    let child = server.get(&format!("/v1/assets/{}", first_asset(&job)), None).json();
+    assert_eq!(child["parent_id"], draft, "{child}");
+    assert_eq!(child["prompt"], "a vase", "{child}");
+    assert!(child.to_string().contains("matting"), "the matting model's hash is recorded: {child}");
+    let r = server.get(&format!("/v1/assets/{}/image", first_asset(&job)), None);
+    assert_eq!(image::load_from_memory(&r.bytes).unwrap().color(), image::ColorType::Rgb8);
+
+    // Refused before queueing: a model path, a bad colour, a colour and an image at once.
+    for (spec, needle) in [
+        (json!({ "kind": "cutout", "image": { "asset": draft }, "model": "../u2netp.onnx" }), "path"),
+        (json!({ "kind": "cutout", "image": { "asset": draft }, "background": "teal-ish" }), "not a colour"),
+        (
+            json!({ "kind": "cutout", "image": { "asset": draft }, "background": "white", "background_image": { "asset": draft } }),
+            "not both",
+        ),
+        (json!({ "kind": "cutout", "image": { "asset": 999 } }), "999"),
+    ] {
+        let r = server.post_json("/v1/jobs", None, &spec);
+        assert_eq!(r.status, 400, "{spec}: {}", r.text());
+        assert!(r.text().contains(needle), "{spec}: {}", r.text());
+    }
+    // An unknown model fails the job with a message that names it.
+    let id =
+        submit(&server, None, json!({ "kind": "cutout", "image": { "asset": draft }, "model": "isnet" }));
+    let job = server.wait(id, None);
+    assert_eq!(job["state"], "failed", "{job}");
+    assert!(job["error"].as_str().unwrap_or_default().contains("isnet"), "{job}");
+}

@@ -35,7 +35,7 @@ pub async fn create_job(
     let spec: JobSpec = serde_json::from_slice(&body).map_err(|e| {
         ApiError::bad(format!(
             "the body is not a job spec: {e}; send JSON such as {{\"kind\": \"draft\", \"prompt\": \"...\"}} \
-             (kinds: generate, draft, promote, inpaint, upscale, replay)"
+             (kinds: generate, draft, promote, inpaint, upscale, replay, cutout)"
         ))
     })?;
     let id = state.submit(&spec, &owner, quota.0)?;

@@ -116,7 +116,8 @@ impl AppState {
     pub fn lane(&self, spec: &JobSpec) -> ApiResult<Lane> {
         let tiers = self.engine.project.tiers()?;
         Ok(match spec {
-            JobSpec::Draft(_) => Lane::Draft,
+            // Cutouts take about a second: interactive work, like drafts.
+            JobSpec::Draft(_) | JobSpec::Cutout(_) => Lane::Draft,
             JobSpec::Generate(_) | JobSpec::Inpaint(_) => match spec.tier() {
                 Some(t) if tiers.get(t)?.is_draft() => Lane::Draft,
                 _ => Lane::Final,
@@ -180,19 +181,7 @@ impl AppState {
 impl AppState {
     /// Every asset and upload the spec names exists (so a bad id fails now, not in the queue).
     fn check_refs(&self, spec: &JobSpec) -> ApiResult<()> {
-        use kiln_core::jobs::spec::ImageRef;
-        let refs: Vec<(&str, &ImageRef)> = match spec {
-            JobSpec::Generate(g) => g.init_image.iter().map(|r| ("init_image", r)).collect(),
-            JobSpec::Promote(p) => vec![("draft", &p.draft)],
-            JobSpec::Inpaint(i) => {
-                let mut v = vec![("image", &i.image)];
-                v.extend(i.mask.iter().map(|m| ("mask", m)));
-                v
-            }
-            JobSpec::Upscale(u) => vec![("image", &u.image)],
-            JobSpec::Replay(r) => vec![("asset", &r.asset)],
-            JobSpec::Draft(_) => Vec::new(),
-        };
+        let refs = spec.image_refs();
         if refs.is_empty() {
             return Ok(());
         }

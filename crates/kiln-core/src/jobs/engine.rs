@@ -124,6 +124,7 @@ impl Engine {
             JobSpec::Promote(s) => run_promote(&mut ws, s, sink),
             JobSpec::Upscale(s) => run_upscale(&mut ws, s, sink),
             JobSpec::Replay(s) => run_replay(&mut ws, s, sink),
+            JobSpec::Cutout(s) => run_cutout(&mut ws, s, sink),
         }?;
         Ok(out)
     }
@@ -366,6 +367,37 @@ fn run_upscale(
         let d = run_redetail(ws, &t, u.asset_id, request, sink)?;
         add_redetailed(&mut out, d, None);
     }
+    Ok(out)
+}
+
+fn run_cutout(
+    ws: &mut Workspace,
+    s: &super::spec::CutoutSpec,
+    sink: &mut dyn EventSink,
+) -> Result<JobOutput> {
+    let image = image_path(ws, &s.image, "image")?;
+    let background_image =
+        s.background_image.as_ref().map(|b| image_path(ws, b, "background_image")).transpose()?;
+    let request = crate::workflow::cutout::CutoutRequest {
+        image: &image,
+        model: s.model.as_deref(),
+        background: s.background.as_deref(),
+        background_image: background_image.as_deref(),
+        fit_background: s.fit_background,
+        refine: s.refine,
+    };
+    let c = crate::workflow::cutout::cutout_asset(ws, &request, &mut |stage| {
+        sink.emit(JobEvent::Stage { stage: stage.into() });
+        !sink.cancelled()
+    })?;
+    let images = vec![OutputImage {
+        asset_id: Some(c.asset_id),
+        path: c.path.clone(),
+        seed: None,
+        role: "cutout".into(),
+    }];
+    let mut out = output(JobKind::Cutout, Some(c.job_id), images, c.timings.clone());
+    out.detail = serde_json::to_value(&c).unwrap_or_default();
     Ok(out)
 }
 

@@ -29,6 +29,8 @@ pub enum JobSpec {
     Upscale(UpscaleSpec),
     /// An asset regenerated from its stored record and compared with the original.
     Replay(ReplaySpec),
+    /// A subject cut out of an image by a matting model.
+    Cutout(CutoutSpec),
 }
 
 /// The kind of a job, without its parameters.
@@ -41,6 +43,7 @@ pub enum JobKind {
     Inpaint,
     Upscale,
     Replay,
+    Cutout,
 }
 
 impl JobKind {
@@ -52,6 +55,7 @@ impl JobKind {
             JobKind::Inpaint => "inpaint",
             JobKind::Upscale => "upscale",
             JobKind::Replay => "replay",
+            JobKind::Cutout => "cutout",
         }
     }
 }
@@ -429,6 +433,30 @@ pub struct UpscaleSpec {
     pub redetail: Option<RedetailSpec>,
 }
 
+/// `kiln cutout`: background removal (the matting model's mask, as rembg computes it).
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CutoutSpec {
+    pub image: ImageRef,
+    /// An imported matting model's name (`kiln models list`); default u2netp.
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Composite onto this colour (#rrggbb, #rgb, white, black, ...) instead of writing a
+    /// transparent (RGBA) image.
+    #[serde(default)]
+    pub background: Option<String>,
+    /// Composite onto this image instead (it must have the input's size unless
+    /// `fit_background`).
+    #[serde(default)]
+    pub background_image: Option<ImageRef>,
+    /// Scale and centre-crop `background_image` to the input's size.
+    #[serde(default)]
+    pub fit_background: bool,
+    /// Refine the mask's edges at full resolution, guided by the image (hair, soft contours).
+    #[serde(default)]
+    pub refine: bool,
+}
+
 /// `kiln replay`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -468,7 +496,7 @@ impl JobSpec {
             JobSpec::Promote(s) => (s.vae_tiling.as_deref(), s.vae_tile),
             JobSpec::Inpaint(s) => (s.vae_tiling.as_deref(), s.vae_tile),
             JobSpec::Replay(s) => (s.vae_tiling.as_deref(), s.vae_tile),
-            JobSpec::Upscale(_) => (None, None),
+            JobSpec::Upscale(_) | JobSpec::Cutout(_) => (None, None),
         };
         vae_tiling(mode, tile)
     }
@@ -481,6 +509,7 @@ impl JobSpec {
             JobSpec::Inpaint(_) => JobKind::Inpaint,
             JobSpec::Upscale(_) => JobKind::Upscale,
             JobSpec::Replay(_) => JobKind::Replay,
+            JobSpec::Cutout(_) => JobKind::Cutout,
         }
     }
 
@@ -492,7 +521,7 @@ impl JobSpec {
             JobSpec::Promote(s) => Some(s.tier.as_deref().unwrap_or("final")),
             JobSpec::Inpaint(s) => s.tier.as_deref(),
             JobSpec::Upscale(s) => Some(s.tier.as_deref().unwrap_or("upscale")),
-            JobSpec::Replay(_) => None,
+            JobSpec::Replay(_) | JobSpec::Cutout(_) => None,
         }
     }
 
@@ -502,7 +531,7 @@ impl JobSpec {
             JobSpec::Generate(s) => s.count.unwrap_or(1),
             JobSpec::Draft(s) => s.count.unwrap_or(8),
             JobSpec::Inpaint(s) => s.count.unwrap_or(1),
-            JobSpec::Promote(_) | JobSpec::Upscale(_) | JobSpec::Replay(_) => 1,
+            JobSpec::Promote(_) | JobSpec::Upscale(_) | JobSpec::Replay(_) | JobSpec::Cutout(_) => 1,
         }
     }
 
@@ -530,7 +559,7 @@ impl JobSpec {
             JobSpec::Promote(s) => (None, s.steps, s.tile),
             JobSpec::Inpaint(s) => (None, s.steps, None),
             JobSpec::Upscale(s) => (None, None, s.tile),
-            JobSpec::Replay(_) => (None, None, None),
+            JobSpec::Replay(_) | JobSpec::Cutout(_) => (None, None, None),
         };
         crate::bounds::BATCH.check_opt(batch)?;
         crate::bounds::STEPS.check_opt(steps)?;
@@ -544,6 +573,25 @@ impl JobSpec {
             }
             if s.prompt.len() > MAX_PROMPT_BYTES {
                 return Err(Error::arg("prompt", format!("longer than {MAX_PROMPT_BYTES} bytes")));
+            }
+        }
+        if let JobSpec::Cutout(s) = self {
+            if s.background.is_some() && s.background_image.is_some() {
+                return Err(Error::arg(
+                    "background",
+                    "give a colour or an image to composite onto, not both",
+                ));
+            }
+            if let Some(c) =
+                s.background.as_deref().filter(|c| crate::pipeline::cutout::parse_color(c).is_none())
+            {
+                return Err(Error::arg(
+                    "background",
+                    format!("`{c}` is not a colour (#rrggbb, #rgb, white, black, gray, red, green, blue)"),
+                ));
+            }
+            if s.fit_background && s.background_image.is_none() {
+                return Err(Error::arg("fit_background", "needs a background_image to fit"));
             }
         }
         if let JobSpec::Inpaint(s) = self {
@@ -605,6 +653,16 @@ impl JobSpec {
                 }
             }
             JobSpec::Upscale(s) => image("image", &s.image)?,
+            JobSpec::Cutout(s) => {
+                image("image", &s.image)?;
+                if let Some(b) = &s.background_image {
+                    image("background_image", b)?;
+                }
+                // A model is an imported name; a path (an .onnx file) is for the CLI only.
+                if s.model.as_deref().is_some_and(|m| m.contains(['/', '\\']) || m.ends_with(".onnx")) {
+                    return path_field("model");
+                }
+            }
             JobSpec::Replay(s) => {
                 image("asset", &s.asset)?;
                 if s.out.is_some() {
@@ -613,6 +671,28 @@ impl JobSpec {
             }
         }
         self.validate()
+    }
+
+    /// Every input image the spec names, with its field (so a bad id can be refused before
+    /// the job is queued).
+    pub fn image_refs(&self) -> Vec<(&'static str, &ImageRef)> {
+        match self {
+            JobSpec::Generate(g) => g.init_image.iter().map(|r| ("init_image", r)).collect(),
+            JobSpec::Promote(p) => vec![("draft", &p.draft)],
+            JobSpec::Inpaint(i) => {
+                let mut v = vec![("image", &i.image)];
+                v.extend(i.mask.iter().map(|m| ("mask", m)));
+                v
+            }
+            JobSpec::Upscale(u) => vec![("image", &u.image)],
+            JobSpec::Replay(r) => vec![("asset", &r.asset)],
+            JobSpec::Cutout(c) => {
+                let mut v = vec![("image", &c.image)];
+                v.extend(c.background_image.iter().map(|b| ("background_image", b)));
+                v
+            }
+            JobSpec::Draft(_) => Vec::new(),
+        }
     }
 }
 

@@ -22,6 +22,9 @@ pub struct JobTimings {
     /// Super-resolution (upscale jobs).
     #[serde(default)]
     pub upscale: f64,
+    /// Matting net, mask and composite (cutout jobs).
+    #[serde(default)]
+    pub matting: f64,
     /// Process CPU time (user + system) during the job, when the OS reports it.
     pub cpu_seconds: Option<f64>,
     pub peak_memory_bytes: Option<u64>,
@@ -37,6 +40,7 @@ impl JobTimings {
             steps: t.steps.clone(),
             vae_decode: t.vae_decode,
             upscale: 0.0,
+            matting: 0.0,
             cpu_seconds: None,
             peak_memory_bytes: crate::device::peak_host_memory_bytes(),
         }
@@ -46,9 +50,16 @@ impl JobTimings {
         self.steps.iter().sum()
     }
 
-    /// The sum of the stages: load + text encode + VAE encode + steps + VAE decode + upscale.
+    /// The sum of the stages: load + text encode + VAE encode + steps + VAE decode + upscale +
+    /// matting.
     pub fn device_seconds(&self) -> f64 {
-        self.load + self.text_encode + self.vae_encode + self.steps_total() + self.vae_decode + self.upscale
+        self.load
+            + self.text_encode
+            + self.vae_encode
+            + self.steps_total()
+            + self.vae_decode
+            + self.upscale
+            + self.matting
     }
 }
 
@@ -66,6 +77,8 @@ pub enum RecordKind {
     Outpaint,
     /// Diffusion re-detail of an upscale (blended latent tiles).
     Redetail,
+    /// Background removal with a matting model.
+    Cutout,
 }
 
 impl RecordKind {
@@ -80,6 +93,7 @@ impl RecordKind {
             RecordKind::Erase => "erase",
             RecordKind::Outpaint => "outpaint",
             RecordKind::Redetail => "redetail",
+            RecordKind::Cutout => "cutout",
         }
     }
 }
@@ -97,11 +111,13 @@ pub enum AssetKind {
     Inpaint,
     Erase,
     Outpaint,
+    /// A subject cut out of its background (RGBA, or composited onto a new one).
+    Cutout,
 }
 
 impl AssetKind {
     /// Every kind, as stored and as filters name them.
-    pub const ALL: [AssetKind; 8] = [
+    pub const ALL: [AssetKind; 9] = [
         AssetKind::Draft,
         AssetKind::Final,
         AssetKind::Sheet,
@@ -110,6 +126,7 @@ impl AssetKind {
         AssetKind::Inpaint,
         AssetKind::Erase,
         AssetKind::Outpaint,
+        AssetKind::Cutout,
     ];
 
     /// The kind named `s`, or an error listing the kinds.
@@ -130,6 +147,7 @@ impl AssetKind {
             AssetKind::Inpaint => "inpaint",
             AssetKind::Erase => "erase",
             AssetKind::Outpaint => "outpaint",
+            AssetKind::Cutout => "cutout",
         }
     }
 

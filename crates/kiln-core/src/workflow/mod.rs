@@ -6,8 +6,10 @@
 //! - [`promote`]: a draft re-rendered by the final tier (img2img or reseed), with similarity;
 //! - [`replay`]: an asset regenerated from its stored parameters alone;
 //! - [`upscale`]: an asset run through the upscale tier, recorded as its child;
-//! - [`redetail`]: an upscale re-detailed by a diffusion tier on blended latent tiles.
+//! - [`redetail`]: an upscale re-detailed by a diffusion tier on blended latent tiles;
+//! - [`cutout`]: an image's subject cut out by a matting model, recorded as its child.
 
+pub mod cutout;
 pub mod draft;
 pub mod promote;
 pub mod redetail;
