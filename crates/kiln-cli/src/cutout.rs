@@ -7,8 +7,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use kiln_core::device;
-use kiln_core::image::png_meta::{write_png_atomic, TextChunk};
-use kiln_core::image::png_out::{write_gray_atomic, write_rgba_atomic};
+use kiln_core::image::png_meta::{write_gray_atomic, write_png_atomic, write_rgba_atomic, TextChunk};
 use kiln_core::loaders::matting::{MattingEntry, MattingStore};
 use kiln_core::pipeline::cutout::{
     cutout, fit_background, parse_color, Background, CutoutImage, CutoutOptions, MattingModel,

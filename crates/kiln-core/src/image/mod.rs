@@ -11,7 +11,6 @@ pub mod lut;
 pub mod mask;
 pub mod pil_resize;
 pub mod png_meta;
-pub mod png_out;
 pub mod qc;
 pub mod resize;
 pub mod sheet;

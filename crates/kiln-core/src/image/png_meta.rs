@@ -23,6 +23,16 @@ pub fn write_png_atomic(path: &Path, image: &RgbImage, chunks: &[TextChunk]) -> 
     write_pixels_atomic(path, image.width(), image.height(), Pixels::Rgb8(image.as_raw()), chunks)
 }
 
+/// Writes an 8-bit RGBA PNG (straight alpha: a cutout) atomically.
+pub fn write_rgba_atomic(path: &Path, image: &image::RgbaImage, chunks: &[TextChunk]) -> Result<()> {
+    write_pixels_atomic(path, image.width(), image.height(), Pixels::Rgba8Fast(image.as_raw()), chunks)
+}
+
+/// Writes an 8-bit grey PNG (a mask: white = subject / repaint) atomically.
+pub fn write_gray_atomic(path: &Path, image: &image::GrayImage, chunks: &[TextChunk]) -> Result<()> {
+    write_pixels_atomic(path, image.width(), image.height(), Pixels::Gray8(image.as_raw()), chunks)
+}
+
 /// Writes an 8- or 16-bit RGB or RGBA image with text chunks atomically (edits of a deep or
 /// translucent source keep its depth and alpha); other colour types are written as RGB8.
 pub fn write_dynamic_png_atomic(path: &Path, image: &DynamicImage, chunks: &[TextChunk]) -> Result<()> {
@@ -41,6 +51,10 @@ pub fn write_dynamic_png_atomic(path: &Path, image: &DynamicImage, chunks: &[Tex
 enum Pixels<'a> {
     Rgb8(&'a [u8]),
     Rgba8(&'a [u8]),
+    /// RGBA written with the fast deflate, as upscales are: a batch of cutouts is otherwise a
+    /// fifth PNG compression, for files about a tenth larger.
+    Rgba8Fast(&'a [u8]),
+    Gray8(&'a [u8]),
     Rgb16(&'a [u16]),
     Rgba16(&'a [u16]),
 }
@@ -61,12 +75,16 @@ fn write_pixels_atomic(
         let mut encoder = png::Encoder::new(&mut png_bytes, width, height);
         let (color, depth) = match pixels {
             Pixels::Rgb8(_) => (png::ColorType::Rgb, png::BitDepth::Eight),
-            Pixels::Rgba8(_) => (png::ColorType::Rgba, png::BitDepth::Eight),
+            Pixels::Rgba8(_) | Pixels::Rgba8Fast(_) => (png::ColorType::Rgba, png::BitDepth::Eight),
+            Pixels::Gray8(_) => (png::ColorType::Grayscale, png::BitDepth::Eight),
             Pixels::Rgb16(_) => (png::ColorType::Rgb, png::BitDepth::Sixteen),
             Pixels::Rgba16(_) => (png::ColorType::Rgba, png::BitDepth::Sixteen),
         };
         encoder.set_color(color);
         encoder.set_depth(depth);
+        if matches!(pixels, Pixels::Rgba8Fast(_) | Pixels::Gray8(_)) {
+            encoder.set_compression(png::Compression::Fast);
+        }
         for chunk in chunks {
             // Latin-1 text goes in tEXt (what A1111 and most readers expect), anything else in iTXt.
             let res = if chunk.text.chars().all(|c| (c as u32) < 256) && chunk.text.is_ascii() {
@@ -79,7 +97,7 @@ fn write_pixels_atomic(
         let mut writer = encoder.write_header().map_err(|e| bad(e.to_string()))?;
         // PNG stores 16-bit samples big-endian.
         let data: std::borrow::Cow<[u8]> = match pixels {
-            Pixels::Rgb8(p) | Pixels::Rgba8(p) => p.into(),
+            Pixels::Rgb8(p) | Pixels::Rgba8(p) | Pixels::Rgba8Fast(p) | Pixels::Gray8(p) => p.into(),
             Pixels::Rgb16(p) | Pixels::Rgba16(p) => p.iter().flat_map(|v| v.to_be_bytes()).collect(),
         };
         writer.write_image_data(&data).map_err(|e| bad(e.to_string()))?;

@@ -5,8 +5,7 @@
 
 use super::Workspace;
 use crate::error::{Error, Result};
-use crate::image::png_meta::{read_png_text, write_png_atomic, TextChunk};
-use crate::image::png_out::write_rgba_atomic;
+use crate::image::png_meta::{read_png_text, write_png_atomic, write_rgba_atomic, TextChunk};
 use crate::library::assets::{AssetKind, JobTimings, NewAsset, NewJob, RecordKind};
 use crate::loaders::matting::MattingStore;
 use crate::pipeline::cutout::{
