@@ -13,9 +13,11 @@
 //! Each "conv" is conv + folded batch norm + ReLU. Channel widths are not hard-coded: they are
 //! read from the weights (U²-Net-p: 64/16 everywhere; U²-Net: 32..512), see [`U2NetSpec`].
 
-use candle_core::{Module, Tensor, D};
+use candle_core::{Module, Tensor};
 use candle_nn::Conv2dConfig;
+use kiln_kernels::winograd::{winograd_forward, Act, WinoInput, WinogradWeights};
 use serde::{Deserialize, Serialize};
+use std::sync::{Arc, OnceLock};
 
 use crate::error::{Error, Result};
 
@@ -231,6 +233,13 @@ enum ConvOp {
 struct Conv {
     op: ConvOp,
     relu: bool,
+    /// 3×3 dilation-1 convs on CPU f32: Winograd weights for the channel parts the net feeds
+    /// the conv (a decoder conv's input is the concatenation of two maps, which is then never
+    /// built), transformed on the first call and kept; with ReLU and the block's residual add
+    /// fused into the output pass.
+    winograd: Arc<OnceLock<WinogradWeights>>,
+    bias_values: Option<Vec<f32>>,
+    weight: Tensor,
 }
 
 impl Conv {
@@ -238,20 +247,61 @@ impl Conv {
         let padding = if slot.kernel == 1 { 0 } else { slot.dilation };
         let cfg =
             Conv2dConfig { padding, stride: 1, dilation: slot.dilation, groups: 1, cudnn_fwd_algo: None };
+        let fusable = slot.kernel == 3
+            && slot.dilation == 1
+            && weight.device().is_cpu()
+            && weight.dtype() == candle_core::DType::F32;
+        let bias_values = if fusable { Some(bias.to_vec1::<f32>()?) } else { None };
         let op = if slot.dilation == 1 {
-            ConvOp::Plain(kiln_kernels::Conv2d::new(weight, Some(bias), cfg)?)
+            ConvOp::Plain(kiln_kernels::Conv2d::new(weight.clone(), Some(bias), cfg)?)
         } else {
-            ConvOp::Dilated(candle_nn::Conv2d::new(weight, Some(bias), cfg))
+            ConvOp::Dilated(candle_nn::Conv2d::new(weight.clone(), Some(bias), cfg))
         };
-        Ok(Self { op, relu })
+        Ok(Self { op, relu, winograd: Arc::new(OnceLock::new()), bias_values, weight })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = match &self.op {
-            ConvOp::Plain(c) => c.forward(x)?,
-            ConvOp::Dilated(c) => c.forward(x)?,
+    /// `act(conv(cat(parts)) + bias) + residual`, ReLU as the act when the conv has one.
+    fn forward(&self, parts: &[&Tensor], residual: Option<&Tensor>) -> Result<Tensor> {
+        if let Some(bias) = &self.bias_values {
+            let splits = parts.iter().map(|p| p.dim(1)).collect::<candle_core::Result<Vec<_>>>()?;
+            let weights = match self.winograd.get() {
+                Some(w) => w,
+                None => {
+                    // A race only transforms twice; the first value set is kept.
+                    let _ = self.winograd.set(WinogradWeights::new(&self.weight, &splits)?);
+                    self.winograd
+                        .get()
+                        .ok_or_else(|| Error::Unsupported("Winograd weights not kept".into()))?
+                }
+            };
+            if weights.splits() == splits {
+                let inputs =
+                    parts.iter().map(|p| WinoInput::new(p)).collect::<candle_core::Result<Vec<_>>>()?;
+                let refs: Vec<&WinoInput> = inputs.iter().collect();
+                let act = if self.relu { Act::Leaky(0.0) } else { Act::None };
+                return Ok(winograd_forward(
+                    weights,
+                    &refs,
+                    Some(bias),
+                    &act,
+                    1.0,
+                    residual.map(|r| (r, 1.0)),
+                )?);
+            }
+        }
+        let x = match parts {
+            [one] => (*one).clone(),
+            _ => Tensor::cat(parts, 1)?,
         };
-        Ok(if self.relu { y.relu()? } else { y })
+        let y = match &self.op {
+            ConvOp::Plain(c) => c.forward(&x)?,
+            ConvOp::Dilated(c) => c.forward(&x)?,
+        };
+        let y = if self.relu { y.relu()? } else { y };
+        Ok(match residual {
+            Some(r) => (y + r)?,
+            None => y,
+        })
     }
 }
 
@@ -289,24 +339,27 @@ struct Rsu {
 }
 
 impl Rsu {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    /// The block on the channel concatenation of `parts`.
+    fn forward(&self, parts: &[&Tensor]) -> Result<Tensor> {
         let l = self.height;
         let c = &self.convs;
-        let hxin = c[0].forward(x)?;
-        let mut enc = vec![c[1].forward(&hxin)?];
+        let hxin = c[0].forward(parts, None)?;
+        let mut enc = vec![c[1].forward(&[&hxin], None)?];
         for conv in &c[2..l] {
             let last = &enc[enc.len() - 1];
             let input = if self.pooled { pool(last)? } else { last.clone() };
-            enc.push(conv.forward(&input)?);
+            enc.push(conv.forward(&[&input], None)?);
         }
-        let mut d = c[l].forward(&enc[l - 2])?;
+        let mut d = c[l].forward(&[&enc[l - 2]], None)?;
         for j in (0..l - 1).rev() {
-            d = c[2 * l - 1 - j].forward(&Tensor::cat(&[&d, &enc[j]], 1)?)?;
+            // The last conv adds the block's residual (`in` conv output) in its output pass.
+            let residual = if j == 0 { Some(&hxin) } else { None };
+            d = c[2 * l - 1 - j].forward(&[&d, &enc[j]], residual)?;
             if j > 0 && self.pooled {
                 d = upsample_like(&d, &enc[j - 1])?;
             }
         }
-        Ok((d + hxin)?)
+        Ok(d)
     }
 }
 
@@ -356,27 +409,28 @@ impl U2Net {
     /// output, rembg's `ort_outs[0]`).
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let st = &self.stages;
-        let mut enc = vec![st[0].forward(x)?];
+        let mut enc = vec![st[0].forward(&[x])?];
         for stage in &st[1..ENCODERS] {
             let last = &enc[enc.len() - 1];
-            enc.push(stage.forward(&pool(last)?)?);
+            enc.push(stage.forward(&[&pool(last)?])?);
         }
         // dec[0] is the deepest encoder output (stage 6), then decoder stages 5..1.
         let mut dec = vec![enc[ENCODERS - 1].clone()];
         for (k, stage) in st[ENCODERS..].iter().enumerate() {
             let skip = &enc[ENCODERS - 2 - k];
             let up = upsample_like(&dec[dec.len() - 1], skip)?;
-            dec.push(stage.forward(&Tensor::cat(&[&up, skip], 1)?)?);
+            dec.push(stage.forward(&[&up, skip])?);
         }
         // Side k reads decoder stage k (k = 1..5) or, for k = 6, the deepest encoder stage.
         let top = &dec[dec.len() - 1];
         let mut sides = Vec::with_capacity(6);
         for (k, conv) in self.sides.iter().enumerate() {
             let src = &dec[dec.len() - 1 - k];
-            let s = conv.forward(src)?;
+            let s = conv.forward(&[src], None)?;
             sides.push(if k == 0 { s } else { upsample_like(&s, top)? });
         }
-        let fused = self.fuse.forward(&Tensor::cat(&sides, D::Minus(3))?)?;
+        let side_refs: Vec<&Tensor> = sides.iter().collect();
+        let fused = self.fuse.forward(&side_refs, None)?;
         Ok(candle_nn::ops::sigmoid(&fused)?)
     }
 }
