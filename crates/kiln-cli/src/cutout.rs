@@ -14,10 +14,13 @@ use kiln_core::pipeline::cutout::{
 };
 
 use crate::args::RunArgs;
+use kiln_core::jobs::spec::{CutoutSpec, ImageRef, JobSpec};
+use kiln_core::workflow::AssetRef;
 
 #[derive(Args, Debug)]
 pub struct CutoutArgs {
-    /// Input images (PNG, JPEG, WebP) or folders of them.
+    /// Input images (PNG, JPEG, WebP) or folders of them; or library assets (`asset:12`,
+    /// `#12`), whose cutouts are recorded in the project as their children.
     #[arg(required = true)]
     pub inputs: Vec<PathBuf>,
     /// Matting model: an imported name (`kiln models list`) or an .onnx file (default: u2netp).
@@ -64,7 +67,72 @@ fn parse_background(arg: Option<&str>) -> anyhow::Result<Background> {
     Ok(Background::Image(kiln_core::image::load_rgb(path)?))
 }
 
+/// The asset ids among `inputs` (`asset:12`, `#12`, or a number that is not a file).
+fn asset_ids(inputs: &[PathBuf]) -> anyhow::Result<Option<Vec<i64>>> {
+    let ids: Vec<Option<i64>> = inputs
+        .iter()
+        .map(|p| match p.to_str().map(AssetRef::parse) {
+            Some(AssetRef::Id(id)) => Some(id),
+            _ => None,
+        })
+        .collect();
+    match (ids.iter().all(Option::is_some), ids.iter().any(Option::is_some)) {
+        (true, _) => Ok(Some(ids.into_iter().flatten().collect())),
+        (false, true) => bail!("give library assets (asset:ID) or image files, not both in one call"),
+        (false, false) => Ok(None),
+    }
+}
+
+/// Cutouts of library assets: each a cutout job on the project, recorded as the asset's child.
+fn run_assets(args: &CutoutArgs, ids: &[i64]) -> anyhow::Result<()> {
+    for (flag, given) in [
+        ("--out", args.out.is_some()),
+        ("--mask-out", args.mask_out.is_some()),
+        ("--replace", args.replace.replace.is_some()),
+    ] {
+        if given {
+            bail!("{flag} is for image files; an asset's cutout is written to the project's assets/cutout/ and recorded");
+        }
+    }
+    let (background, background_image) = match args.background.as_deref() {
+        Some(b) if parse_color(b).is_some() && !Path::new(b).is_file() => (Some(b.to_string()), None),
+        Some(b) => (None, Some(ImageRef::File(PathBuf::from(b)))),
+        None => (None, None),
+    };
+    let engine = crate::job::engine(args.replace.project.as_deref(), &args.run, false)?;
+    let mut results = Vec::new();
+    for &id in ids {
+        let spec = JobSpec::Cutout(CutoutSpec {
+            image: ImageRef::Asset(id),
+            model: args.model.clone(),
+            background: background.clone(),
+            background_image: background_image.clone(),
+            fit_background: args.fit_background,
+            refine: args.refine,
+        });
+        let out = crate::job::run(&engine, &spec, &args.run).with_context(|| format!("asset {id}"))?;
+        if !args.run.json {
+            let c = &out.detail;
+            eprintln!(
+                "asset {id} -> asset {} {} ({:.1} % subject, {:.2}s)",
+                c["asset_id"],
+                c["path"].as_str().unwrap_or_default(),
+                c["coverage"].as_f64().unwrap_or_default() * 100.0,
+                out.device_seconds
+            );
+        }
+        results.push(out);
+    }
+    if args.run.json {
+        println!("{}", serde_json::to_string(&results)?);
+    }
+    Ok(())
+}
+
 pub fn run(args: CutoutArgs) -> anyhow::Result<()> {
+    if let Some(ids) = asset_ids(&args.inputs)? {
+        return run_assets(&args, &ids);
+    }
     let start = Instant::now();
     let inputs = expand_inputs(&args.inputs)?;
     let many = inputs.len() > 1;

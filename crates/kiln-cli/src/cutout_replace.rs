@@ -25,8 +25,9 @@ pub struct ReplaceArgs {
     /// Diffusers folder or hub id that paints the background (instead of --tier).
     #[arg(long, requires = "replace")]
     pub inpaint_model: Option<String>,
-    /// Project folder defining the tiers (default: $KILN_PROJECT or the current folder).
-    #[arg(long, requires = "replace")]
+    /// Project folder: its tiers for --replace, its library for asset inputs (default:
+    /// $KILN_PROJECT or the current folder).
+    #[arg(long)]
     pub project: Option<PathBuf>,
     /// Denoising steps (default: the tier's, else 30).
     #[arg(long, requires = "replace")]

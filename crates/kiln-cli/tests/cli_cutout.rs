@@ -204,3 +204,39 @@ fn replace_keeps_the_subject_bit_identical() {
     assert_ne!(input, result);
     assert!(mask_png.exists());
 }
+
+#[path = "support/mod.rs"]
+mod support;
+
+#[test]
+fn asset_inputs_run_as_recorded_cutout_jobs() {
+    let dir = support::project(2, "");
+    let root = dir.path();
+    let onnx = root.join("u2netp.onnx");
+    std::fs::copy(fixture("tiny_u2netp.onnx"), &onnx).expect("copy");
+    ok(&support::kiln(root).args(["models", "import", s(&onnx)]).output().expect("run"));
+    support::generate_pixels(root, "a vase", 3, &[]);
+    let out = support::kiln(root)
+        .args(["cutout", "asset:1", "--background", "white", "--json"])
+        .output()
+        .expect("run");
+    ok(&out);
+    let jobs: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+    assert_eq!(jobs[0]["kind"], "cutout", "{jobs}");
+    let listed = support::kiln(root).args(["assets", "list", "--json"]).output().expect("run");
+    ok(&listed);
+    let assets: serde_json::Value = serde_json::from_slice(&listed.stdout).expect("json");
+    let cut =
+        assets.as_array().expect("list").iter().find(|a| a["kind"] == "cutout").expect("a cutout asset");
+    assert_eq!(cut["parent_id"], 1, "{cut}");
+    // Asset inputs are written to the project; --out is for files, and mixing is refused.
+    failed_with(
+        &support::kiln(root).args(["cutout", "asset:1", "--out", "x.png"]).output().expect("run"),
+        "--out",
+    );
+    let photo = fixture("photo.png");
+    failed_with(
+        &support::kiln(root).args(["cutout", "asset:1", s(&photo)]).output().expect("run"),
+        "not both",
+    );
+}
