@@ -16,6 +16,8 @@
 //! - [`winograd`]: 3x3 stride-1 padding-1 convolution by Winograd F(4x4, 3x3) on CPU f32 with a
 //!   fused bias/activation/residual epilogue; [`Conv2d`] picks it where it beats im2col, and the
 //!   SR nets use its [`Conv3x3`] layer.
+//! - [`resample`]: bilinear resize and 2×2 ceil-mode max-pool of feature maps, one plane per
+//!   task on CPU (candle's ops run every plane on one thread), bit-identical to candle's.
 //!
 //! Every kernel is a candle `CustomOp` whose reference is candle's composed implementation, and
 //! the tests compare the two.
@@ -31,6 +33,7 @@ pub mod linear;
 #[cfg_attr(not(all(feature = "cudnn", not(test))), allow(dead_code))]
 mod lru;
 pub mod norm;
+pub mod resample;
 pub mod winograd;
 
 #[cfg(test)]

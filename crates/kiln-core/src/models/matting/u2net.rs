@@ -305,29 +305,16 @@ impl Conv {
     }
 }
 
-/// 2×2 max-pool, stride 2, ceil mode: an odd side gets its last row/column repeated, which
-/// leaves the max unchanged (the repeated value is already in that window).
+/// 2×2 max-pool, stride 2, ceil mode (an odd last row or column is a window of its own).
 fn pool(x: &Tensor) -> Result<Tensor> {
-    let (_, _, h, w) = x.dims4()?;
-    let mut x = x.clone();
-    if h % 2 == 1 {
-        x = x.pad_with_same(2, 0, 1)?;
-    }
-    if w % 2 == 1 {
-        x = x.pad_with_same(3, 0, 1)?;
-    }
-    Ok(x.max_pool2d(2)?)
+    Ok(kiln_kernels::resample::max_pool2x2_ceil(x)?)
 }
 
 /// Bilinear resize of `x` to `like`'s size (PyTorch `align_corners=False`, ONNX
 /// `pytorch_half_pixel`).
 fn upsample_like(x: &Tensor, like: &Tensor) -> Result<Tensor> {
     let (_, _, h, w) = like.dims4()?;
-    let (_, _, xh, xw) = x.dims4()?;
-    if (xh, xw) == (h, w) {
-        return Ok(x.clone());
-    }
-    Ok(x.upsample_bilinear2d(h, w, false)?)
+    Ok(kiln_kernels::resample::upsample_bilinear(x, h, w)?)
 }
 
 /// A residual U-block.
