@@ -244,6 +244,87 @@ CREATE INDEX IF NOT EXISTS assets_sha ON assets(sha256);
 CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
 ";
 
+/// Creates a new, empty library at `path` atomically: built under a temporary name beside it
+/// and linked into place only if nothing is there yet. Another process opening the project at
+/// the same moment therefore never sees a half-made (0-byte) file, which [`Library::open`]
+/// refuses as a destroyed library; if it created the library first, its file is kept.
+fn create_new(path: &Path) -> Result<()> {
+    let tmp = crate::files::temp_beside(path, ".db-new")?;
+    let made = (|| {
+        let conn = Connection::open(tmp.path())?;
+        conn.execute_batch("PRAGMA synchronous = FULL;")?;
+        conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))?;
+        conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(crate::jobs::queue::SCHEMA)?;
+        conn.execute_batch(crate::jobs::keys::SCHEMA)?;
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)",
+            [SCHEMA_VERSION.to_string()],
+        )?;
+        // Closing checkpoints the log into the file and removes it.
+        conn.close().map_err(|(_, e)| e)
+    })();
+    made.map_err(|e| Error::Library {
+        path: path.to_path_buf(),
+        msg: format!("cannot create the library: {e}"),
+    })?;
+    tmp.as_file().sync_all()?;
+    match tmp.persist_noclobber(path) {
+        Ok(_) => Ok(()),
+        // Someone else created it first: theirs is the library.
+        Err(e) if e.error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => {
+            Err(Error::Io(std::io::Error::new(e.error.kind(), format!("{}: {}", path.display(), e.error))))
+        }
+    }
+}
+
+/// The error for a database SQLite cannot read.
+fn unreadable(path: &Path, e: rusqlite::Error) -> Error {
+    Error::Library {
+        path: path.to_path_buf(),
+        msg: format!(
+            "{e}; the database is unreadable or corrupt: move it aside (assets/ keeps the images and their metadata)"
+        ),
+    }
+}
+
+/// The once-per-file checks and set-up of an open library: integrity, WAL, schema (created
+/// where missing) and its version.
+fn prepare(conn: &Connection, path: &Path) -> Result<()> {
+    let bad = |e| unreadable(path, e);
+    let integrity: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(bad)?;
+    if integrity != "ok" {
+        return Err(Error::Library {
+            path: path.to_path_buf(),
+            msg: format!("integrity check failed: {integrity}; move the file aside to start a new library"),
+        });
+    }
+    conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0)).map_err(bad)?;
+    conn.execute_batch(SCHEMA).map_err(bad)?;
+    conn.execute_batch(crate::jobs::queue::SCHEMA).map_err(bad)?;
+    conn.execute_batch(crate::jobs::keys::SCHEMA).map_err(bad)?;
+    let version: Option<String> =
+        conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).ok();
+    match version.as_deref() {
+        None => {
+            conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?1)", [SCHEMA_VERSION.to_string()])
+                .map_err(bad)?;
+        }
+        Some(v) if v.parse::<i64>().ok() == Some(SCHEMA_VERSION) => {}
+        Some(other) => {
+            return Err(Error::Library {
+                path: path.to_path_buf(),
+                msg: format!(
+                    "its schema version is `{other}`, this kiln reads version {SCHEMA_VERSION}: it was \
+                     written by another kiln version; open it with that version, or move it aside to start a new library"
+                ),
+            })
+        }
+    }
+    Ok(())
+}
+
 impl Library {
     /// Opens or creates the database at `path` for the project at `root`. A file that is not
     /// a kiln library (corrupt, or another program's) is refused with the path and what to do.
@@ -251,12 +332,7 @@ impl Library {
         if let Some(dir) = path.parent() {
             fs_err::create_dir_all(dir)?;
         }
-        let bad = |e: rusqlite::Error| {
-            Error::Library {
-            path: path.to_path_buf(),
-            msg: format!("{e}; the database is unreadable or corrupt: move it aside (assets/ keeps the images and their metadata)"),
-        }
-        };
+        let bad = |e| unreadable(path, e);
         // An empty or truncated file is not a new library: opening it would silently start over,
         // losing the history and the budget's spend.
         if let Ok(m) = std::fs::metadata(path) {
@@ -270,6 +346,9 @@ impl Library {
                 });
             }
         }
+        if std::fs::symlink_metadata(path).is_err() {
+            create_new(path)?;
+        }
         let conn = Connection::open(path).map_err(bad)?;
         // WAL: the server's readers (queue listing, events) never wait for a job's write, and a
         // killed writer's log is replayed on the next open.
@@ -280,40 +359,7 @@ impl Library {
         // whole database. They run on the first open of this file in this process.
         let identity = file_identity(path);
         if !identity.as_ref().is_some_and(already_prepared) {
-            let integrity: String = conn.query_row("PRAGMA quick_check", [], |r| r.get(0)).map_err(bad)?;
-            if integrity != "ok" {
-                return Err(Error::Library {
-                    path: path.to_path_buf(),
-                    msg: format!(
-                        "integrity check failed: {integrity}; move the file aside to start a new library"
-                    ),
-                });
-            }
-            conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0)).map_err(bad)?;
-            conn.execute_batch(SCHEMA).map_err(bad)?;
-            conn.execute_batch(crate::jobs::queue::SCHEMA).map_err(bad)?;
-            conn.execute_batch(crate::jobs::keys::SCHEMA).map_err(bad)?;
-            let version: Option<String> =
-                conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).ok();
-            match version.as_deref() {
-                None => {
-                    conn.execute(
-                        "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)",
-                        [SCHEMA_VERSION.to_string()],
-                    )
-                    .map_err(bad)?;
-                }
-                Some(v) if v.parse::<i64>().ok() == Some(SCHEMA_VERSION) => {}
-                Some(other) => {
-                    return Err(Error::Library {
-                        path: path.to_path_buf(),
-                        msg: format!(
-                            "its schema version is `{other}`, this kiln reads version {SCHEMA_VERSION}: it was \
-                             written by another kiln version; open it with that version, or move it aside to start a new library"
-                        ),
-                    })
-                }
-            }
+            prepare(&conn, path)?;
             if let Some(id) = identity {
                 mark_prepared(id);
             }
@@ -458,6 +504,35 @@ mod tests {
         let err = project.library().err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("empty"), "{err}");
         assert_eq!(std::fs::metadata(project.library_path()).map(|m| m.len()).unwrap_or(1), 0);
+    }
+
+    #[test]
+    fn processes_creating_a_library_at_once_all_open_it() {
+        // Openers racing on a project without a library: each must open the same, complete
+        // library (never find the half-made file another one is creating and refuse it).
+        for _ in 0..20 {
+            let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+            let path = dir.path().join(".kiln").join("library.db");
+            let opened: Vec<Result<Library>> = std::thread::scope(|s| {
+                let handles: Vec<_> = (0..8).map(|_| s.spawn(|| Library::open(&path, dir.path()))).collect();
+                handles.into_iter().map(|h| h.join().unwrap_or_else(|_| panic!("opener panicked"))).collect()
+            });
+            for lib in opened {
+                let lib = lib.unwrap_or_else(|e| panic!("{e}"));
+                let version: String = lib
+                    .conn
+                    .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+                    .unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(version, SCHEMA_VERSION.to_string());
+            }
+            let left: Vec<_> = std::fs::read_dir(dir.path().join(".kiln"))
+                .unwrap_or_else(|e| panic!("{e}"))
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with(".db-new"))
+                .collect();
+            assert!(left.is_empty(), "temporary libraries left behind: {left:?}");
+        }
     }
 
     #[test]
