@@ -209,7 +209,7 @@ fn json_bodies() {
     let routes_and_seeds: Vec<(&str, String)> = vec![
         ("/v1/jobs", r#"{"kind":"generate","tier":"draft","prompt":"a lighthouse","width":64,"height":64,"count":2,"seed":7}"#.into()),
         ("/v1/jobs", r#"{"kind":"promote","draft":{"asset":1},"tier":"draft","strength":0.5}"#.into()),
-        ("/v1/jobs", r#"{"kind":"upscale","image":{"upload":"00ff"},"tier":"draft"}"#.into()),
+        ("/v1/jobs", r#"{"kind":"upscale","image":{"upload":"00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff00ff"},"tier":"draft"}"#.into()),
         ("/v1/images/generations", r#"{"prompt":"a fox","model":"draft","n":1,"size":"64x64","response_format":"b64_json"}"#.into()),
         ("/sdapi/v1/txt2img", r#"{"prompt":"a fox","negative_prompt":"blur","steps":2,"width":64,"height":64,"seed":3,"batch_size":1,"cfg_scale":1.5,"sampler_name":"Euler"}"#.into()),
         ("/sdapi/v1/img2img", format!(r#"{{"prompt":"a fox","init_images":["{b64}"],"denoising_strength":0.4,"steps":2,"seed":3}}"#)),
@@ -217,7 +217,12 @@ fn json_bodies() {
     ];
     for (route, body) in &routes_and_seeds {
         let (status, answer) = server.send_full("POST", route, "application/json", body.clone().into_bytes());
-        assert!(status.is_success() || answer.contains("not found"), "{route}: {status} {answer}");
+        // Each seed is a well-formed request: answered by a check further on (a missing
+        // asset or model), never refused as unparseable.
+        let unparsed = ["not a job spec", "invalid request body", "invalid JSON", "must be a JSON object"]
+            .iter()
+            .any(|m| answer.contains(m));
+        assert!(status.is_success() || !unparsed, "{route}: {status} {answer}");
     }
     // One target over every route: the seed index picks the route.
     let seeds: Vec<Vec<u8>> = routes_and_seeds.iter().map(|(_, b)| b.clone().into_bytes()).collect();
