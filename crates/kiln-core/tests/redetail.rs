@@ -7,7 +7,7 @@ use candle_core::{DType, Tensor};
 use kiln_core::loaders::hub::ModelSource;
 use kiln_core::pipeline::generate::NoProgress;
 use kiln_core::pipeline::model::LoadedModel;
-use kiln_core::pipeline::redetail::{redetail, windows, RedetailRequest};
+use kiln_core::pipeline::redetail::{redetail, tile_size_ids, windows, RedetailRequest};
 use std::path::{Path, PathBuf};
 
 fn dir() -> PathBuf {
@@ -125,6 +125,50 @@ fn blended_tiles_leave_no_seam_where_pasted_tiles_do() {
     // so a seam is a modest excess over its texture; the run is deterministic).
     assert!((0.9..1.1).contains(&b), "blended seam ratio {b:.2}");
     assert!(p > 1.1 * b, "pasted tiles {p:.2} should show seams against blended {b:.2}");
+}
+
+fn sdxl_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/pipelines/sdxl")
+}
+
+fn sdxl_model() -> LoadedModel {
+    LoadedModel::load(ModelSource::Folder(sdxl_dir().join("model")), &candle_core::Device::Cpu, DType::F32)
+        .unwrap()
+}
+
+fn sdxl_request(image: image::RgbImage, tile: usize, overlap: usize) -> RedetailRequest {
+    // The SDXL fixture's img2img_default case (tests/fixtures/pipelines/sdxl/cases.json).
+    RedetailRequest { scheduler: None, ..request(image, tile, overlap) }
+}
+
+#[test]
+fn sdxl_one_tile_is_diffusers_img2img() {
+    // One tile over the whole 96x64 image: size ids (64, 96, 0, 0, 64, 96), as diffusers'.
+    let model = sdxl_model();
+    let init = kiln_core::image::load_rgb(&sdxl_dir().join("init.png")).unwrap();
+    let out = redetail(&model, &sdxl_request(init, 16, 4), &mut NoProgress).unwrap();
+    assert_eq!(out.tiles, (1, 1));
+    let want = Tensor::read_npy(sdxl_dir().join("img2img_default.npy")).unwrap();
+    let want = want.reshape(out.image.pixels.shape()).unwrap();
+    let p = psnr(&out.image.pixels, &want);
+    println!("SDXL, one tile vs diffusers img2img: PSNR {p:.1} dB");
+    assert!(p >= 40.0, "PSNR {p:.1} dB");
+}
+
+#[test]
+fn sdxl_tiles_are_conditioned_as_crops_of_the_image() {
+    // A tile at latent (8, 12) of a 16x24 latent, 8x8 latent px, VAE factor 8.
+    assert_eq!(tile_size_ids((16, 24), (8, 12), (8, 8), 8), [128.0, 192.0, 64.0, 96.0, 64.0, 64.0]);
+    assert_eq!(tile_size_ids((8, 12), (0, 0), (8, 12), 8), [64.0, 96.0, 0.0, 0.0, 64.0, 96.0]);
+    // Many SDXL tiles, each told where it sits, blend without seams.
+    let model = sdxl_model();
+    let init = kiln_core::image::load_rgb(&sdxl_dir().join("init.png")).unwrap();
+    let big = image::imageops::resize(&init, 192, 128, image::imageops::FilterType::Lanczos3);
+    let out = redetail(&model, &sdxl_request(big, 8, 4), &mut NoProgress).unwrap();
+    assert_eq!(out.tiles, (windows(16, 8, 4).len(), windows(24, 8, 4).len()));
+    let ratio = seam_ratio(&to_rgb(&out.image.pixels), &[64, 128], &[64]);
+    println!("SDXL seam ratio at the 64 px joints: {ratio:.2}");
+    assert!((0.9..1.1).contains(&ratio), "SDXL blended seam ratio {ratio:.2}");
 }
 
 #[test]

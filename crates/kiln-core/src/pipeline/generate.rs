@@ -320,21 +320,24 @@ impl Conditioning {
         height: usize,
     ) -> Result<Self> {
         let device = &model.device;
-        let dtype = model.dtype;
         let (hidden, pooled) = batch_conditioning(prompts, b, cfg)?;
-        let time_ids = if model.spec.size_conditioning {
-            // (original size, crop top-left, target size): diffusers' defaults for txt2img/img2img.
-            let (h, w) = (height as f32, width as f32);
-            let row = [h, w, 0.0, 0.0, h, w];
-            let rows = if cfg { 2 * b } else { b };
-            let data: Vec<f32> = row.iter().copied().cycle().take(6 * rows).collect();
-            Some(Tensor::from_vec(data, (rows, 6), device)?.to_dtype(dtype)?)
-        } else {
-            None
-        };
+        // (original size, crop top-left, target size): diffusers' defaults for txt2img/img2img.
+        let (h, w) = (height as f32, width as f32);
+        let time_ids = size_ids(model, &vec![[h, w, 0.0, 0.0, h, w]; b], cfg)?;
         let embedded_guidance = model.denoiser.guidance_input(guidance, b, device)?;
         Ok(Self { hidden, pooled, time_ids, embedded_guidance, cfg, guidance, batch: b })
     }
+}
+
+/// SDXL's size conditioning for a batch, one `[original h, w, crop top, left, target h, w]` row
+/// per image (repeated for the negatives under CFG); None for families without it.
+pub(crate) fn size_ids(model: &LoadedModel, rows: &[[f32; 6]], cfg: bool) -> Result<Option<Tensor>> {
+    if !model.spec.size_conditioning {
+        return Ok(None);
+    }
+    let copies = if cfg { 2 } else { 1 };
+    let data: Vec<f32> = (0..copies).flat_map(|_| rows.iter().flatten().copied()).collect();
+    Ok(Some(Tensor::from_vec(data, (copies * rows.len(), 6), &model.device)?.to_dtype(model.dtype)?))
 }
 
 impl Conditioning {
@@ -349,6 +352,20 @@ impl Conditioning {
         i: usize,
         extra: Option<&Tensor>,
     ) -> Result<Tensor> {
+        self.predict_with_ids(model, scheduler, latents, i, extra, None)
+    }
+
+    /// [`Conditioning::predict`] with other size ids than the batch's own (re-detail tiles,
+    /// each a crop of a larger image: see [`size_ids`]).
+    pub(crate) fn predict_with_ids(
+        &self,
+        model: &LoadedModel,
+        scheduler: &dyn Scheduler,
+        latents: &Tensor,
+        i: usize,
+        extra: Option<&Tensor>,
+        time_ids: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let b = self.batch;
         let model_in = if self.cfg { Tensor::cat(&[latents, latents], 0)? } else { latents.clone() };
         let mut model_in = scheduler.scale_model_input(&model_in, i)?;
@@ -358,7 +375,7 @@ impl Conditioning {
         let denoiser_cond = DenoiserCond {
             tokens: &self.hidden,
             pooled: self.pooled.as_ref(),
-            time_ids: self.time_ids.as_ref(),
+            time_ids: time_ids.or(self.time_ids.as_ref()),
             guidance: self.embedded_guidance.as_ref(),
         };
         let t = crate::schedule::at(scheduler.timesteps(), i, "timesteps")?;

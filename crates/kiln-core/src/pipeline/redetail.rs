@@ -161,6 +161,16 @@ pub fn redetail(
             slot.insert(Conditioning::new(model, &prompts, chunk.len(), cfg, req.guidance, tw * f, th * f)?);
         }
     }
+    // SDXL's size conditioning per tile: each tile is a crop of the whole image at its place
+    // (original size = the image, crop top-left = the tile's origin, target size = the tile),
+    // as SDXL saw crops in training; one tile over the whole image is diffusers' img2img.
+    let tile_ids = |chunk: &[(usize, usize)]| -> Result<Option<Tensor>> {
+        let rows: Vec<[f32; 6]> =
+            chunk.iter().map(|&(y, x)| tile_size_ids((lh, lw), (y, x), (th, tw), f)).collect();
+        crate::pipeline::generate::size_ids(model, &rows, cfg)
+    };
+    let chunk_ids: Vec<Option<Tensor>> =
+        origins.chunks(TILES_PER_CALL).map(tile_ids).collect::<Result<_>>()?;
     progress.stage("denoise");
     let total_steps = timesteps.len() - first;
     for (done, i) in (first..timesteps.len()).enumerate() {
@@ -170,17 +180,18 @@ pub fn redetail(
         } else {
             // Every tile's prediction, weighted, summed into the global latent, normalised.
             let mut acc = Tensor::zeros((1, latents.dim(1)?, lh, lw), DType::F32, device)?;
-            for chunk in origins.chunks(TILES_PER_CALL) {
+            for (chunk, ids) in origins.chunks(TILES_PER_CALL).zip(&chunk_ids) {
                 let crops: Vec<Tensor> = chunk
                     .iter()
                     .map(|&(y, x)| Ok(latents.narrow(2, y, th)?.narrow(3, x, tw)?))
                     .collect::<Result<_>>()?;
-                let preds = conds[&chunk.len()].predict(
+                let preds = conds[&chunk.len()].predict_with_ids(
                     model,
                     scheduler.as_ref(),
                     &Tensor::cat(&crops, 0)?,
                     i,
                     None,
+                    ids.as_ref(),
                 )?;
                 for (k, &(y, x)) in chunk.iter().enumerate() {
                     let p = preds.narrow(0, k, 1)?;
@@ -211,6 +222,18 @@ pub fn redetail(
     Ok(RedetailOutput { image, scheduler: kind, timings, tiles: (rows.len(), cols.len()), warnings })
 }
 
+/// SDXL size ids of the latent tile at `origin` (`tile` latent pixels) in a `full`-sized latent,
+/// in image pixels (`f` per latent pixel): `[original h, w, crop top, left, target h, w]`.
+pub fn tile_size_ids(
+    full: (usize, usize),
+    origin: (usize, usize),
+    tile: (usize, usize),
+    f: usize,
+) -> [f32; 6] {
+    let px = |v: usize| (v * f) as f32;
+    [px(full.0), px(full.1), px(origin.0), px(origin.1), px(tile.0), px(tile.1)]
+}
+
 /// PNG text key of the re-detail record (a JSON object) in the output file.
 pub const META_KEY: &str = "kiln.redetail";
 
@@ -222,6 +245,8 @@ pub struct RedetailReport {
     pub size: [usize; 2],
     pub model: String,
     pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub guidance: f64,
     pub strength: f64,
     pub steps: usize,
     pub scheduler: String,
@@ -277,6 +302,8 @@ pub fn redetail_png(
         size: [w as usize, h as usize],
         model: model.source.dir().display().to_string(),
         prompt: req.prompt.clone(),
+        negative_prompt: req.negative_prompt.clone(),
+        guidance: req.guidance,
         strength: req.strength,
         steps: req.steps,
         scheduler: out.scheduler.name().to_string(),
