@@ -14,6 +14,7 @@ mod host_memory;
 mod inpaint;
 mod job;
 mod models_cmd;
+mod presets;
 mod promote;
 mod qc;
 mod report;
@@ -47,6 +48,8 @@ enum Command {
     Bench(bench::BenchArgs),
     /// The tier registry as this project resolves it, with pin status.
     Tiers(tiers::TiersArgs),
+    /// Brand kits: the presets (`[presets.NAME]`) as this project resolves them.
+    Presets(presets::PresetsArgs),
     /// Repaint the masked part of an image (white = repaint); the rest stays bit-identical.
     Inpaint(inpaint::InpaintArgs),
     /// Extend the canvas (--left/--right/--top/--bottom PX or --to 16:9) and paint the new area.
@@ -92,6 +95,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Report(args) => report::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Tiers(args) => tiers::run(args),
+        Command::Presets(args) => presets::run(args),
         Command::Inpaint(args) => inpaint::run_inpaint(args),
         Command::Outpaint(args) => inpaint::run_outpaint(args),
         Command::Erase(args) => inpaint::run_erase(args),

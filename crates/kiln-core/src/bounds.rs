@@ -24,6 +24,8 @@ pub const BORDER: Bound = Bound { name: "border", min: 0, max: 256, unit: "px" }
 pub const FEATHER: Bound = Bound { name: "feather", min: 0, max: 512, unit: "px" };
 /// Windows per upscaler call, and images per denoiser batch.
 pub const BATCH: Bound = Bound { name: "batch", min: 1, max: 64, unit: "images" };
+/// Generated image side (a preset's width or height), in pixels.
+pub const GENERATE_SIDE: Bound = Bound { name: "side", min: 8, max: 16384, unit: "px" };
 /// Denoising steps.
 pub const STEPS: Bound = Bound { name: "steps", min: 1, max: 1000, unit: "steps" };
 /// Benchmark images made untimed first.

@@ -80,6 +80,9 @@ pub struct ProjectConfig {
     /// Read by the tier registry.
     #[serde(default, skip_serializing)]
     tiers: Option<toml::Table>,
+    /// Read by the preset registry.
+    #[serde(default, skip_serializing)]
+    presets: Option<toml::Table>,
 }
 
 /// A project folder.
@@ -141,6 +144,11 @@ impl Project {
     /// The tier registry as this project sees it (built-in, user, kiln.toml).
     pub fn tiers(&self) -> Result<TierRegistry> {
         TierRegistry::discover(Some(&self.root))
+    }
+
+    /// The presets as this project sees them (user, kiln.toml).
+    pub fn presets(&self) -> Result<crate::tiers::presets::PresetRegistry> {
+        crate::tiers::presets::PresetRegistry::discover(Some(&self.root))
     }
 
     pub fn lock_path(&self) -> PathBuf {

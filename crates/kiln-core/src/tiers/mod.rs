@@ -6,10 +6,12 @@
 //! 3. the project's `kiln.toml` (its `[tiers.NAME]` tables).
 //!
 //! - [`load`]: loading a tier's model and filling a request from its defaults;
-//! - [`drift`]: the project lock of weight hashes and the drift guard.
+//! - [`drift`]: the project lock of weight hashes and the drift guard;
+//! - [`presets`]: brand kits (`[presets.NAME]`), from the same user and project layers.
 
 pub mod drift;
 pub mod load;
+pub mod presets;
 
 use crate::error::{Error, Result};
 use crate::pipeline::model::WeightRecord;
@@ -360,7 +362,7 @@ fn merge(
 
 /// A layer's `./x`, `../x`, or a relative path that exists beside the layer file, becomes
 /// absolute; hub ids and absolute paths are kept.
-fn resolve_relative(spec: &str, dir: Option<&Path>) -> String {
+pub(crate) fn resolve_relative(spec: &str, dir: Option<&Path>) -> String {
     let Some(dir) = dir else { return spec.to_string() };
     let path = Path::new(spec);
     if path.is_absolute() {
