@@ -15,3 +15,4 @@ pub mod sr;
 pub mod t5;
 pub mod unet;
 pub mod vae;
+pub mod zimage;
