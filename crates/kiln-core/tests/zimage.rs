@@ -197,3 +197,149 @@ fn zimage_pipeline_matches_diffusers() {
     }
     assert!(failures.is_empty(), "zimage: {failures:#?}");
 }
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+/// Loads a copy of the model after `damage` changed it, returning the error text.
+fn load_error(damage: impl FnOnce(&Path)) -> String {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    copy_dir(&fixture_dir().join("model"), &model);
+    damage(&model);
+    match LoadedModel::load(ModelSource::Folder(model), &Device::Cpu, DType::F32) {
+        Ok(_) => panic!("the damaged model loaded"),
+        Err(e) => e.to_string(),
+    }
+}
+
+fn edit(path: &Path, from: &str, to: &str) {
+    let text = std::fs::read_to_string(path).unwrap();
+    assert!(text.contains(from), "{} has no {from}", path.display());
+    std::fs::write(path, text.replace(from, to)).unwrap();
+}
+
+#[test]
+fn zimage_folder_damage_is_named() {
+    // A shard the index lists is missing.
+    let err = load_error(|m| {
+        std::fs::remove_file(m.join("transformer/diffusion_pytorch_model-00002-of-00004.safetensors"))
+            .unwrap()
+    });
+    assert!(
+        err.contains("diffusion_pytorch_model-00002-of-00004.safetensors") && err.contains("index"),
+        "{err}"
+    );
+    let err = load_error(|m| {
+        std::fs::remove_file(m.join("text_encoder/model-00003-of-00006.safetensors")).unwrap()
+    });
+    assert!(err.contains("model-00003-of-00006.safetensors"), "{err}");
+    // A transformer config that does not match the weights: tensor, expected and found shapes.
+    let err = load_error(|m| {
+        edit(&m.join("transformer/config.json"), "\"cap_feat_dim\": 32", "\"cap_feat_dim\": 40")
+    });
+    assert!(err.contains("cap_embedder.0.weight") && err.contains("40") && err.contains("32"), "{err}");
+    // A text encoder config that does not match its shards.
+    let err =
+        load_error(|m| edit(&m.join("text_encoder/config.json"), "\"head_dim\": 12", "\"head_dim\": 8"));
+    assert!(err.contains("layers.0.self_attn.q_proj.weight") && err.contains("[48, 32]"), "{err}");
+    // A config kiln cannot run is refused before any weight is read.
+    let err =
+        load_error(|m| edit(&m.join("transformer/config.json"), "\"qk_norm\": true", "\"qk_norm\": false"));
+    assert!(err.contains("qk_norm") && err.contains("config.json"), "{err}");
+    // The Qwen tokenizer is missing, or carries no chat template.
+    let err = load_error(|m| std::fs::remove_file(m.join("tokenizer/tokenizer.json")).unwrap());
+    assert!(err.contains("Qwen tokenizer") && err.contains("tokenizer.json"), "{err}");
+    let err = load_error(|m| std::fs::remove_file(m.join("tokenizer/chat_template.jinja")).unwrap());
+    assert!(err.contains("chat template"), "{err}");
+}
+
+fn request(width: usize, height: usize) -> GenerateRequest {
+    GenerateRequest {
+        prompt: "a photo of an astronaut riding a horse on the moon".into(),
+        negative_prompt: None,
+        width,
+        height,
+        steps: 1,
+        guidance: 0.0,
+        scheduler: None,
+        seeds: vec![1],
+        init_latents: None,
+        init_image: None,
+        strength: 1.0,
+        max_batch: 1,
+        vae_tiling: Default::default(),
+        max_sequence_length: None,
+    }
+}
+
+#[test]
+fn zimage_refuses_bad_sizes_and_budgets_and_warns_on_truncation() {
+    let model = LoadedModel::load(ModelSource::Folder(fixture_dir().join("model")), &Device::Cpu, DType::F32)
+        .unwrap();
+    // Sides must be multiples of 16 (the VAE factor 8 times the 2x2 patches).
+    let err = generate(&model, &request(72, 64), &mut NoProgress).unwrap_err().to_string();
+    assert!(err.contains("72") && err.contains("16"), "{err}");
+    // The token budget is bounded and positive.
+    let mut r = request(32, 32);
+    r.max_sequence_length = Some(0);
+    assert!(generate(&model, &r, &mut NoProgress).is_err());
+    r.max_sequence_length = Some(100_000);
+    let err = generate(&model, &r, &mut NoProgress).unwrap_err().to_string();
+    assert!(err.contains("max-sequence-length"), "{err}");
+    // A budget shorter than the templated prompt truncates it, with a warning naming the rest.
+    r.max_sequence_length = Some(8);
+    let out = generate(&model, &r, &mut NoProgress).unwrap();
+    let all = out.warnings.join("\n");
+    assert!(all.contains("longer than 8 Qwen tokens") && all.contains("moon"), "{all}");
+}
+
+/// The path `kiln generate --model DIR` takes (a generate job through the engine, defaults from
+/// the family registry), written as a PNG: the 8-bit image matches diffusers' float reference.
+#[test]
+fn zimage_generate_job_from_a_folder_writes_the_reference_image() {
+    use kiln_core::jobs::spec::GenerateSpec;
+    use kiln_core::jobs::{Engine, JobSpec, NullSink, RunContext};
+    use kiln_core::library::Project;
+    use kiln_core::workflow::JobOptions;
+
+    let dir = fixture_dir();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("zimage.png");
+    let options = JobOptions { device: Device::Cpu, dtype: None, accept_drift: false, show_progress: false };
+    let pool = std::sync::Arc::new(kiln_core::jobs::pool::ModelPool::new(None));
+    let engine = Engine::new(Project::open(tmp.path()).unwrap(), options, pool);
+    let spec = JobSpec::Generate(GenerateSpec {
+        model: Some(dir.join("model").display().to_string()),
+        prompt: "a photo of an astronaut riding a horse on the moon".into(),
+        width: Some(96),
+        height: Some(64),
+        steps: Some(4),
+        guidance: Some(0.0),
+        seed: Some(42),
+        max_sequence_length: Some(20),
+        out: Some(out.clone()),
+        ..Default::default()
+    });
+    let result = engine.run(&spec, &RunContext::default(), &mut NullSink).unwrap();
+    let png = kiln_core::image::load_rgb(&out).unwrap();
+    let got: Vec<f32> = png.as_raw().iter().map(|&v| v as f32 / 255.0).collect();
+    let got = Tensor::from_vec(got, (64, 96, 3), &Device::Cpu).unwrap();
+    let want = Tensor::read_npy(dir.join("seed42_msl20.npy")).unwrap().reshape((64, 96, 3)).unwrap();
+    let p = psnr(&got, &want);
+    println!(
+        "generate job (8-bit PNG) vs diffusers seed42_msl20: PSNR {p:.1} dB; warnings {:?}",
+        result.warnings
+    );
+    assert!(p >= 40.0, "PSNR {p:.1} dB");
+}

@@ -84,7 +84,7 @@ impl QwenTokenizer {
     pub fn encode_prompt(&self, prompt: &str, max_length: usize) -> Result<QwenTokens> {
         let mut ids = self.encode_ids(&Self::apply_chat_template(prompt))?;
         let truncated = if ids.len() > max_length {
-            let dropped = self.inner.decode(&ids[max_length..], false).map_err(|e| self.error(e))?;
+            let dropped = self.inner.decode(&ids[max_length..], true).map_err(|e| self.error(e))?;
             ids.truncate(max_length);
             Some(dropped)
         } else {
