@@ -26,7 +26,11 @@ fn openai_python_client() {
         "openai_client.py",
         &[&server.base, out.path().to_str().unwrap(), image.to_str().unwrap(), mask.to_str().unwrap()],
     );
-    assert_eq!(r["models"], serde_json::json!(["draft", "final", "flux-dev", "flux-schnell"]), "{r}");
+    assert_eq!(
+        r["models"],
+        serde_json::json!(["draft", "final", "flux-dev", "flux-schnell", "z-image-turbo"]),
+        "{r}"
+    );
     assert_eq!(r["generated"], 2, "{r}");
     assert_eq!(r["edited_png"], true, "{r}");
     assert_eq!(r["completed_png"], true, "{r}");
@@ -64,7 +68,11 @@ fn a1111_flow_with_requests() {
     let png = out.path().join("a1111.png");
     let r = run_client("a1111_client.py", &[&server.base, &key, png.to_str().unwrap()]);
     assert_eq!(r["checkpoint"], "draft", "{r}");
-    assert_eq!(r["models"], serde_json::json!(["draft", "final", "flux-dev", "flux-schnell"]), "{r}");
+    assert_eq!(
+        r["models"],
+        serde_json::json!(["draft", "final", "flux-dev", "flux-schnell", "z-image-turbo"]),
+        "{r}"
+    );
     assert!(r["samplers"].as_array().unwrap().iter().any(|s| s == "Euler a"), "{r}");
     assert_eq!(r["info_seed"], 7, "{r}");
     assert_eq!(r["image_png"], true, "{r}");

@@ -24,6 +24,9 @@ pub struct DenoiserCond<'a> {
     /// The guidance the network embeds itself ([`Denoiser::guidance_input`]): LCM's
     /// `[B, time_cond_proj_dim]` w-embedding, FLUX.1-dev's `[B]` distilled guidance.
     pub guidance: Option<&'a Tensor>,
+    /// Real tokens per row when rows' sequences differ in length (zero-padded past them), for
+    /// networks that must not see padding (Z-Image); None when every token of every row is real.
+    pub token_lens: Option<&'a [usize]>,
 }
 
 /// A denoising network: latents, the scheduler's timestep and conditioning → its prediction

@@ -14,6 +14,8 @@ pub enum Family {
     StableDiffusionXl,
     /// FLUX.1 (schnell, dev): CLIP-L pooled + T5 hidden states, flow-matching transformer.
     Flux,
+    /// Z-Image (Turbo): Qwen3 hidden states, single-stream flow-matching transformer.
+    ZImage,
 }
 
 /// Which kind of text encoder a component holds.
@@ -23,6 +25,8 @@ pub enum EncoderKind {
     Clip,
     /// T5 encoder (Unigram tokenizer from tokenizer.json).
     T5,
+    /// Qwen3 decoder used as an encoder (byte-level BPE from tokenizer.json, chat template).
+    Qwen3,
 }
 
 /// One tokenizer + text encoder pair, by component folder name.
@@ -43,6 +47,9 @@ pub enum TextConditioning {
     PenultimateConcatPooled,
     /// CLIP's pooled output as the pooled vector, T5's last hidden state as the tokens (FLUX.1).
     ClipPooledT5Tokens,
+    /// Qwen3's second-to-last hidden state of the chat-templated prompt, padding dropped
+    /// (Z-Image); no pooled vector.
+    QwenPenultimate,
 }
 
 /// What `--guidance` means for the family.
@@ -54,6 +61,9 @@ pub enum GuidanceStyle {
     /// Guidance-distilled: the value is embedded by the network when it has a guidance
     /// embedding (FLUX.1-dev) and ignored otherwise (FLUX.1-schnell); no negative pass.
     Distilled,
+    /// Classifier-free guidance counted from zero, as ZImagePipeline: `pos + g·(pos − neg)`,
+    /// with a negative pass whenever g > 0 (g = 0 runs the positive prompt alone).
+    ClassifierFreeFromZero,
 }
 
 /// How img2img's strength picks the first step (diffusers differs between pipelines).
@@ -81,6 +91,8 @@ pub enum DenoiserKind {
     UNet,
     /// diffusers' FluxTransformer2DModel.
     FluxTransformer,
+    /// diffusers' ZImageTransformer2DModel.
+    ZImageTransformer,
 }
 
 /// Everything the pipelines need to know about a family.
@@ -181,9 +193,35 @@ const FLUX: FamilySpec = FamilySpec {
     max_sequence_length: Some((512, 512)),
 };
 
+const ZIMAGE: FamilySpec = FamilySpec {
+    family: Family::ZImage,
+    name: "zimage",
+    denoiser: "transformer",
+    denoiser_kind: DenoiserKind::ZImageTransformer,
+    // ZImagePipeline: height and width default to 1024.
+    default_size: 1024,
+    text: &[TextStackSpec { tokenizer: "tokenizer", encoder: "text_encoder", kind: EncoderKind::Qwen3 }],
+    conditioning: TextConditioning::QwenPenultimate,
+    size_conditioning: false,
+    zeros_for_empty_negative: false,
+    guidance: GuidanceStyle::ClassifierFreeFromZero,
+    // ZImagePipeline's defaults (Z-Image-Turbo is distilled for guidance 0 and ~9 steps: its
+    // tier sets those).
+    default_guidance: 5.0,
+    default_steps: 50,
+    strength: StrengthRule::FloatInit,
+    flow_matching: true,
+    // get_default_z_image_sigmas: linspace(1, 1/n, n), as FluxPipeline.
+    flow_sigmas: FlowSigmas::LinspaceToInverseSteps,
+    // ZImagePipeline: max_sequence_length defaults to 512 and has no limit of its own; the
+    // transformer's RoPE table (axes_lens) bounds the caption, 1024 rows in diffusers' default.
+    max_sequence_length: Some((512, 1024)),
+};
+
 impl Family {
     /// Every family, in detection order.
-    pub const ALL: [Family; 3] = [Family::Flux, Family::StableDiffusionXl, Family::StableDiffusion];
+    pub const ALL: [Family; 4] =
+        [Family::ZImage, Family::Flux, Family::StableDiffusionXl, Family::StableDiffusion];
 
     /// The family's registry entry.
     pub fn spec(self) -> &'static FamilySpec {
@@ -191,6 +229,7 @@ impl Family {
             Family::StableDiffusion => &SD,
             Family::StableDiffusionXl => &SDXL,
             Family::Flux => &FLUX,
+            Family::ZImage => &ZIMAGE,
         }
     }
 
@@ -198,7 +237,11 @@ impl Family {
     /// model version).
     pub fn detect(folder: &DiffusersFolder) -> Family {
         let class = folder.class_name();
-        if class.starts_with("Flux")
+        if class.starts_with("ZImage")
+            || folder.component_class("transformer") == Some("ZImageTransformer2DModel")
+        {
+            Family::ZImage
+        } else if class.starts_with("Flux")
             || folder.component_class("transformer") == Some("FluxTransformer2DModel")
         {
             Family::Flux
@@ -216,6 +259,25 @@ impl Family {
 }
 
 impl FamilySpec {
+    /// Whether guidance `g` runs a negative pass (classifier-free guidance), before asking
+    /// whether the denoiser embeds guidance itself: g > 1 for the SD families, g > 0 for Z-Image.
+    pub fn cfg_requested(&self, g: f64) -> bool {
+        match self.guidance {
+            GuidanceStyle::ClassifierFree => g > 1.0,
+            GuidanceStyle::ClassifierFreeFromZero => g > 0.0,
+            GuidanceStyle::Distilled => false,
+        }
+    }
+
+    /// The scale `s` of `neg + s·(pos − neg)` that guidance `g` means: `g` itself, or `g + 1`
+    /// for Z-Image's `pos + g·(pos − neg)`.
+    pub fn cfg_scale(&self, g: f64) -> f64 {
+        match self.guidance {
+            GuidanceStyle::ClassifierFreeFromZero => g + 1.0,
+            _ => g,
+        }
+    }
+
     /// diffusers' img2img start index for `n` steps at `strength` (times the scheduler order,
     /// 1 for all of kiln's).
     pub fn strength_start(&self, n: usize, strength: f64) -> usize {
@@ -249,5 +311,16 @@ mod tests {
         assert_eq!(Family::StableDiffusion.spec().strength_start(4, 0.6), 2);
         assert_eq!(Family::Flux.spec().strength_start(5, 0.6), 2);
         assert_eq!(Family::Flux.spec().strength_start(4, 1.0), 0);
+    }
+
+    #[test]
+    fn zimage_guidance_counts_from_zero() {
+        let z = Family::ZImage.spec();
+        assert!(!z.cfg_requested(0.0) && z.cfg_requested(0.5));
+        assert_eq!(z.cfg_scale(2.0), 3.0);
+        let sd = Family::StableDiffusion.spec();
+        assert!(!sd.cfg_requested(1.0) && sd.cfg_requested(1.5));
+        assert_eq!(sd.cfg_scale(7.5), 7.5);
+        assert!(!Family::Flux.spec().cfg_requested(3.5));
     }
 }

@@ -1,4 +1,5 @@
-//! Model architectures: text encoders (CLIP, T5), UNet, the FLUX transformer, VAE,
+//! Model architectures: text encoders (CLIP, T5, Qwen3), UNet, the FLUX and Z-Image
+//! transformers, VAE,
 //! super-resolution nets, matting
 //! (U²-Net background removal), plus the family registry ([`family`]) and the denoiser
 //! interface every family's network implements ([`denoiser`]).
@@ -9,7 +10,9 @@ pub mod denoiser;
 pub mod family;
 pub mod flux;
 pub mod matting;
+pub mod qwen3;
 pub mod sr;
 pub mod t5;
 pub mod unet;
 pub mod vae;
+pub mod zimage;

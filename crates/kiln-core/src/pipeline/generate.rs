@@ -302,6 +302,9 @@ pub(crate) struct Conditioning {
     time_ids: Option<Tensor>,
     /// The guidance the denoiser embeds itself (LCM's w-embedding, FLUX.1-dev's guidance).
     embedded_guidance: Option<Tensor>,
+    /// Real tokens per row when the negative and positive sequences differ in length (Z-Image
+    /// keeps each prompt's own length); the shorter rows are zero-padded past theirs.
+    token_lens: Option<Vec<usize>>,
     cfg: bool,
     guidance: f64,
     batch: usize,
@@ -320,12 +323,14 @@ impl Conditioning {
         height: usize,
     ) -> Result<Self> {
         let device = &model.device;
-        let (hidden, pooled) = batch_conditioning(prompts, b, cfg)?;
+        let (hidden, pooled, token_lens) = batch_conditioning(prompts, b, cfg)?;
         // (original size, crop top-left, target size): diffusers' defaults for txt2img/img2img.
         let (h, w) = (height as f32, width as f32);
         let time_ids = size_ids(model, &vec![[h, w, 0.0, 0.0, h, w]; b], cfg)?;
         let embedded_guidance = model.denoiser.guidance_input(guidance, b, device)?;
-        Ok(Self { hidden, pooled, time_ids, embedded_guidance, cfg, guidance, batch: b })
+        // The family's guidance as the scale of `neg + s·(pos − neg)` (Z-Image: g + 1).
+        let guidance = model.spec.cfg_scale(guidance);
+        Ok(Self { hidden, pooled, time_ids, embedded_guidance, token_lens, cfg, guidance, batch: b })
     }
 }
 
@@ -377,6 +382,7 @@ impl Conditioning {
             pooled: self.pooled.as_ref(),
             time_ids: time_ids.or(self.time_ids.as_ref()),
             guidance: self.embedded_guidance.as_ref(),
+            token_lens: self.token_lens.as_deref(),
         };
         let t = crate::schedule::at(scheduler.timesteps(), i, "timesteps")?;
         let pred = model.denoiser.predict(&model_in, t, &denoiser_cond)?;
@@ -536,8 +542,11 @@ pub fn vae_fallback_warning(image: &GeneratedImage) -> Option<String> {
     })
 }
 
-/// The UNet's encoder_hidden_states (and SDXL text_embeds) for a batch of `b`, negatives first.
-fn batch_conditioning(prompts: &EncodedPrompts, b: usize, cfg: bool) -> Result<(Tensor, Option<Tensor>)> {
+/// The denoiser's token sequences (and SDXL text_embeds) for a batch of `b`, negatives first;
+/// with the real lengths per row when the negative and positive sequences differ in length.
+type BatchConditioning = (Tensor, Option<Tensor>, Option<Vec<usize>>);
+
+fn batch_conditioning(prompts: &EncodedPrompts, b: usize, cfg: bool) -> Result<BatchConditioning> {
     let pos = &prompts.positive;
     let rep = |t: &Tensor| -> Result<Tensor> {
         let mut dims = vec![b];
@@ -546,15 +555,36 @@ fn batch_conditioning(prompts: &EncodedPrompts, b: usize, cfg: bool) -> Result<(
     };
     match (&prompts.negative, cfg) {
         (Some(neg), true) => {
-            let hidden = Tensor::cat(&[rep(&neg.hidden)?, rep(&pos.hidden)?], 0)?;
+            let (n_neg, n_pos) = (neg.hidden.dim(1)?, pos.hidden.dim(1)?);
+            let (hidden, lens) = if n_neg == n_pos {
+                (Tensor::cat(&[rep(&neg.hidden)?, rep(&pos.hidden)?], 0)?, None)
+            } else {
+                let n = n_neg.max(n_pos);
+                let lens = [vec![n_neg; b], vec![n_pos; b]].concat();
+                let hidden = Tensor::cat(
+                    &[rep(&pad_tokens(&neg.hidden, n)?)?, rep(&pad_tokens(&pos.hidden, n)?)?],
+                    0,
+                )?;
+                (hidden, Some(lens))
+            };
             let pooled = match (&neg.pooled, &pos.pooled) {
                 (Some(n), Some(p)) => Some(Tensor::cat(&[rep(n)?, rep(p)?], 0)?),
                 _ => None,
             };
-            Ok((hidden, pooled))
+            Ok((hidden, pooled, lens))
         }
-        _ => Ok((rep(&pos.hidden)?, pos.pooled.as_ref().map(rep).transpose()?)),
+        _ => Ok((rep(&pos.hidden)?, pos.pooled.as_ref().map(rep).transpose()?, None)),
     }
+}
+
+/// `[1, L, D]` tokens zero-padded to `n`.
+fn pad_tokens(hidden: &Tensor, n: usize) -> Result<Tensor> {
+    let (b, l, d) = hidden.dims3()?;
+    if l == n {
+        return Ok(hidden.clone());
+    }
+    let zeros = Tensor::zeros((b, n - l, d), hidden.dtype(), hidden.device())?;
+    Ok(Tensor::cat(&[hidden, &zeros], 1)?)
 }
 
 /// Whether every value is finite (an f16 overflow leaves inf, and NaN after the next op).

@@ -14,10 +14,13 @@ use crate::models::family::{
     DenoiserKind, EncoderKind, Family, FamilySpec, FlowSigmas, GuidanceStyle, TextStackSpec,
 };
 use crate::models::flux::{FluxConfig, FluxTransformer};
+use crate::models::qwen3::tokenizer::QwenTokenizer;
+use crate::models::qwen3::{Qwen3Config, Qwen3Encoder};
 use crate::models::t5::tokenizer::T5Tokenizer;
 use crate::models::t5::{T5Config, T5Encoder};
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::models::vae::{AutoencoderKl, VaeConfig};
+use crate::models::zimage::{ZImageConfig, ZImageTransformer};
 use crate::schedule::{self, FlowInputs, Scheduler, SchedulerConfig, SchedulerKind};
 use candle_core::{DType, Device};
 use serde::Serialize;
@@ -28,6 +31,7 @@ use std::sync::OnceLock;
 pub enum TextStack {
     Clip { tokenizer: Box<ClipTokenizer>, encoder: Box<ClipTextModel> },
     T5 { tokenizer: Box<T5Tokenizer>, encoder: Box<T5Encoder> },
+    Qwen3 { tokenizer: Box<QwenTokenizer>, encoder: Box<Qwen3Encoder> },
 }
 
 /// A weight file the model was built from, for metadata and drift checks.
@@ -186,12 +190,11 @@ impl LoadedModel {
     }
 
     /// Whether `guidance` turns classifier-free guidance (a negative pass) on: for
-    /// [`GuidanceStyle::ClassifierFree`] families when g > 1, unless the denoiser embeds the
+    /// [`GuidanceStyle::ClassifierFree`] families when g > 1 (Z-Image's
+    /// [`GuidanceStyle::ClassifierFreeFromZero`]: g > 0), unless the denoiser embeds the
     /// guidance itself (LCM-distilled UNets), as diffusers decides.
     pub fn classifier_free(&self, guidance: f64) -> bool {
-        self.spec.guidance == GuidanceStyle::ClassifierFree
-            && guidance > 1.0
-            && !self.denoiser.embeds_guidance()
+        self.spec.cfg_requested(guidance) && !self.denoiser.embeds_guidance()
     }
 
     /// The scheduler `kind` for `steps` steps on `latent_h`×`latent_w` latents (flow-matching
@@ -279,6 +282,14 @@ fn load_text_stack(
             let encoder = T5Encoder::new(&cfg, &cfg_path, vb).map_err(|e| named(e, &files))?;
             TextStack::T5 { tokenizer: Box::new(tokenizer), encoder: Box::new(encoder) }
         }
+        EncoderKind::Qwen3 => {
+            let tokenizer = QwenTokenizer::from_dir(&folder.component_dir(stack.tokenizer)?)?;
+            let (cfg_path, _) = folder.config(stack.encoder)?;
+            let cfg = Qwen3Config::from_file(&cfg_path)?;
+            let vb = open_safetensors(&files, dtype, device)?;
+            let encoder = Qwen3Encoder::new(&cfg, vb).map_err(|e| named(e, &files))?;
+            TextStack::Qwen3 { tokenizer: Box::new(tokenizer), encoder: Box::new(encoder) }
+        }
     };
     record(weights, stack.encoder, &files)?;
     Ok(loaded)
@@ -304,6 +315,11 @@ fn load_denoiser(
             let (cfg_path, cfg): (_, FluxConfig) = folder.parse_config(spec.denoiser)?;
             cfg.validate(&cfg_path)?;
             Box::new(FluxTransformer::new(&cfg, vb).map_err(|e| named(e, &files))?)
+        }
+        DenoiserKind::ZImageTransformer => {
+            let (cfg_path, cfg): (_, ZImageConfig) = folder.parse_config(spec.denoiser)?;
+            cfg.validate(&cfg_path)?;
+            Box::new(ZImageTransformer::new(&cfg, vb).map_err(|e| named(e, &files))?)
         }
     };
     record(weights, spec.denoiser, &files)?;

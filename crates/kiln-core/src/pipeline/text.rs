@@ -1,8 +1,8 @@
 //! Prompt encoding, per family (as the registry's [`TextConditioning`] says), as diffusers'
 //! `encode_prompt` does it, into the family-neutral [`PromptEmbeds`].
 //!
-//! Prompts longer than a tokenizer's budget (77 CLIP tokens; the T5 `--max-sequence-length`)
-//! are truncated (diffusers' behaviour, so parity holds); the dropped text is returned as a
+//! Prompts longer than a tokenizer's budget (77 CLIP tokens; the T5 or Qwen
+//! `--max-sequence-length`, Qwen's counting the chat template's tokens too) are truncated (diffusers' behaviour, so parity holds); the dropped text is returned as a
 //! warning for the caller to show.
 
 use crate::error::{Error, Result};
@@ -144,6 +144,8 @@ fn encode_one(
                         let ids = Tensor::from_vec(tokens.ids, (1, max_len), &model.device)?;
                         hidden = Some(encoder.forward(&ids)?);
                     }
+                    // Not a FLUX stack: the check below names what is missing.
+                    TextStack::Qwen3 { .. } => {}
                 }
             }
             match (hidden, pooled) {
@@ -153,6 +155,29 @@ fn encode_one(
                     model.spec.name
                 ))),
             }
+        }
+        TextConditioning::QwenPenultimate => {
+            // ZImagePipeline: the chat-templated prompt, hidden_states[-2], padding dropped.
+            let TextStack::Qwen3 { tokenizer, encoder } = first_stack(model)? else {
+                return Err(Error::Unsupported(format!(
+                    "the {} family needs a Qwen3 text encoder",
+                    model.spec.name
+                )));
+            };
+            let max_len = budget.unwrap_or(512);
+            let tokens = tokenizer.encode_prompt(prompt, max_len)?;
+            if let Some(dropped) = tokens.truncated {
+                push_once(
+                    warnings,
+                    format!(
+                        "prompt longer than {max_len} Qwen tokens with its chat template \
+                         (--max-sequence-length); truncated (as diffusers does), dropped: \"{dropped}\""
+                    ),
+                );
+            }
+            let n = tokens.ids.len();
+            let ids = Tensor::from_vec(tokens.ids, (1, n), &model.device)?;
+            Ok(PromptEmbeds { hidden: encoder.forward_penultimate(&ids)?, pooled: None })
         }
     }
 }

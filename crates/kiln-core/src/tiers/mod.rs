@@ -490,7 +490,8 @@ mod tests {
                 TierKind::Diffusion => {
                     assert!(t.revision.is_some(), "{}", t.name);
                     assert!(t.vae.is_none() || t.vae_revision.is_some(), "{}", t.name);
-                    let denoiser = if t.model.contains("FLUX") { "transformer/" } else { "unet/" };
+                    let transformer = t.model.contains("FLUX") || t.model.contains("Z-Image");
+                    let denoiser = if transformer { "transformer/" } else { "unet/" };
                     for comp in [denoiser, "text_encoder/", "vae/"] {
                         let named = t.weights.keys().chain(&t.unpinned).any(|k| k.starts_with(comp));
                         assert!(named, "tier {} names no {comp} file", t.name);
@@ -508,6 +509,11 @@ mod tests {
         assert_eq!(dev.revision.as_deref(), Some("3de623fc3c33e44ffbe2bad470d0f45bccf2eb21"));
         assert_eq!((dev.steps, dev.guidance, dev.dtype.as_deref()), (Some(28), Some(3.5), Some("bf16")));
         assert!(!dev.is_draft() && !schnell.is_draft());
+        // Z-Image-Turbo: 9 steps without classifier-free guidance, as its model card runs it.
+        let z = reg.get("z-image-turbo")?;
+        assert_eq!(z.revision.as_deref(), Some("f332072aa78be7aecdf3ee76d5c247082da564a6"));
+        assert_eq!((z.steps, z.guidance, z.dtype.as_deref()), (Some(9), Some(0.0), Some("bf16")));
+        assert!(!z.is_draft());
         let err = reg.get("sketch").map(|_| ()).err().map(|e| e.to_string()).unwrap_or_default();
         assert!(err.contains("unknown tier `sketch`") && err.contains("draft, final"), "{err}");
         Ok(())
