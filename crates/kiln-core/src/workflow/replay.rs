@@ -78,12 +78,11 @@ pub fn replay(ws: &mut Workspace, req: &ReplayRequest, progress: &mut dyn Progre
         _ => None,
     };
 
-    // An upscaled asset replays as its generation followed by the recorded upscale step; its
-    // upscaler loads first, so a missing SR model fails before the generation.
-    let upscale_params = match input.asset_id {
-        Some(id) => ws.library.asset(id)?.params.filter(|p| p["step"] == "upscale"),
-        None => None,
-    };
+    // An upscaled asset replays as its generation followed by the recorded upscale step, a
+    // re-detailed one as its parent's chain followed by the re-detail step; their models load
+    // first, so a missing SR model or tier fails before the generation.
+    let (upscale_step, redetail_params) = recorded_steps(ws, input.asset_id)?;
+    let upscale_params = upscale_step.as_ref().map(|(p, _)| p.clone());
     if upscale_params.is_none() && has_upscale_chunk(&input.path)? {
         return Err(Error::arg(
             "replay",
@@ -94,8 +93,38 @@ pub fn replay(ws: &mut Workspace, req: &ReplayRequest, progress: &mut dyn Progre
             ),
         ));
     }
-    let mut upscaler = match &upscale_params {
-        Some(p) => Some(load_recorded_upscaler(ws, p, input.asset_id, &mut warnings)?),
+    let mut upscaler = match &upscale_step {
+        Some((p, holder)) => Some(load_recorded_upscaler(ws, p, Some(*holder), &mut warnings)?),
+        None => None,
+    };
+    let mut redetailer = match &redetail_params {
+        Some(p) => {
+            let tier = p["tier"]
+                .as_str()
+                .ok_or_else(|| Error::arg("replay", "the re-detail record names no tier"))?;
+            let warm = ws.load_tier(tier)?;
+            warnings.extend(crate::jobs::engine::tier_warnings(&warm.tier, &warm.drift));
+            let recorded = match input.asset_id {
+                Some(id) => ws.library.asset(id)?.model_hashes,
+                None => Vec::new(),
+            };
+            let locked = drift::LockedTier { model: warm.tier.model.clone(), vae: None, files: recorded };
+            let diffs = drift::differences(&locked, &warm.tier, &warm.model.weights);
+            if !diffs.is_empty() {
+                let msg = format!(
+                    "re-detail model differs from the one the image was made with:\n  {}",
+                    diffs.join("\n  ")
+                );
+                if !ws.options.accept_drift {
+                    return Err(Error::config(
+                        &warm.tier.defined_in,
+                        format!("{msg}\nrerun with --accept-drift to replay anyway"),
+                    ));
+                }
+                warnings.push(msg);
+            }
+            Some((warm, redetail_request(p)?))
+        }
         None => None,
     };
 
@@ -168,22 +197,47 @@ pub fn replay(ws: &mut Workspace, req: &ReplayRequest, progress: &mut dyn Progre
     };
     let chunks = png_chunks(&record, scheduler, &model);
     let mut upscale_seconds = 0.0;
-    let rgb = match (upscaler.as_mut(), &upscale_params) {
-        (Some(up), Some(p)) => {
-            // The regenerated base goes beside the output, is upscaled into it, then removed.
-            let base = ws.output_path("replays", &format!("replay-base-s{}", record.seed));
-            crate::image::png_meta::write_png_atomic(&base, &rgb, &chunks)?;
-            let t0 = Instant::now();
-            let upscaled = replay_upscale(up, p, &base, &path);
-            upscale_seconds = t0.elapsed().as_secs_f64() + std::mem::take(&mut up.load_seconds);
-            let _ = std::fs::remove_file(&base);
-            upscaled?;
-            crate::image::load_rgb(&path)?
+    let mut redetail_timings = JobTimings::default();
+    let rgb = if upscaler.is_none() && redetailer.is_none() {
+        crate::image::png_meta::write_png_atomic(&path, &rgb, &chunks)?;
+        rgb
+    } else {
+        // The regenerated base goes beside the output and each recorded step runs on the last
+        // one's file; the intermediate files are removed.
+        let mut current = ws.output_path("replays", &format!("replay-base-s{}", record.seed));
+        crate::image::png_meta::write_png_atomic(&current, &rgb, &chunks)?;
+        let mut temps = vec![current.clone()];
+        let steps = (|| -> Result<()> {
+            if let (Some(up), Some(p)) = (upscaler.as_mut(), &upscale_params) {
+                let out = match redetailer {
+                    Some(_) => ws.output_path("replays", &format!("replay-up-s{}", record.seed)),
+                    None => path.clone(),
+                };
+                temps.push(out.clone());
+                let t0 = Instant::now();
+                let upscaled = replay_upscale(up, p, &current, &out);
+                upscale_seconds = t0.elapsed().as_secs_f64() + std::mem::take(&mut up.load_seconds);
+                upscaled?;
+                current = out;
+            }
+            if let Some((warm, request)) = redetailer.as_mut() {
+                let report = crate::pipeline::redetail::redetail_png(
+                    &warm.model,
+                    &current,
+                    &path,
+                    request.clone(),
+                    progress,
+                )?;
+                redetail_timings.load = std::mem::take(&mut warm.load_seconds);
+                redetail_timings.steps = vec![report.seconds];
+            }
+            Ok(())
+        })();
+        for t in temps.iter().filter(|t| **t != path) {
+            let _ = std::fs::remove_file(t);
         }
-        _ => {
-            crate::image::png_meta::write_png_atomic(&path, &rgb, &chunks)?;
-            rgb
-        }
+        steps?;
+        crate::image::load_rgb(&path)?
     };
 
     let max_abs_diff = if rgb.dimensions() == original.dimensions() {
@@ -194,6 +248,10 @@ pub fn replay(ws: &mut Workspace, req: &ReplayRequest, progress: &mut dyn Progre
     let psnr = crate::image::compare::psnr(&rgb, &original).unwrap_or(0.0);
     let mut timings = JobTimings::from_stages(load_seconds, &stage_timings);
     timings.upscale = upscale_seconds;
+    // The re-detail step's load and denoising count with the generation's.
+    timings.load += redetail_timings.load;
+    timings.steps.extend(&redetail_timings.steps);
+    let redetail_seconds = redetail_timings.device_seconds();
     timings.cpu_seconds = match (cpu0, super::process_cpu_seconds()) {
         (Some(a), Some(b)) => Some(b - a),
         _ => None,
@@ -208,11 +266,15 @@ pub fn replay(ws: &mut Workspace, req: &ReplayRequest, progress: &mut dyn Progre
         &written,
         input.asset_id,
     );
-    if let Some(up) = &upscaler {
+    if upscaler.is_some() || redetailer.is_some() {
         // Each part at its own tier's price: the generation at the generating tier's, the
-        // upscale step (with its load) at the upscale tier's.
-        let generation = tier.as_ref().map(|t| t.price.cost(1, timings.device_seconds() - upscale_seconds));
-        job.credits = generation.unwrap_or(0.0) + up.tier.price.cost(1, upscale_seconds);
+        // upscale step (with its load) at the upscale tier's, the re-detail at its tier's.
+        let own = timings.device_seconds() - upscale_seconds - redetail_seconds;
+        let generation = tier.as_ref().map(|t| t.price.cost(1, own)).unwrap_or(0.0);
+        let upscale = upscaler.as_ref().map(|up| up.tier.price.cost(1, upscale_seconds)).unwrap_or(0.0);
+        let redetail =
+            redetailer.as_ref().map(|(w, _)| w.tier.price.cost(1, redetail_seconds)).unwrap_or(0.0);
+        job.credits = generation + upscale + redetail;
         for a in &mut assets {
             a.credits = job.credits;
         }
@@ -228,6 +290,51 @@ pub fn replay(ws: &mut Workspace, req: &ReplayRequest, progress: &mut dyn Progre
         psnr,
         timings,
         warnings,
+    })
+}
+
+/// The non-generation steps recorded on an asset: its upscale step (with the asset that
+/// holds it, whose model hashes are the upscaler's), and its re-detail step (whose parent holds
+/// the upscale step it ran on, when there was one).
+type RecordedSteps = (Option<(serde_json::Value, i64)>, Option<serde_json::Value>);
+
+fn recorded_steps(ws: &Workspace, asset_id: Option<i64>) -> Result<RecordedSteps> {
+    let Some(id) = asset_id else { return Ok((None, None)) };
+    let asset = ws.library.asset(id)?;
+    let step = |p: &Option<serde_json::Value>, name: &str| p.as_ref().filter(|p| p["step"] == name).cloned();
+    if let Some(up) = step(&asset.params, "upscale") {
+        return Ok((Some((up, id)), None));
+    }
+    let Some(redetail) = step(&asset.params, "redetail") else { return Ok((None, None)) };
+    let upscale = match asset.parent_id {
+        Some(parent) => step(&ws.library.asset(parent)?.params, "upscale").map(|p| (p, parent)),
+        None => None,
+    };
+    Ok((upscale, Some(redetail)))
+}
+
+/// The re-detail request a recorded step ran (its image is read from the replayed chain).
+fn redetail_request(p: &serde_json::Value) -> Result<crate::pipeline::redetail::RedetailRequest> {
+    let missing = |field: &str| {
+        Error::arg(
+            "replay",
+            format!("the re-detail record has no `{field}` (recorded by an older kiln); re-detail the upscale again instead"),
+        )
+    };
+    let num = |field: &str| p[field].as_f64().ok_or_else(|| missing(field));
+    let count = |field: &str| p[field].as_u64().map(|v| v as usize).ok_or_else(|| missing(field));
+    Ok(crate::pipeline::redetail::RedetailRequest {
+        image: image::RgbImage::new(0, 0),
+        prompt: p["prompt"].as_str().ok_or_else(|| missing("prompt"))?.to_string(),
+        negative_prompt: p["negative_prompt"].as_str().map(str::to_string),
+        steps: count("steps")?,
+        strength: num("strength")?,
+        guidance: num("guidance")?,
+        scheduler: Some(p["scheduler"].as_str().ok_or_else(|| missing("scheduler"))?.parse()?),
+        seed: p["seed"].as_u64().ok_or_else(|| missing("seed"))?,
+        tile: count("tile")?,
+        overlap: count("overlap")?,
+        vae_tiling: Default::default(),
     })
 }
 
