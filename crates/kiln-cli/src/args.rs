@@ -101,14 +101,33 @@ pub struct SamplingArgs {
     /// Number of images (seeds S..S+N-1).
     #[arg(long, default_value_t = 1)]
     pub count: usize,
+    /// A preset (brand kit, `kiln presets`): its prompt template, negative prompt, tier, size,
+    /// sampler settings, seed and grade apply where these options leave them unset.
+    #[arg(long)]
+    pub preset: Option<String>,
 }
 
 impl SamplingArgs {
+    /// The spec's seed: --seed, else (without a preset, whose policy may fix it) a random one
+    /// chosen here so the command can print it.
+    pub fn spec_seed(&self) -> Option<u64> {
+        seed_for(self.seed, self.preset.as_deref())
+    }
+
     /// Checks --count and parses --scheduler.
     pub fn scheduler(&self) -> anyhow::Result<Option<SchedulerKind>> {
         if self.count == 0 || self.count > MAX_COUNT {
             bail!("invalid --count: {} (expected 1..={MAX_COUNT})", self.count);
         }
         Ok(self.scheduler.as_deref().map(str::parse).transpose()?)
+    }
+}
+
+/// `--seed`, else a random seed unless a preset decides (its seed policy, applied by the job).
+pub fn seed_for(seed: Option<u64>, preset: Option<&str>) -> Option<u64> {
+    match (seed, preset) {
+        (Some(s), _) => Some(s),
+        (None, Some(_)) => None,
+        (None, None) => Some(kiln_core::jobs::engine::random_seed()),
     }
 }

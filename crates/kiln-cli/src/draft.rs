@@ -2,7 +2,6 @@
 //! asset library.
 
 use crate::args::RunArgs;
-use crate::generate::random_seed;
 use clap::Args;
 use kiln_core::jobs::spec::DraftSpec;
 use kiln_core::jobs::JobSpec;
@@ -59,6 +58,10 @@ pub struct DraftArgs {
     /// Images per UNet batch (default: all, up to 8).
     #[arg(long)]
     batch: Option<usize>,
+    /// A preset (brand kit, `kiln presets`): its prompt template, negative prompt, size, steps,
+    /// seed and grade apply where these options leave them unset (the draft tier stays).
+    #[arg(long)]
+    preset: Option<String>,
     #[command(flatten)]
     job: JobArgs,
 }
@@ -68,7 +71,7 @@ pub fn run(args: DraftArgs) -> anyhow::Result<()> {
         tier: Some(args.tier.clone()),
         prompt: args.prompt.clone(),
         count: Some(args.count),
-        seed: Some(args.seed.unwrap_or_else(random_seed)),
+        seed: crate::args::seed_for(args.seed, args.preset.as_deref()),
         negative: args.negative.clone(),
         width: args.width,
         height: args.height,
@@ -77,6 +80,7 @@ pub fn run(args: DraftArgs) -> anyhow::Result<()> {
         vae_tiling: Some(args.job.run.vae.vae_tiling.clone()),
         vae_tile: args.job.run.vae.vae_tile,
         max_sequence_length: None,
+        preset: args.preset.clone(),
     });
     let engine = args.job.engine()?;
     let out = crate::job::run(&engine, &spec, &args.job.run)?;

@@ -55,7 +55,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         steps: args.sampling.steps,
         guidance: args.sampling.guidance,
         scheduler: args.sampling.scheduler.clone(),
-        seed: Some(args.sampling.seed.unwrap_or_else(random_seed)),
+        seed: args.sampling.spec_seed(),
         count: Some(args.sampling.count),
         batch: args.batch,
         init_image: args.init_image.clone().map(ImageRef::File),
@@ -65,6 +65,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         vae_tiling: Some(args.run.vae.vae_tiling.clone()),
         vae_tile: args.run.vae.vae_tile,
         max_sequence_length: args.max_sequence_length,
+        preset: args.sampling.preset.clone(),
     });
     args.sampling.scheduler()?;
     let engine = crate::job::engine(args.source.project.as_deref(), &args.run, false)?;
@@ -92,5 +93,3 @@ pub(crate) fn print_images(out: &JobOutput, json: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
-
-pub(crate) use kiln_core::jobs::engine::random_seed;

@@ -2,7 +2,7 @@
 //! metadata `kiln generate` writes plus the mask and region used.
 
 use crate::args::{ModelArgs, RunArgs, SamplingArgs};
-use crate::generate::{print_images, random_seed};
+use crate::generate::print_images;
 use clap::Args;
 use kiln_core::jobs::spec::{EditMode, ExtendSpec, ImageRef, InpaintSpec};
 use kiln_core::jobs::JobSpec;
@@ -126,7 +126,8 @@ impl JobArgs {
             steps: self.sampling.steps,
             guidance: self.sampling.guidance,
             scheduler: self.sampling.scheduler.clone(),
-            seed: Some(self.sampling.seed.unwrap_or_else(random_seed)),
+            seed: self.sampling.spec_seed(),
+            preset: self.sampling.preset.clone(),
             count: Some(self.sampling.count),
             region: Some(self.region.clone()),
             padding: Some(self.padding),

@@ -97,6 +97,8 @@ struct Sampling {
     width: Option<usize>,
     height: Option<usize>,
     count: usize,
+    /// A1111's `styles`: kiln's presets (one per job).
+    preset: Option<String>,
 }
 
 impl Sampling {
@@ -113,6 +115,7 @@ impl Sampling {
             scheduler: self.scheduler.clone(),
             seed: self.seed,
             count: Some(self.count),
+            preset: self.preset.clone(),
             ..Default::default()
         }
     }
@@ -155,7 +158,21 @@ fn sampling(state: &AppState, m: &serde_json::Map<String, Value>) -> ApiResult<S
             .map(str::to_string);
         overridden.unwrap_or_else(|| state.a1111_tier.lock().unwrap_or_else(|p| p.into_inner()).clone())
     };
+    let preset = match m.get("styles") {
+        None | Some(Value::Null) => None,
+        Some(Value::Array(names)) => match names.as_slice() {
+            [] => None,
+            [Value::String(name)] => Some(name.clone()),
+            _ => {
+                return Err(ApiError::bad(
+                    "styles: kiln applies one style (preset) per job; send at most one name (GET /sdapi/v1/prompt-styles lists them)",
+                ))
+            }
+        },
+        Some(other) => return Err(ApiError::bad(format!("styles: expected a list of names, got {other}"))),
+    };
     Ok(Sampling {
+        preset,
         tier,
         prompt: get_str(m, "prompt")?.unwrap_or_default().to_string(),
         negative: get_str(m, "negative_prompt")?.filter(|s| !s.is_empty()).map(str::to_string),
@@ -419,4 +436,21 @@ pub async fn extra_single_image(
     let images = result_images(&state, &result)?;
     let first = images.first().ok_or_else(|| ApiError::Internal("the upscale made no image".into()))?;
     Ok(Json(serde_json::json!({ "html_info": "", "image": b64(&first.png) })).into_response())
+}
+
+/// A1111's prompt styles: the project's presets (name, prompt template, negative prompt).
+pub async fn prompt_styles(State(state): State<Arc<AppState>>) -> ApiResult<Json<Value>> {
+    let presets = state.engine.project.presets()?;
+    let styles: Vec<Value> = presets
+        .presets
+        .values()
+        .map(|p| {
+            serde_json::json!({
+                "name": p.name,
+                "prompt": p.prompt,
+                "negative_prompt": p.negative_prompt.clone().unwrap_or_default(),
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(styles)))
 }

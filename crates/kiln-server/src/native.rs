@@ -244,6 +244,26 @@ pub async fn tiers(State(state): State<Arc<AppState>>) -> ApiResult<Response> {
     Ok(Json(serde_json::json!({ "tiers": list })).into_response())
 }
 
+/// The project's presets (brand kits): name, description, tier, settings and content hash; no
+/// file paths (a LUT is named by its file name).
+pub async fn presets(State(state): State<Arc<AppState>>) -> ApiResult<Response> {
+    let presets = state.engine.project.presets()?;
+    let list: Vec<serde_json::Value> = presets
+        .presets
+        .values()
+        .map(|p| {
+            let lut = p.grade.as_ref().and_then(|g| g.lut.file_name()).map(|n| n.to_string_lossy().into_owned());
+            serde_json::json!({
+                "name": p.name, "description": p.description, "tier": p.tier, "prompt": p.prompt,
+                "negative_prompt": p.negative_prompt, "aspect": p.aspect, "width": p.width, "height": p.height,
+                "steps": p.steps, "guidance": p.guidance, "scheduler": p.scheduler, "seed": p.seed,
+                "grade_lut": lut, "sha256": p.sha256,
+            })
+        })
+        .collect();
+    Ok(Json(serde_json::json!({ "presets": list })).into_response())
+}
+
 pub async fn healthz() -> &'static str {
     "ok"
 }

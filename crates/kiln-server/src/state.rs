@@ -118,10 +118,12 @@ impl AppState {
         Ok(match spec {
             // Cutouts take about a second: interactive work, like drafts.
             JobSpec::Draft(_) | JobSpec::Cutout(_) => Lane::Draft,
-            JobSpec::Generate(_) | JobSpec::Inpaint(_) => match spec.tier() {
-                Some(t) if tiers.get(t)?.is_draft() => Lane::Draft,
-                _ => Lane::Final,
-            },
+            JobSpec::Generate(_) | JobSpec::Inpaint(_) => {
+                match kiln_core::jobs::preset::effective_tier(&self.engine.project, spec)?.as_deref() {
+                    Some(t) if tiers.get(t)?.is_draft() => Lane::Draft,
+                    _ => Lane::Final,
+                }
+            }
             _ => Lane::Final,
         })
     }
@@ -145,7 +147,7 @@ impl AppState {
             }
         }
         let tiers = self.engine.project.tiers()?;
-        let estimate = match spec.tier() {
+        let estimate = match kiln_core::jobs::preset::effective_tier(&self.engine.project, spec)?.as_deref() {
             Some(name) => {
                 let tier = tiers.get(name)?;
                 let library = self.engine.project.library()?;

@@ -231,6 +231,10 @@ pub fn run(ws: &mut Workspace, s: &InpaintSpec, sink: &mut dyn EventSink) -> Res
             tier: jm.tier.as_ref().map(|t| t.name.clone()),
             inpaint: Some(inpaint_record.clone()),
             max_sequence_length: None,
+            // The preset shaped the prompt; its grade is not applied to an edit, whose
+            // untouched pixels stay exactly as they were.
+            preset: ws.preset.as_ref().map(|p| p.record.clone()),
+            grade: None,
         };
         let offset = extend.map_or((0, 0), |(e, _, _)| (e.left, e.top));
         crate::image::png_meta::write_dynamic_png_atomic(

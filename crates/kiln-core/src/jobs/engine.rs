@@ -86,6 +86,7 @@ impl Engine {
             options: self.options.clone(),
             pool: self.pool.clone(),
             file_tag: None,
+            preset: None,
         })
     }
 
@@ -117,7 +118,10 @@ impl Engine {
             ws.file_tag = Some(format!("q{id}"));
             ws.library.claim_for_queue(id, attempt);
         }
-        let out = match spec {
+        let (spec, preset, preset_warnings) = super::preset::apply(&ws, spec)?;
+        ws.preset = preset;
+        let spec = &spec;
+        let mut out = match spec {
             JobSpec::Generate(s) => super::generate::run(&mut ws, s, sink),
             JobSpec::Inpaint(s) => super::edit::run(&mut ws, s, sink),
             JobSpec::Draft(s) => run_draft(&mut ws, s, sink),
@@ -126,6 +130,7 @@ impl Engine {
             JobSpec::Replay(s) => run_replay(&mut ws, s, sink),
             JobSpec::Cutout(s) => run_cutout(&mut ws, s, sink),
         }?;
+        out.warnings.splice(0..0, preset_warnings);
         Ok(out)
     }
 }

@@ -221,7 +221,7 @@ pub fn run(ws: &mut Workspace, s: &GenerateSpec, sink: &mut dyn EventSink) -> Re
             }
             (None, None) => PathBuf::from(format!("kiln-{}.png", image.seed)),
         };
-        let record = ImageRecord {
+        let mut record = ImageRecord {
             tier: tier_name.clone(),
             ..ImageRecord::build(
                 model,
@@ -233,7 +233,10 @@ pub fn run(ws: &mut Workspace, s: &GenerateSpec, sink: &mut dyn EventSink) -> Re
                 init_image_ref.clone(),
             )
         };
-        let rgb = crate::image::unit_to_rgb8(&image.pixels)?;
+        let mut rgb = crate::image::unit_to_rgb8(&image.pixels)?;
+        if let Some(p) = &ws.preset {
+            rgb = p.finish(&mut record, rgb)?;
+        }
         crate::image::png_meta::write_png_atomic(&path, &rgb, &png_chunks(&record, output.scheduler, model))?;
         outputs.push(serde_json::json!({
             "path": path,

@@ -7,6 +7,7 @@
 //! - [`spec`]: the job specs (serde), kinds and lanes;
 //! - [`engine`]: the runner and the typed result;
 //! - [`generate`], [`edit`]: the generate and inpaint/erase/outpaint jobs;
+//! - [`preset`]: a job's preset (brand kit) applied to its spec, its images and their records;
 //! - [`events`]: job events, the sink trait, latent previews;
 //! - [`pool`]: loaded models shared by jobs, LRU within a memory budget;
 //! - [`queue`]: the durable queue in the project library (lanes, round-robin, leases, budget
@@ -19,6 +20,7 @@ pub mod events;
 pub mod generate;
 pub mod keys;
 pub mod pool;
+pub mod preset;
 pub mod queue;
 pub mod spec;
 

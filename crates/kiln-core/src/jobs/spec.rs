@@ -154,6 +154,10 @@ pub struct GenerateSpec {
     /// Token budget of the long-context text encoder (FLUX's T5; default: the family's own).
     #[serde(default)]
     pub max_sequence_length: Option<usize>,
+    /// A preset (brand kit, `kiln presets`): its choices fill what this spec leaves unset, its
+    /// template wraps the prompt, and its grade is applied to every image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
 }
 
 /// `kiln draft`.
@@ -188,6 +192,10 @@ pub struct DraftSpec {
     /// Token budget of the long-context text encoder (FLUX's T5; default: the family's own).
     #[serde(default)]
     pub max_sequence_length: Option<usize>,
+    /// A preset (brand kit, `kiln presets`): its choices fill what this spec leaves unset, its
+    /// template wraps the prompt, and its grade is applied to every image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
 }
 
 /// `kiln promote`.
@@ -348,6 +356,10 @@ pub struct InpaintSpec {
     /// Token budget of the long-context text encoder (FLUX's T5; default: the family's own).
     #[serde(default)]
     pub max_sequence_length: Option<usize>,
+    /// A preset (brand kit, `kiln presets`): its choices fill what this spec leaves unset, its
+    /// template wraps the prompt, and its grade is applied to every image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<String>,
 }
 
 /// Diffusion re-detail after an upscale (`upscale` and `promote --upscale`): img2img at a low

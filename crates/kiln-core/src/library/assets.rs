@@ -424,6 +424,19 @@ impl Library {
         self.conn.query_row(&sql, [sha256], asset_from_row).optional().map_err(|e| self.err(e))
     }
 
+    /// The latest asset made with preset `name`, with the preset hash it recorded.
+    pub fn last_preset_use(&self, name: &str) -> Result<Option<(i64, String)>> {
+        self.conn
+            .query_row(
+                "SELECT id, json_extract(record_json, '$.preset.sha256') FROM assets \
+                 WHERE json_extract(record_json, '$.preset.name') = ?1 ORDER BY id DESC LIMIT 1",
+                [name],
+                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?.unwrap_or_default())),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
     /// The asset recorded for a file (matched by content, so a moved file is still found).
     pub fn asset_for_file(&self, path: &Path) -> Result<Option<AssetRow>> {
         let sha = crate::loaders::weights::sha256_file(path)?;

@@ -43,6 +43,28 @@ pub struct ImageRecord {
     /// `--max-sequence-length` when set (absent = the family's default token budget).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_sequence_length: Option<usize>,
+    /// The preset (brand kit) the image was made with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preset: Option<PresetRecord>,
+    /// The colour grade applied after decoding (a preset's); replay applies it again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grade: Option<GradeRecord>,
+}
+
+/// A preset's name and content hash, as an image records them.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct PresetRecord {
+    pub name: String,
+    pub sha256: String,
+}
+
+/// A colour grade as an image records it: the LUT file (path and sha256), strength and
+/// interpolation.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct GradeRecord {
+    pub lut: FileRef,
+    pub strength: f32,
+    pub interp: String,
 }
 
 /// What an inpainting-family job adds to the replay record.
@@ -120,6 +142,8 @@ impl ImageRecord {
             tier: None,
             inpaint: None,
             max_sequence_length: req.max_sequence_length,
+            preset: None,
+            grade: None,
         }
     }
 }

@@ -62,7 +62,15 @@ pub fn draft(
     warnings.extend(output.warnings.iter().cloned());
 
     let mut path_for = |i: usize, seed: u64| ws.output_path("drafts", &format!("draft-{i}-s{seed}"));
-    let written = write_images(&warm.model, &request, &output, Some(&warm.tier.name), None, &mut path_for)?;
+    let written = write_images(
+        &warm.model,
+        &request,
+        &output,
+        Some(&warm.tier.name),
+        None,
+        ws.preset.as_ref(),
+        &mut path_for,
+    )?;
 
     let labels: Vec<Vec<String>> =
         written.iter().enumerate().map(|(i, w)| vec![format!("#{i}"), format!("seed {}", w.seed)]).collect();

@@ -53,6 +53,8 @@ pub struct Workspace {
     /// Prefix of every output file name (a queued job's id), so the files of a job that did
     /// not finish can be found and removed.
     pub file_tag: Option<String>,
+    /// The preset in force for the running job: its images record it and get its grade.
+    pub preset: Option<crate::jobs::preset::AppliedPreset>,
 }
 
 /// A tier's model, loaded once and reused across jobs.
@@ -74,7 +76,7 @@ impl Workspace {
     pub fn open_with_pool(project: Project, options: JobOptions, pool: Arc<ModelPool>) -> Result<Self> {
         let library = project.library()?;
         let tiers = project.tiers()?;
-        Ok(Self { project, library, tiers, options, pool, file_tag: None })
+        Ok(Self { project, library, tiers, options, pool, file_tag: None, preset: None })
     }
 
     /// The pool key of a tier's model on this workspace's device.
@@ -170,12 +172,14 @@ pub struct WrittenImage {
 }
 
 /// Writes each generated image as a PNG with its replay metadata (atomically).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn write_images(
     model: &LoadedModel,
     req: &crate::pipeline::generate::GenerateRequest,
     output: &GenerateOutput,
     tier: Option<&str>,
     init_image: Option<crate::pipeline::metadata::FileRef>,
+    preset: Option<&crate::jobs::preset::AppliedPreset>,
     path_for: &mut dyn FnMut(usize, u64) -> PathBuf,
 ) -> Result<Vec<WrittenImage>> {
     let mut out = Vec::with_capacity(output.images.len());
@@ -183,7 +187,10 @@ pub(crate) fn write_images(
         let mut record =
             ImageRecord::build(model, req, output.scheduler, image.seed, i, None, init_image.clone());
         record.tier = tier.map(str::to_string);
-        let rgb = crate::image::unit_to_rgb8(&image.pixels)?;
+        let mut rgb = crate::image::unit_to_rgb8(&image.pixels)?;
+        if let Some(p) = preset {
+            rgb = p.finish(&mut record, rgb)?;
+        }
         let path = path_for(i, image.seed);
         crate::image::png_meta::write_png_atomic(&path, &rgb, &png_chunks(&record, output.scheduler, model))?;
         out.push(WrittenImage { path, seed: image.seed, rgb, record });

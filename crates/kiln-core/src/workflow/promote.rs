@@ -97,7 +97,7 @@ pub fn promote(
 
     let mut path_for = |_: usize, seed: u64| ws.output_path("finals", &format!("final-s{seed}"));
     let written =
-        write_images(&warm.model, &request, &output, Some(&warm.tier.name), init_ref, &mut path_for)?;
+        write_images(&warm.model, &request, &output, Some(&warm.tier.name), init_ref, None, &mut path_for)?;
     let final_img =
         written.first().ok_or_else(|| Error::Unsupported("generation returned no image".into()))?;
     let small = crate::image::resize_rgb(&final_img.rgb, draft_rgb.width(), draft_rgb.height());

@@ -187,7 +187,11 @@ pub fn replay(ws: &mut Workspace, req: &ReplayRequest, progress: &mut dyn Progre
         let output = generate(&model, &request, progress)?;
         let image =
             output.images.first().ok_or_else(|| Error::Unsupported("generation returned no image".into()))?;
-        let rgb = crate::image::unit_to_rgb8(&image.pixels)?;
+        let mut rgb = crate::image::unit_to_rgb8(&image.pixels)?;
+        // A graded image (a preset's grade) is graded again with the recorded LUT.
+        if let Some(g) = &record.grade {
+            rgb = crate::jobs::preset::regrade(&locate(ws, &g.lut, "grade LUT")?, g, &rgb)?;
+        }
         (rgb, output.scheduler, output.timings)
     };
     // The replay carries the original's record (same parameters), so its metadata is the same too.
