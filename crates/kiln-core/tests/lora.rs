@@ -52,7 +52,7 @@ fn model_source(pipeline: &str) -> ModelSource {
 }
 
 fn requests(loras: &[(String, f64)]) -> Vec<LoraRequest> {
-    loras.iter().map(|(f, w)| LoraRequest { path: lora_dir().join(f), weight: *w }).collect()
+    loras.iter().map(|(f, w)| LoraRequest { name: f.clone(), path: lora_dir().join(f), weight: *w }).collect()
 }
 
 fn run_case(name: &str) {
@@ -219,7 +219,7 @@ fn layers_that_match_nothing_are_reported_not_dropped() {
     let model = LoadedModel::load_with_loras(
         model_source("sd1"),
         None,
-        &[LoraRequest { path: extra, weight: 1.0 }],
+        &[LoraRequest { name: "extra".into(), path: extra, weight: 1.0 }],
         &candle_core::Device::Cpu,
         DType::F32,
     )

@@ -122,7 +122,7 @@ pub fn run(ws: &mut Workspace, s: &InpaintSpec, sink: &mut dyn EventSink) -> Res
     let init_latents = s.init_latents.as_deref().map(read_npy).transpose()?;
 
     sink.emit(JobEvent::Stage { stage: "load".into() });
-    let jm = job_model(ws, s.tier.as_deref(), s.model.as_deref(), None, count)?;
+    let jm = job_model(ws, s.tier.as_deref(), s.model.as_deref(), None, count, &[])?;
     let model = &jm.model;
     let mut warnings = jm.warnings.clone();
     let seeds: Vec<u64> = (0..count as u64).map(|i| seed.wrapping_add(i)).collect();
@@ -231,6 +231,7 @@ pub fn run(ws: &mut Workspace, s: &InpaintSpec, sink: &mut dyn EventSink) -> Res
             tier: jm.tier.as_ref().map(|t| t.name.clone()),
             inpaint: Some(inpaint_record.clone()),
             max_sequence_length: None,
+            loras: model.loras.clone(),
         };
         let offset = extend.map_or((0, 0), |(e, _, _)| (e.left, e.top));
         crate::image::png_meta::write_dynamic_png_atomic(

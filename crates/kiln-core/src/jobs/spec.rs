@@ -150,6 +150,29 @@ pub struct GenerateSpec {
     /// Token budget of the long-context text encoder (FLUX's T5; default: the family's own).
     #[serde(default)]
     pub max_sequence_length: Option<usize>,
+    /// LoRAs merged into the model, `NAME|PATH[:WEIGHT]` each (weight 1 when absent): names of
+    /// the LoRA library, or locally files. `<lora:NAME:WEIGHT>` in the prompt adds to these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<String>,
+}
+
+/// Most LoRAs one job merges.
+pub const MAX_LORAS: usize = 16;
+
+impl GenerateSpec {
+    /// The prompt without its `<lora:…>` tags, and every LoRA asked for (`loras`, then the tags
+    /// in prompt order), each checked for syntax and weight range.
+    pub fn lora_args(&self) -> Result<(String, Vec<String>)> {
+        let (prompt, tags) = crate::loaders::lora::take_prompt_loras(&self.prompt)?;
+        let all: Vec<String> = self.loras.iter().cloned().chain(tags).collect();
+        if all.len() > MAX_LORAS {
+            return Err(Error::arg("loras", format!("{} LoRAs; at most {MAX_LORAS} per job", all.len())));
+        }
+        for arg in &all {
+            crate::loaders::lora::parse_lora_arg(arg)?;
+        }
+        Ok((prompt, all))
+    }
 }
 
 /// `kiln draft`.
@@ -545,6 +568,7 @@ impl JobSpec {
             if s.prompt.len() > MAX_PROMPT_BYTES {
                 return Err(Error::arg("prompt", format!("longer than {MAX_PROMPT_BYTES} bytes")));
             }
+            s.lora_args()?;
         }
         if let JobSpec::Inpaint(s) = self {
             if s.tier.is_none() && s.model.is_none() {
@@ -585,6 +609,12 @@ impl JobSpec {
                 }
                 if let Some(r) = &s.init_image {
                     image("init_image", r)?;
+                }
+                let (_, tags) = crate::loaders::lora::take_prompt_loras(&s.prompt)?;
+                for arg in s.loras.iter().chain(&tags) {
+                    if crate::loaders::lora::library::is_path(&crate::loaders::lora::parse_lora_arg(arg)?.0) {
+                        return path_field("loras");
+                    }
                 }
             }
             JobSpec::Draft(_) => {}

@@ -317,10 +317,19 @@ fn plan_loras(
     let mut files = Vec::new();
     let mut records = Vec::new();
     for req in loras {
-        let name = req.path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        // A path's stem (A1111 names LoRAs so); a library name as it was asked for.
+        let name = if lora::library::is_path(&req.name) {
+            req.path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        } else {
+            req.name.clone()
+        };
         let weight = lora::check_weight(&name, req.weight)?;
         files.push((std::sync::Arc::new(LoraFile::open(&req.path)?), weight));
-        records.push(LoraRecord { name, sha256: weight_sha256_cached(&req.path)?, weight });
+        let sha256 = weight_sha256_cached(&req.path)?;
+        // A library copy is found again by its hash; only files from elsewhere need the path.
+        let in_library = req.path.file_stem().is_some_and(|s| s.to_string_lossy() == sha256);
+        let path = (!in_library).then(|| std::path::absolute(&req.path).unwrap_or(req.path.clone()));
+        records.push(LoraRecord { name, sha256, weight, path: path.map(|p| p.display().to_string()) });
     }
     let mut inputs = Vec::new();
     for (i, stack) in spec.text.iter().enumerate() {

@@ -18,11 +18,12 @@ use crate::error::{Error, Result};
 use crate::jobs::pool::{ModelPool, PoolKey, Pooled};
 use crate::library::assets::{AssetKind, JobTimings, NewAsset, NewJob, RecordKind};
 use crate::library::{ledger, Library, Project};
+use crate::loaders::lora::LoraRequest;
 use crate::pipeline::generate::GenerateOutput;
 use crate::pipeline::metadata::{png_chunks, ImageRecord};
 use crate::pipeline::model::LoadedModel;
 use crate::tiers::drift::{self, DriftOutcome};
-use crate::tiers::load::{load_tier_model, tier_dtype};
+use crate::tiers::load::{load_tier_model_with, tier_dtype};
 use crate::tiers::{Tier, TierRegistry};
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
@@ -82,6 +83,7 @@ impl Workspace {
             revision: tier.revision.clone(),
             device: crate::device::name(&self.options.device),
             dtype: crate::device::dtype_name(dtype).to_string(),
+            loras: String::new(),
         }
     }
 
@@ -103,12 +105,19 @@ impl Workspace {
 
     /// Loads a tier's model and checks it against the project's drift lock.
     pub fn load_tier(&self, name: &str) -> Result<WarmModel> {
+        self.load_tier_with(name, &[])
+    }
+
+    /// [`Workspace::load_tier`] with `loras` merged into the model (a pool entry of its own).
+    pub fn load_tier_with(&self, name: &str, loras: &[LoraRequest]) -> Result<WarmModel> {
         let tier = self.tiers.get(name)?.clone();
         crate::tiers::load::require_diffusion(&tier)?;
         let dtype = tier_dtype(&tier, &self.options.device, self.options.dtype)?;
-        let key = self.tier_key(&tier, dtype);
+        let mut key = self.tier_key(&tier, dtype);
+        key.loras = crate::loaders::lora::pool_key(loras)?;
         let (pooled, load_seconds) = self.pool.get_or_load(&key, None, || {
-            let model = load_tier_model(&tier, &self.options.device, dtype, self.options.show_progress)?;
+            let model =
+                load_tier_model_with(&tier, loras, &self.options.device, dtype, self.options.show_progress)?;
             let bytes = crate::jobs::pool::model_bytes(&model);
             Ok((Pooled::Diffusion(Arc::new(model)), bytes))
         })?;

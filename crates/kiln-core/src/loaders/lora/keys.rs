@@ -200,6 +200,7 @@ fn insert(map: &mut HashMap<String, Option<String>>, alias: String, module: &str
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 

@@ -140,6 +140,26 @@ pub fn plan(loras: &[(Arc<LoraFile>, f64)], inputs: &[PlanInput]) -> Result<Lora
     Ok(out)
 }
 
+/// Computes every layer's delta `weight·(α/r)·B·A` of `lora` on `device` and adds it to a zero
+/// tensor of the shape it implies, as a load would add it to the base weight: the merge's
+/// arithmetic without a base model (benchmarks time it on shapes of models not at hand).
+/// Returns the number of weights written.
+pub fn merge_without_base(lora: &LoraFile, weight: f64, device: &Device) -> Result<usize> {
+    let mut written = 0;
+    for m in &lora.modules {
+        let mut shape = vec![m.up.dims()[0]];
+        shape.extend_from_slice(&m.down.dims()[1..]);
+        let shape = Shape::from(shape);
+        let rank = m.rank() as f64;
+        let patch =
+            Patch { down: m.down.clone(), up: m.up.clone(), scale: weight * m.alpha.unwrap_or(rank) / rank };
+        let base = Tensor::zeros(&shape, DType::F32, device)?;
+        let merged = (base + patch.delta(&shape, device)?)?;
+        written += merged.elem_count();
+    }
+    Ok(written)
+}
+
 fn family_hint(lora: &LoraFile) -> String {
     match lora.info().family {
         Some(f) => format!(" (its metadata/layers say {f})"),

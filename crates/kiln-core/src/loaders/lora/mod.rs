@@ -9,10 +9,12 @@
 //! nothing extra.
 
 pub mod keys;
+pub mod library;
 pub mod merge;
 
 pub use keys::Component;
-pub use merge::{plan, LoraPlan, PlanInput};
+pub use library::{parse_lora_arg, resolve_all, take_prompt_loras, LoraEntry, LoraLibrary};
+pub use merge::{merge_without_base, plan, LoraPlan, PlanInput};
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Tensor};
@@ -29,6 +31,8 @@ pub const WEIGHT_RANGE: std::ops::RangeInclusive<f64> = -8.0..=8.0;
 /// One LoRA asked for: a file and its weight.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraRequest {
+    /// The name it was asked by (a library name or the path as given).
+    pub name: String,
     pub path: PathBuf,
     pub weight: f64,
 }
@@ -40,6 +44,9 @@ pub struct LoraRecord {
     pub name: String,
     pub sha256: String,
     pub weight: f64,
+    /// The file it was read from (replay looks here when the library has no file with the hash).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 /// One layer's LoRA: the down (A) and up (B) matrices and its alpha.
@@ -336,7 +343,15 @@ fn read_header(path: &Path) -> Result<serde_json::Value> {
 /// as `<component>.lora_alpha`, `<component>.alpha_pattern`, `<component>.use_rslora`).
 #[derive(Debug, Default)]
 struct PeftAlphas {
-    per_component: HashMap<Component, (Option<f64>, Vec<(String, f64)>, bool)>,
+    per_component: HashMap<Component, PeftConfig>,
+}
+
+/// The parts of one component's PEFT LoraConfig that set the scale.
+#[derive(Debug)]
+struct PeftConfig {
+    lora_alpha: f64,
+    alpha_pattern: Vec<(String, f64)>,
+    use_rslora: bool,
 }
 
 impl PeftAlphas {
@@ -350,16 +365,18 @@ impl PeftAlphas {
             ("text_encoder", Component::Text1),
             ("text_encoder_2", Component::Text2),
         ] {
-            let alpha = map.get(&format!("{prefix}.lora_alpha")).and_then(|v| v.as_f64());
+            let Some(lora_alpha) = map.get(&format!("{prefix}.lora_alpha")).and_then(|v| v.as_f64()) else {
+                continue;
+            };
             let patterns = map
                 .get(&format!("{prefix}.alpha_pattern"))
                 .and_then(|v| v.as_object())
                 .map(|p| p.iter().filter_map(|(k, v)| Some((k.clone(), v.as_f64()?))).collect())
                 .unwrap_or_default();
-            let rslora = map.get(&format!("{prefix}.use_rslora")).and_then(|v| v.as_bool()).unwrap_or(false);
-            if alpha.is_some() {
-                out.per_component.insert(component, (alpha, patterns, rslora));
-            }
+            let use_rslora =
+                map.get(&format!("{prefix}.use_rslora")).and_then(|v| v.as_bool()).unwrap_or(false);
+            out.per_component
+                .insert(component, PeftConfig { lora_alpha, alpha_pattern: patterns, use_rslora });
         }
         out
     }
@@ -367,12 +384,45 @@ impl PeftAlphas {
     /// The alpha that makes α/rank PEFT's scaling (`lora_alpha / r`, or `/ √r` with rsLoRA);
     /// `None` (= rank, scale 1) without metadata, as diffusers does.
     fn alpha(&self, component: Component, module: &str, rank: usize) -> Option<f64> {
-        let (alpha, patterns, rslora) = self.per_component.get(&component)?;
+        let cfg = self.per_component.get(&component)?;
         // PEFT matches a pattern against the end of the module path at a dot boundary.
-        let pattern = patterns.iter().find(|(p, _)| module == p || module.ends_with(&format!(".{p}")));
-        let a = pattern.map(|(_, a)| *a).or(*alpha)?;
-        Some(if *rslora { a * (rank as f64).sqrt() } else { a })
+        let pattern =
+            cfg.alpha_pattern.iter().find(|(p, _)| module == p || module.ends_with(&format!(".{p}")));
+        let a = pattern.map_or(cfg.lora_alpha, |(_, a)| *a);
+        Some(if cfg.use_rslora { a * (rank as f64).sqrt() } else { a })
     }
+}
+
+/// The file of a recorded LoRA: the library's copy with its sha256, else the recorded path when
+/// its content still has that hash. Replay uses it to merge the very same weights.
+pub fn locate_recorded(record: &LoraRecord) -> Result<PathBuf> {
+    if let Ok(library) = LoraLibrary::open_default() {
+        let blob = library.blob_path(&record.sha256);
+        if blob.is_file() {
+            return Ok(blob);
+        }
+    }
+    if let Some(p) = record.path.as_deref().map(Path::new) {
+        if p.is_file() && crate::loaders::weights::sha256_file(p)? == record.sha256 {
+            return Ok(p.to_path_buf());
+        }
+    }
+    Err(Error::not_found(
+        format!("LoRA `{}` (sha256 {})", record.name, record.sha256),
+        record.path.clone().map(PathBuf::from).unwrap_or_default(),
+        "import the LoRA file with `kiln loras import FILE` so replay can find it by its hash",
+    ))
+}
+
+/// What identifies a set of LoRAs for the model pool: each file's sha256 and weight, in order
+/// (merging is a sum, but the order of float additions changes the last bit, and replay needs
+/// the very weights). Empty for none.
+pub fn pool_key(loras: &[LoraRequest]) -> Result<String> {
+    let mut parts = Vec::new();
+    for l in loras {
+        parts.push(format!("{}*{}", crate::loaders::weights::weight_sha256_cached(&l.path)?, l.weight));
+    }
+    Ok(parts.join("+"))
 }
 
 /// The list of LoRAs as one string for keys and messages: `name:weight` joined by `+`.

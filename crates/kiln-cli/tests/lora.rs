@@ -1,0 +1,144 @@
+//! LoRAs through the `kiln` binary: the library (`kiln loras import|list|show`), `--lora` and
+//! `<lora:NAME:WEIGHT>` on `kiln generate`, what the PNG records, bit-exact replay, and clear
+//! errors with nothing written for a LoRA that does not fit or a weight out of range.
+#![allow(clippy::unwrap_used)]
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn lora(name: &str) -> String {
+    fixtures().join("lora").join(name).display().to_string()
+}
+
+fn kiln(root: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_kiln"))
+        .args(args)
+        .env("KILN_PROJECT", root)
+        .env("KILN_DATA_DIR", root.join("data"))
+        .env("XDG_CONFIG_HOME", root.join("no-user-config"))
+        .output()
+        .unwrap()
+}
+
+fn ok(root: &Path, args: &[&str]) -> String {
+    let o = kiln(root, args);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "kiln {args:?} failed: {stderr}");
+    String::from_utf8(o.stdout).unwrap()
+}
+
+fn fails(root: &Path, args: &[&str]) -> String {
+    let o = kiln(root, args);
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "kiln {args:?} should fail");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+fn scratch() -> PathBuf {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-lora");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn generate<'a>(model: &'a str, prompt: &'a str, out: &'a str) -> Vec<&'a str> {
+    vec![
+        "generate", "--model", model, "--prompt", prompt, "--width", "96", "--height", "64", "--steps", "3",
+        "--seed", "7", "--device", "cpu", "-q", "--out", out,
+    ]
+}
+
+fn text_chunk(path: &Path, key: &str) -> String {
+    kiln_core::image::png_meta::read_png_text(path)
+        .unwrap()
+        .into_iter()
+        .find(|c| c.keyword == key)
+        .map(|c| c.text)
+        .unwrap_or_default()
+}
+
+fn pixels(path: &Path) -> Vec<u8> {
+    image::open(path).unwrap().to_rgb8().into_raw()
+}
+
+#[test]
+fn library_generate_metadata_replay_and_refusals() {
+    let root = scratch();
+    let model = fixtures().join("pipelines/sd1/model").display().to_string();
+
+    // The library: import, list, show.
+    let out = ok(
+        &root,
+        &["loras", "import", &lora("sd1_kohya.safetensors"), &lora("sdxl_peft.safetensors"), "--json"],
+    );
+    let imported: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(imported["imported"].as_array().unwrap().len(), 2, "{out}");
+    let list = ok(&root, &["loras", "list"]);
+    assert!(
+        list.contains("sd1_kohya") && list.contains("sdxl_peft") && list.contains("astrostyle"),
+        "{list}"
+    );
+    let show = ok(&root, &["loras", "show", "sd1_kohya"]);
+    assert!(
+        show.contains("sd_v1") && show.contains("(96, 64)") && show.contains("family:        sd1"),
+        "{show}"
+    );
+
+    // A bad file in a batch imports nothing.
+    let bad = root.join("bad.safetensors");
+    std::fs::write(&bad, b"not a safetensors file at all").unwrap();
+    let err = fails(&root, &["loras", "import", &lora("sd1_locon.safetensors"), bad.to_str().unwrap()]);
+    assert!(err.contains("bad.safetensors"), "{err}");
+    assert!(!ok(&root, &["loras", "list"]).contains("sd1_locon"));
+
+    // --lora by name and the same LoRA as a prompt tag: the same image.
+    let a = root.join("a.png");
+    let b = root.join("b.png");
+    let plain = root.join("plain.png");
+    let mut args = generate(&model, "a lighthouse", a.to_str().unwrap());
+    args.extend(["--lora", "sd1_kohya:0.8"]);
+    ok(&root, &args);
+    ok(&root, &generate(&model, "a lighthouse <lora:sd1_kohya:0.8>", b.to_str().unwrap()));
+    ok(&root, &generate(&model, "a lighthouse", plain.to_str().unwrap()));
+    assert_eq!(pixels(&a), pixels(&b));
+    assert_ne!(pixels(&a), pixels(&plain));
+
+    // What the PNG records: A1111's tag and Lora hashes, kiln's sha256 + weight.
+    let params = text_chunk(&a, "parameters");
+    assert!(params.starts_with("a lighthouse <lora:sd1_kohya:0.8>"), "{params}");
+    let sha = kiln_core::loaders::weights::sha256_file(Path::new(&lora("sd1_kohya.safetensors"))).unwrap();
+    assert!(params.contains(&format!("Lora hashes: \"sd1_kohya: {}\"", &sha[..12])), "{params}");
+    let record: Value = serde_json::from_str(&text_chunk(&a, "kiln")).unwrap();
+    assert_eq!(record["prompt"], "a lighthouse");
+    assert_eq!(record["loras"][0]["sha256"], sha.as_str());
+    assert_eq!(record["loras"][0]["weight"], 0.8);
+
+    // Replay merges the recorded LoRA again: bit-exact.
+    let again = root.join("again.png");
+    let rp: Value = serde_json::from_str(&ok(
+        &root,
+        &["replay", a.to_str().unwrap(), "--out", again.to_str().unwrap(), "--device", "cpu", "--json", "-q"],
+    ))
+    .unwrap();
+    assert_eq!(rp["bit_exact"], true, "{rp}");
+
+    // A LoRA for another family, and a weight out of range: clear errors, nothing written.
+    let no = root.join("no.png");
+    let mut args = generate(&model, "a lighthouse", no.to_str().unwrap());
+    args.extend(["--lora", "sdxl_peft"]);
+    let err = fails(&root, &args);
+    assert!(err.contains("sdxl_peft") && err.contains("does not fit"), "{err}");
+    let mut args = generate(&model, "a lighthouse", no.to_str().unwrap());
+    args.extend(["--lora", "sd1_kohya:12"]);
+    let err = fails(&root, &args);
+    assert!(err.contains("outside"), "{err}");
+    let err = fails(&root, &generate(&model, "a lighthouse <lora:nobody:1>", no.to_str().unwrap()));
+    assert!(err.contains("nobody") && err.contains("kiln loras"), "{err}");
+    assert!(!no.exists());
+}
