@@ -35,8 +35,8 @@ pub enum Error {
 
     /// A LoRA file is unreadable, of an unsupported kind, or does not fit the model; `msg` names
     /// the layers at fault.
-    #[error("LoRA {}: {msg}", path.display())]
-    Lora { path: PathBuf, msg: String },
+    #[error("LoRA {lora}: {msg}")]
+    Lora { lora: String, msg: String },
 
     /// An image file could not be decoded or encoded.
     #[error("image {}: {msg}", path.display())]

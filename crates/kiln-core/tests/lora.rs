@@ -19,7 +19,8 @@ struct Case {
     pipeline: String,
     loras: Vec<(String, f64)>,
     prompt: String,
-    negative_prompt: String,
+    negative_prompt: Option<String>,
+    max_sequence_length: Option<usize>,
     steps: usize,
     guidance: f64,
     latents: String,
@@ -47,8 +48,9 @@ fn case(name: &str) -> Case {
     cases.into_iter().find(|c| c.name == name).unwrap()
 }
 
+/// `pipeline` is the fixture folder under tests/fixtures (`pipelines/sd1`, `flux/schnell`).
 fn model_source(pipeline: &str) -> ModelSource {
-    ModelSource::Folder(root().join("pipelines").join(pipeline).join("model"))
+    ModelSource::Folder(root().join(pipeline).join("model"))
 }
 
 fn requests(loras: &[(String, f64)]) -> Vec<LoraRequest> {
@@ -64,10 +66,10 @@ fn run_case(name: &str) {
             .unwrap();
     assert!(model.lora_warnings.is_empty(), "{:?}", model.lora_warnings);
     assert_eq!(model.loras.len(), c.loras.len());
-    let latents = root().join("pipelines").join(&c.pipeline).join(&c.latents);
+    let latents = root().join(&c.pipeline).join(&c.latents);
     let request = GenerateRequest {
         prompt: c.prompt.clone(),
-        negative_prompt: Some(c.negative_prompt.clone()),
+        negative_prompt: c.negative_prompt.clone(),
         width: c.width,
         height: c.height,
         steps: c.steps,
@@ -79,7 +81,7 @@ fn run_case(name: &str) {
         strength: 1.0,
         max_batch: 1,
         vae_tiling: Default::default(),
-        max_sequence_length: None,
+        max_sequence_length: c.max_sequence_length,
     };
     let out = generate(&model, &request, &mut NoProgress).unwrap();
     let want = Tensor::read_npy(lora_dir().join(&c.output)).unwrap();
@@ -108,6 +110,16 @@ fn locon_convolutions_match_diffusers() {
 #[test]
 fn two_stacked_loras_match_diffusers() {
     run_case("sd1_stacked");
+}
+
+#[test]
+fn kohya_sdxl_with_sgm_block_names_matches_diffusers() {
+    run_case("sdxl_kohya");
+}
+
+#[test]
+fn kohya_flux_with_fused_qkv_matches_diffusers() {
+    run_case("flux_kohya");
 }
 
 #[test]
@@ -154,11 +166,11 @@ fn edited(
 
 #[test]
 fn a_lora_for_another_family_is_refused_naming_layers_and_shapes() {
-    let err = load_err("sdxl", &requests(&[("sd1_kohya.safetensors".into(), 1.0)]));
+    let err = load_err("pipelines/sdxl", &requests(&[("sd1_kohya.safetensors".into(), 1.0)]));
     assert!(err.contains("sd1_kohya.safetensors") && err.contains("does not fit"), "{err}");
     assert!(err.contains("lora_") && err.contains("makes [") && err.contains(".weight` ["), "{err}");
     assert!(err.contains("sd1"), "the family the file says: {err}");
-    let err = load_err("sd1", &requests(&[("sdxl_peft.safetensors".into(), 1.0)]));
+    let err = load_err("pipelines/sd1", &requests(&[("sdxl_peft.safetensors".into(), 1.0)]));
     assert!(err.contains("sdxl_peft.safetensors") && err.contains("does not fit"), "{err}");
 }
 
@@ -198,7 +210,7 @@ fn truncated_nan_and_unsupported_files_are_refused_by_name() {
 #[test]
 fn weights_out_of_range_are_refused() {
     for w in [8.5, -9.0, f64::NAN, f64::INFINITY] {
-        let err = load_err("sd1", &requests(&[("sd1_kohya.safetensors".into(), w)]));
+        let err = load_err("pipelines/sd1", &requests(&[("sd1_kohya.safetensors".into(), w)]));
         assert!(err.contains("sd1_kohya") && err.contains("outside"), "{err}");
     }
 }
@@ -217,7 +229,7 @@ fn layers_that_match_nothing_are_reported_not_dropped() {
         );
     });
     let model = LoadedModel::load_with_loras(
-        model_source("sd1"),
+        model_source("pipelines/sd1"),
         None,
         &[LoraRequest { name: "extra".into(), path: extra, weight: 1.0 }],
         &candle_core::Device::Cpu,

@@ -324,7 +324,14 @@ fn plan_loras(
             req.name.clone()
         };
         let weight = lora::check_weight(&name, req.weight)?;
-        files.push((std::sync::Arc::new(LoraFile::open(&req.path)?), weight));
+        // Errors name a library LoRA by its name, not by its file in the store.
+        let by_name = |e: Error| match e {
+            Error::Lora { msg, .. } if !lora::library::is_path(&req.name) => {
+                Error::Lora { lora: format!("`{}`", req.name), msg }
+            }
+            other => other,
+        };
+        files.push((std::sync::Arc::new(LoraFile::open(&req.path).map_err(by_name)?), weight));
         let sha256 = weight_sha256_cached(&req.path)?;
         // A library copy is found again by its hash; only files from elsewhere need the path.
         let in_library = req.path.file_stem().is_some_and(|s| s.to_string_lossy() == sha256);
@@ -344,7 +351,18 @@ fn plan_loras(
         files: folder.weight_files(spec.denoiser, prefer_fp16)?,
         text_encoder: false,
     });
-    Ok((lora::plan(&files, &inputs)?, records))
+    let plan = lora::plan(&files, &inputs).map_err(|e| match e {
+        // `plan` names the file; name a library LoRA by its name.
+        Error::Lora { lora: file, msg } => {
+            let req = loras.iter().find(|r| r.path.display().to_string() == file);
+            match req.filter(|r| !lora::library::is_path(&r.name)) {
+                Some(r) => Error::Lora { lora: format!("`{}`", r.name), msg },
+                None => Error::Lora { lora: file, msg },
+            }
+        }
+        other => other,
+    })?;
+    Ok((plan, records))
 }
 
 /// Loads one tokenizer + text encoder pair as the registry describes it.

@@ -24,14 +24,21 @@ struct Patch {
     up: Tensor,
     /// weight · α / rank.
     scale: f64,
+    /// The rows of `up` this base tensor takes (a fused BFL q/k/v layer split over diffusers'
+    /// separate projections); all of them when `None`.
+    rows: Option<(usize, usize)>,
 }
 
 impl Patch {
     /// The delta in f32 on `device`, shaped like the base tensor.
     fn delta(&self, shape: &Shape, device: &Device) -> candle_core::Result<Tensor> {
         let rank = self.down.dims()[0];
-        let out = self.up.dims()[0];
-        let up = self.up.to_device(device)?.to_dtype(DType::F32)?.reshape((out, rank))?;
+        let up = match self.rows {
+            Some((start, len)) => self.up.narrow(0, start, len)?,
+            None => self.up.clone(),
+        };
+        let out = up.dims()[0];
+        let up = up.to_device(device)?.to_dtype(DType::F32)?.reshape((out, rank))?;
         let down = self.down.to_device(device)?.to_dtype(DType::F32)?.reshape((rank, ()))?;
         (up.matmul(&down)? * self.scale)?.reshape(shape)
     }
@@ -83,7 +90,45 @@ pub fn plan(loras: &[(Arc<LoraFile>, f64)], inputs: &[PlanInput]) -> Result<Lora
                 continue;
             };
             let Some(module) = index.find(m.naming, &m.module) else {
-                unmatched.push(m.down_key.clone());
+                // FLUX layers in BFL naming, possibly fused: one patch per diffusers module.
+                let targets = (m.component == Component::Denoiser)
+                    .then(|| super::keys::bfl_targets(&m.module))
+                    .flatten()
+                    .filter(|t| t.iter().all(|t| shapes.contains_key(&format!("{t}.weight"))));
+                let Some(targets) = targets else {
+                    unmatched.push(m.down_key.clone());
+                    continue;
+                };
+                let shape_of = |t: &String| shapes[&format!("{t}.weight")].clone();
+                let rows: Vec<usize> = targets.iter().map(|t| shape_of(t)[0]).collect();
+                let lora_in: usize = m.down.dims()[1..].iter().product();
+                let fits = rows.iter().sum::<usize>() == m.up.dims()[0]
+                    && targets.iter().all(|t| shape_of(t)[1..].iter().product::<usize>() == lora_in);
+                if !fits {
+                    let want: Vec<_> = targets.iter().map(shape_of).collect();
+                    mismatched.push(format!(
+                        "`{}` makes [{}, {lora_in}] for {} ({want:?} together)",
+                        m.down_key,
+                        m.up.dims()[0],
+                        targets.join(" + ")
+                    ));
+                    continue;
+                }
+                let rank = m.rank() as f64;
+                let scale = weight * m.alpha.unwrap_or(rank) / rank;
+                let mut start = 0;
+                for (t, len) in targets.iter().zip(rows) {
+                    let patch =
+                        Patch { down: m.down.clone(), up: m.up.clone(), scale, rows: Some((start, len)) };
+                    out.patches
+                        .entry(m.component)
+                        .or_default()
+                        .entry(format!("{t}.weight"))
+                        .or_default()
+                        .push(patch);
+                    start += len;
+                }
+                matched += 1;
                 continue;
             };
             let base_name = format!("{module}.weight");
@@ -101,14 +146,14 @@ pub fn plan(loras: &[(Arc<LoraFile>, f64)], inputs: &[PlanInput]) -> Result<Lora
             }
             let rank = m.rank() as f64;
             let scale = weight * m.alpha.unwrap_or(rank) / rank;
-            let patch = Patch { down: m.down.clone(), up: m.up.clone(), scale };
+            let patch = Patch { down: m.down.clone(), up: m.up.clone(), scale, rows: None };
             out.patches.entry(m.component).or_default().entry(base_name).or_default().push(patch);
             matched += 1;
         }
         let path = lora.path.clone();
         if !mismatched.is_empty() {
             return Err(Error::Lora {
-                path,
+                lora: path.display().to_string(),
                 msg: format!(
                     "it does not fit this model: {} of its layers have other shapes than the model's ({}{}); \
                      it was made for another model{}",
@@ -121,7 +166,7 @@ pub fn plan(loras: &[(Arc<LoraFile>, f64)], inputs: &[PlanInput]) -> Result<Lora
         }
         if matched == 0 {
             return Err(Error::Lora {
-                path,
+                lora: path.display().to_string(),
                 msg: format!(
                     "it does not fit this model: none of its {} layers names a layer of the model (e.g. `{}`){}",
                     lora.modules.len(),
@@ -151,8 +196,8 @@ pub fn merge_without_base(lora: &LoraFile, weight: f64, device: &Device) -> Resu
         shape.extend_from_slice(&m.down.dims()[1..]);
         let shape = Shape::from(shape);
         let rank = m.rank() as f64;
-        let patch =
-            Patch { down: m.down.clone(), up: m.up.clone(), scale: weight * m.alpha.unwrap_or(rank) / rank };
+        let scale = weight * m.alpha.unwrap_or(rank) / rank;
+        let patch = Patch { down: m.down.clone(), up: m.up.clone(), scale, rows: None };
         let base = Tensor::zeros(&shape, DType::F32, device)?;
         let merged = (base + patch.delta(&shape, device)?)?;
         written += merged.elem_count();

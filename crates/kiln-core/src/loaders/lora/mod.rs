@@ -84,7 +84,7 @@ impl LoraFile {
     /// of the known layouts, down/up pairs complete with matching ranks, every value finite.
     pub fn open(path: &Path) -> Result<Self> {
         let header = read_header(path)?;
-        let bad = |msg: String| Error::Lora { path: path.to_path_buf(), msg };
+        let bad = |msg: String| Error::Lora { lora: path.display().to_string(), msg };
         let metadata: BTreeMap<String, String> = header
             .get("__metadata__")
             .and_then(|m| m.as_object())
@@ -327,7 +327,7 @@ fn check_finite(key: &str, t: &Tensor) -> std::result::Result<(), String> {
 /// The safetensors header as JSON, after checking that the file is complete.
 fn read_header(path: &Path) -> Result<serde_json::Value> {
     crate::loaders::weights::validate_header(path).map_err(|e| match e {
-        Error::Weights { path, msg } => Error::Lora { path, msg },
+        Error::Weights { path, msg } => Error::Lora { lora: path.display().to_string(), msg },
         other => other,
     })?;
     let mut file = fs_err::File::open(path)?;
@@ -335,8 +335,10 @@ fn read_header(path: &Path) -> Result<serde_json::Value> {
     file.read_exact(&mut len)?;
     let mut header = vec![0u8; u64::from_le_bytes(len) as usize];
     file.read_exact(&mut header)?;
-    serde_json::from_slice(&header)
-        .map_err(|e| Error::Lora { path: path.to_path_buf(), msg: format!("header is not valid JSON: {e}") })
+    serde_json::from_slice(&header).map_err(|e| Error::Lora {
+        lora: path.display().to_string(),
+        msg: format!("header is not valid JSON: {e}"),
+    })
 }
 
 /// Alphas from diffusers' `lora_adapter_metadata` (PEFT's LoraConfig per component, flattened
