@@ -256,3 +256,34 @@ fn metadata_says_base_model_trigger_words_resolution_and_family() {
         "kohya LoCon"
     );
 }
+
+#[test]
+fn specs_check_lora_arguments_and_refuse_paths_from_the_network() {
+    use kiln_core::jobs::spec::{GenerateSpec, JobSpec};
+    let spec = |prompt: &str, loras: &[&str]| {
+        JobSpec::Generate(GenerateSpec {
+            tier: Some("draft".into()),
+            prompt: prompt.into(),
+            loras: loras.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        })
+    };
+    assert!(spec("a fox <lora:ink:0.8>", &["grain:0.5"]).check_remote().is_ok());
+    for (prompt, loras) in [
+        ("a fox", vec!["/etc/ink.safetensors"]),
+        ("a fox <lora:../ink:1>", vec![]),
+        ("a fox <lora:ink.safetensors:1>", vec![]),
+    ] {
+        let err = spec(prompt, &loras).check_remote().unwrap_err().to_string();
+        assert!(err.contains("loras") && err.contains("path"), "{err}");
+    }
+    for (prompt, loras) in
+        [("a fox", vec!["ink:9"]), ("a fox <lora:ink:0.5:0.2>", vec![]), ("a fox", vec![" "])]
+    {
+        assert!(spec(prompt, &loras).validate().is_err(), "{prompt} {loras:?}");
+    }
+    let many: Vec<String> = (0..17).map(|i| format!("l{i}")).collect();
+    let many: Vec<&str> = many.iter().map(String::as_str).collect();
+    let err = spec("a fox", &many).validate().unwrap_err().to_string();
+    assert!(err.contains("at most 16"), "{err}");
+}
