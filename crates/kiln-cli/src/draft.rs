@@ -59,6 +59,10 @@ pub struct DraftArgs {
     /// Images per UNet batch (default: all, up to 8).
     #[arg(long)]
     batch: Option<usize>,
+    /// A LoRA merged into the tier's model (after the tier's own): an imported name or a
+    /// .safetensors file, optional weight (default 1). Repeatable; `<lora:NAME:WEIGHT>` too.
+    #[arg(long = "lora", value_name = "NAME|PATH[:WEIGHT]")]
+    loras: Vec<String>,
     #[command(flatten)]
     job: JobArgs,
 }
@@ -77,6 +81,7 @@ pub fn run(args: DraftArgs) -> anyhow::Result<()> {
         vae_tiling: Some(args.job.run.vae.vae_tiling.clone()),
         vae_tile: args.job.run.vae.vae_tile,
         max_sequence_length: None,
+        loras: args.loras.clone(),
     });
     let engine = args.job.engine()?;
     let out = crate::job::run(&engine, &spec, &args.job.run)?;

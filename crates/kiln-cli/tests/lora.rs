@@ -142,3 +142,51 @@ fn library_generate_metadata_replay_and_refusals() {
     assert!(err.contains("nobody") && err.contains("kiln loras"), "{err}");
     assert!(!no.exists());
 }
+
+#[test]
+fn tier_loras_are_merged_pinned_by_the_lock_and_drafts_take_more() {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("cli-lora-tier");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    let model = fixtures().join("pipelines/sd1/model").display().to_string();
+    let style = root.join("style.safetensors");
+    std::fs::copy(lora("sd1_kohya.safetensors"), &style).unwrap();
+    std::fs::write(
+        root.join("kiln.toml"),
+        format!(
+            "[tiers.draft]\nmodel = \"{model}\"\nwidth = 96\nheight = 64\nsteps = 2\nloras = [\"./style.safetensors:0.8\"]\n"
+        ),
+    )
+    .unwrap();
+    let draft = |extra: &[&str]| {
+        let mut args =
+            vec!["draft", "a lighthouse", "-n", "1", "--seed", "3", "--device", "cpu", "--json", "-q"];
+        args.extend_from_slice(extra);
+        args.iter().map(|s| s.to_string()).collect::<Vec<_>>()
+    };
+    let run = |args: &[String]| -> Value {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        serde_json::from_str(&ok(&root, &args)).unwrap()
+    };
+    let first = run(&draft(&[]));
+    let path = |v: &Value| PathBuf::from(v["images"][0]["path"].as_str().unwrap_or_else(|| panic!("{v}")));
+    let record: Value = serde_json::from_str(&text_chunk(&path(&first), "kiln")).unwrap();
+    assert_eq!(record["loras"][0]["name"], "style", "{record}");
+    let lock = std::fs::read_to_string(root.join("kiln.lock")).unwrap();
+    let sha = kiln_core::loaders::weights::sha256_file(&style).unwrap();
+    assert!(lock.contains("component = \"lora\"") && lock.contains(&sha), "{lock}");
+
+    // A job's LoRA comes after the tier's, changes the image, and leaves the lock alone.
+    let more = run(&draft(&["--lora", &format!("{}:-0.5", lora("sd1_locon.safetensors"))]));
+    let record: Value = serde_json::from_str(&text_chunk(&path(&more), "kiln")).unwrap();
+    assert_eq!(record["loras"].as_array().unwrap().len(), 2, "{record}");
+    assert_ne!(pixels(&path(&first)), pixels(&path(&more)));
+    assert_eq!(std::fs::read_to_string(root.join("kiln.lock")).unwrap(), lock);
+
+    // The tier's LoRA file changed under it: drift, refused until accepted.
+    std::fs::copy(lora("sd1_locon.safetensors"), &style).unwrap();
+    let args = draft(&[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = fails(&root, &args);
+    assert!(err.contains("drifted") && err.contains("lora/style"), "{err}");
+}

@@ -163,16 +163,28 @@ impl GenerateSpec {
     /// The prompt without its `<lora:…>` tags, and every LoRA asked for (`loras`, then the tags
     /// in prompt order), each checked for syntax and weight range.
     pub fn lora_args(&self) -> Result<(String, Vec<String>)> {
-        let (prompt, tags) = crate::loaders::lora::take_prompt_loras(&self.prompt)?;
-        let all: Vec<String> = self.loras.iter().cloned().chain(tags).collect();
-        if all.len() > MAX_LORAS {
-            return Err(Error::arg("loras", format!("{} LoRAs; at most {MAX_LORAS} per job", all.len())));
-        }
-        for arg in &all {
-            crate::loaders::lora::parse_lora_arg(arg)?;
-        }
-        Ok((prompt, all))
+        lora_args(&self.prompt, &self.loras)
     }
+}
+
+impl DraftSpec {
+    /// As [`GenerateSpec::lora_args`].
+    pub fn lora_args(&self) -> Result<(String, Vec<String>)> {
+        lora_args(&self.prompt, &self.loras)
+    }
+}
+
+/// A prompt without its `<lora:…>` tags, and `loras` followed by the tags, each checked.
+fn lora_args(prompt: &str, loras: &[String]) -> Result<(String, Vec<String>)> {
+    let (prompt, tags) = crate::loaders::lora::take_prompt_loras(prompt)?;
+    let all: Vec<String> = loras.iter().cloned().chain(tags).collect();
+    if all.len() > MAX_LORAS {
+        return Err(Error::arg("loras", format!("{} LoRAs; at most {MAX_LORAS} per job", all.len())));
+    }
+    for arg in &all {
+        crate::loaders::lora::parse_lora_arg(arg)?;
+    }
+    Ok((prompt, all))
 }
 
 /// `kiln draft`.
@@ -207,6 +219,9 @@ pub struct DraftSpec {
     /// Token budget of the long-context text encoder (FLUX's T5; default: the family's own).
     #[serde(default)]
     pub max_sequence_length: Option<usize>,
+    /// LoRAs merged after the tier's own, `NAME|PATH[:WEIGHT]` each; `<lora:…>` in the prompt too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<String>,
 }
 
 /// `kiln promote`.
@@ -570,6 +585,9 @@ impl JobSpec {
             }
             s.lora_args()?;
         }
+        if let JobSpec::Draft(s) = self {
+            s.lora_args()?;
+        }
         if let JobSpec::Inpaint(s) = self {
             if s.tier.is_none() && s.model.is_none() {
                 return Err(Error::arg("tier", "name a tier (or, locally, a model)"));
@@ -589,6 +607,17 @@ impl JobSpec {
 
     /// Refuses what a remote client may not ask for: anything naming a filesystem path.
     pub fn check_remote(&self) -> Result<()> {
+        let refuse_lora_paths = |args: &[String]| -> Result<()> {
+            for arg in args {
+                if crate::loaders::lora::library::is_path(&crate::loaders::lora::parse_lora_arg(arg)?.0) {
+                    return Err(Error::arg(
+                        "loras",
+                        "names a filesystem path; over HTTP name LoRAs of the library",
+                    ));
+                }
+            }
+            Ok(())
+        };
         let path_field = |field: &str| {
             Err(Error::arg(field, "names a filesystem path; over HTTP use asset ids and uploads instead"))
         };
@@ -610,14 +639,9 @@ impl JobSpec {
                 if let Some(r) = &s.init_image {
                     image("init_image", r)?;
                 }
-                let (_, tags) = crate::loaders::lora::take_prompt_loras(&s.prompt)?;
-                for arg in s.loras.iter().chain(&tags) {
-                    if crate::loaders::lora::library::is_path(&crate::loaders::lora::parse_lora_arg(arg)?.0) {
-                        return path_field("loras");
-                    }
-                }
+                refuse_lora_paths(&s.lora_args()?.1)?;
             }
-            JobSpec::Draft(_) => {}
+            JobSpec::Draft(s) => refuse_lora_paths(&s.lora_args()?.1)?,
             JobSpec::Promote(s) => image("draft", &s.draft)?,
             JobSpec::Inpaint(s) => {
                 if s.model.is_some() {
