@@ -128,7 +128,7 @@ impl LoraFile {
         let mut modules = Vec::new();
         for ((component, module), (naming, (down, up, alpha))) in groups {
             let (down_key, down) =
-                down.ok_or_else(|| bad(format!("layer `{module}` has an up matrix but no down matrix")))?;
+                down.ok_or_else(|| bad(format!("layer `{module}` ({}) has no down matrix", component.label())))?;
             let up = up.ok_or_else(|| bad(format!("`{down_key}` has no matching up matrix")))?;
             check_pair(&down_key, &down, &up).map_err(bad)?;
             check_finite(&down_key, &down).map_err(bad)?;
@@ -140,7 +140,9 @@ impl LoraFile {
                         [x] if x.is_finite() => Some(*x),
                         _ => {
                             return Err(bad(format!(
-                                "the alpha of `{module}` is not one finite number: {v:?}"
+                                "the alpha of `{module}` is not one finite number ({} values, first {:?})",
+                                v.len(),
+                                v.first()
                             )))
                         }
                     }
