@@ -128,6 +128,38 @@ fn library_generate_metadata_replay_and_refusals() {
     .unwrap();
     assert_eq!(rp["bit_exact"], true, "{rp}");
 
+    // Inpainting takes LoRAs the same way and records them.
+    let mask = root.join("mask.png");
+    image::GrayImage::from_fn(96, 64, |x, _| image::Luma([if x > 48 { 255 } else { 0 }]))
+        .save(&mask)
+        .unwrap();
+    let edited = root.join("edited.png");
+    ok(
+        &root,
+        &[
+            "inpaint",
+            a.to_str().unwrap(),
+            "--mask",
+            mask.to_str().unwrap(),
+            "--model",
+            &model,
+            "--prompt",
+            "a red door <lora:sd1_kohya:0.5>",
+            "--steps",
+            "3",
+            "--seed",
+            "2",
+            "--device",
+            "cpu",
+            "-q",
+            "--out",
+            edited.to_str().unwrap(),
+        ],
+    );
+    let record: Value = serde_json::from_str(&text_chunk(&edited, "kiln")).unwrap();
+    assert_eq!(record["prompt"], "a red door");
+    assert_eq!(record["loras"][0]["weight"], 0.5, "{record}");
+
     // A LoRA for another family, and a weight out of range: clear errors, nothing written.
     let no = root.join("no.png");
     let mut args = generate(&model, "a lighthouse", no.to_str().unwrap());

@@ -167,6 +167,13 @@ impl GenerateSpec {
     }
 }
 
+impl InpaintSpec {
+    /// As [`GenerateSpec::lora_args`].
+    pub fn lora_args(&self) -> Result<(String, Vec<String>)> {
+        lora_args(&self.prompt, &self.loras)
+    }
+}
+
 impl DraftSpec {
     /// As [`GenerateSpec::lora_args`].
     pub fn lora_args(&self) -> Result<(String, Vec<String>)> {
@@ -382,6 +389,10 @@ pub struct InpaintSpec {
     /// Token budget of the long-context text encoder (FLUX's T5; default: the family's own).
     #[serde(default)]
     pub max_sequence_length: Option<usize>,
+    /// LoRAs merged into the model (after a tier's own), `NAME|PATH[:WEIGHT]` each; `<lora:…>`
+    /// in the prompt too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<String>,
 }
 
 /// Diffusion re-detail after an upscale (`upscale` and `promote --upscale`): img2img at a low
@@ -589,6 +600,9 @@ impl JobSpec {
             s.lora_args()?;
         }
         if let JobSpec::Inpaint(s) = self {
+            s.lora_args()?;
+        }
+        if let JobSpec::Inpaint(s) = self {
             if s.tier.is_none() && s.model.is_none() {
                 return Err(Error::arg("tier", "name a tier (or, locally, a model)"));
             }
@@ -657,6 +671,7 @@ impl JobSpec {
                 if let Some(m) = &s.mask {
                     image("mask", m)?;
                 }
+                refuse_lora_paths(&s.lora_args()?.1)?;
             }
             JobSpec::Upscale(s) => image("image", &s.image)?,
             JobSpec::Replay(s) => {

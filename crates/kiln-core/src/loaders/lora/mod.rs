@@ -127,8 +127,8 @@ impl LoraFile {
         let peft = PeftAlphas::from_metadata(&metadata);
         let mut modules = Vec::new();
         for ((component, module), (naming, (down, up, alpha))) in groups {
-            let (down_key, down) =
-                down.ok_or_else(|| bad(format!("layer `{module}` ({}) has no down matrix", component.label())))?;
+            let (down_key, down) = down
+                .ok_or_else(|| bad(format!("layer `{module}` ({}) has no down matrix", component.label())))?;
             let up = up.ok_or_else(|| bad(format!("`{down_key}` has no matching up matrix")))?;
             check_pair(&down_key, &down, &up).map_err(bad)?;
             check_finite(&down_key, &down).map_err(bad)?;
