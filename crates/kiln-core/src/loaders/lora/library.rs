@@ -111,15 +111,7 @@ impl LoraLibrary {
     /// A LoRA by library name, or by path to a file (see [`is_path`]).
     pub fn resolve(&self, name_or_path: &str) -> Result<PathBuf> {
         if is_path(name_or_path) {
-            let path = Path::new(name_or_path);
-            if !path.is_file() {
-                return Err(Error::not_found(
-                    "LoRA file",
-                    path,
-                    "pass a .safetensors LoRA or an imported name",
-                ));
-            }
-            return Ok(path.to_path_buf());
+            return existing_file(name_or_path);
         }
         match self.find(name_or_path)? {
             Some(entry) => Ok(self.blob_path(&entry.sha256)),
@@ -129,6 +121,15 @@ impl LoraLibrary {
             )),
         }
     }
+}
+
+/// A LoRA given by path: the file, which must exist.
+fn existing_file(path: &str) -> Result<PathBuf> {
+    let path = Path::new(path);
+    if !path.is_file() {
+        return Err(Error::not_found("LoRA file", path, "pass a .safetensors LoRA or an imported name"));
+    }
+    Ok(path.to_path_buf())
 }
 
 /// Whether a LoRA argument names a file (it has a path separator or a `.safetensors` ending)
@@ -153,16 +154,19 @@ pub fn parse_lora_arg(arg: &str) -> Result<(String, f64)> {
     Ok((name.clone(), check_weight(&name, weight)?))
 }
 
-/// A1111's `<lora:NAME:WEIGHT>` tags taken out of a prompt: the prompt without them, and each
+/// A1111's `<lora:NAME:WEIGHT>` tags (and `<lyco:…>`, the LyCORIS extension's spelling, which
+/// A1111 reads the same way) taken out of a prompt: the prompt without them, and each
 /// tag as `NAME:WEIGHT`. A1111's separate text-encoder/UNet weights (`<lora:NAME:0.8:0.5>`)
 /// are refused rather than half-honoured.
 pub fn take_prompt_loras(prompt: &str) -> Result<(String, Vec<String>)> {
     let mut out = String::with_capacity(prompt.len());
     let mut tags = Vec::new();
     let mut rest = prompt;
-    while let Some(start) = rest.find("<lora:") {
+    let next_tag = |s: &str| [s.find("<lora:"), s.find("<lyco:")].into_iter().flatten().min();
+    while let Some(start) = next_tag(rest) {
         let Some(len) = rest[start..].find('>') else { break };
         out.push_str(&rest[..start]);
+        // Both spellings are 6 bytes before the name.
         let body = &rest[start + "<lora:".len()..start + len];
         let parts: Vec<&str> = body.split(':').collect();
         let tag = match parts.as_slice() {
@@ -192,7 +196,7 @@ pub fn resolve_all(args: &[String]) -> Result<Vec<LoraRequest>> {
     for arg in args {
         let (name, weight) = parse_lora_arg(arg)?;
         let path = if is_path(&name) {
-            LoraLibrary::at("").resolve(&name)?
+            existing_file(&name)?
         } else {
             if library.is_none() {
                 library = Some(LoraLibrary::open_default()?);
@@ -218,6 +222,8 @@ mod tests {
         let (p, tags) = take_prompt_loras("a fox <lora:ink:0.7>, snow <lora:grain>").unwrap();
         assert_eq!(p, "a fox , snow");
         assert_eq!(tags, ["ink:0.7", "grain:1"]);
+        let (p, tags) = take_prompt_loras("<lyco:paper:0.3> a fox <lora:ink>").unwrap();
+        assert_eq!((p.as_str(), tags), ("a fox", vec!["paper:0.3".to_string(), "ink:1".to_string()]));
         assert!(take_prompt_loras("<lora:ink:0.7:0.2>").is_err());
     }
 }

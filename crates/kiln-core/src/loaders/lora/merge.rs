@@ -13,7 +13,7 @@ use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
 use candle_nn::var_builder::SimpleBackend;
 use candle_nn::VarBuilder;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -220,11 +220,6 @@ fn mmap(files: &[PathBuf]) -> Result<MmapedSafetensors> {
 }
 
 impl LoraPlan {
-    /// Whether any LoRA patches `component`.
-    pub fn touches(&self, component: Component) -> bool {
-        self.patches.get(&component).is_some_and(|p| !p.is_empty())
-    }
-
     /// The component's weights as a `VarBuilder`: the plain mmapped files when no LoRA patches
     /// the component, the merging backend otherwise.
     pub fn var_builder(
@@ -242,14 +237,6 @@ impl LoraPlan {
         }
         let backend = LoraBackend { base: mmap(files)?, patches: patches.clone() };
         Ok(VarBuilder::from_backend(Box::new(backend), dtype, device.clone()))
-    }
-
-    /// Base tensor -> number of LoRA layers merged into it (tests, benchmarks).
-    pub fn patched_tensors(&self, component: Component) -> BTreeMap<String, usize> {
-        self.patches
-            .get(&component)
-            .map(|p| p.iter().map(|(k, v)| (k.clone(), v.len())).collect())
-            .unwrap_or_default()
     }
 }
 

@@ -428,8 +428,3 @@ pub fn pool_key(loras: &[LoraRequest]) -> Result<String> {
     }
     Ok(parts.join("+"))
 }
-
-/// The list of LoRAs as one string for keys and messages: `name:weight` joined by `+`.
-pub fn describe(records: &[LoraRecord]) -> String {
-    records.iter().map(|r| format!("{}:{}", r.name, r.weight)).collect::<Vec<_>>().join("+")
-}
