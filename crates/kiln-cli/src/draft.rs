@@ -62,6 +62,10 @@ pub struct DraftArgs {
     /// seed and grade apply where these options leave them unset (the draft tier stays).
     #[arg(long)]
     preset: Option<String>,
+    /// A LoRA merged into the tier's model (after the tier's own): an imported name or a
+    /// .safetensors file, optional weight (default 1). Repeatable; `<lora:NAME:WEIGHT>` too.
+    #[arg(long = "lora", value_name = "NAME|PATH[:WEIGHT]")]
+    loras: Vec<String>,
     #[command(flatten)]
     job: JobArgs,
 }
@@ -81,6 +85,7 @@ pub fn run(args: DraftArgs) -> anyhow::Result<()> {
         vae_tile: args.job.run.vae.vae_tile,
         max_sequence_length: None,
         preset: args.preset.clone(),
+        loras: args.loras.clone(),
     });
     let engine = args.job.engine()?;
     let out = crate::job::run(&engine, &spec, &args.job.run)?;

@@ -36,6 +36,10 @@ pub struct GenerateArgs {
     /// longer prompts are truncated with a warning.
     #[arg(long)]
     max_sequence_length: Option<usize>,
+    /// A LoRA merged into the model: an imported name (`kiln loras list`) or a .safetensors file,
+    /// with an optional weight (default 1). Repeatable; `<lora:NAME:WEIGHT>` in the prompt too.
+    #[arg(long = "lora", value_name = "NAME|PATH[:WEIGHT]")]
+    loras: Vec<String>,
     /// Output PNG (with --count N: PATH-0.png, PATH-1.png, ...). Default: kiln-<seed>.png.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -66,6 +70,7 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         vae_tile: args.run.vae.vae_tile,
         max_sequence_length: args.max_sequence_length,
         preset: args.sampling.preset.clone(),
+        loras: args.loras.clone(),
     });
     args.sampling.scheduler()?;
     let engine = crate::job::engine(args.source.project.as_deref(), &args.run, false)?;

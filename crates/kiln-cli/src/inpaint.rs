@@ -14,6 +14,10 @@ use std::path::PathBuf;
 pub struct JobArgs {
     #[command(flatten)]
     source: ModelArgs,
+    /// A LoRA merged into the model (after a tier's own): an imported name or a .safetensors
+    /// file, optional weight (default 1). Repeatable; `<lora:NAME:WEIGHT>` in the prompt too.
+    #[arg(long = "lora", value_name = "NAME|PATH[:WEIGHT]")]
+    loras: Vec<String>,
     #[command(flatten)]
     sampling: SamplingArgs,
     /// Unit-normal starting noise (.npy) at the processing size (see --json's "plan").
@@ -137,6 +141,7 @@ impl JobArgs {
             out: self.out.clone(),
             vae_tiling: Some(self.run.vae.vae_tiling.clone()),
             vae_tile: self.run.vae.vae_tile,
+            loras: self.loras.clone(),
             ..Default::default()
         })
     }

@@ -13,6 +13,7 @@ mod grade;
 mod host_memory;
 mod inpaint;
 mod job;
+mod loras_cmd;
 mod models_cmd;
 mod presets;
 mod promote;
@@ -62,6 +63,8 @@ enum Command {
     Cutout(cutout::CutoutArgs),
     /// Import and list super-resolution and matting models.
     Models(models_cmd::ModelsArgs),
+    /// The LoRA library: import LoRA files (kohya, diffusers/PEFT, LyCORIS LoCon), list, show.
+    Loras(loras_cmd::LorasArgs),
     /// Serve the project over HTTP: native jobs API, OpenAI Images, AUTOMATIC1111; one warm
     /// engine and a durable queue (drafts first).
     Serve(serve::ServeArgs),
@@ -101,6 +104,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Erase(args) => inpaint::run_erase(args),
         Command::Upscale(args) => upscale::run(args),
         Command::Models(args) => models_cmd::run(args),
+        Command::Loras(args) => loras_cmd::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Keys(args) => serve::run_keys(args),
         Command::Cutout(args) => cutout::run(args),

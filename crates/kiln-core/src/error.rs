@@ -33,6 +33,11 @@ pub enum Error {
     #[error("cannot read weights {}: {msg}", path.display())]
     Weights { path: PathBuf, msg: String },
 
+    /// A LoRA file is unreadable, of an unsupported kind, or does not fit the model; `msg` names
+    /// the layers at fault.
+    #[error("LoRA {lora}: {msg}")]
+    Lora { lora: String, msg: String },
+
     /// An image file could not be decoded or encoded.
     #[error("image {}: {msg}", path.display())]
     Image { path: PathBuf, msg: String },

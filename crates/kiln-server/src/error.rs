@@ -52,9 +52,10 @@ impl From<CoreError> for ApiError {
     fn from(e: CoreError) -> Self {
         let msg = e.to_string();
         match e {
-            CoreError::InvalidArgument { .. } | CoreError::Image { .. } | CoreError::ShapeMismatch { .. } => {
-                ApiError::BadRequest(msg)
-            }
+            CoreError::InvalidArgument { .. }
+            | CoreError::Image { .. }
+            | CoreError::ShapeMismatch { .. }
+            | CoreError::Lora { .. } => ApiError::BadRequest(msg),
             CoreError::UnknownId { .. } => ApiError::NotFound(msg),
             CoreError::Budget(_) => ApiError::TooMany { msg, retry_after: 3600 },
             CoreError::Quota { retry_after_seconds, .. } => {

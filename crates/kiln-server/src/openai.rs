@@ -58,6 +58,9 @@ pub struct GenerationRequest {
     /// kiln's extension.
     #[serde(default)]
     steps: Option<usize>,
+    /// kiln's extension: LoRAs of the server's library, `NAME[:WEIGHT]` each.
+    #[serde(default)]
+    loras: Vec<String>,
 }
 
 /// The options every image route shares, checked the same way.
@@ -183,6 +186,7 @@ pub async fn generations(
         steps: req.steps,
         seed: req.seed,
         count: Some(common.n),
+        loras: req.loras.clone(),
         ..Default::default()
     });
     let id = state.submit(&spec, &owner, quota.0)?;

@@ -31,6 +31,10 @@ fn file_ref(path: &std::path::Path) -> Result<FileRef> {
 /// Runs an edit job.
 pub fn run(ws: &mut Workspace, s: &InpaintSpec, sink: &mut dyn EventSink) -> Result<JobOutput> {
     let start = Instant::now();
+    // `<lora:…>` tags leave the prompt the text encoders see and join the spec's LoRAs.
+    let (prompt, lora_args) = s.lora_args()?;
+    let loras = crate::loaders::lora::resolve_all(&lora_args)?;
+    let s = &InpaintSpec { prompt, ..s.clone() };
     let count = s.count.unwrap_or(1);
     let seed = s.seed.unwrap_or_else(random_seed);
     let scheduler = s.scheduler.as_deref().map(str::parse).transpose()?;
@@ -122,7 +126,7 @@ pub fn run(ws: &mut Workspace, s: &InpaintSpec, sink: &mut dyn EventSink) -> Res
     let init_latents = s.init_latents.as_deref().map(read_npy).transpose()?;
 
     sink.emit(JobEvent::Stage { stage: "load".into() });
-    let jm = job_model(ws, s.tier.as_deref(), s.model.as_deref(), None, count)?;
+    let jm = job_model(ws, s.tier.as_deref(), s.model.as_deref(), None, count, &loras)?;
     let model = &jm.model;
     let mut warnings = jm.warnings.clone();
     let seeds: Vec<u64> = (0..count as u64).map(|i| seed.wrapping_add(i)).collect();
@@ -235,6 +239,7 @@ pub fn run(ws: &mut Workspace, s: &InpaintSpec, sink: &mut dyn EventSink) -> Res
             // untouched pixels stay exactly as they were.
             preset: ws.preset.as_ref().map(|p| p.record.clone()),
             grade: None,
+            loras: model.loras.clone(),
         };
         let offset = extend.map_or((0, 0), |(e, _, _)| (e.left, e.top));
         crate::image::png_meta::write_dynamic_png_atomic(

@@ -100,7 +100,7 @@ impl Engine {
         images: usize,
     ) -> Result<(Arc<crate::pipeline::model::LoadedModel>, Option<crate::tiers::Tier>, Vec<String>)> {
         let ws = self.workspace_for(tier.is_some())?;
-        let jm = super::generate::job_model(&ws, tier, model, None, images)?;
+        let jm = super::generate::job_model(&ws, tier, model, None, images, &[])?;
         Ok((jm.model, jm.tier, jm.warnings))
     }
 
@@ -190,10 +190,12 @@ fn run_draft(ws: &mut Workspace, s: &super::spec::DraftSpec, sink: &mut dyn Even
     let count = s.count.unwrap_or(8);
     // Refuse before the (expensive) model load when the budget is spent.
     ws.check_budget(&tier, count)?;
+    let (prompt, lora_args) = s.lora_args()?;
+    let loras = crate::loaders::lora::resolve_all(&lora_args)?;
     sink.emit(JobEvent::Stage { stage: "load".into() });
-    let mut warm = ws.load_tier(tier_name)?;
+    let mut warm = ws.load_tier_with(tier_name, &loras)?;
     let request = DraftRequest {
-        prompt: s.prompt.clone(),
+        prompt,
         count,
         seed: s.seed.unwrap_or_else(random_seed),
         overrides: Overrides {
@@ -207,6 +209,7 @@ fn run_draft(ws: &mut Workspace, s: &super::spec::DraftSpec, sink: &mut dyn Even
         },
     };
     let mut warnings: Vec<String> = tier_warnings(&warm.tier, &warm.drift);
+    warnings.extend(warm.model.lora_warnings.iter().cloned());
     let r = draft(ws, &mut warm, &request, &mut SinkProgress::new(sink))?;
     let mut images: Vec<OutputImage> = r
         .images

@@ -9,6 +9,7 @@ use super::spec::{GenerateSpec, JobKind};
 use crate::error::{Error, Result};
 use crate::library::assets::{AssetKind, JobTimings, RecordKind};
 use crate::loaders::hub;
+use crate::loaders::lora::LoraRequest;
 use crate::pipeline::generate::generate;
 use crate::pipeline::metadata::{png_chunks, FileRef, ImageRecord};
 use crate::pipeline::model::LoadedModel;
@@ -35,6 +36,7 @@ pub(crate) fn job_model(
     model: Option<&str>,
     revision: Option<&str>,
     images: usize,
+    loras: &[LoraRequest],
 ) -> Result<JobModel> {
     match (tier, model) {
         (Some(name), _) => {
@@ -42,8 +44,9 @@ pub(crate) fn job_model(
             crate::tiers::load::require_diffusion(&t)?;
             // Refuse before the (expensive) model load when the budget is spent.
             let mut warnings: Vec<String> = ws.check_budget(&t, images)?.into_iter().collect();
-            let warm = ws.load_tier(name)?;
+            let warm = ws.load_tier_with(name, loras)?;
             warnings.extend(tier_warnings(&warm.tier, &warm.drift));
+            warnings.extend(warm.model.lora_warnings.iter().cloned());
             Ok(JobModel {
                 model: warm.model,
                 tier: Some(warm.tier),
@@ -59,17 +62,19 @@ pub(crate) fn job_model(
                 revision: revision.map(str::to_string),
                 device: crate::device::name(device),
                 dtype: crate::device::dtype_name(dtype).to_string(),
+                loras: crate::loaders::lora::pool_key(loras)?,
             };
             let (pooled, load_seconds) = ws.pool.get_or_load(&key, None, || {
                 let source = hub::resolve(spec, revision, dtype != DType::F32, ws.options.show_progress)?;
-                let model = LoadedModel::load(source, device, dtype)?;
+                let model = LoadedModel::load_with_loras(source, None, loras, device, dtype)?;
                 let bytes = super::pool::model_bytes(&model);
                 Ok((Pooled::Diffusion(Arc::new(model)), bytes))
             })?;
             let Pooled::Diffusion(model) = pooled else {
                 return Err(Error::Unsupported(format!("{spec} is loaded as another kind of model")));
             };
-            Ok(JobModel { model, tier: None, load_seconds, warnings: Vec::new() })
+            let warnings = model.lora_warnings.clone();
+            Ok(JobModel { model, tier: None, load_seconds, warnings })
         }
         (None, None) => Err(Error::arg("tier", "name a tier (or, locally, a model)")),
     }
@@ -163,10 +168,13 @@ pub fn run(ws: &mut Workspace, s: &GenerateSpec, sink: &mut dyn EventSink) -> Re
     let init_path = s.init_image.as_ref().map(|r| image_path(ws, r, "init_image")).transpose()?;
     let init_image = init_path.as_deref().map(crate::image::load_rgb).transpose()?;
     let init_latents = s.init_latents.as_deref().map(read_npy).transpose()?;
+    // `<lora:…>` tags leave the prompt the text encoders see and join the spec's LoRAs.
+    let (prompt, lora_args) = s.lora_args()?;
+    let loras = crate::loaders::lora::resolve_all(&lora_args)?;
 
     sink.emit(JobEvent::Stage { stage: "load".into() });
     let cpu0 = process_cpu_seconds();
-    let jm = job_model(ws, s.tier.as_deref(), s.model.as_deref(), s.revision.as_deref(), count)?;
+    let jm = job_model(ws, s.tier.as_deref(), s.model.as_deref(), s.revision.as_deref(), count, &loras)?;
     let model = &jm.model;
     let mut warnings = jm.warnings.clone();
 
@@ -184,7 +192,7 @@ pub fn run(ws: &mut Workspace, s: &GenerateSpec, sink: &mut dyn EventSink) -> Re
     };
     let fallback = Tier::untiered();
     let mut request =
-        tier_request(jm.tier.as_ref().unwrap_or(&fallback), model, &s.prompt, seeds.clone(), &overrides)?;
+        tier_request(jm.tier.as_ref().unwrap_or(&fallback), model, &prompt, seeds.clone(), &overrides)?;
     request.max_sequence_length = s.max_sequence_length;
     if let Some(img) = init_image {
         // img2img without a tier defaults to the init image's size, rounded down to the model's

@@ -17,6 +17,8 @@ pub struct PoolKey {
     pub revision: Option<String>,
     pub device: String,
     pub dtype: String,
+    /// The LoRAs merged into the weights ([`crate::loaders::lora::pool_key`]); empty for none.
+    pub loras: String,
 }
 
 /// A loaded model of any kind the pool holds.
@@ -190,7 +192,13 @@ mod tests {
     use super::*;
 
     fn key(name: &str) -> PoolKey {
-        PoolKey { model: name.into(), revision: None, device: "cpu".into(), dtype: "f32".into() }
+        PoolKey {
+            model: name.into(),
+            revision: None,
+            device: "cpu".into(),
+            dtype: "f32".into(),
+            loras: String::new(),
+        }
     }
 
     fn fake(bytes: u64) -> Result<(Pooled, u64)> {

@@ -90,6 +90,7 @@ pub fn apply(ws: &Workspace, spec: &JobSpec) -> Result<(JobSpec, Option<AppliedP
             if s.model.is_none() {
                 s.tier = s.tier.take().or_else(|| p.tier.clone());
             }
+            s.loras = p.loras.iter().cloned().chain(s.loras.drain(..)).collect();
             if s.width.is_none() && s.height.is_none() && s.init_image.is_none() {
                 (s.width, s.height) = p.size(size_of(s.tier.as_deref())?, 16);
             }
@@ -102,6 +103,7 @@ pub fn apply(ws: &Workspace, spec: &JobSpec) -> Result<(JobSpec, Option<AppliedP
             // A draft stays on its draft tier; the preset's look applies to it.
             s.prompt = p.prompt_for(&s.prompt);
             s.negative = s.negative.take().or_else(|| p.negative_prompt.clone());
+            s.loras = p.loras.iter().cloned().chain(s.loras.drain(..)).collect();
             if s.width.is_none() && s.height.is_none() {
                 (s.width, s.height) = p.size(size_of(Some(s.tier.as_deref().unwrap_or("draft")))?, 16);
             }
@@ -111,6 +113,7 @@ pub fn apply(ws: &Workspace, spec: &JobSpec) -> Result<(JobSpec, Option<AppliedP
         JobSpec::Inpaint(s) => {
             s.prompt = p.prompt_for(&s.prompt);
             s.negative = s.negative.take().or_else(|| p.negative_prompt.clone());
+            s.loras = p.loras.iter().cloned().chain(s.loras.drain(..)).collect();
             if s.model.is_none() {
                 s.tier = s.tier.take().or_else(|| p.tier.clone());
             }

@@ -158,6 +158,48 @@ pub struct GenerateSpec {
     /// template wraps the prompt, and its grade is applied to every image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preset: Option<String>,
+    /// LoRAs merged into the model, `NAME|PATH[:WEIGHT]` each (weight 1 when absent): names of
+    /// the LoRA library, or locally files. `<lora:NAME:WEIGHT>` in the prompt adds to these.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<String>,
+}
+
+/// Most LoRAs one job merges.
+pub const MAX_LORAS: usize = 16;
+
+impl GenerateSpec {
+    /// The prompt without its `<lora:…>` tags, and every LoRA asked for (`loras`, then the tags
+    /// in prompt order), each checked for syntax and weight range.
+    pub fn lora_args(&self) -> Result<(String, Vec<String>)> {
+        lora_args(&self.prompt, &self.loras)
+    }
+}
+
+impl InpaintSpec {
+    /// As [`GenerateSpec::lora_args`].
+    pub fn lora_args(&self) -> Result<(String, Vec<String>)> {
+        lora_args(&self.prompt, &self.loras)
+    }
+}
+
+impl DraftSpec {
+    /// As [`GenerateSpec::lora_args`].
+    pub fn lora_args(&self) -> Result<(String, Vec<String>)> {
+        lora_args(&self.prompt, &self.loras)
+    }
+}
+
+/// A prompt without its `<lora:…>` tags, and `loras` followed by the tags, each checked.
+fn lora_args(prompt: &str, loras: &[String]) -> Result<(String, Vec<String>)> {
+    let (prompt, tags) = crate::loaders::lora::take_prompt_loras(prompt)?;
+    let all: Vec<String> = loras.iter().cloned().chain(tags).collect();
+    if all.len() > MAX_LORAS {
+        return Err(Error::arg("loras", format!("{} LoRAs; at most {MAX_LORAS} per job", all.len())));
+    }
+    for arg in &all {
+        crate::loaders::lora::parse_lora_arg(arg)?;
+    }
+    Ok((prompt, all))
 }
 
 /// `kiln draft`.
@@ -196,6 +238,9 @@ pub struct DraftSpec {
     /// template wraps the prompt, and its grade is applied to every image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preset: Option<String>,
+    /// LoRAs merged after the tier's own, `NAME|PATH[:WEIGHT]` each; `<lora:…>` in the prompt too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<String>,
 }
 
 /// `kiln promote`.
@@ -360,6 +405,10 @@ pub struct InpaintSpec {
     /// template wraps the prompt, and its grade is applied to every image.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preset: Option<String>,
+    /// LoRAs merged into the model (after a tier's own), `NAME|PATH[:WEIGHT]` each; `<lora:…>`
+    /// in the prompt too.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<String>,
 }
 
 /// Diffusion re-detail after an upscale (`upscale` and `promote --upscale`): img2img at a low
@@ -586,6 +635,13 @@ impl JobSpec {
             if s.prompt.len() > MAX_PROMPT_BYTES {
                 return Err(Error::arg("prompt", format!("longer than {MAX_PROMPT_BYTES} bytes")));
             }
+            s.lora_args()?;
+        }
+        if let JobSpec::Draft(s) = self {
+            s.lora_args()?;
+        }
+        if let JobSpec::Inpaint(s) = self {
+            s.lora_args()?;
         }
         if let JobSpec::Cutout(s) = self {
             if s.background.is_some() && s.background_image.is_some() {
@@ -625,6 +681,17 @@ impl JobSpec {
 
     /// Refuses what a remote client may not ask for: anything naming a filesystem path.
     pub fn check_remote(&self) -> Result<()> {
+        let refuse_lora_paths = |args: &[String]| -> Result<()> {
+            for arg in args {
+                if crate::loaders::lora::library::is_path(&crate::loaders::lora::parse_lora_arg(arg)?.0) {
+                    return Err(Error::arg(
+                        "loras",
+                        "names a filesystem path; over HTTP name LoRAs of the library",
+                    ));
+                }
+            }
+            Ok(())
+        };
         let path_field = |field: &str| {
             Err(Error::arg(field, "names a filesystem path; over HTTP use asset ids and uploads instead"))
         };
@@ -646,8 +713,9 @@ impl JobSpec {
                 if let Some(r) = &s.init_image {
                     image("init_image", r)?;
                 }
+                refuse_lora_paths(&s.lora_args()?.1)?;
             }
-            JobSpec::Draft(_) => {}
+            JobSpec::Draft(s) => refuse_lora_paths(&s.lora_args()?.1)?,
             JobSpec::Promote(s) => image("draft", &s.draft)?,
             JobSpec::Inpaint(s) => {
                 if s.model.is_some() {
@@ -663,6 +731,7 @@ impl JobSpec {
                 if let Some(m) = &s.mask {
                     image("mask", m)?;
                 }
+                refuse_lora_paths(&s.lora_args()?.1)?;
             }
             JobSpec::Upscale(s) => image("image", &s.image)?,
             JobSpec::Cutout(s) => {

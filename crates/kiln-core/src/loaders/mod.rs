@@ -1,8 +1,10 @@
 //! Loaders: where weights and configs come from (diffusers folders, the Hugging Face hub cache,
-//! safetensors files, ONNX graphs for matting models). Architectures live in `models`; this module only finds and opens files.
+//! safetensors files, ONNX graphs for matting models, LoRA files merged into weights as they load).
+//! Architectures live in `models`; this module only finds and opens files.
 
 pub mod diffusers;
 pub mod hub;
+pub mod lora;
 pub mod matting;
 pub mod ncnn;
 pub mod npy;

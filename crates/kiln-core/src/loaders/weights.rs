@@ -25,7 +25,7 @@ pub fn open_safetensors(files: &[PathBuf], dtype: DType, device: &Device) -> Res
 }
 
 /// Checks that the safetensors header parses and that every tensor's byte range fits in the file.
-fn validate_header(path: &Path) -> Result<()> {
+pub(crate) fn validate_header(path: &Path) -> Result<()> {
     let bad = |msg: String| Error::Weights { path: path.to_path_buf(), msg };
     let mut file = fs_err::File::open(path)?;
     let file_len = file.metadata()?.len();

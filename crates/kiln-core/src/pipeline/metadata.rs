@@ -43,6 +43,9 @@ pub struct ImageRecord {
     /// `--max-sequence-length` when set (absent = the family's default token budget).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_sequence_length: Option<usize>,
+    /// The LoRAs merged into the model, in order, by name, sha256 and weight (absent = none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<crate::loaders::lora::LoraRecord>,
     /// The preset (brand kit) the image was made with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preset: Option<PresetRecord>,
@@ -144,6 +147,7 @@ impl ImageRecord {
             max_sequence_length: req.max_sequence_length,
             preset: None,
             grade: None,
+            loras: model.loras.clone(),
         }
     }
 }
@@ -191,6 +195,11 @@ pub fn a1111_sampler(kind: SchedulerKind) -> &'static str {
 /// The A1111 `parameters` text.
 pub fn a1111_parameters(record: &ImageRecord, kind: SchedulerKind, model: &LoadedModel) -> String {
     let mut s = record.prompt.clone();
+    // A1111 keeps LoRAs as tags in the prompt; writing them back lets A1111 (and kiln's A1111
+    // prompt syntax) read the image's parameters as they were used.
+    for l in &record.loras {
+        s.push_str(&format!(" <lora:{}:{}>", l.name, l.weight));
+    }
     if let Some(neg) = record.negative_prompt.as_deref().filter(|n| !n.is_empty()) {
         s.push_str(&format!("\nNegative prompt: {neg}"));
     }
@@ -208,6 +217,21 @@ pub fn a1111_parameters(record: &ImageRecord, kind: SchedulerKind, model: &Loade
     ));
     if let (Some(strength), true) = (record.strength, record.init_image.is_some()) {
         s.push_str(&format!(", Denoising strength: {strength}"));
+    }
+    if !record.loras.is_empty() {
+        // A1111's `Lora hashes`: name and the first 12 hex digits of the file's sha256.
+        let hashes: Vec<String> = record
+            .loras
+            .iter()
+            .map(|l| {
+                format!(
+                    "{}: {}",
+                    l.name.replace([',', ':', '"'], " "),
+                    l.sha256.get(..12).unwrap_or(&l.sha256)
+                )
+            })
+            .collect();
+        s.push_str(&format!(", Lora hashes: \"{}\"", hashes.join(", ")));
     }
     if let Some(inpaint) = &record.inpaint {
         s.push_str(&format!(", Mask blur: {}", inpaint.mask_blur));

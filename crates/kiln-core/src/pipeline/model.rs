@@ -6,6 +6,7 @@ use crate::device;
 use crate::error::{Error, Result};
 use crate::loaders::diffusers::{weight_files_in, DiffusersFolder};
 use crate::loaders::hub::ModelSource;
+use crate::loaders::lora::{self, Component, LoraFile, LoraPlan, LoraRecord, LoraRequest, PlanInput};
 use crate::loaders::weights::{loading_error, open_safetensors, weight_sha256_cached};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::clip_tokenizer::ClipTokenizer;
@@ -64,6 +65,10 @@ pub struct LoadedModel {
     /// SDXL: an absent negative prompt means zero embeddings (model_index.json option).
     pub force_zeros_for_empty_prompt: bool,
     pub weights: Vec<WeightRecord>,
+    /// The LoRAs merged into the weights, in the order asked (empty for the plain model).
+    pub loras: Vec<LoraRecord>,
+    /// LoRA layers that matched nothing in this model, one line per LoRA file.
+    pub lora_warnings: Vec<String>,
     pub device: Device,
     pub dtype: DType,
 }
@@ -82,17 +87,54 @@ impl LoadedModel {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
+        Self::load_with_loras(source, vae_source, &[], device, dtype)
+    }
+
+    /// [`LoadedModel::load_with_vae`] with `loras` merged into the text encoders' and the
+    /// denoiser's weights as they load (before any of kiln's own weight transforms). Every LoRA
+    /// is read and matched against the model before anything is built: one that does not fit is
+    /// an error naming its layers; layers that match nothing are listed in `lora_warnings`.
+    pub fn load_with_loras(
+        source: ModelSource,
+        vae_source: Option<ModelSource>,
+        loras: &[LoraRequest],
+        device: &Device,
+        dtype: DType,
+    ) -> Result<Self> {
         crate::device::check_dtype(device, dtype)?;
         let folder = DiffusersFolder::open(source.dir())?;
         let spec = folder.family().spec();
         let prefer_fp16 = dtype != DType::F32;
         let mut weights = Vec::new();
 
+        let (plan, lora_records) = plan_loras(&folder, spec, loras, prefer_fp16)?;
+        let lora_warnings = plan
+            .unmatched
+            .iter()
+            .map(|(path, keys)| {
+                format!(
+                    "LoRA {}: {} tensors match nothing in this model and were not merged: {}{}",
+                    path.display(),
+                    keys.len(),
+                    keys.iter().take(6).cloned().collect::<Vec<_>>().join(", "),
+                    if keys.len() > 6 { ", …" } else { "" }
+                )
+            })
+            .collect();
+
         let mut text = Vec::new();
-        for stack in spec.text {
-            text.push(load_text_stack(&folder, stack, device, dtype, &mut weights)?);
+        for (i, stack) in spec.text.iter().enumerate() {
+            text.push(load_text_stack(
+                &folder,
+                stack,
+                text_component(i),
+                &plan,
+                device,
+                dtype,
+                &mut weights,
+            )?);
         }
-        let denoiser = load_denoiser(&folder, spec, device, dtype, &mut weights)?;
+        let denoiser = load_denoiser(&folder, spec, &plan, device, dtype, &mut weights)?;
 
         let (vae_cfg, files) = match &vae_source {
             None => {
@@ -128,6 +170,8 @@ impl LoadedModel {
             scheduler_config_json,
             force_zeros_for_empty_prompt: folder.index_flag("force_zeros_for_empty_prompt").unwrap_or(true),
             weights,
+            loras: lora_records,
+            lora_warnings,
             device: device.clone(),
             dtype,
         })
@@ -254,10 +298,82 @@ impl LoadedModel {
     }
 }
 
+/// The LoRA component of the family's `i`-th text encoder.
+fn text_component(i: usize) -> Component {
+    if i == 0 {
+        Component::Text1
+    } else {
+        Component::Text2
+    }
+}
+
+/// Reads the requested LoRAs and matches them against the folder's text encoders and denoiser.
+fn plan_loras(
+    folder: &DiffusersFolder,
+    spec: &FamilySpec,
+    loras: &[LoraRequest],
+    prefer_fp16: bool,
+) -> Result<(LoraPlan, Vec<LoraRecord>)> {
+    if loras.is_empty() {
+        return Ok((LoraPlan::default(), Vec::new()));
+    }
+    let mut files = Vec::new();
+    let mut records = Vec::new();
+    for req in loras {
+        // A path's stem (A1111 names LoRAs so); a library name as it was asked for.
+        let name = if lora::library::is_path(&req.name) {
+            req.path.file_stem().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default()
+        } else {
+            req.name.clone()
+        };
+        let weight = lora::check_weight(&name, req.weight)?;
+        // Errors name a library LoRA by its name, not by its file in the store.
+        let by_name = |e: Error| match e {
+            Error::Lora { msg, .. } if !lora::library::is_path(&req.name) => {
+                Error::Lora { lora: format!("`{}`", req.name), msg }
+            }
+            other => other,
+        };
+        files.push((std::sync::Arc::new(LoraFile::open(&req.path).map_err(by_name)?), weight));
+        let sha256 = weight_sha256_cached(&req.path)?;
+        // A library copy is found again by its hash; only files from elsewhere need the path.
+        let in_library = req.path.file_stem().is_some_and(|s| s.to_string_lossy() == sha256);
+        let path = (!in_library).then(|| std::path::absolute(&req.path).unwrap_or(req.path.clone()));
+        records.push(LoraRecord { name, sha256, weight, path: path.map(|p| p.display().to_string()) });
+    }
+    let mut inputs = Vec::new();
+    for (i, stack) in spec.text.iter().enumerate() {
+        inputs.push(PlanInput {
+            component: text_component(i),
+            files: folder.weight_files(stack.encoder, prefer_fp16)?,
+            text_encoder: true,
+        });
+    }
+    inputs.push(PlanInput {
+        component: Component::Denoiser,
+        files: folder.weight_files(spec.denoiser, prefer_fp16)?,
+        text_encoder: false,
+    });
+    let plan = lora::plan(&files, &inputs).map_err(|e| match e {
+        // `plan` names the file; name a library LoRA by its name.
+        Error::Lora { lora: file, msg } => {
+            let req = loras.iter().find(|r| r.path.display().to_string() == file);
+            match req.filter(|r| !lora::library::is_path(&r.name)) {
+                Some(r) => Error::Lora { lora: format!("`{}`", r.name), msg },
+                None => Error::Lora { lora: file, msg },
+            }
+        }
+        other => other,
+    })?;
+    Ok((plan, records))
+}
+
 /// Loads one tokenizer + text encoder pair as the registry describes it.
 fn load_text_stack(
     folder: &DiffusersFolder,
     stack: &TextStackSpec,
+    component: Component,
+    plan: &LoraPlan,
     device: &Device,
     dtype: DType,
     weights: &mut Vec<WeightRecord>,
@@ -270,7 +386,7 @@ fn load_text_stack(
             let (_, cfg): (_, ClipTextConfig) = folder.parse_config(stack.encoder)?;
             let with_projection =
                 folder.component_class(stack.encoder) == Some("CLIPTextModelWithProjection");
-            let vb = open_safetensors(&files, dtype, device)?;
+            let vb = plan.var_builder(component, &files, dtype, device)?;
             let encoder = ClipTextModel::new(&cfg, vb, with_projection).map_err(|e| named(e, &files))?;
             TextStack::Clip { tokenizer: Box::new(tokenizer), encoder: Box::new(encoder) }
         }
@@ -278,7 +394,7 @@ fn load_text_stack(
             let tokenizer = T5Tokenizer::from_dir(&folder.component_dir(stack.tokenizer)?)?;
             let (cfg_path, _) = folder.config(stack.encoder)?;
             let cfg = T5Config::from_file(&cfg_path)?;
-            let vb = open_safetensors(&files, dtype, device)?;
+            let vb = plan.var_builder(component, &files, dtype, device)?;
             let encoder = T5Encoder::new(&cfg, &cfg_path, vb).map_err(|e| named(e, &files))?;
             TextStack::T5 { tokenizer: Box::new(tokenizer), encoder: Box::new(encoder) }
         }
@@ -286,7 +402,7 @@ fn load_text_stack(
             let tokenizer = QwenTokenizer::from_dir(&folder.component_dir(stack.tokenizer)?)?;
             let (cfg_path, _) = folder.config(stack.encoder)?;
             let cfg = Qwen3Config::from_file(&cfg_path)?;
-            let vb = open_safetensors(&files, dtype, device)?;
+            let vb = plan.var_builder(component, &files, dtype, device)?;
             let encoder = Qwen3Encoder::new(&cfg, vb).map_err(|e| named(e, &files))?;
             TextStack::Qwen3 { tokenizer: Box::new(tokenizer), encoder: Box::new(encoder) }
         }
@@ -299,13 +415,14 @@ fn load_text_stack(
 fn load_denoiser(
     folder: &DiffusersFolder,
     spec: &FamilySpec,
+    plan: &LoraPlan,
     device: &Device,
     dtype: DType,
     weights: &mut Vec<WeightRecord>,
 ) -> Result<Box<dyn Denoiser>> {
     let prefer_fp16 = dtype != DType::F32;
     let files = folder.weight_files(spec.denoiser, prefer_fp16)?;
-    let vb = open_safetensors(&files, dtype, device)?;
+    let vb = plan.var_builder(Component::Denoiser, &files, dtype, device)?;
     let denoiser: Box<dyn Denoiser> = match spec.denoiser_kind {
         DenoiserKind::UNet => {
             let (_, cfg): (_, UNetConfig) = folder.parse_config(spec.denoiser)?;

@@ -60,8 +60,19 @@ pub fn resolve_tier(tier: &Tier, dtype: DType, progress: bool) -> Result<(ModelS
 /// Loads the tier's pipeline and checks the tier's own weight pins (kiln.lock drift is checked
 /// by [`super::drift`]).
 pub fn load_tier_model(tier: &Tier, device: &Device, dtype: DType, progress: bool) -> Result<LoadedModel> {
+    load_tier_model_with(tier, &[], device, dtype, progress)
+}
+
+/// [`load_tier_model`] with `loras` merged into the weights as they load.
+pub fn load_tier_model_with(
+    tier: &Tier,
+    loras: &[crate::loaders::lora::LoraRequest],
+    device: &Device,
+    dtype: DType,
+    progress: bool,
+) -> Result<LoadedModel> {
     let (source, vae) = resolve_tier(tier, dtype, progress)?;
-    let model = LoadedModel::load_with_vae(source, vae, device, dtype)?;
+    let model = LoadedModel::load_with_loras(source, vae, loras, device, dtype)?;
     check_pins(tier, &model.weights)?;
     Ok(model)
 }

@@ -86,6 +86,9 @@ pub struct Tier {
     /// "final". Default: "draft" for a tier named draft, "final" otherwise.
     pub lane: Option<String>,
     pub price: Price,
+    /// LoRAs merged into the tier's model, `NAME|PATH[:WEIGHT]` each (relative paths resolve
+    /// against the layer file's folder); pinned by kiln.lock like the model's own files.
+    pub loras: Vec<String>,
     /// Pins the layers set to [`UNPINNED`] on purpose: "revision", "vae_revision" or a weight
     /// key. Trust on first use: the project's kiln.lock records what was loaded the first time.
     pub unpinned: Vec<String>,
@@ -123,6 +126,7 @@ impl Tier {
             scale: None,
             lane: None,
             price: Price::default(),
+            loras: Vec::new(),
             unpinned: Vec::new(),
             defined_in: String::new(),
         }
@@ -211,6 +215,7 @@ struct TierLayer {
     scale: Option<u32>,
     lane: Option<String>,
     price: Option<PriceLayer>,
+    loras: Option<Vec<String>>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Deserialize)]
@@ -307,6 +312,18 @@ fn merge(
     for (name, mut up) in upper {
         up.model = up.model.map(|m| resolve_relative(&m, dir));
         up.vae = up.vae.map(|m| resolve_relative(&m, dir));
+        up.loras =
+            up.loras.map(|list| {
+                list.into_iter()
+                    .map(|l| {
+                        if crate::loaders::lora::library::is_path(&l) {
+                            resolve_relative(&l, dir)
+                        } else {
+                            l
+                        }
+                    })
+                    .collect()
+            });
         let (base, defined_in) =
             merged.entry(name).or_insert_with(|| (TierLayer::default(), layer_name.into()));
         if up.model.is_some() {
@@ -316,6 +333,8 @@ fn merge(
             // model would decode garbage): a new model keeps only a VAE set beside it.
             base.vae = None;
             base.vae_revision = None;
+            // LoRAs were chosen for the lower layer's model too.
+            base.loras = None;
             *defined_in = layer_name.to_string();
         }
         if up.vae.is_some() {
@@ -356,6 +375,7 @@ fn merge(
             scale: up.scale.or(base.scale),
             lane: up.lane.or(base.lane.take()),
             price,
+            loras: up.loras.or(base.loras.take()),
         };
     }
 }
@@ -424,6 +444,10 @@ fn finish(name: &str, layer: TierLayer, defined_in: String) -> Result<Tier> {
     if ![price.credits_per_image, price.credits_per_gpu_second].iter().all(|p| p.is_finite() && *p >= 0.0) {
         return Err(bad("prices must be finite and >= 0".into()));
     }
+    let loras = layer.loras.unwrap_or_default();
+    for l in &loras {
+        crate::loaders::lora::parse_lora_arg(l).map_err(|e| bad(format!("loras: {e}")))?;
+    }
     if let Some(l) = layer.lane.as_deref().filter(|l| !matches!(*l, "draft" | "final")) {
         return Err(bad(format!("lane = \"{l}\": expected \"draft\" or \"final\"")));
     }
@@ -446,6 +470,7 @@ fn finish(name: &str, layer: TierLayer, defined_in: String) -> Result<Tier> {
         scale: layer.scale,
         lane: layer.lane.clone(),
         price,
+        loras,
         unpinned,
         defined_in,
     })

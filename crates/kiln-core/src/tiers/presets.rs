@@ -127,7 +127,13 @@ impl PresetRegistry {
                 }
                 up.loras = up.loras.map(|list| {
                     list.into_iter()
-                        .map(|l| if looks_like_path(&l) { resolve_relative(&l, dir) } else { l })
+                        .map(|l| {
+                            if crate::loaders::lora::library::is_path(&l) {
+                                resolve_relative(&l, dir)
+                            } else {
+                                l
+                            }
+                        })
                         .collect()
                 });
                 let (base, defined_in) =
@@ -156,11 +162,6 @@ impl PresetRegistry {
             Error::arg("preset", format!("unknown preset `{name}`; known presets: {known}"))
         })
     }
-}
-
-/// A LoRA argument that names a file rather than a library entry.
-fn looks_like_path(arg: &str) -> bool {
-    arg.contains('/') || arg.contains('\\') || arg.ends_with(".safetensors")
 }
 
 fn overlay(base: &mut PresetLayer, up: PresetLayer) {

@@ -20,11 +20,12 @@ use crate::error::{Error, Result};
 use crate::jobs::pool::{ModelPool, PoolKey, Pooled};
 use crate::library::assets::{AssetKind, JobTimings, NewAsset, NewJob, RecordKind};
 use crate::library::{ledger, Library, Project};
+use crate::loaders::lora::LoraRequest;
 use crate::pipeline::generate::GenerateOutput;
 use crate::pipeline::metadata::{png_chunks, ImageRecord};
 use crate::pipeline::model::LoadedModel;
 use crate::tiers::drift::{self, DriftOutcome};
-use crate::tiers::load::{load_tier_model, tier_dtype};
+use crate::tiers::load::{load_tier_model_with, tier_dtype};
 use crate::tiers::{Tier, TierRegistry};
 use candle_core::{DType, Device};
 use std::path::{Path, PathBuf};
@@ -86,6 +87,7 @@ impl Workspace {
             revision: tier.revision.clone(),
             device: crate::device::name(&self.options.device),
             dtype: crate::device::dtype_name(dtype).to_string(),
+            loras: String::new(),
         }
     }
 
@@ -107,12 +109,24 @@ impl Workspace {
 
     /// Loads a tier's model and checks it against the project's drift lock.
     pub fn load_tier(&self, name: &str) -> Result<WarmModel> {
+        self.load_tier_with(name, &[])
+    }
+
+    /// [`Workspace::load_tier`] with `job_loras` merged into the model after the tier's own
+    /// LoRAs (a pool entry of its own). The tier's LoRAs are pinned by the drift lock with the
+    /// model's files; a job's are recorded in its images instead.
+    pub fn load_tier_with(&self, name: &str, job_loras: &[LoraRequest]) -> Result<WarmModel> {
         let tier = self.tiers.get(name)?.clone();
         crate::tiers::load::require_diffusion(&tier)?;
         let dtype = tier_dtype(&tier, &self.options.device, self.options.dtype)?;
-        let key = self.tier_key(&tier, dtype);
+        let tier_loras = crate::loaders::lora::resolve_all(&tier.loras)
+            .map_err(|e| Error::config(&tier.defined_in, format!("tier `{name}` loras: {e}")))?;
+        let loras: Vec<LoraRequest> = tier_loras.iter().chain(job_loras).cloned().collect();
+        let mut key = self.tier_key(&tier, dtype);
+        key.loras = crate::loaders::lora::pool_key(&loras)?;
         let (pooled, load_seconds) = self.pool.get_or_load(&key, None, || {
-            let model = load_tier_model(&tier, &self.options.device, dtype, self.options.show_progress)?;
+            let model =
+                load_tier_model_with(&tier, &loras, &self.options.device, dtype, self.options.show_progress)?;
             let bytes = crate::jobs::pool::model_bytes(&model);
             Ok((Pooled::Diffusion(Arc::new(model)), bytes))
         })?;
@@ -120,7 +134,15 @@ impl Workspace {
             return Err(Error::Unsupported(format!("tier `{name}` is loaded as another kind of model")));
         };
         // The lock is checked on every job, warm or not: kiln.lock may have changed meanwhile.
-        let drift = drift::check(&self.project.lock_path(), &tier, &model, self.options.accept_drift)?;
+        let mut pinned = model.weights.clone();
+        pinned.extend(model.loras.iter().take(tier_loras.len()).map(|l| {
+            crate::pipeline::model::WeightRecord {
+                component: "lora".into(),
+                file: l.name.clone(),
+                sha256: l.sha256.clone(),
+            }
+        }));
+        let drift = drift::check_files(&self.project.lock_path(), &tier, &pinned, self.options.accept_drift)?;
         Ok(WarmModel { tier, model, load_seconds, drift })
     }
 

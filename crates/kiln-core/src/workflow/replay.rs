@@ -352,7 +352,15 @@ fn load_recorded_model(ws: &Workspace, record: &ImageRecord) -> Result<LoadedMod
         Some(v) => Some(hub::resolve_vae(&v.id, v.revision.as_deref(), fp16, show)?),
         None => None,
     };
-    LoadedModel::load_with_vae(source, vae, &ws.options.device, dtype)
+    let loras = record
+        .loras
+        .iter()
+        .map(|l| {
+            let path = crate::loaders::lora::locate_recorded(l)?;
+            Ok(crate::loaders::lora::LoraRequest { name: l.name.clone(), path, weight: l.weight })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    LoadedModel::load_with_loras(source, vae, &loras, &ws.options.device, dtype)
 }
 
 /// Finds an input file a record names: at its recorded path when the content still matches,

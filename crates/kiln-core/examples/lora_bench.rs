@@ -1,0 +1,108 @@
+//! LoRA merge cost and generation with vs without a merged LoRA, on CPU f32:
+//! `cargo run --release -p kiln-core --example lora_bench -- LORA [MODEL_DIR] [size] [steps] [with|without|both|interleave]`.
+//!
+//! Always: the merge arithmetic for every layer of LORA (B·A, scaled, added to a weight of the
+//! layer's shape) without a base model, so a LoRA shaped for a model not at hand (SDXL) is timed.
+//! With MODEL_DIR: the model's load without and with the LoRA merged (the difference is what
+//! merging adds to a load) and the fastest of two images each, after an untimed warm-up image,
+//! at size² px. `with` / `without` run one of the two, so each can have a process of its own
+//! (models loaded earlier in a process leave caches and heap behind that skew the second).
+use std::path::PathBuf;
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use kiln_core::loaders::hub::ModelSource;
+use kiln_core::loaders::lora::{merge_without_base, LoraFile, LoraRequest};
+use kiln_core::pipeline::generate::{generate, GenerateRequest, NoProgress};
+use kiln_core::pipeline::model::LoadedModel;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let lora = PathBuf::from(args.next().ok_or("usage: lora_bench LORA [MODEL_DIR] [size] [steps]")?);
+    let model_dir = args.next().map(PathBuf::from);
+    let size: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(256);
+    let steps: usize = args.next().map(|s| s.parse()).transpose()?.unwrap_or(1);
+    let which = args.next().unwrap_or_else(|| "both".into());
+    let dev = Device::Cpu;
+
+    let t = Instant::now();
+    let file = LoraFile::open(&lora)?;
+    let read = t.elapsed().as_secs_f64();
+    let info = file.info();
+    let t = Instant::now();
+    let weights = merge_without_base(&file, 1.0, &dev)?;
+    let merge = t.elapsed().as_secs_f64();
+    println!(
+        "{}: {} layers, rank {:?}; read + check {read:.3} s; merge arithmetic {merge:.3} s for {:.1} M weights",
+        lora.display(),
+        info.layers,
+        info.ranks,
+        weights as f64 / 1e6
+    );
+
+    let Some(dir) = model_dir else { return Ok(()) };
+    let request = GenerateRequest {
+        prompt: "a lighthouse at dawn".into(),
+        negative_prompt: None,
+        width: size,
+        height: size,
+        steps,
+        guidance: 0.0,
+        scheduler: None,
+        seeds: vec![1],
+        init_latents: None,
+        init_image: None,
+        strength: 1.0,
+        max_batch: 1,
+        vae_tiling: Default::default(),
+        max_sequence_length: None,
+    };
+    let loras = [LoraRequest { name: "bench".into(), path: lora.clone(), weight: 1.0 }];
+    if which == "interleave" {
+        // Both models loaded, images alternated: machine load that drifts over the run (a
+        // shared machine) hits both alike; the fastest of each is reported.
+        let plain =
+            LoadedModel::load_with_loras(ModelSource::Folder(dir.clone()), None, &[], &dev, DType::F32)?;
+        let merged =
+            LoadedModel::load_with_loras(ModelSource::Folder(dir.clone()), None, &loras, &dev, DType::F32)?;
+        let mut best = [f64::INFINITY; 2];
+        for round in 0..4 {
+            for (i, model) in [&plain, &merged].into_iter().enumerate() {
+                let t = Instant::now();
+                generate(model, &request, &mut NoProgress)?;
+                if round > 0 {
+                    best[i] = best[i].min(t.elapsed().as_secs_f64());
+                }
+            }
+        }
+        println!(
+            "interleaved, fastest of 3 after a warm-up each: without {:.3} s, with LoRA {:.3} s ({size}², {steps} step(s))",
+            best[0], best[1]
+        );
+        return Ok(());
+    }
+    let runs: &[bool] = match which.as_str() {
+        "with" => &[true],
+        "without" => &[false],
+        _ => &[false, true],
+    };
+    for &with_lora in runs {
+        let t = Instant::now();
+        let list: &[LoraRequest] = if with_lora { &loras } else { &[] };
+        let model =
+            LoadedModel::load_with_loras(ModelSource::Folder(dir.clone()), None, list, &dev, DType::F32)?;
+        let load = t.elapsed().as_secs_f64();
+        generate(&model, &request, &mut NoProgress)?;
+        let mut image = f64::INFINITY;
+        for _ in 0..2 {
+            let t = Instant::now();
+            generate(&model, &request, &mut NoProgress)?;
+            image = image.min(t.elapsed().as_secs_f64());
+        }
+        println!(
+            "{}: load {load:.3} s, image {image:.3} s ({size}², {steps} step(s), warm)",
+            if with_lora { "with LoRA" } else { "without" }
+        );
+    }
+    Ok(())
+}

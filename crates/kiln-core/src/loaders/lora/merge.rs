@@ -1,0 +1,287 @@
+//! Merging LoRAs into a model's weights as they load.
+//!
+//! [`plan`] matches every LoRA layer to a base tensor of the model (by the base files' own
+//! tensor names, see [`super::keys::ModuleIndex`]) and checks shapes before anything is built, so
+//! a LoRA for another model is refused up front naming its layers. [`LoraPlan::var_builder`] then
+//! opens a component's weights through [`LoraBackend`], which hands out `W + Σ s·(B·A)` for the
+//! patched tensors and the plain mmapped tensor for the rest.
+
+use super::keys::{Component, ModuleIndex};
+use super::LoraFile;
+use crate::error::{Error, Result};
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// One LoRA layer's contribution to one base tensor: `scale · up · down`.
+#[derive(Debug, Clone)]
+struct Patch {
+    down: Tensor,
+    up: Tensor,
+    /// weight · α / rank.
+    scale: f64,
+    /// The rows of `up` this base tensor takes (a fused BFL q/k/v layer split over diffusers'
+    /// separate projections); all of them when `None`.
+    rows: Option<(usize, usize)>,
+}
+
+impl Patch {
+    /// The delta in f32 on `device`, shaped like the base tensor.
+    fn delta(&self, shape: &Shape, device: &Device) -> candle_core::Result<Tensor> {
+        let rank = self.down.dims()[0];
+        let up = match self.rows {
+            Some((start, len)) => self.up.narrow(0, start, len)?,
+            None => self.up.clone(),
+        };
+        let out = up.dims()[0];
+        let up = up.to_device(device)?.to_dtype(DType::F32)?.reshape((out, rank))?;
+        let down = self.down.to_device(device)?.to_dtype(DType::F32)?.reshape((rank, ()))?;
+        (up.matmul(&down)? * self.scale)?.reshape(shape)
+    }
+}
+
+/// A component's weight files, as the loader will open them.
+pub struct PlanInput {
+    pub component: Component,
+    pub files: Vec<PathBuf>,
+    /// Text encoders also answer to names with/without transformers' `text_model.` prefix.
+    pub text_encoder: bool,
+}
+
+/// Which base tensors each LoRA patches, per component, and what did not match.
+#[derive(Debug, Default)]
+pub struct LoraPlan {
+    patches: HashMap<Component, HashMap<String, Vec<Patch>>>,
+    /// Per LoRA file: the layers that matched no tensor of the model (warnings, not errors, as
+    /// long as some layers matched: trainers add layers some models lack).
+    pub unmatched: Vec<(PathBuf, Vec<String>)>,
+    /// Layers merged, in all.
+    pub merged_layers: usize,
+}
+
+/// Matches `loras` (each with its weight) against the model's components. Errors when a LoRA
+/// matches none of the model's layers or when a matched layer has another shape than the base
+/// tensor; both name the LoRA file and the layers.
+pub fn plan(loras: &[(Arc<LoraFile>, f64)], inputs: &[PlanInput]) -> Result<LoraPlan> {
+    let mut out = LoraPlan::default();
+    if loras.is_empty() {
+        return Ok(out);
+    }
+    // Base tensor names and shapes, per component, from the files' headers.
+    let mut bases: HashMap<Component, (ModuleIndex, HashMap<String, Vec<usize>>)> = HashMap::new();
+    for input in inputs {
+        let st = mmap(&input.files)?;
+        let shapes: HashMap<String, Vec<usize>> =
+            st.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect();
+        let index = ModuleIndex::new(shapes.keys().map(String::as_str), input.text_encoder);
+        bases.insert(input.component, (index, shapes));
+    }
+    for (lora, weight) in loras {
+        let mut unmatched = Vec::new();
+        let mut mismatched = Vec::new();
+        let mut matched = 0usize;
+        for m in &lora.modules {
+            let Some((index, shapes)) = bases.get(&m.component) else {
+                unmatched.push(format!("{} (this model has no {})", m.down_key, m.component.label()));
+                continue;
+            };
+            let Some(module) = index.find(m.naming, &m.module) else {
+                // FLUX layers in BFL naming, possibly fused: one patch per diffusers module.
+                let targets = (m.component == Component::Denoiser)
+                    .then(|| super::keys::bfl_targets(&m.module))
+                    .flatten()
+                    .filter(|t| t.iter().all(|t| shapes.contains_key(&format!("{t}.weight"))));
+                let Some(targets) = targets else {
+                    unmatched.push(m.down_key.clone());
+                    continue;
+                };
+                let shape_of = |t: &String| shapes[&format!("{t}.weight")].clone();
+                let rows: Vec<usize> = targets.iter().map(|t| shape_of(t)[0]).collect();
+                let lora_in: usize = m.down.dims()[1..].iter().product();
+                let fits = rows.iter().sum::<usize>() == m.up.dims()[0]
+                    && targets.iter().all(|t| shape_of(t)[1..].iter().product::<usize>() == lora_in);
+                if !fits {
+                    let want: Vec<_> = targets.iter().map(shape_of).collect();
+                    mismatched.push(format!(
+                        "`{}` makes [{}, {lora_in}] for {} ({want:?} together)",
+                        m.down_key,
+                        m.up.dims()[0],
+                        targets.join(" + ")
+                    ));
+                    continue;
+                }
+                let rank = m.rank() as f64;
+                let scale = weight * m.alpha.unwrap_or(rank) / rank;
+                let mut start = 0;
+                for (t, len) in targets.iter().zip(rows) {
+                    let patch =
+                        Patch { down: m.down.clone(), up: m.up.clone(), scale, rows: Some((start, len)) };
+                    out.patches
+                        .entry(m.component)
+                        .or_default()
+                        .entry(format!("{t}.weight"))
+                        .or_default()
+                        .push(patch);
+                    start += len;
+                }
+                matched += 1;
+                continue;
+            };
+            let base_name = format!("{module}.weight");
+            let base_shape = &shapes[&base_name];
+            let (d, u) = (m.down.dims(), m.up.dims());
+            let lora_in: usize = d[1..].iter().product();
+            let base_in: usize = base_shape[1..].iter().product();
+            // A conv LoRA must have the base kernel's size; a linear LoRA on a 1×1 conv is fine.
+            let kernel_ok = d.len() == 2 || base_shape.len() != 4 || d[2..] == base_shape[2..];
+            if base_shape.is_empty() || u[0] != base_shape[0] || lora_in != base_in || !kernel_ok {
+                let mut found = vec![u[0]];
+                found.extend_from_slice(&d[1..]);
+                mismatched.push(format!("`{}` makes {found:?} for `{base_name}` {base_shape:?}", m.down_key));
+                continue;
+            }
+            let rank = m.rank() as f64;
+            let scale = weight * m.alpha.unwrap_or(rank) / rank;
+            let patch = Patch { down: m.down.clone(), up: m.up.clone(), scale, rows: None };
+            out.patches.entry(m.component).or_default().entry(base_name).or_default().push(patch);
+            matched += 1;
+        }
+        let path = lora.path.clone();
+        if !mismatched.is_empty() {
+            return Err(Error::Lora {
+                lora: path.display().to_string(),
+                msg: format!(
+                    "it does not fit this model: {} of its layers have other shapes than the model's ({}{}); \
+                     it was made for another model{}",
+                    mismatched.len(),
+                    mismatched.iter().take(4).cloned().collect::<Vec<_>>().join("; "),
+                    if mismatched.len() > 4 { "; …" } else { "" },
+                    family_hint(lora)
+                ),
+            });
+        }
+        if matched == 0 {
+            return Err(Error::Lora {
+                lora: path.display().to_string(),
+                msg: format!(
+                    "it does not fit this model: none of its {} layers names a layer of the model (e.g. `{}`){}",
+                    lora.modules.len(),
+                    unmatched.first().cloned().unwrap_or_default(),
+                    family_hint(lora)
+                ),
+            });
+        }
+        let mut report = unmatched;
+        report.extend(lora.unknown_keys.iter().cloned());
+        if !report.is_empty() {
+            out.unmatched.push((path, report));
+        }
+        out.merged_layers += matched;
+    }
+    Ok(out)
+}
+
+/// Computes every layer's delta `weight·(α/r)·B·A` of `lora` on `device` and adds it to a zero
+/// tensor of the shape it implies, as a load would add it to the base weight: the merge's
+/// arithmetic without a base model (benchmarks time it on shapes of models not at hand).
+/// Returns the number of weights written.
+pub fn merge_without_base(lora: &LoraFile, weight: f64, device: &Device) -> Result<usize> {
+    let mut written = 0;
+    for m in &lora.modules {
+        let mut shape = vec![m.up.dims()[0]];
+        shape.extend_from_slice(&m.down.dims()[1..]);
+        let shape = Shape::from(shape);
+        let rank = m.rank() as f64;
+        let scale = weight * m.alpha.unwrap_or(rank) / rank;
+        let patch = Patch { down: m.down.clone(), up: m.up.clone(), scale, rows: None };
+        let base = Tensor::zeros(&shape, DType::F32, device)?;
+        let merged = (base + patch.delta(&shape, device)?)?;
+        written += merged.elem_count();
+    }
+    Ok(written)
+}
+
+fn family_hint(lora: &LoraFile) -> String {
+    match lora.info().family {
+        Some(f) => format!(" (its metadata/layers say {f})"),
+        None => String::new(),
+    }
+}
+
+fn mmap(files: &[PathBuf]) -> Result<MmapedSafetensors> {
+    // SAFETY: read-only maps of weight files, as `weights::open_safetensors` makes.
+    #[allow(unsafe_code)]
+    let st = unsafe { MmapedSafetensors::multi(files) };
+    st.map_err(|e| Error::Weights { path: files.first().cloned().unwrap_or_default(), msg: e.to_string() })
+}
+
+impl LoraPlan {
+    /// The component's weights as a `VarBuilder`: the plain mmapped files when no LoRA patches
+    /// the component, the merging backend otherwise.
+    pub fn var_builder(
+        &self,
+        component: Component,
+        files: &[PathBuf],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<VarBuilder<'static>> {
+        let Some(patches) = self.patches.get(&component).filter(|p| !p.is_empty()) else {
+            return crate::loaders::weights::open_safetensors(files, dtype, device);
+        };
+        for file in files {
+            crate::loaders::weights::validate_header(file)?;
+        }
+        let backend = LoraBackend { base: mmap(files)?, patches: patches.clone() };
+        Ok(VarBuilder::from_backend(Box::new(backend), dtype, device.clone()))
+    }
+}
+
+/// The mmapped base weights, with LoRA deltas added to the tensors they patch as they are read.
+struct LoraBackend {
+    base: MmapedSafetensors,
+    patches: HashMap<String, Vec<Patch>>,
+}
+
+impl SimpleBackend for LoraBackend {
+    fn get(
+        &self,
+        s: Shape,
+        name: &str,
+        _: candle_nn::Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = self.get_unchecked(name, dtype, dev)?;
+        if tensor.shape() != &s {
+            return Err(candle_core::Error::UnexpectedShape {
+                msg: format!("shape mismatch for {name}"),
+                expected: s,
+                got: tensor.shape().clone(),
+            }
+            .bt());
+        }
+        Ok(tensor)
+    }
+
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let base = self.base.load(name, dev)?;
+        let Some(patches) = self.patches.get(name) else {
+            return base.to_dtype(dtype);
+        };
+        // Sum in f32 whatever the model's dtype, as diffusers' fuse_lora does on an f32 model;
+        // an f16 model rounds once, after the merge.
+        let mut merged = base.to_dtype(DType::F32)?;
+        for patch in patches {
+            merged = (merged + patch.delta(base.shape(), dev)?)?;
+        }
+        merged.to_dtype(dtype)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.base.get(name).is_ok()
+    }
+}
