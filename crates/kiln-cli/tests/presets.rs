@@ -1,6 +1,6 @@
 //! Presets (brand kits) end to end on the tiny SD1 fixture: a preset's template, negative
-//! prompt, steps, seed and grade applied to `kiln generate`, recorded (name, hash, grade) and
-//! replayed bit-exact; a changed preset reported; an unknown one refused.
+//! prompt, steps, seed, two LoRAs and grade applied to `kiln generate`, recorded (name, hash,
+//! LoRAs, grade) and replayed bit-exact; a changed preset reported; an unknown one refused.
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -12,10 +12,20 @@ const WARM_CUBE: &str = "TITLE \"warm\"\nLUT_3D_SIZE 2\n\
     0.1 0 0\n1 0 0\n0.1 1 0\n1 1 0\n\
     0.1 0 0.8\n1 0 0.8\n0.1 1 0.8\n1 1 0.8\n";
 
+/// Two LoRAs of the fixtures that fit the tiny SD1 model (kohya UNet + text encoder, LoCon).
+fn loras() -> [String; 2] {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/lora").canonicalize().unwrap();
+    [
+        format!("{}:0.7", dir.join("sd1_kohya.safetensors").display()),
+        format!("{}:-0.5", dir.join("sd1_locon.safetensors").display()),
+    ]
+}
+
 fn preset_toml(steps: usize) -> String {
+    let [a, b] = loras();
     format!(
         "[presets.brand]\ndescription = \"house look\"\nprompt = \"{{prompt}}, studio light\"\n\
-         negative_prompt = \"blur\"\nseed = 11\nsteps = {steps}\n\
+         negative_prompt = \"blur\"\nseed = 11\nsteps = {steps}\nloras = [\"{a}\", \"{b}\"]\n\
          [presets.brand.grade]\nlut = \"warm.cube\"\nstrength = 0.7\n"
     )
 }
@@ -54,15 +64,21 @@ fn a_preset_shapes_grades_records_and_replays() {
     assert_eq!(record["preset"]["name"], "brand", "{asset}");
     assert_eq!(record["preset"]["sha256"], sha.as_str(), "{asset}");
     assert!((record["grade"]["strength"].as_f64().unwrap() - 0.7).abs() < 1e-6, "{asset}");
+    assert_eq!(record["loras"].as_array().map(Vec::len), Some(2), "{asset}");
     let made = asset["asset"]["path"].as_str().or(asset["path"].as_str()).unwrap().to_string();
     let made = support::file_pixels(&root.join(made));
 
     // The preset is exactly its settings plus its grade: the same job spelt out, then graded.
     let plain = root.join("plain.png");
+    let [a, b] = loras();
     ok(&run(
         root,
         &[
             "generate",
+            "--lora",
+            &a,
+            "--lora",
+            &b,
             "--tier",
             "draft",
             "--prompt",
@@ -99,7 +115,7 @@ fn a_preset_shapes_grades_records_and_replays() {
     ));
     assert_eq!(support::file_pixels(&graded), made, "preset image = its settings, then its grade");
 
-    // Replay regenerates and grades again, bit for bit.
+    // Replay (the preset's two LoRAs merged again, then its grade) is bit for bit.
     let r = ok(&run(root, &["replay", "1", "--device", "cpu", "--json"]));
     assert_eq!(r["bit_exact"], true, "{r}");
 
