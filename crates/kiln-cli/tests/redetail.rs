@@ -18,13 +18,13 @@ fn kiln(root: &Path, args: &[&str]) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null)
 }
 
-#[test]
-fn promote_upscale_redetail_records_the_chain() {
+/// A project whose draft and final tiers are the tiny SD1 model (the final priced per image)
+/// and whose upscale tier is the tiny SRVGG.
+fn chain_project() -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
-    let root = dir.path();
     let f = fixtures();
     std::fs::write(
-        root.join("kiln.toml"),
+        dir.path().join("kiln.toml"),
         format!(
             "[tiers.draft]\nmodel = \"{0}\"\nwidth = 64\nheight = 64\nsteps = 2\nlane = \"draft\"\n\
              [tiers.final]\nmodel = \"{0}\"\nwidth = 64\nheight = 64\nsteps = 4\n\
@@ -35,6 +35,13 @@ fn promote_upscale_redetail_records_the_chain() {
         ),
     )
     .unwrap();
+    dir
+}
+
+#[test]
+fn promote_upscale_redetail_records_the_chain() {
+    let dir = chain_project();
+    let root = dir.path();
     kiln(root, &["draft", "a lighthouse", "-n", "1", "--seed", "5", "--device", "cpu", "-q"]);
     let v = kiln(
         root,
@@ -85,20 +92,8 @@ fn promote_upscale_redetail_records_the_chain() {
 
 #[test]
 fn a_redetailed_asset_replays_bit_exact() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = chain_project();
     let root = dir.path();
-    let f = fixtures();
-    std::fs::write(
-        root.join("kiln.toml"),
-        format!(
-            "[tiers.draft]\nmodel = \"{0}\"\nwidth = 64\nheight = 64\nsteps = 2\nlane = \"draft\"\n\
-             [tiers.final]\nmodel = \"{0}\"\nwidth = 64\nheight = 64\nsteps = 4\n\
-             [tiers.upscale]\nmodel = \"{1}\"\n",
-            f.join("pipelines/sd1/model").display(),
-            f.join("sr/srvgg-tiny-x4.safetensors").display()
-        ),
-    )
-    .unwrap();
     kiln(root, &["draft", "a harbour", "-n", "1", "--seed", "9", "--device", "cpu", "-q"]);
     let v = kiln(
         root,

@@ -312,18 +312,7 @@ fn merge(
     for (name, mut up) in upper {
         up.model = up.model.map(|m| resolve_relative(&m, dir));
         up.vae = up.vae.map(|m| resolve_relative(&m, dir));
-        up.loras =
-            up.loras.map(|list| {
-                list.into_iter()
-                    .map(|l| {
-                        if crate::loaders::lora::library::is_path(&l) {
-                            resolve_relative(&l, dir)
-                        } else {
-                            l
-                        }
-                    })
-                    .collect()
-            });
+        up.loras = up.loras.map(|list| resolve_lora_paths(list, dir));
         let (base, defined_in) =
             merged.entry(name).or_insert_with(|| (TierLayer::default(), layer_name.into()));
         if up.model.is_some() {
@@ -382,6 +371,14 @@ fn merge(
 
 /// A layer's `./x`, `../x`, or a relative path that exists beside the layer file, becomes
 /// absolute; hub ids and absolute paths are kept.
+/// A layer's LoRA arguments with their file paths resolved against the layer's folder (library
+/// names stay names).
+pub(crate) fn resolve_lora_paths(list: Vec<String>, dir: Option<&Path>) -> Vec<String> {
+    list.into_iter()
+        .map(|l| if crate::loaders::lora::library::is_path(&l) { resolve_relative(&l, dir) } else { l })
+        .collect()
+}
+
 pub(crate) fn resolve_relative(spec: &str, dir: Option<&Path>) -> String {
     let Some(dir) = dir else { return spec.to_string() };
     let path = Path::new(spec);

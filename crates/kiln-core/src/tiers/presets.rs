@@ -5,7 +5,7 @@
 //! (its settings and its LUT file's bytes), recorded on each asset made with it, so a preset
 //! that changed since a campaign's last asset is noticed like drifted weights.
 
-use super::{resolve_relative, user_tiers_file};
+use super::{resolve_lora_paths, resolve_relative, user_tiers_file};
 use crate::error::{Error, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -125,17 +125,7 @@ impl PresetRegistry {
                 if let Some(g) = &mut up.grade {
                     g.lut = PathBuf::from(resolve_relative(&g.lut.to_string_lossy(), dir));
                 }
-                up.loras = up.loras.map(|list| {
-                    list.into_iter()
-                        .map(|l| {
-                            if crate::loaders::lora::library::is_path(&l) {
-                                resolve_relative(&l, dir)
-                            } else {
-                                l
-                            }
-                        })
-                        .collect()
-                });
+                up.loras = up.loras.map(|list| resolve_lora_paths(list, dir));
                 let (base, defined_in) =
                     merged.entry(preset).or_insert_with(|| (PresetLayer::default(), name.clone()));
                 overlay(base, up);
