@@ -451,6 +451,21 @@ with sync_playwright() as p:
     bob_watch.check("bob's queue")
     watch.check("queue")
 
+    # A preset (brand kit) picked in the form: its tier is selected with it, and its fixed
+    # seed, prompt template and look apply to the draft.
+    press(page, "1")
+    page.select_option("#generate-form select[name=tier]", "final")
+    page.select_option("#generate-form select[name=preset]", "house")
+    expect(page.locator("#generate-form select[name=tier]")).to_have_value("draft")
+    page.fill("#generate-form input[name=count]", "1")
+    page.fill("#generate-form input[name=seed]", "")
+    page.click("#generate")
+    tile = page.locator(".tile[data-seed='777']")
+    expect(tile).to_have_class(re.compile(r"\bdone\b"), timeout=TIMEOUT)
+    out["preset_draft"] = int(tile.get_attribute("data-asset"))
+    page.select_option("#generate-form select[name=preset]", "")
+    watch.check("preset")
+
     # Latency: click → first preview / first draft on screen, against the API's own events
     # for the same job (warm model, idle worker, seven runs each). On a busy machine single runs
     # vary by hundreds of ms, so minimums are reported beside medians.

@@ -37,7 +37,11 @@ fn studio_page_in_chromium() {
     );
     // Drafts take 4 steps, so each shows a preview (every 2 steps, never after the last one);
     // finals take 24 steps: slow enough that the sixth of six waits in the queue to be cancelled.
-    let dir = project(24, "[tiers.upscale]\nmodel = \"./sr.safetensors\"\n");
+    let dir = project(
+        24,
+        "[tiers.upscale]\nmodel = \"./sr.safetensors\"\n\
+         [presets.house]\ndescription = \"house look\"\nprompt = \"{prompt}, warm light\"\ntier = \"draft\"\nseed = 777\n",
+    );
     let root = dir.path();
     let toml = std::fs::read_to_string(root.join("kiln.toml")).unwrap();
     let draft_2_steps = "height = 64\nsteps = 2\n";
@@ -94,6 +98,12 @@ fn studio_page_in_chromium() {
         let child = asset(&server, &alice, pair[1]);
         assert_eq!(&child["parent_id"], pair[0], "{child}");
     }
+    // The draft made with the preset picked in the form records it, with its template applied.
+    let pd = asset(&server, &alice, &r["preset_draft"]);
+    assert_eq!(pd["record"]["preset"]["name"], "house", "{pd}");
+    assert!(pd["record"]["prompt"].as_str().unwrap().ends_with(", warm light"), "{pd}");
+    assert_eq!(pd["seed"], 777, "{pd}");
+
     // Touch and pen strokes painted the mask (checked in the scenario); their record.
     let strokes = &r["mask_strokes"];
     assert!(strokes["touch"].as_f64().unwrap() > 0.0 && strokes["pen_firm"].as_f64().unwrap() > 0.0, "{r}");

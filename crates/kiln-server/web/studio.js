@@ -19,6 +19,7 @@ let selected = null;
 let editor = null;
 let frame = null;
 let tiers = [];
+let presets = [];
 
 /** Named points in time (performance marks) the browser test reads to measure latency. */
 function markOnce(name) {
@@ -96,6 +97,20 @@ async function loadTiers(form) {
   fill($("edit-tier"), "final");
   const libraryTier = document.querySelector("#library-filter select[name=tier]");
   for (const t of tiers) libraryTier.append(el("option", { value: t.name, text: t.name }));
+  try {
+    presets = (await getJson("/v1/presets")).presets;
+  } catch (e) {
+    showError($("generate-error"), e);
+    return;
+  }
+  for (const p of presets) {
+    form.preset.append(el("option", { value: p.name, text: p.description ? `${p.name} — ${p.description}` : p.name }));
+  }
+  // Picking a preset picks its tier too (the tier stays changeable: what is set wins).
+  form.preset.addEventListener("change", () => {
+    const p = presets.find((x) => x.name === form.preset.value);
+    if (p?.tier && diffusion.some((t) => t.name === p.tier)) form.tier.value = p.tier;
+  });
 }
 
 /** Width and height for the picked aspect at the tier's pixel count (multiples of 8). */
@@ -113,6 +128,7 @@ function applyAspect(form) {
 function formSpec(form) {
   const spec = { kind: "generate", tier: form.tier.value, prompt: form.prompt.value };
   if (form.negative.value) spec.negative = form.negative.value;
+  if (form.preset.value) spec.preset = form.preset.value;
   for (const f of ["width", "height"]) {
     if (form[f].value !== "") spec[f] = Number(form[f].value);
   }
@@ -126,7 +142,10 @@ export async function generate() {
   performance.mark("kiln:generate-click");
   const count = Math.max(1, Math.min(32, Number(form.count.value) || 1));
   // One job per draft, seeds in a row: each tile streams its own previews and can be cancelled.
-  const seed0 = form.seed.value !== "" ? Number(form.seed.value) : Math.floor(Math.random() * 2 ** 31);
+  // A blank seed is random, unless the preset fixes one.
+  const fixed = presets.find((p) => p.name === form.preset.value)?.seed?.fixed;
+  const seed0 =
+    form.seed.value !== "" ? Number(form.seed.value) : (fixed ?? Math.floor(Math.random() * 2 ** 31));
   const base = formSpec(form);
   for (let i = 0; i < count; i++) {
     const seed = seed0 + i;
