@@ -43,6 +43,18 @@ pub struct VaeTilingArgs {
 }
 
 impl RunArgs {
+    /// The CPU and no progress bar: for jobs that are pixel operations on the host (grading),
+    /// whose commands have no device options.
+    pub fn quiet(json: bool) -> Self {
+        Self {
+            device: "cpu".into(),
+            dtype: None,
+            json,
+            quiet: true,
+            vae: VaeTilingArgs { vae_tiling: "auto".into(), vae_tile: None },
+        }
+    }
+
     /// Whether progress goes to stderr.
     pub fn show(&self) -> bool {
         !(self.json || self.quiet)

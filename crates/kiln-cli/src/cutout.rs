@@ -15,7 +15,6 @@ use kiln_core::pipeline::cutout::{
 
 use crate::args::RunArgs;
 use kiln_core::jobs::spec::{CutoutSpec, ImageRef, JobSpec};
-use kiln_core::workflow::AssetRef;
 
 #[derive(Args, Debug)]
 pub struct CutoutArgs {
@@ -67,22 +66,6 @@ fn parse_background(arg: Option<&str>) -> anyhow::Result<Background> {
     Ok(Background::Image(kiln_core::image::load_rgb(path)?))
 }
 
-/// The asset ids among `inputs` (`asset:12`, `#12`, or a number that is not a file).
-fn asset_ids(inputs: &[PathBuf]) -> anyhow::Result<Option<Vec<i64>>> {
-    let ids: Vec<Option<i64>> = inputs
-        .iter()
-        .map(|p| match p.to_str().map(AssetRef::parse) {
-            Some(AssetRef::Id(id)) => Some(id),
-            _ => None,
-        })
-        .collect();
-    match (ids.iter().all(Option::is_some), ids.iter().any(Option::is_some)) {
-        (true, _) => Ok(Some(ids.into_iter().flatten().collect())),
-        (false, true) => bail!("give library assets (asset:ID) or image files, not both in one call"),
-        (false, false) => Ok(None),
-    }
-}
-
 /// Cutouts of library assets: each a cutout job on the project, recorded as the asset's child.
 fn run_assets(args: &CutoutArgs, ids: &[i64]) -> anyhow::Result<()> {
     for (flag, given) in [
@@ -130,7 +113,7 @@ fn run_assets(args: &CutoutArgs, ids: &[i64]) -> anyhow::Result<()> {
 }
 
 pub fn run(args: CutoutArgs) -> anyhow::Result<()> {
-    if let Some(ids) = asset_ids(&args.inputs)? {
+    if let Some(ids) = crate::job::asset_ids(&args.inputs)? {
         return run_assets(&args, &ids);
     }
     let start = Instant::now();

@@ -6,10 +6,12 @@ use crate::upscale::{expand_inputs, output_for};
 use anyhow::bail;
 use clap::Args;
 use kiln_core::image::lut::{grade_file, Interpolation, Lut3d};
+use kiln_core::jobs::spec::{GradeSpec, ImageRef, JobSpec};
 
 #[derive(Args, Debug)]
 pub struct GradeArgs {
-    /// Input images (PNG, JPEG, WebP) or folders of them.
+    /// Input images (PNG, JPEG, WebP) or folders of them; or library assets (`asset:12`,
+    /// `#12`), whose graded copies are recorded in the project as their children.
     #[arg(required = true)]
     pub inputs: Vec<PathBuf>,
     /// The 3D LUT (`.cube`, LUT_3D_SIZE 2–65).
@@ -27,12 +29,18 @@ pub struct GradeArgs {
     /// Print one JSON object on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Project folder for asset inputs (default: $KILN_PROJECT or the current folder).
+    #[arg(long)]
+    pub project: Option<PathBuf>,
 }
 
 pub fn run(args: GradeArgs) -> anyhow::Result<()> {
     let interp: Interpolation = args.interp.parse()?;
     if !(0.0..=1.0).contains(&args.strength) {
         bail!("invalid --strength: {} must be in 0..=1", args.strength);
+    }
+    if let Some(ids) = crate::job::asset_ids(&args.inputs)? {
+        return grade_assets(&args, &ids);
     }
     // The LUT and every output name are checked before anything is written.
     let lut = Lut3d::read(&args.lut)?;
@@ -67,6 +75,39 @@ pub fn run(args: GradeArgs) -> anyhow::Result<()> {
     }
     if args.json {
         println!("{}", serde_json::json!({ "outputs": reports }));
+    }
+    Ok(())
+}
+
+/// Grades of library assets: each a grade job on the project, recorded as the asset's child.
+fn grade_assets(args: &GradeArgs, ids: &[i64]) -> anyhow::Result<()> {
+    if args.out.is_some() {
+        bail!("--out is for image files; an asset's graded copy is written to the project's assets/graded/ and recorded");
+    }
+    let run = crate::args::RunArgs::quiet(args.json);
+    let engine = crate::job::engine(args.project.as_deref(), &run, false)?;
+    let mut results = Vec::new();
+    for &id in ids {
+        let spec = JobSpec::Grade(GradeSpec {
+            image: ImageRef::Asset(id),
+            lut: args.lut.clone(),
+            strength: Some(args.strength),
+            interp: Some(args.interp.clone()),
+        });
+        let out = crate::job::run(&engine, &spec, &run)?;
+        if !args.json {
+            eprintln!(
+                "asset {id} -> asset {} {} ({} at strength {})",
+                out.detail["asset_id"],
+                out.detail["path"].as_str().unwrap_or_default(),
+                args.lut.display(),
+                args.strength
+            );
+        }
+        results.push(out);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&results)?);
     }
     Ok(())
 }

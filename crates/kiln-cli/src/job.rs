@@ -82,3 +82,19 @@ pub fn run(engine: &Engine, spec: &JobSpec, run: &RunArgs) -> anyhow::Result<Job
     }
     Ok(out)
 }
+
+/// The asset ids among `inputs` (`asset:12`, `#12`, or a number that is not a file).
+pub fn asset_ids(inputs: &[std::path::PathBuf]) -> anyhow::Result<Option<Vec<i64>>> {
+    let ids: Vec<Option<i64>> = inputs
+        .iter()
+        .map(|p| match p.to_str().map(kiln_core::workflow::AssetRef::parse) {
+            Some(kiln_core::workflow::AssetRef::Id(id)) => Some(id),
+            _ => None,
+        })
+        .collect();
+    match (ids.iter().all(Option::is_some), ids.iter().any(Option::is_some)) {
+        (true, _) => Ok(Some(ids.into_iter().flatten().collect())),
+        (false, true) => anyhow::bail!("give library assets (asset:ID) or image files, not both in one call"),
+        (false, false) => Ok(None),
+    }
+}

@@ -145,3 +145,48 @@ fn a_preset_shapes_grades_records_and_replays() {
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("unknown preset `brnad`") && err.contains("brand"), "{err}");
 }
+
+#[test]
+fn grading_an_asset_records_a_child() {
+    let dir = support::project(2, "");
+    let root = dir.path();
+    std::fs::write(root.join("warm.cube"), WARM_CUBE).unwrap();
+    support::generate_pixels(root, "a boat", 5, &[]);
+    let lut = root.join("warm.cube");
+    let jobs =
+        ok(&run(root, &["grade", "asset:1", "--lut", lut.to_str().unwrap(), "--strength", "0.5", "--json"]));
+    assert_eq!(jobs[0]["kind"], "grade", "{jobs}");
+    let graded = jobs[0]["detail"]["asset_id"].as_i64().unwrap();
+    let shown = ok(&run(root, &["assets", "show", &graded.to_string(), "--json"]));
+    assert_eq!(shown["asset"]["kind"], "graded", "{shown}");
+    assert_eq!(shown["asset"]["parent_id"], 1, "{shown}");
+    assert_eq!(shown["asset"]["prompt"], "a boat", "the source's record travels with it: {shown}");
+    assert_eq!(shown["asset"]["params"]["step"], "grade", "{shown}");
+    let sha = shown["asset"]["params"]["lut_sha256"].as_str().unwrap();
+    assert_eq!(sha.len(), 64, "{shown}");
+    // Its pixels are the file grade of the source.
+    let source =
+        root.join(ok(&run(root, &["assets", "show", "1", "--json"]))["asset"]["path"].as_str().unwrap());
+    let by_file = root.join("by-file.png");
+    ok(&run(
+        root,
+        &[
+            "grade",
+            source.to_str().unwrap(),
+            "--lut",
+            lut.to_str().unwrap(),
+            "--strength",
+            "0.5",
+            "--out",
+            by_file.to_str().unwrap(),
+            "--json",
+        ],
+    ));
+    let recorded = root.join(shown["asset"]["path"].as_str().unwrap());
+    assert_eq!(support::file_pixels(&recorded), support::file_pixels(&by_file));
+    let check = ok(&run(root, &["assets", "check", "--json"]));
+    assert_eq!(check["consistent"], true, "{check}");
+    // --out is for files; an asset's grade goes to the project.
+    let o = run(root, &["grade", "asset:1", "--lut", lut.to_str().unwrap(), "--out", "x.png"]);
+    assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--out"));
+}

@@ -129,6 +129,7 @@ impl Engine {
             JobSpec::Upscale(s) => run_upscale(&mut ws, s, sink),
             JobSpec::Replay(s) => run_replay(&mut ws, s, sink),
             JobSpec::Cutout(s) => run_cutout(&mut ws, s, sink),
+            JobSpec::Grade(s) => run_grade(&mut ws, s, sink),
         }?;
         out.warnings.splice(0..0, preset_warnings);
         Ok(out)
@@ -406,6 +407,22 @@ fn run_cutout(
     }];
     let mut out = output(JobKind::Cutout, Some(c.job_id), images, c.timings.clone());
     out.detail = serde_json::to_value(&c).unwrap_or_default();
+    Ok(out)
+}
+
+fn run_grade(ws: &mut Workspace, s: &super::spec::GradeSpec, sink: &mut dyn EventSink) -> Result<JobOutput> {
+    let image = image_path(ws, &s.image, "image")?;
+    let interp = s.interp.as_deref().unwrap_or("tetrahedral").parse()?;
+    sink.emit(JobEvent::Stage { stage: "grade".into() });
+    let g = crate::workflow::grade::grade_asset(ws, &image, &s.lut, interp, s.strength.unwrap_or(1.0))?;
+    let images = vec![OutputImage {
+        asset_id: Some(g.asset_id),
+        path: g.path.clone(),
+        seed: None,
+        role: "graded".into(),
+    }];
+    let mut out = output(JobKind::Grade, Some(g.job_id), images, g.timings.clone());
+    out.detail = serde_json::to_value(&g).unwrap_or_default();
     Ok(out)
 }
 

@@ -31,6 +31,8 @@ pub enum JobSpec {
     Replay(ReplaySpec),
     /// A subject cut out of an image by a matting model.
     Cutout(CutoutSpec),
+    /// An image colour-graded with a 3D LUT (local: the LUT is a file).
+    Grade(GradeSpec),
 }
 
 /// The kind of a job, without its parameters.
@@ -44,6 +46,7 @@ pub enum JobKind {
     Upscale,
     Replay,
     Cutout,
+    Grade,
 }
 
 impl JobKind {
@@ -56,6 +59,7 @@ impl JobKind {
             JobKind::Upscale => "upscale",
             JobKind::Replay => "replay",
             JobKind::Cutout => "cutout",
+            JobKind::Grade => "grade",
         }
     }
 }
@@ -518,6 +522,21 @@ pub struct CutoutSpec {
     pub refine: bool,
 }
 
+/// `kiln grade` of a library asset: recorded as its child.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct GradeSpec {
+    pub image: ImageRef,
+    /// The `.cube` LUT (a local file: over HTTP, grade through a preset).
+    pub lut: PathBuf,
+    /// 0..=1 (default 1).
+    #[serde(default)]
+    pub strength: Option<f32>,
+    /// tetrahedral (default) or trilinear.
+    #[serde(default)]
+    pub interp: Option<String>,
+}
+
 /// `kiln replay`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -557,7 +576,7 @@ impl JobSpec {
             JobSpec::Promote(s) => (s.vae_tiling.as_deref(), s.vae_tile),
             JobSpec::Inpaint(s) => (s.vae_tiling.as_deref(), s.vae_tile),
             JobSpec::Replay(s) => (s.vae_tiling.as_deref(), s.vae_tile),
-            JobSpec::Upscale(_) | JobSpec::Cutout(_) => (None, None),
+            JobSpec::Upscale(_) | JobSpec::Cutout(_) | JobSpec::Grade(_) => (None, None),
         };
         vae_tiling(mode, tile)
     }
@@ -571,6 +590,7 @@ impl JobSpec {
             JobSpec::Upscale(_) => JobKind::Upscale,
             JobSpec::Replay(_) => JobKind::Replay,
             JobSpec::Cutout(_) => JobKind::Cutout,
+            JobSpec::Grade(_) => JobKind::Grade,
         }
     }
 
@@ -582,7 +602,7 @@ impl JobSpec {
             JobSpec::Promote(s) => Some(s.tier.as_deref().unwrap_or("final")),
             JobSpec::Inpaint(s) => s.tier.as_deref(),
             JobSpec::Upscale(s) => Some(s.tier.as_deref().unwrap_or("upscale")),
-            JobSpec::Replay(_) | JobSpec::Cutout(_) => None,
+            JobSpec::Replay(_) | JobSpec::Cutout(_) | JobSpec::Grade(_) => None,
         }
     }
 
@@ -592,7 +612,11 @@ impl JobSpec {
             JobSpec::Generate(s) => s.count.unwrap_or(1),
             JobSpec::Draft(s) => s.count.unwrap_or(8),
             JobSpec::Inpaint(s) => s.count.unwrap_or(1),
-            JobSpec::Promote(_) | JobSpec::Upscale(_) | JobSpec::Replay(_) | JobSpec::Cutout(_) => 1,
+            JobSpec::Promote(_)
+            | JobSpec::Upscale(_)
+            | JobSpec::Replay(_)
+            | JobSpec::Cutout(_)
+            | JobSpec::Grade(_) => 1,
         }
     }
 
@@ -620,7 +644,7 @@ impl JobSpec {
             JobSpec::Promote(s) => (None, s.steps, s.tile),
             JobSpec::Inpaint(s) => (None, s.steps, None),
             JobSpec::Upscale(s) => (None, None, s.tile),
-            JobSpec::Replay(_) | JobSpec::Cutout(_) => (None, None, None),
+            JobSpec::Replay(_) | JobSpec::Cutout(_) | JobSpec::Grade(_) => (None, None, None),
         };
         crate::bounds::BATCH.check_opt(batch)?;
         crate::bounds::STEPS.check_opt(steps)?;
@@ -642,6 +666,14 @@ impl JobSpec {
         }
         if let JobSpec::Inpaint(s) = self {
             s.lora_args()?;
+        }
+        if let JobSpec::Grade(s) = self {
+            if let Some(v) = s.strength.filter(|v| !(0.0..=1.0).contains(v)) {
+                return Err(Error::arg("strength", format!("{v} must be in 0..=1")));
+            }
+            if let Some(i) = &s.interp {
+                i.parse::<crate::image::lut::Interpolation>()?;
+            }
         }
         if let JobSpec::Cutout(s) = self {
             if s.background.is_some() && s.background_image.is_some() {
@@ -744,6 +776,7 @@ impl JobSpec {
                     return path_field("model");
                 }
             }
+            JobSpec::Grade(_) => return path_field("lut"),
             JobSpec::Replay(s) => {
                 image("asset", &s.asset)?;
                 if s.out.is_some() {
@@ -772,6 +805,7 @@ impl JobSpec {
                 v.extend(c.background_image.iter().map(|b| ("background_image", b)));
                 v
             }
+            JobSpec::Grade(g) => vec![("image", &g.image)],
             JobSpec::Draft(_) => Vec::new(),
         }
     }

@@ -79,6 +79,8 @@ pub enum RecordKind {
     Redetail,
     /// Background removal with a matting model.
     Cutout,
+    /// A colour grade (3D LUT).
+    Grade,
 }
 
 impl RecordKind {
@@ -94,6 +96,7 @@ impl RecordKind {
             RecordKind::Outpaint => "outpaint",
             RecordKind::Redetail => "redetail",
             RecordKind::Cutout => "cutout",
+            RecordKind::Grade => "grade",
         }
     }
 }
@@ -113,11 +116,13 @@ pub enum AssetKind {
     Outpaint,
     /// A subject cut out of its background (RGBA, or composited onto a new one).
     Cutout,
+    /// An image colour-graded with a 3D LUT.
+    Graded,
 }
 
 impl AssetKind {
     /// Every kind, as stored and as filters name them.
-    pub const ALL: [AssetKind; 9] = [
+    pub const ALL: [AssetKind; 10] = [
         AssetKind::Draft,
         AssetKind::Final,
         AssetKind::Sheet,
@@ -127,6 +132,7 @@ impl AssetKind {
         AssetKind::Erase,
         AssetKind::Outpaint,
         AssetKind::Cutout,
+        AssetKind::Graded,
     ];
 
     /// The kind named `s`, or an error listing the kinds.
@@ -148,6 +154,7 @@ impl AssetKind {
             AssetKind::Erase => "erase",
             AssetKind::Outpaint => "outpaint",
             AssetKind::Cutout => "cutout",
+            AssetKind::Graded => "graded",
         }
     }
 

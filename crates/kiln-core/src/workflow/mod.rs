@@ -7,10 +7,12 @@
 //! - [`replay`]: an asset regenerated from its stored parameters alone;
 //! - [`upscale`]: an asset run through the upscale tier, recorded as its child;
 //! - [`redetail`]: an upscale re-detailed by a diffusion tier on blended latent tiles;
-//! - [`cutout`]: an image's subject cut out by a matting model, recorded as its child.
+//! - [`cutout`]: an image's subject cut out by a matting model, recorded as its child;
+//! - [`grade`]: an asset colour-graded with a 3D LUT, recorded as its child.
 
 pub mod cutout;
 pub mod draft;
+pub mod grade;
 pub mod promote;
 pub mod redetail;
 pub mod replay;
