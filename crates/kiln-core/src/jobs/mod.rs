@@ -4,7 +4,8 @@
 //! The CLI and the server only translate arguments or requests into [`spec::JobSpec`]s and
 //! print or serialise the [`engine::JobOutput`].
 //!
-//! - [`spec`]: the job specs (serde), kinds and lanes;
+//! - [`spec`]: the job specs (serde), kinds and lanes; [`spec_checks`]: their validation, the
+//!   remote-request checks and the input images they name;
 //! - [`engine`]: the runner and the typed result;
 //! - [`generate`], [`edit`]: the generate and inpaint/erase/outpaint jobs;
 //! - [`preset`]: a job's preset (brand kit) applied to its spec, its images and their records;
@@ -23,6 +24,7 @@ pub mod pool;
 pub mod preset;
 pub mod queue;
 pub mod spec;
+pub mod spec_checks;
 
 pub use engine::{Engine, JobOutput, OutputImage, RunContext};
 pub use events::{EventSink, JobEvent, NullSink};
