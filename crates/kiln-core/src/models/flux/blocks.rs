@@ -3,9 +3,11 @@
 //! rotary position embedding over (text, row, column) ids.
 
 use crate::error::Result;
-use candle_core::{DType, Device, Module, Tensor, D};
+use candle_core::{DType, Module, Tensor, D};
 use candle_nn::VarBuilder;
 use kiln_kernels::{linear, Linear};
+
+pub(crate) use crate::models::rope::Rope;
 
 /// LayerNorm without affine parameters (eps 1e-6), as every FLUX norm before modulation.
 fn layer_norm(x: &Tensor) -> Result<Tensor> {
@@ -45,52 +47,6 @@ impl Mlp2 {
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(self.linear_2.forward(&self.linear_1.forward(x)?.silu()?)?)
-    }
-}
-
-/// Rotary embedding tables `[tokens, head_dim]` (cos, sin), each frequency repeated twice.
-#[derive(Debug, Clone)]
-pub(crate) struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl Rope {
-    /// diffusers' FluxPosEmbed: per axis `i`, `1 / theta^(2k / d_i)` times the id, in float64,
-    /// cos/sin cast to float32, the axes concatenated.
-    pub(crate) fn new(ids: &[[f32; 3]], axes_dim: &[usize], theta: f64, device: &Device) -> Result<Self> {
-        let head_dim: usize = axes_dim.iter().sum();
-        let mut cos = Vec::with_capacity(ids.len() * head_dim);
-        let mut sin = Vec::with_capacity(ids.len() * head_dim);
-        for id in ids {
-            for (axis, &d) in axes_dim.iter().enumerate() {
-                let pos = id.get(axis).copied().unwrap_or(0.0) as f64;
-                for k in 0..d / 2 {
-                    let freq = 1.0 / theta.powf((2 * k) as f64 / d as f64);
-                    let angle = pos * freq;
-                    let (s, c) = (angle.sin() as f32, angle.cos() as f32);
-                    cos.extend([c, c]);
-                    sin.extend([s, s]);
-                }
-            }
-        }
-        let n = ids.len();
-        Ok(Self {
-            cos: Tensor::from_vec(cos, (1, n, 1, head_dim), device)?,
-            sin: Tensor::from_vec(sin, (1, n, 1, head_dim), device)?,
-        })
-    }
-
-    /// diffusers' apply_rotary_emb (real form, pairs interleaved) on `[B, N, H, D]`, in float32.
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, h, d) = x.dims4()?;
-        let xf = x.to_dtype(DType::F32)?;
-        let pairs = xf.reshape((b, n, h, d / 2, 2))?;
-        let real = pairs.narrow(4, 0, 1)?;
-        let imag = pairs.narrow(4, 1, 1)?;
-        let rotated = Tensor::cat(&[&imag.neg()?, &real], 4)?.reshape((b, n, h, d))?;
-        let out = (xf.broadcast_mul(&self.cos)? + rotated.broadcast_mul(&self.sin)?)?;
-        Ok(out.to_dtype(x.dtype())?)
     }
 }
 

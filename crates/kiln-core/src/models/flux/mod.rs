@@ -8,6 +8,7 @@ mod blocks;
 
 use crate::error::{Error, Result};
 use crate::models::denoiser::{pack_2x2, unpack_2x2, Denoiser, DenoiserCond};
+use crate::models::rope::AnglePrecision;
 use crate::models::unet::timestep_embedding;
 use blocks::{DoubleBlock, Mlp2, NormOut, Rope, SingleBlock};
 use candle_core::{DType, Device, Module, Tensor};
@@ -204,13 +205,13 @@ impl FluxTransformer {
         if h2 * w2 != n {
             return Err(Error::arg("latents", format!("{n} tokens do not form a {h2}x{w2} grid")));
         }
-        let mut ids = vec![[0f32; 3]; text_len];
+        let mut ids = vec![[0f64; 3]; text_len];
         for r in 0..h2 {
             for c in 0..w2 {
-                ids.push([0.0, r as f32, c as f32]);
+                ids.push([0.0, r as f64, c as f64]);
             }
         }
-        let rope = Rope::new(&ids, &self.config.axes_dims_rope, ROPE_THETA, device)?;
+        let rope = Rope::new(&ids, &self.config.axes_dims_rope, ROPE_THETA, AnglePrecision::F64, device)?;
 
         let (mut txt, mut img) = (txt, img);
         for block in &self.double_blocks {

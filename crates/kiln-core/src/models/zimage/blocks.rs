@@ -7,64 +7,11 @@ use candle_core::{DType, Device, Module, Tensor, D};
 use candle_nn::VarBuilder;
 use kiln_kernels::{linear, linear_no_bias, Linear};
 
+pub(crate) use crate::models::rope::Rope;
+
 /// diffusers' RMSNorm (float32 statistics, then the weight).
 pub(crate) fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(candle_nn::ops::rms_norm(&x.contiguous()?, weight, eps as f32)?)
-}
-
-/// Rotary tables `[1, N, 1, head_dim]` (cos, sin), each frequency repeated over its pair.
-#[derive(Debug, Clone)]
-pub(crate) struct Rope {
-    cos: Tensor,
-    sin: Tensor,
-}
-
-impl Rope {
-    /// diffusers' RopeEmbedder: per axis of width `d`, `1 / theta^(2k / d)` in float64, times
-    /// the position id in float64, the angle cast to float32 before cos/sin (as its
-    /// `torch.polar` on the float32 table); the axes concatenated.
-    pub(crate) fn new(ids: &[[usize; 3]], axes_dims: &[usize], theta: f64, device: &Device) -> Result<Self> {
-        let head_dim: usize = axes_dims.iter().sum();
-        let mut cos = Vec::with_capacity(ids.len() * head_dim);
-        let mut sin = Vec::with_capacity(ids.len() * head_dim);
-        for id in ids {
-            for (axis, &d) in axes_dims.iter().enumerate() {
-                let pos = id.get(axis).copied().unwrap_or(0) as f64;
-                for k in 0..d / 2 {
-                    let freq = 1.0 / theta.powf((2 * k) as f64 / d as f64);
-                    let angle = (pos * freq) as f32 as f64;
-                    let (s, c) = (angle.sin() as f32, angle.cos() as f32);
-                    cos.extend([c, c]);
-                    sin.extend([s, s]);
-                }
-            }
-        }
-        let n = ids.len();
-        Ok(Self {
-            cos: Tensor::from_vec(cos, (1, n, 1, head_dim), device)?,
-            sin: Tensor::from_vec(sin, (1, n, 1, head_dim), device)?,
-        })
-    }
-
-    /// Both tables of `self` then `other` along the tokens.
-    pub(crate) fn cat(&self, other: &Rope) -> Result<Self> {
-        Ok(Self {
-            cos: Tensor::cat(&[&self.cos, &other.cos], 1)?,
-            sin: Tensor::cat(&[&self.sin, &other.sin], 1)?,
-        })
-    }
-
-    /// Complex rotation of interleaved pairs on `[B, N, H, D]`, in float32.
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, n, h, d) = x.dims4()?;
-        let xf = x.to_dtype(DType::F32)?;
-        let pairs = xf.reshape((b, n, h, d / 2, 2))?;
-        let real = pairs.narrow(4, 0, 1)?;
-        let imag = pairs.narrow(4, 1, 1)?;
-        let rotated = Tensor::cat(&[&imag.neg()?, &real], 4)?.reshape((b, n, h, d))?;
-        let out = (xf.broadcast_mul(&self.cos)? + rotated.broadcast_mul(&self.sin)?)?;
-        Ok(out.to_dtype(x.dtype())?)
-    }
 }
 
 /// diffusers' ZImageTransformerBlock: pre-norm attention and SwiGLU feed-forward, each

@@ -11,6 +11,7 @@ mod blocks;
 
 use crate::error::{Error, Result};
 use crate::models::denoiser::{Denoiser, DenoiserCond};
+use crate::models::rope::AnglePrecision;
 use blocks::{rms_norm, Block, FinalLayer, Rope, TimestepEmbedder};
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
@@ -208,14 +209,14 @@ impl ZImageTransformer {
         let x =
             latents.reshape((b, c, ht, 2, wt, 2))?.permute((0, 2, 4, 3, 5, 1))?.reshape((b, n_img, 4 * c))?;
         let x = pad_with(&self.x_embedder.forward(&x)?, &self.x_pad_token, img_len)?;
-        let mut img_ids: Vec<[usize; 3]> = Vec::with_capacity(img_len);
+        let mut img_ids: Vec<[f64; 3]> = Vec::with_capacity(img_len);
         for i in 0..ht {
             for j in 0..wt {
-                img_ids.push([cap_len + 1, i, j]);
+                img_ids.push([(cap_len + 1) as f64, i as f64, j as f64]);
             }
         }
-        img_ids.resize(img_len, [0, 0, 0]);
-        let img_rope = Rope::new(&img_ids, axes, theta, device)?;
+        img_ids.resize(img_len, [0.0; 3]);
+        let img_rope = Rope::new(&img_ids, axes, theta, AnglePrecision::F32, device)?;
         let mut x = x;
         for block in &self.noise_refiner {
             x = block.forward(&x, &img_rope, Some(&adaln))?;
@@ -224,8 +225,8 @@ impl ZImageTransformer {
         // Caption: RMSNorm + linear, padded with its own learned token.
         let cap = rms_norm(caption, &self.cap_norm, self.config.norm_eps)?;
         let mut cap = pad_with(&self.cap_linear.forward(&cap)?, &self.cap_pad_token, cap_len)?;
-        let cap_ids: Vec<[usize; 3]> = (0..cap_len).map(|i| [1 + i, 0, 0]).collect();
-        let cap_rope = Rope::new(&cap_ids, axes, theta, device)?;
+        let cap_ids: Vec<[f64; 3]> = (0..cap_len).map(|i| [(1 + i) as f64, 0.0, 0.0]).collect();
+        let cap_rope = Rope::new(&cap_ids, axes, theta, AnglePrecision::F32, device)?;
         for block in &self.context_refiner {
             cap = block.forward(&cap, &cap_rope, None)?;
         }
