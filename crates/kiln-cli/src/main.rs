@@ -10,7 +10,6 @@ mod cutout_replace;
 mod draft;
 mod generate;
 mod grade;
-mod host_memory;
 mod inpaint;
 mod job;
 mod loras_cmd;
@@ -77,7 +76,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    host_memory::keep_freed_blocks();
+    kiln_core::host_memory::keep_freed_blocks();
     let cli = parse_args();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -13,7 +13,8 @@
 //! - [`library`]: the project, its asset library, ledger and budget;
 //! - [`tiers`]: the tier registry and drift guard;
 //! - [`bounds`]: the range of every user-settable size, count and repeat;
-//! - [`image`], [`tiling`], [`rng`], [`device`], [`bench`], [`env`], [`files`], [`error`].
+//! - [`image`], [`tiling`], [`rng`], [`device`], [`host_memory`], [`bench`], [`env`], [`files`],
+//!   [`error`].
 
 pub mod bench;
 pub mod bounds;
@@ -21,6 +22,7 @@ pub mod device;
 pub mod env;
 pub mod error;
 pub mod files;
+pub mod host_memory;
 pub mod image;
 pub mod jobs;
 pub mod library;

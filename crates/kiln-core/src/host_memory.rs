@@ -1,4 +1,5 @@
-//! How the process's heap treats large freed blocks.
+//! How the process's heap treats large freed blocks (set by the `kiln` binary and the benchmarks
+//! first thing in `main`).
 
 /// Keeps freed activation buffers in the heap for the next layer instead of returning them to
 /// the kernel.
