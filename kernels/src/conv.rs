@@ -264,18 +264,25 @@ impl Conv2d {
         if cfg.groups != 1 || cfg.dilation != 1 {
             candle_core::bail!("kiln Conv2d supports groups = 1 and dilation = 1 only");
         }
-        let bias_values = match &bias {
-            Some(b) if b.device().is_cpu() && b.dtype() == DType::F32 => Some(b.to_vec1::<f32>()?),
-            _ => None,
-        };
-        Ok(Self {
-            weight,
-            bias,
-            bias_values,
-            winograd: Arc::new(OnceLock::new()),
-            calls: Arc::new(AtomicUsize::new(0)),
-            stride: cfg.stride,
-            padding: cfg.padding,
+        let mut sources = vec![&weight];
+        sources.extend(bias.as_ref());
+        let kind = format!("conv2d/{}/{}", cfg.stride, cfg.padding);
+        // A layer from the memo shares its kept Winograd transforms with the model it came from.
+        crate::reuse::derive(&kind, &sources, || {
+            let bias_values = match &bias {
+                Some(b) if b.device().is_cpu() && b.dtype() == DType::F32 => Some(b.to_vec1::<f32>()?),
+                _ => None,
+            };
+            let layer = Self {
+                weight: weight.clone(),
+                bias: bias.clone(),
+                bias_values,
+                winograd: Arc::new(OnceLock::new()),
+                calls: Arc::new(AtomicUsize::new(0)),
+                stride: cfg.stride,
+                padding: cfg.padding,
+            };
+            Ok((layer, Vec::new()))
         })
     }
 

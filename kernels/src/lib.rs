@@ -12,12 +12,17 @@
 //!   matrix) on CPU (f32) and CUDA (f32/f16/bf16), candle's composed ops elsewhere.
 //! - [`linear`]: Linear as one gemm pass per thread block, bias and GELU/GEGLU fused in; layers
 //!   can be concatenated (fused q/k/v projections).
+//! - [`lowrank`]: LoRA updates merged into a weight by one gemm each, straight into the
+//!   transposed layout `Linear` keeps (candle's composed merge is the reference).
 //! - [`fastmath`]: vectorisable `exp` and erf-GELU used by those kernels.
 //! - [`winograd`]: 3x3 stride-1 padding-1 convolution by Winograd F(4x4, 3x3) on CPU f32 with a
 //!   fused bias/activation/residual epilogue; [`Conv2d`] picks it where it beats im2col, and the
 //!   SR nets use its [`Conv3x3`] layer.
 //! - [`resample`]: bilinear resize and 2×2 ceil-mode max-pool of feature maps, one plane per
 //!   task on CPU (candle's ops run every plane on one thread), bit-identical to candle's.
+//!
+//! - [`reuse`]: derived layer weights (transposed copies, Winograd transforms) shared by models
+//!   rebuilt from the same weights, e.g. when a warm model's LoRA set changes.
 //!
 //! Every kernel is a candle `CustomOp` whose reference is candle's composed implementation, and
 //! the tests compare the two.
@@ -30,10 +35,12 @@ mod cpu;
 mod cuda;
 pub mod fastmath;
 pub mod linear;
+pub mod lowrank;
 #[cfg_attr(not(all(feature = "cudnn", not(test))), allow(dead_code))]
 mod lru;
 pub mod norm;
 pub mod resample;
+pub mod reuse;
 pub mod winograd;
 
 #[cfg(test)]

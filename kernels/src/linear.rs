@@ -205,6 +205,25 @@ impl Linear {
     /// One layer computing several layers' outputs side by side (e.g. fused q/k/v projections).
     /// All parts must share the input width and either all have a bias or none.
     pub fn concat(parts: &[(Tensor, Option<Tensor>)]) -> Result<Self> {
+        let mut sources: Vec<&Tensor> = parts.iter().map(|(w, _)| w).collect();
+        sources.extend(parts.iter().filter_map(|(_, b)| b.as_ref()));
+        crate::reuse::derive("linear", &sources, || {
+            let layer = Self::concat_new(parts)?;
+            // The CPU layer keeps only the transposed copy; each part's weight is a view of it.
+            let mut views = Vec::new();
+            if let Repr::Cpu { weight_t, .. } = &layer.repr {
+                let mut start = 0;
+                for (w, _) in parts {
+                    let rows = w.dims2()?.0;
+                    views.push((w.id(), weight_t.narrow(1, start, rows)?.t()?));
+                    start += rows;
+                }
+            }
+            Ok((layer, views))
+        })
+    }
+
+    fn concat_new(parts: &[(Tensor, Option<Tensor>)]) -> Result<Self> {
         let Some((first, _)) = parts.first() else {
             candle_core::bail!("linear concat: no parts");
         };
@@ -237,11 +256,12 @@ impl Linear {
                 None => None,
             };
             let weights: Vec<&Tensor> = parts.iter().map(|(w, _)| w).collect();
-            Repr::Cpu {
-                weight_t: transpose_concat(&weights, in_dim, out_dim)?,
-                bias: bias_vec,
-                bias_tensor: bias,
-            }
+            let weight_t = match weights.as_slice() {
+                // Already stored transposed (a LoRA-merged weight, see `lowrank`): no copy.
+                [w] if w.t()?.is_contiguous() => w.t()?,
+                _ => transpose_concat(&weights, in_dim, out_dim)?,
+            };
+            Repr::Cpu { weight_t, bias: bias_vec, bias_tensor: bias }
         } else {
             let weight = match parts {
                 [(w, _)] => w.clone(),
@@ -291,6 +311,16 @@ impl Linear {
 
 /// The `[out_i, in]` weights stacked along `out` and transposed: one `[in, sum out_i]` tensor.
 fn transpose_concat(weights: &[&Tensor], in_dim: usize, out_dim: usize) -> Result<Tensor> {
+    let out = transpose_concat_values(weights, in_dim, out_dim)?;
+    Tensor::from_vec(out, (in_dim, out_dim), weights[0].device())
+}
+
+/// The values of [`transpose_concat`], row-major `[in, sum out_i]`.
+pub(crate) fn transpose_concat_values(
+    weights: &[&Tensor],
+    in_dim: usize,
+    out_dim: usize,
+) -> Result<Vec<f32>> {
     let weights = weights.iter().map(|w| w.contiguous()).collect::<Result<Vec<_>>>()?;
     let guards: Vec<_> = weights.iter().map(|w| w.storage_and_layout()).collect();
     // (first output column, values) of each part.
@@ -333,7 +363,7 @@ fn transpose_concat(weights: &[&Tensor], in_dim: usize, out_dim: usize) -> Resul
     unsafe {
         out.set_len(in_dim * out_dim)
     };
-    Tensor::from_vec(out, (in_dim, out_dim), weights[0].device())
+    Ok(out)
 }
 
 /// The epilogue as candle ops.
