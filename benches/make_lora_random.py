@@ -10,6 +10,9 @@ full-size is allocated; then only the file is written (~R/32 × 440 MB in f16).
 Usage:
     python benches/make_lora_random.py MODEL_DIR OUT.safetensors [--rank 32]
     python benches/make_lora_random.py --sdxl-shapes OUT.safetensors [--rank 32]
+
+`--seed N` makes another LoRA of the same shapes (switch timings need two); `--unet-only` leaves
+the text encoders out, as LoRAs trained with kohya's `--network_train_unet_only` do.
 """
 import argparse
 import json
@@ -61,10 +64,14 @@ def main():
     ap.add_argument("out")
     ap.add_argument("--rank", type=int, default=32)
     ap.add_argument("--sdxl-shapes", action="store_true")
+    ap.add_argument("--seed", type=int, default=0, help="another seed makes another LoRA of the same shapes")
+    ap.add_argument("--unet-only", action="store_true", help="no text-encoder layers (kohya's --network_train_unet_only)")
     args = ap.parse_args()
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(args.seed)
     sd = {}
     for prefix, shapes in components(args):
+        if args.unet_only and prefix != "lora_unet_":
+            continue
         for name, shape in shapes.items():
             unet_target = "attentions" in name and (len(shape) == 2 or name.endswith(("proj_in", "proj_out")))
             te_target = "self_attn" in name or "mlp" in name

@@ -17,6 +17,8 @@ use kiln_core::pipeline::generate::{generate, GenerateRequest, NoProgress};
 use kiln_core::pipeline::model::LoadedModel;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // As the `kiln` binary (and so `kiln serve`) runs.
+    kiln_core::host_memory::keep_freed_blocks();
     let mut args = std::env::args().skip(1);
     let lora = PathBuf::from(args.next().ok_or("usage: lora_bench LORA [MODEL_DIR] [size] [steps]")?);
     let model_dir = args.next().map(PathBuf::from);
@@ -81,6 +83,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
         return Ok(());
     }
+    if which == "switch" {
+        let other = PathBuf::from(args.next().ok_or("switch needs a second LoRA: ... switch LORA2")?);
+        return switch(&dir, &request, &loras, &other);
+    }
     let runs: &[bool] = match which.as_str() {
         "with" => &[true],
         "without" => &[false],
@@ -104,5 +110,59 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             if with_lora { "with LoRA" } else { "without" }
         );
     }
+    Ok(())
+}
+
+/// Switching a warm model between two LoRA sets against loading it with the new set: the
+/// model is loaded with `first` and has made an image (its kept kernels built, as in a server),
+/// then switched to `second`, back, to none and back, each timed; then `second` is loaded fresh
+/// and its image compared with the switched model's (they must be bit-identical).
+fn switch(
+    dir: &std::path::Path,
+    request: &GenerateRequest,
+    first: &[LoraRequest],
+    other: &std::path::Path,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let dev = Device::Cpu;
+    let second = [LoraRequest { name: "bench-2".into(), path: other.to_path_buf(), weight: 0.8 }];
+    let source = || ModelSource::Folder(dir.to_path_buf());
+    let t = Instant::now();
+    let mut warm = LoadedModel::load_with_loras(source(), None, first, &dev, DType::F32)?;
+    let full_first = t.elapsed().as_secs_f64();
+    generate(&warm, request, &mut NoProgress)?;
+    let mut switches = Vec::new();
+    let steps = [
+        ("A -> B", &second[..]),
+        ("B -> A", first),
+        ("A -> none", &[][..]),
+        ("none -> none (what every switch pays besides its layers)", &[][..]),
+        ("none -> B", &second[..]),
+    ];
+    for (label, set) in steps {
+        let t = Instant::now();
+        let next = warm.with_loras(set)?;
+        let seconds = t.elapsed().as_secs_f64();
+        println!(
+            "switch {label}: {seconds:.3} s ({} tensors shared, {} re-read)",
+            next.reuse.shared, next.reuse.read
+        );
+        switches.push(seconds);
+        warm = next;
+    }
+    let switched = generate(&warm, request, &mut NoProgress)?;
+    drop(warm);
+    let t = Instant::now();
+    let fresh = LoadedModel::load_with_loras(source(), None, &second, &dev, DType::F32)?;
+    let full_second = t.elapsed().as_secs_f64();
+    let image = generate(&fresh, request, &mut NoProgress)?;
+    let same = switched.images[0].pixels.flatten_all()?.to_vec1::<f32>()?
+        == image.images[0].pixels.flatten_all()?.to_vec1::<f32>()?;
+    let full = full_first.min(full_second);
+    let worst = switches.iter().cloned().fold(0.0, f64::max);
+    println!(
+        "full load with a LoRA set: {full_first:.3} s (A), {full_second:.3} s (B); slowest switch {worst:.3} s = {:.1} % of the faster full load; switched image {} the fresh load's",
+        100.0 * worst / full,
+        if same { "bit-identical to" } else { "DIFFERS from" }
+    );
     Ok(())
 }

@@ -66,8 +66,19 @@ fn run_case(name: &str) {
             .unwrap();
     assert!(model.lora_warnings.is_empty(), "{:?}", model.lora_warnings);
     assert_eq!(model.loras.len(), c.loras.len());
+    let out = generate(&model, &request(&c), &mut NoProgress).unwrap();
+    let want = Tensor::read_npy(lora_dir().join(&c.output)).unwrap();
+    let got = out.images[0].pixels.to_device(&candle_core::Device::Cpu).unwrap();
+    let want = want.reshape(got.shape()).unwrap();
+    let p = psnr(&got, &want);
+    println!("{name}: PSNR {p:.1} dB against diffusers ({} LoRA file(s))", c.loras.len());
+    assert!(p >= min_psnr, "{name}: PSNR {p:.1} dB < {min_psnr}");
+}
+
+/// The case's generation from its committed latents.
+fn request(c: &Case) -> GenerateRequest {
     let latents = root().join(&c.pipeline).join(&c.latents);
-    let request = GenerateRequest {
+    GenerateRequest {
         prompt: c.prompt.clone(),
         negative_prompt: c.negative_prompt.clone(),
         width: c.width,
@@ -82,14 +93,54 @@ fn run_case(name: &str) {
         max_batch: 1,
         vae_tiling: Default::default(),
         max_sequence_length: c.max_sequence_length,
-    };
-    let out = generate(&model, &request, &mut NoProgress).unwrap();
-    let want = Tensor::read_npy(lora_dir().join(&c.output)).unwrap();
-    let got = out.images[0].pixels.to_device(&candle_core::Device::Cpu).unwrap();
-    let want = want.reshape(got.shape()).unwrap();
-    let p = psnr(&got, &want);
-    println!("{name}: PSNR {p:.1} dB against diffusers ({} LoRA file(s))", c.loras.len());
-    assert!(p >= min_psnr, "{name}: PSNR {p:.1} dB < {min_psnr}");
+    }
+}
+
+fn pixels(model: &LoadedModel, c: &Case) -> Vec<f32> {
+    let out = generate(model, &request(c), &mut NoProgress).unwrap();
+    out.images[0]
+        .pixels
+        .flatten_all()
+        .unwrap()
+        .to_device(&candle_core::Device::Cpu)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+#[test]
+fn a_warm_model_switches_lora_sets_rereading_only_the_touched_tensors() {
+    let (device, dtype) = kiln_core::device::test_target().unwrap();
+    let (kohya, locon, stacked) = (case("sd1_kohya"), case("sd1_locon"), case("sd1_stacked"));
+    let source = || model_source(&kohya.pipeline);
+    let plain = LoadedModel::load_with_loras(source(), None, &[], &device, dtype).unwrap();
+    let total = plain.reuse.read;
+    assert_eq!(plain.reuse.shared, 0);
+    // plain → kohya → stacked (kohya + LoCon) → LoCon → plain, each switch from the one before.
+    let mut warm = plain;
+    for (c, set) in [
+        (&kohya, requests(&kohya.loras)),
+        (&stacked, requests(&stacked.loras)),
+        (&locon, requests(&locon.loras)),
+        (&kohya, Vec::new()),
+    ] {
+        let switched = warm.with_loras(&set).unwrap();
+        let fresh = LoadedModel::load_with_loras(source(), None, &set, &device, dtype).unwrap();
+        assert_eq!(switched.loras, fresh.loras);
+        assert_eq!(switched.weights, fresh.weights);
+        // Every tensor is either shared or read; only the ones a LoRA touches are read.
+        let r = switched.reuse;
+        assert_eq!(r.shared + r.read, total, "{r:?}");
+        assert!(r.read > 0 && r.read * 4 < total, "{} LoRA(s): {r:?} of {total}", set.len());
+        assert_eq!(
+            pixels(&switched, c),
+            pixels(&fresh, c),
+            "switched to {:?}: the image differs from a fresh load's",
+            set.iter().map(|l| &l.name).collect::<Vec<_>>()
+        );
+        println!("switch to {} LoRA(s): {} tensors shared, {} re-read", set.len(), r.shared, r.read);
+        warm = switched;
+    }
 }
 
 #[test]

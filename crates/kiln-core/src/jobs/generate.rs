@@ -4,7 +4,7 @@
 
 use super::engine::{image_path, random_seed, tier_warnings, JobOutput, OutputImage};
 use super::events::{EventSink, JobEvent, SinkProgress};
-use super::pool::{PoolKey, Pooled};
+use super::pool::PoolKey;
 use super::spec::{GenerateSpec, JobKind};
 use crate::error::{Error, Result};
 use crate::library::assets::{AssetKind, JobTimings, RecordKind};
@@ -64,15 +64,10 @@ pub(crate) fn job_model(
                 dtype: crate::device::dtype_name(dtype).to_string(),
                 loras: crate::loaders::lora::pool_key(loras)?,
             };
-            let (pooled, load_seconds) = ws.pool.get_or_load(&key, None, || {
+            let (model, load_seconds) = ws.pool.get_or_load_diffusion(&key, loras, || {
                 let source = hub::resolve(spec, revision, dtype != DType::F32, ws.options.show_progress)?;
-                let model = LoadedModel::load_with_loras(source, None, loras, device, dtype)?;
-                let bytes = super::pool::model_bytes(&model);
-                Ok((Pooled::Diffusion(Arc::new(model)), bytes))
+                LoadedModel::load_with_loras(source, None, loras, device, dtype)
             })?;
-            let Pooled::Diffusion(model) = pooled else {
-                return Err(Error::Unsupported(format!("{spec} is loaded as another kind of model")));
-            };
             let warnings = model.lora_warnings.clone();
             Ok(JobModel { model, tier: None, load_seconds, warnings })
         }

@@ -1,8 +1,11 @@
 //! The model pool: models loaded once and shared by every job (`Arc`), keyed by what makes two
 //! loads interchangeable (tier or model, revision, device, dtype), evicted least-recently-used
 //! within a memory budget. A job that causes a load is billed its seconds; later jobs pay 0.
+//! A model asked for with another LoRA set than a pooled copy is built from that copy, sharing
+//! every weight neither set touches.
 
 use crate::error::{Error, Result};
+use crate::loaders::lora::LoraRequest;
 use crate::pipeline::model::LoadedModel;
 use crate::pipeline::upscale::Upscaler;
 use std::collections::HashMap;
@@ -150,6 +153,52 @@ impl ModelPool {
         let tick = guard.1;
         guard.0.insert(key.clone(), Entry { value: value.clone(), bytes, last_used: tick });
         Ok((value, seconds))
+    }
+
+    /// The diffusion model for `key`: the pooled one; else, when the pool holds the same model
+    /// with another LoRA set, that model switched to `key`'s set
+    /// ([`LoadedModel::with_loras`]: only the layers either set touches are re-derived); else
+    /// `load`ed. Returns the model and the seconds spent (0 when warm).
+    pub fn get_or_load_diffusion(
+        &self,
+        key: &PoolKey,
+        loras: &[LoraRequest],
+        load: impl FnOnce() -> Result<LoadedModel>,
+    ) -> Result<(Arc<LoadedModel>, f64)> {
+        let (pooled, seconds) = self.get_or_load(key, None, || {
+            let model = match self.lora_sibling(key) {
+                Some(warm) => warm.with_loras(loras)?,
+                None => load()?,
+            };
+            let bytes = model_bytes(&model);
+            Ok((Pooled::Diffusion(Arc::new(model)), bytes))
+        })?;
+        match pooled {
+            Pooled::Diffusion(model) => Ok((model, seconds)),
+            Pooled::Upscaler(..) => {
+                Err(Error::Unsupported(format!("{} is loaded as another kind of model", key.model)))
+            }
+        }
+    }
+
+    /// The most recently used diffusion model that differs from `key` only in its LoRA set.
+    fn lora_sibling(&self, key: &PoolKey) -> Option<Arc<LoadedModel>> {
+        let guard = self.lock();
+        guard
+            .0
+            .iter()
+            .filter(|(k, _)| {
+                k.model == key.model
+                    && k.revision == key.revision
+                    && k.device == key.device
+                    && k.dtype == key.dtype
+                    && k.loras != key.loras
+            })
+            .max_by_key(|(_, e)| e.last_used)
+            .and_then(|(_, e)| match &e.value {
+                Pooled::Diffusion(m) => Some(m.clone()),
+                Pooled::Upscaler(..) => None,
+            })
     }
 
     /// Evicts least-recently-used entries until `bytes` more fit the budget. Jobs that hold an

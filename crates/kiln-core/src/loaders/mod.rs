@@ -1,5 +1,6 @@
 //! Loaders: where weights and configs come from (diffusers folders, the Hugging Face hub cache,
-//! safetensors files, ONNX graphs for matting models, LoRA files merged into weights as they load).
+//! safetensors files, ONNX graphs for matting models, LoRA files merged into weights as they load, a warm model's weights reused when
+//! its LoRA set changes).
 //! Architectures live in `models`; this module only finds and opens files.
 
 pub mod diffusers;
@@ -10,6 +11,7 @@ pub mod ncnn;
 pub mod npy;
 pub mod onnx;
 pub mod pth;
+pub mod reuse;
 pub mod store;
 pub mod weights;
 

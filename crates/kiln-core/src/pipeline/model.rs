@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::loaders::diffusers::{weight_files_in, DiffusersFolder};
 use crate::loaders::hub::ModelSource;
 use crate::loaders::lora::{self, Component, LoraFile, LoraPlan, LoraRecord, LoraRequest, PlanInput};
+use crate::loaders::reuse::{ReuseBuild, ReuseCounts, WeightCache};
 use crate::loaders::weights::{loading_error, open_safetensors, weight_sha256_cached};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::clip_tokenizer::ClipTokenizer;
@@ -25,8 +26,9 @@ use crate::models::zimage::{ZImageConfig, ZImageTransformer};
 use crate::schedule::{self, FlowInputs, Scheduler, SchedulerConfig, SchedulerKind};
 use candle_core::{DType, Device};
 use serde::Serialize;
+use std::collections::HashSet;
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 /// One text encoder with its tokenizer (boxed: the variants differ in size by a kilobyte).
 pub enum TextStack {
@@ -69,6 +71,11 @@ pub struct LoadedModel {
     pub loras: Vec<LoraRecord>,
     /// LoRA layers that matched nothing in this model, one line per LoRA file.
     pub lora_warnings: Vec<String>,
+    /// The tensors and derived layers the model was built from, so that the same model with
+    /// another LoRA set can be built from it ([`LoadedModel::with_loras`]).
+    weight_cache: Arc<WeightCache>,
+    /// How many tensors this build shared with a warm model and how many it read from files.
+    pub reuse: ReuseCounts,
     pub device: Device,
     pub dtype: DType,
 }
@@ -101,11 +108,44 @@ impl LoadedModel {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
+        Self::build(source, vae_source, loras, device, dtype, None)
+    }
+
+    /// This model with another LoRA set (none for the plain model), built from this one: the
+    /// weights and layers neither set touches are shared with it (no copy, no re-derivation),
+    /// the touched ones are read again from the memory-mapped files with the new set merged.
+    /// The result computes exactly what [`LoadedModel::load_with_loras`] with `loras` gives.
+    pub fn with_loras(&self, loras: &[LoraRequest]) -> Result<Self> {
+        let warm = Some(self.weight_cache.clone());
+        let model =
+            Self::build(self.source.clone(), self.vae_source.clone(), loras, &self.device, self.dtype, warm)?;
+        if model.weights != self.weights {
+            // A weight file changed on disk since this model was loaded: its tensors are no
+            // longer the files' tensors, so nothing of it may be mixed in.
+            return Self::load_with_loras(
+                self.source.clone(),
+                self.vae_source.clone(),
+                loras,
+                &self.device,
+                self.dtype,
+            );
+        }
+        Ok(model)
+    }
+
+    fn build(
+        source: ModelSource,
+        vae_source: Option<ModelSource>,
+        loras: &[LoraRequest],
+        device: &Device,
+        dtype: DType,
+        warm: Option<Arc<WeightCache>>,
+    ) -> Result<Self> {
         crate::device::check_dtype(device, dtype)?;
         let folder = DiffusersFolder::open(source.dir())?;
         let spec = folder.family().spec();
         let prefer_fp16 = dtype != DType::F32;
-        let mut weights = Vec::new();
+        let weights = Vec::new();
 
         let (plan, lora_records) = plan_loras(&folder, spec, loras, prefer_fp16)?;
         let lora_warnings = plan
@@ -122,19 +162,58 @@ impl LoadedModel {
             })
             .collect();
 
+        // The tensors the new set patches, by component folder, so a rebuild knows what changed.
+        let mut patched = HashSet::new();
+        let components = spec.text.iter().enumerate().map(|(i, s)| (text_component(i), s.encoder));
+        for (component, folder_name) in components.chain([(Component::Denoiser, spec.denoiser)]) {
+            for name in plan.patches(component).unwrap_or_default().into_keys() {
+                patched.insert((folder_name.to_string(), name));
+            }
+        }
+        let weight_cache = Arc::new(WeightCache::default());
+        let build = Arc::new(ReuseBuild::new(warm, weight_cache.clone(), patched));
+        let memo: Arc<dyn kiln_kernels::reuse::DeriveMemo> = build.clone();
+        kiln_kernels::reuse::with_memo(memo, || {
+            Self::build_parts(folder, source, vae_source, &plan, &build, device, dtype, weights)
+        })
+        .map(|mut model| {
+            weight_cache.finish();
+            model.loras = lora_records;
+            model.lora_warnings = lora_warnings;
+            model.weight_cache = weight_cache;
+            model.reuse = build.counts();
+            model
+        })
+    }
+
+    /// Builds every component through `build` (see [`LoadedModel::build`]).
+    #[allow(clippy::too_many_arguments)]
+    fn build_parts(
+        folder: DiffusersFolder,
+        source: ModelSource,
+        vae_source: Option<ModelSource>,
+        plan: &LoraPlan,
+        build: &Arc<ReuseBuild>,
+        device: &Device,
+        dtype: DType,
+        mut weights: Vec<WeightRecord>,
+    ) -> Result<Self> {
+        let spec = folder.family().spec();
+        let prefer_fp16 = dtype != DType::F32;
+        let parts = WeightSource { plan, build };
         let mut text = Vec::new();
         for (i, stack) in spec.text.iter().enumerate() {
             text.push(load_text_stack(
                 &folder,
                 stack,
                 text_component(i),
-                &plan,
+                &parts,
                 device,
                 dtype,
                 &mut weights,
             )?);
         }
-        let denoiser = load_denoiser(&folder, spec, &plan, device, dtype, &mut weights)?;
+        let denoiser = load_denoiser(&folder, spec, &parts, device, dtype, &mut weights)?;
 
         let (vae_cfg, files) = match &vae_source {
             None => {
@@ -147,7 +226,7 @@ impl LoadedModel {
                 (cfg, weight_files_in(&dir, prefer_fp16)?)
             }
         };
-        let vb = open_safetensors(&files, dtype, device)?;
+        let vb = build.var_builder("vae", &files, None, dtype, device)?;
         let vae = AutoencoderKl::new(&vae_cfg, vb).map_err(|e| named(e, &files))?;
         record(&mut weights, "vae", &files)?;
 
@@ -170,8 +249,10 @@ impl LoadedModel {
             scheduler_config_json,
             force_zeros_for_empty_prompt: folder.index_flag("force_zeros_for_empty_prompt").unwrap_or(true),
             weights,
-            loras: lora_records,
-            lora_warnings,
+            loras: Vec::new(),
+            lora_warnings: Vec::new(),
+            weight_cache: Arc::default(),
+            reuse: ReuseCounts::default(),
             device: device.clone(),
             dtype,
         })
@@ -368,12 +449,32 @@ fn plan_loras(
     Ok((plan, records))
 }
 
+/// Where a build's components get their weights: the LoRA plan's patches merged, the warm
+/// model's unchanged tensors reused.
+struct WeightSource<'a> {
+    plan: &'a LoraPlan,
+    build: &'a Arc<ReuseBuild>,
+}
+
+impl WeightSource<'_> {
+    fn var_builder(
+        &self,
+        component: Component,
+        folder_name: &str,
+        files: &[PathBuf],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<candle_nn::VarBuilder<'static>> {
+        self.build.var_builder(folder_name, files, self.plan.patches(component), dtype, device)
+    }
+}
+
 /// Loads one tokenizer + text encoder pair as the registry describes it.
 fn load_text_stack(
     folder: &DiffusersFolder,
     stack: &TextStackSpec,
     component: Component,
-    plan: &LoraPlan,
+    parts: &WeightSource,
     device: &Device,
     dtype: DType,
     weights: &mut Vec<WeightRecord>,
@@ -386,7 +487,7 @@ fn load_text_stack(
             let (_, cfg): (_, ClipTextConfig) = folder.parse_config(stack.encoder)?;
             let with_projection =
                 folder.component_class(stack.encoder) == Some("CLIPTextModelWithProjection");
-            let vb = plan.var_builder(component, &files, dtype, device)?;
+            let vb = parts.var_builder(component, stack.encoder, &files, dtype, device)?;
             let encoder = ClipTextModel::new(&cfg, vb, with_projection).map_err(|e| named(e, &files))?;
             TextStack::Clip { tokenizer: Box::new(tokenizer), encoder: Box::new(encoder) }
         }
@@ -394,7 +495,7 @@ fn load_text_stack(
             let tokenizer = T5Tokenizer::from_dir(&folder.component_dir(stack.tokenizer)?)?;
             let (cfg_path, _) = folder.config(stack.encoder)?;
             let cfg = T5Config::from_file(&cfg_path)?;
-            let vb = plan.var_builder(component, &files, dtype, device)?;
+            let vb = parts.var_builder(component, stack.encoder, &files, dtype, device)?;
             let encoder = T5Encoder::new(&cfg, &cfg_path, vb).map_err(|e| named(e, &files))?;
             TextStack::T5 { tokenizer: Box::new(tokenizer), encoder: Box::new(encoder) }
         }
@@ -402,7 +503,7 @@ fn load_text_stack(
             let tokenizer = QwenTokenizer::from_dir(&folder.component_dir(stack.tokenizer)?)?;
             let (cfg_path, _) = folder.config(stack.encoder)?;
             let cfg = Qwen3Config::from_file(&cfg_path)?;
-            let vb = plan.var_builder(component, &files, dtype, device)?;
+            let vb = parts.var_builder(component, stack.encoder, &files, dtype, device)?;
             let encoder = Qwen3Encoder::new(&cfg, vb).map_err(|e| named(e, &files))?;
             TextStack::Qwen3 { tokenizer: Box::new(tokenizer), encoder: Box::new(encoder) }
         }
@@ -415,14 +516,14 @@ fn load_text_stack(
 fn load_denoiser(
     folder: &DiffusersFolder,
     spec: &FamilySpec,
-    plan: &LoraPlan,
+    parts: &WeightSource,
     device: &Device,
     dtype: DType,
     weights: &mut Vec<WeightRecord>,
 ) -> Result<Box<dyn Denoiser>> {
     let prefer_fp16 = dtype != DType::F32;
     let files = folder.weight_files(spec.denoiser, prefer_fp16)?;
-    let vb = plan.var_builder(Component::Denoiser, &files, dtype, device)?;
+    let vb = parts.var_builder(Component::Denoiser, spec.denoiser, &files, dtype, device)?;
     let denoiser: Box<dyn Denoiser> = match spec.denoiser_kind {
         DenoiserKind::UNet => {
             let (_, cfg): (_, UNetConfig) = folder.parse_config(spec.denoiser)?;

@@ -19,7 +19,7 @@ pub mod replay;
 pub mod upscale;
 
 use crate::error::{Error, Result};
-use crate::jobs::pool::{ModelPool, PoolKey, Pooled};
+use crate::jobs::pool::{ModelPool, PoolKey};
 use crate::library::assets::{AssetKind, JobTimings, NewAsset, NewJob, RecordKind};
 use crate::library::{ledger, Library, Project};
 use crate::loaders::lora::LoraRequest;
@@ -126,15 +126,9 @@ impl Workspace {
         let loras: Vec<LoraRequest> = tier_loras.iter().chain(job_loras).cloned().collect();
         let mut key = self.tier_key(&tier, dtype);
         key.loras = crate::loaders::lora::pool_key(&loras)?;
-        let (pooled, load_seconds) = self.pool.get_or_load(&key, None, || {
-            let model =
-                load_tier_model_with(&tier, &loras, &self.options.device, dtype, self.options.show_progress)?;
-            let bytes = crate::jobs::pool::model_bytes(&model);
-            Ok((Pooled::Diffusion(Arc::new(model)), bytes))
+        let (model, load_seconds) = self.pool.get_or_load_diffusion(&key, &loras, || {
+            load_tier_model_with(&tier, &loras, &self.options.device, dtype, self.options.show_progress)
         })?;
-        let Pooled::Diffusion(model) = pooled else {
-            return Err(Error::Unsupported(format!("tier `{name}` is loaded as another kind of model")));
-        };
         // The lock is checked on every job, warm or not: kiln.lock may have changed meanwhile.
         let mut pinned = model.weights.clone();
         pinned.extend(model.loras.iter().take(tier_loras.len()).map(|l| {

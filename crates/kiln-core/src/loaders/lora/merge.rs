@@ -2,24 +2,23 @@
 //!
 //! [`plan`] matches every LoRA layer to a base tensor of the model (by the base files' own
 //! tensor names, see [`super::keys::ModuleIndex`]) and checks shapes before anything is built, so
-//! a LoRA for another model is refused up front naming its layers. [`LoraPlan::var_builder`] then
-//! opens a component's weights through [`LoraBackend`], which hands out `W + Σ s·(B·A)` for the
-//! patched tensors and the plain mmapped tensor for the rest.
+//! a LoRA for another model is refused up front naming its layers. The weight backend
+//! (`loaders::reuse`) then hands out `W + Σ s·(B·A)` ([`apply_patches`]) for the patched tensors
+//! and the plain mmapped tensor for the rest.
 
 use super::keys::{Component, ModuleIndex};
 use super::LoraFile;
 use crate::error::{Error, Result};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
-use candle_nn::var_builder::SimpleBackend;
-use candle_nn::VarBuilder;
+use kiln_kernels::lowrank::{merge_low_rank_transposed, LowRank};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
 /// One LoRA layer's contribution to one base tensor: `scale · up · down`.
 #[derive(Debug, Clone)]
-struct Patch {
+pub(crate) struct Patch {
     down: Tensor,
     up: Tensor,
     /// weight · α / rank.
@@ -220,68 +219,42 @@ fn mmap(files: &[PathBuf]) -> Result<MmapedSafetensors> {
 }
 
 impl LoraPlan {
-    /// The component's weights as a `VarBuilder`: the plain mmapped files when no LoRA patches
-    /// the component, the merging backend otherwise.
-    pub fn var_builder(
-        &self,
-        component: Component,
-        files: &[PathBuf],
-        dtype: DType,
-        device: &Device,
-    ) -> Result<VarBuilder<'static>> {
-        let Some(patches) = self.patches.get(&component).filter(|p| !p.is_empty()) else {
-            return crate::loaders::weights::open_safetensors(files, dtype, device);
-        };
-        for file in files {
-            crate::loaders::weights::validate_header(file)?;
-        }
-        let backend = LoraBackend { base: mmap(files)?, patches: patches.clone() };
-        Ok(VarBuilder::from_backend(Box::new(backend), dtype, device.clone()))
+    /// The patches of `component`'s tensors, by tensor name (None when no LoRA touches it).
+    pub(crate) fn patches(&self, component: Component) -> Option<HashMap<String, Vec<Patch>>> {
+        self.patches.get(&component).filter(|p| !p.is_empty()).cloned()
     }
 }
 
-/// The mmapped base weights, with LoRA deltas added to the tensors they patch as they are read.
-struct LoraBackend {
-    base: MmapedSafetensors,
-    patches: HashMap<String, Vec<Patch>>,
-}
-
-impl SimpleBackend for LoraBackend {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: candle_nn::Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
-        let tensor = self.get_unchecked(name, dtype, dev)?;
-        if tensor.shape() != &s {
-            return Err(candle_core::Error::UnexpectedShape {
-                msg: format!("shape mismatch for {name}"),
-                expected: s,
-                got: tensor.shape().clone(),
-            }
-            .bt());
+/// `base` with `patches` merged, in `dtype`. Sums in f32 whatever the model's dtype, as
+/// diffusers' fuse_lora does on an f32 model; an f16 model rounds once, after the merge.
+pub(crate) fn apply_patches(
+    base: &Tensor,
+    patches: &[Patch],
+    dtype: DType,
+    dev: &Device,
+) -> candle_core::Result<Tensor> {
+    if dev.is_cpu() && dtype == DType::F32 && base.rank() == 2 {
+        // CPU f32 linear weights: merged by one gemm per LoRA straight into the transposed
+        // layout kiln's Linear keeps (a view it takes without copying).
+        let base = base.to_dtype(DType::F32)?;
+        let mut factors = Vec::with_capacity(patches.len());
+        for p in patches {
+            let rank = p.down.dims()[0];
+            let up = match p.rows {
+                Some((start, len)) => p.up.narrow(0, start, len)?,
+                None => p.up.clone(),
+            };
+            let up = up.to_dtype(DType::F32)?.reshape((up.dims()[0], rank))?;
+            let down = p.down.to_dtype(DType::F32)?.reshape((rank, ()))?;
+            factors.push((up, down, p.scale));
         }
-        Ok(tensor)
+        let updates: Vec<LowRank> =
+            factors.iter().map(|(up, down, scale)| LowRank { up, down, scale: *scale }).collect();
+        return merge_low_rank_transposed(&base, &updates);
     }
-
-    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let base = self.base.load(name, dev)?;
-        let Some(patches) = self.patches.get(name) else {
-            return base.to_dtype(dtype);
-        };
-        // Sum in f32 whatever the model's dtype, as diffusers' fuse_lora does on an f32 model;
-        // an f16 model rounds once, after the merge.
-        let mut merged = base.to_dtype(DType::F32)?;
-        for patch in patches {
-            merged = (merged + patch.delta(base.shape(), dev)?)?;
-        }
-        merged.to_dtype(dtype)
+    let mut merged = base.to_dtype(DType::F32)?;
+    for patch in patches {
+        merged = (merged + patch.delta(base.shape(), dev)?)?;
     }
-
-    fn contains_tensor(&self, name: &str) -> bool {
-        self.base.get(name).is_ok()
-    }
+    merged.to_dtype(dtype)
 }
