@@ -50,6 +50,14 @@ pub struct PromoteArgs {
     /// Override the tier's height.
     #[arg(long)]
     height: Option<usize>,
+    /// A preset (brand kit, `kiln presets`): its LoRAs, steps and grade apply to the final (the
+    /// draft's prompt stays). Without it the final takes the grade of the draft's own preset.
+    #[arg(long)]
+    preset: Option<String>,
+    /// A LoRA merged into the final tier's model (after the tier's and the preset's): an
+    /// imported name or a .safetensors file, optional weight (default 1). Repeatable.
+    #[arg(long = "lora", value_name = "NAME|PATH[:WEIGHT]")]
+    loras: Vec<String>,
     #[command(flatten)]
     job: JobArgs,
 }
@@ -82,6 +90,8 @@ pub fn run(args: PromoteArgs) -> anyhow::Result<()> {
         vae_tiling: Some(args.job.run.vae.vae_tiling.clone()),
         vae_tile: args.job.run.vae.vae_tile,
         max_sequence_length: None,
+        preset: args.preset.clone(),
+        loras: args.loras.clone(),
     });
     let engine = args.job.engine()?;
     let out = crate::job::run(&engine, &spec, &args.job.run)?;

@@ -1,6 +1,7 @@
 //! Presets (brand kits) end to end on the tiny SD1 fixture: a preset's template, negative
 //! prompt, steps, seed, two LoRAs and grade applied to `kiln generate`, recorded (name, hash,
-//! LoRAs, grade) and replayed bit-exact; a changed preset reported; an unknown one refused.
+//! LoRAs, grade) and replayed bit-exact; a changed preset reported; an unknown one refused; a
+//! final promoted from a preset's draft takes the preset's grade (and, when named, its LoRAs).
 #![allow(clippy::unwrap_used)]
 
 mod support;
@@ -186,7 +187,73 @@ fn grading_an_asset_records_a_child() {
     assert_eq!(support::file_pixels(&recorded), support::file_pixels(&by_file));
     let check = ok(&run(root, &["assets", "check", "--json"]));
     assert_eq!(check["consistent"], true, "{check}");
+    // Replay walks back through the grade: the source regenerated, then graded again.
+    let r = ok(&run(root, &["replay", &graded.to_string(), "--device", "cpu", "--json"]));
+    assert_eq!(r["bit_exact"], true, "{r}");
+    // A graded file outside the library is refused, naming what to replay instead.
+    let o = run(root, &["replay", by_file.to_str().unwrap(), "--device", "cpu"]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("graded image the library does not know"), "{err}");
     // --out is for files; an asset's grade goes to the project.
     let o = run(root, &["grade", "asset:1", "--lut", lut.to_str().unwrap(), "--out", "x.png"]);
     assert!(!o.status.success() && String::from_utf8_lossy(&o.stderr).contains("--out"));
+}
+
+#[test]
+fn a_final_takes_its_drafts_grade_and_a_named_presets_loras() {
+    let toml = format!("{}[presets.plain]\nsteps = 3\n", preset_toml(3));
+    let dir = support::project(2, &toml);
+    let root = dir.path();
+    std::fs::write(root.join("warm.cube"), WARM_CUBE).unwrap();
+    let asset = |id: i64| {
+        let shown = ok(&run(root, &["assets", "show", &id.to_string(), "--json"]));
+        (shown["asset"]["record"].clone(), root.join(shown["asset"]["path"].as_str().unwrap()))
+    };
+    let promote = |extra: &[&str]| -> i64 {
+        let mut args = vec!["promote", "asset:1", "--device", "cpu", "--json"];
+        args.extend_from_slice(extra);
+        let out = ok(&run(root, &args));
+        out["asset_id"].as_i64().unwrap_or_else(|| panic!("{out}"))
+    };
+    ok(&run(root, &["draft", "a vase", "--count", "1", "--preset", "brand", "--device", "cpu", "--json"]));
+    let (draft, _) = asset(1);
+    assert_eq!(draft["preset"]["name"], "brand", "{draft}");
+
+    // No preset named: the final gets the draft preset's grade, not its LoRAs.
+    let inherited = promote(&[]);
+    let (record, graded_final) = asset(inherited);
+    assert_eq!(record["preset"]["name"], "brand", "{record}");
+    assert!((record["grade"]["strength"].as_f64().unwrap() - 0.7).abs() < 1e-6, "{record}");
+    assert!(record["loras"].as_array().is_none_or(Vec::is_empty), "{record}");
+    // It is the ungraded final (a preset without a grade) graded by the LUT.
+    let (plain_record, plain_final) = asset(promote(&["--preset", "plain"]));
+    assert!(plain_record["grade"].is_null(), "{plain_record}");
+    let regraded = root.join("regraded.png");
+    let lut = root.join("warm.cube");
+    ok(&run(
+        root,
+        &[
+            "grade",
+            plain_final.to_str().unwrap(),
+            "--lut",
+            lut.to_str().unwrap(),
+            "--strength",
+            "0.7",
+            "--out",
+            regraded.to_str().unwrap(),
+            "--json",
+        ],
+    ));
+    assert_eq!(support::file_pixels(&regraded), support::file_pixels(&graded_final));
+
+    // The preset named: its two LoRAs are merged into the final's model, then a job LoRA.
+    let [a, _] = loras();
+    let named = promote(&["--preset", "brand", "--lora", &a]);
+    let (record, _) = asset(named);
+    assert_eq!(record["loras"].as_array().map(Vec::len), Some(3), "{record}");
+    assert_eq!(record["preset"]["name"], "brand", "{record}");
+    // A promoted final replays bit-exact: LoRAs merged again, grade applied again.
+    let r = ok(&run(root, &["replay", &named.to_string(), "--device", "cpu", "--json"]));
+    assert_eq!(r["bit_exact"], true, "{r}");
 }

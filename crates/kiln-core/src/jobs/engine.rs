@@ -288,8 +288,10 @@ fn run_promote(
         Some(_) => Some(ws.load_upscale_tier(upscale_tier_name)?),
         None => None,
     };
-    let mut warm = ws.load_tier(tier_name)?;
+    let loras = crate::loaders::lora::resolve_all(&s.lora_args()?)?;
+    let mut warm = ws.load_tier_with(tier_name, &loras)?;
     let mut warnings = tier_warnings(&warm.tier, &warm.drift);
+    warnings.extend(warm.model.lora_warnings.iter().cloned());
     let r = promote(ws, &mut warm, &request, &mut SinkProgress::new(sink))?;
     warnings.extend(r.warnings.iter().cloned());
     let mut images = vec![OutputImage {

@@ -70,6 +70,8 @@ pub fn apply(ws: &Workspace, spec: &JobSpec) -> Result<(JobSpec, Option<AppliedP
         JobSpec::Generate(s) => s.preset.as_deref(),
         JobSpec::Draft(s) => s.preset.as_deref(),
         JobSpec::Inpaint(s) => s.preset.as_deref(),
+        JobSpec::Promote(s) if s.preset.is_none() => return inherit_draft_grade(ws, spec, s),
+        JobSpec::Promote(s) => s.preset.as_deref(),
         _ => None,
     };
     let Some(name) = name else { return Ok((spec.clone(), None, Vec::new())) };
@@ -122,11 +124,61 @@ pub fn apply(ws: &Workspace, spec: &JobSpec) -> Result<(JobSpec, Option<AppliedP
             s.scheduler = s.scheduler.take().or_else(|| p.scheduler.clone());
             s.seed = s.seed.or_else(|| p.seed());
         }
+        JobSpec::Promote(s) => {
+            // The final keeps the draft's prompt, size and seed: the preset adds its look.
+            s.loras = p.loras.iter().cloned().chain(s.loras.drain(..)).collect();
+            s.steps = s.steps.or(p.steps);
+        }
         _ => {}
     }
     spec.validate()?;
     let warnings = changed_since_last_use(ws, p)?.into_iter().collect();
     Ok((spec, Some(applied(p)?), warnings))
+}
+
+/// A promotion without a preset of its own: the final gets the grade of the preset the draft
+/// was made with (as that preset stands now), so a campaign's finals look like its drafts. The
+/// preset's LoRAs are not carried over: they were chosen for the draft's model, and the final
+/// tier may be another family (name the preset to apply them).
+fn inherit_draft_grade(
+    ws: &Workspace,
+    spec: &JobSpec,
+    s: &super::spec::PromoteSpec,
+) -> Result<(JobSpec, Option<AppliedPreset>, Vec<String>)> {
+    let unchanged = || Ok((spec.clone(), None, Vec::new()));
+    let draft = match &s.draft {
+        super::spec::ImageRef::Asset(id) => crate::workflow::AssetRef::Id(*id),
+        other => match super::engine::image_path(ws, other, "draft") {
+            Ok(path) => crate::workflow::AssetRef::File(path),
+            Err(_) => return unchanged(),
+        },
+    };
+    let Ok(input) = crate::workflow::resolve_input(&ws.library, &ws.project.root, &draft, "draft") else {
+        // The promotion itself reports a draft it cannot read.
+        return unchanged();
+    };
+    let Some(recorded) = input.record.preset else { return unchanged() };
+    let presets = ws.project.presets()?;
+    let Ok(p) = presets.get(&recorded.name) else {
+        let w = format!(
+            "the draft was made with preset `{}`, which is no longer defined: the final is not graded",
+            recorded.name
+        );
+        return Ok((spec.clone(), None, vec![w]));
+    };
+    if p.grade.is_none() {
+        return unchanged();
+    }
+    let mut warnings = Vec::new();
+    if p.sha256 != recorded.sha256 {
+        warnings.push(format!(
+            "preset `{}` changed since the draft was made (sha256 {} → {}): the final gets its grade as it is now",
+            p.name,
+            &recorded.sha256[..recorded.sha256.len().min(12)],
+            &p.sha256[..12]
+        ));
+    }
+    Ok((spec.clone(), Some(applied(p)?), warnings))
 }
 
 fn applied(p: &Preset) -> Result<AppliedPreset> {

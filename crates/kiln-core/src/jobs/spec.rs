@@ -252,6 +252,14 @@ pub struct PromoteSpec {
     /// Token budget of the long-context text encoder (FLUX's T5; default: the family's own).
     #[serde(default)]
     pub max_sequence_length: Option<usize>,
+    /// A preset (brand kit): its LoRAs (before `loras`), steps and grade apply to the final;
+    /// the draft's prompt stays. Unset: the final takes the grade of the draft's own preset.
+    #[serde(default)]
+    pub preset: Option<String>,
+    /// LoRAs merged into the final tier's model (after the tier's and the preset's), each
+    /// `NAME[:WEIGHT]`.
+    #[serde(default)]
+    pub loras: Vec<String>,
 }
 
 impl Default for ImageRef {

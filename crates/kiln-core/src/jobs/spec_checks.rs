@@ -30,6 +30,14 @@ impl DraftSpec {
     }
 }
 
+impl PromoteSpec {
+    /// Every LoRA asked for, each checked for syntax and weight range (the prompt is the
+    /// draft's, which carries no tags).
+    pub fn lora_args(&self) -> Result<Vec<String>> {
+        Ok(lora_args("", &self.loras)?.1)
+    }
+}
+
 /// A prompt without its `<lora:…>` tags, and `loras` followed by the tags, each checked.
 fn lora_args(prompt: &str, loras: &[String]) -> Result<(String, Vec<String>)> {
     let (prompt, tags) = crate::loaders::lora::take_prompt_loras(prompt)?;
@@ -89,6 +97,9 @@ impl JobSpec {
             s.lora_args()?;
         }
         if let JobSpec::Inpaint(s) = self {
+            s.lora_args()?;
+        }
+        if let JobSpec::Promote(s) = self {
             s.lora_args()?;
         }
         if let JobSpec::Grade(s) = self {
@@ -172,7 +183,10 @@ impl JobSpec {
                 refuse_lora_paths(&s.lora_args()?.1)?;
             }
             JobSpec::Draft(s) => refuse_lora_paths(&s.lora_args()?.1)?,
-            JobSpec::Promote(s) => image("draft", &s.draft)?,
+            JobSpec::Promote(s) => {
+                image("draft", &s.draft)?;
+                refuse_lora_paths(&s.lora_args()?)?;
+            }
             JobSpec::Inpaint(s) => {
                 if s.model.is_some() {
                     return path_field("model");

@@ -96,8 +96,16 @@ pub fn promote(
     warnings.extend(output.warnings.iter().cloned());
 
     let mut path_for = |_: usize, seed: u64| ws.output_path("finals", &format!("final-s{seed}"));
-    let written =
-        write_images(&warm.model, &request, &output, Some(&warm.tier.name), init_ref, None, &mut path_for)?;
+    let preset = ws.preset.clone();
+    let written = write_images(
+        &warm.model,
+        &request,
+        &output,
+        Some(&warm.tier.name),
+        init_ref,
+        preset.as_ref(),
+        &mut path_for,
+    )?;
     let final_img =
         written.first().ok_or_else(|| Error::Unsupported("generation returned no image".into()))?;
     let small = crate::image::resize_rgb(&final_img.rgb, draft_rgb.width(), draft_rgb.height());
