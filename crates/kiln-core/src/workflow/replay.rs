@@ -81,9 +81,21 @@ pub fn replay(ws: &mut Workspace, req: &ReplayRequest, progress: &mut dyn Progre
     // An upscaled asset replays as its generation followed by the recorded upscale step, a
     // re-detailed one as its parent's chain followed by the re-detail step; their models load
     // first, so a missing SR model or tier fails before the generation.
-    let (upscale_step, redetail_params) = recorded_steps(ws, input.asset_id)?;
+    // A graded asset replays as its source's chain followed by the recorded grade.
+    let (grade_params, chain_id) = grade_step(ws, input.asset_id)?;
+    let (upscale_step, redetail_params) = recorded_steps(ws, chain_id)?;
     let upscale_params = upscale_step.as_ref().map(|(p, _)| p.clone());
-    if upscale_params.is_none() && has_upscale_chunk(&input.path)? {
+    if grade_params.is_none() && has_chunk(&input.path, crate::image::lut::META_KEY)? {
+        return Err(Error::arg(
+            "replay",
+            format!(
+                "{} is a graded image the library does not know; replay the image it was graded from, \
+                 then grade that",
+                input.path.display()
+            ),
+        ));
+    }
+    if upscale_params.is_none() && has_chunk(&input.path, crate::pipeline::upscale::META_KEY)? {
         return Err(Error::arg(
             "replay",
             format!(
@@ -202,7 +214,7 @@ pub fn replay(ws: &mut Workspace, req: &ReplayRequest, progress: &mut dyn Progre
     let chunks = png_chunks(&record, scheduler, &model);
     let mut upscale_seconds = 0.0;
     let mut redetail_timings = JobTimings::default();
-    let rgb = if upscaler.is_none() && redetailer.is_none() {
+    let rgb = if upscaler.is_none() && redetailer.is_none() && grade_params.is_none() {
         crate::image::png_meta::write_png_atomic(&path, &rgb, &chunks)?;
         rgb
     } else {
@@ -213,9 +225,9 @@ pub fn replay(ws: &mut Workspace, req: &ReplayRequest, progress: &mut dyn Progre
         let mut temps = vec![current.clone()];
         let steps = (|| -> Result<()> {
             if let (Some(up), Some(p)) = (upscaler.as_mut(), &upscale_params) {
-                let out = match redetailer {
-                    Some(_) => ws.output_path("replays", &format!("replay-up-s{}", record.seed)),
-                    None => path.clone(),
+                let out = match (&redetailer, &grade_params) {
+                    (None, None) => path.clone(),
+                    _ => ws.output_path("replays", &format!("replay-up-s{}", record.seed)),
                 };
                 temps.push(out.clone());
                 let t0 = Instant::now();
@@ -225,15 +237,24 @@ pub fn replay(ws: &mut Workspace, req: &ReplayRequest, progress: &mut dyn Progre
                 current = out;
             }
             if let Some((warm, request)) = redetailer.as_mut() {
+                let out = match &grade_params {
+                    None => path.clone(),
+                    Some(_) => ws.output_path("replays", &format!("replay-rd-s{}", record.seed)),
+                };
+                temps.push(out.clone());
                 let report = crate::pipeline::redetail::redetail_png(
                     &warm.model,
                     &current,
-                    &path,
+                    &out,
                     request.clone(),
                     progress,
                 )?;
                 redetail_timings.load = std::mem::take(&mut warm.load_seconds);
                 redetail_timings.steps = vec![report.seconds];
+                current = out;
+            }
+            if let Some(g) = &grade_params {
+                replay_grade(ws, g, &current, &path)?;
             }
             Ok(())
         })();
@@ -383,10 +404,38 @@ fn locate(ws: &Workspace, file: &FileRef, what: &str) -> Result<PathBuf> {
     ))
 }
 
-/// Whether a PNG carries the upscaler's step record ([`crate::pipeline::upscale::META_KEY`]).
-fn has_upscale_chunk(path: &Path) -> Result<bool> {
+/// Whether a PNG carries a step record (the upscaler's or the grade's) under `key`.
+fn has_chunk(path: &Path, key: &str) -> Result<bool> {
     let chunks = crate::image::png_meta::read_png_text(path)?;
-    Ok(chunks.iter().any(|c| c.keyword == crate::pipeline::upscale::META_KEY))
+    Ok(chunks.iter().any(|c| c.keyword == key))
+}
+
+/// The grade step recorded on an asset (`kiln grade asset:ID`), and the asset whose chain
+/// comes before it: its source. Otherwise no step, and the asset itself.
+fn grade_step(ws: &Workspace, asset_id: Option<i64>) -> Result<(Option<serde_json::Value>, Option<i64>)> {
+    let Some(id) = asset_id else { return Ok((None, None)) };
+    let asset = ws.library.asset(id)?;
+    match asset.params.filter(|p| p["step"] == "grade") {
+        Some(p) => Ok((Some(p), asset.parent_id)),
+        None => Ok((None, Some(id))),
+    }
+}
+
+/// Grades `input` into `output` as the recorded grade step did: the same LUT (found by its
+/// recorded path or library hash, refused if its content changed), strength and interpolation.
+fn replay_grade(ws: &Workspace, g: &serde_json::Value, input: &Path, output: &Path) -> Result<()> {
+    let missing = |field: &str| Error::arg("replay", format!("the grade record has no `{field}`"));
+    let recorded = FileRef {
+        path: g["lut"].as_str().ok_or_else(|| missing("lut"))?.to_string(),
+        sha256: g["lut_sha256"].as_str().ok_or_else(|| missing("lut_sha256"))?.to_string(),
+    };
+    let lut_path = locate(ws, &recorded, "grade LUT")?;
+    let lut = crate::image::lut::Lut3d::read(&lut_path)?;
+    let interp: crate::image::lut::Interpolation =
+        g["interpolation"].as_str().ok_or_else(|| missing("interpolation"))?.parse()?;
+    let strength = g["strength"].as_f64().ok_or_else(|| missing("strength"))? as f32;
+    crate::image::lut::grade_file(&lut, &lut_path, input, output, interp, strength)?;
+    Ok(())
 }
 
 /// Loads the upscale tier an asset's upscale step names and checks its weights against the
