@@ -74,6 +74,8 @@ fn run_case(name: &str) {
         height: c.height,
         steps: c.steps,
         guidance: c.guidance,
+        true_cfg: None,
+        offload_text_encoders: false,
         scheduler: None,
         seeds: vec![0],
         init_latents: Some(Tensor::read_npy(latents).unwrap()),

@@ -2,6 +2,7 @@
 //! safetensors files, ONNX graphs for matting models, LoRA files merged into weights as they load).
 //! Architectures live in `models`; this module only finds and opens files.
 
+pub mod bfl_names;
 pub mod diffusers;
 pub mod hub;
 pub mod lora;
@@ -10,6 +11,7 @@ pub mod ncnn;
 pub mod npy;
 pub mod onnx;
 pub mod pth;
+pub mod single_file;
 pub mod store;
 pub mod weights;
 

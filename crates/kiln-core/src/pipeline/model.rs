@@ -7,18 +7,11 @@ use crate::error::{Error, Result};
 use crate::loaders::diffusers::{weight_files_in, DiffusersFolder};
 use crate::loaders::hub::ModelSource;
 use crate::loaders::lora::{self, Component, LoraFile, LoraPlan, LoraRecord, LoraRequest, PlanInput};
+use crate::loaders::single_file::SingleFileFlux;
 use crate::loaders::weights::{loading_error, open_safetensors, weight_sha256_cached};
-use crate::models::clip::{ClipTextConfig, ClipTextModel};
-use crate::models::clip_tokenizer::ClipTokenizer;
 use crate::models::denoiser::Denoiser;
-use crate::models::family::{
-    DenoiserKind, EncoderKind, Family, FamilySpec, FlowSigmas, GuidanceStyle, TextStackSpec,
-};
+use crate::models::family::{DenoiserKind, Family, FamilySpec, FlowSigmas, GuidanceStyle, SingleFileLayout};
 use crate::models::flux::{FluxConfig, FluxTransformer};
-use crate::models::qwen3::tokenizer::QwenTokenizer;
-use crate::models::qwen3::{Qwen3Config, Qwen3Encoder};
-use crate::models::t5::tokenizer::T5Tokenizer;
-use crate::models::t5::{T5Config, T5Encoder};
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::models::vae::{AutoencoderKl, VaeConfig};
 use crate::models::zimage::{ZImageConfig, ZImageTransformer};
@@ -26,14 +19,10 @@ use crate::schedule::{self, FlowInputs, Scheduler, SchedulerConfig, SchedulerKin
 use candle_core::{DType, Device};
 use serde::Serialize;
 use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
-/// One text encoder with its tokenizer (boxed: the variants differ in size by a kilobyte).
-pub enum TextStack {
-    Clip { tokenizer: Box<ClipTokenizer>, encoder: Box<ClipTextModel> },
-    T5 { tokenizer: Box<T5Tokenizer>, encoder: Box<T5Encoder> },
-    Qwen3 { tokenizer: Box<QwenTokenizer>, encoder: Box<Qwen3Encoder> },
-}
+use crate::pipeline::text_encoders::text_component;
+pub use crate::pipeline::text_encoders::{TextEncoders, TextStack};
 
 /// A weight file the model was built from, for metadata and drift checks.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -43,15 +32,32 @@ pub struct WeightRecord {
     pub sha256: String,
 }
 
+/// What a pipeline is built from besides its folder's own components.
+#[derive(Debug, Clone, Default)]
+pub struct ModelParts {
+    /// A VAE loaded instead of the pipeline's own.
+    pub vae: Option<ModelSource>,
+    /// A single-file checkpoint of the denoiser (BFL's or ComfyUI's FLUX.1 transformer) loaded
+    /// instead of the folder's, with the folder's config ([`FamilySpec::single_file`]).
+    pub denoiser_file: Option<PathBuf>,
+    /// LoRAs merged into the weights as they load.
+    pub loras: Vec<LoraRequest>,
+}
+
 /// A loaded pipeline of any registered family.
 pub struct LoadedModel {
+    /// The folder (or hub snapshot) the pipeline comes from; with [`LoadedModel::denoiser_file`]
+    /// the base folder of everything but the denoiser.
     pub source: ModelSource,
+    /// The single-file denoiser checkpoint the model was built with, if any.
+    pub denoiser_file: Option<PathBuf>,
     /// A VAE loaded instead of the pipeline's own (e.g. madebyollin/sdxl-vae-fp16-fix).
     pub vae_source: Option<ModelSource>,
     /// The family's registry entry.
     pub spec: &'static FamilySpec,
-    /// The family's text stacks, in diffusers' order.
-    pub text: Vec<TextStack>,
+    /// The family's text stacks, in diffusers' order; released after encoding and loaded
+    /// again on demand when a job asks ([`TextEncoders`]).
+    pub text: TextEncoders,
     pub denoiser: Box<dyn Denoiser>,
     pub vae: AutoencoderKl,
     /// The VAE's weight files, reloaded in an overflow-safe dtype when an f16 decode overflows.
@@ -101,10 +107,38 @@ impl LoadedModel {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
+        let parts = ModelParts { vae: vae_source, denoiser_file: None, loras: loras.to_vec() };
+        Self::load_parts(source, parts, device, dtype)
+    }
+
+    /// Loads the pipeline in `source` with `parts` replacing or adding to its own components.
+    pub fn load_parts(source: ModelSource, parts: ModelParts, device: &Device, dtype: DType) -> Result<Self> {
         crate::device::check_dtype(device, dtype)?;
+        let ModelParts { vae: vae_source, denoiser_file, loras } = parts;
+        let loras = loras.as_slice();
         let folder = DiffusersFolder::open(source.dir())?;
         let spec = folder.family().spec();
         let prefer_fp16 = dtype != DType::F32;
+        if let Some(file) = &denoiser_file {
+            if spec.single_file.is_none() {
+                return Err(Error::arg(
+                    "model",
+                    format!(
+                        "{}: single-file checkpoints load for FLUX.1 only; the base folder {} is a {} pipeline",
+                        file.display(),
+                        source.dir().display(),
+                        spec.name
+                    ),
+                ));
+            }
+            if !loras.is_empty() {
+                return Err(Error::arg(
+                    "lora",
+                    "LoRAs cannot be merged into a single-file transformer checkpoint yet; use the \
+                     diffusers folder's own transformer",
+                ));
+            }
+        }
         let mut weights = Vec::new();
 
         let (plan, lora_records) = plan_loras(&folder, spec, loras, prefer_fp16)?;
@@ -122,19 +156,10 @@ impl LoadedModel {
             })
             .collect();
 
-        let mut text = Vec::new();
-        for (i, stack) in spec.text.iter().enumerate() {
-            text.push(load_text_stack(
-                &folder,
-                stack,
-                text_component(i),
-                &plan,
-                device,
-                dtype,
-                &mut weights,
-            )?);
-        }
-        let denoiser = load_denoiser(&folder, spec, &plan, device, dtype, &mut weights)?;
+        let plan = Arc::new(plan);
+        let text = TextEncoders::load(&folder, spec, plan.clone(), device, dtype, &mut weights)?;
+        let denoiser =
+            load_denoiser(&folder, spec, denoiser_file.as_deref(), &plan, device, dtype, &mut weights)?;
 
         let (vae_cfg, files) = match &vae_source {
             None => {
@@ -158,6 +183,7 @@ impl LoadedModel {
 
         Ok(Self {
             source,
+            denoiser_file,
             vae_source,
             spec,
             text,
@@ -212,8 +238,13 @@ impl LoadedModel {
         }
     }
 
-    /// What the request's guidance and negative prompt will be ignored for, as warnings.
-    pub fn guidance_warnings(&self, guidance: f64, negative: Option<&str>) -> Vec<String> {
+    /// What the request's guidance, true CFG and negative prompt will be ignored for, as warnings.
+    pub fn guidance_warnings(
+        &self,
+        guidance: f64,
+        true_cfg: Option<f64>,
+        negative: Option<&str>,
+    ) -> Vec<String> {
         let mut out = Vec::new();
         if self.spec.guidance != GuidanceStyle::Distilled {
             return out;
@@ -224,13 +255,45 @@ impl LoadedModel {
                 self.spec.name
             ));
         }
-        if negative.is_some_and(|n| !n.is_empty()) {
+        let true_cfg_on = true_cfg.is_some_and(|s| s > 1.0);
+        if negative.is_some_and(|n| !n.is_empty()) && !true_cfg_on {
             out.push(format!(
-                "the negative prompt is ignored: {} models are guidance-distilled (no negative pass)",
+                "the negative prompt is ignored: {} models are guidance-distilled; true CFG (--true-cfg S \
+                 with S > 1) runs a negative pass",
                 self.spec.name
             ));
         }
+        if true_cfg_on && negative.is_none() {
+            out.push("--true-cfg is ignored without a negative prompt (--negative), as in diffusers".into());
+        }
         out
+    }
+
+    /// Refuses true CFG where the family has no use for it: classifier-free families guide
+    /// with `--guidance` already.
+    pub fn check_true_cfg(&self, true_cfg: Option<f64>) -> Result<()> {
+        let Some(s) = true_cfg else { return Ok(()) };
+        if !s.is_finite() || s < 0.0 {
+            return Err(Error::arg("true-cfg", format!("{s} must be a finite number >= 0")));
+        }
+        if self.spec.guidance != GuidanceStyle::Distilled {
+            return Err(Error::arg(
+                "true-cfg",
+                format!(
+                    "{} models guide with --guidance (classifier-free already); --true-cfg is for \
+                     guidance-distilled models (FLUX)",
+                    self.spec.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The scale of FLUX's true CFG when it runs: as FluxPipeline, with `true_cfg` > 1 and a
+    /// negative prompt (an empty one counts).
+    pub fn true_cfg_scale(&self, true_cfg: Option<f64>, negative: Option<&str>) -> Option<f64> {
+        let on = self.spec.guidance == GuidanceStyle::Distilled && negative.is_some();
+        true_cfg.filter(|&s| on && s > 1.0)
     }
 
     /// Whether `guidance` turns classifier-free guidance (a negative pass) on: for
@@ -298,15 +361,6 @@ impl LoadedModel {
     }
 }
 
-/// The LoRA component of the family's `i`-th text encoder.
-fn text_component(i: usize) -> Component {
-    if i == 0 {
-        Component::Text1
-    } else {
-        Component::Text2
-    }
-}
-
 /// Reads the requested LoRAs and matches them against the folder's text encoders and denoiser.
 fn plan_loras(
     folder: &DiffusersFolder,
@@ -368,58 +422,32 @@ fn plan_loras(
     Ok((plan, records))
 }
 
-/// Loads one tokenizer + text encoder pair as the registry describes it.
-fn load_text_stack(
-    folder: &DiffusersFolder,
-    stack: &TextStackSpec,
-    component: Component,
-    plan: &LoraPlan,
-    device: &Device,
-    dtype: DType,
-    weights: &mut Vec<WeightRecord>,
-) -> Result<TextStack> {
-    let prefer_fp16 = dtype != DType::F32;
-    let files = folder.weight_files(stack.encoder, prefer_fp16)?;
-    let loaded = match stack.kind {
-        EncoderKind::Clip => {
-            let tokenizer = ClipTokenizer::from_dir(&folder.component_dir(stack.tokenizer)?)?;
-            let (_, cfg): (_, ClipTextConfig) = folder.parse_config(stack.encoder)?;
-            let with_projection =
-                folder.component_class(stack.encoder) == Some("CLIPTextModelWithProjection");
-            let vb = plan.var_builder(component, &files, dtype, device)?;
-            let encoder = ClipTextModel::new(&cfg, vb, with_projection).map_err(|e| named(e, &files))?;
-            TextStack::Clip { tokenizer: Box::new(tokenizer), encoder: Box::new(encoder) }
-        }
-        EncoderKind::T5 => {
-            let tokenizer = T5Tokenizer::from_dir(&folder.component_dir(stack.tokenizer)?)?;
-            let (cfg_path, _) = folder.config(stack.encoder)?;
-            let cfg = T5Config::from_file(&cfg_path)?;
-            let vb = plan.var_builder(component, &files, dtype, device)?;
-            let encoder = T5Encoder::new(&cfg, &cfg_path, vb).map_err(|e| named(e, &files))?;
-            TextStack::T5 { tokenizer: Box::new(tokenizer), encoder: Box::new(encoder) }
-        }
-        EncoderKind::Qwen3 => {
-            let tokenizer = QwenTokenizer::from_dir(&folder.component_dir(stack.tokenizer)?)?;
-            let (cfg_path, _) = folder.config(stack.encoder)?;
-            let cfg = Qwen3Config::from_file(&cfg_path)?;
-            let vb = plan.var_builder(component, &files, dtype, device)?;
-            let encoder = Qwen3Encoder::new(&cfg, vb).map_err(|e| named(e, &files))?;
-            TextStack::Qwen3 { tokenizer: Box::new(tokenizer), encoder: Box::new(encoder) }
-        }
-    };
-    record(weights, stack.encoder, &files)?;
-    Ok(loaded)
-}
-
-/// Loads the family's denoiser from its component folder.
+/// Loads the family's denoiser from its component folder, or from `single_file` with the
+/// component folder's config.
 fn load_denoiser(
     folder: &DiffusersFolder,
     spec: &FamilySpec,
+    single_file: Option<&std::path::Path>,
     plan: &LoraPlan,
     device: &Device,
     dtype: DType,
     weights: &mut Vec<WeightRecord>,
 ) -> Result<Box<dyn Denoiser>> {
+    if let (Some(file), Some(layout)) = (single_file, spec.single_file) {
+        let files = [file.to_path_buf()];
+        let denoiser: Box<dyn Denoiser> = match layout {
+            SingleFileLayout::BflFlux => {
+                let (cfg_path, cfg): (_, FluxConfig) = folder.parse_config(spec.denoiser)?;
+                cfg.validate(&cfg_path)?;
+                let checkpoint = SingleFileFlux::open(file, &cfg, &cfg_path)?;
+                let vb = checkpoint.var_builder(dtype, device);
+                Box::new(FluxTransformer::new(&cfg, vb).map_err(|e| named(e, &files))?)
+            }
+        };
+        // Recorded under the denoiser's component with the file's own name and sha256.
+        record(weights, spec.denoiser, &files)?;
+        return Ok(denoiser);
+    }
     let prefer_fp16 = dtype != DType::F32;
     let files = folder.weight_files(spec.denoiser, prefer_fp16)?;
     let vb = plan.var_builder(Component::Denoiser, &files, dtype, device)?;
@@ -458,14 +486,14 @@ fn vae_dir(dir: &std::path::Path) -> Result<PathBuf> {
     Ok(dir.to_path_buf())
 }
 
-fn named(err: Error, files: &[PathBuf]) -> Error {
+pub(crate) fn named(err: Error, files: &[PathBuf]) -> Error {
     match err {
         Error::Candle(e) => loading_error(e, files),
         other => other,
     }
 }
 
-fn record(out: &mut Vec<WeightRecord>, component: &str, files: &[PathBuf]) -> Result<()> {
+pub(crate) fn record(out: &mut Vec<WeightRecord>, component: &str, files: &[PathBuf]) -> Result<()> {
     for file in files {
         out.push(WeightRecord {
             component: component.to_string(),
