@@ -265,4 +265,32 @@ fn single_file_generate_job_records_the_file() {
         .files
         .iter()
         .any(|w| w.component == "transformer" && w.file == SINGLE_FILE && w.sha256 == sha));
+
+    // A true-CFG image from the single file replays bit-exactly from its record alone (the
+    // file found again at its recorded path, the true-CFG scale and negative prompt recorded).
+    let cfg_out = tmp.path().join("single-cfg.png");
+    let cfg_spec = match spec(Some(dev.join("model"))) {
+        JobSpec::Generate(g) => JobSpec::Generate(GenerateSpec {
+            negative: Some("blurry, low quality".into()),
+            true_cfg: Some(3.0),
+            steps: Some(2),
+            out: Some(cfg_out.clone()),
+            ..g
+        }),
+        _ => unreachable!(),
+    };
+    engine.run(&cfg_spec, &RunContext::default(), &mut NullSink).unwrap();
+    let chunks = kiln_core::image::png_meta::read_png_text(&cfg_out).unwrap();
+    let record = kiln_core::pipeline::metadata::record_from_chunks(&chunks).unwrap();
+    assert_eq!(record.true_cfg, Some(3.0));
+    let replay = JobSpec::Replay(kiln_core::jobs::spec::ReplaySpec {
+        asset: kiln_core::jobs::spec::ImageRef::File(cfg_out.clone()),
+        out: Some(tmp.path().join("replayed.png")),
+        vae_tiling: None,
+        vae_tile: None,
+        max_sequence_length: None,
+    });
+    let result = engine.run(&replay, &RunContext::default(), &mut NullSink).unwrap();
+    println!("replay of a true-CFG single-file image: {}", result.detail);
+    assert_eq!(result.detail["bit_exact"], true, "{}", result.detail);
 }
