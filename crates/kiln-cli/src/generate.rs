@@ -40,6 +40,20 @@ pub struct GenerateArgs {
     /// with an optional weight (default 1). Repeatable; `<lora:NAME:WEIGHT>` in the prompt too.
     #[arg(long = "lora", value_name = "NAME|PATH[:WEIGHT]")]
     loras: Vec<String>,
+    /// With --model FILE.safetensors (a single-file FLUX.1 transformer: BFL's release or a
+    /// ComfyUI checkpoint): the diffusers folder or hub id the text encoders, tokenizers, VAE,
+    /// scheduler and the transformer's config come from (--revision applies to it).
+    #[arg(long, value_name = "DIR|HUB_ID", requires = "model")]
+    base: Option<String>,
+    /// FLUX: true classifier-free guidance (diffusers' true_cfg_scale). With --negative and S > 1
+    /// the transformer also runs on the negative prompt: neg + S·(pos − neg), twice the
+    /// denoising cost; --guidance stays the distilled guidance (FLUX.1-dev).
+    #[arg(long, value_name = "S")]
+    true_cfg: Option<f64>,
+    /// Release the text encoders once the prompts are encoded, so they are not resident while
+    /// the image denoises (the next job loads them again); see docs/flux.md.
+    #[arg(long)]
+    offload_text_encoders: bool,
     /// Output PNG (with --count N: PATH-0.png, PATH-1.png, ...). Default: kiln-<seed>.png.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -71,6 +85,9 @@ pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
         max_sequence_length: args.max_sequence_length,
         preset: args.sampling.preset.clone(),
         loras: args.loras.clone(),
+        base: args.base.clone(),
+        true_cfg: args.true_cfg,
+        offload_text_encoders: args.offload_text_encoders.then_some(true),
     });
     args.sampling.scheduler()?;
     let engine = crate::job::engine(args.source.project.as_deref(), &args.run, false)?;

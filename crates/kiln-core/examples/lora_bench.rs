@@ -50,6 +50,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         height: size,
         steps,
         guidance: 0.0,
+        true_cfg: None,
+        offload_text_encoders: false,
         scheduler: None,
         seeds: vec![1],
         init_latents: None,

@@ -2,8 +2,9 @@
 //! (made by make.py there): dev-style (guidance embedding, dynamic shift) and schnell-style
 //! (no guidance embedding, static shift), each loaded from its diffusers folder with sharded
 //! transformer and T5 weights. Checks T5 hidden states and CLIP pooled embeddings (1e-4),
-//! images (PSNR >= 40 dB) from given latents, from a seed, and img2img from a seed, and the
-//! T5/CLIP token ids of awkward prompts.
+//! images (PSNR >= 40 dB) from given latents, from a seed, img2img from a seed and true CFG
+//! (FluxPipeline's `true_cfg_scale` with a negative prompt), the T5/CLIP token ids of awkward
+//! prompts, and text encoders released after encoding (same image, loaded again on demand).
 
 #![allow(clippy::unwrap_used)]
 
@@ -32,6 +33,11 @@ struct Case {
     init_image: Option<String>,
     strength: Option<f64>,
     max_sequence_length: Option<usize>,
+    /// FluxPipeline's true CFG: `negative_prompt` with `true_cfg_scale`.
+    #[serde(default)]
+    negative_prompt: Option<String>,
+    #[serde(default)]
+    true_cfg_scale: Option<f64>,
     output: String,
     t5_hidden: String,
     clip_pooled: String,
@@ -87,11 +93,13 @@ fn run_fixture(name: &str) {
 
         let request = GenerateRequest {
             prompt: case.prompt.clone(),
-            negative_prompt: None,
+            negative_prompt: case.negative_prompt.clone(),
             width: case.width,
             height: case.height,
             steps: case.steps,
             guidance: case.guidance,
+            true_cfg: case.true_cfg_scale,
+            offload_text_encoders: false,
             scheduler: None,
             seeds: vec![case.seed.unwrap_or(0)],
             init_latents: case.latents.as_ref().map(|f| Tensor::read_npy(dir.join(f)).unwrap()),
@@ -165,6 +173,8 @@ fn flux_bad_inputs_are_clear_errors() {
         height: 64,
         steps: 2,
         guidance: 0.0,
+        true_cfg: None,
+        offload_text_encoders: false,
         scheduler: None,
         seeds: vec![1],
         init_latents: None,
@@ -254,6 +264,8 @@ fn flux_warns_on_ignored_guidance_and_truncated_prompts() {
         height: 32,
         steps: 1,
         guidance: 3.5,
+        true_cfg: None,
+        offload_text_encoders: false,
         scheduler: None,
         seeds: vec![1],
         init_latents: None,
@@ -305,4 +317,73 @@ fn flux_generate_job_from_a_folder_writes_the_reference_image() {
     let p = psnr(&got, &want);
     println!("generate job (8-bit PNG) vs diffusers seed42: PSNR {p:.1} dB");
     assert!(p >= 40.0, "PSNR {p:.1} dB");
+}
+
+/// `offload_text_encoders`: the encoders are released after encoding, the image is the same,
+/// and the next job that encodes loads them again; through the job layer the pooled model no
+/// longer holds them after the job.
+#[test]
+fn flux_offloaded_text_encoders_give_the_same_image_and_reload() {
+    let dir = fixture_dir("schnell");
+    let model = LoadedModel::load(ModelSource::Folder(dir.join("model")), &Device::Cpu, DType::F32).unwrap();
+    let request = GenerateRequest {
+        prompt: "a photo of an astronaut riding a horse on the moon".into(),
+        negative_prompt: None,
+        width: 96,
+        height: 64,
+        steps: 2,
+        guidance: 0.0,
+        true_cfg: None,
+        offload_text_encoders: false,
+        scheduler: None,
+        seeds: vec![5],
+        init_latents: None,
+        init_image: None,
+        strength: 1.0,
+        max_batch: 1,
+        vae_tiling: Default::default(),
+        max_sequence_length: Some(256),
+    };
+    let run = |r: &GenerateRequest| generate(&model, r, &mut NoProgress).unwrap().images.remove(0).pixels;
+    let kept = run(&request);
+    assert!(model.text.is_resident());
+    let offload = GenerateRequest { offload_text_encoders: true, ..request.clone() };
+    let released = run(&offload);
+    assert!(!model.text.is_resident(), "the encoders are still resident after an offloading job");
+    assert_eq!(model.text.loads(), 1);
+    let again = run(&request);
+    assert!(model.text.is_resident());
+    assert_eq!(model.text.loads(), 2, "the next job did not load the encoders again");
+    for (what, img) in [("released", &released), ("reloaded", &again)] {
+        assert_eq!(max_abs_diff(&kept, img), 0.0, "{what}: image differs");
+    }
+
+    // The job layer: the pooled model no longer holds the encoders after an offloading job.
+    use kiln_core::jobs::spec::GenerateSpec;
+    use kiln_core::jobs::{Engine, JobSpec, NullSink, RunContext};
+    let tmp = tempfile::tempdir().unwrap();
+    let options = kiln_core::workflow::JobOptions {
+        device: Device::Cpu,
+        dtype: None,
+        accept_drift: false,
+        show_progress: false,
+    };
+    let pool = std::sync::Arc::new(kiln_core::jobs::pool::ModelPool::new(None));
+    let engine = Engine::new(kiln_core::library::Project::open(tmp.path()).unwrap(), options, pool);
+    let folder = dir.join("model").display().to_string();
+    let spec = JobSpec::Generate(GenerateSpec {
+        model: Some(folder.clone()),
+        prompt: "a fox".into(),
+        width: Some(32),
+        height: Some(32),
+        steps: Some(1),
+        seed: Some(1),
+        out: Some(tmp.path().join("fox.png")),
+        offload_text_encoders: Some(true),
+        ..Default::default()
+    });
+    engine.run(&spec, &RunContext::default(), &mut NullSink).unwrap();
+    let (pooled, _, _) = engine.diffusion_model(None, Some(&folder), 1).unwrap();
+    assert!(!pooled.text.is_resident(), "the pooled model still holds its text encoders");
+    println!("text encoders: released after encoding, reloaded by the next job, same pixels");
 }

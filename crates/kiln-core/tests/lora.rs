@@ -85,6 +85,8 @@ fn request(c: &Case) -> GenerateRequest {
         height: c.height,
         steps: c.steps,
         guidance: c.guidance,
+        true_cfg: None,
+        offload_text_encoders: false,
         scheduler: None,
         seeds: vec![0],
         init_latents: Some(Tensor::read_npy(latents).unwrap()),
@@ -141,6 +143,15 @@ fn a_warm_model_switches_lora_sets_rereading_only_the_touched_tensors() {
         println!("switch to {} LoRA(s): {} tensors shared, {} re-read", set.len(), r.shared, r.read);
         warm = switched;
     }
+    // Text encoders released after encoding are not kept alive for a later switch: they are
+    // read from the files again, and the image still equals a fresh load's.
+    let before = warm.reuse;
+    assert!(warm.text.release());
+    let switched = warm.with_loras(&requests(&kohya.loras)).unwrap();
+    assert!(switched.reuse.read > before.read, "{:?} after {before:?}", switched.reuse);
+    let fresh =
+        LoadedModel::load_with_loras(source(), None, &requests(&kohya.loras), &device, dtype).unwrap();
+    assert_eq!(pixels(&switched, &kohya), pixels(&fresh, &kohya));
 }
 
 #[test]

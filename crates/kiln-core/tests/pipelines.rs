@@ -102,6 +102,8 @@ fn run_fixture(name: &str) {
             height: case.height,
             steps: case.steps,
             guidance: case.guidance,
+            true_cfg: None,
+            offload_text_encoders: false,
             scheduler: case.scheduler.as_deref().map(|s| s.parse().unwrap()),
             seeds: vec![case.seed.unwrap_or(0)],
             init_latents: case.latents.as_ref().map(|f| Tensor::read_npy(dir.join(f)).unwrap()),

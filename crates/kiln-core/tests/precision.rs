@@ -103,6 +103,8 @@ fn f16_generate_warns_and_matches_f32() {
         height: 64,
         steps: 2,
         guidance: 7.5,
+        true_cfg: None,
+        offload_text_encoders: false,
         scheduler: Some("euler".parse().unwrap()),
         seeds: vec![0],
         init_latents: Some(latents),

@@ -126,7 +126,7 @@ pub fn run(ws: &mut Workspace, s: &InpaintSpec, sink: &mut dyn EventSink) -> Res
     let init_latents = s.init_latents.as_deref().map(read_npy).transpose()?;
 
     sink.emit(JobEvent::Stage { stage: "load".into() });
-    let jm = job_model(ws, s.tier.as_deref(), s.model.as_deref(), None, count, &loras)?;
+    let jm = job_model(ws, s.tier.as_deref(), s.model.as_deref(), None, None, count, &loras)?;
     let model = &jm.model;
     let mut warnings = jm.warnings.clone();
     let seeds: Vec<u64> = (0..count as u64).map(|i| seed.wrapping_add(i)).collect();
@@ -221,6 +221,7 @@ pub fn run(ws: &mut Workspace, s: &InpaintSpec, sink: &mut dyn EventSink) -> Res
             height: img.image.height() as usize,
             steps: request.steps,
             guidance: request.guidance,
+            true_cfg: None,
             scheduler: output.scheduler.name().to_string(),
             scheduler_class: model.scheduler_class.clone(),
             scheduler_config: model.scheduler_config_json.clone(),
@@ -231,6 +232,7 @@ pub fn run(ws: &mut Workspace, s: &InpaintSpec, sink: &mut dyn EventSink) -> Res
             strength: Some(request.strength),
             dtype: crate::device::dtype_name(model.dtype).to_string(),
             device: crate::device::name(&model.device),
+            single_file: None,
             vae: None,
             tier: jm.tier.as_ref().map(|t| t.name.clone()),
             inpaint: Some(inpaint_record.clone()),

@@ -100,7 +100,7 @@ impl Engine {
         images: usize,
     ) -> Result<(Arc<crate::pipeline::model::LoadedModel>, Option<crate::tiers::Tier>, Vec<String>)> {
         let ws = self.workspace_for(tier.is_some())?;
-        let jm = super::generate::job_model(&ws, tier, model, None, images, &[])?;
+        let jm = super::generate::job_model(&ws, tier, model, None, None, images, &[])?;
         Ok((jm.model, jm.tier, jm.warnings))
     }
 

@@ -12,7 +12,7 @@ use crate::loaders::hub;
 use crate::loaders::lora::LoraRequest;
 use crate::pipeline::generate::generate;
 use crate::pipeline::metadata::{png_chunks, FileRef, ImageRecord};
-use crate::pipeline::model::LoadedModel;
+use crate::pipeline::model::{LoadedModel, ModelParts};
 use crate::tiers::load::{tier_request, Overrides};
 use crate::tiers::Tier;
 use crate::workflow::{process_cpu_seconds, record_tier_job, Workspace, WrittenImage};
@@ -29,11 +29,13 @@ pub(crate) struct JobModel {
     pub warnings: Vec<String>,
 }
 
-/// Loads (or takes warm from the pool) the model a spec names.
+/// Loads (or takes warm from the pool) the model a spec names: a tier, or a folder / hub id,
+/// or a single-file denoiser checkpoint on a `base` folder / hub id.
 pub(crate) fn job_model(
     ws: &Workspace,
     tier: Option<&str>,
     model: Option<&str>,
+    base: Option<&str>,
     revision: Option<&str>,
     images: usize,
     loras: &[LoraRequest],
@@ -57,21 +59,57 @@ pub(crate) fn job_model(
         (None, Some(spec)) => {
             let device = &ws.options.device;
             let dtype = ws.options.dtype.unwrap_or_else(|| crate::device::default_dtype(device));
+            let single_file = single_file_checkpoint(spec, base)?;
+            let (folder, pool_name) = match (&single_file, base) {
+                (Some(file), Some(base)) => (base, format!("model:{base}|transformer:{}", file.display())),
+                _ => (spec, format!("model:{spec}")),
+            };
             let key = PoolKey {
-                model: format!("model:{spec}"),
+                model: pool_name,
                 revision: revision.map(str::to_string),
                 device: crate::device::name(device),
                 dtype: crate::device::dtype_name(dtype).to_string(),
                 loras: crate::loaders::lora::pool_key(loras)?,
             };
             let (model, load_seconds) = ws.pool.get_or_load_diffusion(&key, loras, || {
-                let source = hub::resolve(spec, revision, dtype != DType::F32, ws.options.show_progress)?;
-                LoadedModel::load_with_loras(source, None, loras, device, dtype)
+                let source = hub::resolve(folder, revision, dtype != DType::F32, ws.options.show_progress)?;
+                let parts =
+                    ModelParts { vae: None, denoiser_file: single_file.clone(), loras: loras.to_vec() };
+                LoadedModel::load_parts(source, parts, device, dtype)
             })?;
             let warnings = model.lora_warnings.clone();
             Ok(JobModel { model, tier: None, load_seconds, warnings })
         }
         (None, None) => Err(Error::arg("tier", "name a tier (or, locally, a model)")),
+    }
+}
+
+/// The single-file checkpoint `model` names when it is one (a `.safetensors` file), checked
+/// against `base`: a checkpoint needs a base folder, and a base needs a checkpoint.
+fn single_file_checkpoint(model: &str, base: Option<&str>) -> Result<Option<PathBuf>> {
+    let path = Path::new(model);
+    let is_checkpoint =
+        path.is_file() && path.extension().is_some_and(|e| e.eq_ignore_ascii_case("safetensors"));
+    match (is_checkpoint, base) {
+        (true, Some(_)) => Ok(Some(path.to_path_buf())),
+        (true, None) => Err(Error::arg(
+            "base",
+            format!(
+                "{model} is a single-file checkpoint: add --base DIR|HUB_ID, the diffusers folder or hub id \
+                 (e.g. black-forest-labs/FLUX.1-dev) its text encoders, VAE, scheduler and transformer \
+                 config come from"
+            ),
+        )),
+        (false, Some(_)) if path.exists() => Err(Error::arg(
+            "base",
+            format!("--base goes with a single-file .safetensors checkpoint as --model; {model} is not one"),
+        )),
+        (false, Some(_)) => Err(Error::not_found(
+            "single-file checkpoint",
+            path,
+            "--model FILE.safetensors --base DIR|HUB_ID",
+        )),
+        (false, None) => Ok(None),
     }
 }
 
@@ -169,7 +207,15 @@ pub fn run(ws: &mut Workspace, s: &GenerateSpec, sink: &mut dyn EventSink) -> Re
 
     sink.emit(JobEvent::Stage { stage: "load".into() });
     let cpu0 = process_cpu_seconds();
-    let jm = job_model(ws, s.tier.as_deref(), s.model.as_deref(), s.revision.as_deref(), count, &loras)?;
+    let jm = job_model(
+        ws,
+        s.tier.as_deref(),
+        s.model.as_deref(),
+        s.base.as_deref(),
+        s.revision.as_deref(),
+        count,
+        &loras,
+    )?;
     let model = &jm.model;
     let mut warnings = jm.warnings.clone();
 
@@ -189,6 +235,8 @@ pub fn run(ws: &mut Workspace, s: &GenerateSpec, sink: &mut dyn EventSink) -> Re
     let mut request =
         tier_request(jm.tier.as_ref().unwrap_or(&fallback), model, &prompt, seeds.clone(), &overrides)?;
     request.max_sequence_length = s.max_sequence_length;
+    request.true_cfg = s.true_cfg;
+    request.offload_text_encoders = s.offload_text_encoders.unwrap_or(false);
     if let Some(img) = init_image {
         // img2img without a tier defaults to the init image's size, rounded down to the model's
         // size multiple (the VAE factor, times the latent patch for FLUX).

@@ -225,13 +225,17 @@ impl ModelPool {
 /// Approximate bytes of a loaded pipeline: the size of the weight files it was built from.
 pub fn model_bytes(model: &LoadedModel) -> u64 {
     let dir = model.source.dir();
+    let single_file = model.denoiser_file.is_some();
     let mut total: u64 = model
         .weights
         .iter()
         .filter(|w| w.component != "vae" || model.vae_source.is_none())
+        .filter(|w| !(single_file && w.component == model.spec.denoiser))
         .filter_map(|w| std::fs::metadata(dir.join(&w.component).join(&w.file)).ok())
         .map(|m| m.len())
         .sum();
+    total +=
+        model.denoiser_file.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum::<u64>();
     total += model.vae_files.iter().filter_map(|f| std::fs::metadata(f).ok()).map(|m| m.len()).sum::<u64>();
     total
 }

@@ -167,6 +167,19 @@ pub struct GenerateSpec {
     /// the LoRA library, or locally files. `<lora:NAME:WEIGHT>` in the prompt adds to these.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub loras: Vec<String>,
+    /// With `model` a single-file transformer checkpoint (a FLUX.1 `.safetensors` in BFL's or
+    /// ComfyUI's layout): the diffusers folder or hub id (`revision` applies to it) that the
+    /// text encoders, tokenizers, VAE, scheduler and the transformer's config come from (local only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    /// FLUX's true classifier-free guidance (diffusers' `true_cfg_scale`): with `negative` and a
+    /// value > 1, a negative pass and `neg + s·(pos − neg)`; `guidance` stays the distilled one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub true_cfg: Option<f64>,
+    /// Release the text encoders once the prompts are encoded (the next job loads them again):
+    /// lower peak memory while denoising, a reload per job. Default false.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offload_text_encoders: Option<bool>,
 }
 
 /// `kiln draft`.

@@ -88,6 +88,16 @@ impl JobSpec {
                 (Some(_), Some(_)) => return Err(Error::arg("model", "give a tier or a model, not both")),
                 _ => {}
             }
+            if s.base.is_some() && s.model.is_none() {
+                return Err(Error::arg(
+                    "base",
+                    "names the folder a single-file checkpoint builds on; give the checkpoint as the model \
+                     (--model FILE.safetensors --base DIR|HUB_ID)",
+                ));
+            }
+            if let Some(v) = s.true_cfg.filter(|v| !v.is_finite() || *v < 0.0) {
+                return Err(Error::arg("true_cfg", format!("{v} must be a finite number >= 0")));
+            }
             if s.prompt.len() > MAX_PROMPT_BYTES {
                 return Err(Error::arg("prompt", format!("longer than {MAX_PROMPT_BYTES} bytes")));
             }
@@ -170,6 +180,9 @@ impl JobSpec {
             JobSpec::Generate(s) => {
                 if s.model.is_some() {
                     return path_field("model");
+                }
+                if s.base.is_some() {
+                    return path_field("base");
                 }
                 if s.out.is_some() {
                     return path_field("out");

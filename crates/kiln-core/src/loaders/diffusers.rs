@@ -32,7 +32,8 @@ impl DiffusersFolder {
             return Err(Error::not_found(
                 "model_index.json",
                 &index_path,
-                "the folder is not a diffusers pipeline; single-file checkpoints are not supported yet",
+                "the folder is not a diffusers pipeline (a single-file FLUX.1 checkpoint goes as \
+                 --model FILE.safetensors with --base naming a diffusers folder)",
             ));
         }
         let index = read_json(&index_path)?;

@@ -1,8 +1,10 @@
 //! Loaders: where weights and configs come from (diffusers folders, the Hugging Face hub cache,
-//! safetensors files, ONNX graphs for matting models, LoRA files merged into weights as they load, a warm model's weights reused when
-//! its LoRA set changes).
+//! safetensors files, BFL/ComfyUI single-file transformers, ONNX graphs for matting models, LoRA
+//! files merged into weights as they load, a warm model's weights reused when its LoRA set
+//! changes).
 //! Architectures live in `models`; this module only finds and opens files.
 
+pub mod bfl_names;
 pub mod diffusers;
 pub mod hub;
 pub mod lora;
@@ -12,6 +14,7 @@ pub mod npy;
 pub mod onnx;
 pub mod pth;
 pub mod reuse;
+pub mod single_file;
 pub mod store;
 pub mod weights;
 

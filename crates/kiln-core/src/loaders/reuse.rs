@@ -52,6 +52,15 @@ impl WeightCache {
     pub(crate) fn finish(&self) {
         self.lock().ids = HashMap::new();
     }
+
+    /// Drops what the cache holds of `components` (folder names): a component the model
+    /// released (text encoders after encoding) must not stay alive here.
+    pub(crate) fn forget<'a>(&self, components: impl IntoIterator<Item = &'a str>) {
+        let components: HashSet<&str> = components.into_iter().collect();
+        let mut inner = self.lock();
+        inner.tensors.retain(|(c, _), _| !components.contains(c.as_str()));
+        inner.layers.retain(|(_, names), _| !names.iter().any(|(c, _)| components.contains(c.as_str())));
+    }
 }
 
 /// One model build: the cache it fills, and the warm model's cache it may take from.
@@ -78,7 +87,8 @@ impl ReuseBuild {
         if let Some(old) = &from {
             changed.extend(old.lock().patched.iter().cloned());
         }
-        into.lock().patched = patched;
+        // A reload of released parts adds to what the model's first build recorded.
+        into.lock().patched.extend(patched);
         Self { from, into, changed, counts: Mutex::default() }
     }
 

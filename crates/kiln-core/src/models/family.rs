@@ -95,6 +95,14 @@ pub enum DenoiserKind {
     ZImageTransformer,
 }
 
+/// How a family's denoiser may come as one checkpoint file instead of a folder component.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SingleFileLayout {
+    /// BFL's FLUX.1 release names (`double_blocks.N.img_attn.qkv`, ...), bare or under
+    /// ComfyUI's `model.diffusion_model.` ([`crate::loaders::single_file`]).
+    BflFlux,
+}
+
 /// Everything the pipelines need to know about a family.
 #[derive(Debug, Clone, Copy)]
 pub struct FamilySpec {
@@ -125,6 +133,9 @@ pub struct FamilySpec {
     /// Default text token budget (`--max-sequence-length`) of the family's long-context
     /// encoder, and its upper bound; None when every encoder has a fixed length (CLIP).
     pub max_sequence_length: Option<(usize, usize)>,
+    /// The single-file checkpoint layout the denoiser may be loaded from (`--model FILE
+    /// --base DIR`); None when only the folder's own component loads.
+    pub single_file: Option<SingleFileLayout>,
 }
 
 const SD: FamilySpec = FamilySpec {
@@ -144,6 +155,7 @@ const SD: FamilySpec = FamilySpec {
     flow_matching: false,
     flow_sigmas: FlowSigmas::Scheduler,
     max_sequence_length: None,
+    single_file: None,
 };
 
 const SDXL: FamilySpec = FamilySpec {
@@ -166,6 +178,7 @@ const SDXL: FamilySpec = FamilySpec {
     flow_matching: false,
     flow_sigmas: FlowSigmas::Scheduler,
     max_sequence_length: None,
+    single_file: None,
 };
 
 const FLUX: FamilySpec = FamilySpec {
@@ -191,6 +204,7 @@ const FLUX: FamilySpec = FamilySpec {
     flow_sigmas: FlowSigmas::LinspaceToInverseSteps,
     // FluxPipeline: max_sequence_length defaults to 512 and may not exceed it.
     max_sequence_length: Some((512, 512)),
+    single_file: Some(SingleFileLayout::BflFlux),
 };
 
 const ZIMAGE: FamilySpec = FamilySpec {
@@ -216,6 +230,7 @@ const ZIMAGE: FamilySpec = FamilySpec {
     // ZImagePipeline: max_sequence_length defaults to 512 and has no limit of its own; the
     // transformer's RoPE table (axes_lens) bounds the caption, 1024 rows in diffusers' default.
     max_sequence_length: Some((512, 1024)),
+    single_file: None,
 };
 
 impl Family {

@@ -27,6 +27,14 @@ pub struct GenerateRequest {
     pub height: usize,
     pub steps: usize,
     pub guidance: f64,
+    /// FLUX's optional true classifier-free guidance (diffusers' `true_cfg_scale`): with a
+    /// negative prompt and a value > 1 the transformer also runs on the negative prompt and
+    /// the prediction is `neg + s·(pos − neg)`; `guidance` stays the distilled guidance.
+    /// Only guidance-distilled families take it.
+    pub true_cfg: Option<f64>,
+    /// Release the text encoders once the prompts are encoded, so they are not resident while
+    /// the denoiser runs; the next job that encodes loads them again ([`crate::pipeline::text_encoders`]).
+    pub offload_text_encoders: bool,
     /// None = the folder's own scheduler.
     pub scheduler: Option<SchedulerKind>,
     /// One seed per image; image i uses its own generator seeded with seeds[i].
@@ -134,6 +142,7 @@ impl GenerateRequest {
         if !self.guidance.is_finite() || self.guidance < 0.0 {
             return Err(Error::arg("guidance", format!("{} must be a finite number >= 0", self.guidance)));
         }
+        model.check_true_cfg(self.true_cfg)?;
         if self.seeds.is_empty() {
             return Err(Error::arg("count", "at least one image is needed"));
         }
@@ -176,7 +185,8 @@ pub fn generate(
         Some(k) => k,
         None => model.default_scheduler()?,
     };
-    let cfg = model.classifier_free(req.guidance);
+    let true_cfg = model.true_cfg_scale(req.true_cfg, req.negative_prompt.as_deref());
+    let cfg = model.classifier_free(req.guidance) || true_cfg.is_some();
     let mut timings = StageTimings::default();
 
     if progress.cancelled() {
@@ -191,6 +201,9 @@ pub fn generate(
         cfg,
         req.max_sequence_length,
     )?;
+    if req.offload_text_encoders {
+        model.text.release();
+    }
     timings.text_encode = t0.elapsed().as_secs_f64();
 
     let init_image = match &req.init_image {
@@ -227,7 +240,7 @@ pub fn generate(
         first += seeds.len();
     }
     timings.total = start.elapsed().as_secs_f64();
-    let mut warnings = model.guidance_warnings(req.guidance, req.negative_prompt.as_deref());
+    let mut warnings = model.guidance_warnings(req.guidance, req.true_cfg, req.negative_prompt.as_deref());
     warnings.extend(prompts.warnings);
     warnings.extend(images.iter().filter_map(vae_fallback_warning));
     Ok(GenerateOutput { images, scheduler: kind, timings, warnings })
@@ -278,7 +291,9 @@ fn run_batch(
         }
     };
 
-    let conditioning = Conditioning::new(model, prompts, b, cfg, req.guidance, req.width, req.height)?;
+    let true_cfg = model.true_cfg_scale(req.true_cfg, req.negative_prompt.as_deref());
+    let conditioning =
+        Conditioning::new(model, prompts, b, (cfg, true_cfg), req.guidance, req.width, req.height)?;
     progress.stage("denoise");
     let latents = denoise(
         model,
@@ -312,24 +327,29 @@ pub(crate) struct Conditioning {
 
 impl Conditioning {
     /// Text embeddings (negatives first under CFG), SDXL size ids for a `width`×`height` output
-    /// and the embedded guidance (LCM, FLUX.1-dev), as diffusers builds them.
+    /// and the embedded guidance (LCM, FLUX.1-dev), as diffusers builds them. `cfg` is (whether
+    /// a negative pass runs, FLUX's true-CFG scale when that is why).
     pub(crate) fn new(
         model: &LoadedModel,
         prompts: &EncodedPrompts,
         b: usize,
-        cfg: bool,
+        cfg: (bool, Option<f64>),
         guidance: f64,
         width: usize,
         height: usize,
     ) -> Result<Self> {
         let device = &model.device;
+        let (cfg, true_cfg) = cfg;
         let (hidden, pooled, token_lens) = batch_conditioning(prompts, b, cfg)?;
         // (original size, crop top-left, target size): diffusers' defaults for txt2img/img2img.
         let (h, w) = (height as f32, width as f32);
         let time_ids = size_ids(model, &vec![[h, w, 0.0, 0.0, h, w]; b], cfg)?;
-        let embedded_guidance = model.denoiser.guidance_input(guidance, b, device)?;
-        // The family's guidance as the scale of `neg + s·(pos − neg)` (Z-Image: g + 1).
-        let guidance = model.spec.cfg_scale(guidance);
+        // Under true CFG both passes embed the same distilled guidance (FluxPipeline).
+        let rows = if cfg { 2 * b } else { b };
+        let embedded_guidance = model.denoiser.guidance_input(guidance, rows, device)?;
+        // The scale of `neg + s·(pos − neg)`: FLUX's true-CFG scale, else the family's
+        // guidance (Z-Image: g + 1).
+        let guidance = true_cfg.unwrap_or_else(|| model.spec.cfg_scale(guidance));
         Ok(Self { hidden, pooled, time_ids, embedded_guidance, token_lens, cfg, guidance, batch: b })
     }
 }

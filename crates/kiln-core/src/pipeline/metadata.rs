@@ -20,6 +20,9 @@ pub struct ImageRecord {
     pub height: usize,
     pub steps: usize,
     pub guidance: f64,
+    /// FLUX's true-CFG scale when the request set one (absent = none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub true_cfg: Option<f64>,
     pub scheduler: String,
     pub scheduler_class: String,
     pub scheduler_config: serde_json::Value,
@@ -31,6 +34,10 @@ pub struct ImageRecord {
     pub strength: Option<f64>,
     pub dtype: String,
     pub device: String,
+    /// The single-file denoiser checkpoint used instead of the pipeline's own (path and
+    /// sha256); `model` is then the base folder of the other components.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub single_file: Option<FileRef>,
     /// The VAE used instead of the pipeline's own, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vae: Option<ModelRecord>,
@@ -131,6 +138,7 @@ impl ImageRecord {
             height: req.height,
             steps: req.steps,
             guidance: req.guidance,
+            true_cfg: req.true_cfg,
             scheduler: scheduler.name().to_string(),
             scheduler_class: model.scheduler_class.clone(),
             scheduler_config: model.scheduler_config_json.clone(),
@@ -141,6 +149,7 @@ impl ImageRecord {
             strength: req.init_image.as_ref().map(|_| req.strength),
             dtype: crate::device::dtype_name(model.dtype).to_string(),
             device: crate::device::name(&model.device),
+            single_file: single_file_ref(model),
             vae,
             tier: None,
             inpaint: None,
@@ -150,6 +159,19 @@ impl ImageRecord {
             loras: model.loras.clone(),
         }
     }
+}
+
+/// The single-file denoiser a model was built with: its absolute path and recorded sha256.
+fn single_file_ref(model: &LoadedModel) -> Option<FileRef> {
+    let file = model.denoiser_file.as_ref()?;
+    let name = file.file_name()?.to_string_lossy();
+    let sha256 = model
+        .weights
+        .iter()
+        .find(|w| w.component == model.spec.denoiser && w.file == name)
+        .map(|w| w.sha256.clone())?;
+    let path = std::path::absolute(file).unwrap_or_else(|_| file.clone());
+    Some(FileRef { path: path.display().to_string(), sha256 })
 }
 
 /// The record of a model source: hub id + revision, or the folder path as given.

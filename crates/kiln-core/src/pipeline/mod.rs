@@ -2,6 +2,7 @@
 //!
 //! - [`model`]: a diffusers pipeline loaded once and kept warm (CLI run, later the server);
 //! - [`text`]: prompt encoding per family (SD 1.x/2.x, SDXL, FLUX);
+//! - [`text_encoders`]: the text stacks a job may release after encoding and reload;
 //! - [`generate`]: txt2img and img2img for every family;
 //! - [`inpaint`]: inpainting (any model, or dedicated 9-channel ones);
 //! - [`outpaint`]: canvas extension and its mask, run through [`inpaint`];
@@ -21,5 +22,6 @@ pub mod model;
 pub mod outpaint;
 pub mod redetail;
 pub mod text;
+pub mod text_encoders;
 pub mod upscale;
 pub mod vae_tiling;

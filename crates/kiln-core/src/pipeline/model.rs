@@ -8,18 +8,11 @@ use crate::loaders::diffusers::{weight_files_in, DiffusersFolder};
 use crate::loaders::hub::ModelSource;
 use crate::loaders::lora::{self, Component, LoraFile, LoraPlan, LoraRecord, LoraRequest, PlanInput};
 use crate::loaders::reuse::{ReuseBuild, ReuseCounts, WeightCache};
+use crate::loaders::single_file::SingleFileFlux;
 use crate::loaders::weights::{loading_error, open_safetensors, weight_sha256_cached};
-use crate::models::clip::{ClipTextConfig, ClipTextModel};
-use crate::models::clip_tokenizer::ClipTokenizer;
 use crate::models::denoiser::Denoiser;
-use crate::models::family::{
-    DenoiserKind, EncoderKind, Family, FamilySpec, FlowSigmas, GuidanceStyle, TextStackSpec,
-};
+use crate::models::family::{DenoiserKind, Family, FamilySpec, FlowSigmas, GuidanceStyle, SingleFileLayout};
 use crate::models::flux::{FluxConfig, FluxTransformer};
-use crate::models::qwen3::tokenizer::QwenTokenizer;
-use crate::models::qwen3::{Qwen3Config, Qwen3Encoder};
-use crate::models::t5::tokenizer::T5Tokenizer;
-use crate::models::t5::{T5Config, T5Encoder};
 use crate::models::unet::{UNet2DConditionModel, UNetConfig};
 use crate::models::vae::{AutoencoderKl, VaeConfig};
 use crate::models::zimage::{ZImageConfig, ZImageTransformer};
@@ -30,12 +23,8 @@ use std::collections::HashSet;
 use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-/// One text encoder with its tokenizer (boxed: the variants differ in size by a kilobyte).
-pub enum TextStack {
-    Clip { tokenizer: Box<ClipTokenizer>, encoder: Box<ClipTextModel> },
-    T5 { tokenizer: Box<T5Tokenizer>, encoder: Box<T5Encoder> },
-    Qwen3 { tokenizer: Box<QwenTokenizer>, encoder: Box<Qwen3Encoder> },
-}
+use crate::pipeline::text_encoders::text_component;
+pub use crate::pipeline::text_encoders::{TextEncoders, TextStack};
 
 /// A weight file the model was built from, for metadata and drift checks.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -45,15 +34,32 @@ pub struct WeightRecord {
     pub sha256: String,
 }
 
+/// What a pipeline is built from besides its folder's own components.
+#[derive(Debug, Clone, Default)]
+pub struct ModelParts {
+    /// A VAE loaded instead of the pipeline's own.
+    pub vae: Option<ModelSource>,
+    /// A single-file checkpoint of the denoiser (BFL's or ComfyUI's FLUX.1 transformer) loaded
+    /// instead of the folder's, with the folder's config ([`FamilySpec::single_file`]).
+    pub denoiser_file: Option<PathBuf>,
+    /// LoRAs merged into the weights as they load.
+    pub loras: Vec<LoraRequest>,
+}
+
 /// A loaded pipeline of any registered family.
 pub struct LoadedModel {
+    /// The folder (or hub snapshot) the pipeline comes from; with [`LoadedModel::denoiser_file`]
+    /// the base folder of everything but the denoiser.
     pub source: ModelSource,
+    /// The single-file denoiser checkpoint the model was built with, if any.
+    pub denoiser_file: Option<PathBuf>,
     /// A VAE loaded instead of the pipeline's own (e.g. madebyollin/sdxl-vae-fp16-fix).
     pub vae_source: Option<ModelSource>,
     /// The family's registry entry.
     pub spec: &'static FamilySpec,
-    /// The family's text stacks, in diffusers' order.
-    pub text: Vec<TextStack>,
+    /// The family's text stacks, in diffusers' order; released after encoding and loaded
+    /// again on demand when a job asks ([`TextEncoders`]).
+    pub text: TextEncoders,
     pub denoiser: Box<dyn Denoiser>,
     pub vae: AutoencoderKl,
     /// The VAE's weight files, reloaded in an overflow-safe dtype when an f16 decode overflows.
@@ -108,45 +114,68 @@ impl LoadedModel {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
-        Self::build(source, vae_source, loras, device, dtype, None)
+        let parts = ModelParts { vae: vae_source, denoiser_file: None, loras: loras.to_vec() };
+        Self::load_parts(source, parts, device, dtype)
+    }
+
+    /// Loads the pipeline in `source` with `parts` replacing or adding to its own components.
+    pub fn load_parts(source: ModelSource, parts: ModelParts, device: &Device, dtype: DType) -> Result<Self> {
+        Self::build(source, parts, device, dtype, None)
     }
 
     /// This model with another LoRA set (none for the plain model), built from this one: the
     /// weights and layers neither set touches are shared with it (no copy, no re-derivation),
     /// the touched ones are read again from the memory-mapped files with the new set merged.
-    /// The result computes exactly what [`LoadedModel::load_with_loras`] with `loras` gives.
+    /// The result computes exactly what a fresh load with `loras` gives.
     pub fn with_loras(&self, loras: &[LoraRequest]) -> Result<Self> {
+        let parts = || ModelParts {
+            vae: self.vae_source.clone(),
+            denoiser_file: self.denoiser_file.clone(),
+            loras: loras.to_vec(),
+        };
         let warm = Some(self.weight_cache.clone());
-        let model =
-            Self::build(self.source.clone(), self.vae_source.clone(), loras, &self.device, self.dtype, warm)?;
+        let model = Self::build(self.source.clone(), parts(), &self.device, self.dtype, warm)?;
         if model.weights != self.weights {
             // A weight file changed on disk since this model was loaded: its tensors are no
             // longer the files' tensors, so nothing of it may be mixed in.
-            return Self::load_with_loras(
-                self.source.clone(),
-                self.vae_source.clone(),
-                loras,
-                &self.device,
-                self.dtype,
-            );
+            return Self::load_parts(self.source.clone(), parts(), &self.device, self.dtype);
         }
         Ok(model)
     }
 
     fn build(
         source: ModelSource,
-        vae_source: Option<ModelSource>,
-        loras: &[LoraRequest],
+        parts: ModelParts,
         device: &Device,
         dtype: DType,
         warm: Option<Arc<WeightCache>>,
     ) -> Result<Self> {
         crate::device::check_dtype(device, dtype)?;
+        let ModelParts { vae: vae_source, denoiser_file, loras } = parts;
+        let loras = loras.as_slice();
         let folder = DiffusersFolder::open(source.dir())?;
         let spec = folder.family().spec();
         let prefer_fp16 = dtype != DType::F32;
-        let weights = Vec::new();
-
+        if let Some(file) = &denoiser_file {
+            if spec.single_file.is_none() {
+                return Err(Error::arg(
+                    "model",
+                    format!(
+                        "{}: single-file checkpoints load for FLUX.1 only; the base folder {} is a {} pipeline",
+                        file.display(),
+                        source.dir().display(),
+                        spec.name
+                    ),
+                ));
+            }
+            if !loras.is_empty() {
+                return Err(Error::arg(
+                    "lora",
+                    "LoRAs cannot be merged into a single-file transformer checkpoint yet; use the \
+                     diffusers folder's own transformer",
+                ));
+            }
+        }
         let (plan, lora_records) = plan_loras(&folder, spec, loras, prefer_fp16)?;
         let lora_warnings = plan
             .unmatched
@@ -173,47 +202,43 @@ impl LoadedModel {
         let weight_cache = Arc::new(WeightCache::default());
         let build = Arc::new(ReuseBuild::new(warm, weight_cache.clone(), patched));
         let memo: Arc<dyn kiln_kernels::reuse::DeriveMemo> = build.clone();
-        kiln_kernels::reuse::with_memo(memo, || {
-            Self::build_parts(folder, source, vae_source, &plan, &build, device, dtype, weights)
-        })
-        .map(|mut model| {
-            weight_cache.finish();
-            model.loras = lora_records;
-            model.lora_warnings = lora_warnings;
-            model.weight_cache = weight_cache;
-            model.reuse = build.counts();
-            model
-        })
+        let parts = BuildParts { folder, source, denoiser_file, vae_source, plan: Arc::new(plan) };
+        let mut model = kiln_kernels::reuse::with_memo(memo, || {
+            Self::build_parts(parts, &build, &weight_cache, device, dtype)
+        })?;
+        weight_cache.finish();
+        model.loras = lora_records;
+        model.lora_warnings = lora_warnings;
+        model.weight_cache = weight_cache;
+        model.reuse = build.counts();
+        Ok(model)
     }
 
     /// Builds every component through `build` (see [`LoadedModel::build`]).
-    #[allow(clippy::too_many_arguments)]
     fn build_parts(
-        folder: DiffusersFolder,
-        source: ModelSource,
-        vae_source: Option<ModelSource>,
-        plan: &LoraPlan,
+        parts: BuildParts,
         build: &Arc<ReuseBuild>,
+        cache: &Arc<WeightCache>,
         device: &Device,
         dtype: DType,
-        mut weights: Vec<WeightRecord>,
     ) -> Result<Self> {
+        let BuildParts { folder, source, denoiser_file, vae_source, plan } = parts;
         let spec = folder.family().spec();
         let prefer_fp16 = dtype != DType::F32;
-        let parts = WeightSource { plan, build };
-        let mut text = Vec::new();
-        for (i, stack) in spec.text.iter().enumerate() {
-            text.push(load_text_stack(
-                &folder,
-                stack,
-                text_component(i),
-                &parts,
-                device,
-                dtype,
-                &mut weights,
-            )?);
-        }
-        let denoiser = load_denoiser(&folder, spec, &parts, device, dtype, &mut weights)?;
+        let mut weights = Vec::new();
+        let sources = WeightSource { plan: &plan, build };
+        let text = TextEncoders::load(
+            &folder,
+            spec,
+            plan.clone(),
+            &sources,
+            cache.clone(),
+            device,
+            dtype,
+            &mut weights,
+        )?;
+        let denoiser =
+            load_denoiser(&folder, spec, denoiser_file.as_deref(), &sources, device, dtype, &mut weights)?;
 
         let (vae_cfg, files) = match &vae_source {
             None => {
@@ -237,6 +262,7 @@ impl LoadedModel {
 
         Ok(Self {
             source,
+            denoiser_file,
             vae_source,
             spec,
             text,
@@ -293,8 +319,13 @@ impl LoadedModel {
         }
     }
 
-    /// What the request's guidance and negative prompt will be ignored for, as warnings.
-    pub fn guidance_warnings(&self, guidance: f64, negative: Option<&str>) -> Vec<String> {
+    /// What the request's guidance, true CFG and negative prompt will be ignored for, as warnings.
+    pub fn guidance_warnings(
+        &self,
+        guidance: f64,
+        true_cfg: Option<f64>,
+        negative: Option<&str>,
+    ) -> Vec<String> {
         let mut out = Vec::new();
         if self.spec.guidance != GuidanceStyle::Distilled {
             return out;
@@ -305,13 +336,45 @@ impl LoadedModel {
                 self.spec.name
             ));
         }
-        if negative.is_some_and(|n| !n.is_empty()) {
+        let true_cfg_on = true_cfg.is_some_and(|s| s > 1.0);
+        if negative.is_some_and(|n| !n.is_empty()) && !true_cfg_on {
             out.push(format!(
-                "the negative prompt is ignored: {} models are guidance-distilled (no negative pass)",
+                "the negative prompt is ignored: {} models are guidance-distilled; true CFG (--true-cfg S \
+                 with S > 1) runs a negative pass",
                 self.spec.name
             ));
         }
+        if true_cfg_on && negative.is_none() {
+            out.push("--true-cfg is ignored without a negative prompt (--negative), as in diffusers".into());
+        }
         out
+    }
+
+    /// Refuses true CFG where the family has no use for it: classifier-free families guide
+    /// with `--guidance` already.
+    pub fn check_true_cfg(&self, true_cfg: Option<f64>) -> Result<()> {
+        let Some(s) = true_cfg else { return Ok(()) };
+        if !s.is_finite() || s < 0.0 {
+            return Err(Error::arg("true-cfg", format!("{s} must be a finite number >= 0")));
+        }
+        if self.spec.guidance != GuidanceStyle::Distilled {
+            return Err(Error::arg(
+                "true-cfg",
+                format!(
+                    "{} models guide with --guidance (classifier-free already); --true-cfg is for \
+                     guidance-distilled models (FLUX)",
+                    self.spec.name
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The scale of FLUX's true CFG when it runs: as FluxPipeline, with `true_cfg` > 1 and a
+    /// negative prompt (an empty one counts).
+    pub fn true_cfg_scale(&self, true_cfg: Option<f64>, negative: Option<&str>) -> Option<f64> {
+        let on = self.spec.guidance == GuidanceStyle::Distilled && negative.is_some();
+        true_cfg.filter(|&s| on && s > 1.0)
     }
 
     /// Whether `guidance` turns classifier-free guidance (a negative pass) on: for
@@ -379,15 +442,6 @@ impl LoadedModel {
     }
 }
 
-/// The LoRA component of the family's `i`-th text encoder.
-fn text_component(i: usize) -> Component {
-    if i == 0 {
-        Component::Text1
-    } else {
-        Component::Text2
-    }
-}
-
 /// Reads the requested LoRAs and matches them against the folder's text encoders and denoiser.
 fn plan_loras(
     folder: &DiffusersFolder,
@@ -449,15 +503,24 @@ fn plan_loras(
     Ok((plan, records))
 }
 
+/// What a build assembles besides its weight sources.
+struct BuildParts {
+    folder: DiffusersFolder,
+    source: ModelSource,
+    denoiser_file: Option<PathBuf>,
+    vae_source: Option<ModelSource>,
+    plan: Arc<LoraPlan>,
+}
+
 /// Where a build's components get their weights: the LoRA plan's patches merged, the warm
 /// model's unchanged tensors reused.
-struct WeightSource<'a> {
-    plan: &'a LoraPlan,
-    build: &'a Arc<ReuseBuild>,
+pub(crate) struct WeightSource<'a> {
+    pub plan: &'a LoraPlan,
+    pub build: &'a Arc<ReuseBuild>,
 }
 
 impl WeightSource<'_> {
-    fn var_builder(
+    pub fn var_builder(
         &self,
         component: Component,
         folder_name: &str,
@@ -469,61 +532,35 @@ impl WeightSource<'_> {
     }
 }
 
-/// Loads one tokenizer + text encoder pair as the registry describes it.
-fn load_text_stack(
-    folder: &DiffusersFolder,
-    stack: &TextStackSpec,
-    component: Component,
-    parts: &WeightSource,
-    device: &Device,
-    dtype: DType,
-    weights: &mut Vec<WeightRecord>,
-) -> Result<TextStack> {
-    let prefer_fp16 = dtype != DType::F32;
-    let files = folder.weight_files(stack.encoder, prefer_fp16)?;
-    let loaded = match stack.kind {
-        EncoderKind::Clip => {
-            let tokenizer = ClipTokenizer::from_dir(&folder.component_dir(stack.tokenizer)?)?;
-            let (_, cfg): (_, ClipTextConfig) = folder.parse_config(stack.encoder)?;
-            let with_projection =
-                folder.component_class(stack.encoder) == Some("CLIPTextModelWithProjection");
-            let vb = parts.var_builder(component, stack.encoder, &files, dtype, device)?;
-            let encoder = ClipTextModel::new(&cfg, vb, with_projection).map_err(|e| named(e, &files))?;
-            TextStack::Clip { tokenizer: Box::new(tokenizer), encoder: Box::new(encoder) }
-        }
-        EncoderKind::T5 => {
-            let tokenizer = T5Tokenizer::from_dir(&folder.component_dir(stack.tokenizer)?)?;
-            let (cfg_path, _) = folder.config(stack.encoder)?;
-            let cfg = T5Config::from_file(&cfg_path)?;
-            let vb = parts.var_builder(component, stack.encoder, &files, dtype, device)?;
-            let encoder = T5Encoder::new(&cfg, &cfg_path, vb).map_err(|e| named(e, &files))?;
-            TextStack::T5 { tokenizer: Box::new(tokenizer), encoder: Box::new(encoder) }
-        }
-        EncoderKind::Qwen3 => {
-            let tokenizer = QwenTokenizer::from_dir(&folder.component_dir(stack.tokenizer)?)?;
-            let (cfg_path, _) = folder.config(stack.encoder)?;
-            let cfg = Qwen3Config::from_file(&cfg_path)?;
-            let vb = parts.var_builder(component, stack.encoder, &files, dtype, device)?;
-            let encoder = Qwen3Encoder::new(&cfg, vb).map_err(|e| named(e, &files))?;
-            TextStack::Qwen3 { tokenizer: Box::new(tokenizer), encoder: Box::new(encoder) }
-        }
-    };
-    record(weights, stack.encoder, &files)?;
-    Ok(loaded)
-}
-
-/// Loads the family's denoiser from its component folder.
+/// Loads the family's denoiser from its component folder, or from `single_file` with the
+/// component folder's config.
 fn load_denoiser(
     folder: &DiffusersFolder,
     spec: &FamilySpec,
-    parts: &WeightSource,
+    single_file: Option<&std::path::Path>,
+    sources: &WeightSource,
     device: &Device,
     dtype: DType,
     weights: &mut Vec<WeightRecord>,
 ) -> Result<Box<dyn Denoiser>> {
+    if let (Some(file), Some(layout)) = (single_file, spec.single_file) {
+        let files = [file.to_path_buf()];
+        let denoiser: Box<dyn Denoiser> = match layout {
+            SingleFileLayout::BflFlux => {
+                let (cfg_path, cfg): (_, FluxConfig) = folder.parse_config(spec.denoiser)?;
+                cfg.validate(&cfg_path)?;
+                let checkpoint = SingleFileFlux::open(file, &cfg, &cfg_path)?;
+                let vb = checkpoint.var_builder(dtype, device);
+                Box::new(FluxTransformer::new(&cfg, vb).map_err(|e| named(e, &files))?)
+            }
+        };
+        // Recorded under the denoiser's component with the file's own name and sha256.
+        record(weights, spec.denoiser, &files)?;
+        return Ok(denoiser);
+    }
     let prefer_fp16 = dtype != DType::F32;
     let files = folder.weight_files(spec.denoiser, prefer_fp16)?;
-    let vb = parts.var_builder(Component::Denoiser, spec.denoiser, &files, dtype, device)?;
+    let vb = sources.var_builder(Component::Denoiser, spec.denoiser, &files, dtype, device)?;
     let denoiser: Box<dyn Denoiser> = match spec.denoiser_kind {
         DenoiserKind::UNet => {
             let (_, cfg): (_, UNetConfig) = folder.parse_config(spec.denoiser)?;
@@ -559,14 +596,14 @@ fn vae_dir(dir: &std::path::Path) -> Result<PathBuf> {
     Ok(dir.to_path_buf())
 }
 
-fn named(err: Error, files: &[PathBuf]) -> Error {
+pub(crate) fn named(err: Error, files: &[PathBuf]) -> Error {
     match err {
         Error::Candle(e) => loading_error(e, files),
         other => other,
     }
 }
 
-fn record(out: &mut Vec<WeightRecord>, component: &str, files: &[PathBuf]) -> Result<()> {
+pub(crate) fn record(out: &mut Vec<WeightRecord>, component: &str, files: &[PathBuf]) -> Result<()> {
     for file in files {
         out.push(WeightRecord {
             component: component.to_string(),

@@ -158,7 +158,15 @@ pub fn redetail(
     let mut conds: std::collections::BTreeMap<usize, Conditioning> = Default::default();
     for chunk in origins.chunks(TILES_PER_CALL) {
         if let std::collections::btree_map::Entry::Vacant(slot) = conds.entry(chunk.len()) {
-            slot.insert(Conditioning::new(model, &prompts, chunk.len(), cfg, req.guidance, tw * f, th * f)?);
+            slot.insert(Conditioning::new(
+                model,
+                &prompts,
+                chunk.len(),
+                (cfg, None),
+                req.guidance,
+                tw * f,
+                th * f,
+            )?);
         }
     }
     // SDXL's size conditioning per tile: each tile is a crop of the whole image at its place

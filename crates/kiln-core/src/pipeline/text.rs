@@ -59,14 +59,15 @@ pub fn encode_prompts_with(
 ) -> Result<EncodedPrompts> {
     let budget = sequence_budget(model.spec, max_sequence_length)?;
     let mut warnings = Vec::new();
-    let positive = encode_one(model, prompt, budget, &mut warnings)?;
+    let stacks = model.text.get()?;
+    let positive = encode_one(model, &stacks, prompt, budget, &mut warnings)?;
     let negative = if !with_negative {
         None
     } else if negative.is_none() && model.spec.zeros_for_empty_negative && model.force_zeros_for_empty_prompt
     {
         Some(positive.zeros_like()?)
     } else {
-        Some(encode_one(model, negative.unwrap_or(""), budget, &mut warnings)?)
+        Some(encode_one(model, &stacks, negative.unwrap_or(""), budget, &mut warnings)?)
     };
     Ok(EncodedPrompts { positive, negative, warnings })
 }
@@ -91,19 +92,20 @@ fn sequence_budget(spec: &FamilySpec, requested: Option<usize>) -> Result<Option
 
 fn encode_one(
     model: &LoadedModel,
+    stacks: &[TextStack],
     prompt: &str,
     budget: Option<usize>,
     warnings: &mut Vec<String>,
 ) -> Result<PromptEmbeds> {
     match model.spec.conditioning {
         TextConditioning::LastHidden => {
-            let out = run_clip(model, first_stack(model)?, prompt, warnings)?;
+            let out = run_clip(model, first_stack(stacks)?, prompt, warnings)?;
             Ok(PromptEmbeds { hidden: out.last_hidden_state, pooled: None })
         }
         TextConditioning::PenultimateConcatPooled => {
-            let mut hidden = Vec::with_capacity(model.text.len());
+            let mut hidden = Vec::with_capacity(stacks.len());
             let mut pooled = None;
-            for stack in &model.text {
+            for stack in stacks {
                 let out = run_clip(model, stack, prompt, warnings)?;
                 // SDXL conditions on the penultimate layer of each encoder, concatenated.
                 let n = out.hidden_states.len();
@@ -126,7 +128,7 @@ fn encode_one(
             // FluxPipeline: CLIP's pooled output (77 tokens) + T5's last hidden state.
             let mut pooled = None;
             let mut hidden = None;
-            for stack in &model.text {
+            for stack in stacks {
                 match stack {
                     TextStack::Clip { .. } => pooled = Some(run_clip(model, stack, prompt, warnings)?.pooled),
                     TextStack::T5 { tokenizer, encoder } => {
@@ -158,7 +160,7 @@ fn encode_one(
         }
         TextConditioning::QwenPenultimate => {
             // ZImagePipeline: the chat-templated prompt, hidden_states[-2], padding dropped.
-            let TextStack::Qwen3 { tokenizer, encoder } = first_stack(model)? else {
+            let TextStack::Qwen3 { tokenizer, encoder } = first_stack(stacks)? else {
                 return Err(Error::Unsupported(format!(
                     "the {} family needs a Qwen3 text encoder",
                     model.spec.name
@@ -182,8 +184,8 @@ fn encode_one(
     }
 }
 
-fn first_stack(model: &LoadedModel) -> Result<&TextStack> {
-    model.text.first().ok_or_else(|| Error::Unsupported("the model has no text encoder".into()))
+fn first_stack(stacks: &[TextStack]) -> Result<&TextStack> {
+    stacks.first().ok_or_else(|| Error::Unsupported("the model has no text encoder".into()))
 }
 
 fn run_clip(

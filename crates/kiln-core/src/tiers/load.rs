@@ -203,6 +203,8 @@ pub fn tier_request(
         height: o.height.or(tier.height).unwrap_or(default_h),
         steps: o.steps.or(tier.steps).unwrap_or(model.spec.default_steps),
         guidance,
+        true_cfg: None,
+        offload_text_encoders: false,
         scheduler,
         seeds,
         init_latents: None,

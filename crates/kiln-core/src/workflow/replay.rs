@@ -187,6 +187,8 @@ pub fn replay(ws: &mut Workspace, req: &ReplayRequest, progress: &mut dyn Progre
             height: record.height,
             steps: record.steps,
             guidance: record.guidance,
+            true_cfg: record.true_cfg,
+            offload_text_encoders: false,
             scheduler: Some(record.scheduler.parse()?),
             seeds: vec![record.seed],
             init_latents,
@@ -381,7 +383,11 @@ fn load_recorded_model(ws: &Workspace, record: &ImageRecord) -> Result<LoadedMod
             Ok(crate::loaders::lora::LoraRequest { name: l.name.clone(), path, weight: l.weight })
         })
         .collect::<Result<Vec<_>>>()?;
-    LoadedModel::load_with_loras(source, vae, &loras, &ws.options.device, dtype)
+    // A single-file transformer is found at its recorded path when its content still matches.
+    let denoiser_file =
+        record.single_file.as_ref().map(|f| locate(ws, f, "single-file checkpoint")).transpose()?;
+    let parts = crate::pipeline::model::ModelParts { vae, denoiser_file, loras };
+    LoadedModel::load_parts(source, parts, &ws.options.device, dtype)
 }
 
 /// Finds an input file a record names: at its recorded path when the content still matches,

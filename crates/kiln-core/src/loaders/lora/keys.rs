@@ -11,6 +11,7 @@
 //!   `.lora.down.weight` / `.lora.up.weight`, `.lora_linear_layer.down.weight`) and an optional
 //!   per-module `.alpha`; otherwise alpha comes from the file's PEFT metadata or equals the rank.
 
+use crate::loaders::bfl_names::bfl_module;
 use std::collections::HashMap;
 
 /// The model component a LoRA module patches.
@@ -146,58 +147,13 @@ fn split_suffix(rest: &str, suffixes: &[(&str, Part)]) -> Option<(String, Part)>
 }
 
 /// FLUX layers named as BFL's reference code names them (kohya's FLUX LoRAs, BFL's own): the
-/// diffusers modules the layer feeds, in the order of its output rows. BFL fuses q/k/v (and, in
-/// single blocks, q/k/v and the MLP input) into one linear layer that diffusers keeps apart, so
-/// such a layer patches several modules, each with its slice of the up matrix's rows.
+/// diffusers modules the layer feeds, in the order of its output rows ([`bfl_module`]). BFL fuses
+/// q/k/v (and, in single blocks, q/k/v and the MLP input) into one linear layer that diffusers
+/// keeps apart, so such a layer patches several modules, each with its slice of the up matrix's
+/// rows. The final layer's adaLN modulation is left out: diffusers stores its shift and scale
+/// halves swapped, which a LoRA's rows cannot follow without a copy of its own.
 pub fn bfl_targets(module: &str) -> Option<Vec<String>> {
-    let flat = module.replace('.', "_");
-    let block = |prefix: &str| -> Option<(usize, String)> {
-        let rest = flat.strip_prefix(prefix)?;
-        let (n, rest) = rest.split_once('_')?;
-        Some((n.parse().ok()?, rest.to_string()))
-    };
-    let one = |m: &str| Some(vec![m.to_string()]);
-    if let Some((i, rest)) = block("double_blocks_") {
-        let b = format!("transformer_blocks.{i}");
-        let names: &[&str] = match rest.as_str() {
-            "img_attn_qkv" => &["attn.to_q", "attn.to_k", "attn.to_v"],
-            "img_attn_proj" => &["attn.to_out.0"],
-            "img_mlp_0" => &["ff.net.0.proj"],
-            "img_mlp_2" => &["ff.net.2"],
-            "img_mod_lin" => &["norm1.linear"],
-            "txt_attn_qkv" => &["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
-            "txt_attn_proj" => &["attn.to_add_out"],
-            "txt_mlp_0" => &["ff_context.net.0.proj"],
-            "txt_mlp_2" => &["ff_context.net.2"],
-            "txt_mod_lin" => &["norm1_context.linear"],
-            _ => return None,
-        };
-        return Some(names.iter().map(|n| format!("{b}.{n}")).collect());
-    }
-    if let Some((i, rest)) = block("single_blocks_") {
-        let b = format!("single_transformer_blocks.{i}");
-        let names: &[&str] = match rest.as_str() {
-            "linear1" => &["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"],
-            "linear2" => &["proj_out"],
-            "modulation_lin" => &["norm.linear"],
-            _ => return None,
-        };
-        return Some(names.iter().map(|n| format!("{b}.{n}")).collect());
-    }
-    // The final layer's adaLN modulation is left out: diffusers stores its shift and scale
-    // halves swapped, which a LoRA's rows cannot follow without a copy of its own.
-    match flat.as_str() {
-        "img_in" => one("x_embedder"),
-        "txt_in" => one("context_embedder"),
-        "time_in_in_layer" => one("time_text_embed.timestep_embedder.linear_1"),
-        "time_in_out_layer" => one("time_text_embed.timestep_embedder.linear_2"),
-        "vector_in_in_layer" => one("time_text_embed.text_embedder.linear_1"),
-        "vector_in_out_layer" => one("time_text_embed.text_embedder.linear_2"),
-        "guidance_in_in_layer" => one("time_text_embed.guidance_embedder.linear_1"),
-        "guidance_in_out_layer" => one("time_text_embed.guidance_embedder.linear_2"),
-        "final_layer_linear" => one("proj_out"),
-        _ => None,
-    }
+    bfl_module(module).filter(|m| !m.swap_halves).map(|m| m.targets)
 }
 
 /// The base model's weight-bearing modules of one component, findable under every name a LoRA

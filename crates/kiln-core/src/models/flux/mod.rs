@@ -103,7 +103,8 @@ impl FluxConfig {
         Ok(())
     }
 
-    fn inner_dim(&self) -> usize {
+    /// The model width: heads × head size.
+    pub fn inner_dim(&self) -> usize {
         self.num_attention_heads * self.attention_head_dim
     }
 }

@@ -218,7 +218,15 @@ pub(crate) fn sample_canvas(
     };
     let mut hooks =
         Reimpose { known, noise, keep, mask: reimpose_mask, extra, enabled: canvas.reimpose, denoised };
-    let cond = Conditioning::new(model, sampling.prompts, 1, sampling.cfg, sampling.guidance, width, height)?;
+    let cond = Conditioning::new(
+        model,
+        sampling.prompts,
+        1,
+        (sampling.cfg, None),
+        sampling.guidance,
+        width,
+        height,
+    )?;
     let latents =
         denoise(model, scheduler.as_mut(), &cond, latents, start, &mut rng, &mut hooks, timings, progress)?;
     let mut images = decode_batch(model, &latents, &[seed], &sampling.vae_tiling, timings)?;
