@@ -100,12 +100,18 @@ pub fn redetail(
         Some(k) => k,
         None => model.default_scheduler()?,
     };
-    if model.unet().is_none() {
-        // Transformer families take packed latents with positions; their tiles are not planned yet.
-        return Err(Error::Unsupported(format!(
-            "re-detail runs UNet models (SD 1.x/2.x, SDXL); {} is not one yet",
-            model.spec.name
-        )));
+    // Transformer families pack latents in patches (FLUX, Z-Image: 2×2) inside the denoiser:
+    // each tile is a whole number of patches at a patch-aligned place, and gets the positions of
+    // an image of its own size, as one tile over the image gets img2img's.
+    let patch = model.denoiser.patch_size();
+    if req.tile % patch != 0 || req.overlap % patch != 0 {
+        return Err(Error::arg(
+            "tile",
+            format!(
+                "tile {} and overlap {} latent pixels must be multiples of {}'s {patch}-pixel patches",
+                req.tile, req.overlap, model.spec.name
+            ),
+        ));
     }
     let cfg = model.classifier_free(req.guidance);
     let mut timings = StageTimings::default();
@@ -117,7 +123,10 @@ pub fn redetail(
     timings.text_encode = t0.elapsed().as_secs_f64();
 
     let (lh, lw) = (height / f, width / f);
-    let (rows, cols) = (windows(lh, req.tile, req.overlap), windows(lw, req.tile, req.overlap));
+    let patch_windows = |len: usize| -> Vec<usize> {
+        windows(len / patch, req.tile / patch, req.overlap / patch).into_iter().map(|p| p * patch).collect()
+    };
+    let (rows, cols) = (patch_windows(lh), patch_windows(lw));
     let (th, tw) = (lh.min(req.tile), lw.min(req.tile));
     // Per-pixel blend weights of one window, and their sum over the whole latent.
     let window_weights: Vec<f32> = (0..th)
