@@ -106,19 +106,9 @@ fn blended_tiles_leave_no_seam_where_pasted_tiles_do() {
     let blended = to_rgb(&blended.image.pixels);
 
     // Per-tile img2img: each 64 px tile re-detailed on its own, then pasted.
-    let mut pasted = image::RgbImage::new(192, 128);
-    for ty in 0..2 {
-        for tx in 0..3 {
-            let crop = image::imageops::crop_imm(&big, tx * 64, ty * 64, 64, 64).to_image();
-            let out = redetail(&model, &req(crop), &mut NoProgress).unwrap();
-            image::imageops::replace(
-                &mut pasted,
-                &to_rgb(&out.image.pixels),
-                i64::from(tx * 64),
-                i64::from(ty * 64),
-            );
-        }
-    }
+    let pasted = pasted_tiles(&big, |crop| {
+        to_rgb(&redetail(&model, &req(crop), &mut NoProgress).unwrap().image.pixels)
+    });
     let (cols, rows) = ([64, 128], [64]);
     let (b, p) = (seam_ratio(&blended, &cols, &rows), seam_ratio(&pasted, &cols, &rows));
     println!("seam ratio at the 64 px joints: blended tiles {b:.2}, pasted tiles {p:.2}");
@@ -126,6 +116,22 @@ fn blended_tiles_leave_no_seam_where_pasted_tiles_do() {
     // so a seam is a modest excess over its texture; the run is deterministic).
     assert!((0.9..1.1).contains(&b), "blended seam ratio {b:.2}");
     assert!(p > 1.1 * b, "pasted tiles {p:.2} should show seams against blended {b:.2}");
+}
+
+/// The 192×128 `image` cut into 64 px tiles, each passed through `run` on its own and pasted
+/// back: per-tile img2img, the way seams are made.
+fn pasted_tiles(
+    image: &image::RgbImage,
+    run: impl Fn(image::RgbImage) -> image::RgbImage,
+) -> image::RgbImage {
+    let mut pasted = image::RgbImage::new(192, 128);
+    for ty in 0..2 {
+        for tx in 0..3 {
+            let crop = image::imageops::crop_imm(image, tx * 64, ty * 64, 64, 64).to_image();
+            image::imageops::replace(&mut pasted, &run(crop), i64::from(tx * 64), i64::from(ty * 64));
+        }
+    }
+    pasted
 }
 
 fn sdxl_dir() -> PathBuf {
@@ -259,19 +265,9 @@ fn flux_blended_tiles_leave_no_seam_where_pasted_tiles_do() {
     let blended = redetail(&model, &req(big.clone()), &mut NoProgress).unwrap();
     assert_eq!(blended.tiles, (3, 5));
     let blended = to_rgb(&blended.image.pixels);
-    let mut pasted = image::RgbImage::new(192, 128);
-    for ty in 0..2 {
-        for tx in 0..3 {
-            let crop = image::imageops::crop_imm(&big, tx * 64, ty * 64, 64, 64).to_image();
-            let out = redetail(&model, &req(crop), &mut NoProgress).unwrap();
-            image::imageops::replace(
-                &mut pasted,
-                &to_rgb(&out.image.pixels),
-                i64::from(tx * 64),
-                i64::from(ty * 64),
-            );
-        }
-    }
+    let pasted = pasted_tiles(&big, |crop| {
+        to_rgb(&redetail(&model, &req(crop), &mut NoProgress).unwrap().image.pixels)
+    });
     let (cols, rows) = ([64, 128], [64]);
     let (b, p) = (seam_ratio(&blended, &cols, &rows), seam_ratio(&pasted, &cols, &rows));
     println!("FLUX seam ratio at the 64 px joints: blended tiles {b:.2}, pasted tiles {p:.2}");
