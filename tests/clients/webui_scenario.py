@@ -466,6 +466,17 @@ with sync_playwright() as p:
     page.select_option("#generate-form select[name=preset]", "")
     watch.check("preset")
 
+    # A LoRA of the library picked in the form, with its weight, merged into the draft's model.
+    page.select_option("#generate-form select[name=lora]", "sd1_kohya")
+    page.fill("#generate-form input[name=lora_weight]", "0.7")
+    page.fill("#generate-form input[name=seed]", "778")
+    page.click("#generate")
+    tile = page.locator(".tile[data-seed='778']")
+    expect(tile).to_have_class(re.compile(r"\bdone\b"), timeout=TIMEOUT)
+    out["lora_draft"] = int(tile.get_attribute("data-asset"))
+    page.select_option("#generate-form select[name=lora]", "")
+    watch.check("lora")
+
     # Latency: click → first preview / first draft on screen, against the API's own events
     # for the same job (warm model, idle worker, seven runs each). On a busy machine single runs
     # vary by hundreds of ms, so minimums are reported beside medians.

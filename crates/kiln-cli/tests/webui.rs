@@ -52,6 +52,11 @@ fn studio_page_in_chromium() {
     std::fs::copy(sr, root.join("sr.safetensors")).unwrap();
     let alice = add_key(root, "alice");
     let bob = add_key(root, "bob");
+    // A LoRA in the library for the form's picker (it fits the tiny SD1 model of the tiers).
+    let lora = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/lora/sd1_kohya.safetensors");
+    let imported = kiln(root).args(["loras", "import"]).arg(&lora).output().unwrap();
+    assert!(imported.status.success(), "{}", String::from_utf8_lossy(&imported.stderr));
     let server = Server::start(root, &[]);
 
     // The page and its files load without a key; the API does not.
@@ -103,6 +108,15 @@ fn studio_page_in_chromium() {
     assert_eq!(pd["record"]["preset"]["name"], "house", "{pd}");
     assert!(pd["record"]["prompt"].as_str().unwrap().ends_with(", warm light"), "{pd}");
     assert_eq!(pd["seed"], 777, "{pd}");
+    // The draft made with the LoRA picked in the form records it with its weight.
+    let ld = asset(&server, &alice, &r["lora_draft"]);
+    assert_eq!(ld["record"]["loras"][0]["name"], "sd1_kohya", "{ld}");
+    assert_eq!(ld["record"]["loras"][0]["weight"], 0.7, "{ld}");
+    let listed = server.get("/v1/loras", Some(&alice)).json();
+    assert_eq!(listed["loras"][0]["name"], "sd1_kohya", "{listed}");
+    assert!(listed["loras"][0].get("source").is_none(), "no file names over HTTP: {listed}");
+    let a1111 = server.get("/sdapi/v1/loras", Some(&alice)).json();
+    assert_eq!(a1111[0]["name"], "sd1_kohya", "{a1111}");
 
     // Touch and pen strokes painted the mask (checked in the scenario); their record.
     let strokes = &r["mask_strokes"];

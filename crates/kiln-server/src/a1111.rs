@@ -438,6 +438,28 @@ pub async fn extra_single_image(
     Ok(Json(serde_json::json!({ "html_info": "", "image": b64(&first.png) })).into_response())
 }
 
+/// A1111's LoRA list: the LoRA library, as `<lora:NAME:W>` tags name them (A1111's `path` is a
+/// file on the server, which kiln does not expose).
+pub async fn loras(State(_state): State<Arc<AppState>>) -> ApiResult<Json<Value>> {
+    let entries = kiln_core::loaders::lora::LoraLibrary::open_default()?.list()?;
+    let list: Vec<Value> = entries
+        .iter()
+        .map(|e| {
+            serde_json::json!({
+                "name": e.name,
+                "alias": e.name,
+                "metadata": {
+                    "ss_base_model_version": e.info.base_model,
+                    "ss_resolution": e.info.resolution,
+                    "trigger_words": e.info.trigger_words,
+                    "sha256": e.sha256,
+                },
+            })
+        })
+        .collect();
+    Ok(Json(Value::Array(list)))
+}
+
 /// A1111's prompt styles: the project's presets (name, prompt template, negative prompt).
 pub async fn prompt_styles(State(state): State<Arc<AppState>>) -> ApiResult<Json<Value>> {
     let presets = state.engine.project.presets()?;

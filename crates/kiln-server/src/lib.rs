@@ -3,7 +3,7 @@
 //! one worker thread that shares the warm model pool. No model logic lives here.
 //!
 //! - [`native`]: `/v1/jobs` (+ SSE events), `/v1/assets`, `/v1/uploads`, `/v1/me`, `/v1/report`,
-//!   `/v1/tiers`, `/v1/presets`;
+//!   `/v1/tiers`, `/v1/presets`, `/v1/loras`;
 //! - [`web`]: the studio page at `/` and its files under `/ui/`, embedded in the binary;
 //! - [`openai`]: OpenAI Images (`/v1/images/generations|edits`, `/v1/models`);
 //! - [`openapi`]: the OpenAPI document, generated from the request and response types;
@@ -95,6 +95,7 @@ fn routes(state: Arc<AppState>, limits: Limits) -> Router {
         .route("/v1/report", get(native::report))
         .route("/v1/tiers", get(native::tiers))
         .route("/v1/presets", get(native::presets))
+        .route("/v1/loras", get(native::loras))
         .route("/v1/openapi.json", get(openapi))
         .route("/v1/images/generations", post(openai::generations))
         .route("/v1/images/edits", post(openai::edits))
@@ -109,6 +110,7 @@ fn routes(state: Arc<AppState>, limits: Limits) -> Router {
         .route("/sdapi/v1/schedulers", get(a1111::schedulers))
         .route("/sdapi/v1/upscalers", get(a1111::upscalers))
         .route("/sdapi/v1/prompt-styles", get(a1111::prompt_styles))
+        .route("/sdapi/v1/loras", get(a1111::loras))
         .route("/sdapi/v1/extra-single-image", post(a1111::extra_single_image))
         .route("/", get(web::index))
         .route("/ui/{file}", get(web::asset))

@@ -264,6 +264,17 @@ pub async fn presets(State(state): State<Arc<AppState>>) -> ApiResult<Response> 
     Ok(Json(serde_json::json!({ "presets": list })).into_response())
 }
 
+/// The LoRA library (`kiln loras import`): name, sha256, size and what each file says about
+/// itself (format, family, base model, trigger words, resolution); no file paths.
+pub async fn loras(State(_state): State<Arc<AppState>>) -> ApiResult<Response> {
+    let entries = kiln_core::loaders::lora::LoraLibrary::open_default()?.list()?;
+    let list: Vec<serde_json::Value> = entries
+        .iter()
+        .map(|e| serde_json::json!({ "name": e.name, "sha256": e.sha256, "bytes": e.bytes, "info": e.info }))
+        .collect();
+    Ok(Json(serde_json::json!({ "loras": list })).into_response())
+}
+
 pub async fn healthz() -> &'static str {
     "ok"
 }

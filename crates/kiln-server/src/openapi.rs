@@ -60,6 +60,7 @@ pub fn document() -> Value {
         ("/v1/report", "costs and loaded models"),
         ("/v1/tiers", "the tiers"),
         ("/v1/presets", "the presets (brand kits) with their hashes"),
+        ("/v1/loras", "the LoRA library: names, hashes and what each file says about itself"),
         ("/v1/models", "OpenAI: the diffusion tiers"),
         ("/sdapi/v1/progress", "A1111: progress of the running job"),
         ("/sdapi/v1/options", "A1111: sd_model_checkpoint"),
@@ -68,6 +69,7 @@ pub fn document() -> Value {
         ("/sdapi/v1/schedulers", "A1111: schedules"),
         ("/sdapi/v1/upscalers", "A1111: the upscale tiers"),
         ("/sdapi/v1/prompt-styles", "A1111: prompt styles (the project's presets)"),
+        ("/sdapi/v1/loras", "A1111: the LoRA library"),
     ] {
         add(p, "get", json!({ "summary": s, "responses": ok(s) }));
     }

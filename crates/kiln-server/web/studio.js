@@ -20,6 +20,7 @@ let editor = null;
 let frame = null;
 let tiers = [];
 let presets = [];
+let loras = [];
 
 /** Named points in time (performance marks) the browser test reads to measure latency. */
 function markOnce(name) {
@@ -106,6 +107,16 @@ async function loadTiers(form) {
   for (const p of presets) {
     form.preset.append(el("option", { value: p.name, text: p.description ? `${p.name} — ${p.description}` : p.name }));
   }
+  try {
+    loras = (await getJson("/v1/loras")).loras;
+  } catch (e) {
+    // The form works without the LoRA list.
+    showError($("generate-error"), e);
+  }
+  for (const l of loras) {
+    const about = [l.info.family, ...(l.info.trigger_words ?? []).slice(0, 3)].filter(Boolean).join(", ");
+    form.lora.append(el("option", { value: l.name, text: about ? `${l.name} (${about})` : l.name }));
+  }
   // Picking a preset picks its tier too (the tier stays changeable: what is set wins).
   form.preset.addEventListener("change", () => {
     const p = presets.find((x) => x.name === form.preset.value);
@@ -129,6 +140,7 @@ function formSpec(form) {
   const spec = { kind: "generate", tier: form.tier.value, prompt: form.prompt.value };
   if (form.negative.value) spec.negative = form.negative.value;
   if (form.preset.value) spec.preset = form.preset.value;
+  if (form.lora.value) spec.loras = [`${form.lora.value}:${Number(form.lora_weight.value) || 0}`];
   for (const f of ["width", "height"]) {
     if (form[f].value !== "") spec[f] = Number(form[f].value);
   }
