@@ -173,6 +173,31 @@ impl FluxTransformer {
         timestep: f64,
         guidance: Option<&Tensor>,
     ) -> Result<Tensor> {
+        let inputs = self.block_inputs(tokens, grid, text, pooled, timestep, guidance)?;
+        let (mut txt, mut img) = (inputs.txt.clone(), inputs.img.clone());
+        for i in 0..self.double_blocks.len() {
+            (txt, img) = self.double_block(i, &img, &txt, &inputs)?;
+        }
+        let mut joint = Tensor::cat(&[&txt, &img], 1)?;
+        for i in 0..self.single_blocks.len() {
+            joint = self.single_block(i, &joint, &inputs)?;
+        }
+        let img = joint.narrow(1, txt.dim(1)?, img.dim(1)?)?;
+        let img = self.norm_out.forward(&img, &inputs.temb)?;
+        Ok(self.proj_out.forward(&img)?)
+    }
+
+    /// The embedded streams, modulation signal and RoPE that every block of one forward reads
+    /// (public so that benchmarks can time blocks one at a time); arguments as [`Self::forward_packed`].
+    pub fn block_inputs(
+        &self,
+        tokens: &Tensor,
+        grid: (usize, usize),
+        text: &Tensor,
+        pooled: &Tensor,
+        timestep: f64,
+        guidance: Option<&Tensor>,
+    ) -> Result<FluxBlockInputs> {
         let (b, n, _) = tokens.dims3()?;
         let device = tokens.device();
         let text_len = text.dim(1)?;
@@ -213,19 +238,34 @@ impl FluxTransformer {
             }
         }
         let rope = Rope::new(&ids, &self.config.axes_dims_rope, ROPE_THETA, AnglePrecision::F64, device)?;
-
-        let (mut txt, mut img) = (txt, img);
-        for block in &self.double_blocks {
-            (txt, img) = block.forward(&img, &txt, &temb, &rope)?;
-        }
-        let mut joint = Tensor::cat(&[&txt, &img], 1)?;
-        for block in &self.single_blocks {
-            joint = block.forward(&joint, &temb, &rope)?;
-        }
-        let img = joint.narrow(1, text_len, n)?;
-        let img = self.norm_out.forward(&img, &temb)?;
-        Ok(self.proj_out.forward(&img)?)
+        Ok(FluxBlockInputs { txt, img, temb, rope })
     }
+
+    /// Double-stream block `i` on the (image, text) streams: the updated (text, image).
+    pub fn double_block(
+        &self,
+        i: usize,
+        img: &Tensor,
+        txt: &Tensor,
+        inputs: &FluxBlockInputs,
+    ) -> Result<(Tensor, Tensor)> {
+        self.double_blocks[i].forward(img, txt, &inputs.temb, &inputs.rope)
+    }
+
+    /// Single-stream block `i` on the joint `[text, image]` sequence.
+    pub fn single_block(&self, i: usize, joint: &Tensor, inputs: &FluxBlockInputs) -> Result<Tensor> {
+        self.single_blocks[i].forward(joint, &inputs.temb, &inputs.rope)
+    }
+}
+
+/// What [`FluxTransformer::block_inputs`] returns: the embedded text and image streams before
+/// the first block, the modulation signal and the joint sequence's RoPE.
+#[derive(Debug, Clone)]
+pub struct FluxBlockInputs {
+    pub txt: Tensor,
+    pub img: Tensor,
+    pub temb: Tensor,
+    rope: Rope,
 }
 
 /// `x` rounded to `dtype`, as torch rounds each op's result in half precision.

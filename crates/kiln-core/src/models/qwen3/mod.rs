@@ -176,30 +176,49 @@ impl Qwen3Encoder {
     /// `[B, L]` u32 ids, all attended (no padding: Z-Image drops padded positions, and under a
     /// causal mask right-padding does not change the others) → `hidden_states[-2]` `[B, L, D]`.
     pub fn forward_penultimate(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b, len) = ids.dims2()?;
+        let (_, len) = ids.dims2()?;
+        let rope = self.rope(len, ids.device())?;
+        let mut x = self.embed_tokens(ids)?;
+        for i in 0..self.layers.len() {
+            x = self.layer(i, &x, &rope)?;
+        }
+        Ok(x.to_dtype(self.dtype)?)
+    }
+
+    /// The token embeddings `[B, L, D]` the first layer reads (public, with [`Self::layer`] and
+    /// [`Self::rope`], so that benchmarks can time layers one at a time).
+    pub fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.embed.forward(ids)?)
+    }
+
+    /// The (cos, sin) RoPE tables for `len` positions.
+    pub fn rope(&self, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        rope_tables(len, self.config.head_dim(), self.config.theta(), device)
+    }
+
+    /// Decoder layer `i` (of the `num_hidden_layers - 1` that are run) on `x` `[B, L, D]`.
+    pub fn layer(&self, i: usize, x: &Tensor, rope: &(Tensor, Tensor)) -> Result<Tensor> {
+        let layer = &self.layers[i];
+        let (b, len, _) = x.dims3()?;
         let cfg = &self.config;
         let (heads, kv, hd) = (cfg.num_attention_heads, cfg.kv_heads(), cfg.head_dim());
         let eps = cfg.rms_norm_eps;
-        let (cos, sin) = rope_tables(len, hd, cfg.theta(), ids.device())?;
-        let mut x = self.embed.forward(ids)?;
-        for layer in &self.layers {
-            let h = rms_norm(&x, &layer.input_norm, eps)?;
-            let split = |t: Tensor, n: usize| t.reshape((b, len, n, hd));
-            let q = rms_norm(&split(layer.q.forward(&h)?, heads)?, &layer.q_norm, eps)?.transpose(1, 2)?;
-            let k = rms_norm(&split(layer.k.forward(&h)?, kv)?, &layer.k_norm, eps)?.transpose(1, 2)?;
-            let v = split(layer.v.forward(&h)?, kv)?.transpose(1, 2)?;
-            let q = apply_rope(&q, &cos, &sin)?;
-            let k = repeat_kv(&apply_rope(&k, &cos, &sin)?, heads / kv)?;
-            let v = repeat_kv(&v, heads / kv)?;
-            let attn = kiln_kernels::attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), true)?;
-            let attn = attn.transpose(1, 2)?.reshape((b, len, heads * hd))?;
-            x = (x + layer.o.forward(&attn)?)?;
+        let (cos, sin) = rope;
+        let h = rms_norm(x, &layer.input_norm, eps)?;
+        let split = |t: Tensor, n: usize| t.reshape((b, len, n, hd));
+        let q = rms_norm(&split(layer.q.forward(&h)?, heads)?, &layer.q_norm, eps)?.transpose(1, 2)?;
+        let k = rms_norm(&split(layer.k.forward(&h)?, kv)?, &layer.k_norm, eps)?.transpose(1, 2)?;
+        let v = split(layer.v.forward(&h)?, kv)?.transpose(1, 2)?;
+        let q = apply_rope(&q, cos, sin)?;
+        let k = repeat_kv(&apply_rope(&k, cos, sin)?, heads / kv)?;
+        let v = repeat_kv(&v, heads / kv)?;
+        let attn = kiln_kernels::attention(&q, &k, &v, 1.0 / (hd as f64).sqrt(), true)?;
+        let attn = attn.transpose(1, 2)?.reshape((b, len, heads * hd))?;
+        let x = (x + layer.o.forward(&attn)?)?;
 
-            let h = rms_norm(&x, &layer.post_norm, eps)?;
-            let a = (layer.gate.forward(&h)?.silu()? * layer.up.forward(&h)?)?;
-            x = (x + layer.down.forward(&a)?)?;
-        }
-        Ok(x.to_dtype(self.dtype)?)
+        let h = rms_norm(&x, &layer.post_norm, eps)?;
+        let a = (layer.gate.forward(&h)?.silu()? * layer.up.forward(&h)?)?;
+        Ok((x + layer.down.forward(&a)?)?)
     }
 }
 

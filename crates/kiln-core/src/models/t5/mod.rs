@@ -193,43 +193,56 @@ impl T5Encoder {
 
     /// `[B, L]` u32 token ids (no attention mask, as FluxPipeline calls it) → `[B, L, d_model]`.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
-        let (b, len) = ids.dims2()?;
-        let (heads, d_kv) = (self.config.num_heads, self.config.d_kv);
-        let mut x = self.embed.forward(ids)?;
+        let (_, len) = ids.dims2()?;
+        let mut x = self.embed_tokens(ids)?;
         let bias = self.position_bias(len, ids.device())?;
-        for block in &self.blocks {
-            let h = block.attn_norm.forward(&x)?;
-            let split = |t: Tensor| -> Result<Tensor> {
-                Ok(t.reshape((b, len, heads, d_kv))?.transpose(1, 2)?.contiguous()?)
-            };
-            let q = split(block.q.forward(&h)?)?;
-            let k = split(block.k.forward(&h)?)?;
-            let v = split(block.v.forward(&h)?)?;
-            // T5 does not scale the scores; softmax runs in float32 (transformers' `.float()`).
-            let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?.broadcast_add(&bias)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-            let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, len, heads * d_kv))?;
-            x = (x + block.o.forward(&attn)?)?;
-
-            let h = block.ff_norm.forward(&x)?;
-            let a = block.wi_0.forward(&h)?;
-            let a = match self.act {
-                Act::Relu => a.relu()?,
-                Act::GeluTanh => a.gelu()?,
-                Act::GeluErf => a.gelu_erf()?,
-            };
-            let a = match &block.wi_1 {
-                Some(wi_1) => (a * wi_1.forward(&h)?)?,
-                None => a,
-            };
-            x = (x + block.wo.forward(&a)?)?;
+        for i in 0..self.blocks.len() {
+            x = self.block(i, &x, &bias)?;
         }
         let out = self.final_norm.forward(&x)?;
         Ok(out.to_dtype(self.dtype)?)
     }
 
+    /// The token embeddings `[B, L, d_model]` the first block reads (public, with [`Self::block`]
+    /// and [`Self::position_bias`], so that benchmarks can time blocks one at a time).
+    pub fn embed_tokens(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.embed.forward(ids)?)
+    }
+
+    /// Encoder block `i` (self-attention with the shared position bias, then the feed-forward).
+    pub fn block(&self, i: usize, x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+        let block = &self.blocks[i];
+        let (b, len, _) = x.dims3()?;
+        let (heads, d_kv) = (self.config.num_heads, self.config.d_kv);
+        let h = block.attn_norm.forward(x)?;
+        let split = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, len, heads, d_kv))?.transpose(1, 2)?.contiguous()?)
+        };
+        let q = split(block.q.forward(&h)?)?;
+        let k = split(block.k.forward(&h)?)?;
+        let v = split(block.v.forward(&h)?)?;
+        // T5 does not scale the scores; softmax runs in float32 (transformers' `.float()`).
+        let scores = q.matmul(&k.t()?)?.to_dtype(DType::F32)?.broadcast_add(bias)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, len, heads * d_kv))?;
+        let x = (x + block.o.forward(&attn)?)?;
+
+        let h = block.ff_norm.forward(&x)?;
+        let a = block.wi_0.forward(&h)?;
+        let a = match self.act {
+            Act::Relu => a.relu()?,
+            Act::GeluTanh => a.gelu()?,
+            Act::GeluErf => a.gelu_erf()?,
+        };
+        let a = match &block.wi_1 {
+            Some(wi_1) => (a * wi_1.forward(&h)?)?,
+            None => a,
+        };
+        Ok((x + block.wo.forward(&a)?)?)
+    }
+
     /// `[1, heads, L, L]` float32 relative position bias (bidirectional buckets).
-    fn position_bias(&self, len: usize, device: &Device) -> Result<Tensor> {
+    pub fn position_bias(&self, len: usize, device: &Device) -> Result<Tensor> {
         let buckets: Vec<u32> = (0..len)
             .flat_map(|q| (0..len).map(move |k| (q, k)))
             .map(|(q, k)| {

@@ -184,6 +184,29 @@ impl ZImageTransformer {
     pub fn forward(&self, latents: &Tensor, caption: &Tensor, t: f64) -> Result<Tensor> {
         let (b, c, h, w) = latents.dims4()?;
         let (ht, wt) = (h / 2, w / 2);
+        let inputs = self.block_inputs(latents, caption, t)?;
+        let mut x = inputs.image.clone();
+        for i in 0..self.noise_refiner.len() {
+            x = self.block(ZImageBlock::NoiseRefiner, i, &x, &inputs)?;
+        }
+        let mut cap = inputs.caption.clone();
+        for i in 0..self.context_refiner.len() {
+            cap = self.block(ZImageBlock::ContextRefiner, i, &cap, &inputs)?;
+        }
+        let mut seq = Tensor::cat(&[&x, &cap], 1)?;
+        for i in 0..self.layers.len() {
+            seq = self.block(ZImageBlock::Main, i, &seq, &inputs)?;
+        }
+        let out = self.final_layer.forward(&seq, &inputs.adaln)?.narrow(1, 0, ht * wt)?;
+        Ok(out.reshape((b, ht, wt, 2, 2, c))?.permute((0, 5, 1, 3, 2, 4))?.reshape((b, c, h, w))?)
+    }
+
+    /// The embedded, padded image and caption streams, the timestep embedding and the RoPE
+    /// tables that the blocks of one forward read (public so that benchmarks can time blocks one
+    /// at a time); arguments as [`Self::forward`].
+    pub fn block_inputs(&self, latents: &Tensor, caption: &Tensor, t: f64) -> Result<ZImageBlockInputs> {
+        let (b, c, h, w) = latents.dims4()?;
+        let (ht, wt) = (h / 2, w / 2);
         let n_img = ht * wt;
         let n_cap = caption.dim(1)?;
         let (img_len, cap_len) = (round_up(n_img), round_up(n_cap));
@@ -208,7 +231,7 @@ impl ZImageTransformer {
         // Image: patches with features ordered (row in patch, column in patch, channel).
         let x =
             latents.reshape((b, c, ht, 2, wt, 2))?.permute((0, 2, 4, 3, 5, 1))?.reshape((b, n_img, 4 * c))?;
-        let x = pad_with(&self.x_embedder.forward(&x)?, &self.x_pad_token, img_len)?;
+        let image = pad_with(&self.x_embedder.forward(&x)?, &self.x_pad_token, img_len)?;
         let mut img_ids: Vec<[f64; 3]> = Vec::with_capacity(img_len);
         for i in 0..ht {
             for j in 0..wt {
@@ -217,28 +240,53 @@ impl ZImageTransformer {
         }
         img_ids.resize(img_len, [0.0; 3]);
         let img_rope = Rope::new(&img_ids, axes, theta, AnglePrecision::F32, device)?;
-        let mut x = x;
-        for block in &self.noise_refiner {
-            x = block.forward(&x, &img_rope, Some(&adaln))?;
-        }
 
         // Caption: RMSNorm + linear, padded with its own learned token.
         let cap = rms_norm(caption, &self.cap_norm, self.config.norm_eps)?;
-        let mut cap = pad_with(&self.cap_linear.forward(&cap)?, &self.cap_pad_token, cap_len)?;
+        let caption = pad_with(&self.cap_linear.forward(&cap)?, &self.cap_pad_token, cap_len)?;
         let cap_ids: Vec<[f64; 3]> = (0..cap_len).map(|i| [(1 + i) as f64, 0.0, 0.0]).collect();
         let cap_rope = Rope::new(&cap_ids, axes, theta, AnglePrecision::F32, device)?;
-        for block in &self.context_refiner {
-            cap = block.forward(&cap, &cap_rope, None)?;
-        }
-
-        let mut seq = Tensor::cat(&[&x, &cap], 1)?;
         let rope = img_rope.cat(&cap_rope)?;
-        for block in &self.layers {
-            seq = block.forward(&seq, &rope, Some(&adaln))?;
-        }
-        let out = self.final_layer.forward(&seq, &adaln)?.narrow(1, 0, n_img)?;
-        Ok(out.reshape((b, ht, wt, 2, 2, c))?.permute((0, 5, 1, 3, 2, 4))?.reshape((b, c, h, w))?)
+        Ok(ZImageBlockInputs { image, caption, adaln, img_rope, cap_rope, rope })
     }
+
+    /// Block `i` of one kind on `x`: the padded image stream (noise refiner), the padded caption
+    /// (context refiner) or the joint `[image, caption]` sequence (main blocks).
+    pub fn block(
+        &self,
+        kind: ZImageBlock,
+        i: usize,
+        x: &Tensor,
+        inputs: &ZImageBlockInputs,
+    ) -> Result<Tensor> {
+        match kind {
+            ZImageBlock::NoiseRefiner => {
+                self.noise_refiner[i].forward(x, &inputs.img_rope, Some(&inputs.adaln))
+            }
+            ZImageBlock::ContextRefiner => self.context_refiner[i].forward(x, &inputs.cap_rope, None),
+            ZImageBlock::Main => self.layers[i].forward(x, &inputs.rope, Some(&inputs.adaln)),
+        }
+    }
+}
+
+/// The three kinds of Z-Image block, for [`ZImageTransformer::block`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ZImageBlock {
+    NoiseRefiner,
+    ContextRefiner,
+    Main,
+}
+
+/// What [`ZImageTransformer::block_inputs`] returns: the embedded image and caption streams
+/// (each padded to a multiple of 32 tokens), the timestep embedding and the RoPE tables.
+#[derive(Debug, Clone)]
+pub struct ZImageBlockInputs {
+    pub image: Tensor,
+    pub caption: Tensor,
+    pub adaln: Tensor,
+    img_rope: Rope,
+    cap_rope: Rope,
+    rope: Rope,
 }
 
 /// Multiples of [`SEQ_MULTIPLE`] tokens.
