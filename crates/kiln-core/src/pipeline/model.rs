@@ -195,8 +195,8 @@ impl LoadedModel {
         let mut patched = HashSet::new();
         let components = spec.text.iter().enumerate().map(|(i, s)| (text_component(i), s.encoder));
         for (component, folder_name) in components.chain([(Component::Denoiser, spec.denoiser)]) {
-            for name in plan.patches(component).unwrap_or_default().into_keys() {
-                patched.insert((folder_name.to_string(), name));
+            for name in plan.patched_names(component) {
+                patched.insert((folder_name.to_string(), name.clone()));
             }
         }
         let weight_cache = Arc::new(WeightCache::default());

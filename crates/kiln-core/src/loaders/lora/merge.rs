@@ -11,7 +11,7 @@ use super::LoraFile;
 use crate::error::{Error, Result};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
-use kiln_kernels::lowrank::{merge_low_rank_transposed, LowRank};
+use kiln_kernels::lowrank::{merge_low_rank_reference, merge_low_rank_transposed, LowRank};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,8 +29,9 @@ pub(crate) struct Patch {
 }
 
 impl Patch {
-    /// The delta in f32 on `device`, shaped like the base tensor.
-    fn delta(&self, shape: &Shape, device: &Device) -> candle_core::Result<Tensor> {
+    /// The update's factors as 2-D f32 matrices on `device`: up `[out, rank]` (this base
+    /// tensor's rows of it), down `[rank, in·kh·kw]`, and the scale.
+    fn factors(&self, device: &Device) -> candle_core::Result<(Tensor, Tensor, f64)> {
         let rank = self.down.dims()[0];
         let up = match self.rows {
             Some((start, len)) => self.up.narrow(0, start, len)?,
@@ -39,7 +40,7 @@ impl Patch {
         let out = up.dims()[0];
         let up = up.to_device(device)?.to_dtype(DType::F32)?.reshape((out, rank))?;
         let down = self.down.to_device(device)?.to_dtype(DType::F32)?.reshape((rank, ()))?;
-        (up.matmul(&down)? * self.scale)?.reshape(shape)
+        Ok((up, down, self.scale))
     }
 }
 
@@ -198,7 +199,7 @@ pub fn merge_without_base(lora: &LoraFile, weight: f64, device: &Device) -> Resu
         let scale = weight * m.alpha.unwrap_or(rank) / rank;
         let patch = Patch { down: m.down.clone(), up: m.up.clone(), scale, rows: None };
         let base = Tensor::zeros(&shape, DType::F32, device)?;
-        let merged = (base + patch.delta(&shape, device)?)?;
+        let merged = apply_patches(&base, &[patch], DType::F32, device)?;
         written += merged.elem_count();
     }
     Ok(written)
@@ -223,38 +224,31 @@ impl LoraPlan {
     pub(crate) fn patches(&self, component: Component) -> Option<HashMap<String, Vec<Patch>>> {
         self.patches.get(&component).filter(|p| !p.is_empty()).cloned()
     }
+
+    /// The names of `component`'s tensors a LoRA patches.
+    pub(crate) fn patched_names(&self, component: Component) -> impl Iterator<Item = &String> {
+        self.patches.get(&component).into_iter().flat_map(|p| p.keys())
+    }
 }
 
 /// `base` with `patches` merged, in `dtype`. Sums in f32 whatever the model's dtype, as
 /// diffusers' fuse_lora does on an f32 model; an f16 model rounds once, after the merge.
+/// Linear weights on the CPU in f32 are merged by one gemm per LoRA straight into the
+/// transposed layout kiln's Linear keeps (a view it takes without copying); anything else
+/// (convolutions, other devices and dtypes) by candle's ops, on the base reshaped to 2-D.
 pub(crate) fn apply_patches(
     base: &Tensor,
     patches: &[Patch],
     dtype: DType,
     dev: &Device,
 ) -> candle_core::Result<Tensor> {
+    let factors = patches.iter().map(|p| p.factors(dev)).collect::<candle_core::Result<Vec<_>>>()?;
+    let updates: Vec<LowRank> =
+        factors.iter().map(|(up, down, scale)| LowRank { up, down, scale: *scale }).collect();
+    let base32 = base.to_dtype(DType::F32)?;
     if dev.is_cpu() && dtype == DType::F32 && base.rank() == 2 {
-        // CPU f32 linear weights: merged by one gemm per LoRA straight into the transposed
-        // layout kiln's Linear keeps (a view it takes without copying).
-        let base = base.to_dtype(DType::F32)?;
-        let mut factors = Vec::with_capacity(patches.len());
-        for p in patches {
-            let rank = p.down.dims()[0];
-            let up = match p.rows {
-                Some((start, len)) => p.up.narrow(0, start, len)?,
-                None => p.up.clone(),
-            };
-            let up = up.to_dtype(DType::F32)?.reshape((up.dims()[0], rank))?;
-            let down = p.down.to_dtype(DType::F32)?.reshape((rank, ()))?;
-            factors.push((up, down, p.scale));
-        }
-        let updates: Vec<LowRank> =
-            factors.iter().map(|(up, down, scale)| LowRank { up, down, scale: *scale }).collect();
-        return merge_low_rank_transposed(&base, &updates);
+        return merge_low_rank_transposed(&base32, &updates);
     }
-    let mut merged = base.to_dtype(DType::F32)?;
-    for patch in patches {
-        merged = (merged + patch.delta(base.shape(), dev)?)?;
-    }
-    merged.to_dtype(dtype)
+    let flat = base32.reshape((base.dims()[0], ()))?;
+    merge_low_rank_reference(&flat, &updates)?.reshape(base.shape())?.to_dtype(dtype)
 }
