@@ -21,6 +21,7 @@ mod report;
 mod serve;
 mod tiers;
 mod upscale;
+mod workers_cmd;
 
 #[derive(clap::Parser)]
 #[command(name = "kiln", version, about = "Local, offline image generation on your own GPUs")]
@@ -69,6 +70,11 @@ enum Command {
     Serve(serve::ServeArgs),
     /// API keys for `kiln serve`: add, list, revoke.
     Keys(serve::KeysArgs),
+    /// A queue worker in its own process (another GPU, another box): pulls the jobs it can run
+    /// from the project's database, runs them, records the results; drains on SIGTERM.
+    Worker(workers_cmd::WorkerArgs),
+    /// The workers on the project's database: device, state, current job, jobs done, heartbeat.
+    Workers(workers_cmd::WorkersArgs),
     /// Hallucination QC of an upscale against its source: per-tile map, heatmap, worst tiles.
     Qc(qc::QcArgs),
     /// Colour-grade images with a 3D LUT (.cube), recorded in their metadata.
@@ -106,6 +112,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Loras(args) => loras_cmd::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Keys(args) => serve::run_keys(args),
+        Command::Worker(args) => workers_cmd::run_worker(args),
+        Command::Workers(args) => workers_cmd::run_workers(args),
         Command::Cutout(args) => cutout::run(args),
         Command::Qc(args) => qc::run(args),
         Command::Grade(args) => grade::run(args),

@@ -34,12 +34,19 @@ pub struct ServeArgs {
     /// Let web pages from this origin call the API (repeatable; default: no CORS headers).
     #[arg(long)]
     cors_origin: Vec<String>,
+    /// The shared database (postgres://…) that `kiln worker`s on other boxes also use;
+    /// default $KILN_DATABASE_URL, else the project's own SQLite library.
+    #[arg(long)]
+    database: Option<String>,
+    /// Run no jobs in this process: only `kiln worker` processes run them.
+    #[arg(long)]
+    no_worker: bool,
     #[command(flatten)]
     run: RunArgs,
 }
 
 /// Parses 8G, 512M, 64K or plain bytes.
-fn parse_bytes(field: &str, s: &str) -> anyhow::Result<u64> {
+pub fn parse_bytes(field: &str, s: &str) -> anyhow::Result<u64> {
     let t = s.trim();
     let (num, mult) = match t.chars().last().map(|c| c.to_ascii_uppercase()) {
         Some('G') => (&t[..t.len() - 1], 1u64 << 30),
@@ -68,9 +75,11 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         .try_init();
     let budget = args.max_memory.as_deref().map(|s| parse_bytes("--max-memory", s)).transpose()?;
     let body = parse_bytes("--max-body", &args.max_body)?;
-    let project = Project::find(args.project.as_deref())?;
+    let project = crate::workers_cmd::open_project(args.project.as_deref(), args.database)?;
+    let device = args.run.device()?;
+    let device_name = kiln_core::device::name(&device);
     let options = JobOptions {
-        device: args.run.device()?,
+        device,
         dtype: args.run.explicit_dtype()?,
         accept_drift: args.accept_drift,
         show_progress: false,
@@ -85,6 +94,19 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         limits,
         preload: args.preload,
         cors: kiln_server::state::Cors { origins: args.cors_origin },
+        worker: kiln_core::jobs::worker::WorkerOptions {
+            ad: kiln_core::jobs::workers::WorkerAd {
+                // Stable across restarts: a restarted server settles its own previous jobs at once.
+                id: format!("serve@{}:{device_name}", crate::workers_cmd::host_name()),
+                host: crate::workers_cmd::host_name(),
+                device: device_name,
+                // A server that runs no jobs claims none (`tier:` matches no tier).
+                tiers: if args.no_worker { vec![String::new()] } else { Vec::new() },
+                max_memory: budget,
+                ..Default::default()
+            },
+            ..Default::default()
+        },
     };
     kiln_server::serve(engine, config)?;
     Ok(())

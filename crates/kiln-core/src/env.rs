@@ -16,6 +16,15 @@ pub const XDG_DATA_HOME: &str = "XDG_DATA_HOME";
 pub const XDG_CONFIG_HOME: &str = "XDG_CONFIG_HOME";
 /// The project folder (kiln.toml, asset library) when `--project` is not given; default: cwd.
 pub const KILN_PROJECT: &str = "KILN_PROJECT";
+/// A PostgreSQL URL holding the project's library, queue and ledger, shared by servers and
+/// workers on several boxes (`--database`); unset = the embedded SQLite library.
+pub const KILN_DATABASE_URL: &str = "KILN_DATABASE_URL";
+/// Tests only: a PostgreSQL server URL (`postgres://user@host:port/db`) the database suites
+/// create their scratch databases on; CI sets it after starting PostgreSQL.
+pub const KILN_TEST_POSTGRES: &str = "KILN_TEST_POSTGRES";
+/// Tests only: when truthy, a missing KILN_TEST_POSTGRES fails the PostgreSQL suites instead
+/// of skipping them (CI sets it, so they cannot pass unrun).
+pub const KILN_REQUIRE_POSTGRES: &str = "KILN_REQUIRE_POSTGRES";
 /// Tests only: the device the parity suites run on (`cpu`, `cuda`, `cuda:N`, `metal`).
 pub const KILN_TEST_DEVICE: &str = "KILN_TEST_DEVICE";
 /// Tests only: the dtype the parity suites run in (`f32`, `f16`, `bf16`).

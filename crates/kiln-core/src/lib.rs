@@ -11,6 +11,8 @@
 //!   durable queue and API keys;
 //! - [`workflow`]: the tiered draft → promote → upscale steps and replay the engine runs;
 //! - [`library`]: the project, its asset library, ledger and budget;
+//! - [`store`]: the database under library and queue: embedded SQLite or shared PostgreSQL,
+//!   versioned migrations;
 //! - [`tiers`]: the tier registry and drift guard;
 //! - [`bounds`]: the range of every user-settable size, count and repeat;
 //! - [`image`], [`tiling`], [`rng`], [`device`], [`host_memory`], [`bench`], [`env`], [`files`],
@@ -31,6 +33,7 @@ pub mod models;
 pub mod pipeline;
 pub mod rng;
 pub mod schedule;
+pub mod store;
 pub mod tiers;
 pub mod tiling;
 pub mod workflow;

@@ -56,6 +56,11 @@ pub fn store_upload(state: &AppState, rgb: &image::RgbImage) -> ApiResult<String
     if !path.is_file() {
         kiln_core::image::png_meta::write_png_atomic(&path, rgb, &[])?;
     }
+    // Workers on other boxes read it from a shared library (under its id: these bytes' sha256).
+    let library = state.engine.project.library()?;
+    if library.shares_files() {
+        library.put_blob(&sha, &png)?;
+    }
     Ok(sha)
 }
 
@@ -125,8 +130,13 @@ pub fn result_images(state: &AppState, result: &serde_json::Value) -> ApiResult<
             continue;
         }
         let rel = img["path"].as_str().unwrap_or_default();
-        let png =
-            fs_err::read(root.join(rel)).map_err(|e| ApiError::Internal(format!("reading {rel}: {e}")))?;
+        let mut path = root.join(rel);
+        if let Some(id) = img["asset_id"].as_i64().filter(|_| !path.is_file()) {
+            // Made on another box: fetched from a shared library.
+            let library = state.engine.project.library()?;
+            path = library.local_file(&library.asset(id)?)?;
+        }
+        let png = fs_err::read(&path).map_err(|e| ApiError::Internal(format!("reading {rel}: {e}")))?;
         let (width, height) = image::ImageReader::new(Cursor::new(&png))
             .with_guessed_format()
             .ok()

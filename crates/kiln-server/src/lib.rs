@@ -1,9 +1,10 @@
 //! kiln-server: kiln over HTTP (axum). It translates requests into job specs, queues them in
 //! the project library and serialises results; every job runs through kiln-core's engine, on
-//! one worker thread that shares the warm model pool. No model logic lives here.
+//! kiln-core's queue worker in a thread that shares the warm model pool, beside any `kiln worker`
+//! processes on the same database. No model logic lives here.
 //!
 //! - [`native`]: `/v1/jobs` (+ SSE events), `/v1/assets`, `/v1/uploads`, `/v1/me`, `/v1/report`,
-//!   `/v1/tiers`, `/v1/presets`, `/v1/loras`;
+//!   `/v1/tiers`, `/v1/presets`, `/v1/loras`, `/v1/workers`;
 //! - [`web`]: the studio page at `/` and its files under `/ui/`, embedded in the binary;
 //! - [`openai`]: OpenAI Images (`/v1/images/generations|edits`, `/v1/models`);
 //! - [`openapi`]: the OpenAPI document, generated from the request and response types;
@@ -11,7 +12,8 @@
 //! - [`auth`]: API keys (Bearer or Basic) once the project has any;
 //! - [`common`]: uploads, waiting for jobs, encoding results;
 //! - [`hub`]: live per-job event channels;
-//! - [`worker`]: the queue worker (with draft preemption at step boundaries);
+//! - [`relay`]: the in-process worker's events into the hub, other processes' events relayed
+//!   from the database, expired leases returned to the queue;
 //! - [`state`], [`error`]: shared state and typed API errors.
 
 pub mod a1111;
@@ -22,9 +24,9 @@ pub mod hub;
 pub mod native;
 pub mod openai;
 pub mod openapi;
+pub mod relay;
 pub mod state;
 pub mod web;
-pub mod worker;
 
 use axum::extract::DefaultBodyLimit;
 use axum::routing::{get, post};
@@ -45,6 +47,8 @@ pub struct ServerConfig {
     pub preload: Vec<String>,
     /// Browser origins allowed to call the API (CORS); empty = no CORS headers at all.
     pub cors: state::Cors,
+    /// The server's own queue worker (its id, tiers, leases).
+    pub worker: kiln_core::jobs::worker::WorkerOptions,
 }
 
 /// Errors that stop the server from starting.
@@ -93,6 +97,7 @@ fn routes(state: Arc<AppState>, limits: Limits) -> Router {
         .route("/v1/uploads", post(native::create_upload))
         .route("/v1/me", get(native::me))
         .route("/v1/report", get(native::report))
+        .route("/v1/workers", get(native::workers))
         .route("/v1/tiers", get(native::tiers))
         .route("/v1/presets", get(native::presets))
         .route("/v1/loras", get(native::loras))
@@ -135,7 +140,7 @@ pub fn serve(engine: Engine, config: ServerConfig) -> Result<(), ServeError> {
         return Err(ServeError::ExposedWithoutKeys(config.listen));
     }
     let mut queue = Queue::open(&engine.project)?;
-    let recovery = queue.recover()?;
+    let recovery = queue.recover(Some(&config.worker.ad.id))?;
     drop(queue);
     let engine = Arc::new(engine);
     for tier in &config.preload {
@@ -143,7 +148,7 @@ pub fn serve(engine: Engine, config: ServerConfig) -> Result<(), ServeError> {
         ws.load_tier(tier)?;
         tracing::info!(tier = %tier, "preloaded");
     }
-    let state = Arc::new(AppState::new(engine, config.limits));
+    let state = Arc::new(AppState::new(engine, config.limits, config.worker.clone()));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -154,8 +159,14 @@ pub fn serve(engine: Engine, config: ServerConfig) -> Result<(), ServeError> {
             tracing::warn!(requeued = ?recovery.requeued, completed = ?recovery.completed,
                 removed_files = recovery.removed_files, "recovered jobs left running by a previous process");
         }
-        let worker_state = state.clone();
-        let worker = std::thread::spawn(move || worker::run(worker_state));
+        let worker = state.worker.clone();
+        let worker = std::thread::spawn(move || {
+            if let Err(e) = worker.run() {
+                tracing::error!("the queue worker stopped: {e}");
+            }
+        });
+        let relay_state = state.clone();
+        let relay = std::thread::spawn(move || relay::run(relay_state));
         // A line tools can wait for (the port, when 0 was asked for).
         tracing::info!("listening on http://{addr}");
         eprintln!("kiln serve: listening on http://{addr}");
@@ -165,13 +176,24 @@ pub fn serve(engine: Engine, config: ServerConfig) -> Result<(), ServeError> {
                 shutdown_signal().await;
                 tracing::info!("shutting down: finishing the running job");
                 shutdown_state.shutting_down.store(true, Ordering::SeqCst);
-                shutdown_state.notify_worker();
+                shutdown_state.worker.drain();
             })
             .await?;
-        let _ = tokio::task::spawn_blocking(move || worker.join()).await;
+        let _ = tokio::task::spawn_blocking(move || (worker.join(), relay.join())).await;
         tracing::info!("stopped");
         Ok(())
     })
+}
+
+/// Calls `then` (on its own thread) when SIGTERM or Ctrl-C arrives: how a process without a
+/// server (`kiln worker`) drains.
+pub fn on_shutdown_signal(then: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    std::thread::spawn(move || {
+        runtime.block_on(shutdown_signal());
+        then();
+    });
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -56,6 +56,13 @@ pub async fn list_jobs(
     Ok(Json(serde_json::json!({ "jobs": state.queue()?.list(limit)? })).into_response())
 }
 
+/// The queue workers on this database (this server's own and every `kiln worker`): device,
+/// state (`down` when silent for three heartbeats), current job, jobs done, warm models.
+pub async fn workers(State(state): State<Arc<AppState>>) -> ApiResult<Response> {
+    let heartbeat = state.worker.options.heartbeat_seconds;
+    Ok(Json(serde_json::json!({ "workers": state.queue()?.workers(heartbeat)? })).into_response())
+}
+
 pub async fn get_job(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<Response> {
     let id = parse_id("job", &id)?;
     Ok(Json(state.queue()?.get(id)?).into_response())
@@ -193,7 +200,8 @@ pub async fn asset_image(State(state): State<Arc<AppState>>, Path(id): Path<Stri
     let row = asset_row(&state, &id)?;
     let root = &state.engine.project.root;
     // The library stores paths relative to the project; anything resolving outside it is refused.
-    let path = root.join(&row.path);
+    // A file another box made is fetched from a shared library first.
+    let path = state.engine.project.library()?.local_file(&row)?;
     let canonical = std::fs::canonicalize(&path)
         .map_err(|_| ApiError::NotFound(format!("asset {} has no file (run `kiln assets check`)", row.id)))?;
     let root_canonical = std::fs::canonicalize(root).map_err(|e| ApiError::Internal(e.to_string()))?;

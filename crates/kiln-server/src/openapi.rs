@@ -58,6 +58,7 @@ pub fn document() -> Value {
         ("/v1/assets/{id}/lineage", "parents and children"),
         ("/v1/me", "the key's owner name and daily quota"),
         ("/v1/report", "costs and loaded models"),
+        ("/v1/workers", "the queue workers: device, state, current job, jobs done, last heartbeat"),
         ("/v1/tiers", "the tiers"),
         ("/v1/presets", "the presets (brand kits) with their hashes"),
         ("/v1/loras", "the LoRA library: names, hashes and what each file says about itself"),

@@ -1,13 +1,13 @@
-//! The server's shared state (one `Arc`): the engine, the live event hub, the worker's wake-up
-//! signal and the limits every request is checked against.
+//! The server's shared state (one `Arc`): the engine, the live event hub, its queue worker and the limits every request is checked against.
 
 use crate::error::{ApiError, ApiResult};
 use crate::hub::EventHub;
 use kiln_core::jobs::queue::Queue;
 use kiln_core::jobs::spec::{JobSpec, Lane};
+use kiln_core::jobs::worker::{Worker, WorkerOptions};
 use kiln_core::jobs::Engine;
 use std::sync::atomic::AtomicBool;
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Mutex};
 
 /// Request limits, checked before anything is decoded.
 #[derive(Debug, Clone, Copy)]
@@ -76,9 +76,9 @@ impl Default for Limits {
 /// Shared by every handler and the worker.
 pub struct AppState {
     pub engine: Arc<Engine>,
-    pub hub: EventHub,
-    /// Set when there is new work; the worker waits on it.
-    pub wake: (Mutex<bool>, Condvar),
+    pub hub: Arc<EventHub>,
+    /// The server's own queue worker (publishing into `hub`).
+    pub worker: Arc<Worker>,
     pub shutting_down: AtomicBool,
     /// A1111's `sd_model_checkpoint`: the tier its txt2img/img2img use.
     pub a1111_tier: Mutex<String>,
@@ -90,11 +90,13 @@ pub struct AppState {
 pub struct Owner(pub String);
 
 impl AppState {
-    pub fn new(engine: Arc<Engine>, limits: Limits) -> Self {
+    pub fn new(engine: Arc<Engine>, limits: Limits, worker: WorkerOptions) -> Self {
+        let hub = Arc::new(EventHub::default());
+        let worker = Worker::new(engine.clone(), hub.clone(), worker);
         Self {
             engine,
-            hub: EventHub::default(),
-            wake: (Mutex::new(false), Condvar::new()),
+            hub,
+            worker,
             shutting_down: AtomicBool::new(false),
             a1111_tier: Mutex::new("draft".into()),
             limits,
@@ -106,9 +108,7 @@ impl AppState {
     }
 
     pub fn notify_worker(&self) {
-        let (lock, cv) = &self.wake;
-        *lock.lock().unwrap_or_else(|p| p.into_inner()) = true;
-        cv.notify_all();
+        self.worker.notify();
     }
 
     /// The lane a spec waits in: drafts (the draft job, and generations on a draft-lane tier)

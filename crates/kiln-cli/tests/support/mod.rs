@@ -76,7 +76,12 @@ pub struct Server {
 
 impl Server {
     pub fn start(project: &Path, extra: &[&str]) -> Server {
-        let mut child = kiln(project)
+        Self::start_with(kiln(project), extra)
+    }
+
+    /// [`Server::start`] from a prepared `kiln` command (extra environment).
+    pub fn start_with(mut command: Command, extra: &[&str]) -> Server {
+        let mut child = command
             .args(["serve", "--listen", "127.0.0.1:0", "--device", "cpu"])
             .args(extra)
             .stdout(Stdio::null())
@@ -242,6 +247,12 @@ impl Server {
         unsafe_kill(self.child.id() as i32, 15);
         self.child.wait().unwrap()
     }
+}
+
+/// SIGTERM to a child process, then its exit status.
+pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    unsafe_kill(child.id() as i32, 15);
+    child.wait().unwrap()
 }
 
 #[allow(unsafe_code)]

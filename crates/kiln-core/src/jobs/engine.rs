@@ -115,7 +115,7 @@ impl Engine {
         };
         let mut ws = self.workspace_for(!untiered)?;
         if let Some((id, attempt)) = ctx.queue_claim {
-            ws.file_tag = Some(format!("q{id}"));
+            ws.file_tag = Some(format!("q{id}a{attempt}"));
             ws.library.claim_for_queue(id, attempt);
         }
         let (spec, preset, preset_warnings) = super::preset::apply(&ws, spec)?;
@@ -144,13 +144,17 @@ pub fn image_path(ws: &Workspace, r: &ImageRef, field: &str) -> Result<PathBuf> 
                 .library
                 .asset(*id)
                 .map_err(|_| Error::UnknownId { what: "asset".into(), id: id.to_string() })?;
-            Ok(ws.project.root.join(asset.path))
+            ws.library.local_file(&asset)
         }
         ImageRef::Upload(sha) => {
             if sha.len() != 64 || !sha.bytes().all(|b| b.is_ascii_hexdigit()) {
                 return Err(Error::arg(field, "an upload id is the 64-hex-digit sha256 the upload returned"));
             }
-            let path = upload_path(&ws.project, sha);
+            // An upload another box's server took is fetched from a shared library.
+            let path = ws
+                .library
+                .fetch_into(&upload_path(&ws.project, sha), &sha.to_ascii_lowercase(), "upload")
+                .map_err(|_| Error::UnknownId { what: "upload".into(), id: sha.clone() })?;
             if !path.is_file() {
                 return Err(Error::UnknownId { what: "upload".into(), id: sha.clone() });
             }

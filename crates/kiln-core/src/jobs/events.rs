@@ -11,7 +11,7 @@ use candle_core::{DType, Tensor};
 use serde::Serialize;
 
 /// Something that happened to a job.
-#[derive(Debug, Clone, Serialize, PartialEq, schemars::JsonSchema)]
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, schemars::JsonSchema)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum JobEvent {
     /// Waiting; `position` jobs run before it (0 = next).

@@ -4,21 +4,9 @@
 
 use crate::error::{Error, Result};
 use crate::library::{now_unix, Library, Project};
-use rusqlite::{params, OptionalExtension};
+use crate::vals;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-
-/// The keys' table, created with the library's schema.
-pub(crate) const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS api_keys (
-    id INTEGER PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE,
-    hash TEXT NOT NULL,
-    quota REAL,
-    created_at INTEGER NOT NULL,
-    revoked_at INTEGER
-);
-";
 
 /// Prefix of every key kiln makes (so a leaked one is recognisable).
 pub const KEY_PREFIX: &str = "kiln_";
@@ -74,9 +62,8 @@ impl Keys {
         }
         let exists: Option<i64> = self
             .lib
-            .conn
-            .query_row("SELECT id FROM api_keys WHERE name = ?1", [name], |r| r.get(0))
-            .optional()
+            .db
+            .query_opt("SELECT id FROM api_keys WHERE name = ?1", vals![name], |r| r.get(0))
             .map_err(|e| self.lib.err(e))?;
         if exists.is_some() {
             return Err(Error::arg(
@@ -86,44 +73,37 @@ impl Keys {
         }
         let key = format!("{KEY_PREFIX}{}", random_hex(24)?);
         self.lib
-            .conn
+            .db
             .execute(
                 "INSERT INTO api_keys (name, hash, quota, created_at) VALUES (?1, ?2, ?3, ?4)",
-                params![name, hex::encode(hash(&key)), quota, now_unix()],
+                vals![name, hex::encode(hash(&key)), quota, now_unix()],
             )
             .map_err(|e| self.lib.err(e))?;
         Ok(key)
     }
 
     pub fn list(&self) -> Result<Vec<KeyInfo>> {
-        let mut stmt = self
-            .lib
-            .conn
-            .prepare("SELECT name, quota, created_at, revoked_at FROM api_keys ORDER BY id")
-            .map_err(|e| self.lib.err(e))?;
-        let rows = stmt
-            .query_map([], |r| {
+        self.lib
+            .db
+            .query_map("SELECT name, quota, created_at, revoked_at FROM api_keys ORDER BY id", vals![], |r| {
                 Ok(KeyInfo {
                     name: r.get(0)?,
                     quota: r.get(1)?,
                     created_at: r.get(2)?,
-                    revoked: r.get::<_, Option<i64>>(3)?.is_some(),
+                    revoked: r.get::<Option<i64>>(3)?.is_some(),
                 })
             })
-            .map_err(|e| self.lib.err(e))?
-            .collect::<rusqlite::Result<Vec<_>>>()
-            .map_err(|e| self.lib.err(e))?;
-        Ok(rows)
+            .map_err(|e| self.lib.err(e))
     }
 
     /// Revokes the key named `name`.
     pub fn revoke(&mut self, name: &str) -> Result<()> {
         let n = self
             .lib
-            .conn
+            .db
             .execute(
                 "UPDATE api_keys SET revoked_at = ?1 WHERE name = ?2 AND revoked_at IS NULL",
-                params![now_unix(), name],
+                vals![now_unix(), name],
             )
             .map_err(|e| self.lib.err(e))?;
         if n == 0 {
@@ -135,30 +115,26 @@ impl Keys {
     /// Whether any key is active (the server then requires one).
     pub fn any_active(&self) -> Result<bool> {
         self.lib
-            .conn
-            .query_row("SELECT EXISTS(SELECT 1 FROM api_keys WHERE revoked_at IS NULL)", [], |r| r.get(0))
+            .db
+            .query_row("SELECT EXISTS(SELECT 1 FROM api_keys WHERE revoked_at IS NULL)", vals![], |r| {
+                r.get(0)
+            })
             .map_err(|e| self.lib.err(e))
     }
 
     /// The active key `key` is, if any.
     pub fn verify(&self, key: &str) -> Result<Option<KeyInfo>> {
         let presented = hash(key);
-        let mut stmt = self
+        let rows = self
             .lib
-            .conn
-            .prepare("SELECT name, quota, created_at, hash FROM api_keys WHERE revoked_at IS NULL")
-            .map_err(|e| self.lib.err(e))?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, Option<f64>>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, String>(3)?,
-                ))
-            })
-            .map_err(|e| self.lib.err(e))?
-            .collect::<rusqlite::Result<Vec<_>>>()
+            .db
+            .query_map(
+                "SELECT name, quota, created_at, hash FROM api_keys WHERE revoked_at IS NULL",
+                vals![],
+                |r| {
+                    Ok((r.get::<String>(0)?, r.get::<Option<f64>>(1)?, r.get::<i64>(2)?, r.get::<String>(3)?))
+                },
+            )
             .map_err(|e| self.lib.err(e))?;
         // Every stored hash is compared, so the time taken does not tell which key matched.
         let mut found = None;

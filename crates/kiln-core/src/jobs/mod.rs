@@ -13,6 +13,9 @@
 //! - [`pool`]: loaded models shared by jobs, LRU within a memory budget;
 //! - [`queue`]: the durable queue in the project library (lanes, round-robin, leases, budget
 //!   reservations, crash recovery);
+//! - [`worker`]: the queue worker (leases and heartbeats, draft preemption, draining) that
+//!   `kiln serve` runs in-process and `kiln worker` runs anywhere;
+//! - [`workers`]: worker advertisements, events relayed between processes, shared image bytes;
 //! - [`keys`]: API keys (hashed) and their quotas.
 
 pub mod edit;
@@ -25,6 +28,8 @@ pub mod preset;
 pub mod queue;
 pub mod spec;
 pub mod spec_checks;
+pub mod worker;
+pub mod workers;
 
 pub use engine::{Engine, JobOutput, OutputImage, RunContext};
 pub use events::{EventSink, JobEvent, NullSink};

@@ -5,7 +5,8 @@ use crate::error::{Error, Result};
 use crate::pipeline::generate::StageTimings;
 use crate::pipeline::metadata::ImageRecord;
 use crate::pipeline::model::WeightRecord;
-use rusqlite::{params, OptionalExtension, Row};
+use crate::store::{DbResult, Row};
+use crate::vals;
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 
@@ -253,7 +254,7 @@ const ASSET_COLUMNS: &str = "id, job_id, parent_id, kind, tier, path, sha256, wi
                              (SELECT json FROM asset_params WHERE asset_params.asset_id = assets.id), \
                              (SELECT json FROM asset_qc WHERE asset_qc.asset_id = assets.id)";
 
-fn asset_from_row(row: &Row) -> rusqlite::Result<AssetRow> {
+fn asset_from_row(row: &Row) -> DbResult<AssetRow> {
     let record: Option<String> = row.get(11)?;
     let hashes: String = row.get(12)?;
     let seed: Option<i64> = row.get(9)?;
@@ -273,8 +274,8 @@ fn asset_from_row(row: &Row) -> rusqlite::Result<AssetRow> {
         model_hashes: serde_json::from_str(&hashes).unwrap_or_default(),
         credits: row.get(13)?,
         created_at: row.get(14)?,
-        params: row.get::<_, Option<String>>(15)?.and_then(|p| serde_json::from_str(&p).ok()),
-        qc: row.get::<_, Option<String>>(16)?.and_then(|p| serde_json::from_str(&p).ok()),
+        params: row.get::<Option<String>>(15)?.and_then(|p| serde_json::from_str(&p).ok()),
+        qc: row.get::<Option<String>>(16)?.and_then(|p| serde_json::from_str(&p).ok()),
     })
 }
 
@@ -310,14 +311,14 @@ impl Library {
         let timings_json = serde_json::to_string(t).unwrap_or_default();
         let root = self.root.clone();
         let path = self.path.clone();
-        let err = |e: rusqlite::Error| Error::Library { path: path.clone(), msg: e.to_string() };
-        let tx = self.conn.transaction().map_err(err)?;
-        tx.execute(
+        let err = |e| super::library_error(&path, e);
+        let tx = self.db.begin().map_err(err)?;
+        let job_id = tx.insert_id(
             "INSERT INTO jobs (kind, tier, created_at, device, dtype, model_id, images, load_seconds, \
              text_encode_seconds, vae_encode_seconds, steps_seconds, vae_decode_seconds, device_seconds, \
              cpu_seconds, peak_memory_bytes, credits, timings_json) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
-            params![
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17) RETURNING id",
+            vals![
                 job.kind.as_str(),
                 job.tier,
                 now,
@@ -338,13 +339,12 @@ impl Library {
             ],
         )
         .map_err(err)?;
-        let job_id = tx.last_insert_rowid();
         if let Some((queue_id, attempt)) = self.queue_claim {
             let n = tx
                 .execute(
                     "UPDATE queue SET library_job_id = COALESCE(library_job_id, ?1) \
                      WHERE id = ?2 AND attempts = ?3 AND state = 'running'",
-                    params![job_id, queue_id, attempt],
+                    vals![job_id, queue_id, attempt],
                 )
                 .map_err(err)?;
             if n != 1 {
@@ -359,11 +359,11 @@ impl Library {
         let mut ids = Vec::with_capacity(assets.len());
         for (i, (a, sha)) in assets.iter().zip(&hashes).enumerate() {
             let rel = a.path.strip_prefix(&root).unwrap_or(&a.path).to_string_lossy().into_owned();
-            tx.execute(
+            let id = tx.insert_id(
                 "INSERT INTO assets (job_id, parent_id, kind, tier, path, sha256, width, height, seed, prompt, \
                  record_json, model_hashes, credits, created_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
-                params![
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14) RETURNING id",
+                vals![
                     job_id,
                     a.parent_id,
                     a.kind.as_str(),
@@ -381,11 +381,10 @@ impl Library {
                 ],
             )
             .map_err(err)?;
-            let id = tx.last_insert_rowid();
             if let Some(p) = params.get(i).and_then(Option::as_ref) {
                 tx.execute(
                     "INSERT INTO asset_params (asset_id, json) VALUES (?1, ?2)",
-                    params![id, p.to_string()],
+                    vals![id, p.to_string()],
                 )
                 .map_err(err)?;
             }
@@ -402,25 +401,21 @@ impl Library {
         }
         let order = if filter.limit.is_some() { "DESC" } else { "ASC" };
         let sql = format!(
-            "SELECT {ASSET_COLUMNS} FROM assets WHERE (?1 IS NULL OR kind = ?1) AND (?2 IS NULL OR tier = ?2) \
+            "SELECT {ASSET_COLUMNS} FROM assets WHERE (CAST(?1 AS TEXT) IS NULL OR kind = ?1) \
+             AND (CAST(?2 AS TEXT) IS NULL OR tier = ?2) \
              ORDER BY id {order} LIMIT ?3"
         );
-        let limit = filter.limit.map(|l| l as i64).unwrap_or(-1);
-        let mut stmt = self.conn.prepare(&sql).map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(params![filter.kind, filter.tier, limit], asset_from_row)
-            .map_err(|e| self.err(e))?
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| self.err(e))?;
-        Ok(rows)
+        let limit = filter.limit.map(|l| l as i64).unwrap_or(i64::MAX);
+        self.db
+            .query_map(&sql, vals![&filter.kind, &filter.tier, limit], asset_from_row)
+            .map_err(|e| self.err(e))
     }
 
     /// The asset with `id`; an unknown id is an error naming it.
     pub fn asset(&self, id: i64) -> Result<AssetRow> {
         let sql = format!("SELECT {ASSET_COLUMNS} FROM assets WHERE id = ?1");
-        self.conn
-            .query_row(&sql, [id], asset_from_row)
-            .optional()
+        self.db
+            .query_opt(&sql, vals![id], asset_from_row)
             .map_err(|e| self.err(e))?
             .ok_or_else(|| Error::arg("asset", format!("no asset with id {id} in {}", self.path.display())))
     }
@@ -428,19 +423,20 @@ impl Library {
     /// The most recent asset whose file has this sha256.
     pub fn asset_by_sha256(&self, sha256: &str) -> Result<Option<AssetRow>> {
         let sql = format!("SELECT {ASSET_COLUMNS} FROM assets WHERE sha256 = ?1 ORDER BY id DESC LIMIT 1");
-        self.conn.query_row(&sql, [sha256], asset_from_row).optional().map_err(|e| self.err(e))
+        self.db.query_opt(&sql, vals![sha256], asset_from_row).map_err(|e| self.err(e))
     }
 
     /// The latest asset made with preset `name`, with the preset hash it recorded.
     pub fn last_preset_use(&self, name: &str) -> Result<Option<(i64, String)>> {
-        self.conn
-            .query_row(
-                "SELECT id, json_extract(record_json, '$.preset.sha256') FROM assets \
-                 WHERE json_extract(record_json, '$.preset.name') = ?1 ORDER BY id DESC LIMIT 1",
-                [name],
-                |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Option<String>>(1)?.unwrap_or_default())),
-            )
-            .optional()
+        let sql = format!(
+            "SELECT id, {} FROM assets WHERE {} = ?1 ORDER BY id DESC LIMIT 1",
+            self.db.json_text("record_json", &["preset", "sha256"]),
+            self.db.json_text("record_json", &["preset", "name"]),
+        );
+        self.db
+            .query_opt(&sql, vals![name], |r| {
+                Ok((r.get::<i64>(0)?, r.get::<Option<String>>(1)?.unwrap_or_default()))
+            })
             .map_err(|e| self.err(e))
     }
 
@@ -465,35 +461,26 @@ impl Library {
     /// Assets made from `id` (promotions, replays).
     pub fn children(&self, id: i64) -> Result<Vec<AssetRow>> {
         let sql = format!("SELECT {ASSET_COLUMNS} FROM assets WHERE parent_id = ?1 ORDER BY id");
-        let mut stmt = self.conn.prepare(&sql).map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map([id], asset_from_row)
-            .map_err(|e| self.err(e))?
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| self.err(e))?;
-        Ok(rows)
+        self.db.query_map(&sql, vals![id], asset_from_row).map_err(|e| self.err(e))
     }
 
     /// Every job, oldest first.
     pub fn jobs(&self) -> Result<Vec<JobRow>> {
-        self.query_jobs("", [])
+        self.query_jobs("", vals![])
     }
 
     /// One job (None when no job has this id).
     pub fn job(&self, id: i64) -> Result<Option<JobRow>> {
-        Ok(self.query_jobs("WHERE id = ?1", [id])?.pop())
+        Ok(self.query_jobs("WHERE id = ?1", vals![id])?.pop())
     }
 
-    fn query_jobs<P: rusqlite::Params>(&self, filter: &str, params: P) -> Result<Vec<JobRow>> {
-        let mut stmt = self
-            .conn
-            .prepare(&format!(
-                "SELECT id, kind, tier, created_at, device, dtype, model_id, images, device_seconds, credits, \
-                 timings_json FROM jobs {filter} ORDER BY id"
-            ))
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(params, |r| {
+    fn query_jobs(&self, filter: &str, params: &[crate::store::Value]) -> Result<Vec<JobRow>> {
+        let sql = format!(
+            "SELECT id, kind, tier, created_at, device, dtype, model_id, images, device_seconds, credits, \
+             timings_json FROM jobs {filter} ORDER BY id"
+        );
+        self.db
+            .query_map(&sql, params, |r| {
                 let timings: String = r.get(10)?;
                 Ok(JobRow {
                     id: r.get(0)?,
@@ -503,32 +490,30 @@ impl Library {
                     device: r.get(4)?,
                     dtype: r.get(5)?,
                     model_id: r.get(6)?,
-                    images: r.get::<_, i64>(7)? as usize,
+                    images: r.get::<i64>(7)? as usize,
                     device_seconds: r.get(8)?,
                     credits: r.get(9)?,
                     timings: serde_json::from_str(&timings).unwrap_or_default(),
                 })
             })
-            .map_err(|e| self.err(e))?
-            .collect::<std::result::Result<Vec<_>, _>>()
-            .map_err(|e| self.err(e))?;
-        Ok(rows)
+            .map_err(|e| self.err(e))
     }
 
     /// Credits spent so far.
     pub fn spent(&self) -> Result<f64> {
-        self.conn
-            .query_row("SELECT COALESCE(SUM(credits), 0) FROM jobs", [], |r| r.get(0))
+        self.db
+            .query_row("SELECT COALESCE(SUM(credits), 0) FROM jobs", vals![], |r| r.get(0))
             .map_err(|e| self.err(e))
     }
 
     /// Average billed device seconds per image of a tier's past jobs (for cost estimates).
     pub fn seconds_per_image(&self, tier: &str) -> Result<Option<f64>> {
-        self.conn
+        self.db
             .query_row(
-                "SELECT SUM(device_seconds) / SUM(images) FROM jobs WHERE tier = ?1 AND images > 0",
-                [tier],
-                |r| r.get::<_, Option<f64>>(0),
+                "SELECT SUM(device_seconds) / CAST(SUM(images) AS DOUBLE PRECISION) FROM jobs \
+                 WHERE tier = ?1 AND images > 0",
+                vals![tier],
+                |r| r.get::<Option<f64>>(0),
             )
             .map_err(|e| self.err(e))
     }

@@ -27,16 +27,22 @@ impl Library {
 
     fn sqlite_problems(&self) -> Result<Vec<String>> {
         let mut problems = Vec::new();
-        let integrity: String =
-            self.conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).map_err(|e| self.err(e))?;
+        // PostgreSQL keeps its own integrity and enforces the references on every write.
+        if self.engine() != crate::store::Engine::Sqlite {
+            return Ok(problems);
+        }
+        let integrity: String = self
+            .db
+            .query_row("PRAGMA integrity_check", crate::vals![], |r| r.get(0))
+            .map_err(|e| self.err(e))?;
         if integrity != "ok" {
             problems.push(format!("integrity_check: {integrity}"));
         }
-        let mut stmt = self.conn.prepare("PRAGMA foreign_key_check").map_err(|e| self.err(e))?;
-        let fk: Vec<String> = stmt
-            .query_map([], |r| Ok(format!("{}:{}", r.get::<_, String>(0)?, r.get::<_, i64>(1)?)))
-            .map_err(|e| self.err(e))?
-            .collect::<std::result::Result<_, _>>()
+        let fk: Vec<String> = self
+            .db
+            .query_map("PRAGMA foreign_key_check", crate::vals![], |r| {
+                Ok(format!("{}:{}", r.get::<String>(0)?, r.get::<i64>(1)?))
+            })
             .map_err(|e| self.err(e))?;
         problems.extend(fk.into_iter().map(|row| format!("dangling reference in {row}")));
         Ok(problems)

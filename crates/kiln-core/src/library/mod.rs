@@ -9,14 +9,17 @@
 //! - [`assets`]: recording jobs and assets, queries, lineage;
 //! - [`ledger`]: costs, budget, reports;
 //! - `check`: `kiln assets check` (files, hashes, decoding, lineage cycles, ledger sums);
-//! - [`qc`]: hallucination-QC reports stored on assets (`kiln qc`).
+//! - [`qc`]: hallucination-QC reports stored on assets (`kiln qc`);
+//! - [`shared`]: image bytes in a shared database, for servers and workers on other boxes.
 
 pub mod assets;
 mod check;
 pub mod ledger;
 pub mod qc;
+pub mod shared;
 
 use crate::error::{Error, Result};
+use crate::store::{Db, DbError};
 use crate::tiers::drift::LOCK_FILE;
 use crate::tiers::TierRegistry;
 use rusqlite::Connection;
@@ -30,7 +33,7 @@ pub const LIBRARY_DB: &str = ".kiln/library.db";
 /// Where outputs go, relative to the project root.
 pub const ASSETS_DIR: &str = "assets";
 /// The schema version this kiln writes.
-pub const SCHEMA_VERSION: i64 = 1;
+pub use crate::store::migrate::SCHEMA_VERSION;
 
 /// `[budget]` in kiln.toml, in credits over the project's life.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -90,6 +93,9 @@ pub struct ProjectConfig {
 pub struct Project {
     pub root: PathBuf,
     pub config: ProjectConfig,
+    /// A PostgreSQL URL holding the library, queue and ledger shared by several processes
+    /// and boxes (`--database`, `KILN_DATABASE_URL`); None = the embedded SQLite file.
+    pub database: Option<String>,
 }
 
 impl Project {
@@ -138,7 +144,29 @@ impl Project {
         if !(config.policy.drafts_per_final.is_finite() && config.policy.drafts_per_final > 0.0) {
             return Err(Error::config(&file, "policy.drafts_per_final must be a number > 0"));
         }
-        Ok(Self { root, config })
+        let database = std::env::var(crate::env::KILN_DATABASE_URL).ok().filter(|u| !u.is_empty());
+        let project = Self { root, config, database: None };
+        project.with_database(database)
+    }
+
+    /// This project with its library in the database at `url` (a PostgreSQL URL, or a SQLite
+    /// file path; None keeps the project's own `.kiln/library.db`).
+    pub fn with_database(mut self, url: Option<String>) -> Result<Self> {
+        self.database = match url {
+            None => None,
+            Some(u) if crate::store::is_postgres_url(&u) => Some(u),
+            Some(u) => {
+                return Err(Error::arg(
+                    "--database",
+                    format!(
+                        "`{}` is not a postgres://… URL; the embedded SQLite library needs no URL (leave \
+                         --database and KILN_DATABASE_URL unset)",
+                        crate::store::redact_url(&u)
+                    ),
+                ))
+            }
+        };
+        Ok(self)
     }
 
     /// The tier registry as this project sees it (built-in, user, kiln.toml).
@@ -165,14 +193,17 @@ impl Project {
 
     /// Opens (creating on first use) the library database.
     pub fn library(&self) -> Result<Library> {
-        Library::open(&self.library_path(), &self.root)
+        match &self.database {
+            Some(url) => Library::open_postgres(url, &self.root),
+            None => Library::open(&self.library_path(), &self.root),
+        }
     }
 
     /// Opens the library for reading; a project without one is an error (nothing is created,
     /// so `kiln report` in the wrong folder says so instead of leaving an empty database).
     pub fn existing_library(&self) -> Result<Library> {
         let path = self.library_path();
-        if !path.is_file() {
+        if self.database.is_none() && !path.is_file() {
             return Err(Error::not_found(
                 "asset library",
                 &path,
@@ -190,67 +221,12 @@ impl Project {
 
 /// The open library database.
 pub struct Library {
-    pub(crate) conn: Connection,
+    pub(crate) db: Db,
     pub(crate) path: PathBuf,
     pub(crate) root: PathBuf,
     /// The queue row (id, attempt) this connection records for; see [`Library::claim_for_queue`].
     pub(crate) queue_claim: Option<(i64, i64)>,
 }
-
-const SCHEMA: &str = "
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS jobs (
-    id INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL,
-    tier TEXT,
-    created_at INTEGER NOT NULL,
-    device TEXT NOT NULL,
-    dtype TEXT NOT NULL,
-    model_id TEXT NOT NULL,
-    images INTEGER NOT NULL,
-    load_seconds REAL NOT NULL,
-    text_encode_seconds REAL NOT NULL,
-    vae_encode_seconds REAL NOT NULL,
-    steps_seconds REAL NOT NULL,
-    vae_decode_seconds REAL NOT NULL,
-    device_seconds REAL NOT NULL,
-    cpu_seconds REAL,
-    peak_memory_bytes INTEGER,
-    credits REAL NOT NULL,
-    timings_json TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS assets (
-    id INTEGER PRIMARY KEY,
-    job_id INTEGER NOT NULL REFERENCES jobs(id),
-    parent_id INTEGER REFERENCES assets(id),
-    kind TEXT NOT NULL,
-    tier TEXT,
-    path TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
-    width INTEGER NOT NULL,
-    height INTEGER NOT NULL,
-    seed INTEGER,
-    prompt TEXT,
-    record_json TEXT,
-    model_hashes TEXT NOT NULL,
-    credits REAL NOT NULL,
-    created_at INTEGER NOT NULL
-);
--- Parameters of non-generation steps (upscale); a side table so schema-1 libraries gain it
--- on open without a migration.
-CREATE TABLE IF NOT EXISTS asset_params (
-    asset_id INTEGER PRIMARY KEY REFERENCES assets(id),
-    json TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS asset_qc (
-    asset_id INTEGER PRIMARY KEY REFERENCES assets(id),
-    json TEXT NOT NULL,
-    created_at INTEGER NOT NULL
-);
-CREATE INDEX IF NOT EXISTS assets_parent ON assets(parent_id);
-CREATE INDEX IF NOT EXISTS assets_sha ON assets(sha256);
-CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
-";
 
 /// Creates a new, empty library at `path` atomically: built under a temporary name beside it
 /// and linked into place only if nothing is there yet. Another process opening the project at
@@ -258,19 +234,16 @@ CREATE INDEX IF NOT EXISTS jobs_created ON jobs(created_at);
 /// refuses as a destroyed library; if it created the library first, its file is kept.
 fn create_new(path: &Path) -> Result<()> {
     let tmp = crate::files::temp_beside(path, ".db-new")?;
-    let made = (|| {
-        let conn = Connection::open(tmp.path())?;
-        conn.execute_batch("PRAGMA synchronous = FULL;")?;
-        conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))?;
-        conn.execute_batch(SCHEMA)?;
-        conn.execute_batch(crate::jobs::queue::SCHEMA)?;
-        conn.execute_batch(crate::jobs::keys::SCHEMA)?;
-        conn.execute(
-            "INSERT INTO meta (key, value) VALUES ('schema_version', ?1)",
-            [SCHEMA_VERSION.to_string()],
-        )?;
+    let made = (|| -> std::result::Result<(), String> {
+        let conn = Connection::open(tmp.path()).map_err(|e| e.to_string())?;
+        conn.execute_batch("PRAGMA synchronous = FULL;").map_err(|e| e.to_string())?;
+        conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))
+            .map_err(|e| e.to_string())?;
+        let db = Db::Sqlite(conn);
+        crate::store::migrate::apply(&db).map_err(|e| e.to_string())?;
+        let Db::Sqlite(conn) = db else { return Err("not a SQLite connection".into()) };
         // Closing checkpoints the log into the file and removes it.
-        conn.close().map_err(|(_, e)| e)
+        conn.close().map_err(|(_, e)| e.to_string())
     })();
     made.map_err(|e| Error::Library {
         path: path.to_path_buf(),
@@ -309,28 +282,14 @@ fn prepare(conn: &Connection, path: &Path) -> Result<()> {
         });
     }
     conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0)).map_err(bad)?;
-    conn.execute_batch(SCHEMA).map_err(bad)?;
-    conn.execute_batch(crate::jobs::queue::SCHEMA).map_err(bad)?;
-    conn.execute_batch(crate::jobs::keys::SCHEMA).map_err(bad)?;
-    let version: Option<String> =
-        conn.query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0)).ok();
-    match version.as_deref() {
-        None => {
-            conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?1)", [SCHEMA_VERSION.to_string()])
-                .map_err(bad)?;
-        }
-        Some(v) if v.parse::<i64>().ok() == Some(SCHEMA_VERSION) => {}
-        Some(other) => {
-            return Err(Error::Library {
-                path: path.to_path_buf(),
-                msg: format!(
-                    "its schema version is `{other}`, this kiln reads version {SCHEMA_VERSION}: it was \
-                     written by another kiln version; open it with that version, or move it aside to start a new library"
-                ),
-            })
-        }
-    }
     Ok(())
+}
+
+/// Applies the schema migrations, naming the database in any error.
+fn migrate(db: &Db, path: &Path) -> Result<()> {
+    crate::store::migrate::apply(db)
+        .map(|_| ())
+        .map_err(|e| Error::Library { path: path.to_path_buf(), msg: e.to_string() })
 }
 
 impl Library {
@@ -366,13 +325,42 @@ impl Library {
         // connection: a server opens the library on every request, and quick_check reads the
         // whole database. They run on the first open of this file in this process.
         let identity = file_identity(path);
+        let db = Db::Sqlite(conn);
         if !identity.as_ref().is_some_and(already_prepared) {
-            prepare(&conn, path)?;
+            if let Db::Sqlite(conn) = &db {
+                prepare(conn, path)?;
+            }
+            migrate(&db, path)?;
             if let Some(id) = identity {
                 mark_prepared(id);
             }
         }
-        Ok(Self { conn, path: path.to_path_buf(), root: root.to_path_buf(), queue_claim: None })
+        Ok(Self { db, path: path.to_path_buf(), root: root.to_path_buf(), queue_claim: None })
+    }
+
+    /// Opens the shared library in the PostgreSQL database at `url` for the project at `root`
+    /// (its files: kiln.toml, assets/). The schema is migrated on the first open per process.
+    pub fn open_postgres(url: &str, root: &Path) -> Result<Self> {
+        let shown = PathBuf::from(crate::store::redact_url(url));
+        let conn = crate::store::pg::connect(url)
+            .map_err(|e| Error::Library { path: shown.clone(), msg: e.to_string() })?;
+        let db = Db::Postgres(Box::new(std::cell::RefCell::new(conn)));
+        let identity = (PathBuf::from(url), 0);
+        if !already_prepared(&identity) {
+            migrate(&db, &shown)?;
+            mark_prepared(identity);
+        }
+        Ok(Self { db, path: shown, root: root.to_path_buf(), queue_claim: None })
+    }
+
+    /// Where the library is: its SQLite file, or the PostgreSQL URL without its password.
+    pub fn location(&self) -> &Path {
+        &self.path
+    }
+
+    /// Which database engine holds this library.
+    pub fn engine(&self) -> crate::store::Engine {
+        self.db.engine()
     }
 
     /// Makes every job this connection records part of queue row `id`'s attempt `attempt`:
@@ -388,26 +376,13 @@ impl Library {
         let path = PathBuf::from(":memory:");
         let bad = |e: rusqlite::Error| Error::Library { path: path.clone(), msg: e.to_string() };
         let conn = Connection::open_in_memory().map_err(bad)?;
-        conn.execute_batch(SCHEMA).map_err(bad)?;
-        conn.execute_batch(crate::jobs::queue::SCHEMA).map_err(bad)?;
-        conn.execute_batch(crate::jobs::keys::SCHEMA).map_err(bad)?;
-        Ok(Self { conn, path, root: root.to_path_buf(), queue_claim: None })
+        let db = Db::Sqlite(conn);
+        migrate(&db, &path)?;
+        Ok(Self { db, path, root: root.to_path_buf(), queue_claim: None })
     }
 
-    pub(crate) fn err(&self, e: rusqlite::Error) -> Error {
-        let msg = match &e {
-            // A value kiln never writes (a negative seed or size): the database was edited.
-            rusqlite::Error::IntegralValueOutOfRange(column, value) => format!(
-                "a row holds {value} in column {column}, which kiln never writes: the library was edited \
-                 outside kiln; run `kiln assets check` and restore it from a backup"
-            ),
-            rusqlite::Error::InvalidColumnType(column, name, kind) => format!(
-                "column `{name}` ({column}) holds a {kind} value, which kiln never writes: the library was \
-                 edited outside kiln; run `kiln assets check` and restore it from a backup"
-            ),
-            _ => e.to_string(),
-        };
-        Error::Library { path: self.path.clone(), msg }
+    pub(crate) fn err(&self, e: DbError) -> Error {
+        library_error(&self.path, e)
     }
 
     /// Image files under assets/ that no asset records (left by a killed run; safe to delete).
@@ -433,6 +408,23 @@ impl Library {
         out.sort();
         Ok(out)
     }
+}
+
+/// A database error as the user reads it: values kiln never writes mean the library was edited.
+pub(crate) fn library_error(path: &Path, e: DbError) -> Error {
+    let msg = match &e {
+        // A value kiln never writes (a negative seed or size): the database was edited.
+        DbError::OutOfRange { column, value } => format!(
+            "a row holds {value} in column {column}, which kiln never writes: the library was edited \
+             outside kiln; run `kiln assets check` and restore it from a backup"
+        ),
+        DbError::WrongType { column, found, .. } => format!(
+            "column {column} holds a {found} value, which kiln never writes: the library was \
+             edited outside kiln; run `kiln assets check` and restore it from a backup"
+        ),
+        DbError::Engine(msg) => msg.clone(),
+    };
+    Error::Library { path: path.to_path_buf(), msg }
 }
 
 /// A database file as the once-per-file preparation knows it: its path and, on Unix, its inode
@@ -527,9 +519,10 @@ mod tests {
             });
             for lib in opened {
                 let lib = lib.unwrap_or_else(|e| panic!("{e}"));
+                let lib = lib;
                 let version: String = lib
-                    .conn
-                    .query_row("SELECT value FROM meta WHERE key = 'schema_version'", [], |r| r.get(0))
+                    .db
+                    .query_row("SELECT value FROM meta WHERE key = 'schema_version'", &[], |r| r.get(0))
                     .unwrap_or_else(|e| panic!("{e}"));
                 assert_eq!(version, SCHEMA_VERSION.to_string());
             }

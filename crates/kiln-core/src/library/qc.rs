@@ -8,18 +8,18 @@ use crate::error::{Error, Result};
 use crate::image::load_rgb;
 use crate::image::png_meta::write_png_atomic;
 use crate::image::qc::{self, QcOptions, QcReport};
-use rusqlite::params;
+use crate::vals;
 use std::path::{Path, PathBuf};
 
 impl Library {
     /// Stores (or replaces) the QC report of asset `id` (an unknown id is an error naming it).
     pub fn set_qc(&mut self, id: i64, report: &serde_json::Value) -> Result<()> {
         self.asset(id)?;
-        self.conn
+        self.db
             .execute(
                 "INSERT INTO asset_qc (asset_id, json, created_at) VALUES (?1, ?2, ?3) \
                  ON CONFLICT(asset_id) DO UPDATE SET json = excluded.json, created_at = excluded.created_at",
-                params![id, report.to_string(), now_unix()],
+                vals![id, report.to_string(), now_unix()],
             )
             .map_err(|e| self.err(e))?;
         Ok(())

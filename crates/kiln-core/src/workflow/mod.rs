@@ -326,7 +326,9 @@ pub fn resolve_input(library: &Library, root: &Path, input: &AssetRef, arg: &str
                     format!("asset {id} ({}) has no generation record (a contact sheet?)", asset.path),
                 )
             })?;
-            Ok(ResolvedInput { path: root.join(&asset.path), record, asset_id: Some(*id) })
+            let path =
+                if root == library.root { library.local_file(&asset)? } else { root.join(&asset.path) };
+            Ok(ResolvedInput { path, record, asset_id: Some(*id) })
         }
         AssetRef::File(path) => {
             if !path.is_file() {
