@@ -150,9 +150,6 @@ pub struct WorkersArgs {
     /// The shared database; default $KILN_DATABASE_URL, else the project's SQLite library.
     #[arg(long)]
     database: Option<String>,
-    /// The workers' heartbeat period (a worker silent for 3 periods is shown as down).
-    #[arg(long, default_value_t = 5.0)]
-    heartbeat_seconds: f64,
     #[arg(long)]
     json: bool,
 }
@@ -160,7 +157,7 @@ pub struct WorkersArgs {
 pub fn run_workers(args: WorkersArgs) -> anyhow::Result<()> {
     let project = open_project(args.project.as_deref(), args.database)?;
     let queue = Queue::open(&project)?;
-    let workers = queue.workers(args.heartbeat_seconds)?;
+    let workers = queue.workers()?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&serde_json::json!({ "workers": workers }))?);
         return Ok(());

@@ -79,8 +79,11 @@ pub fn temp_beside(path: &Path, suffix: &str) -> Result<tempfile::NamedTempFile>
     guard_target(path)?;
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     fs_err::create_dir_all(dir)?;
+    // Named after its target, so the temp file of a killed queue run (`q<id>a<attempt>-…`) is
+    // recognised as that run's and removed with its other files.
+    let prefix = format!(".kiln-{}-", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default());
     let mut builder = tempfile::Builder::new();
-    builder.prefix(".kiln-").suffix(suffix);
+    builder.prefix(&prefix).suffix(suffix);
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;

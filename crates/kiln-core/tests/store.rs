@@ -267,17 +267,19 @@ fn workers_events_and_blobs_are_shared() {
             max_memory: Some(1 << 30),
             free_memory: Some(1 << 29),
             warm_models: vec!["tier:draft".into()],
+            heartbeat_seconds: 0.1,
         };
         q.heartbeat(&ad, "running", Some(3)).unwrap();
         q.count_job_done(&ad.id).unwrap();
-        let listed = q.workers(5.0).unwrap();
+        let listed = q.workers().unwrap();
         assert_eq!(listed.len(), 1, "{}", b.name);
         let w = &listed[0];
         assert_eq!((w.state.as_str(), w.current_job, w.jobs_done), ("running", Some(3), 1), "{}", b.name);
+        assert!(w.silent_seconds < 0.3, "{}", b.name);
         assert_eq!(w.warm_models, ad.warm_models, "{}", b.name);
         // Silent for longer than three heartbeats: shown as down.
         std::thread::sleep(std::time::Duration::from_millis(400));
-        assert_eq!(q.workers(0.1).unwrap()[0].state, "down", "{}", b.name);
+        assert_eq!(q.workers().unwrap()[0].state, "down", "{}", b.name);
 
         let before = q.last_event_id().unwrap();
         q.push_event(9, &JobEvent::Step { step: 1, steps: 4, seconds: 0.5, first_image: 0, images: 1 })

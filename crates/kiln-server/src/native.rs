@@ -59,8 +59,7 @@ pub async fn list_jobs(
 /// The queue workers on this database (this server's own and every `kiln worker`): device,
 /// state (`down` when silent for three heartbeats), current job, jobs done, warm models.
 pub async fn workers(State(state): State<Arc<AppState>>) -> ApiResult<Response> {
-    let heartbeat = state.worker.options.heartbeat_seconds;
-    Ok(Json(serde_json::json!({ "workers": state.queue()?.workers(heartbeat)? })).into_response())
+    Ok(Json(serde_json::json!({ "workers": state.queue()?.workers()? })).into_response())
 }
 
 pub async fn get_job(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> ApiResult<Response> {

@@ -221,7 +221,12 @@ impl Queue {
     /// [`Queue::heartbeat`]. Expired leases are returned to the queue first. Without a worker,
     /// any job is taken, unleased (the server's own in-process worker before leases).
     pub fn claim_as(&mut self, worker: Option<&Claimer>, only: Option<Lane>) -> Result<Option<Claim>> {
-        self.reap_expired()?;
+        let reaped = self.reap_expired()?;
+        if !reaped.is_empty() {
+            // The dead runs' files on this box (the same project folder); other boxes clean
+            // theirs when their reaper or restarted worker sees them.
+            self.remove_unrecorded_files(&reaped)?;
+        }
         let err = |e| crate::library::library_error(&self.lib.path, e);
         let tx = self.lib.db.begin_serialised("kiln-claim").map_err(err)?;
         // What this worker can take: its tiers (none listed = all), and finals only where the
@@ -552,7 +557,9 @@ impl Queue {
                 .is_some_and(|age| age.as_secs() > STRAY_TEMP_AGE_SECONDS);
             let stray_tmp =
                 old && name.starts_with(".kiln-") && (name.ends_with(".tmp") || name.ends_with(".part"));
-            let stray_run = prefixes.iter().any(|pre| name.starts_with(pre));
+            let stray_run = prefixes.iter().any(|pre| {
+                name.starts_with(pre) || name.strip_prefix(".kiln-").is_some_and(|rest| rest.starts_with(pre))
+            });
             if (stray_tmp || stray_run) && std::fs::remove_file(&path).is_ok() {
                 removed += 1;
             }

@@ -130,7 +130,19 @@ impl Worker {
         let mut ad = self.options.ad.clone();
         ad.max_memory = ad.max_memory.or(pool.budget());
         ad.free_memory = ad.max_memory.map(|b| b.saturating_sub(pool.held_bytes()));
-        ad.warm_models = pool.entries().into_iter().map(|e| e.model).collect();
+        // As the queue names what a job needs ([`super::queue::model_key`]): `tier:NAME`
+        // (pool keys also carry the model's path, which listings must not show).
+        let mut warm: Vec<String> = pool
+            .entries()
+            .into_iter()
+            .filter_map(|e| {
+                e.model.strip_prefix("tier:").map(|rest| rest.split(':').next().unwrap_or(rest).to_string())
+            })
+            .map(|tier| format!("tier:{tier}"))
+            .collect();
+        warm.dedup();
+        ad.warm_models = warm;
+        ad.heartbeat_seconds = self.options.heartbeat_seconds;
         ad
     }
 

@@ -23,6 +23,8 @@ pub struct WorkerAd {
     pub free_memory: Option<u64>,
     /// Model keys it holds loaded.
     pub warm_models: Vec<String>,
+    /// Its heartbeat period: silent for [`DOWN_AFTER_MISSED`] periods, it is shown as down.
+    pub heartbeat_seconds: f64,
 }
 
 /// A worker as `kiln workers` lists it.
@@ -41,6 +43,7 @@ pub struct WorkerRow {
     pub jobs_done: i64,
     pub started_at: f64,
     pub heartbeat_at: f64,
+    pub heartbeat_seconds: f64,
     /// Seconds since its last heartbeat.
     pub silent_seconds: f64,
 }
@@ -64,13 +67,25 @@ impl Queue {
         lib.db
             .execute(
                 "INSERT INTO workers (id, host, device, tiers, max_memory, free_memory, warm_models, state, \
-                 current_job, jobs_done, started_at, heartbeat_at) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0, ?10, ?10) \
+                 current_job, jobs_done, started_at, heartbeat_at, heartbeat_seconds) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0, ?10, ?10, ?11) \
                  ON CONFLICT (id) DO UPDATE SET host = excluded.host, device = excluded.device, \
                  tiers = excluded.tiers, max_memory = excluded.max_memory, free_memory = excluded.free_memory, \
                  warm_models = excluded.warm_models, state = excluded.state, current_job = excluded.current_job, \
-                 heartbeat_at = excluded.heartbeat_at",
-                vals![ad.id, ad.host, ad.device, tiers, to_i64(ad.max_memory), to_i64(ad.free_memory), warm, state, current_job, t],
+                 heartbeat_at = excluded.heartbeat_at, heartbeat_seconds = excluded.heartbeat_seconds",
+                vals![
+                    ad.id,
+                    ad.host,
+                    ad.device,
+                    tiers,
+                    to_i64(ad.max_memory),
+                    to_i64(ad.free_memory),
+                    warm,
+                    state,
+                    current_job,
+                    t,
+                    ad.heartbeat_seconds
+                ],
             )
             .map_err(|e| lib.err(e))?;
         Ok(())
@@ -86,18 +101,19 @@ impl Queue {
     }
 
     /// Every worker that ever registered, most recent heartbeat first. One silent for more
-    /// than [`DOWN_AFTER_MISSED`] × `heartbeat_seconds` is shown as `down`.
-    pub fn workers(&self, heartbeat_seconds: f64) -> Result<Vec<WorkerRow>> {
+    /// than [`DOWN_AFTER_MISSED`] of its heartbeat periods is shown as `down`.
+    pub fn workers(&self) -> Result<Vec<WorkerRow>> {
         let lib = self.library();
         let t = now();
         let parse = |s: String| serde_json::from_str::<Vec<String>>(&s).unwrap_or_default();
         lib.db
             .query_map(
                 "SELECT id, host, device, tiers, max_memory, free_memory, warm_models, state, current_job, \
-                 jobs_done, started_at, heartbeat_at FROM workers ORDER BY heartbeat_at DESC",
+                 jobs_done, started_at, heartbeat_at, heartbeat_seconds FROM workers ORDER BY heartbeat_at DESC",
                 vals![],
                 |r| {
                     let heartbeat_at: f64 = r.get(11)?;
+                    let heartbeat_seconds: f64 = r.get(12)?;
                     let silent = (t - heartbeat_at).max(0.0);
                     let mut state: String = r.get(7)?;
                     if state != "stopped" && silent > DOWN_AFTER_MISSED * heartbeat_seconds {
@@ -116,6 +132,7 @@ impl Queue {
                         jobs_done: r.get(9)?,
                         started_at: r.get(10)?,
                         heartbeat_at,
+                        heartbeat_seconds,
                         silent_seconds: silent,
                     })
                 },

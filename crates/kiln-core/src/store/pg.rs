@@ -16,8 +16,36 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 type Manager = PostgresConnectionManager<NoTls>;
+
 /// A connection checked out of the pool; back in the pool when dropped.
-pub type Pooled = r2d2::PooledConnection<Manager>;
+///
+/// The sync client drives its socket with a runtime of its own, which tokio forbids inside
+/// another runtime's thread (the server's async handlers open the library too). So every use
+/// that may block runs off such threads ([`off_runtime`]), dropping included: a broken
+/// connection is closed, not pooled, and closing blocks.
+pub struct Pooled(Option<r2d2::PooledConnection<Manager>>);
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(conn) = self.0.take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                std::thread::spawn(move || drop(conn));
+            }
+        }
+    }
+}
+
+/// Runs `f` here, or on a helper thread when this thread drives an async runtime.
+fn off_runtime<T: Send>(f: impl FnOnce() -> T + Send) -> T {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return f();
+    }
+    std::thread::scope(|s| s.spawn(f).join()).unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+fn client(c: &mut Pooled) -> DbResult<&mut postgres::Client> {
+    c.0.as_deref_mut().ok_or_else(|| DbError::Engine("the connection was closed".into()))
+}
 
 /// Connections each process keeps open to one database at most.
 const POOL_SIZE: u32 = 16;
@@ -51,7 +79,7 @@ pub fn connect(url: &str) -> DbResult<Pooled> {
             }
         }
     };
-    pool.get().map_err(|e| {
+    off_runtime(|| pool.get()).map(|c| Pooled(Some(c))).map_err(|e| {
         DbError::Engine(format!(
             "cannot connect to {}: {e} (is the server running, and the URL's user, password and database right?)",
             super::redact_url(url)
@@ -179,16 +207,23 @@ fn column(row: &postgres::Row, i: usize) -> DbResult<Value> {
 }
 
 pub(super) fn execute(c: &mut Pooled, sql: &str, values: &[Value]) -> DbResult<u64> {
-    c.execute(placeholders(sql).as_str(), &params(values)).map_err(error)
+    let c = client(c)?;
+    off_runtime(|| c.execute(placeholders(sql).as_str(), &params(values)).map_err(error))
 }
 
 pub(super) fn execute_batch(c: &mut Pooled, sql: &str) -> DbResult<()> {
-    c.batch_execute(sql).map_err(error)
+    let c = client(c)?;
+    off_runtime(|| c.batch_execute(sql).map_err(error))
 }
 
 pub(super) fn query(c: &mut Pooled, sql: &str, values: &[Value]) -> DbResult<Vec<Row>> {
-    let rows = c.query(placeholders(sql).as_str(), &params(values)).map_err(error)?;
-    rows.iter().map(|r| (0..r.len()).map(|i| column(r, i)).collect::<DbResult<Vec<_>>>().map(Row)).collect()
+    let c = client(c)?;
+    off_runtime(|| {
+        let rows = c.query(placeholders(sql).as_str(), &params(values)).map_err(error)?;
+        rows.iter()
+            .map(|r| (0..r.len()).map(|i| column(r, i)).collect::<DbResult<Vec<_>>>().map(Row))
+            .collect()
+    })
 }
 
 #[cfg(test)]

@@ -18,7 +18,8 @@ CREATE TABLE IF NOT EXISTS workers (
     current_job INTEGER,
     jobs_done INTEGER NOT NULL DEFAULT 0,
     started_at REAL NOT NULL,
-    heartbeat_at REAL NOT NULL
+    heartbeat_at REAL NOT NULL,
+    heartbeat_seconds REAL NOT NULL
 );
 -- Job events from workers in other processes, relayed to the servers' event streams.
 CREATE TABLE IF NOT EXISTS job_events (
