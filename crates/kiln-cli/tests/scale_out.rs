@@ -96,8 +96,9 @@ fn workers(server: &Server, key: &str) -> Vec<Value> {
 fn three_workers_a_kill_9_of_one_and_of_the_server_lose_nothing() {
     let Some(db) = Scratch::new() else { return };
     let sr = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sr/srvgg-tiny-x4.safetensors");
+    // Finals of 200 steps (a second or two each), so a worker can be caught running one.
     let dir = support::project(
-        8,
+        200,
         &format!("[tiers.upscale]\nmodel = \"{}\"\n", sr.canonicalize().unwrap().display()),
     );
     let root = dir.path();
@@ -130,16 +131,19 @@ fn three_workers_a_kill_9_of_one_and_of_the_server_lose_nothing() {
         ids.push(submit(&server, key, spec));
     }
 
-    // kill -9 a worker while it runs a job; start another.
+    // kill -9 a worker while it runs a final; start another.
     let t0 = Instant::now();
     let victim = loop {
-        let busy = workers(&server, &alice).into_iter().find(|w| {
-            w["current_job"].is_i64() && workers_running.contains_key(w["id"].as_str().unwrap_or_default())
+        let busy = workers(&server, &alice).into_iter().find_map(|w| {
+            let (name, job) = (w["id"].as_str()?.to_string(), w["current_job"].as_i64()?);
+            let row = server.get(&format!("/v1/jobs/{job}"), Some(&alice)).json();
+            let running_final = row["state"] == "running" && row["tier"] == "final";
+            (workers_running.contains_key(&name) && running_final).then_some((name, job))
         });
-        if let Some(w) = busy {
-            break (w["id"].as_str().unwrap().to_string(), w["current_job"].as_i64().unwrap());
+        if let Some(v) = busy {
+            break v;
         }
-        assert!(t0.elapsed() < Duration::from_secs(120), "no worker ever ran a job: {}", server.log());
+        assert!(t0.elapsed() < Duration::from_secs(120), "no worker ever ran a final: {}", server.log());
         std::thread::sleep(Duration::from_millis(20));
     };
     let mut killed = workers_running.remove(&victim.0).unwrap();
