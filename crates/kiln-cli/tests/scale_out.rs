@@ -194,7 +194,12 @@ fn three_workers_a_kill_9_of_one_and_of_the_server_lose_nothing() {
     assert_eq!(state(&victim.0), "down", "{listed:?}");
     let done_total: i64 = listed.iter().map(|w| w["jobs_done"].as_i64().unwrap_or(0)).sum();
     assert!(done_total >= 41, "{listed:?}");
-    for (_, mut w) in workers_running {
-        support::terminate(&mut w);
+    // SIGTERM drains: each worker exits 0 and is listed as stopped.
+    for (name, mut w) in workers_running {
+        let status = support::terminate(&mut w);
+        assert!(status.success(), "{name}: {status:?}");
+        let listed = workers(&server, &alice);
+        let row = listed.iter().find(|w| w["id"] == name.as_str()).unwrap();
+        assert_eq!(row["state"], "stopped", "{row}");
     }
 }
