@@ -41,6 +41,10 @@ pub struct ServeArgs {
     /// Run no jobs in this process: only `kiln worker` processes run them.
     #[arg(long)]
     no_worker: bool,
+    /// Run a worker on each of these devices (e.g. cuda:0,cuda:1), each with its own model
+    /// pool of --max-memory; the first also serves the API's estimates. Default: --device.
+    #[arg(long, value_delimiter = ',', conflicts_with = "no_worker")]
+    devices: Vec<String>,
     #[command(flatten)]
     run: RunArgs,
 }
@@ -76,15 +80,39 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let budget = args.max_memory.as_deref().map(|s| parse_bytes("--max-memory", s)).transpose()?;
     let body = parse_bytes("--max-body", &args.max_body)?;
     let project = crate::workers_cmd::open_project(args.project.as_deref(), args.database)?;
-    let device = args.run.device()?;
-    let device_name = kiln_core::device::name(&device);
-    let options = JobOptions {
-        device,
-        dtype: args.run.explicit_dtype()?,
-        accept_drift: args.accept_drift,
-        show_progress: false,
-    };
-    let engine = Engine::new(project, options, Arc::new(ModelPool::new(budget)));
+    let dtype = args.run.explicit_dtype()?;
+    let host = crate::workers_cmd::host_name();
+    // One engine (own device, own model pool) per worker; the first is the server's.
+    let mut devices = Vec::new();
+    if args.devices.is_empty() {
+        devices.push(args.run.device()?);
+    }
+    for d in &args.devices {
+        devices.push(kiln_core::device::open(d.parse::<kiln_core::device::DeviceRequest>()?)?);
+    }
+    let mut engines = Vec::new();
+    for (i, device) in devices.into_iter().enumerate() {
+        let name = kiln_core::device::name(&device);
+        // Stable across restarts: a restarted server settles its own previous jobs at once.
+        let id = if i == 0 { format!("serve@{host}:{name}") } else { format!("serve@{host}:{name}#{i}") };
+        let options = JobOptions { device, dtype, accept_drift: args.accept_drift, show_progress: false };
+        let worker = kiln_core::jobs::worker::WorkerOptions {
+            ad: kiln_core::jobs::workers::WorkerAd {
+                id,
+                host: host.clone(),
+                device: name,
+                // A server that runs no jobs claims none (no tier is named ``).
+                tiers: if args.no_worker { vec![String::new()] } else { Vec::new() },
+                max_memory: budget,
+                ..Default::default()
+            },
+            place_by_memory: false,
+            ..Default::default()
+        };
+        engines.push((Engine::new(project.clone(), options, Arc::new(ModelPool::new(budget))), worker));
+    }
+    let mut engines = engines.into_iter();
+    let Some((engine, worker)) = engines.next() else { anyhow::bail!("--devices names no device") };
     let limits = kiln_server::state::Limits {
         body_bytes: usize::try_from(body).unwrap_or(usize::MAX),
         ..Default::default()
@@ -94,19 +122,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         limits,
         preload: args.preload,
         cors: kiln_server::state::Cors { origins: args.cors_origin },
-        worker: kiln_core::jobs::worker::WorkerOptions {
-            ad: kiln_core::jobs::workers::WorkerAd {
-                // Stable across restarts: a restarted server settles its own previous jobs at once.
-                id: format!("serve@{}:{device_name}", crate::workers_cmd::host_name()),
-                host: crate::workers_cmd::host_name(),
-                device: device_name,
-                // A server that runs no jobs claims none (`tier:` matches no tier).
-                tiers: if args.no_worker { vec![String::new()] } else { Vec::new() },
-                max_memory: budget,
-                ..Default::default()
-            },
-            ..Default::default()
-        },
+        worker,
+        more_workers: engines.collect(),
     };
     kiln_server::serve(engine, config)?;
     Ok(())

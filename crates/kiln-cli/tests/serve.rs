@@ -688,3 +688,29 @@ fn cutouts_are_jobs_recorded_in_the_library() {
     assert_eq!(job["state"], "failed", "{job}");
     assert!(job["error"].as_str().unwrap_or_default().contains("isnet"), "{job}");
 }
+
+#[test]
+fn one_worker_per_device_runs_jobs_side_by_side() {
+    let dir = project(120, "");
+    let server = Server::start(dir.path(), &["--devices", "cpu,cpu"]);
+    let ids: Vec<i64> = (0..2)
+        .map(|i| {
+            submit(&server, None, json!({ "kind": "generate", "tier": "final", "prompt": "x", "seed": i }))
+        })
+        .collect();
+    // Both finals run at once, one on each device's worker.
+    let t0 = std::time::Instant::now();
+    loop {
+        let workers = server.get("/v1/workers", None).json()["workers"].as_array().unwrap().clone();
+        let busy: Vec<i64> = workers.iter().filter_map(|w| w["current_job"].as_i64()).collect();
+        if busy.len() == 2 {
+            assert_eq!(workers.len(), 2, "{workers:?}");
+            break;
+        }
+        assert!(t0.elapsed() < std::time::Duration::from_secs(60), "never two at once: {workers:?}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    for id in ids {
+        assert_eq!(server.wait(id, None)["state"], "done");
+    }
+}

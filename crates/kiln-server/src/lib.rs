@@ -49,6 +49,8 @@ pub struct ServerConfig {
     pub cors: state::Cors,
     /// The server's own queue worker (its id, tiers, leases).
     pub worker: kiln_core::jobs::worker::WorkerOptions,
+    /// Workers on further devices (`--devices`), each with its own engine and model pool.
+    pub more_workers: Vec<(Engine, kiln_core::jobs::worker::WorkerOptions)>,
 }
 
 /// Errors that stop the server from starting.
@@ -140,15 +142,22 @@ pub fn serve(engine: Engine, config: ServerConfig) -> Result<(), ServeError> {
         return Err(ServeError::ExposedWithoutKeys(config.listen));
     }
     let mut queue = Queue::open(&engine.project)?;
-    let recovery = queue.recover(Some(&config.worker.ad.id))?;
+    let mut recovery = queue.recover(Some(&config.worker.ad.id))?;
+    for (_, options) in &config.more_workers {
+        let more = queue.recover(Some(&options.ad.id))?;
+        recovery.requeued.extend(more.requeued);
+        recovery.completed.extend(more.completed);
+        recovery.removed_files += more.removed_files;
+    }
     drop(queue);
+    let more_workers: Vec<_> = config.more_workers.into_iter().map(|(e, o)| (Arc::new(e), o)).collect();
     let engine = Arc::new(engine);
     for tier in &config.preload {
         let ws = engine.workspace()?;
         ws.load_tier(tier)?;
         tracing::info!(tier = %tier, "preloaded");
     }
-    let state = Arc::new(AppState::new(engine, config.limits, config.worker.clone()));
+    let state = Arc::new(AppState::new(engine, config.limits, config.worker.clone(), more_workers));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -159,12 +168,17 @@ pub fn serve(engine: Engine, config: ServerConfig) -> Result<(), ServeError> {
             tracing::warn!(requeued = ?recovery.requeued, completed = ?recovery.completed,
                 removed_files = recovery.removed_files, "recovered jobs left running by a previous process");
         }
-        let worker = state.worker.clone();
-        let worker = std::thread::spawn(move || {
-            if let Err(e) = worker.run() {
-                tracing::error!("the queue worker stopped: {e}");
-            }
-        });
+        let workers: Vec<_> = state
+            .all_workers()
+            .cloned()
+            .map(|worker| {
+                std::thread::spawn(move || {
+                    if let Err(e) = worker.run() {
+                        tracing::error!(worker = %worker.options.ad.id, "the queue worker stopped: {e}");
+                    }
+                })
+            })
+            .collect();
         let relay_state = state.clone();
         let relay = std::thread::spawn(move || relay::run(relay_state));
         // A line tools can wait for (the port, when 0 was asked for).
@@ -176,10 +190,16 @@ pub fn serve(engine: Engine, config: ServerConfig) -> Result<(), ServeError> {
                 shutdown_signal().await;
                 tracing::info!("shutting down: finishing the running job");
                 shutdown_state.shutting_down.store(true, Ordering::SeqCst);
-                shutdown_state.worker.drain();
+                shutdown_state.all_workers().for_each(|w| w.drain());
             })
             .await?;
-        let _ = tokio::task::spawn_blocking(move || (worker.join(), relay.join())).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            for w in workers {
+                let _ = w.join();
+            }
+            relay.join()
+        })
+        .await;
         tracing::info!("stopped");
         Ok(())
     })

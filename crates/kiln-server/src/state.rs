@@ -77,8 +77,10 @@ impl Default for Limits {
 pub struct AppState {
     pub engine: Arc<Engine>,
     pub hub: Arc<EventHub>,
-    /// The server's own queue worker (publishing into `hub`).
+    /// The server's own queue worker (publishing into `hub`), on the engine's device.
     pub worker: Arc<Worker>,
+    /// Workers on the server's other devices (`kiln serve --devices`), each with its engine.
+    pub more_workers: Vec<Arc<Worker>>,
     pub shutting_down: AtomicBool,
     /// A1111's `sd_model_checkpoint`: the tier its txt2img/img2img use.
     pub a1111_tier: Mutex<String>,
@@ -90,13 +92,20 @@ pub struct AppState {
 pub struct Owner(pub String);
 
 impl AppState {
-    pub fn new(engine: Arc<Engine>, limits: Limits, worker: WorkerOptions) -> Self {
+    pub fn new(
+        engine: Arc<Engine>,
+        limits: Limits,
+        worker: WorkerOptions,
+        more_workers: Vec<(Arc<Engine>, WorkerOptions)>,
+    ) -> Self {
         let hub = Arc::new(EventHub::default());
         let worker = Worker::new(engine.clone(), hub.clone(), worker);
+        let more_workers = more_workers.into_iter().map(|(e, o)| Worker::new(e, hub.clone(), o)).collect();
         Self {
             engine,
             hub,
             worker,
+            more_workers,
             shutting_down: AtomicBool::new(false),
             a1111_tier: Mutex::new("draft".into()),
             limits,
@@ -109,6 +118,12 @@ impl AppState {
 
     pub fn notify_worker(&self) {
         self.worker.notify();
+        self.more_workers.iter().for_each(|w| w.notify());
+    }
+
+    /// Every worker of this process: the engine's, then the other devices'.
+    pub fn all_workers(&self) -> impl Iterator<Item = &Arc<Worker>> {
+        std::iter::once(&self.worker).chain(&self.more_workers)
     }
 
     /// The lane a spec waits in: drafts (the draft job, and generations on a draft-lane tier)
@@ -147,14 +162,19 @@ impl AppState {
             }
         }
         let tiers = self.engine.project.tiers()?;
-        let estimate = match kiln_core::jobs::preset::effective_tier(&self.engine.project, spec)?.as_deref() {
-            Some(name) => {
-                let tier = tiers.get(name)?;
-                let library = self.engine.project.library()?;
-                kiln_core::library::ledger::estimate(&library, tier, spec.images())?
-            }
-            None => 0.0,
-        };
+        // Credits to reserve, and the memory a worker needs for the tier's model (placement).
+        let (estimate, need_bytes) =
+            match kiln_core::jobs::preset::effective_tier(&self.engine.project, spec)?.as_deref() {
+                Some(name) => {
+                    let tier = tiers.get(name)?;
+                    let library = self.engine.project.library()?;
+                    (
+                        kiln_core::library::ledger::estimate(&library, tier, spec.images())?,
+                        tier.weights_on_disk(),
+                    )
+                }
+                None => (0.0, 0),
+            };
         let lane = self.lane(spec)?;
         let mut queue = self.queue()?;
         if let Some(q) = quota {
@@ -172,7 +192,7 @@ impl AppState {
             }
         }
         let limit = self.engine.project.config.budget.map(|b| b.limit);
-        let id = queue.enqueue(spec, &owner.0, lane, estimate, limit)?;
+        let id = queue.enqueue_placed(spec, &owner.0, lane, estimate, limit, need_bytes)?;
         let position = queue.get(id)?.position.unwrap_or(0);
         self.hub.publish(id, kiln_core::jobs::JobEvent::Queued { position });
         self.notify_worker();

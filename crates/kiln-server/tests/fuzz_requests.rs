@@ -65,7 +65,7 @@ impl Server {
         let engine = Arc::new(Engine::new(project, options, Arc::new(ModelPool::new(None))));
         // Small limits, so that the limit checks themselves are reached by mutated sizes.
         let limits = Limits { body_bytes: 1 << 20, image_side: 512, generate_side: 512 };
-        let state = Arc::new(AppState::new(engine, limits, Default::default()));
+        let state = Arc::new(AppState::new(engine, limits, Default::default(), Vec::new()));
         let router = kiln_server::router(state.clone(), &Cors::default()).unwrap();
         let worker = state.worker.clone();
         let worker = std::thread::spawn(move || worker.run().unwrap());

@@ -49,7 +49,9 @@ pub fn kiln(project: &Path) -> Command {
     c.env("KILN_PROJECT", project)
         .env("KILN_DATA_DIR", project.join(".data"))
         .env("XDG_CONFIG_HOME", project.join("no-user-config"))
-        .env_remove("KILN_LOG");
+        .env_remove("KILN_LOG")
+        // Tests choose their database themselves (the scale-out test sets it).
+        .env_remove("KILN_DATABASE_URL");
     c
 }
 

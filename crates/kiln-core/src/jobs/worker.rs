@@ -64,6 +64,10 @@ pub struct WorkerOptions {
     pub preview_every: usize,
     /// Whether finals yield to waiting drafts.
     pub preempt: bool,
+    /// Whether it takes only jobs whose model fits its memory budget. A server's own worker
+    /// takes any job (its pool loads a model larger than the budget alone, as one box always
+    /// has); `kiln worker`s leave such jobs to workers that can hold them.
+    pub place_by_memory: bool,
 }
 
 impl Default for WorkerOptions {
@@ -75,6 +79,7 @@ impl Default for WorkerOptions {
             poll: Duration::from_millis(200),
             preview_every: 2,
             preempt: true,
+            place_by_memory: true,
         }
     }
 }
@@ -151,7 +156,7 @@ impl Worker {
         Claimer {
             id: ad.id,
             tiers: ad.tiers,
-            max_memory: ad.max_memory,
+            max_memory: ad.max_memory.filter(|_| self.options.place_by_memory),
             warm_models: ad.warm_models,
             lease_seconds: self.options.lease_seconds,
         }
@@ -239,6 +244,8 @@ impl Worker {
         let engine = &self.engine;
         tracing::info!(job = id, kind = claim.spec.kind().as_str(), owner = %claim.owner, lane = claim.lane.as_str(), "started");
         lock(&self.held).push((id, claim.attempt));
+        // Listings show the job at once, not at the next heartbeat.
+        let _ = queue.heartbeat(&self.ad(), self.state_name(), Some(id));
         self.publish.publish(id, JobEvent::Started);
         let mut sink = WorkerSink {
             worker: self.clone(),
@@ -284,6 +291,8 @@ impl Worker {
             }
         }
         lock(&self.held).retain(|h| h.0 != id);
+        let current = lock(&self.held).last().map(|h| h.0);
+        let _ = queue.heartbeat(&self.ad(), self.state_name(), current);
     }
 
     /// With a shared (PostgreSQL) library, the output images' bytes go into the database, so a

@@ -97,6 +97,31 @@ pub struct Tier {
 }
 
 impl Tier {
+    /// Bytes of weight files its model has on this box (a local folder or file; 0 when the
+    /// model is a hub id or missing here): what a worker needs free to hold it, for placement.
+    pub fn weights_on_disk(&self) -> u64 {
+        let path = std::path::Path::new(&self.model);
+        let is_weights = |p: &std::path::Path| {
+            matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("safetensors" | "bin" | "pth" | "ckpt" | "gguf")
+            )
+        };
+        let files = if path.is_file() {
+            vec![path.to_path_buf()]
+        } else if path.is_dir() {
+            crate::files::walk_files(path).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        files
+            .iter()
+            .filter(|p| is_weights(p))
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
     /// Whether this tier's images are drafts (queue lane and asset kind); see [`Tier::lane`].
     pub fn is_draft(&self) -> bool {
         match self.lane.as_deref() {
