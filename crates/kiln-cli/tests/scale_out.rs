@@ -55,6 +55,10 @@ impl Drop for Scratch {
     }
 }
 
+fn project_on(root: &Path, url: &str) -> kiln_core::library::Project {
+    kiln_core::library::Project::open(root).unwrap().with_database(Some(url.to_string())).unwrap()
+}
+
 fn worker(root: &Path, url: &str, name: &str) -> Child {
     kiln(root)
         .env(kiln_core::env::KILN_DATABASE_URL, url)
@@ -149,7 +153,11 @@ fn three_workers_a_kill_9_of_one_and_of_the_server_lose_nothing() {
     let mut killed = workers_running.remove(&victim.0).unwrap();
     killed.kill().unwrap();
     let _ = killed.wait();
-    workers_running.insert("w4".into(), worker(root, url, "w4"));
+    // The replacement runs on "another box": its own project folder, same kiln.toml, nothing
+    // shared with the others but the database.
+    let box2 = tempfile::tempdir().unwrap();
+    std::fs::copy(root.join("kiln.toml"), box2.path().join("kiln.toml")).unwrap();
+    workers_running.insert("w4".into(), worker(box2.path(), url, "w4"));
 
     // kill -9 the server with jobs still queued; clients reconnect to its successor.
     std::thread::sleep(Duration::from_millis(500));
@@ -176,15 +184,31 @@ fn three_workers_a_kill_9_of_one_and_of_the_server_lose_nothing() {
         })
         .collect();
     assert_eq!(library_jobs.len(), 41);
-    let project =
-        kiln_core::library::Project::open(root).unwrap().with_database(Some(db.url.clone())).unwrap();
-    let library = project.library().unwrap();
+    let library = project_on(root, &db.url).library().unwrap();
     assert_eq!(library.jobs().unwrap().len(), 41, "a job was recorded twice or lost");
+    // Assets only the other box has (before anything here fetches them).
+    let made_on_box2: Vec<i64> = library
+        .list_assets(&Default::default())
+        .unwrap()
+        .into_iter()
+        .filter(|a| box2.path().join(&a.path).is_file() && !root.join(&a.path).is_file())
+        .map(|a| a.id)
+        .collect();
     // Consistent: files whole and hashing right, lineage acyclic, the ledger equal to the
     // per-job timings and prices; nothing on disk that the library does not record.
     let problems = library.check().unwrap();
     assert!(problems.is_empty(), "{problems:?}");
     assert!(library.orphans().unwrap().is_empty(), "{:?}", library.orphans().unwrap());
+    // Images made only on the other box are served by the server all the same (from the
+    // database); that box fetched the drafts it upscaled, and keeps no stray file either.
+    assert!(!made_on_box2.is_empty(), "the second box ran no job");
+    for id in &made_on_box2 {
+        let r = server.get(&format!("/v1/assets/{id}/image"), Some(&alice));
+        assert_eq!(r.status, 200, "asset {id}: {}", r.text());
+        assert!(image::load_from_memory(&r.bytes).is_ok());
+    }
+    let box2_library = project_on(box2.path(), &db.url).library().unwrap();
+    assert!(box2_library.orphans().unwrap().is_empty(), "{:?}", box2_library.orphans().unwrap());
     // The workers that ran are listed with their counts; the killed one shows as down.
     std::thread::sleep(Duration::from_secs(2));
     let listed = workers(&server, &alice);

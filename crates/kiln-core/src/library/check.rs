@@ -51,7 +51,15 @@ impl Library {
     /// What is wrong with an asset's file, if anything: missing, changed since it was
     /// recorded, not decodable, or not the recorded size.
     fn file_problem(&self, asset: &assets::AssetRow) -> Result<Option<String>> {
-        let path = self.root.join(&asset.path);
+        // A shared library's file made on another box is fetched from the database first (its
+        // bytes are checked against the recorded hash on the way).
+        let path = match self.local_file(asset) {
+            Ok(p) => p,
+            Err(e) if self.shares_files() => {
+                return Ok(Some(format!("file missing here and in the database ({e})")))
+            }
+            Err(e) => return Err(e),
+        };
         if !path.is_file() {
             return Ok(Some("file missing".into()));
         }
