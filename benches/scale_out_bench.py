@@ -24,19 +24,9 @@ import time
 import urllib.request
 from pathlib import Path
 
+from serve_bench import get, post  # same folder: the benchmarks' stdlib HTTP helpers
+
 REPO = Path(__file__).resolve().parent.parent
-
-
-def post(base, path, body):
-    req = urllib.request.Request(base + path, data=json.dumps(body).encode(), method="POST",
-                                 headers={"content-type": "application/json"})
-    with urllib.request.urlopen(req, timeout=3600) as r:
-        return json.loads(r.read())
-
-
-def get(base, path):
-    with urllib.request.urlopen(base + path, timeout=3600) as r:
-        return json.loads(r.read())
 
 
 def wait(base, ids):

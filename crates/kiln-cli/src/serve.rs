@@ -69,14 +69,7 @@ pub fn parse_bytes(field: &str, s: &str) -> anyhow::Result<u64> {
 }
 
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    let filter = tracing_subscriber::EnvFilter::try_from_env(kiln_core::env::KILN_LOG)
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(ansi)
-        .with_writer(std::io::stderr)
-        .try_init();
+    crate::workers_cmd::init_logging();
     let budget = args.max_memory.as_deref().map(|s| parse_bytes("--max-memory", s)).transpose()?;
     let body = parse_bytes("--max-body", &args.max_body)?;
     let project = crate::workers_cmd::open_project(args.project.as_deref(), args.database)?;

@@ -67,7 +67,8 @@ pub fn open_project(project: Option<&std::path::Path>, database: Option<String>)
     })
 }
 
-fn init_logging() {
+/// Log lines to stderr (`KILN_LOG` filters; default info) for the long-running commands.
+pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_env(kiln_core::env::KILN_LOG)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -174,13 +175,13 @@ pub fn run_workers(args: WorkersArgs) -> anyhow::Result<()> {
         let job = w.current_job.map(|j| j.to_string()).unwrap_or_else(|| "-".into());
         println!(
             "{:<32} {:<9} {:<8} {:>7} {:>9} {:>8.1}s  {}",
-            w.id,
+            w.ad.id,
             w.state,
-            w.device,
+            w.ad.device,
             job,
             w.jobs_done,
             w.silent_seconds,
-            w.warm_models.join(",")
+            w.ad.warm_models.join(",")
         );
     }
     Ok(())

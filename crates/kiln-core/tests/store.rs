@@ -276,7 +276,7 @@ fn workers_events_and_blobs_are_shared() {
         let w = &listed[0];
         assert_eq!((w.state.as_str(), w.current_job, w.jobs_done), ("running", Some(3), 1), "{}", b.name);
         assert!(w.silent_seconds < 0.3, "{}", b.name);
-        assert_eq!(w.warm_models, ad.warm_models, "{}", b.name);
+        assert_eq!(w.ad, ad, "{}", b.name);
         // Silent for longer than three heartbeats: shown as down.
         std::thread::sleep(std::time::Duration::from_millis(400));
         assert_eq!(q.workers().unwrap()[0].state, "down", "{}", b.name);

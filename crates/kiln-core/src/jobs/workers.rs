@@ -12,7 +12,7 @@ use serde::Serialize;
 pub const DOWN_AFTER_MISSED: f64 = 3.0;
 
 /// What a worker tells the others about itself (refreshed with every heartbeat).
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq, schemars::JsonSchema)]
 pub struct WorkerAd {
     pub id: String,
     pub host: String,
@@ -27,23 +27,17 @@ pub struct WorkerAd {
     pub heartbeat_seconds: f64,
 }
 
-/// A worker as `kiln workers` lists it.
+/// A worker as `kiln workers` lists it: its advertisement and how it is doing.
 #[derive(Debug, Clone, Serialize, PartialEq, schemars::JsonSchema)]
 pub struct WorkerRow {
-    pub id: String,
-    pub host: String,
-    pub device: String,
-    pub tiers: Vec<String>,
-    pub max_memory: Option<u64>,
-    pub free_memory: Option<u64>,
-    pub warm_models: Vec<String>,
+    #[serde(flatten)]
+    pub ad: WorkerAd,
     /// idle | running | draining | stopped | down (no heartbeat for a while).
     pub state: String,
     pub current_job: Option<i64>,
     pub jobs_done: i64,
     pub started_at: f64,
     pub heartbeat_at: f64,
-    pub heartbeat_seconds: f64,
     /// Seconds since its last heartbeat.
     pub silent_seconds: f64,
 }
@@ -120,19 +114,21 @@ impl Queue {
                         state = "down".into();
                     }
                     Ok(WorkerRow {
-                        id: r.get(0)?,
-                        host: r.get(1)?,
-                        device: r.get(2)?,
-                        tiers: parse(r.get(3)?),
-                        max_memory: r.get(4)?,
-                        free_memory: r.get(5)?,
-                        warm_models: parse(r.get(6)?),
+                        ad: WorkerAd {
+                            id: r.get(0)?,
+                            host: r.get(1)?,
+                            device: r.get(2)?,
+                            tiers: parse(r.get(3)?),
+                            max_memory: r.get(4)?,
+                            free_memory: r.get(5)?,
+                            warm_models: parse(r.get(6)?),
+                            heartbeat_seconds,
+                        },
                         state,
                         current_job: r.get(8)?,
                         jobs_done: r.get(9)?,
                         started_at: r.get(10)?,
                         heartbeat_at,
-                        heartbeat_seconds,
                         silent_seconds: silent,
                     })
                 },
