@@ -277,16 +277,17 @@ impl Queue {
             .map_err(err)?;
         let Some((id, owner, spec_json, attempts, lane)) = picked else { return Ok(None) };
         let attempt = attempts + 1;
-        let (worker_id, lease_until) = match worker {
-            Some(w) => (Some(w.id.clone()), Some(now() + w.lease_seconds)),
+        // The lease ends `lease_seconds` from now on the database's clock (NULL: unleased).
+        let (worker_id, lease_seconds) = match worker {
+            Some(w) => (Some(w.id.clone()), Some(w.lease_seconds)),
             None => (None, None),
         };
-        tx.execute(
-            "UPDATE queue SET state = 'running', started_at = ?1, attempts = ?2, worker = ?3, lease_until = ?4 \
-             WHERE id = ?5",
-            vals![now(), attempt, worker_id, lease_until, id],
-        )
-        .map_err(err)?;
+        let sql = format!(
+            "UPDATE queue SET state = 'running', started_at = ?1, attempts = ?2, worker = ?3, \
+             lease_until = {} + ?4 WHERE id = ?5",
+            tx.now_sql()
+        );
+        tx.execute(&sql, vals![now(), attempt, worker_id, lease_seconds, id]).map_err(err)?;
         tx.commit().map_err(err)?;
         let spec: JobSpec = match serde_json::from_str(&spec_json) {
             Ok(s) => s,
@@ -310,8 +311,11 @@ impl Queue {
             .lib
             .db
             .execute(
-                "UPDATE queue SET lease_until = ?1 WHERE id = ?2 AND attempts = ?3 AND state = 'running'",
-                vals![now() + seconds, id, attempt],
+                &format!(
+                    "UPDATE queue SET lease_until = {} + ?1 WHERE id = ?2 AND attempts = ?3 AND state = 'running'",
+                    self.lib.db.now_sql()
+                ),
+                vals![seconds, id, attempt],
             )
             .map_err(|e| self.err(e))?;
         Ok(n == 1)
@@ -324,9 +328,12 @@ impl Queue {
             .lib
             .db
             .query_map(
-                "SELECT id, library_job_id, attempts FROM queue WHERE state = 'running' AND lease_until IS NOT NULL \
-                 AND lease_until < ?1",
-                vals![now()],
+                &format!(
+                    "SELECT id, library_job_id, attempts FROM queue WHERE state = 'running' \
+                     AND lease_until IS NOT NULL AND lease_until < {}",
+                    self.lib.db.now_sql()
+                ),
+                vals![],
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .map_err(|e| self.err(e))?;

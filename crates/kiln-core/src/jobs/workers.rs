@@ -57,16 +57,20 @@ impl Queue {
         let lib = self.library();
         let tiers = serde_json::to_string(&ad.tiers).unwrap_or_else(|_| "[]".into());
         let warm = serde_json::to_string(&ad.warm_models).unwrap_or_else(|_| "[]".into());
-        let t = now();
-        lib.db
-            .execute(
-                "INSERT INTO workers (id, host, device, tiers, max_memory, free_memory, warm_models, state, \
-                 current_job, jobs_done, started_at, heartbeat_at, heartbeat_seconds) \
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0, ?10, ?10, ?11) \
+        // Heartbeats are stamped with the database's clock, as leases are.
+        let sql = format!(
+            "INSERT INTO workers (id, host, device, tiers, max_memory, free_memory, warm_models, state, \
+             current_job, jobs_done, started_at, heartbeat_at, heartbeat_seconds) \
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 0, {now}, {now}, ?10) \
                  ON CONFLICT (id) DO UPDATE SET host = excluded.host, device = excluded.device, \
                  tiers = excluded.tiers, max_memory = excluded.max_memory, free_memory = excluded.free_memory, \
                  warm_models = excluded.warm_models, state = excluded.state, current_job = excluded.current_job, \
-                 heartbeat_at = excluded.heartbeat_at, heartbeat_seconds = excluded.heartbeat_seconds",
+             heartbeat_at = excluded.heartbeat_at, heartbeat_seconds = excluded.heartbeat_seconds",
+            now = lib.db.now_sql()
+        );
+        lib.db
+            .execute(
+                &sql,
                 vals![
                     ad.id,
                     ad.host,
@@ -77,7 +81,6 @@ impl Queue {
                     warm,
                     state,
                     current_job,
-                    t,
                     ad.heartbeat_seconds
                 ],
             )
@@ -98,17 +101,20 @@ impl Queue {
     /// than [`DOWN_AFTER_MISSED`] of its heartbeat periods is shown as `down`.
     pub fn workers(&self) -> Result<Vec<WorkerRow>> {
         let lib = self.library();
-        let t = now();
         let parse = |s: String| serde_json::from_str::<Vec<String>>(&s).unwrap_or_default();
         lib.db
             .query_map(
-                "SELECT id, host, device, tiers, max_memory, free_memory, warm_models, state, current_job, \
-                 jobs_done, started_at, heartbeat_at, heartbeat_seconds FROM workers ORDER BY heartbeat_at DESC",
+                &format!(
+                    "SELECT id, host, device, tiers, max_memory, free_memory, warm_models, state, current_job, \
+                     jobs_done, started_at, heartbeat_at, heartbeat_seconds, {} FROM workers \
+                     ORDER BY heartbeat_at DESC",
+                    lib.db.now_sql()
+                ),
                 vals![],
                 |r| {
                     let heartbeat_at: f64 = r.get(11)?;
                     let heartbeat_seconds: f64 = r.get(12)?;
-                    let silent = (t - heartbeat_at).max(0.0);
+                    let silent = (r.get::<f64>(13)? - heartbeat_at).max(0.0);
                     let mut state: String = r.get(7)?;
                     if state != "stopped" && silent > DOWN_AFTER_MISSED * heartbeat_seconds {
                         state = "down".into();

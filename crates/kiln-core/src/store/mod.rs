@@ -331,6 +331,16 @@ impl Db {
         }
     }
 
+    /// An expression for the database server's clock, in Unix seconds. Leases and heartbeats
+    /// are stamped and checked with it, so workers on boxes whose clocks disagree still agree
+    /// on when a lease ran out.
+    pub fn now_sql(&self) -> &'static str {
+        match self {
+            Db::Sqlite(_) => "((julianday('now') - 2440587.5) * 86400.0)",
+            Db::Postgres(_) => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) AS DOUBLE PRECISION)",
+        }
+    }
+
     /// ` FOR UPDATE SKIP LOCKED` where the engine has row locks (PostgreSQL): concurrent
     /// claimers pass over rows another worker is taking instead of waiting for them.
     pub fn skip_locked(&self) -> &'static str {
