@@ -157,6 +157,8 @@ pub struct WorkersArgs {
 
 pub fn run_workers(args: WorkersArgs) -> anyhow::Result<()> {
     let project = open_project(args.project.as_deref(), args.database)?;
+    // A listing creates nothing: a folder without a library is an error, not a new library.
+    project.existing_library()?;
     let queue = Queue::open(&project)?;
     let workers = queue.workers()?;
     if args.json {
