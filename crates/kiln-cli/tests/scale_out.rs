@@ -1,6 +1,6 @@
 //! Scale-out on PostgreSQL, end to end with real processes: one `kiln serve` that runs no jobs
 //! itself, three `kiln worker`s on one shared database, 40 mixed jobs (drafts, finals,
-//! upscales) from two API keys. One worker is killed (-9) while it runs a job and another is
+//! upscales) from three API keys. One worker is killed (-9) while it runs a job and another is
 //! started; then the server is killed (-9) and restarted. Every job ends done exactly once,
 //! the killed worker's job on another worker; the library and ledger are consistent and no
 //! file is left unrecorded.
@@ -108,6 +108,7 @@ fn three_workers_a_kill_9_of_one_and_of_the_server_lose_nothing() {
     let root = dir.path();
     let alice = add_key(root, &db.url, "alice");
     let bob = add_key(root, &db.url, "bob");
+    let carol = add_key(root, &db.url, "carol");
     let url = db.url.as_str();
     let start_server = || {
         let mut c = kiln(root);
@@ -126,7 +127,7 @@ fn three_workers_a_kill_9_of_one_and_of_the_server_lose_nothing() {
     let source = done["result"]["images"][0]["asset_id"].as_i64().unwrap();
     let mut ids = Vec::new();
     for i in 0..40u64 {
-        let key = if i % 2 == 0 { &alice } else { &bob };
+        let key = [&alice, &bob, &carol][i as usize % 3];
         let spec = match i % 20 {
             0..=11 => json!({ "kind": "draft", "prompt": format!("d{i}"), "count": 1, "seed": i }),
             12..=16 => json!({ "kind": "generate", "tier": "final", "prompt": format!("f{i}"), "seed": i }),
