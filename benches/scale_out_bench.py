@@ -24,7 +24,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from serve_bench import get, post  # same folder: the benchmarks' stdlib HTTP helpers
+from serve_bench import draft_tier, get, post, start_server  # same folder: shared bench helpers
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -42,26 +42,11 @@ def wait(base, ids):
 
 def run(a, model, workers):
     proj = Path(tempfile.mkdtemp(prefix="kiln-scale-bench-"))
-    (proj / "kiln.toml").write_text(f"""
-[tiers.draft]
-model = "{model}"
-width = {a.size}
-height = {a.size}
-steps = 1
-guidance = 0.0
-scheduler = "euler"
-""")
+    (proj / "kiln.toml").write_text(draft_tier(model, a.size))
     env = dict(os.environ, KILN_PROJECT=str(proj), KILN_LOG="warn")
     if a.database:
         env["KILN_DATABASE_URL"] = a.database
-    server = subprocess.Popen([a.kiln, "serve", "--listen", "127.0.0.1:0", "--no-worker", "--device", "cpu"],
-                              env=env, stderr=subprocess.PIPE, text=True)
-    base = None
-    for line in server.stderr:
-        if line.startswith("kiln serve: listening on "):
-            base = line.split("listening on ")[1].strip()
-            break
-    threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
+    server, base = start_server(a.kiln, env, ["--no-worker"])
     procs = [subprocess.Popen([a.kiln, "worker", "--device", "cpu", "--name", f"bench{w}",
                                "--heartbeat-seconds", "1"], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for w in range(workers)]

@@ -42,6 +42,32 @@ def get(base, path):
         return json.loads(r.read())
 
 
+def draft_tier(model, size):
+    """kiln.toml text of a `draft` tier: MODEL at SIZE², 1 step, no CFG."""
+    return f"""
+[tiers.draft]
+model = "{model}"
+width = {size}
+height = {size}
+steps = 1
+guidance = 0.0
+scheduler = "euler"
+"""
+
+
+def start_server(kiln, env, extra=()):
+    """`kiln serve` on a free loopback port: (process, base URL)."""
+    server = subprocess.Popen([kiln, "serve", "--listen", "127.0.0.1:0", "--device", "cpu", *extra], env=env,
+                              stderr=subprocess.PIPE, text=True)
+    base = None
+    for line in server.stderr:
+        if line.startswith("kiln serve: listening on "):
+            base = line.split("listening on ")[1].strip()
+            break
+    threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
+    return server, base
+
+
 def percentile(values, p):
     v = sorted(values)
     k = max(0, min(len(v) - 1, round(p / 100 * (len(v) - 1))))
@@ -60,14 +86,7 @@ def main():
     a = ap.parse_args()
     model = Path(a.model).resolve()
     proj = Path(tempfile.mkdtemp(prefix="kiln-serve-bench-"))
-    (proj / "kiln.toml").write_text(f"""
-[tiers.draft]
-model = "{model}"
-width = {a.size}
-height = {a.size}
-steps = 1
-guidance = 0.0
-scheduler = "euler"
+    (proj / "kiln.toml").write_text(draft_tier(model, a.size) + f"""
 [tiers.final]
 model = "{model}"
 width = {a.size}
@@ -85,14 +104,7 @@ scheduler = "euler"
     bench = json.loads(r.stdout)
     out["in_process_bench"] = bench.get("results")
 
-    server = subprocess.Popen([a.kiln, "serve", "--listen", "127.0.0.1:0", "--device", "cpu"], env=env,
-                              stderr=subprocess.PIPE, text=True)
-    base = None
-    for line in server.stderr:
-        if line.startswith("kiln serve: listening on "):
-            base = line.split("listening on ")[1].strip()
-            break
-    threading.Thread(target=lambda: [None for _ in server.stderr], daemon=True).start()
+    server, base = start_server(a.kiln, env)
     try:
         draft = lambda seed: {"model": "draft", "prompt": "a kiln at dusk", "seed": seed}
         post(base, "/v1/images/generations", draft(0))  # warm-up (loads the model)

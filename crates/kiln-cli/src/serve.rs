@@ -94,8 +94,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
                 id,
                 host: host.clone(),
                 device: name,
-                // A server that runs no jobs claims none (no tier is named ``).
-                tiers: if args.no_worker { vec![String::new()] } else { Vec::new() },
                 max_memory: budget,
                 ..Default::default()
             },
@@ -115,7 +113,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         limits,
         preload: args.preload,
         cors: kiln_server::state::Cors { origins: args.cors_origin },
-        worker,
+        // With --no-worker the server runs no jobs: only `kiln worker` processes do.
+        worker: (!args.no_worker).then_some(worker),
         more_workers: engines.collect(),
     };
     kiln_server::serve(engine, config)?;

@@ -109,7 +109,7 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
     let id = args.name.unwrap_or_else(|| format!("{}:{device_name}:{}", host_name(), std::process::id()));
     // This worker's previous life (same name) left its jobs running: settle them now rather
     // than after their lease.
-    let recovery = queue.recover(Some(&id))?;
+    let recovery = queue.recover(&[id.as_str()])?;
     if !recovery.requeued.is_empty() {
         tracing::warn!(jobs = ?recovery.requeued, "queued again: left running by this worker's previous process");
     }

@@ -47,8 +47,9 @@ pub struct ServerConfig {
     pub preload: Vec<String>,
     /// Browser origins allowed to call the API (CORS); empty = no CORS headers at all.
     pub cors: state::Cors,
-    /// The server's own queue worker (its id, tiers, leases).
-    pub worker: kiln_core::jobs::worker::WorkerOptions,
+    /// The server's own queue worker on its engine (its id, tiers, leases); None: only
+    /// `kiln worker` processes run jobs.
+    pub worker: Option<kiln_core::jobs::worker::WorkerOptions>,
     /// Workers on further devices (`--devices`), each with its own engine and model pool.
     pub more_workers: Vec<(Engine, kiln_core::jobs::worker::WorkerOptions)>,
 }
@@ -142,22 +143,19 @@ pub fn serve(engine: Engine, config: ServerConfig) -> Result<(), ServeError> {
         return Err(ServeError::ExposedWithoutKeys(config.listen));
     }
     let mut queue = Queue::open(&engine.project)?;
-    let mut recovery = queue.recover(Some(&config.worker.ad.id))?;
-    for (_, options) in &config.more_workers {
-        let more = queue.recover(Some(&options.ad.id))?;
-        recovery.requeued.extend(more.requeued);
-        recovery.completed.extend(more.completed);
-        recovery.removed_files += more.removed_files;
-    }
-    drop(queue);
-    let more_workers: Vec<_> = config.more_workers.into_iter().map(|(e, o)| (Arc::new(e), o)).collect();
     let engine = Arc::new(engine);
+    let mut workers: Vec<_> = config.worker.iter().map(|o| (engine.clone(), o.clone())).collect();
+    workers.extend(config.more_workers.into_iter().map(|(e, o)| (Arc::new(e), o)));
+    // Unleased rows, and rows this process's workers held in their previous life.
+    let own: Vec<&str> = workers.iter().map(|(_, o)| o.ad.id.as_str()).collect();
+    let recovery = queue.recover(&own)?;
+    drop(queue);
     for tier in &config.preload {
         let ws = engine.workspace()?;
         ws.load_tier(tier)?;
         tracing::info!(tier = %tier, "preloaded");
     }
-    let state = Arc::new(AppState::new(engine, config.limits, config.worker.clone(), more_workers));
+    let state = Arc::new(AppState::new(engine, config.limits, workers));
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::bind(config.listen)
@@ -169,7 +167,8 @@ pub fn serve(engine: Engine, config: ServerConfig) -> Result<(), ServeError> {
                 removed_files = recovery.removed_files, "recovered jobs left running by a previous process");
         }
         let workers: Vec<_> = state
-            .all_workers()
+            .workers
+            .iter()
             .cloned()
             .map(|worker| {
                 std::thread::spawn(move || {
@@ -190,7 +189,7 @@ pub fn serve(engine: Engine, config: ServerConfig) -> Result<(), ServeError> {
                 shutdown_signal().await;
                 tracing::info!("shutting down: finishing the running job");
                 shutdown_state.shutting_down.store(true, Ordering::SeqCst);
-                shutdown_state.all_workers().for_each(|w| w.drain());
+                shutdown_state.workers.iter().for_each(|w| w.drain());
             })
             .await?;
         let _ = tokio::task::spawn_blocking(move || {

@@ -77,10 +77,9 @@ impl Default for Limits {
 pub struct AppState {
     pub engine: Arc<Engine>,
     pub hub: Arc<EventHub>,
-    /// The server's own queue worker (publishing into `hub`), on the engine's device.
-    pub worker: Arc<Worker>,
-    /// Workers on the server's other devices (`kiln serve --devices`), each with its engine.
-    pub more_workers: Vec<Arc<Worker>>,
+    /// The queue workers of this process (publishing into `hub`): the engine's own, then one
+    /// per further device (`--devices`); none with `--no-worker`.
+    pub workers: Vec<Arc<Worker>>,
     pub shutting_down: AtomicBool,
     /// A1111's `sd_model_checkpoint`: the tier its txt2img/img2img use.
     pub a1111_tier: Mutex<String>,
@@ -92,20 +91,13 @@ pub struct AppState {
 pub struct Owner(pub String);
 
 impl AppState {
-    pub fn new(
-        engine: Arc<Engine>,
-        limits: Limits,
-        worker: WorkerOptions,
-        more_workers: Vec<(Arc<Engine>, WorkerOptions)>,
-    ) -> Self {
+    pub fn new(engine: Arc<Engine>, limits: Limits, workers: Vec<(Arc<Engine>, WorkerOptions)>) -> Self {
         let hub = Arc::new(EventHub::default());
-        let worker = Worker::new(engine.clone(), hub.clone(), worker);
-        let more_workers = more_workers.into_iter().map(|(e, o)| Worker::new(e, hub.clone(), o)).collect();
+        let workers = workers.into_iter().map(|(e, o)| Worker::new(e, hub.clone(), o)).collect();
         Self {
             engine,
             hub,
-            worker,
-            more_workers,
+            workers,
             shutting_down: AtomicBool::new(false),
             a1111_tier: Mutex::new("draft".into()),
             limits,
@@ -117,13 +109,7 @@ impl AppState {
     }
 
     pub fn notify_worker(&self) {
-        self.worker.notify();
-        self.more_workers.iter().for_each(|w| w.notify());
-    }
-
-    /// Every worker of this process: the engine's, then the other devices'.
-    pub fn all_workers(&self) -> impl Iterator<Item = &Arc<Worker>> {
-        std::iter::once(&self.worker).chain(&self.more_workers)
+        self.workers.iter().for_each(|w| w.notify());
     }
 
     /// The lane a spec waits in: drafts (the draft job, and generations on a draft-lane tier)
@@ -220,9 +206,7 @@ impl AppState {
     }
 }
 
-pub fn now() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-}
+pub use kiln_core::library::now_seconds as now;
 
 #[cfg(test)]
 mod tests {

@@ -65,9 +65,9 @@ impl Server {
         let engine = Arc::new(Engine::new(project, options, Arc::new(ModelPool::new(None))));
         // Small limits, so that the limit checks themselves are reached by mutated sizes.
         let limits = Limits { body_bytes: 1 << 20, image_side: 512, generate_side: 512 };
-        let state = Arc::new(AppState::new(engine, limits, Default::default(), Vec::new()));
+        let state = Arc::new(AppState::new(engine.clone(), limits, vec![(engine, Default::default())]));
         let router = kiln_server::router(state.clone(), &Cors::default()).unwrap();
-        let worker = state.worker.clone();
+        let worker = state.workers[0].clone();
         let worker = std::thread::spawn(move || worker.run().unwrap());
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         Server { _dir: dir, state, router, runtime, worker: Some(worker) }
@@ -113,7 +113,7 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.state.shutting_down.store(true, Ordering::SeqCst);
-        self.state.worker.drain();
+        self.state.workers.iter().for_each(|w| w.drain());
         if let Some(w) = self.worker.take() {
             let _ = w.join();
         }

@@ -12,6 +12,7 @@
 
 use super::spec::{JobSpec, Lane};
 use crate::error::{Error, Result};
+use crate::library::now_seconds as now;
 use crate::library::{Library, Project};
 use crate::store::{DbResult, Row, Value};
 use crate::vals;
@@ -105,10 +106,6 @@ pub struct Recovery {
 /// The queue over the project library.
 pub struct Queue {
     lib: Library,
-}
-
-fn now() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 const COLUMNS: &str = "id, kind, lane, owner, tier, state, spec_json, created_at, started_at, finished_at, \
@@ -518,23 +515,27 @@ impl Queue {
             .map_err(|e| self.err(e))
     }
 
-    /// After a crash of a process that ran jobs: rows left running unleased, or leased to
-    /// `own_worker` (this process's worker id, so its previous life's), are re-queued (their
+    /// After a crash of a process that ran jobs: rows left running unleased, or leased to one
+    /// of `own_workers` (this process's worker ids, so their previous life's), are re-queued (their
     /// unrecorded files removed), or done when their library record was committed; expired
     /// leases likewise. Rows leased to other workers may still be running: they are settled
     /// when their lease runs out.
-    pub fn recover(&mut self, own_worker: Option<&str>) -> Result<Recovery> {
+    pub fn recover(&mut self, own_workers: &[&str]) -> Result<Recovery> {
         let mut report = Recovery::default();
         let mut runs = Vec::new();
+        let mut sql = String::from(
+            "SELECT id, library_job_id, attempts FROM queue WHERE state = 'running' \
+                                    AND (lease_until IS NULL",
+        );
+        for i in 1..=own_workers.len() {
+            sql.push_str(&format!(" OR worker = ?{i}"));
+        }
+        sql.push(')');
+        let params: Vec<Value> = own_workers.iter().map(|w| Value::Text(w.to_string())).collect();
         let rows: Vec<(i64, Option<i64>, i64)> = self
             .lib
             .db
-            .query_map(
-                "SELECT id, library_job_id, attempts FROM queue WHERE state = 'running' \
-                 AND (lease_until IS NULL OR worker = ?1)",
-                vals![own_worker],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
+            .query_map(&sql, &params, |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .map_err(|e| self.err(e))?;
         for (id, library_job, attempt) in rows {
             if self.settle_running(id, attempt, library_job)? {
@@ -554,7 +555,9 @@ impl Queue {
     pub fn remove_unrecorded_files(&self, runs: &[(i64, i64)]) -> Result<usize> {
         let prefixes: Vec<String> = runs.iter().map(|(id, attempt)| format!("q{id}a{attempt}-")).collect();
         let mut removed = 0;
-        for path in self.lib.orphans()? {
+        // Only files named like those are candidates; each is checked against the library on
+        // its own, rather than listing every asset (this runs after every failed job).
+        for path in self.lib.asset_files() {
             let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
             // Temp files only when old: a worker beside this one may be writing one now.
             let old = std::fs::metadata(&path)
@@ -567,7 +570,10 @@ impl Queue {
             let stray_run = prefixes.iter().any(|pre| {
                 name.starts_with(pre) || name.strip_prefix(".kiln-").is_some_and(|rest| rest.starts_with(pre))
             });
-            if (stray_tmp || stray_run) && std::fs::remove_file(&path).is_ok() {
+            if !(stray_tmp || stray_run) || self.lib.records_file(&path)? {
+                continue;
+            }
+            if std::fs::remove_file(&path).is_ok() {
                 removed += 1;
             }
         }

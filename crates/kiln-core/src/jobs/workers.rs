@@ -5,6 +5,7 @@
 use super::events::JobEvent;
 use super::queue::Queue;
 use crate::error::Result;
+use crate::library::now_seconds as now;
 use crate::vals;
 use serde::Serialize;
 
@@ -40,10 +41,6 @@ pub struct WorkerRow {
     pub heartbeat_at: f64,
     /// Seconds since its last heartbeat.
     pub silent_seconds: f64,
-}
-
-fn now() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 fn to_i64(v: Option<u64>) -> Option<i64> {

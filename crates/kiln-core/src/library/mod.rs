@@ -389,6 +389,11 @@ impl Library {
     pub fn orphans(&self) -> Result<Vec<PathBuf>> {
         let recorded: std::collections::BTreeSet<String> =
             self.list_assets(&assets::AssetFilter::default())?.into_iter().map(|a| a.path).collect();
+        Ok(self.asset_files().into_iter().filter(|p| !recorded.contains(&self.relative(p))).collect())
+    }
+
+    /// Every file under assets/, sorted.
+    pub fn asset_files(&self) -> Vec<PathBuf> {
         let mut out = Vec::new();
         let mut stack = vec![self.root.join(ASSETS_DIR)];
         while let Some(dir) = stack.pop() {
@@ -398,15 +403,28 @@ impl Library {
                 if p.is_dir() {
                     stack.push(p);
                 } else {
-                    let rel = p.strip_prefix(&self.root).unwrap_or(&p).to_string_lossy().into_owned();
-                    if !recorded.contains(&rel) {
-                        out.push(p);
-                    }
+                    out.push(p);
                 }
             }
         }
         out.sort();
-        Ok(out)
+        out
+    }
+
+    /// `path` relative to the project root, as assets record it.
+    fn relative(&self, path: &Path) -> String {
+        path.strip_prefix(&self.root).unwrap_or(path).to_string_lossy().into_owned()
+    }
+
+    /// Whether an asset records the file at `path`.
+    pub fn records_file(&self, path: &Path) -> Result<bool> {
+        self.db
+            .query_row(
+                "SELECT EXISTS(SELECT 1 FROM assets WHERE path = ?1)",
+                crate::vals![self.relative(path)],
+                |r| r.get(0),
+            )
+            .map_err(|e| self.err(e))
     }
 }
 
@@ -454,6 +472,11 @@ fn mark_prepared(id: FileIdentity) {
     if let Ok(mut set) = prepared().lock() {
         set.insert(id);
     }
+}
+
+/// Seconds since the Unix epoch, with their fraction (queue and event times).
+pub fn now_seconds() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
 /// Seconds since the Unix epoch.

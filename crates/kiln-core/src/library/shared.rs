@@ -7,15 +7,12 @@
 //! each are well within what PostgreSQL's bytea serves.
 
 use super::assets::AssetRow;
+use super::now_seconds as now;
 use super::Library;
 use crate::error::{Error, Result};
 use crate::store::Engine;
 use crate::vals;
 use std::path::{Path, PathBuf};
-
-fn now() -> f64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
-}
 
 fn sha256(bytes: &[u8]) -> String {
     hex::encode(<sha2::Sha256 as sha2::Digest>::digest(bytes))
