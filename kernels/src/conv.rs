@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crate::cpu::{f32_values, gemm_f32};
+use crate::host::HostF32;
 use crate::winograd::{winograd_forward, Act, WinoInput, WinogradWeights};
 
 /// Upper bound on the column matrix built per band (floats): large enough for an efficient
@@ -246,7 +247,7 @@ pub fn conv2d_forward_im2col(x: &Tensor, weight: &Tensor, stride: usize, padding
 /// into the convolution's output pass.
 #[derive(Debug, Clone)]
 pub struct Conv2d {
-    weight: Tensor,
+    weight: ConvWeight,
     bias: Option<Tensor>,
     /// The bias as f32 values when the layer lives on the CPU in f32.
     bias_values: Option<Vec<f32>>,
@@ -256,6 +257,32 @@ pub struct Conv2d {
     calls: Arc<AtomicUsize>,
     stride: usize,
     padding: usize,
+}
+
+/// A conv layer's OIHW weight: a tensor, or f32 host values (a mapped file's range).
+#[derive(Debug, Clone)]
+enum ConvWeight {
+    Tensor(Tensor),
+    Host { values: HostF32, dims: [usize; 4] },
+}
+
+impl ConvWeight {
+    fn dims4(&self) -> Result<(usize, usize, usize, usize)> {
+        match self {
+            Self::Tensor(t) => t.dims4(),
+            Self::Host { dims: [o, i, h, w], .. } => Ok((*o, *i, *h, *w)),
+        }
+    }
+
+    /// The weight as a tensor (host values are copied: only the non-CPU-f32 paths ask).
+    fn tensor(&self) -> Result<Tensor> {
+        match self {
+            Self::Tensor(t) => Ok(t.clone()),
+            Self::Host { values, dims } => {
+                Tensor::from_slice(values.values(), dims.as_slice(), &candle_core::Device::Cpu)
+            }
+        }
+    }
 }
 
 impl Conv2d {
@@ -274,7 +301,7 @@ impl Conv2d {
                 _ => None,
             };
             let layer = Self {
-                weight: weight.clone(),
+                weight: ConvWeight::Tensor(weight.clone()),
                 bias: bias.clone(),
                 bias_values,
                 winograd: Arc::new(OnceLock::new()),
@@ -286,8 +313,60 @@ impl Conv2d {
         })
     }
 
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// A CPU f32 layer computing from `weight` (OIHW values of `dims`) without copying it.
+    pub fn from_host(
+        weight: HostF32,
+        dims: [usize; 4],
+        bias: Option<Vec<f32>>,
+        cfg: Conv2dConfig,
+    ) -> Result<Self> {
+        if cfg.groups != 1 || cfg.dilation != 1 {
+            candle_core::bail!("kiln Conv2d supports groups = 1 and dilation = 1 only");
+        }
+        if weight.len() != dims.iter().product::<usize>() || bias.as_ref().is_some_and(|b| b.len() != dims[0])
+        {
+            candle_core::bail!(
+                "conv from host values: {} weight and {:?} bias values for {dims:?}",
+                weight.len(),
+                bias.as_ref().map(Vec::len)
+            );
+        }
+        let bias_tensor = match &bias {
+            Some(b) => Some(Tensor::from_slice(b, b.len(), &candle_core::Device::Cpu)?),
+            None => None,
+        };
+        Ok(Self {
+            weight: ConvWeight::Host { values: weight, dims },
+            bias: bias_tensor,
+            bias_values: bias,
+            winograd: Arc::new(OnceLock::new()),
+            calls: Arc::new(AtomicUsize::new(0)),
+            stride: cfg.stride,
+            padding: cfg.padding,
+        })
+    }
+
+    /// The values a CPU f32 layer computes from: the OIHW weight, its dims and the bias.
+    /// `None` for a layer on another device or in another dtype.
+    #[allow(clippy::type_complexity)]
+    pub fn cpu_values(&self) -> Result<Option<(Vec<f32>, [usize; 4], Option<Vec<f32>>)>> {
+        let (o, i, h, w) = self.weight.dims4()?;
+        let values = match &self.weight {
+            ConvWeight::Tensor(t) if t.device().is_cpu() && t.dtype() == DType::F32 => {
+                t.flatten_all()?.to_vec1::<f32>()?
+            }
+            ConvWeight::Tensor(_) => return Ok(None),
+            ConvWeight::Host { values, .. } => values.values().to_vec(),
+        };
+        if self.bias.is_some() && self.bias_values.is_none() {
+            return Ok(None);
+        }
+        Ok(Some((values, [o, i, h, w], self.bias_values.clone())))
+    }
+
+    /// The OIHW stride and padding the layer was built with.
+    pub fn config(&self) -> (usize, usize) {
+        (self.stride, self.padding)
     }
 
     pub fn bias(&self) -> Option<&Tensor> {
@@ -303,14 +382,19 @@ impl Conv2d {
     fn forward_fused(&self, x: &Tensor, residual: Option<&Tensor>, scale: f64) -> Result<Tensor> {
         let bias_ready = self.bias.is_none() || self.bias_values.is_some();
         let residual_ready = residual.is_none_or(|r| r.device().is_cpu() && r.dtype() == DType::F32);
-        if !(is_cpu_f32(x, &self.weight) && bias_ready && residual_ready) {
-            let y = if uses_cudnn(x, &self.weight) {
+        let weight_ready = match &self.weight {
+            ConvWeight::Tensor(w) => is_cpu_f32(x, w),
+            ConvWeight::Host { .. } => x.device().is_cpu() && x.dtype() == DType::F32,
+        };
+        if !(weight_ready && bias_ready && residual_ready) {
+            let weight = self.weight.tensor()?.to_dtype(x.dtype())?;
+            let y = if uses_cudnn(x, &weight) {
                 x.contiguous()?.apply_op2_no_bwd(
-                    &self.weight.contiguous()?,
+                    &weight.contiguous()?,
                     &Conv2dOp { stride: self.stride, padding: self.padding },
                 )?
             } else {
-                x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
+                x.conv2d(&weight, self.padding, self.stride, 1, 1)?
             };
             let y = match &self.bias {
                 Some(b) => y.broadcast_add(&b.reshape((1, b.dim(0)?, 1, 1))?)?,
@@ -323,8 +407,11 @@ impl Conv2d {
             return if scale == 1.0 { Ok(y) } else { y.affine(scale, 0.0) };
         }
         let x = x.contiguous()?;
-        let weight = self.weight.contiguous()?;
-        let geometry = Geometry::new(x.dims4()?, weight.dims4()?, self.stride, self.padding)?;
+        let weight = match &self.weight {
+            ConvWeight::Tensor(w) => Some(w.contiguous()?),
+            ConvWeight::Host { .. } => None,
+        };
+        let geometry = Geometry::new(x.dims4()?, self.weight.dims4()?, self.stride, self.padding)?;
         let residual = match residual {
             Some(r) if r.dims() != geometry.out_dims() => candle_core::bail!(
                 "kiln-conv2d: residual {:?} differs from the output {:?}",
@@ -351,14 +438,14 @@ impl Conv2d {
             let weights = if keep || self.winograd.get().is_some() {
                 if self.winograd.get().is_none() {
                     // A race only transforms twice; the first value set is kept.
-                    let _ = self.winograd.set(WinogradWeights::new(&weight, &[geometry.c])?);
+                    let _ = self.winograd.set(self.winograd_weights(weight.as_ref(), geometry.c)?);
                 }
                 match self.winograd.get() {
                     Some(w) => w,
                     None => candle_core::bail!("kiln-conv2d: Winograd weights not kept"),
                 }
             } else {
-                per_call = WinogradWeights::new(&weight, &[geometry.c])?;
+                per_call = self.winograd_weights(weight.as_ref(), geometry.c)?;
                 &per_call
             };
             let input = WinoInput::new(&x)?;
@@ -389,11 +476,30 @@ impl Conv2d {
         }
         drop(guard);
         let (xs, xl) = x.storage_and_layout();
-        let (ws, wl) = weight.storage_and_layout();
-        let (xd, wd) = (cpu_slice(&xs, xl)?, cpu_slice(&ws, wl)?);
-        im2col_gemm(xd, wd, &geometry, &mut out, initialised, scale);
-        drop((xs, ws));
+        let xd = cpu_slice(&xs, xl)?;
+        match (&weight, &self.weight) {
+            (Some(w), _) => {
+                let (ws, wl) = w.storage_and_layout();
+                im2col_gemm(xd, cpu_slice(&ws, wl)?, &geometry, &mut out, initialised, scale);
+            }
+            (None, ConvWeight::Host { values, .. }) => {
+                im2col_gemm(xd, values.values(), &geometry, &mut out, initialised, scale)
+            }
+            (None, ConvWeight::Tensor(_)) => candle_core::bail!("kiln-conv2d: weight not contiguous"),
+        }
+        drop(xs);
         Tensor::from_vec(out, geometry.out_dims().to_vec(), &candle_core::Device::Cpu)
+    }
+
+    /// The Winograd transforms of the weight (`contiguous`: the tensor weight made contiguous).
+    fn winograd_weights(&self, contiguous: Option<&Tensor>, cin: usize) -> Result<WinogradWeights> {
+        match (&self.weight, contiguous) {
+            (ConvWeight::Host { values, dims }, _) => {
+                WinogradWeights::from_slice(values.values(), dims[0], cin, &[cin])
+            }
+            (ConvWeight::Tensor(_), Some(w)) => WinogradWeights::new(w, &[cin]),
+            (ConvWeight::Tensor(w), None) => WinogradWeights::new(w, &[cin]),
+        }
     }
 }
 
@@ -422,6 +528,36 @@ pub fn conv2d(cin: usize, cout: usize, kernel: usize, cfg: Conv2dConfig, vb: Var
 mod tests {
     use super::*;
     use crate::test_util::{max_abs_diff, rand_unit};
+
+    /// A layer rebuilt from its own host values computes the same bits as the layer it came
+    /// from, on the im2col path, the Winograd path (per call and kept) and with a residual.
+    #[test]
+    fn host_values_layer_equals_tensor_layer_bit_for_bit() -> Result<()> {
+        let dev = candle_core::Device::Cpu;
+        for &(ci, co, k, s, p, hw) in
+            &[(8, 12, 3, 1, 1, 70), (8, 12, 3, 1, 1, 9), (6, 5, 3, 2, 1, 17), (4, 7, 1, 1, 0, 12)]
+        {
+            let wt = Tensor::randn(0f32, 0.3, (co, ci, k, k), &dev)?;
+            let bias = Tensor::randn(0f32, 0.3, co, &dev)?;
+            let cfg = Conv2dConfig { padding: p, stride: s, ..Default::default() };
+            let layer = Conv2d::new(wt, Some(bias), cfg)?;
+            let Some((values, dims, b)) = layer.cpu_values()? else { panic!("a CPU f32 layer has values") };
+            let host = Conv2d::from_host(values.into(), dims, b, cfg)?;
+            let x = Tensor::randn(0f32, 1.0, (1, ci, hw, hw), &dev)?;
+            for _ in 0..2 {
+                assert_eq!(
+                    max_abs_diff(&host.forward(&x)?, &layer.forward(&x)?)?,
+                    0.0,
+                    "{ci}->{co} k{k} at {hw}"
+                );
+            }
+            let want = layer.forward(&x)?;
+            let residual = Tensor::randn(0f32, 1.0, want.dims(), &dev)?;
+            let (a, b) = (host.forward_add(&x, &residual, 0.5)?, layer.forward_add(&x, &residual, 0.5)?);
+            assert_eq!(max_abs_diff(&a, &b)?, 0.0);
+        }
+        Ok(())
+    }
 
     #[test]
     fn matches_candle_reference() -> Result<()> {

@@ -21,6 +21,8 @@
 //! - [`resample`]: bilinear resize and 2×2 ceil-mode max-pool of feature maps, one plane per
 //!   task on CPU (candle's ops run every plane on one thread), bit-identical to candle's.
 //!
+//! - [`host`]: layer weights as plain host values, owned or a range of a read-only file mapping
+//!   (pre-laid-out weights used in place, shared with the page cache).
 //! - [`reuse`]: derived layer weights (transposed copies, Winograd transforms) shared by models
 //!   rebuilt from the same weights, e.g. when a warm model's LoRA set changes.
 //!
@@ -34,6 +36,7 @@ mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
 pub mod fastmath;
+pub mod host;
 pub mod linear;
 pub mod lowrank;
 #[cfg_attr(not(all(feature = "cudnn", not(test))), allow(dead_code))]
@@ -49,6 +52,7 @@ mod test_util;
 pub use attention::{attention, attention_bnc, attention_is_fused, attention_reference};
 pub use blend::{blend_tile, blend_tile_slice, BlendRegion};
 pub use conv::{conv2d, Conv2d};
+pub use host::{HostF32, HostValues};
 pub use linear::{linear, linear_no_bias, Epilogue, Linear};
 pub use norm::{group_norm, GroupNorm};
 pub use winograd::{conv3x3_winograd, Act, Conv3x3, WinoInput, WinogradWeights};

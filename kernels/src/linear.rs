@@ -9,12 +9,15 @@
 
 use std::sync::Arc;
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Storage, Tensor, D};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, DType, Layout, Module, Result, Shape, Storage, Tensor, D,
+};
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use crate::cpu::{f32_values, gemm_f32};
 use crate::fastmath;
+use crate::host::HostF32;
 
 /// What is applied to the linear output before it is returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -79,7 +82,37 @@ impl CustomOp2 for LinearCpu {
         let x = f32_values("kiln-linear", "input", xs, xl)?;
         let w = f32_values("kiln-linear", "weight", ws, wl)?;
         let (k, n) = wl.shape().dims2()?;
-        let dims = xl.shape().dims();
+        self.run(x, xl.shape().dims(), w, k, n)
+    }
+}
+
+/// [`LinearCpu`] with the transposed weight held by the op (host values, e.g. mapped from a
+/// file) instead of passed as a tensor.
+#[derive(Debug, Clone)]
+struct LinearHost {
+    op: LinearCpu,
+    weight_t: HostF32,
+    in_dim: usize,
+    out_dim: usize,
+}
+
+impl CustomOp1 for LinearHost {
+    fn name(&self) -> &'static str {
+        "kiln-linear"
+    }
+
+    fn cpu_fwd(&self, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let x = f32_values("kiln-linear", "input", xs, xl)?;
+        self.op.run(x, xl.shape().dims(), self.weight_t.values(), self.in_dim, self.out_dim)
+    }
+}
+
+impl LinearCpu {
+    /// `epilogue(x w + b)` for `x` of `dims` (last = k) and `w` row-major `[k, n]`.
+    fn run(&self, x: &[f32], dims: &[usize], w: &[f32], k: usize, n: usize) -> Result<(CpuStorage, Shape)> {
+        if w.len() != k * n {
+            candle_core::bail!("kiln-linear: weight of {} values for {k}x{n}", w.len());
+        }
         if dims.last() != Some(&k) {
             candle_core::bail!("kiln-linear: input {dims:?} does not end in the weight's {k} inputs");
         }
@@ -184,6 +217,9 @@ enum Repr {
     /// CPU f32: `weight_t` is the weight transposed, `[in, out]`, contiguous; bias copied out
     /// for the op.
     Cpu { weight_t: Tensor, bias: Option<Arc<Vec<f32>>>, bias_tensor: Option<Tensor> },
+    /// CPU f32 with the transposed weight as host values (a mapped file's range): the same
+    /// kernel, no tensor owning the values.
+    Host { weight_t: HostF32, bias: Option<Arc<Vec<f32>>> },
     /// Anything else: candle's own layer.
     Candle(candle_nn::Linear),
 }
@@ -287,6 +323,15 @@ impl Linear {
                 let op = LinearCpu { bias: bias.clone(), epilogue };
                 x.contiguous()?.apply_op2_no_bwd(weight_t, &op)
             }
+            Repr::Host { weight_t, bias } if x.device().is_cpu() && x.dtype() == DType::F32 => {
+                let op = LinearHost {
+                    op: LinearCpu { bias: bias.clone(), epilogue },
+                    weight_t: weight_t.clone(),
+                    in_dim: self.in_dim,
+                    out_dim: self.out_dim,
+                };
+                x.contiguous()?.apply_op1_no_bwd(&op)
+            }
             _ => {
                 let y = self.forward_plain(x)?;
                 apply_epilogue(&y, epilogue)
@@ -304,7 +349,51 @@ impl Linear {
                     None => Ok(y),
                 }
             }
+            Repr::Host { weight_t, bias } => {
+                let w = Tensor::from_slice(weight_t.values(), (self.in_dim, self.out_dim), x.device())?;
+                let y = x.broadcast_matmul(&w.to_dtype(x.dtype())?)?;
+                match bias {
+                    Some(b) => y.broadcast_add(
+                        &Tensor::from_slice(b, self.out_dim, x.device())?.to_dtype(x.dtype())?,
+                    ),
+                    None => Ok(y),
+                }
+            }
             Repr::Candle(lin) => lin.forward(x),
+        }
+    }
+
+    /// A CPU f32 layer computing from `weight_t`, the weight transposed (`[in, out]`
+    /// row-major, as [`Linear::cpu_values`] gives it), without copying it.
+    pub fn from_host(
+        weight_t: HostF32,
+        in_dim: usize,
+        out_dim: usize,
+        bias: Option<Vec<f32>>,
+    ) -> Result<Self> {
+        if weight_t.len() != in_dim * out_dim || bias.as_ref().is_some_and(|b| b.len() != out_dim) {
+            candle_core::bail!(
+                "linear from host values: {} weight and {:?} bias values for {in_dim} -> {out_dim}",
+                weight_t.len(),
+                bias.as_ref().map(Vec::len)
+            );
+        }
+        let repr = Repr::Host { weight_t, bias: bias.map(Arc::new) };
+        Ok(Self { repr, in_dim, out_dim })
+    }
+
+    /// The values a CPU f32 layer computes from: the weight transposed (`[in, out]` row-major)
+    /// and the bias. `None` for a layer kept by candle (another device or dtype).
+    pub fn cpu_values(&self) -> Result<Option<(Vec<f32>, Option<Vec<f32>>)>> {
+        match &self.repr {
+            Repr::Cpu { weight_t, bias, .. } => {
+                let values = weight_t.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
+                Ok(Some((values, bias.as_ref().map(|b| b.to_vec()))))
+            }
+            Repr::Host { weight_t, bias } => {
+                Ok(Some((weight_t.values().to_vec(), bias.as_ref().map(|b| b.to_vec()))))
+            }
+            Repr::Candle(_) => Ok(None),
         }
     }
 }
@@ -451,6 +540,29 @@ mod tests {
             let d = max_abs_diff(&fused.narrow(2, i * 8, 8)?, &separate)?;
             assert!(d < 1e-5, "part {i}: diff {d}");
         }
+        Ok(())
+    }
+
+    /// A layer rebuilt from its own host values (as a mapped layout file gives them) computes
+    /// the same bits as the layer it came from.
+    #[test]
+    fn host_values_layer_equals_tensor_layer_bit_for_bit() -> Result<()> {
+        let dev = Device::Cpu;
+        for &(m, k, n) in &[(77, 64, 96), (300, 40, 24), (5, 16, 130)] {
+            let x = Tensor::randn(0f32, 1.0, (2, m, k), &dev)?;
+            for bias in [None, Some(Tensor::randn(0f32, 0.3, n, &dev)?)] {
+                let lin = Linear::new(Tensor::randn(0f32, 0.3, (n, k), &dev)?, bias)?;
+                let Some((w, b)) = lin.cpu_values()? else { panic!("a CPU f32 layer has values") };
+                let host = Linear::from_host(w.into(), k, n, b)?;
+                for epilogue in [Epilogue::None, Epilogue::GeluErf] {
+                    let want = lin.forward_with(&x, epilogue)?;
+                    assert_eq!(max_abs_diff(&host.forward_with(&x, epilogue)?, &want)?, 0.0);
+                }
+                let d = max_abs_diff(&host.forward_plain(&x)?, &lin.forward_plain(&x)?)?;
+                assert!(d < 1e-5, "reference path: {d}");
+            }
+        }
+        assert!(Linear::from_host(vec![0f32; 5].into(), 2, 3, None).is_err());
         Ok(())
     }
 
