@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crate::cpu::{f32_values, gemm_f32};
-use crate::host::HostF32;
+use crate::host::{HostF32, LayerValues};
 use crate::winograd::{winograd_forward, Act, WinoInput, WinogradWeights};
 
 /// Upper bound on the column matrix built per band (floats): large enough for an efficient
@@ -346,10 +346,9 @@ impl Conv2d {
         })
     }
 
-    /// The values a CPU f32 layer computes from: the OIHW weight, its dims and the bias.
+    /// The values a CPU f32 layer computes from: the OIHW weight and the bias.
     /// `None` for a layer on another device or in another dtype.
-    #[allow(clippy::type_complexity)]
-    pub fn cpu_values(&self) -> Result<Option<(Vec<f32>, [usize; 4], Option<Vec<f32>>)>> {
+    pub fn cpu_values(&self) -> Result<Option<LayerValues>> {
         let (o, i, h, w) = self.weight.dims4()?;
         let values = match &self.weight {
             ConvWeight::Tensor(t) if t.device().is_cpu() && t.dtype() == DType::F32 => {
@@ -361,7 +360,7 @@ impl Conv2d {
         if self.bias.is_some() && self.bias_values.is_none() {
             return Ok(None);
         }
-        Ok(Some((values, [o, i, h, w], self.bias_values.clone())))
+        Ok(Some(LayerValues { weight: values, dims: vec![o, i, h, w], bias: self.bias_values.clone() }))
     }
 
     /// The OIHW stride and padding the layer was built with.
@@ -541,8 +540,9 @@ mod tests {
             let bias = Tensor::randn(0f32, 0.3, co, &dev)?;
             let cfg = Conv2dConfig { padding: p, stride: s, ..Default::default() };
             let layer = Conv2d::new(wt, Some(bias), cfg)?;
-            let Some((values, dims, b)) = layer.cpu_values()? else { panic!("a CPU f32 layer has values") };
-            let host = Conv2d::from_host(values.into(), dims, b, cfg)?;
+            let Some(v) = layer.cpu_values()? else { panic!("a CPU f32 layer has values") };
+            let dims = [v.dims[0], v.dims[1], v.dims[2], v.dims[3]];
+            let host = Conv2d::from_host(v.weight.into(), dims, v.bias, cfg)?;
             let x = Tensor::randn(0f32, 1.0, (1, ci, hw, hw), &dev)?;
             for _ in 0..2 {
                 assert_eq!(

@@ -53,3 +53,12 @@ impl fmt::Debug for HostF32 {
         write!(f, "HostF32({} values)", self.len())
     }
 }
+
+/// A layer's values as its CPU kernel reads them (see `Linear::cpu_values`, `Conv2d::cpu_values`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LayerValues {
+    pub weight: Vec<f32>,
+    /// The weight's dims in the kernel's layout (`[in, out]` for a linear layer, OIHW for a conv).
+    pub dims: Vec<usize>,
+    pub bias: Option<Vec<f32>>,
+}

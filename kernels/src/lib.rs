@@ -52,7 +52,7 @@ mod test_util;
 pub use attention::{attention, attention_bnc, attention_is_fused, attention_reference};
 pub use blend::{blend_tile, blend_tile_slice, BlendRegion};
 pub use conv::{conv2d, Conv2d};
-pub use host::{HostF32, HostValues};
+pub use host::{HostF32, HostValues, LayerValues};
 pub use linear::{linear, linear_no_bias, Epilogue, Linear};
 pub use norm::{group_norm, GroupNorm};
 pub use winograd::{conv3x3_winograd, Act, Conv3x3, WinoInput, WinogradWeights};

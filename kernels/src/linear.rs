@@ -17,7 +17,7 @@ use rayon::prelude::*;
 
 use crate::cpu::{f32_values, gemm_f32};
 use crate::fastmath;
-use crate::host::HostF32;
+use crate::host::{HostF32, LayerValues};
 
 /// What is applied to the linear output before it is returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -384,17 +384,19 @@ impl Linear {
 
     /// The values a CPU f32 layer computes from: the weight transposed (`[in, out]` row-major)
     /// and the bias. `None` for a layer kept by candle (another device or dtype).
-    pub fn cpu_values(&self) -> Result<Option<(Vec<f32>, Option<Vec<f32>>)>> {
+    pub fn cpu_values(&self) -> Result<Option<LayerValues>> {
         match &self.repr {
             Repr::Cpu { weight_t, bias, .. } => {
                 let values = weight_t.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-                Ok(Some((values, bias.as_ref().map(|b| b.to_vec()))))
+                Ok(Some(self.values(values, bias)))
             }
-            Repr::Host { weight_t, bias } => {
-                Ok(Some((weight_t.values().to_vec(), bias.as_ref().map(|b| b.to_vec()))))
-            }
+            Repr::Host { weight_t, bias } => Ok(Some(self.values(weight_t.values().to_vec(), bias))),
             Repr::Candle(_) => Ok(None),
         }
+    }
+
+    fn values(&self, weight: Vec<f32>, bias: &Option<Arc<Vec<f32>>>) -> LayerValues {
+        LayerValues { weight, dims: vec![self.in_dim, self.out_dim], bias: bias.as_ref().map(|b| b.to_vec()) }
     }
 }
 
@@ -552,8 +554,9 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (2, m, k), &dev)?;
             for bias in [None, Some(Tensor::randn(0f32, 0.3, n, &dev)?)] {
                 let lin = Linear::new(Tensor::randn(0f32, 0.3, (n, k), &dev)?, bias)?;
-                let Some((w, b)) = lin.cpu_values()? else { panic!("a CPU f32 layer has values") };
-                let host = Linear::from_host(w.into(), k, n, b)?;
+                let Some(v) = lin.cpu_values()? else { panic!("a CPU f32 layer has values") };
+                assert_eq!(v.dims, [k, n]);
+                let host = Linear::from_host(v.weight.into(), k, n, v.bias)?;
                 for epilogue in [Epilogue::None, Epilogue::GeluErf] {
                     let want = lin.forward_with(&x, epilogue)?;
                     assert_eq!(max_abs_diff(&host.forward_with(&x, epilogue)?, &want)?, 0.0);
