@@ -10,6 +10,11 @@ pub const HF_HUB_OFFLINE: &str = "HF_HUB_OFFLINE";
 pub const HF_TOKEN: &str = "HF_TOKEN";
 /// Overrides kiln's data dir (imported models, libraries); default `$XDG_DATA_HOME/kiln`.
 pub const KILN_DATA_DIR: &str = "KILN_DATA_DIR";
+/// `off` stops kiln from writing and using pre-laid-out weight files (loaders/layout_cache.rs)
+/// under `<data dir>/layout-cache`; on by default.
+pub const KILN_LAYOUT_CACHE: &str = "KILN_LAYOUT_CACHE";
+/// The size that layout cache is kept under (e.g. `40G`); default 32 GiB.
+pub const KILN_LAYOUT_CACHE_MAX: &str = "KILN_LAYOUT_CACHE_MAX";
 /// XDG base dir for user data.
 pub const XDG_DATA_HOME: &str = "XDG_DATA_HOME";
 /// XDG base dir for user config (kiln reads `kiln/tiers.toml` there).

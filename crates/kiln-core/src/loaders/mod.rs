@@ -1,12 +1,13 @@
 //! Loaders: where weights and configs come from (diffusers folders, the Hugging Face hub cache,
 //! safetensors files, BFL/ComfyUI single-file transformers, ONNX graphs for matting models, LoRA
 //! files merged into weights as they load, a warm model's weights reused when its LoRA set
-//! changes).
+//! changes, pre-laid-out weights mapped in place from the layout cache).
 //! Architectures live in `models`; this module only finds and opens files.
 
 pub mod bfl_names;
 pub mod diffusers;
 pub mod hub;
+pub mod layout_cache;
 pub mod lora;
 pub mod matting;
 pub mod ncnn;
