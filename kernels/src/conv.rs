@@ -363,7 +363,21 @@ impl Conv2d {
         Ok(Some(LayerValues { weight: values, dims: vec![o, i, h, w], bias: self.bias_values.clone() }))
     }
 
-    /// The OIHW stride and padding the layer was built with.
+    /// What [`Conv2d::cpu_values`] would give, without copying: the weight's dims and whether
+    /// there is a bias.
+    pub fn cpu_shape(&self) -> Option<(Vec<usize>, bool)> {
+        let cpu = match &self.weight {
+            ConvWeight::Tensor(t) => t.device().is_cpu() && t.dtype() == DType::F32,
+            ConvWeight::Host { .. } => true,
+        };
+        if !cpu || (self.bias.is_some() && self.bias_values.is_none()) {
+            return None;
+        }
+        let (o, i, h, w) = self.weight.dims4().ok()?;
+        Some((vec![o, i, h, w], self.bias.is_some()))
+    }
+
+    /// The stride and padding the layer was built with.
     pub fn config(&self) -> (usize, usize) {
         (self.stride, self.padding)
     }

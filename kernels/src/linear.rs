@@ -395,6 +395,15 @@ impl Linear {
         }
     }
 
+    /// What [`Linear::cpu_values`] would give, without copying: the weight's dims and whether
+    /// there is a bias.
+    pub fn cpu_shape(&self) -> Option<(Vec<usize>, bool)> {
+        match &self.repr {
+            Repr::Cpu { bias, .. } | Repr::Host { bias, .. } => Some((vec![self.in_dim, self.out_dim], bias.is_some())),
+            Repr::Candle(_) => None,
+        }
+    }
+
     fn values(&self, weight: Vec<f32>, bias: &Option<Arc<Vec<f32>>>) -> LayerValues {
         LayerValues { weight, dims: vec![self.in_dim, self.out_dim], bias: bias.as_ref().map(|b| b.to_vec()) }
     }

@@ -64,7 +64,7 @@ fn run_case(name: &str) {
     let model =
         LoadedModel::load_with_loras(model_source(&c.pipeline), None, &requests(&c.loras), &device, dtype)
             .unwrap();
-    assert!(model.lora_warnings.is_empty(), "{:?}", model.lora_warnings);
+    assert!(model.load_warnings.is_empty(), "{:?}", model.load_warnings);
     assert_eq!(model.loras.len(), c.loras.len());
     let out = generate(&model, &request(&c), &mut NoProgress).unwrap();
     let want = Tensor::read_npy(lora_dir().join(&c.output)).unwrap();
@@ -116,7 +116,8 @@ fn a_warm_model_switches_lora_sets_rereading_only_the_touched_tensors() {
     let (kohya, locon, stacked) = (case("sd1_kohya"), case("sd1_locon"), case("sd1_stacked"));
     let source = || model_source(&kohya.pipeline);
     let plain = LoadedModel::load_with_loras(source(), None, &[], &device, dtype).unwrap();
-    let total = plain.reuse.read;
+    // Tensors whose layers come from the layout cache are not read at all (mapped).
+    let total = plain.reuse.read + plain.reuse.mapped;
     assert_eq!(plain.reuse.shared, 0);
     // plain → kohya → stacked (kohya + LoCon) → LoCon → plain, each switch from the one before.
     let mut warm = plain;
@@ -130,9 +131,10 @@ fn a_warm_model_switches_lora_sets_rereading_only_the_touched_tensors() {
         let fresh = LoadedModel::load_with_loras(source(), None, &set, &device, dtype).unwrap();
         assert_eq!(switched.loras, fresh.loras);
         assert_eq!(switched.weights, fresh.weights);
-        // Every tensor is either shared or read; only the ones a LoRA touches are read.
+        // Every tensor is shared, mapped or read; only the ones a LoRA touches (and, with the
+        // layout cache, the others of their fused layers) are read.
         let r = switched.reuse;
-        assert_eq!(r.shared + r.read, total, "{r:?}");
+        assert_eq!(r.shared + r.read + r.mapped, total, "{r:?}");
         assert!(r.read > 0 && r.read * 4 < total, "{} LoRA(s): {r:?} of {total}", set.len());
         assert_eq!(
             pixels(&switched, c),
@@ -298,7 +300,7 @@ fn layers_that_match_nothing_are_reported_not_dropped() {
         DType::F32,
     )
     .unwrap();
-    let w = model.lora_warnings.join("\n");
+    let w = model.load_warnings.join("\n");
     assert!(w.contains("down_blocks_7") && w.contains("some_other_tensor") && w.contains("2 tensors"), "{w}");
 }
 

@@ -214,7 +214,7 @@ fn run_draft(ws: &mut Workspace, s: &super::spec::DraftSpec, sink: &mut dyn Even
         },
     };
     let mut warnings: Vec<String> = tier_warnings(&warm.tier, &warm.drift);
-    warnings.extend(warm.model.lora_warnings.iter().cloned());
+    warnings.extend(warm.model.load_warnings.iter().cloned());
     let r = draft(ws, &mut warm, &request, &mut SinkProgress::new(sink))?;
     let mut images: Vec<OutputImage> = r
         .images
@@ -295,7 +295,7 @@ fn run_promote(
     let loras = crate::loaders::lora::resolve_all(&s.lora_args()?)?;
     let mut warm = ws.load_tier_with(tier_name, &loras)?;
     let mut warnings = tier_warnings(&warm.tier, &warm.drift);
-    warnings.extend(warm.model.lora_warnings.iter().cloned());
+    warnings.extend(warm.model.load_warnings.iter().cloned());
     let r = promote(ws, &mut warm, &request, &mut SinkProgress::new(sink))?;
     warnings.extend(r.warnings.iter().cloned());
     let mut images = vec![OutputImage {

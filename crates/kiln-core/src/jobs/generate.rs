@@ -48,7 +48,7 @@ pub(crate) fn job_model(
             let mut warnings: Vec<String> = ws.check_budget(&t, images)?.into_iter().collect();
             let warm = ws.load_tier_with(name, loras)?;
             warnings.extend(tier_warnings(&warm.tier, &warm.drift));
-            warnings.extend(warm.model.lora_warnings.iter().cloned());
+            warnings.extend(warm.model.load_warnings.iter().cloned());
             Ok(JobModel {
                 model: warm.model,
                 tier: Some(warm.tier),
@@ -77,7 +77,7 @@ pub(crate) fn job_model(
                     ModelParts { vae: None, denoiser_file: single_file.clone(), loras: loras.to_vec() };
                 LoadedModel::load_parts(source, parts, device, dtype)
             })?;
-            let warnings = model.lora_warnings.clone();
+            let warnings = model.load_warnings.clone();
             Ok(JobModel { model, tier: None, load_seconds, warnings })
         }
         (None, None) => Err(Error::arg("tier", "name a tier (or, locally, a model)")),

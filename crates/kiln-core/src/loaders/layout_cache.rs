@@ -162,7 +162,16 @@ impl LayoutCache {
                 return Ok(WriteResult::DiskFull { bytes: total, free });
             }
         }
-        let tmp = tempfile::Builder::new().prefix(".kiln-layout-").suffix(".part").tempfile_in(&self.dir)?;
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(".kiln-layout-").suffix(".part");
+        // Readable by others (0666 less the umask, as any new file), so every kiln process
+        // on the box that may read the models may map it too.
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            builder.permissions(std::fs::Permissions::from_mode(0o666));
+        }
+        let tmp = builder.tempfile_in(&self.dir)?;
         let mut out = std::io::BufWriter::with_capacity(1 << 22, tmp.as_file());
         out.write_all(&(header.len() as u64).to_le_bytes())?;
         out.write_all(&header)?;
@@ -289,6 +298,14 @@ impl LayerSource {
             return Some(Self::Linear(l.clone()));
         }
         derived.downcast_ref::<Conv2d>().map(|c| Self::Conv(c.clone()))
+    }
+
+    /// The weight's dims in the kernel's layout and whether there is a bias (no copy).
+    pub fn shape(&self) -> Option<(Vec<usize>, bool)> {
+        match self {
+            Self::Linear(l) => l.cpu_shape(),
+            Self::Conv(c) => c.cpu_shape(),
+        }
     }
 
     pub fn values(&self) -> Result<LayerValues> {

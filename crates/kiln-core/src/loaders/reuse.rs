@@ -8,7 +8,15 @@
 //! patched ones from the memory-mapped base files, with the new deltas merged exactly as a
 //! fresh load merges them. The rebuilt model therefore computes bit for bit what a fresh load
 //! with the new set computes.
+//!
+//! A build on the CPU in f32 also uses the layout cache ([`super::layout_cache`]): a component
+//! whose pre-laid-out file exists takes its layers from that file's mapping, and the tensors
+//! those layers are built from are never read (the backend hands out a placeholder of the
+//! right shape, whose values are NaN so that a use outside a cached layer could not go
+//! unnoticed; a build checks that every placeholder went into a cached layer and is redone
+//! from the files otherwise). A component without a file gets one written after the build.
 
+use super::layout_cache::{LayerMeta, LayerSource, LayoutCache, LayoutFile, LayoutMeta, WriteResult};
 use super::lora::merge::{apply_patches, Patch};
 use crate::error::{Error, Result};
 use candle_core::safetensors::MmapedSafetensors;
@@ -40,6 +48,8 @@ struct CacheInner {
     ids: HashMap<TensorId, Name>,
     /// Names whose values were LoRA-merged (they differ from the base files).
     patched: HashSet<Name>,
+    /// Names whose tensors are placeholders (their layers came from a layout file).
+    placeholders: HashSet<Name>,
 }
 
 impl WeightCache {
@@ -59,6 +69,7 @@ impl WeightCache {
         let components: HashSet<&str> = components.into_iter().collect();
         let mut inner = self.lock();
         inner.tensors.retain(|(c, _), _| !components.contains(c.as_str()));
+        inner.placeholders.retain(|(c, _)| !components.contains(c.as_str()));
         inner.layers.retain(|(_, names), _| !names.iter().any(|(c, _)| components.contains(c.as_str())));
     }
 }
@@ -70,26 +81,139 @@ pub struct ReuseBuild {
     /// Names patched by the old or the new LoRA set: never taken from the warm model.
     changed: HashSet<Name>,
     counts: Mutex<ReuseCounts>,
+    /// The layout cache, unless it is off.
+    layout: Option<LayoutCache>,
+    layouts: Mutex<LayoutState>,
 }
 
-/// How a model's tensors were come by: shared with a warm model, or read from the files.
+#[derive(Default)]
+struct LayoutState {
+    /// Per component: the layout file its layers come from.
+    mapped: HashMap<String, Arc<LayoutFile>>,
+    /// Components without a layout file yet: (component, file to write, sources).
+    missing: Vec<(String, PathBuf, Vec<(String, String)>)>,
+    /// Placeholder tensors handed out, and those that went into a layer from a layout file.
+    handed: HashMap<TensorId, Name>,
+    consumed: HashSet<TensorId>,
+}
+
+/// How a model's tensors were come by: shared with a warm model, read from the files, or not
+/// read at all because the layers built from them were mapped from the layout cache.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ReuseCounts {
     pub shared: usize,
     pub read: usize,
+    pub mapped: usize,
 }
 
 impl ReuseBuild {
     /// A build that fills `into`, taking unchanged weights from `from` when given. `patched`
     /// lists the names the new LoRA set patches.
-    pub fn new(from: Option<Arc<WeightCache>>, into: Arc<WeightCache>, patched: HashSet<Name>) -> Self {
+    /// `layout`: whether CPU f32 components use and fill the layout cache (when it is on).
+    pub fn new(
+        from: Option<Arc<WeightCache>>,
+        into: Arc<WeightCache>,
+        patched: HashSet<Name>,
+        layout: bool,
+    ) -> Result<Self> {
         let mut changed = patched.clone();
         if let Some(old) = &from {
             changed.extend(old.lock().patched.iter().cloned());
         }
         // A reload of released parts adds to what the model's first build recorded.
         into.lock().patched.extend(patched);
-        Self { from, into, changed, counts: Mutex::default() }
+        let layout = if layout { LayoutCache::from_env()? } else { None };
+        Ok(Self { from, into, changed, counts: Mutex::default(), layout, layouts: Mutex::default() })
+    }
+
+    fn layouts(&self) -> MutexGuard<'_, LayoutState> {
+        self.layouts.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn count(&self, f: impl FnOnce(&mut ReuseCounts)) {
+        f(&mut self.counts.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Fails when a placeholder tensor was handed out but no layer from a layout file took it
+    /// (the model uses that tensor some other way, so its values are needed): the caller then
+    /// builds again without the layout cache.
+    pub fn check_placeholders(&self) -> Result<()> {
+        let state = self.layouts();
+        let mut unused: Vec<String> = state
+            .handed
+            .iter()
+            .filter(|(id, _)| !state.consumed.contains(id))
+            .map(|(_, (c, n))| format!("{c}/{n}"))
+            .collect();
+        if unused.is_empty() {
+            return Ok(());
+        }
+        unused.sort();
+        let files: Vec<String> = state.mapped.values().map(|f| f.meta.component.clone()).collect();
+        Err(Error::Unsupported(format!(
+            "the layout cache for {} does not cover how the model uses {} tensor(s), e.g. {}",
+            files.join(", "),
+            unused.len(),
+            unused[0]
+        )))
+    }
+
+    /// Writes the layout files of the components that had none, from the layers this build
+    /// derived. A failure is only a warning: the model is loaded either way.
+    pub fn write_layouts(&self) -> Vec<String> {
+        let Some(cache) = &self.layout else { return Vec::new() };
+        let missing = std::mem::take(&mut self.layouts().missing);
+        let mut notes = Vec::new();
+        for (component, path, sources) in missing {
+            let layers: Vec<(LayerMeta, LayerSource)> = {
+                let into = self.into.lock();
+                let mut layers: Vec<_> = into
+                    .layers
+                    .iter()
+                    .filter(|((_, names), _)| !names.is_empty() && names.iter().all(|(c, _)| *c == component))
+                    .filter(|((_, names), _)| !names.iter().any(|n| into.patched.contains(n)))
+                    .filter_map(|((kind, names), layer)| {
+                        let source = LayerSource::of(layer)?;
+                        let (dims, bias) = source.shape()?;
+                        let names = names.iter().map(|(_, n)| n.clone()).collect();
+                        let meta = LayerMeta { kind: kind.clone(), names, dims, bias };
+                        Some((meta, source))
+                    })
+                    .collect();
+                layers.sort_by(|a, b| (&a.0.names, &a.0.kind).cmp(&(&b.0.names, &b.0.kind)));
+                layers
+            };
+            if layers.is_empty() {
+                continue;
+            }
+            let meta = LayoutMeta {
+                version: super::layout_cache::LAYOUT_VERSION,
+                component: component.clone(),
+                sources,
+                layers: layers.iter().map(|(m, _)| m.clone()).collect(),
+            };
+            let refs: Vec<(&LayerMeta, LayerSource)> =
+                meta.layers.iter().zip(layers.into_iter().map(|(_, s)| s)).collect();
+            let note = match cache.write(&path, &meta, &refs) {
+                Ok(WriteResult::Written { bytes }) => {
+                    tracing::info!("{component}: wrote {bytes} bytes of pre-laid-out weights to {}", path.display());
+                    continue;
+                }
+                Ok(WriteResult::Existed) => continue,
+                Ok(WriteResult::TooLarge { bytes, max }) => format!(
+                    "{component}: pre-laid-out weights ({bytes} bytes) exceed the layout cache's bound of {max} bytes                      ({}); loads stay slower",
+                    crate::env::KILN_LAYOUT_CACHE_MAX
+                ),
+                Ok(WriteResult::DiskFull { bytes, free }) => format!(
+                    "{component}: not writing {bytes} bytes of pre-laid-out weights: only {free} bytes free under {}",
+                    cache.dir().display()
+                ),
+                Err(e) => format!("{component}: pre-laid-out weights not written: {e}"),
+            };
+            tracing::warn!("{note}");
+            notes.push(note);
+        }
+        notes
     }
 
     /// The tensors handed out so far, by where they came from.
@@ -117,11 +241,40 @@ impl ReuseBuild {
             path: files.first().cloned().unwrap_or_default(),
             msg: e.to_string(),
         })?;
+        let layout = match &self.layout {
+            Some(cache) if device.is_cpu() && dtype == DType::F32 => {
+                let sources = files
+                    .iter()
+                    .map(|f| {
+                        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                        Ok((name, crate::loaders::weights::weight_sha256_cached(f)?))
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let hashes: Vec<String> = sources.iter().map(|(_, h)| h.clone()).collect();
+                let path = cache.path_for(component, &hashes);
+                match cache.open(&path, component, &sources) {
+                    Some(file) => {
+                        let file = Arc::new(file);
+                        self.layouts().mapped.insert(component.to_string(), file.clone());
+                        Some(file)
+                    }
+                    None => {
+                        // Only a build without LoRA deltas in this component lays out its base.
+                        if patches.as_ref().is_none_or(|p| p.is_empty()) {
+                            self.layouts().missing.push((component.to_string(), path, sources));
+                        }
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         let backend = WeightBackend {
             base,
             patches: patches.unwrap_or_default(),
             component: component.to_string(),
             build: self.clone(),
+            layout,
         };
         Ok(VarBuilder::from_backend(Box::new(backend), dtype, device.clone()))
     }
@@ -134,13 +287,28 @@ impl ReuseBuild {
 
 impl DeriveMemo for ReuseBuild {
     fn lookup(&self, kind: &str, sources: &[TensorId]) -> Option<Derived> {
-        let from = self.from.as_ref()?;
         let names = self.names(sources)?;
         if names.iter().any(|n| self.changed.contains(n)) {
             return None;
         }
         let key = (kind.to_string(), names);
-        let layer = from.lock().layers.get(&key).cloned()?;
+        let warm = self.from.as_ref().and_then(|from| from.lock().layers.get(&key).cloned());
+        let layer = match warm {
+            Some(layer) => layer,
+            None => {
+                let (component, _) = key.1.first()?;
+                let file = self.layouts().mapped.get(component).cloned()?;
+                let tensor_names: Vec<String> = key.1.iter().map(|(_, n)| n.clone()).collect();
+                match file.layer(kind, &tensor_names)? {
+                    Ok(layer) => layer,
+                    Err(e) => {
+                        tracing::warn!("{e}");
+                        return None;
+                    }
+                }
+            }
+        };
+        self.layouts().consumed.extend(sources.iter().copied());
         self.into.lock().layers.insert(key, layer.clone());
         Some(layer)
     }
@@ -164,15 +332,27 @@ struct WeightBackend {
     patches: HashMap<String, Vec<Patch>>,
     component: String,
     build: Arc<ReuseBuild>,
+    /// The component's layout file, when it has one.
+    layout: Option<Arc<LayoutFile>>,
 }
 
 impl WeightBackend {
     fn read(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         let key = (self.component.clone(), name.to_string());
+        if self.mappable(name) {
+            return self.placeholder(key, dtype, dev);
+        }
         if !self.build.changed.contains(&key) {
-            let warm = self.build.from.as_ref().and_then(|f| f.lock().tensors.get(&key).cloned());
+            let warm = self.build.from.as_ref().and_then(|f| {
+                let from = f.lock();
+                // A warm placeholder has no values to share.
+                if from.placeholders.contains(&key) {
+                    return None;
+                }
+                from.tensors.get(&key).cloned()
+            });
             if let Some(t) = warm.filter(|t| t.dtype() == dtype && t.device().same_device(dev)) {
-                self.build.counts.lock().unwrap_or_else(|p| p.into_inner()).shared += 1;
+                self.build.count(|c| c.shared += 1);
                 return Ok(self.keep(key, t));
             }
         }
@@ -181,7 +361,28 @@ impl WeightBackend {
             Some(patches) => apply_patches(&base, patches, dtype, dev)?,
             None => base.to_dtype(dtype)?,
         };
-        self.build.counts.lock().unwrap_or_else(|p| p.into_inner()).read += 1;
+        self.build.count(|c| c.read += 1);
+        Ok(self.keep(key, tensor))
+    }
+
+    /// Whether every layer the layout file builds from `name` can be taken from it (none of
+    /// their tensors changes in this build), so `name` itself need not be read.
+    fn mappable(&self, name: &str) -> bool {
+        let Some(file) = &self.layout else { return false };
+        let mut layers = file.layers_of(name).peekable();
+        layers.peek().is_some()
+            && layers.all(|names| {
+                names.iter().all(|n| !self.build.changed.contains(&(self.component.clone(), n.clone())))
+            })
+    }
+
+    /// A stand-in of the right shape and dtype that holds one NaN (broadcast, no allocation).
+    fn placeholder(&self, key: Name, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let shape = Shape::from_dims(self.base.get(&key.1)?.shape());
+        let tensor = Tensor::new(&[f32::NAN], dev)?.to_dtype(dtype)?.reshape(())?.broadcast_as(shape)?;
+        self.build.count(|c| c.mapped += 1);
+        self.build.layouts().handed.insert(tensor.id(), key.clone());
+        self.build.into.lock().placeholders.insert(key.clone());
         Ok(self.keep(key, tensor))
     }
 

@@ -75,8 +75,9 @@ pub struct LoadedModel {
     pub weights: Vec<WeightRecord>,
     /// The LoRAs merged into the weights, in the order asked (empty for the plain model).
     pub loras: Vec<LoraRecord>,
-    /// LoRA layers that matched nothing in this model, one line per LoRA file.
-    pub lora_warnings: Vec<String>,
+    /// What the load warns about: LoRA layers that matched nothing in this model (one line per
+    /// LoRA file), pre-laid-out weights that could not be written (disk full, cache bound).
+    pub load_warnings: Vec<String>,
     /// The tensors and derived layers the model was built from, so that the same model with
     /// another LoRA set can be built from it ([`LoadedModel::with_loras`]).
     weight_cache: Arc<WeightCache>,
@@ -106,7 +107,7 @@ impl LoadedModel {
     /// [`LoadedModel::load_with_vae`] with `loras` merged into the text encoders' and the
     /// denoiser's weights as they load (before any of kiln's own weight transforms). Every LoRA
     /// is read and matched against the model before anything is built: one that does not fit is
-    /// an error naming its layers; layers that match nothing are listed in `lora_warnings`.
+    /// an error naming its layers; layers that match nothing are listed in `load_warnings`.
     pub fn load_with_loras(
         source: ModelSource,
         vae_source: Option<ModelSource>,
@@ -120,7 +121,7 @@ impl LoadedModel {
 
     /// Loads the pipeline in `source` with `parts` replacing or adding to its own components.
     pub fn load_parts(source: ModelSource, parts: ModelParts, device: &Device, dtype: DType) -> Result<Self> {
-        Self::build(source, parts, device, dtype, None)
+        Self::build(source, parts, device, dtype, None, true)
     }
 
     /// This model with another LoRA set (none for the plain model), built from this one: the
@@ -134,7 +135,7 @@ impl LoadedModel {
             loras: loras.to_vec(),
         };
         let warm = Some(self.weight_cache.clone());
-        let model = Self::build(self.source.clone(), parts(), &self.device, self.dtype, warm)?;
+        let model = Self::build(self.source.clone(), parts(), &self.device, self.dtype, warm, true)?;
         if model.weights != self.weights {
             // A weight file changed on disk since this model was loaded: its tensors are no
             // longer the files' tensors, so nothing of it may be mixed in.
@@ -143,14 +144,19 @@ impl LoadedModel {
         Ok(model)
     }
 
+    /// `layout`: whether CPU f32 components use and fill the layout cache (see
+    /// `loaders::layout_cache`); a build whose layout files do not fit the model is redone
+    /// without it.
     fn build(
         source: ModelSource,
         parts: ModelParts,
         device: &Device,
         dtype: DType,
         warm: Option<Arc<WeightCache>>,
+        layout: bool,
     ) -> Result<Self> {
         crate::device::check_dtype(device, dtype)?;
+        let retry = layout.then(|| (source.clone(), parts.clone(), warm.clone()));
         let ModelParts { vae: vae_source, denoiser_file, loras } = parts;
         let loras = loras.as_slice();
         let folder = DiffusersFolder::open(source.dir())?;
@@ -177,7 +183,7 @@ impl LoadedModel {
             }
         }
         let (plan, lora_records) = plan_loras(&folder, spec, loras, prefer_fp16)?;
-        let lora_warnings = plan
+        let load_warnings = plan
             .unmatched
             .iter()
             .map(|(path, keys)| {
@@ -200,15 +206,23 @@ impl LoadedModel {
             }
         }
         let weight_cache = Arc::new(WeightCache::default());
-        let build = Arc::new(ReuseBuild::new(warm, weight_cache.clone(), patched));
+        let build = Arc::new(ReuseBuild::new(warm, weight_cache.clone(), patched, layout)?);
         let memo: Arc<dyn kiln_kernels::reuse::DeriveMemo> = build.clone();
         let parts = BuildParts { folder, source, denoiser_file, vae_source, plan: Arc::new(plan) };
         let mut model = kiln_kernels::reuse::with_memo(memo, || {
             Self::build_parts(parts, &build, &weight_cache, device, dtype)
         })?;
         weight_cache.finish();
+        if let Err(e) = build.check_placeholders() {
+            if let Some((source, parts, warm)) = retry {
+                tracing::warn!("{e}; loading from the weight files instead");
+                return Self::build(source, parts, device, dtype, warm, false);
+            }
+            return Err(e);
+        }
         model.loras = lora_records;
-        model.lora_warnings = lora_warnings;
+        model.load_warnings = load_warnings;
+        model.load_warnings.extend(build.write_layouts());
         model.weight_cache = weight_cache;
         model.reuse = build.counts();
         Ok(model)
@@ -276,7 +290,7 @@ impl LoadedModel {
             force_zeros_for_empty_prompt: folder.index_flag("force_zeros_for_empty_prompt").unwrap_or(true),
             weights,
             loras: Vec::new(),
-            lora_warnings: Vec::new(),
+            load_warnings: Vec::new(),
             weight_cache: Arc::default(),
             reuse: ReuseCounts::default(),
             device: device.clone(),
