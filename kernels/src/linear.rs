@@ -399,7 +399,9 @@ impl Linear {
     /// there is a bias.
     pub fn cpu_shape(&self) -> Option<(Vec<usize>, bool)> {
         match &self.repr {
-            Repr::Cpu { bias, .. } | Repr::Host { bias, .. } => Some((vec![self.in_dim, self.out_dim], bias.is_some())),
+            Repr::Cpu { bias, .. } | Repr::Host { bias, .. } => {
+                Some((vec![self.in_dim, self.out_dim], bias.is_some()))
+            }
             Repr::Candle(_) => None,
         }
     }

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 mod args;
 mod assets;
 mod bench;
+mod cache_cmd;
 mod cutout;
 mod cutout_replace;
 mod draft;
@@ -65,6 +66,9 @@ enum Command {
     Models(models_cmd::ModelsArgs),
     /// The LoRA library: import LoRA files (kohya, diffusers/PEFT, LyCORIS LoCon), list, show.
     Loras(loras_cmd::LorasArgs),
+    /// The layout cache: pre-laid-out weights written on a model's first CPU load and mapped
+    /// in place by later loads (list, prune).
+    Cache(cache_cmd::CacheArgs),
     /// Serve the project over HTTP: native jobs API, OpenAI Images, AUTOMATIC1111; one warm
     /// engine and a durable queue (drafts first).
     Serve(serve::ServeArgs),
@@ -110,6 +114,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Upscale(args) => upscale::run(args),
         Command::Models(args) => models_cmd::run(args),
         Command::Loras(args) => loras_cmd::run(args),
+        Command::Cache(args) => cache_cmd::run(args),
         Command::Serve(args) => serve::run(args),
         Command::Keys(args) => serve::run_keys(args),
         Command::Worker(args) => workers_cmd::run_worker(args),

@@ -246,7 +246,8 @@ impl ReuseBuild {
                 let sources = files
                     .iter()
                     .map(|f| {
-                        let name = f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+                        let name =
+                            f.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
                         Ok((name, crate::loaders::weights::weight_sha256_cached(f)?))
                     })
                     .collect::<Result<Vec<_>>>()?;
