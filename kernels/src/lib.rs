@@ -21,6 +21,7 @@
 //! - [`resample`]: bilinear resize and 2×2 ceil-mode max-pool of feature maps, one plane per
 //!   task on CPU (candle's ops run every plane on one thread), bit-identical to candle's.
 //!
+//! - [`embedding`]: token lookup whose table may be read in place from a mapping.
 //! - [`host`]: layer weights as plain host values, owned or a range of a read-only file mapping
 //!   (pre-laid-out weights used in place, shared with the page cache).
 //! - [`reuse`]: derived layer weights (transposed copies, Winograd transforms) shared by models
@@ -35,6 +36,7 @@ pub mod conv;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+pub mod embedding;
 pub mod fastmath;
 pub mod host;
 pub mod linear;
@@ -52,6 +54,7 @@ mod test_util;
 pub use attention::{attention, attention_bnc, attention_is_fused, attention_reference};
 pub use blend::{blend_tile, blend_tile_slice, BlendRegion};
 pub use conv::{conv2d, Conv2d};
+pub use embedding::Embedding;
 pub use host::{HostF32, HostValues, LayerValues};
 pub use linear::{linear, linear_no_bias, Epilogue, Linear};
 pub use norm::{group_norm, GroupNorm};

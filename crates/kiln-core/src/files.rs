@@ -178,6 +178,30 @@ impl Drop for CheckedWriter {
     }
 }
 
+/// Bytes free for an unprivileged writer on the filesystem holding `dir` (`None` when unknown).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn free_disk_bytes(dir: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    #[allow(unsafe_code)]
+    // SAFETY: `c` is a NUL-terminated path and `st` a buffer statvfs fills on success only.
+    let st = unsafe {
+        if libc::statvfs(c.as_ptr(), st.as_mut_ptr()) != 0 {
+            return None;
+        }
+        st.assume_init()
+    };
+    #[allow(clippy::unnecessary_cast)]
+    Some(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+/// Elsewhere unknown.
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn free_disk_bytes(_: &Path) -> Option<u64> {
+    None
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
@@ -244,28 +268,4 @@ mod tests {
             }
         }
     }
-}
-
-/// Bytes free for an unprivileged writer on the filesystem holding `dir` (`None` when unknown).
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-pub fn free_disk_bytes(dir: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
-    #[allow(unsafe_code)]
-    // SAFETY: `c` is a NUL-terminated path and `st` a buffer statvfs fills on success only.
-    let st = unsafe {
-        if libc::statvfs(c.as_ptr(), st.as_mut_ptr()) != 0 {
-            return None;
-        }
-        st.assume_init()
-    };
-    #[allow(clippy::unnecessary_cast)]
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
-}
-
-/// Elsewhere unknown.
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-pub fn free_disk_bytes(_: &Path) -> Option<u64> {
-    None
 }

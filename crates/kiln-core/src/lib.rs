@@ -5,7 +5,8 @@
 //! - [`schedule`]: sigma/timestep schedules, parameterisations and solvers;
 //! - [`models`]: architectures only (CLIP, T5, UNet, the FLUX transformer, VAE,
 //!   super-resolution nets), the family registry and the denoiser interface;
-//! - [`loaders`]: diffusers folders, hub, weight files, LoRAs merged as weights load;
+//! - [`loaders`]: diffusers folders, hub, weight files, LoRAs merged as weights load, the layout
+//!   cache (pre-laid-out weights mapped in place);
 //! - [`pipeline`]: one job type per module (txt2img/img2img, upscale, ...): pure compute;
 //! - [`jobs`]: the job layer: specs, the engine that runs them, events, the model pool, the
 //!   durable queue and API keys;

@@ -65,7 +65,8 @@ fn files(data: &Path) -> Vec<(String, PathBuf, u64)> {
         .into_iter()
         .filter(|e| e.path().extension().is_some_and(|x| x == "kiln-layout"))
         .map(|e| {
-            let meta = kiln_core::loaders::layout_cache::LayoutFile::open(&e.path()).map(|f| f.meta.component);
+            let meta =
+                kiln_core::loaders::layout_cache::LayoutFile::open(&e.path()).map(|f| f.meta.component);
             (meta.unwrap_or_default(), e.path(), e.metadata().unwrap().len())
         })
         .collect();

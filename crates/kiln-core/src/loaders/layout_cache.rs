@@ -2,6 +2,8 @@
 //! convolution weights in f32) written once to a file in exactly the layout the CPU kernels
 //! read, then memory-mapped and used in place by every later load.
 //!
+//! Token embedding tables are kept too (read in place, a few rows per prompt).
+//!
 //! A later load builds its layers straight from the mapping ([`kiln_kernels::HostF32`]): no
 //! copy, no transpose, and the pages are shared with the page cache and with every other kiln
 //! process that maps the same file. The file is content-addressed: its name is a hash of the
@@ -16,7 +18,7 @@
 
 use crate::error::{Error, Result};
 use kiln_kernels::reuse::Derived;
-use kiln_kernels::{Conv2d, HostF32, HostValues, LayerValues, Linear};
+use kiln_kernels::{Conv2d, Embedding, HostF32, HostValues, LayerValues, Linear};
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -224,7 +226,7 @@ impl LayoutCache {
             let described = LayoutFile::open(&path).map(|f| f.meta);
             out.push(CacheEntry { path, bytes: meta.len(), used, meta: described.ok() });
         }
-        out.sort_by(|a, b| b.used.cmp(&a.used));
+        out.sort_by_key(|e| std::cmp::Reverse(e.used));
         Ok(out)
     }
 
@@ -289,6 +291,7 @@ pub struct CacheEntry {
 pub enum LayerSource {
     Linear(Linear),
     Conv(Conv2d),
+    Embedding(Embedding),
 }
 
 impl LayerSource {
@@ -296,6 +299,9 @@ impl LayerSource {
     pub fn of(derived: &Derived) -> Option<Self> {
         if let Some(l) = derived.downcast_ref::<Linear>() {
             return Some(Self::Linear(l.clone()));
+        }
+        if let Some(e) = derived.downcast_ref::<Embedding>() {
+            return Some(Self::Embedding(e.clone()));
         }
         derived.downcast_ref::<Conv2d>().map(|c| Self::Conv(c.clone()))
     }
@@ -305,6 +311,7 @@ impl LayerSource {
         match self {
             Self::Linear(l) => l.cpu_shape(),
             Self::Conv(c) => c.cpu_shape(),
+            Self::Embedding(e) => e.cpu_shape(),
         }
     }
 
@@ -312,6 +319,7 @@ impl LayerSource {
         let values = match self {
             Self::Linear(l) => l.cpu_values(),
             Self::Conv(c) => c.cpu_values(),
+            Self::Embedding(e) => e.cpu_values(),
         };
         values?.ok_or_else(|| Error::Unsupported("layout cache: a layer not on the CPU in f32".into()))
     }
@@ -402,6 +410,9 @@ impl LayoutFile {
             || Error::Unsupported(format!("layout cache: layer {:?} has dims {:?}", layer.names, layer.dims));
         let derived: Derived = match (layer.kind.as_str(), layer.dims.as_slice()) {
             ("linear", &[i, o]) => Arc::new(Linear::from_host(weight, i, o, bias)?),
+            ("embedding", &[vocab, dim]) if bias.is_none() => {
+                Arc::new(Embedding::from_host(weight, vocab, dim)?)
+            }
             (kind, &[o, c, h, w]) if kind.starts_with("conv2d/") => {
                 let mut parts = kind.split('/').skip(1).map(str::parse::<usize>);
                 let (Some(Ok(stride)), Some(Ok(padding)), None) = (parts.next(), parts.next(), parts.next())
@@ -489,7 +500,7 @@ pub fn parse_size(text: &str) -> Option<u64> {
         _ => (t, 1),
     };
     let v: f64 = num.trim().parse().ok()?;
-    (v.is_finite() && v >= 0.0).then(|| (v * mult as f64) as u64)
+    (v.is_finite() && v >= 0.0).then_some((v * mult as f64) as u64)
 }
 
 #[cfg(test)]

@@ -86,12 +86,18 @@ pub struct ReuseBuild {
     layouts: Mutex<LayoutState>,
 }
 
+/// A component without a layout file yet: the file to write and its sources (file, sha256).
+struct MissingLayout {
+    component: String,
+    path: PathBuf,
+    sources: Vec<(String, String)>,
+}
+
 #[derive(Default)]
 struct LayoutState {
     /// Per component: the layout file its layers come from.
     mapped: HashMap<String, Arc<LayoutFile>>,
-    /// Components without a layout file yet: (component, file to write, sources).
-    missing: Vec<(String, PathBuf, Vec<(String, String)>)>,
+    missing: Vec<MissingLayout>,
     /// Placeholder tensors handed out, and those that went into a layer from a layout file.
     handed: HashMap<TensorId, Name>,
     consumed: HashSet<TensorId>,
@@ -164,7 +170,7 @@ impl ReuseBuild {
         let Some(cache) = &self.layout else { return Vec::new() };
         let missing = std::mem::take(&mut self.layouts().missing);
         let mut notes = Vec::new();
-        for (component, path, sources) in missing {
+        for MissingLayout { component, path, sources } in missing {
             let layers: Vec<(LayerMeta, LayerSource)> = {
                 let into = self.into.lock();
                 let mut layers: Vec<_> = into
@@ -262,7 +268,8 @@ impl ReuseBuild {
                     None => {
                         // Only a build without LoRA deltas in this component lays out its base.
                         if patches.as_ref().is_none_or(|p| p.is_empty()) {
-                            self.layouts().missing.push((component.to_string(), path, sources));
+                            let component = component.to_string();
+                            self.layouts().missing.push(MissingLayout { component, path, sources });
                         }
                         None
                     }

@@ -237,7 +237,7 @@ impl EncoderLayer {
 /// CLIP text transformer, optionally with the `text_projection` head.
 #[derive(Debug, Clone)]
 pub struct ClipTextModel {
-    token_embedding: Embedding,
+    token_embedding: kiln_kernels::Embedding,
     position_embedding: Embedding,
     layers: Vec<EncoderLayer>,
     final_layer_norm: LayerNorm,
@@ -263,7 +263,7 @@ impl ClipTextModel {
         let h = cfg.hidden_size;
         let emb = tm.pp("embeddings");
         let token_embedding =
-            Embedding::new(tensor(&emb, "token_embedding.weight", &[cfg.vocab_size, h])?, h);
+            kiln_kernels::Embedding::new(tensor(&emb, "token_embedding.weight", &[cfg.vocab_size, h])?, h)?;
         let position_embedding =
             Embedding::new(tensor(&emb, "position_embedding.weight", &[cfg.max_position_embeddings, h])?, h);
         let layers_vb = tm.pp("encoder").pp("layers");

@@ -186,33 +186,62 @@ fn load_text_stack(
 ) -> Result<TextStack> {
     let prefer_fp16 = dtype != DType::F32;
     let files = folder.weight_files(stack.encoder, prefer_fp16)?;
+    let tokenizer_dir = folder.component_dir(stack.tokenizer)?;
+    // The tokenizer is read on a second thread while this one builds the encoder (the layer
+    // memo is this thread's): with mapped weights, parsing a 50k-entry vocabulary is a third
+    // of a model load.
     let loaded = match stack.kind {
         EncoderKind::Clip => {
-            let tokenizer = ClipTokenizer::from_dir(&folder.component_dir(stack.tokenizer)?)?;
-            let (_, cfg): (_, ClipTextConfig) = folder.parse_config(stack.encoder)?;
-            let with_projection =
-                folder.component_class(stack.encoder) == Some("CLIPTextModelWithProjection");
-            let vb = sources.var_builder(component, stack.encoder, &files, dtype, device)?;
-            let encoder = ClipTextModel::new(&cfg, vb, with_projection).map_err(|e| named(e, &files))?;
+            let (tokenizer, encoder) = alongside(
+                || ClipTokenizer::from_dir(&tokenizer_dir),
+                || {
+                    let (_, cfg): (_, ClipTextConfig) = folder.parse_config(stack.encoder)?;
+                    let with_projection =
+                        folder.component_class(stack.encoder) == Some("CLIPTextModelWithProjection");
+                    let vb = sources.var_builder(component, stack.encoder, &files, dtype, device)?;
+                    ClipTextModel::new(&cfg, vb, with_projection).map_err(|e| named(e, &files))
+                },
+            )?;
             TextStack::Clip { tokenizer: Box::new(tokenizer), encoder: Box::new(encoder) }
         }
         EncoderKind::T5 => {
-            let tokenizer = T5Tokenizer::from_dir(&folder.component_dir(stack.tokenizer)?)?;
-            let (cfg_path, _) = folder.config(stack.encoder)?;
-            let cfg = T5Config::from_file(&cfg_path)?;
-            let vb = sources.var_builder(component, stack.encoder, &files, dtype, device)?;
-            let encoder = T5Encoder::new(&cfg, &cfg_path, vb).map_err(|e| named(e, &files))?;
+            let (tokenizer, encoder) = alongside(
+                || T5Tokenizer::from_dir(&tokenizer_dir),
+                || {
+                    let (cfg_path, _) = folder.config(stack.encoder)?;
+                    let cfg = T5Config::from_file(&cfg_path)?;
+                    let vb = sources.var_builder(component, stack.encoder, &files, dtype, device)?;
+                    T5Encoder::new(&cfg, &cfg_path, vb).map_err(|e| named(e, &files))
+                },
+            )?;
             TextStack::T5 { tokenizer: Box::new(tokenizer), encoder: Box::new(encoder) }
         }
         EncoderKind::Qwen3 => {
-            let tokenizer = QwenTokenizer::from_dir(&folder.component_dir(stack.tokenizer)?)?;
-            let (cfg_path, _) = folder.config(stack.encoder)?;
-            let cfg = Qwen3Config::from_file(&cfg_path)?;
-            let vb = sources.var_builder(component, stack.encoder, &files, dtype, device)?;
-            let encoder = Qwen3Encoder::new(&cfg, vb).map_err(|e| named(e, &files))?;
+            let (tokenizer, encoder) = alongside(
+                || QwenTokenizer::from_dir(&tokenizer_dir),
+                || {
+                    let (cfg_path, _) = folder.config(stack.encoder)?;
+                    let cfg = Qwen3Config::from_file(&cfg_path)?;
+                    let vb = sources.var_builder(component, stack.encoder, &files, dtype, device)?;
+                    Qwen3Encoder::new(&cfg, vb).map_err(|e| named(e, &files))
+                },
+            )?;
             TextStack::Qwen3 { tokenizer: Box::new(tokenizer), encoder: Box::new(encoder) }
         }
     };
     record(weights, stack.encoder, &files)?;
     Ok(loaded)
+}
+
+/// `side()` on a scoped thread while `main()` runs on this one; the tokenizer's error first.
+fn alongside<T: Send, U>(
+    side: impl FnOnce() -> Result<T> + Send,
+    main: impl FnOnce() -> Result<U>,
+) -> Result<(T, U)> {
+    std::thread::scope(|scope| {
+        let handle = scope.spawn(side);
+        let main = main();
+        let side = handle.join().map_err(|_| Error::Unsupported("the tokenizer thread panicked".into()))?;
+        Ok((side?, main?))
+    })
 }

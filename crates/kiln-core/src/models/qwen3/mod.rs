@@ -12,7 +12,7 @@ pub mod tokenizer;
 
 use crate::error::{Error, Result};
 use candle_core::{DType, Device, Module, Tensor};
-use candle_nn::{Embedding, VarBuilder};
+use candle_nn::VarBuilder;
 use kiln_kernels::{linear, linear_no_bias, Linear};
 use serde::Deserialize;
 use serde_json::Value;
@@ -125,7 +125,7 @@ struct Layer {
 #[derive(Debug, Clone)]
 pub struct Qwen3Encoder {
     config: Qwen3Config,
-    embed: Embedding,
+    embed: kiln_kernels::Embedding,
     layers: Vec<Layer>,
     dtype: DType,
 }
@@ -144,7 +144,8 @@ impl Qwen3Encoder {
                 linear_no_bias(i, o, vb)
             }
         };
-        let embed = Embedding::new(vb.pp("embed_tokens").get((config.vocab_size, d), "weight")?, d);
+        let embed =
+            kiln_kernels::Embedding::new(vb.pp("embed_tokens").get((config.vocab_size, d), "weight")?, d)?;
         // hidden_states[-2] is the output of layer n-2: the last layer is never run.
         let layers = (0..config.num_hidden_layers - 1)
             .map(|i| {

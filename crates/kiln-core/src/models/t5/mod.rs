@@ -131,7 +131,7 @@ struct Block {
 #[derive(Debug, Clone)]
 pub struct T5Encoder {
     config: T5Config,
-    embed: Embedding,
+    embed: kiln_kernels::Embedding,
     relative_bias: Embedding,
     blocks: Vec<Block>,
     final_norm: RmsNorm,
@@ -146,7 +146,8 @@ impl T5Encoder {
         let (gated, act) = config.activation(config_path)?;
         let (d, inner, ff) = (config.d_model, config.num_heads * config.d_kv, config.d_ff);
         let embed_name = if vb.contains_tensor("shared.weight") { "shared" } else { "encoder.embed_tokens" };
-        let embed = Embedding::new(vb.pp(embed_name).get((config.vocab_size, d), "weight")?, d);
+        let embed =
+            kiln_kernels::Embedding::new(vb.pp(embed_name).get((config.vocab_size, d), "weight")?, d)?;
         let enc = vb.pp("encoder");
         let relative_bias = Embedding::new(
             enc.pp("block.0.layer.0.SelfAttention.relative_attention_bias")
