@@ -68,6 +68,22 @@ def make_tokenizer(dst: Path, bpe: Path):
         (dst / name).write_text(json.dumps(cfg, indent=2) + "\n")
 
 
+def sd_vae(sample_size, scaling_factor):
+    """The SD / SDXL AutoencoderKL shape (128, 256, 512, 512), 4 latent channels."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=["DownEncoderBlock2D"] * 4,
+        up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=sample_size,
+        scaling_factor=scaling_factor,
+    )
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("out_dir", type=Path)
@@ -123,18 +139,7 @@ def main():
             pad_token_id=1,
         )
     )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=512,
-        scaling_factor=0.18215,
-    )
+    vae = sd_vae(sample_size=512, scaling_factor=0.18215)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,

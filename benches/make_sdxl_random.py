@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from make_sd_turbo_random import SCHEDULER, make_tokenizer
+from make_sd_turbo_random import SCHEDULER, make_tokenizer, sd_vae
 
 
 def clip_config(hidden, layers, heads, intermediate, act, projection):
@@ -66,18 +66,7 @@ def main():
     )
     text_encoder = CLIPTextModel(clip_config(768, 12, 12, 3072, "quick_gelu", 768))
     text_encoder_2 = CLIPTextModelWithProjection(clip_config(1280, 32, 20, 5120, "gelu", 1280))
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=["DownEncoderBlock2D"] * 4,
-        up_block_types=["UpDecoderBlock2D"] * 4,
-        block_out_channels=(128, 256, 512, 512),
-        layers_per_block=2,
-        latent_channels=4,
-        norm_num_groups=32,
-        sample_size=1024,
-        scaling_factor=0.13025,
-    )
+    vae = sd_vae(sample_size=1024, scaling_factor=0.13025)
     scheduler = dict(SCHEDULER, timestep_spacing="leading")
     pipe = StableDiffusionXLPipeline(
         vae=vae,
