@@ -88,7 +88,14 @@ enum Command {
 fn main() -> ExitCode {
     kiln_core::host_memory::keep_freed_blocks();
     let cli = parse_args();
-    match run(cli) {
+    let result = run(cli);
+    // A model's first load writes its pre-laid-out weights in the background; this process's
+    // output is done, but the next load needs the files whole.
+    if kiln_core::loaders::layout_cache::writes_pending() {
+        eprintln!("finishing the pre-laid-out weights for the next load (once per model)…");
+    }
+    kiln_core::loaders::layout_cache::wait_for_writes();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

@@ -29,8 +29,11 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// A load, and the layout files it writes in the background.
 fn load(dir: &Path) -> LoadedModel {
-    LoadedModel::load(ModelSource::Folder(dir.to_path_buf()), &Device::Cpu, DType::F32).unwrap()
+    let model = LoadedModel::load(ModelSource::Folder(dir.to_path_buf()), &Device::Cpu, DType::F32).unwrap();
+    kiln_core::loaders::layout_cache::wait_for_writes();
+    model
 }
 
 fn pixels(model: &LoadedModel) -> Vec<f32> {

@@ -143,6 +143,26 @@ impl LayoutCache {
         }
     }
 
+    /// Whether a file for `meta` fits the cache's bound and the disk: `None` when it does, else
+    /// why not (what [`LayoutCache::write`] would answer without writing).
+    pub fn room_for(&self, meta: &LayoutMeta) -> Result<Option<WriteResult>> {
+        let (header, data_bytes) = header_bytes(meta)?;
+        let total = 8 + header.len() as u64 + data_bytes;
+        if total > self.max_bytes {
+            return Ok(Some(WriteResult::TooLarge { bytes: total, max: self.max_bytes }));
+        }
+        fs_err::create_dir_all(&self.dir)?;
+        // What pruning would free counts as free.
+        let cached: u64 = self.list()?.iter().map(|e| e.bytes).sum();
+        let prunable = (cached + total).saturating_sub(self.max_bytes);
+        if let Some(free) = crate::files::free_disk_bytes(&self.dir) {
+            if free + prunable < total + KEEP_FREE_BYTES {
+                return Ok(Some(WriteResult::DiskFull { bytes: total, free }));
+            }
+        }
+        Ok(None)
+    }
+
     /// Writes `layers` as the cache file at `path` (atomically; when another process published
     /// the same file first, theirs is kept). Makes room by removing the least recently used
     /// files; writes nothing when the file would not fit the cache's bound or the disk.
@@ -256,6 +276,54 @@ impl LayoutCache {
             removed.push(oldest);
         }
         Ok(removed)
+    }
+}
+
+/// Layout files being written in the background (see [`LayoutCache::write_in_background`]).
+static PENDING: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>> = std::sync::Mutex::new(Vec::new());
+
+impl LayoutCache {
+    /// [`LayoutCache::write`] on a background thread, so the load that found no file returns
+    /// (and its first image starts) at once: the write takes about as long as the disk needs
+    /// for the weights. `layers` keep the model's layers alive until written. A failure is
+    /// logged; the next load simply writes the file again. [`wait_for_writes`] joins them.
+    pub fn write_in_background(&self, path: PathBuf, meta: LayoutMeta, layers: Vec<LayerSource>) {
+        let cache = self.clone();
+        let spawned = std::thread::Builder::new().name("kiln-layout-write".into()).spawn(move || {
+            let refs: Vec<(&LayerMeta, LayerSource)> = meta.layers.iter().zip(layers).collect();
+            match cache.write(&path, &meta, &refs) {
+                Ok(WriteResult::Written { bytes }) => {
+                    tracing::info!(
+                        "{}: wrote {bytes} bytes of pre-laid-out weights to {}",
+                        meta.component,
+                        path.display()
+                    )
+                }
+                Ok(WriteResult::Existed) => {}
+                Ok(other) => {
+                    tracing::warn!("{}: pre-laid-out weights not written: {other:?}", meta.component)
+                }
+                Err(e) => tracing::warn!("{}: pre-laid-out weights not written: {e}", meta.component),
+            }
+        });
+        match spawned {
+            Ok(handle) => PENDING.lock().unwrap_or_else(|p| p.into_inner()).push(handle),
+            Err(e) => tracing::warn!("pre-laid-out weights not written: {e}"),
+        }
+    }
+}
+
+/// Whether layout files are being written in the background now.
+pub fn writes_pending() -> bool {
+    PENDING.lock().unwrap_or_else(|p| p.into_inner()).iter().any(|h| !h.is_finished())
+}
+
+/// Waits for the layout files being written in the background (a one-shot process calls this
+/// before it exits, or the next load would have to write them again).
+pub fn wait_for_writes() {
+    let handles = std::mem::take(&mut *PENDING.lock().unwrap_or_else(|p| p.into_inner()));
+    for handle in handles {
+        let _ = handle.join();
     }
 }
 

@@ -164,8 +164,9 @@ impl ReuseBuild {
         )))
     }
 
-    /// Writes the layout files of the components that had none, from the layers this build
-    /// derived. A failure is only a warning: the model is loaded either way.
+    /// Starts writing the layout files of the components that had none, from the layers this
+    /// build derived, in the background ([`LayoutCache::write_in_background`]). Returns why a
+    /// file will not be written (the cache's bound, a full disk): the model is loaded either way.
     pub fn write_layouts(&self) -> Vec<String> {
         let Some(cache) = &self.layout else { return Vec::new() };
         let missing = std::mem::take(&mut self.layouts().missing);
@@ -192,28 +193,28 @@ impl ReuseBuild {
             if layers.is_empty() {
                 continue;
             }
+            let (metas, layer_sources): (Vec<LayerMeta>, Vec<LayerSource>) = layers.into_iter().unzip();
             let meta = LayoutMeta {
                 version: super::layout_cache::LAYOUT_VERSION,
                 component: component.clone(),
                 sources,
-                layers: layers.iter().map(|(m, _)| m.clone()).collect(),
+                layers: metas,
             };
-            let refs: Vec<(&LayerMeta, LayerSource)> =
-                meta.layers.iter().zip(layers.into_iter().map(|(_, s)| s)).collect();
-            let note = match cache.write(&path, &meta, &refs) {
-                Ok(WriteResult::Written { bytes }) => {
-                    tracing::info!("{component}: wrote {bytes} bytes of pre-laid-out weights to {}", path.display());
+            let note = match cache.room_for(&meta) {
+                Ok(None) => {
+                    cache.write_in_background(path, meta, layer_sources);
                     continue;
                 }
-                Ok(WriteResult::Existed) => continue,
-                Ok(WriteResult::TooLarge { bytes, max }) => format!(
-                    "{component}: pre-laid-out weights ({bytes} bytes) exceed the layout cache's bound of {max} bytes                      ({}); loads stay slower",
+                Ok(Some(WriteResult::TooLarge { bytes, max })) => format!(
+                    "{component}: pre-laid-out weights ({bytes} bytes) exceed the layout cache's bound of {max} bytes \
+                     ({}); loads stay slower",
                     crate::env::KILN_LAYOUT_CACHE_MAX
                 ),
-                Ok(WriteResult::DiskFull { bytes, free }) => format!(
+                Ok(Some(WriteResult::DiskFull { bytes, free })) => format!(
                     "{component}: not writing {bytes} bytes of pre-laid-out weights: only {free} bytes free under {}",
                     cache.dir().display()
                 ),
+                Ok(Some(_)) => continue,
                 Err(e) => format!("{component}: pre-laid-out weights not written: {e}"),
             };
             tracing::warn!("{note}");
