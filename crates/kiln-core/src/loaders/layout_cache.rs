@@ -172,6 +172,11 @@ impl LayoutCache {
         meta: &LayoutMeta,
         layers: &[(&LayerMeta, LayerSource)],
     ) -> Result<WriteResult> {
+        if cfg!(target_endian = "big") {
+            return Err(Error::Unsupported(
+                "layout cache files are little-endian; this machine is not".into(),
+            ));
+        }
         let (header, data_bytes) = header_bytes(meta)?;
         let total = 8 + header.len() as u64 + data_bytes;
         if total > self.max_bytes {
@@ -197,7 +202,6 @@ impl LayoutCache {
         let mut out = std::io::BufWriter::with_capacity(1 << 22, tmp.as_file());
         out.write_all(&(header.len() as u64).to_le_bytes())?;
         out.write_all(&header)?;
-        let mut bytes = Vec::new();
         for (layer, source) in layers {
             let values = source.values()?;
             if values.dims != layer.dims || values.bias.is_some() != layer.bias {
@@ -207,9 +211,7 @@ impl LayoutCache {
                 )));
             }
             for part in std::iter::once(&values.weight).chain(values.bias.as_ref()) {
-                bytes.clear();
-                bytes.extend(part.iter().flat_map(|v| v.to_le_bytes()));
-                out.write_all(&bytes)?;
+                out.write_all(le_bytes(part))?;
             }
         }
         out.flush()?;
@@ -290,6 +292,7 @@ impl LayoutCache {
     pub fn write_in_background(&self, path: PathBuf, meta: LayoutMeta, layers: Vec<LayerSource>) {
         let cache = self.clone();
         let spawned = std::thread::Builder::new().name("kiln-layout-write".into()).spawn(move || {
+            lower_thread_priority();
             let refs: Vec<(&LayerMeta, LayerSource)> = meta.layers.iter().zip(layers).collect();
             match cache.write(&path, &meta, &refs) {
                 Ok(WriteResult::Written { bytes }) => {
@@ -312,6 +315,21 @@ impl LayoutCache {
         }
     }
 }
+
+/// The writer yields the CPU to the first image, which runs beside it.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn lower_thread_priority() {
+    #[allow(unsafe_code)]
+    // SAFETY: gettid and setpriority take no pointers; setpriority on this thread's id changes
+    // only this thread's nice value (a failure leaves it as it was).
+    unsafe {
+        let tid = libc::gettid();
+        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 19);
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+fn lower_thread_priority() {}
 
 /// Whether layout files are being written in the background now.
 pub fn writes_pending() -> bool {
@@ -513,6 +531,17 @@ impl HostValues for Mapped {
         unsafe {
             std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), self.len)
         }
+    }
+}
+
+/// The little-endian bytes of `values`, without a copy (the cache is only used on
+/// little-endian machines, see [`LayoutCache::from_env`]).
+fn le_bytes(values: &[f32]) -> &[u8] {
+    #[allow(unsafe_code)]
+    // SAFETY: any f32 is 4 initialised bytes, u8 has no alignment, and the length covers exactly
+    // the same memory, borrowed for as long as `values`.
+    unsafe {
+        std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
     }
 }
 
