@@ -68,6 +68,15 @@ def make_tokenizer(dst: Path, bpe: Path):
         (dst / name).write_text(json.dumps(cfg, indent=2) + "\n")
 
 
+def clip_config(hidden, layers, heads, intermediate, act, projection, ids=(49406, 49407, 1)):
+    """A CLIP text tower's config (49408 tokens, 77 positions); `ids`: bos, eos, pad."""
+    bos, eos, pad = ids
+    return CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=intermediate,
+                          num_attention_heads=heads, num_hidden_layers=layers, hidden_act=act,
+                          projection_dim=projection, max_position_embeddings=77, layer_norm_eps=1e-5,
+                          bos_token_id=bos, eos_token_id=eos, pad_token_id=pad)
+
+
 def sd_vae(sample_size, scaling_factor):
     """The SD / SDXL AutoencoderKL shape (128, 256, 512, 512), 4 latent channels."""
     return AutoencoderKL(
@@ -123,22 +132,8 @@ def main():
         upcast_attention=False,
         num_class_embeds=None,
     )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=49408,
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_attention_heads=16,
-            num_hidden_layers=23,
-            hidden_act="gelu",
-            projection_dim=512,
-            max_position_embeddings=77,
-            layer_norm_eps=1e-5,
-            bos_token_id=0,
-            eos_token_id=2,
-            pad_token_id=1,
-        )
-    )
+    # SD2's OpenCLIP-H tower; bos/eos/pad ids 0/2/1 as in the hub config.
+    text_encoder = CLIPTextModel(clip_config(1024, 23, 16, 4096, "gelu", 512, ids=(0, 2, 1)))
     vae = sd_vae(sample_size=512, scaling_factor=0.18215)
     pipe = StableDiffusionPipeline(
         vae=vae,

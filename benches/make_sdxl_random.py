@@ -22,16 +22,9 @@ from pathlib import Path
 
 import torch
 from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from make_sd_turbo_random import SCHEDULER, make_tokenizer, sd_vae
-
-
-def clip_config(hidden, layers, heads, intermediate, act, projection):
-    return CLIPTextConfig(vocab_size=49408, hidden_size=hidden, intermediate_size=intermediate,
-                          num_attention_heads=heads, num_hidden_layers=layers, hidden_act=act,
-                          projection_dim=projection, max_position_embeddings=77, layer_norm_eps=1e-5,
-                          bos_token_id=49406, eos_token_id=49407, pad_token_id=1)
+from make_sd_turbo_random import SCHEDULER, clip_config, make_tokenizer, sd_vae
 
 
 def main():

@@ -74,6 +74,22 @@ impl WeightCache {
     }
 }
 
+/// Runs a model build (`attempt(layout)` returns what it built and its [`ReuseBuild`]) with the
+/// layout cache, and once more without it when a placeholder did not go into a mapped layer
+/// ([`ReuseBuild::check_placeholders`]).
+pub fn with_layout_fallback<T>(
+    mut attempt: impl FnMut(bool) -> Result<(T, Arc<ReuseBuild>)>,
+) -> Result<(T, Arc<ReuseBuild>)> {
+    let (built, build) = attempt(true)?;
+    match build.check_placeholders() {
+        Ok(()) => Ok((built, build)),
+        Err(e) => {
+            tracing::warn!("{e}; loading from the weight files instead");
+            attempt(false)
+        }
+    }
+}
+
 /// One model build: the cache it fills, and the warm model's cache it may take from.
 pub struct ReuseBuild {
     from: Option<Arc<WeightCache>>,

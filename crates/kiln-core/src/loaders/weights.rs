@@ -136,14 +136,31 @@ pub fn weight_sha256_cached(path: &Path) -> Result<String> {
         meta.len(),
         mtime.map(|d| d.as_nanos()).unwrap_or(0)
     );
+    // Every load asks once per file for the layout cache and once for the drift record: answer
+    // repeats in this process from memory (same key, so a changed file is still hashed again).
+    static SEEN: std::sync::Mutex<Option<std::collections::HashMap<String, String>>> =
+        std::sync::Mutex::new(None);
+    let seen =
+        |key: &str| SEEN.lock().unwrap_or_else(|p| p.into_inner()).as_ref().and_then(|m| m.get(key).cloned());
+    let remember = |key: String, hash: &str| {
+        SEEN.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get_or_insert_with(Default::default)
+            .insert(key, hash.to_string());
+    };
+    if let Some(hash) = seen(&key) {
+        return Ok(hash);
+    }
     let mut cache: std::collections::BTreeMap<String, String> = std::fs::read_to_string(&cache_file)
         .ok()
         .and_then(|t| serde_json::from_str(&t).ok())
         .unwrap_or_default();
     if let Some(hash) = cache.get(&key) {
+        remember(key, hash);
         return Ok(hash.clone());
     }
     let hash = weight_sha256(path)?;
+    remember(key.clone(), &hash);
     cache.insert(key, hash.clone());
     // Best effort: a failure to save the cache must not fail the load.
     if let Ok(text) = serde_json::to_string(&cache) {

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::loaders::diffusers::{weight_files_in, DiffusersFolder};
 use crate::loaders::hub::ModelSource;
 use crate::loaders::lora::{self, Component, LoraFile, LoraPlan, LoraRecord, LoraRequest, PlanInput};
-use crate::loaders::reuse::{ReuseBuild, ReuseCounts, WeightCache};
+use crate::loaders::reuse::{with_layout_fallback, ReuseBuild, ReuseCounts, WeightCache};
 use crate::loaders::single_file::SingleFileFlux;
 use crate::loaders::weights::{loading_error, open_safetensors, weight_sha256_cached};
 use crate::models::denoiser::Denoiser;
@@ -121,7 +121,7 @@ impl LoadedModel {
 
     /// Loads the pipeline in `source` with `parts` replacing or adding to its own components.
     pub fn load_parts(source: ModelSource, parts: ModelParts, device: &Device, dtype: DType) -> Result<Self> {
-        Self::build(source, parts, device, dtype, None, true)
+        Self::build(source, parts, device, dtype, None)
     }
 
     /// This model with another LoRA set (none for the plain model), built from this one: the
@@ -135,7 +135,7 @@ impl LoadedModel {
             loras: loras.to_vec(),
         };
         let warm = Some(self.weight_cache.clone());
-        let model = Self::build(self.source.clone(), parts(), &self.device, self.dtype, warm, true)?;
+        let model = Self::build(self.source.clone(), parts(), &self.device, self.dtype, warm)?;
         if model.weights != self.weights {
             // A weight file changed on disk since this model was loaded: its tensors are no
             // longer the files' tensors, so nothing of it may be mixed in.
@@ -144,19 +144,16 @@ impl LoadedModel {
         Ok(model)
     }
 
-    /// `layout`: whether CPU f32 components use and fill the layout cache (see
-    /// `loaders::layout_cache`); a build whose layout files do not fit the model is redone
-    /// without it.
+    /// CPU f32 components use and fill the layout cache (see `loaders::layout_cache`); a build
+    /// whose layout files do not fit the model is redone without it.
     fn build(
         source: ModelSource,
         parts: ModelParts,
         device: &Device,
         dtype: DType,
         warm: Option<Arc<WeightCache>>,
-        layout: bool,
     ) -> Result<Self> {
         crate::device::check_dtype(device, dtype)?;
-        let retry = layout.then(|| (source.clone(), parts.clone(), warm.clone()));
         let ModelParts { vae: vae_source, denoiser_file, loras } = parts;
         let loras = loras.as_slice();
         let folder = DiffusersFolder::open(source.dir())?;
@@ -205,21 +202,18 @@ impl LoadedModel {
                 patched.insert((folder_name.to_string(), name.clone()));
             }
         }
-        let weight_cache = Arc::new(WeightCache::default());
-        let build = Arc::new(ReuseBuild::new(warm, weight_cache.clone(), patched, layout)?);
-        let memo: Arc<dyn kiln_kernels::reuse::DeriveMemo> = build.clone();
         let parts = BuildParts { folder, source, denoiser_file, vae_source, plan: Arc::new(plan) };
-        let mut model = kiln_kernels::reuse::with_memo(memo, || {
-            Self::build_parts(parts, &build, &weight_cache, device, dtype)
+        let ((mut model, weight_cache), build) = with_layout_fallback(|layout| {
+            let weight_cache = Arc::new(WeightCache::default());
+            let build =
+                Arc::new(ReuseBuild::new(warm.clone(), weight_cache.clone(), patched.clone(), layout)?);
+            let memo: Arc<dyn kiln_kernels::reuse::DeriveMemo> = build.clone();
+            let model = kiln_kernels::reuse::with_memo(memo, || {
+                Self::build_parts(parts.clone(), &build, &weight_cache, device, dtype)
+            })?;
+            weight_cache.finish();
+            Ok(((model, weight_cache), build))
         })?;
-        weight_cache.finish();
-        if let Err(e) = build.check_placeholders() {
-            if let Some((source, parts, warm)) = retry {
-                tracing::warn!("{e}; loading from the weight files instead");
-                return Self::build(source, parts, device, dtype, warm, false);
-            }
-            return Err(e);
-        }
         model.loras = lora_records;
         model.load_warnings = load_warnings;
         model.load_warnings.extend(build.write_layouts());
@@ -518,6 +512,7 @@ fn plan_loras(
 }
 
 /// What a build assembles besides its weight sources.
+#[derive(Clone)]
 struct BuildParts {
     folder: DiffusersFolder,
     source: ModelSource,

@@ -12,7 +12,7 @@ use super::model::{named, record, WeightRecord, WeightSource};
 use crate::error::{Error, Result};
 use crate::loaders::diffusers::DiffusersFolder;
 use crate::loaders::lora::{Component, LoraPlan};
-use crate::loaders::reuse::{ReuseBuild, WeightCache};
+use crate::loaders::reuse::{with_layout_fallback, ReuseBuild, WeightCache};
 use crate::models::clip::{ClipTextConfig, ClipTextModel};
 use crate::models::clip_tokenizer::ClipTokenizer;
 use crate::models::family::{EncoderKind, FamilySpec, TextStackSpec};
@@ -91,29 +91,17 @@ impl TextEncoders {
         }
         let mut records = Vec::new();
         // Recorded in the model's cache again, so a later LoRA switch can share them.
-        // With the layout cache first; a build whose layout files do not fit is redone without.
-        let mut stacks = None;
-        for layout in [true, false] {
+        let (stacks, _) = with_layout_fallback(|layout| {
             records.clear();
             let build = Arc::new(ReuseBuild::new(None, self.cache.clone(), Default::default(), layout)?);
             let memo: Arc<dyn kiln_kernels::reuse::DeriveMemo> = build.clone();
             let sources = WeightSource { plan: &self.plan, build: &build };
-            let built = kiln_kernels::reuse::with_memo(memo, || {
+            let stacks = kiln_kernels::reuse::with_memo(memo, || {
                 load_stacks(&self.folder, self.spec, &sources, &self.device, self.dtype, &mut records)
             })?;
             self.cache.finish();
-            match build.check_placeholders() {
-                Ok(()) => {
-                    stacks = Some(built);
-                    break;
-                }
-                Err(e) if layout => tracing::warn!("{e}; loading from the weight files instead"),
-                Err(e) => return Err(e),
-            }
-        }
-        let Some(stacks) = stacks else {
-            return Err(Error::Unsupported("the text encoders could not be loaded".into()));
-        };
+            Ok((stacks, build))
+        })?;
         if records != self.records {
             let changed: Vec<String> = records
                 .iter()
