@@ -104,7 +104,7 @@ fn json() -> serde_json::Value {
 fn spec(tile_px: usize) -> TileSpec {
     // The fixture's latents are 12x16: a halo of 4 latent pixels (half the default) keeps several
     // tiles; 2 would be inside the decoder's receptive field (about 26 dB).
-    TileSpec { tile_px, halo: 4, feather: 4 }
+    TileSpec { tile_px, halo: 4, feather: 4, ..TileSpec::default() }
 }
 
 #[test]
@@ -172,4 +172,45 @@ fn the_request_level_choice_tiles_only_when_asked_or_too_big() {
     assert!(diff(&on.decode(&vae, &latents).unwrap()) > 0.0);
     let err = VaeTiling { tile_px: Some(4), ..on }.decode(&vae, &latents).unwrap_err().to_string();
     assert!(err.contains("vae-tile"), "{err}");
+}
+
+#[test]
+fn kept_activations_change_cost_not_pixels_in_memory_on_disk_or_dropped() {
+    let vae = model("lpb2");
+    let latents = Tensor::read_npy(fixture("vae_tiled/latents.npy")).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    // A file where the scratch folder should be: nothing can be spilled, so every tile reruns
+    // from its input on every pass (what the tiled pass cost before it kept activations).
+    let blocked = scratch.path().join("not-a-folder");
+    std::fs::write(&blocked, b"x").unwrap();
+    let with = |keep_bytes: u64, dir: &std::path::Path| TileSpec {
+        keep_bytes,
+        scratch_dir: Some(dir.to_path_buf()),
+        ..spec(48)
+    };
+    let (memory, in_memory) = vae.decode_tiled(&latents, &with(u64::MAX, scratch.path())).unwrap();
+    let (disk, on_disk) = vae.decode_tiled(&latents, &with(0, scratch.path())).unwrap();
+    let (rerun, dropped) = vae.decode_tiled(&latents, &with(0, &blocked)).unwrap();
+    eprintln!("memory {in_memory:?}\ndisk {on_disk:?}\ndropped {dropped:?}");
+    let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    assert_eq!(values(&memory), values(&disk));
+    assert_eq!(values(&memory), values(&rerun));
+    assert!(in_memory.tiles > 1 && in_memory.passes > 2, "{in_memory:?}");
+    assert!(in_memory.kept.spilled_bytes == 0 && in_memory.kept.peak_memory_bytes > 0, "{in_memory:?}");
+    assert!(on_disk.kept.spilled_bytes > 0 && on_disk.kept.peak_memory_bytes == 0, "{on_disk:?}");
+    assert!(dropped.kept.dropped > 0 && dropped.kept.spilled_bytes == 0, "{dropped:?}");
+    assert_eq!(in_memory.stage_runs, on_disk.stage_runs);
+    // Resuming from kept activations does well under half the stage runs of rerunning.
+    assert!(2 * in_memory.stage_runs < dropped.stage_runs, "{in_memory:?} vs {dropped:?}");
+    // Nothing is left in the scratch folder: spill files are unnamed and gone with the run.
+    let left: Vec<_> = std::fs::read_dir(scratch.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(left, vec![std::ffi::OsString::from("not-a-folder")]);
+
+    // The encoder's tiles resume the same way.
+    let image = Tensor::read_npy(fixture("vae/image.npy")).unwrap().narrow(0, 0, 1).unwrap();
+    let enc = |s: &TileSpec| vae.encode_tiled(&image, &TileSpec { tile_px: 32, ..s.clone() }).unwrap();
+    let (a, kept) = enc(&with(0, scratch.path()));
+    let (b, rerun) = enc(&with(0, &blocked));
+    assert_eq!(values(&a.mean), values(&b.mean));
+    assert!(kept.kept.spilled_bytes > 0 && kept.stage_runs < rerun.stage_runs, "{kept:?} vs {rerun:?}");
 }

@@ -62,6 +62,21 @@ pub(crate) trait Norms {
 /// Each GroupNorm uses the statistics of the tensor it is given.
 pub(crate) struct PlainNorms;
 
+/// One stage of a network part that the tiled VAE runs tile by tile: a resnet, an attention, a
+/// resampler or the closing norm + conv. Stages are the points where the tiled pass keeps each
+/// tile's activation, so a statistics pass resumes from the last stage a tile finished instead
+/// of from the tile's input.
+pub(crate) type Stage<'a> = Box<dyn Fn(&Tensor, &mut dyn Norms) -> Result<Tensor> + 'a>;
+
+/// Runs `stages` in order: the untiled forward pass of what they make up.
+pub(crate) fn run_stages(stages: &[Stage<'_>], xs: &Tensor, norms: &mut dyn Norms) -> Result<Tensor> {
+    let mut xs = xs.clone();
+    for stage in stages {
+        xs = stage(&xs, norms)?;
+    }
+    Ok(xs)
+}
+
 impl Norms for PlainNorms {
     fn apply(&mut self, norm: &GroupNorm, act: Option<Activation>, xs: &Tensor) -> Result<Tensor> {
         match act {
@@ -375,15 +390,13 @@ impl ResnetStack {
         Ok(Self { resnets, attentions })
     }
 
-    fn forward(&self, xs: &Tensor, norms: &mut dyn Norms) -> Result<Tensor> {
-        let mut xs = xs.clone();
+    fn stages<'a>(&'a self, out: &mut Vec<Stage<'a>>) {
         for (i, resnet) in self.resnets.iter().enumerate() {
-            xs = resnet.forward(&xs, norms)?;
+            out.push(Box::new(move |xs, norms| resnet.forward(xs, norms)));
             if let Some(attention) = self.attentions.get(i) {
-                xs = attention.forward(&xs, norms)?;
+                out.push(Box::new(move |xs, norms| attention.forward(xs, norms)));
             }
         }
-        Ok(xs)
     }
 }
 
@@ -426,11 +439,11 @@ impl DownEncoderBlock2D {
         Ok(Self { stack, downsample })
     }
 
-    pub(crate) fn forward(&self, xs: &Tensor, norms: &mut dyn Norms) -> Result<Tensor> {
-        let xs = self.stack.forward(xs, norms)?;
-        match &self.downsample {
-            Some(down) => down.forward(&xs),
-            None => Ok(xs),
+    /// The block's [`Stage`]s, appended to `out`.
+    pub(crate) fn stages<'a>(&'a self, out: &mut Vec<Stage<'a>>) {
+        self.stack.stages(out);
+        if let Some(down) = &self.downsample {
+            out.push(Box::new(move |xs, _| down.forward(xs)));
         }
     }
 }
@@ -458,11 +471,11 @@ impl UpDecoderBlock2D {
         Ok(Self { stack, upsample })
     }
 
-    pub(crate) fn forward(&self, xs: &Tensor, norms: &mut dyn Norms) -> Result<Tensor> {
-        let xs = self.stack.forward(xs, norms)?;
-        match &self.upsample {
-            Some(up) => up.forward(&xs),
-            None => Ok(xs),
+    /// The block's [`Stage`]s, appended to `out`.
+    pub(crate) fn stages<'a>(&'a self, out: &mut Vec<Stage<'a>>) {
+        self.stack.stages(out);
+        if let Some(up) = &self.upsample {
+            out.push(Box::new(move |xs, _| up.forward(xs)));
         }
     }
 }

@@ -1,8 +1,8 @@
 //! diffusers' VAE `Encoder` and `Decoder` (vae.py), group-norm variant.
 
 use super::blocks::{
-    conv2d, group_norm, Activation, BlockSpec, DownEncoderBlock2D, MidBlock2D, Norms, PlainNorms,
-    UpDecoderBlock2D,
+    conv2d, group_norm, run_stages, Activation, BlockSpec, DownEncoderBlock2D, MidBlock2D, Norms,
+    PlainNorms, Stage, UpDecoderBlock2D,
 };
 use super::VaeConfig;
 use crate::error::Result;
@@ -57,18 +57,18 @@ impl Encoder {
     }
 
     pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = self.features(xs, &mut PlainNorms)?;
+        let xs = run_stages(&self.feature_stages(), xs, &mut PlainNorms)?;
         self.finish(&xs)
     }
 
     /// conv_in and the down blocks: everything local (convolutions and norms), which the tiled
     /// encoder runs tile by tile.
-    pub(crate) fn features(&self, xs: &Tensor, norms: &mut dyn Norms) -> Result<Tensor> {
-        let mut xs = self.conv_in.forward(xs)?;
+    pub(crate) fn feature_stages(&self) -> Vec<Stage<'_>> {
+        let mut stages: Vec<Stage<'_>> = vec![Box::new(|xs, _| Ok(self.conv_in.forward(xs)?))];
         for block in &self.down_blocks {
-            xs = block.forward(&xs, norms)?;
+            block.stages(&mut stages);
         }
-        Ok(xs)
+        stages
     }
 
     /// The mid block (with its whole-image attention), norm and conv_out, at latent resolution.
@@ -128,7 +128,7 @@ impl Decoder {
 
     pub(crate) fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let xs = self.start(xs)?;
-        self.render(&xs, &mut PlainNorms)
+        run_stages(&self.render_stages(), &xs, &mut PlainNorms)
     }
 
     /// conv_in and the mid block (with its whole-image attention), at latent resolution.
@@ -138,12 +138,15 @@ impl Decoder {
     }
 
     /// The up blocks, norm and conv_out: everything local, which the tiled decoder runs tile by tile.
-    pub(crate) fn render(&self, xs: &Tensor, norms: &mut dyn Norms) -> Result<Tensor> {
-        let mut xs = xs.clone();
+    pub(crate) fn render_stages(&self) -> Vec<Stage<'_>> {
+        let mut stages = Vec::new();
         for block in &self.up_blocks {
-            xs = block.forward(&xs, norms)?;
+            block.stages(&mut stages);
         }
-        let xs = norms.apply(&self.conv_norm_out, Some(self.act), &xs)?;
-        Ok(self.conv_out.forward(&xs)?)
+        stages.push(Box::new(|xs: &Tensor, norms: &mut dyn Norms| {
+            let xs = norms.apply(&self.conv_norm_out, Some(self.act), xs)?;
+            Ok(self.conv_out.forward(&xs)?)
+        }));
+        stages
     }
 }

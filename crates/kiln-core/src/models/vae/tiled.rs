@@ -22,7 +22,8 @@
 //! plus one tile's activations plus the output image. Attention inside up/down blocks (rare: none
 //! in SD/SDXL's VAEs) stays per tile, as in every tiled decoder.
 
-use super::blocks::{Activation, Norms};
+use super::blocks::{Activation, Norms, Stage};
+use super::kept::{Kept, KeptFigures, KeptStore};
 use super::{AutoencoderKl, LatentDist};
 use crate::error::{Error, Result};
 use crate::tiling::{StripAssembler, TileOptions, TileOutput, TilePlan};
@@ -31,7 +32,7 @@ use kiln_kernels::GroupNorm;
 use std::ops::Range;
 
 /// How to tile, in latent pixels except `tile_px`.
-#[derive(Debug, Clone, Copy, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct TileSpec {
     /// Largest tile core in image pixels (rounded down to whole latent pixels, at least 1).
     pub tile_px: usize,
@@ -40,11 +41,20 @@ pub struct TileSpec {
     /// Cross-fade width around each boundary, in latent pixels (at most `2 * halo`; narrowed to
     /// the smallest tile).
     pub feather: usize,
+    /// Bytes of tile activations kept in memory between statistics passes; the rest go to
+    /// scratch files on disk ([`super::kept`]). Changes speed and memory, never pixels.
+    pub keep_bytes: u64,
+    /// Folder for those scratch files; None: the data folder's `scratch/`.
+    pub scratch_dir: Option<std::path::PathBuf>,
 }
+
+/// [`TileSpec::keep_bytes`]'s default: with a 512-px tile's own activations (~1.5 GB at SDXL's
+/// widest full-size layer) and the output image, a 4096² decode stays under 3 GB.
+pub const DEFAULT_KEEP_BYTES: u64 = 1 << 30;
 
 impl Default for TileSpec {
     fn default() -> Self {
-        Self { tile_px: 512, halo: 8, feather: 8 }
+        Self { tile_px: 512, halo: 8, feather: 8, keep_bytes: DEFAULT_KEEP_BYTES, scratch_dir: None }
     }
 }
 
@@ -54,6 +64,11 @@ pub struct TiledRun {
     pub tiles: usize,
     /// Passes over the tiles: one statistics pass per tiled norm layer, then the output pass.
     pub passes: usize,
+    /// Stages run (or begun, when a statistics pass stops in one), over all tiles and passes: the
+    /// run's cost in units of one tile stage.
+    pub stage_runs: usize,
+    /// Where the activations kept between passes went.
+    pub kept: KeptFigures,
 }
 
 /// Running count/mean/M2 of one group (merged across tiles with Chan's formula).
@@ -201,19 +216,25 @@ struct Window {
     core_cols: Range<usize>,
 }
 
-/// Runs `body` on every tile of `plan` (windows of `input` at `in_scale` input pixels per plan
+/// Runs `stages` on every tile of `plan` (windows of `input` at `in_scale` input pixels per plan
 /// unit), blending outputs at `out_scale` output pixels per plan unit, for as many passes as the
-/// statistics need. Returns the blended output `[1, C, H, W]` (f32) and the run's figures.
+/// statistics need. Between passes each tile's input to the stage it stopped in is kept
+/// ([`KeptStore`], up to `spec.keep_bytes` in memory), so the next pass resumes there. Returns the
+/// blended output `[1, C, H, W]` (f32) and the run's figures.
 fn run_tiles(
     input: &Tensor,
     plan: &TilePlan,
-    in_scale: usize,
-    out_scale: usize,
+    scales: (usize, usize),
     out_channels: usize,
-    body: &dyn Fn(&Tensor, &mut dyn Norms) -> Result<Tensor>,
+    stages: &[Stage<'_>],
+    spec: &TileSpec,
 ) -> Result<(Tensor, TiledRun)> {
+    let (in_scale, out_scale) = scales;
     let mut known = LayerStats::new();
-    let mut run = TiledRun { tiles: plan.tile_count(), passes: 0 };
+    let mut run = TiledRun { tiles: plan.tile_count(), ..TiledRun::default() };
+    let mut store = KeptStore::new(spec.keep_bytes, spec.scratch_dir.clone());
+    let cols = plan.x.cores.len();
+    let mut kept: Vec<Option<Kept>> = (0..plan.tile_count()).map(|_| None).collect();
     // Window of tile (row, col), and its core in the window's base coordinates.
     let tile = |row: usize, col: usize| -> Result<Window> {
         let (ys, xs) = (clamp(plan.y.window(row), plan.y.len), clamp(plan.x.window(col), plan.x.len));
@@ -236,30 +257,55 @@ fn run_tiles(
         let mut rows_out: Vec<f32> = Vec::new();
         let mut reached = false;
         for row in 0..plan.y.cores.len() {
-            for col in 0..plan.x.cores.len() {
+            for col in 0..cols {
                 let Window { input: window, ys, xs, core_rows, core_cols } = tile(row, col)?;
                 let base = (ys.len() * in_scale, xs.len() * in_scale);
+                let slot = &mut kept[row * cols + col];
+                let (mut stage, mut act, first_norm) = match slot.as_mut() {
+                    Some(k) => (k.stage, store.load(k, input.device())?, k.norms_before),
+                    None => (0, window, 0),
+                };
                 let mut norms = TileNorms {
                     known: &known,
                     acc: &mut acc,
                     stop_at: Some(stop_at),
                     stopped: false,
-                    next: 0,
+                    next: first_norm,
                     core_rows,
                     core_cols,
                     base,
                 };
-                let out = match body(&window, &mut norms) {
-                    Err(_) if norms.stopped => {
-                        reached = true;
-                        continue;
+                let mut stage_norms = first_norm;
+                while let Some(run_stage) = stages.get(stage) {
+                    stage_norms = norms.next;
+                    run.stage_runs += 1;
+                    match run_stage(&act, &mut norms) {
+                        Ok(next) => {
+                            act = next;
+                            stage += 1;
+                        }
+                        Err(_) if norms.stopped => break,
+                        Err(e) => return Err(e),
                     }
-                    Err(e) => return Err(e),
-                    Ok(out) => out,
-                };
+                }
+                if norms.stopped {
+                    reached = true;
+                    // Keep the input of the stage this tile stopped in, unless it is kept already.
+                    if stage > slot.as_ref().map_or(0, |k| k.stage) {
+                        if let Some(old) = slot.take() {
+                            store.release(old);
+                        }
+                        *slot = store.keep(stage, stage_norms, &act)?;
+                    }
+                    continue;
+                }
                 if reached {
                     return Err(Error::Unsupported("tiled VAE: tiles disagree on their norm layers".into()));
                 }
+                if let Some(old) = slot.take() {
+                    store.release(old);
+                }
+                let out = act;
                 let (_, c, h, w) = out.dims4()?;
                 if c != out_channels || h != ys.len() * out_scale || w != xs.len() * out_scale {
                     return Err(Error::Unsupported(format!(
@@ -281,6 +327,7 @@ fn run_tiles(
             known.push(acc);
             continue;
         }
+        run.kept = store.figures;
         let (h, w) = (assembler.out_height(), assembler.out_width());
         let image = Tensor::from_vec(rows_out, (1, h, w, out_channels), input.device())?;
         return Ok((image.permute((0, 3, 1, 2))?.contiguous()?, run));
@@ -318,7 +365,7 @@ impl AutoencoderKl {
         let f = self.scale_factor();
         let plan = plan(lh, lw, f, spec)?;
         if plan.tile_count() == 1 {
-            return Ok((self.decode(&latents)?, TiledRun { tiles: 1, passes: 1 }));
+            return Ok((self.decode(&latents)?, TiledRun { tiles: 1, passes: 1, ..TiledRun::default() }));
         }
         let mut images = Vec::with_capacity(b);
         let mut run = TiledRun::default();
@@ -329,8 +376,8 @@ impl AutoencoderKl {
             }
             let h = self.decoder.start(&z)?;
             drop(z);
-            let body = |x: &Tensor, n: &mut dyn Norms| self.decoder.render(x, n);
-            let (image, r) = run_tiles(&h, &plan, 1, f, self.cfg.out_channels, &body)?;
+            let stages = self.decoder.render_stages();
+            let (image, r) = run_tiles(&h, &plan, (1, f), self.cfg.out_channels, &stages, spec)?;
             images.push(image);
             run = r;
         }
@@ -351,7 +398,7 @@ impl AutoencoderKl {
         }
         let plan = plan(h / f, w / f, f, spec)?;
         if plan.tile_count() == 1 {
-            return Ok((self.encode(&image)?, TiledRun { tiles: 1, passes: 1 }));
+            return Ok((self.encode(&image)?, TiledRun { tiles: 1, passes: 1, ..TiledRun::default() }));
         }
         let channels = self.cfg.block_out_channels.last().copied().unwrap_or_default();
         let mut means = Vec::with_capacity(b);
@@ -359,8 +406,8 @@ impl AutoencoderKl {
         let mut run = TiledRun::default();
         for i in 0..b {
             let x = image.narrow(0, i, 1)?;
-            let body = |x: &Tensor, n: &mut dyn Norms| self.encoder.features(x, n);
-            let (feats, r) = run_tiles(&x, &plan, f, 1, channels, &body)?;
+            let stages = self.encoder.feature_stages();
+            let (feats, r) = run_tiles(&x, &plan, (f, 1), channels, &stages, spec)?;
             run = r;
             let mut moments = self.encoder.finish(&feats.to_dtype(self.dtype)?)?;
             if let Some(conv) = &self.quant_conv {

@@ -1,0 +1,162 @@
+//! Where the tiled VAE keeps each tile's activation between its statistics passes.
+//!
+//! A statistics pass for norm layer k stops every tile at norm k; the next pass needs each tile
+//! again from there. Rerunning every tile from its input (what a pass without kept activations
+//! does) costs one forward pass per norm layer, most of it at full resolution. Keeping each tile's
+//! input to the stage it stopped in makes the whole run cost about 1.5 forward passes instead.
+//!
+//! At 4K and beyond those activations are larger than memory (a 4096² SDXL decode holds 256
+//! channels at full size), so they are kept in memory up to a byte budget and beyond it in
+//! unnamed scratch files under the data folder's `scratch/` (removed by the OS when closed, so
+//! nothing is left behind after a crash). Both hold exact values (f32 on disk, the tensor itself
+//! in memory), so where an activation was kept never changes a pixel. When the disk has no room
+//! either, the tile is not kept: its next pass starts from its input again — slower, same pixels.
+
+use crate::error::Result;
+use candle_core::{DType, Device, Tensor};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::PathBuf;
+
+/// Free disk space a spill leaves untouched, for everything else on the machine.
+const KEEP_FREE_BYTES: u64 = 2 << 30;
+/// Values converted per write/read to and from a scratch file (4 MiB of bytes at a time).
+const CHUNK: usize = 1 << 20;
+
+/// One tile's activation at the input of stage `stage`, with `norms_before` norm layers before it.
+pub(crate) struct Kept {
+    pub stage: usize,
+    pub norms_before: usize,
+    value: Value,
+}
+
+enum Value {
+    Memory(Tensor),
+    Disk { file: std::fs::File, dims: Vec<usize>, dtype: DType },
+}
+
+/// What the store did over a run, for [`super::TiledRun`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct KeptFigures {
+    /// Most bytes held in memory at once.
+    pub peak_memory_bytes: u64,
+    /// Bytes written to scratch files, over the run.
+    pub spilled_bytes: u64,
+    /// Activations not kept for want of memory and disk (each such tile restarted from its input).
+    pub dropped: usize,
+}
+
+pub(crate) struct KeptStore {
+    budget: u64,
+    in_memory: u64,
+    scratch: Option<PathBuf>,
+    pub figures: KeptFigures,
+}
+
+impl KeptStore {
+    /// Keeps up to `budget` bytes in memory; spills the rest to `scratch` (None: the data folder's
+    /// `scratch/`, else the system's temporary folder).
+    pub fn new(budget: u64, scratch: Option<PathBuf>) -> Self {
+        Self { budget, in_memory: 0, scratch, figures: KeptFigures::default() }
+    }
+
+    /// Keeps `xs` as the input of `stage`. None when it could be kept neither in memory nor on disk.
+    pub fn keep(&mut self, stage: usize, norms_before: usize, xs: &Tensor) -> Result<Option<Kept>> {
+        let bytes = (xs.elem_count() * xs.dtype().size_in_bytes()) as u64;
+        if self.in_memory + bytes <= self.budget {
+            self.in_memory += bytes;
+            self.figures.peak_memory_bytes = self.figures.peak_memory_bytes.max(self.in_memory);
+            return Ok(Some(Kept { stage, norms_before, value: Value::Memory(xs.clone()) }));
+        }
+        let values = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+        let disk_bytes = (values.len() * 4) as u64;
+        let Some(mut file) = self.scratch_file(disk_bytes) else {
+            self.figures.dropped += 1;
+            return Ok(None);
+        };
+        // A full disk mid-write is not an error of the decode: the tile just is not kept.
+        let written = values.chunks(CHUNK).try_for_each(|chunk| {
+            let raw: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
+            file.write_all(&raw)
+        });
+        if written.and_then(|()| file.flush()).is_err() {
+            self.figures.dropped += 1;
+            return Ok(None);
+        }
+        self.figures.spilled_bytes += disk_bytes;
+        let value = Value::Disk { file, dims: xs.dims().to_vec(), dtype: xs.dtype() };
+        Ok(Some(Kept { stage, norms_before, value }))
+    }
+
+    /// The kept activation, on `device`.
+    pub fn load(&self, kept: &mut Kept, device: &Device) -> Result<Tensor> {
+        match &mut kept.value {
+            Value::Memory(t) => Ok(t.clone()),
+            Value::Disk { file, dims, dtype } => {
+                let n: usize = dims.iter().product();
+                let mut values = Vec::with_capacity(n);
+                let mut raw = vec![0u8; CHUNK.min(n) * 4];
+                file.seek(SeekFrom::Start(0))?;
+                while values.len() < n {
+                    let take = CHUNK.min(n - values.len());
+                    file.read_exact(&mut raw[..take * 4])?;
+                    values.extend(raw[..take * 4].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+                }
+                Ok(Tensor::from_vec(values, dims.as_slice(), device)?.to_dtype(*dtype)?)
+            }
+        }
+    }
+
+    /// Frees what `kept` holds.
+    pub fn release(&mut self, kept: Kept) {
+        if let Value::Memory(t) = &kept.value {
+            self.in_memory = self.in_memory.saturating_sub((t.elem_count() * t.dtype().size_in_bytes()) as u64);
+        }
+    }
+
+    /// An unnamed file in the scratch folder with room for `bytes` (leaving [`KEEP_FREE_BYTES`]).
+    fn scratch_file(&self, bytes: u64) -> Option<std::fs::File> {
+        let dir = self
+            .scratch
+            .clone()
+            .or_else(|| crate::env::data_dir().map(|d| d.join("scratch")))
+            .unwrap_or_else(std::env::temp_dir);
+        fs_err::create_dir_all(&dir).ok()?;
+        if let Some(free) = crate::files::free_disk_bytes(&dir) {
+            if free < bytes.saturating_add(KEEP_FREE_BYTES) {
+                return None;
+            }
+        }
+        tempfile::tempfile_in(&dir).ok()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_and_disk_give_back_the_same_values() -> Result<()> {
+        let dev = Device::Cpu;
+        let xs = Tensor::randn(0f32, 3.0, (1, 4, 5, 6), &dev)?;
+        let dir = tempfile::tempdir()?;
+        // Budget for exactly one tensor: the second spills.
+        let bytes = (xs.elem_count() * 4) as u64;
+        let mut store = KeptStore::new(bytes, Some(dir.path().to_path_buf()));
+        let mut a = store.keep(3, 5, &xs)?.expect("kept in memory");
+        let mut b = store.keep(3, 5, &xs)?.expect("kept on disk");
+        assert!(matches!(a.value, Value::Memory(_)) && matches!(b.value, Value::Disk { .. }));
+        assert_eq!(store.figures.spilled_bytes, bytes);
+        assert_eq!(store.figures.peak_memory_bytes, bytes);
+        let want = xs.flatten_all()?.to_vec1::<f32>()?;
+        for kept in [&mut a, &mut b] {
+            let got = store.load(kept, &dev)?;
+            assert_eq!(got.dims(), xs.dims());
+            assert_eq!(got.flatten_all()?.to_vec1::<f32>()?, want);
+        }
+        // Releasing the memory one makes room again.
+        store.release(a);
+        let c = store.keep(4, 6, &xs)?.expect("kept");
+        assert!(matches!(c.value, Value::Memory(_)));
+        Ok(())
+    }
+}
