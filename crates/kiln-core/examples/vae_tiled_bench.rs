@@ -69,7 +69,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "{}",
         serde_json::json!({
             "seconds": seconds, "width": w, "height": h, "tiles": run.tiles, "passes": run.passes,
-            "stage_runs": run.stage_runs, "kept": run.kept,
+            "stage_runs": run.stage_runs, "kept": run.kept, "attention_windows": run.attention_windows,
             "psnr_vs_untiled_db": psnr, "worst_tile_tone_255": tone, "peak_rss_bytes": peak_rss(), "rss_after_load_bytes": rss_loaded,
         })
     );

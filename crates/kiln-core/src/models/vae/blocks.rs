@@ -294,29 +294,105 @@ impl SpatialAttention {
     }
 
     pub(crate) fn forward(&self, xs: &Tensor, norms: &mut dyn Norms) -> Result<Tensor> {
+        Ok(self.forward_windowed(xs, norms, usize::MAX)?.0)
+    }
+
+    /// [`Self::forward`], with the attention itself over overlapping windows of at most
+    /// `window`² pixels once the feature map is larger than that (blended like image tiles); the
+    /// norm and the projections still see the whole map. Whole-map attention is quadratic in the
+    /// pixels: at a 4096² decode's 512² latent it is 140 TFLOP, more than the rest of the decode.
+    /// Returns the output and the number of windows (1: whole-map attention, as diffusers).
+    pub(crate) fn forward_windowed(
+        &self,
+        xs: &Tensor,
+        norms: &mut dyn Norms,
+        window: usize,
+    ) -> Result<(Tensor, usize)> {
         let (b, c, h, w) = xs.dims4()?;
-        let head_dim = c / self.heads;
         // [b, hw, c], made contiguous: candle 0.11.1's CPU matmul folds the batch of a transposed lhs
         // against a broadcast rhs (what `Linear` does for 3-D inputs) into one gemm and gets it wrong.
         let tokens =
             norms.apply(&self.group_norm, None, xs)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
-        let qkv = self.to_qkv.forward(&tokens)?;
-        let (q, k, v) = (qkv.narrow(2, 0, c)?, qkv.narrow(2, c, c)?, qkv.narrow(2, 2 * c, c)?);
-        let attended = if kiln_kernels::attention_is_fused(xs.device(), qkv.dtype(), head_dim) {
-            // Fused kernel straight on the projection's [b, hw, heads * head_dim] output.
-            kiln_kernels::attention_bnc(&q, &k, &v, self.heads, self.scale, false)?
+        let (attended, windows) = if h <= window && w <= window {
+            (self.attend(&self.to_qkv.forward(&tokens)?, c)?, 1)
         } else {
-            let split_heads = |t: Tensor| -> Result<Tensor> {
-                Ok(t.reshape((b, h * w, self.heads, head_dim))?.transpose(1, 2)?.contiguous()?)
-            };
-            let (q, k, v) =
-                (split_heads(q.contiguous()?)?, split_heads(k.contiguous()?)?, split_heads(v.contiguous()?)?);
-            let attended = scaled_dot_product_attention(&q, &k, &v, self.scale)?;
-            attended.transpose(1, 2)?.reshape((b, h * w, c))?
+            self.attend_windows(&tokens, (b, c, h, w), window)?
         };
+        drop(tokens);
         let out = self.to_out.forward(&attended)?;
         let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
-        Ok((out + xs)?)
+        Ok(((out + xs)?, windows))
+    }
+
+    /// softmax(q·kᵀ·scale)·v over `qkv` = `[b, n, 3c]` (q, k, v side by side) → `[b, n, c]`.
+    fn attend(&self, qkv: &Tensor, c: usize) -> Result<Tensor> {
+        let (b, n, _) = qkv.dims3()?;
+        let head_dim = c / self.heads;
+        let (q, k, v) = (qkv.narrow(2, 0, c)?, qkv.narrow(2, c, c)?, qkv.narrow(2, 2 * c, c)?);
+        if kiln_kernels::attention_is_fused(qkv.device(), qkv.dtype(), head_dim) {
+            // Fused kernel straight on the projection's [b, n, heads * head_dim] output.
+            return Ok(kiln_kernels::attention_bnc(&q, &k, &v, self.heads, self.scale, false)?);
+        }
+        let split_heads = |t: Tensor| -> Result<Tensor> {
+            Ok(t.reshape((b, n, self.heads, head_dim))?.transpose(1, 2)?.contiguous()?)
+        };
+        let (q, k, v) =
+            (split_heads(q.contiguous()?)?, split_heads(k.contiguous()?)?, split_heads(v.contiguous()?)?);
+        let attended = scaled_dot_product_attention(&q, &k, &v, self.scale)?;
+        Ok(attended.transpose(1, 2)?.reshape((b, n, c))?)
+    }
+
+    /// [`Self::attend`] over overlapping windows of the `h x w` map of normalised `tokens`
+    /// (cores of at most `window`, an eighth of it as context and cross-fade), blended with the
+    /// image tiler's weights. Each window projects its own q/k/v, so the whole map's (three times
+    /// the activation) is never held.
+    fn attend_windows(
+        &self,
+        tokens: &Tensor,
+        (b, c, h, w): (usize, usize, usize, usize),
+        window: usize,
+    ) -> Result<(Tensor, usize)> {
+        use crate::tiling::{StripAssembler, TileOptions, TileOutput, TilePlan};
+        let margin = (window / 8).max(1);
+        let options = TileOptions {
+            max_tile: window,
+            max_tile_rows: window,
+            halo: margin,
+            border: 0,
+            feather: margin,
+            multiple: 1,
+        };
+        let plan = TilePlan::new(w, h, options)?;
+        let clamp =
+            |r: std::ops::Range<isize>, len: usize| r.start.max(0) as usize..(r.end.max(0) as usize).min(len);
+        let map = tokens.reshape((b, h, w, c))?;
+        let mut images = Vec::with_capacity(b);
+        for i in 0..b {
+            let mut assembler = StripAssembler::new(plan.clone(), 1, c);
+            let mut rows = Vec::with_capacity(h * w * c);
+            for row in 0..plan.y.cores.len() {
+                let ys = clamp(plan.y.window(row), h);
+                for col in 0..plan.x.cores.len() {
+                    let xs = clamp(plan.x.window(col), w);
+                    let part =
+                        map.narrow(0, i, 1)?.narrow(1, ys.start, ys.len())?.narrow(2, xs.start, xs.len())?;
+                    let part = part.contiguous()?.reshape((1, ys.len() * xs.len(), c))?;
+                    let attended = self.attend(&self.to_qkv.forward(&part)?, c)?;
+                    // The assembler takes planar channels x rows x cols.
+                    let planar = attended.reshape((ys.len() * xs.len(), c))?.t()?.to_dtype(DType::F32)?;
+                    let data = planar.flatten_all()?.to_vec1::<f32>()?;
+                    let origin = (ys.start as isize, xs.start as isize);
+                    assembler.add(
+                        row,
+                        col,
+                        &TileOutput { data: &data, rows: ys.len(), cols: xs.len(), origin },
+                    )?;
+                }
+                rows.extend(assembler.finish_row(row));
+            }
+            images.push(Tensor::from_vec(rows, (1, h * w, c), tokens.device())?.to_dtype(tokens.dtype())?);
+        }
+        Ok((Tensor::cat(&images, 0)?, plan.tile_count()))
     }
 }
 
@@ -346,17 +422,26 @@ impl MidBlock2D {
         Ok(Self { resnets, attention })
     }
 
-    pub(crate) fn forward(&self, xs: &Tensor, norms: &mut dyn Norms) -> Result<Tensor> {
+    /// diffusers' forward with the attention over windows of at most `window`² pixels
+    /// ([`SpatialAttention::forward_windowed`]; `usize::MAX`: whole-map, as diffusers). Also
+    /// returns the number of windows.
+    pub(crate) fn forward_windowed(
+        &self,
+        xs: &Tensor,
+        norms: &mut dyn Norms,
+        window: usize,
+    ) -> Result<(Tensor, usize)> {
         let mut xs = xs.clone();
+        let mut windows = 0;
         for (i, resnet) in self.resnets.iter().enumerate() {
             if i > 0 {
                 if let Some(attention) = &self.attention {
-                    xs = attention.forward(&xs, norms)?;
+                    (xs, windows) = attention.forward_windowed(&xs, norms, window)?;
                 }
             }
             xs = resnet.forward(&xs, norms)?;
         }
-        Ok(xs)
+        Ok((xs, windows))
     }
 }
 
@@ -499,6 +584,50 @@ mod tests {
             let got = chunked_attention(&q, &k, &v, scale, max_scores)?;
             let diff = (got - &expected)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
             assert!(diff < 1e-5, "max_scores {max_scores}: diff {diff}");
+        }
+        Ok(())
+    }
+
+    /// A spatial attention with random weights; `to_v` all zeros when `constant_v` (every token's
+    /// value is then `to_v`'s bias, whatever it attends to).
+    fn attention(c: usize, constant_v: bool) -> Result<SpatialAttention> {
+        let dev = Device::Cpu;
+        let mut map = std::collections::HashMap::new();
+        map.insert("group_norm.weight".to_string(), Tensor::randn(1f32, 0.1, c, &dev)?);
+        map.insert("group_norm.bias".to_string(), Tensor::randn(0f32, 0.1, c, &dev)?);
+        for name in ["to_q", "to_k", "to_v", "to_out.0"] {
+            let weight = if constant_v && name == "to_v" {
+                Tensor::zeros((c, c), DType::F32, &dev)?
+            } else {
+                Tensor::randn(0f32, 0.5, (c, c), &dev)?
+            };
+            map.insert(format!("{name}.weight"), weight);
+            map.insert(format!("{name}.bias"), Tensor::randn(0f32, 0.5, c, &dev)?);
+        }
+        SpatialAttention::new(c, c, 2, VarBuilder::from_tensors(map, DType::F32, &dev))
+    }
+
+    #[test]
+    fn windowed_attention_is_whole_map_in_one_window_and_its_weights_sum_to_one() -> Result<()> {
+        let xs = Tensor::randn(0f32, 1.0, (1, 8, 12, 20), &Device::Cpu)?;
+        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
+            Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
+        };
+        let att = attention(8, false)?;
+        let whole = att.forward(&xs, &mut PlainNorms)?;
+        let (one, n) = att.forward_windowed(&xs, &mut PlainNorms, 20)?;
+        assert_eq!((n, max_diff(&one, &whole)?), (1, 0.0));
+        // Small windows attend to less than the whole map: a different result.
+        let (windowed, n) = att.forward_windowed(&xs, &mut PlainNorms, 6)?;
+        assert!(n > 1 && max_diff(&windowed, &whole)? > 1e-3, "{n}");
+        // With one value everywhere, any window's attention gives that value: the windows'
+        // blend weights must sum to one at every pixel for the result to equal the whole map's.
+        let att = attention(8, true)?;
+        let whole = att.forward(&xs, &mut PlainNorms)?;
+        for window in [3, 5, 6, 11] {
+            let (windowed, n) = att.forward_windowed(&xs, &mut PlainNorms, window)?;
+            let diff = max_diff(&windowed, &whole)?;
+            assert!(n > 1 && diff < 1e-4, "window {window}: {n} windows, diff {diff}");
         }
         Ok(())
     }

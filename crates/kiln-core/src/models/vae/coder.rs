@@ -1,8 +1,8 @@
 //! diffusers' VAE `Encoder` and `Decoder` (vae.py), group-norm variant.
 
 use super::blocks::{
-    conv2d, group_norm, run_stages, Activation, BlockSpec, DownEncoderBlock2D, MidBlock2D, Norms,
-    PlainNorms, Stage, UpDecoderBlock2D,
+    conv2d, group_norm, run_stages, Activation, BlockSpec, DownEncoderBlock2D, MidBlock2D, Norms, PlainNorms,
+    Stage, UpDecoderBlock2D,
 };
 use super::VaeConfig;
 use crate::error::Result;
@@ -73,9 +73,15 @@ impl Encoder {
 
     /// The mid block (with its whole-image attention), norm and conv_out, at latent resolution.
     pub(crate) fn finish(&self, xs: &Tensor) -> Result<Tensor> {
-        let xs = self.mid_block.forward(xs, &mut PlainNorms)?;
+        Ok(self.finish_windowed(xs, usize::MAX)?.0)
+    }
+
+    /// [`Self::finish`] with the mid block's attention over windows of at most `window`² latent
+    /// pixels; also returns the number of windows.
+    pub(crate) fn finish_windowed(&self, xs: &Tensor, window: usize) -> Result<(Tensor, usize)> {
+        let (xs, windows) = self.mid_block.forward_windowed(xs, &mut PlainNorms, window)?;
         let xs = self.act.after_norm(&self.conv_norm_out, &xs)?;
-        Ok(self.conv_out.forward(&xs)?)
+        Ok((self.conv_out.forward(&xs)?, windows))
     }
 }
 
@@ -133,8 +139,14 @@ impl Decoder {
 
     /// conv_in and the mid block (with its whole-image attention), at latent resolution.
     pub(crate) fn start(&self, xs: &Tensor) -> Result<Tensor> {
+        Ok(self.start_windowed(xs, usize::MAX)?.0)
+    }
+
+    /// [`Self::start`] with the mid block's attention over windows of at most `window`² latent
+    /// pixels; also returns the number of windows.
+    pub(crate) fn start_windowed(&self, xs: &Tensor, window: usize) -> Result<(Tensor, usize)> {
         let xs = self.conv_in.forward(xs)?;
-        self.mid_block.forward(&xs, &mut PlainNorms)
+        self.mid_block.forward_windowed(&xs, &mut PlainNorms, window)
     }
 
     /// The up blocks, norm and conv_out: everything local, which the tiled decoder runs tile by tile.

@@ -99,7 +99,9 @@ impl KeptStore {
                 while values.len() < n {
                     let take = CHUNK.min(n - values.len());
                     file.read_exact(&mut raw[..take * 4])?;
-                    values.extend(raw[..take * 4].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+                    values.extend(
+                        raw[..take * 4].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                    );
                 }
                 Ok(Tensor::from_vec(values, dims.as_slice(), device)?.to_dtype(*dtype)?)
             }
@@ -109,7 +111,8 @@ impl KeptStore {
     /// Frees what `kept` holds.
     pub fn release(&mut self, kept: Kept) {
         if let Value::Memory(t) = &kept.value {
-            self.in_memory = self.in_memory.saturating_sub((t.elem_count() * t.dtype().size_in_bytes()) as u64);
+            self.in_memory =
+                self.in_memory.saturating_sub((t.elem_count() * t.dtype().size_in_bytes()) as u64);
         }
     }
 

@@ -17,7 +17,7 @@ mod tiled;
 
 pub use blocks::scaled_dot_product_attention;
 pub use kept::KeptFigures;
-pub use tiled::{TileSpec, TiledRun, DEFAULT_KEEP_BYTES};
+pub use tiled::{TileSpec, TiledRun, DEFAULT_ATTENTION_WINDOW, DEFAULT_KEEP_BYTES};
 
 use crate::error::{Error, Result};
 use blocks::Activation;

@@ -46,15 +46,31 @@ pub struct TileSpec {
     pub keep_bytes: u64,
     /// Folder for those scratch files; None: the data folder's `scratch/`.
     pub scratch_dir: Option<std::path::PathBuf>,
+    /// Largest side, in latent pixels, over which the mid block's attention is whole-map (as in
+    /// an untiled pass); larger latents attend over overlapping windows of this size. The
+    /// default covers a 1024² image, where untiled decodes still fit and can be compared.
+    pub attention_window: usize,
 }
 
 /// [`TileSpec::keep_bytes`]'s default: with a 512-px tile's own activations (~1.5 GB at SDXL's
-/// widest full-size layer) and the output image, a 4096² decode stays under 3 GB.
-pub const DEFAULT_KEEP_BYTES: u64 = 1 << 30;
+/// widest full-size layer), the output image and the model, a 4096² decode stays under 3 GB.
+pub const DEFAULT_KEEP_BYTES: u64 = 512 << 20;
+
+/// [`TileSpec::attention_window`]'s default: 128 latent pixels, a 1024² SD/SDXL image (16 384
+/// tokens). At a 4096² decode's 512² latent, whole-map attention would be 140 TFLOP; 16 windows
+/// of 160² are 21.
+pub const DEFAULT_ATTENTION_WINDOW: usize = 128;
 
 impl Default for TileSpec {
     fn default() -> Self {
-        Self { tile_px: 512, halo: 8, feather: 8, keep_bytes: DEFAULT_KEEP_BYTES, scratch_dir: None }
+        Self {
+            tile_px: 512,
+            halo: 8,
+            feather: 8,
+            keep_bytes: DEFAULT_KEEP_BYTES,
+            scratch_dir: None,
+            attention_window: DEFAULT_ATTENTION_WINDOW,
+        }
     }
 }
 
@@ -69,6 +85,8 @@ pub struct TiledRun {
     pub stage_runs: usize,
     /// Where the activations kept between passes went.
     pub kept: KeptFigures,
+    /// Windows the mid block's attention ran over (1: the whole latent, as untiled).
+    pub attention_windows: usize,
 }
 
 /// Running count/mean/M2 of one group (merged across tiles with Chan's formula).
@@ -290,12 +308,14 @@ fn run_tiles(
                 }
                 if norms.stopped {
                     reached = true;
-                    // Keep the input of the stage this tile stopped in, unless it is kept already.
+                    // Keep the input of the stage this tile stopped in, unless it is kept already;
+                    // when it cannot be kept, the earlier one stays (the tile resumes from there).
                     if stage > slot.as_ref().map_or(0, |k| k.stage) {
-                        if let Some(old) = slot.take() {
-                            store.release(old);
+                        if let Some(new) = store.keep(stage, stage_norms, &act)? {
+                            if let Some(old) = slot.replace(new) {
+                                store.release(old);
+                            }
                         }
-                        *slot = store.keep(stage, stage_norms, &act)?;
                     }
                     continue;
                 }
@@ -374,12 +394,12 @@ impl AutoencoderKl {
             if let Some(conv) = &self.post_quant_conv {
                 z = conv.forward(&z)?;
             }
-            let h = self.decoder.start(&z)?;
+            let (h, windows) = self.decoder.start_windowed(&z, spec.attention_window)?;
             drop(z);
             let stages = self.decoder.render_stages();
             let (image, r) = run_tiles(&h, &plan, (1, f), self.cfg.out_channels, &stages, spec)?;
             images.push(image);
-            run = r;
+            run = TiledRun { attention_windows: windows, ..r };
         }
         Ok((Tensor::cat(&images, 0)?, run))
     }
@@ -408,8 +428,9 @@ impl AutoencoderKl {
             let x = image.narrow(0, i, 1)?;
             let stages = self.encoder.feature_stages();
             let (feats, r) = run_tiles(&x, &plan, (f, 1), channels, &stages, spec)?;
-            run = r;
-            let mut moments = self.encoder.finish(&feats.to_dtype(self.dtype)?)?;
+            let (mut moments, windows) =
+                self.encoder.finish_windowed(&feats.to_dtype(self.dtype)?, spec.attention_window)?;
+            run = TiledRun { attention_windows: windows, ..r };
             if let Some(conv) = &self.quant_conv {
                 moments = conv.forward(&moments)?;
             }
