@@ -73,10 +73,17 @@ fn f16_vae_overflow_falls_back_to_f32_decode() {
     assert!(!is_finite(&raw), "the scaled fixture no longer overflows in f16: the test proves nothing");
 
     let mut timings = StageTimings::default();
-    let got = decode_batch(&half, &latents, &[7], &Default::default(), &mut timings).unwrap();
-    let want =
-        decode_batch(&full, &latents.to_dtype(DType::F32).unwrap(), &[7], &Default::default(), &mut timings)
-            .unwrap();
+    let got =
+        decode_batch(&half, &latents, &[7], &Default::default(), &mut timings, &mut NoProgress).unwrap();
+    let want = decode_batch(
+        &full,
+        &latents.to_dtype(DType::F32).unwrap(),
+        &[7],
+        &Default::default(),
+        &mut timings,
+        &mut NoProgress,
+    )
+    .unwrap();
     assert_eq!(got[0].vae_fallback, Some(DType::F32));
     assert_eq!(want[0].vae_fallback, None);
     let (g, w) = (&got[0].pixels, &want[0].pixels);

@@ -214,3 +214,21 @@ fn kept_activations_change_cost_not_pixels_in_memory_on_disk_or_dropped() {
     assert_eq!(values(&a.mean), values(&b.mean));
     assert!(kept.kept.spilled_bytes > 0 && kept.stage_runs < rerun.stage_runs, "{kept:?} vs {rerun:?}");
 }
+
+#[test]
+fn a_cancelled_tiled_pass_stops_between_tiles() {
+    let vae = model("lpb2");
+    let latents = Tensor::read_npy(fixture("vae_tiled/latents.npy")).unwrap();
+    let mut asked = 0;
+    let mut cancel_on_third = || {
+        asked += 1;
+        asked >= 3
+    };
+    let err = vae.decode_tiled_with(&latents, &spec(48), &mut cancel_on_third).unwrap_err();
+    assert!(matches!(err, kiln_core::error::Error::Cancelled), "{err}");
+    assert_eq!(asked, 3, "asked once per tile, stopped at the first yes");
+    let image = Tensor::read_npy(fixture("vae/image.npy")).unwrap().narrow(0, 0, 1).unwrap();
+    let tiling = VaeTiling { mode: VaeTilingMode::On, tile_px: Some(32), ..VaeTiling::default() };
+    let err = tiling.encode_with(&vae, &image, &mut || true).unwrap_err();
+    assert!(matches!(err, kiln_core::error::Error::Cancelled), "{err}");
+}

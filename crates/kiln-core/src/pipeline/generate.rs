@@ -271,7 +271,7 @@ fn run_batch(
     // diffusers' order of draws: img2img samples the VAE latent distribution, then the noise.
     let (latents, first_step) = match init_image {
         Some(image) => {
-            let encoded = encode_sampled(model, image, &req.vae_tiling, &mut rng, timings)?;
+            let encoded = encode_sampled(model, image, &req.vae_tiling, &mut rng, timings, progress)?;
             let start = model.spec.strength_start(req.steps, req.strength);
             if start >= timesteps.len() {
                 return Err(Error::arg("strength", format!("{} leaves no denoising steps", req.strength)));
@@ -307,7 +307,7 @@ fn run_batch(
         progress,
     )?;
     progress.stage("vae_decode");
-    decode_batch(model, &latents, seeds, &req.vae_tiling, timings)
+    decode_batch(model, &latents, seeds, &req.vae_tiling, timings, progress)
 }
 
 /// Everything the denoiser is conditioned on besides the sample, for one batch of `b` images.
@@ -489,11 +489,12 @@ pub(crate) fn encode_sampled(
     tiling: &VaeTiling,
     rng: &mut BatchRng,
     timings: &mut StageTimings,
+    progress: &mut dyn Progress,
 ) -> Result<Tensor> {
     let t0 = Instant::now();
     let b = rng.len();
     let vae_cfg = model.vae.config();
-    let dist = tiling.encode(&model.vae, image)?;
+    let dist = tiling.encode_with(&model.vae, image, &mut || progress.cancelled())?;
     let latent_shape = dist.mean.dims()[1..].to_vec();
     let dist_noise = rng.randn(&latent_shape, &model.device, model.dtype)?;
     let mean = dist.mean.repeat((b, 1, 1, 1))?;
@@ -516,6 +517,7 @@ pub fn decode_batch(
     seeds: &[u64],
     tiling: &VaeTiling,
     timings: &mut StageTimings,
+    progress: &mut dyn Progress,
 ) -> Result<Vec<GeneratedImage>> {
     let vae_cfg = model.vae.config();
     let scaling = vae_cfg.scaling_factor;
@@ -526,12 +528,13 @@ pub fn decode_batch(
         // One image at a time: the decoder's activations dominate memory at large sizes.
         let latent = latents.narrow(0, k, 1)?;
         let unscale = |l: &Tensor| -> Result<Tensor> { Ok(((l / scaling)? + shift)?) };
-        let mut decoded = tiling.decode(&model.vae, &unscale(&latent)?)?;
+        let mut decoded = tiling.decode_with(&model.vae, &unscale(&latent)?, &mut || progress.cancelled())?;
         let mut vae_fallback = None;
         if !is_finite(&decoded)? && model.vae.dtype() == DType::F16 {
             // Upcast before unscaling, so the wider dtype sees the latents as the sampler left them.
             let vae = model.vae_upcast()?;
-            decoded = tiling.decode(vae, &unscale(&latent.to_dtype(vae.dtype())?)?)?;
+            decoded = tiling
+                .decode_with(vae, &unscale(&latent.to_dtype(vae.dtype())?)?, &mut || progress.cancelled())?;
             vae_fallback = Some(vae.dtype());
         }
         if !is_finite(&decoded)? {

@@ -157,7 +157,7 @@ pub fn redetail(
     // diffusers' img2img order of draws: the VAE latent sample, then the noise.
     progress.stage("vae_encode");
     let image = rgb_to_tensor(&req.image, device, model.dtype)?;
-    let encoded = encode_sampled(model, &image, &req.vae_tiling, &mut rng, &mut timings)?;
+    let encoded = encode_sampled(model, &image, &req.vae_tiling, &mut rng, &mut timings, progress)?;
     let noise = rng.randn(&encoded.dims()[1..], device, model.dtype)?;
     let mut latents = scheduler.add_noise(&encoded, &noise, first)?;
 
@@ -232,7 +232,8 @@ pub fn redetail(
         }
     }
     progress.stage("vae_decode");
-    let image = decode_batch(model, &latents, &[req.seed], &req.vae_tiling, &mut timings)?.remove(0);
+    let image =
+        decode_batch(model, &latents, &[req.seed], &req.vae_tiling, &mut timings, progress)?.remove(0);
     timings.total = start.elapsed().as_secs_f64();
     let mut warnings = prompts.warnings;
     warnings.extend(crate::pipeline::generate::vae_fallback_warning(&image));

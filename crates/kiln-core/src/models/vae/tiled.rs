@@ -246,6 +246,7 @@ fn run_tiles(
     out_channels: usize,
     stages: &[Stage<'_>],
     spec: &TileSpec,
+    cancelled: &mut dyn FnMut() -> bool,
 ) -> Result<(Tensor, TiledRun)> {
     let (in_scale, out_scale) = scales;
     let mut known = LayerStats::new();
@@ -276,6 +277,10 @@ fn run_tiles(
         let mut reached = false;
         for row in 0..plan.y.cores.len() {
             for col in 0..cols {
+                // A 4K decode on a CPU runs for many minutes: a cancelled job stops between tiles.
+                if cancelled() {
+                    return Err(Error::Cancelled);
+                }
                 let Window { input: window, ys, xs, core_rows, core_cols } = tile(row, col)?;
                 let base = (ys.len() * in_scale, xs.len() * in_scale);
                 let slot = &mut kept[row * cols + col];
@@ -380,6 +385,17 @@ fn plan(latent_h: usize, latent_w: usize, factor: usize, spec: &TileSpec) -> Res
 impl AutoencoderKl {
     /// [`AutoencoderKl::decode`] tile by tile with whole-image GroupNorm statistics. Output in f32.
     pub fn decode_tiled(&self, latents: &Tensor, spec: &TileSpec) -> Result<(Tensor, TiledRun)> {
+        self.decode_tiled_with(latents, spec, &mut || false)
+    }
+
+    /// [`Self::decode_tiled`], stopping with [`Error::Cancelled`] between tiles once `cancelled`
+    /// says so.
+    pub fn decode_tiled_with(
+        &self,
+        latents: &Tensor,
+        spec: &TileSpec,
+        cancelled: &mut dyn FnMut() -> bool,
+    ) -> Result<(Tensor, TiledRun)> {
         let latents = self.prepare("latents", latents, self.cfg.latent_channels)?;
         let (b, _, lh, lw) = latents.dims4()?;
         let f = self.scale_factor();
@@ -397,7 +413,7 @@ impl AutoencoderKl {
             let (h, windows) = self.decoder.start_windowed(&z, spec.attention_window)?;
             drop(z);
             let stages = self.decoder.render_stages();
-            let (image, r) = run_tiles(&h, &plan, (1, f), self.cfg.out_channels, &stages, spec)?;
+            let (image, r) = run_tiles(&h, &plan, (1, f), self.cfg.out_channels, &stages, spec, cancelled)?;
             images.push(image);
             run = TiledRun { attention_windows: windows, ..r };
         }
@@ -407,6 +423,17 @@ impl AutoencoderKl {
     /// [`AutoencoderKl::encode`] tile by tile with whole-image GroupNorm statistics. The image's
     /// height and width must be multiples of the scale factor.
     pub fn encode_tiled(&self, image: &Tensor, spec: &TileSpec) -> Result<(LatentDist, TiledRun)> {
+        self.encode_tiled_with(image, spec, &mut || false)
+    }
+
+    /// [`Self::encode_tiled`], stopping with [`Error::Cancelled`] between tiles once `cancelled`
+    /// says so.
+    pub fn encode_tiled_with(
+        &self,
+        image: &Tensor,
+        spec: &TileSpec,
+        cancelled: &mut dyn FnMut() -> bool,
+    ) -> Result<(LatentDist, TiledRun)> {
         let image = self.prepare("image", image, self.cfg.in_channels)?;
         let (b, _, h, w) = image.dims4()?;
         let f = self.scale_factor();
@@ -427,7 +454,7 @@ impl AutoencoderKl {
         for i in 0..b {
             let x = image.narrow(0, i, 1)?;
             let stages = self.encoder.feature_stages();
-            let (feats, r) = run_tiles(&x, &plan, (f, 1), channels, &stages, spec)?;
+            let (feats, r) = run_tiles(&x, &plan, (f, 1), channels, &stages, spec, cancelled)?;
             let (mut moments, windows) =
                 self.encoder.finish_windowed(&feats.to_dtype(self.dtype)?, spec.attention_window)?;
             run = TiledRun { attention_windows: windows, ..r };

@@ -158,7 +158,7 @@ pub(crate) fn sample_canvas(
     // below 1), the starting noise, then the masked image's latent sample.
     let needs_image_latents = unet_kind == UNetKind::Plain || !full_strength;
     let image_latents = if needs_image_latents {
-        Some(encode_sampled(model, &image, &sampling.vae_tiling, &mut rng, timings)?)
+        Some(encode_sampled(model, &image, &sampling.vae_tiling, &mut rng, timings, progress)?)
     } else {
         None
     };
@@ -179,7 +179,7 @@ pub(crate) fn sample_canvas(
     let extra = match unet_kind {
         UNetKind::Inpaint => {
             let masked_latents =
-                encode_sampled(model, &masked_image, &sampling.vae_tiling, &mut rng, timings)?;
+                encode_sampled(model, &masked_image, &sampling.vae_tiling, &mut rng, timings, progress)?;
             let mask_latent = match canvas.blend {
                 Blend::Diffusers => binary.latent_nearest(f as u32, device, dtype)?,
                 Blend::Kiln => binary.latent_max_pool(f as u32, 0, device, dtype)?,
@@ -203,7 +203,7 @@ pub(crate) fn sample_canvas(
         Some(k) => k,
         // A 9-channel run at full strength asked to re-impose: encode now (no draw: the mean).
         None if canvas.reimpose => {
-            let dist = sampling.vae_tiling.encode(&model.vae, &image)?;
+            let dist = sampling.vae_tiling.encode_with(&model.vae, &image, &mut || progress.cancelled())?;
             let cfg = model.vae.config();
             ((dist.mean - cfg.shift_factor.unwrap_or(0.0))? * cfg.scaling_factor)?
         }
@@ -229,6 +229,6 @@ pub(crate) fn sample_canvas(
     )?;
     let latents =
         denoise(model, scheduler.as_mut(), &cond, latents, start, &mut rng, &mut hooks, timings, progress)?;
-    let mut images = decode_batch(model, &latents, &[seed], &sampling.vae_tiling, timings)?;
+    let mut images = decode_batch(model, &latents, &[seed], &sampling.vae_tiling, timings, progress)?;
     images.pop().map(|g| g.pixels).ok_or_else(|| Error::Unsupported("the decoder returned no image".into()))
 }
