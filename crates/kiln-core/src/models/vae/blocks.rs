@@ -62,19 +62,34 @@ pub(crate) trait Norms {
 /// Each GroupNorm uses the statistics of the tensor it is given.
 pub(crate) struct PlainNorms;
 
-/// One stage of a network part that the tiled VAE runs tile by tile: a resnet, an attention, a
-/// resampler or the closing norm + conv. Stages are the points where the tiled pass keeps each
-/// tile's activation, so a statistics pass resumes from the last stage a tile finished instead
-/// of from the tile's input.
-pub(crate) type Stage<'a> = Box<dyn Fn(&Tensor, &mut dyn Norms) -> Result<Tensor> + 'a>;
+/// One stage of a network part that the tiled VAE runs tile by tile: half a resnet (each half
+/// holds one of its norms), an attention, a resampler or the closing norm + conv. Stages are the
+/// points where the tiled pass keeps each tile's activations, so a statistics pass resumes from
+/// the last stage a tile finished instead of from the tile's input. Between stages the
+/// activations are one tensor, or two inside a resnet (its first conv's output and its
+/// shortcut), so that no convolution runs twice.
+pub(crate) type Stage<'a> = Box<dyn Fn(&[Tensor], &mut dyn Norms) -> Result<Vec<Tensor>> + 'a>;
 
 /// Runs `stages` in order: the untiled forward pass of what they make up.
 pub(crate) fn run_stages(stages: &[Stage<'_>], xs: &Tensor, norms: &mut dyn Norms) -> Result<Tensor> {
-    let mut xs = xs.clone();
+    let mut acts = vec![xs.clone()];
     for stage in stages {
-        xs = stage(&xs, norms)?;
+        acts = stage(&acts, norms)?;
     }
-    Ok(xs)
+    single(&acts).cloned()
+}
+
+/// The one tensor a stage boundary outside a resnet holds.
+pub(crate) fn single(acts: &[Tensor]) -> Result<&Tensor> {
+    match acts {
+        [xs] => Ok(xs),
+        _ => Err(Error::Unsupported(format!("VAE stage: expected one activation, got {}", acts.len()))),
+    }
+}
+
+/// A stage made of a one-tensor layer.
+pub(crate) fn one_to_one<'a>(f: impl Fn(&Tensor, &mut dyn Norms) -> Result<Tensor> + 'a) -> Stage<'a> {
+    Box::new(move |acts, norms| Ok(vec![f(single(acts)?, norms)?]))
 }
 
 impl Norms for PlainNorms {
@@ -134,15 +149,37 @@ impl ResnetBlock2D {
     }
 
     pub(crate) fn forward(&self, xs: &Tensor, norms: &mut dyn Norms) -> Result<Tensor> {
+        let (h, shortcut) = self.first_half(xs, norms)?;
+        self.second_half(&h, &shortcut, norms)
+    }
+
+    /// norm1 → conv1, and the shortcut: what the second half needs.
+    fn first_half(&self, xs: &Tensor, norms: &mut dyn Norms) -> Result<(Tensor, Tensor)> {
         let h = norms.apply(&self.norm1, Some(self.act), xs)?;
         let h = self.conv1.forward(&h)?;
-        let h = norms.apply(&self.norm2, Some(self.act), &h)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
         };
-        // conv2(h) + shortcut in the conv's output pass.
-        Ok(self.conv2.forward_add(&h, &shortcut, 1.0)?)
+        Ok((h, shortcut))
+    }
+
+    /// norm2 → conv2 + shortcut (added in the conv's output pass).
+    fn second_half(&self, h: &Tensor, shortcut: &Tensor, norms: &mut dyn Norms) -> Result<Tensor> {
+        let h = norms.apply(&self.norm2, Some(self.act), h)?;
+        Ok(self.conv2.forward_add(&h, shortcut, 1.0)?)
+    }
+
+    /// The two halves as [`Stage`]s, appended to `out`.
+    fn stages<'a>(&'a self, out: &mut Vec<Stage<'a>>) {
+        out.push(Box::new(move |acts, norms| {
+            let (h, shortcut) = self.first_half(single(acts)?, norms)?;
+            Ok(vec![h, shortcut])
+        }));
+        out.push(Box::new(move |acts, norms| match acts {
+            [h, shortcut] => Ok(vec![self.second_half(h, shortcut, norms)?]),
+            _ => Err(Error::Unsupported(format!("VAE resnet: expected two activations, got {}", acts.len()))),
+        }));
     }
 }
 
@@ -477,9 +514,9 @@ impl ResnetStack {
 
     fn stages<'a>(&'a self, out: &mut Vec<Stage<'a>>) {
         for (i, resnet) in self.resnets.iter().enumerate() {
-            out.push(Box::new(move |xs, norms| resnet.forward(xs, norms)));
+            resnet.stages(out);
             if let Some(attention) = self.attentions.get(i) {
-                out.push(Box::new(move |xs, norms| attention.forward(xs, norms)));
+                out.push(one_to_one(move |xs, norms| attention.forward(xs, norms)));
             }
         }
     }
@@ -528,7 +565,7 @@ impl DownEncoderBlock2D {
     pub(crate) fn stages<'a>(&'a self, out: &mut Vec<Stage<'a>>) {
         self.stack.stages(out);
         if let Some(down) = &self.downsample {
-            out.push(Box::new(move |xs, _| down.forward(xs)));
+            out.push(one_to_one(move |xs, _| down.forward(xs)));
         }
     }
 }
@@ -560,7 +597,7 @@ impl UpDecoderBlock2D {
     pub(crate) fn stages<'a>(&'a self, out: &mut Vec<Stage<'a>>) {
         self.stack.stages(out);
         if let Some(up) = &self.upsample {
-            out.push(Box::new(move |xs, _| up.forward(xs)));
+            out.push(one_to_one(move |xs, _| up.forward(xs)));
         }
     }
 }

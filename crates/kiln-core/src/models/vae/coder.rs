@@ -1,8 +1,8 @@
 //! diffusers' VAE `Encoder` and `Decoder` (vae.py), group-norm variant.
 
 use super::blocks::{
-    conv2d, group_norm, run_stages, Activation, BlockSpec, DownEncoderBlock2D, MidBlock2D, Norms, PlainNorms,
-    Stage, UpDecoderBlock2D,
+    conv2d, group_norm, one_to_one, run_stages, Activation, BlockSpec, DownEncoderBlock2D, MidBlock2D, Norms,
+    PlainNorms, Stage, UpDecoderBlock2D,
 };
 use super::VaeConfig;
 use crate::error::Result;
@@ -64,7 +64,7 @@ impl Encoder {
     /// conv_in and the down blocks: everything local (convolutions and norms), which the tiled
     /// encoder runs tile by tile.
     pub(crate) fn feature_stages(&self) -> Vec<Stage<'_>> {
-        let mut stages: Vec<Stage<'_>> = vec![Box::new(|xs, _| Ok(self.conv_in.forward(xs)?))];
+        let mut stages: Vec<Stage<'_>> = vec![one_to_one(|xs, _| Ok(self.conv_in.forward(xs)?))];
         for block in &self.down_blocks {
             block.stages(&mut stages);
         }
@@ -155,7 +155,7 @@ impl Decoder {
         for block in &self.up_blocks {
             block.stages(&mut stages);
         }
-        stages.push(Box::new(|xs: &Tensor, norms: &mut dyn Norms| {
+        stages.push(one_to_one(|xs: &Tensor, norms: &mut dyn Norms| {
             let xs = norms.apply(&self.conv_norm_out, Some(self.act), xs)?;
             Ok(self.conv_out.forward(&xs)?)
         }));

@@ -22,7 +22,7 @@ const KEEP_FREE_BYTES: u64 = 2 << 30;
 /// Values converted per write/read to and from a scratch file (4 MiB of bytes at a time).
 const CHUNK: usize = 1 << 20;
 
-/// One tile's activation at the input of stage `stage`, with `norms_before` norm layers before it.
+/// One tile's activations at the input of stage `stage`, with `norms_before` norm layers before it.
 pub(crate) struct Kept {
     pub stage: usize,
     pub norms_before: usize,
@@ -30,8 +30,12 @@ pub(crate) struct Kept {
 }
 
 enum Value {
-    Memory(Tensor),
-    Disk { file: std::fs::File, dims: Vec<usize>, dtype: DType },
+    Memory(Vec<Tensor>),
+    /// The tensors one after the other, f32 little-endian.
+    Disk {
+        file: std::fs::File,
+        shapes: Vec<(Vec<usize>, DType)>,
+    },
 }
 
 /// What the store did over a run, for [`super::TiledRun`].
@@ -59,60 +63,69 @@ impl KeptStore {
         Self { budget, in_memory: 0, scratch, figures: KeptFigures::default() }
     }
 
-    /// Keeps `xs` as the input of `stage`. None when it could be kept neither in memory nor on disk.
-    pub fn keep(&mut self, stage: usize, norms_before: usize, xs: &Tensor) -> Result<Option<Kept>> {
-        let bytes = (xs.elem_count() * xs.dtype().size_in_bytes()) as u64;
+    /// Keeps `acts` as the input of `stage`. None when they could be kept neither in memory nor
+    /// on disk.
+    pub fn keep(&mut self, stage: usize, norms_before: usize, acts: &[Tensor]) -> Result<Option<Kept>> {
+        let bytes = memory_bytes(acts);
         if self.in_memory + bytes <= self.budget {
             self.in_memory += bytes;
             self.figures.peak_memory_bytes = self.figures.peak_memory_bytes.max(self.in_memory);
-            return Ok(Some(Kept { stage, norms_before, value: Value::Memory(xs.clone()) }));
+            return Ok(Some(Kept { stage, norms_before, value: Value::Memory(acts.to_vec()) }));
         }
-        let values = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-        let disk_bytes = (values.len() * 4) as u64;
+        let disk_bytes: u64 = acts.iter().map(|t| t.elem_count() as u64 * 4).sum();
         let Some(mut file) = self.scratch_file(disk_bytes) else {
             self.figures.dropped += 1;
             return Ok(None);
         };
-        // A full disk mid-write is not an error of the decode: the tile just is not kept.
-        let written = values.chunks(CHUNK).try_for_each(|chunk| {
-            let raw: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
-            file.write_all(&raw)
-        });
-        if written.and_then(|()| file.flush()).is_err() {
+        for xs in acts {
+            let values = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            // A full disk mid-write is not an error of the decode: the tile just is not kept.
+            let written = values.chunks(CHUNK).try_for_each(|chunk| {
+                let raw: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
+                file.write_all(&raw)
+            });
+            if written.is_err() {
+                self.figures.dropped += 1;
+                return Ok(None);
+            }
+        }
+        if file.flush().is_err() {
             self.figures.dropped += 1;
             return Ok(None);
         }
         self.figures.spilled_bytes += disk_bytes;
-        let value = Value::Disk { file, dims: xs.dims().to_vec(), dtype: xs.dtype() };
-        Ok(Some(Kept { stage, norms_before, value }))
+        let shapes = acts.iter().map(|t| (t.dims().to_vec(), t.dtype())).collect();
+        Ok(Some(Kept { stage, norms_before, value: Value::Disk { file, shapes } }))
     }
 
-    /// The kept activation, on `device`.
-    pub fn load(&self, kept: &mut Kept, device: &Device) -> Result<Tensor> {
+    /// The kept activations, on `device`.
+    pub fn load(&self, kept: &mut Kept, device: &Device) -> Result<Vec<Tensor>> {
         match &mut kept.value {
-            Value::Memory(t) => Ok(t.clone()),
-            Value::Disk { file, dims, dtype } => {
-                let n: usize = dims.iter().product();
-                let mut values = Vec::with_capacity(n);
-                let mut raw = vec![0u8; CHUNK.min(n) * 4];
+            Value::Memory(acts) => Ok(acts.clone()),
+            Value::Disk { file, shapes } => {
                 file.seek(SeekFrom::Start(0))?;
-                while values.len() < n {
-                    let take = CHUNK.min(n - values.len());
-                    file.read_exact(&mut raw[..take * 4])?;
-                    values.extend(
-                        raw[..take * 4].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-                    );
+                let mut acts = Vec::with_capacity(shapes.len());
+                for (dims, dtype) in shapes.iter() {
+                    let n: usize = dims.iter().product();
+                    let mut values = Vec::with_capacity(n);
+                    let mut raw = vec![0u8; CHUNK.min(n) * 4];
+                    while values.len() < n {
+                        let take = CHUNK.min(n - values.len());
+                        file.read_exact(&mut raw[..take * 4])?;
+                        let chunk = raw[..take * 4].chunks_exact(4);
+                        values.extend(chunk.map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+                    }
+                    acts.push(Tensor::from_vec(values, dims.as_slice(), device)?.to_dtype(*dtype)?);
                 }
-                Ok(Tensor::from_vec(values, dims.as_slice(), device)?.to_dtype(*dtype)?)
+                Ok(acts)
             }
         }
     }
 
     /// Frees what `kept` holds.
     pub fn release(&mut self, kept: Kept) {
-        if let Value::Memory(t) = &kept.value {
-            self.in_memory =
-                self.in_memory.saturating_sub((t.elem_count() * t.dtype().size_in_bytes()) as u64);
+        if let Value::Memory(acts) = &kept.value {
+            self.in_memory = self.in_memory.saturating_sub(memory_bytes(acts));
         }
     }
 
@@ -133,6 +146,10 @@ impl KeptStore {
     }
 }
 
+fn memory_bytes(acts: &[Tensor]) -> u64 {
+    acts.iter().map(|t| (t.elem_count() * t.dtype().size_in_bytes()) as u64).sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,25 +157,29 @@ mod tests {
     #[test]
     fn memory_and_disk_give_back_the_same_values() -> Result<()> {
         let dev = Device::Cpu;
-        let xs = Tensor::randn(0f32, 3.0, (1, 4, 5, 6), &dev)?;
+        // Two activations of different shapes, as inside a resnet.
+        let acts =
+            [Tensor::randn(0f32, 3.0, (1, 4, 5, 6), &dev)?, Tensor::randn(0f32, 1.0, (1, 2, 5, 6), &dev)?];
         let dir = tempfile::tempdir()?;
-        // Budget for exactly one tensor: the second spills.
-        let bytes = (xs.elem_count() * 4) as u64;
+        // Budget for exactly one pair: the second spills.
+        let bytes = memory_bytes(&acts);
         let mut store = KeptStore::new(bytes, Some(dir.path().to_path_buf()));
-        let mut a = store.keep(3, 5, &xs)?.expect("kept in memory");
-        let mut b = store.keep(3, 5, &xs)?.expect("kept on disk");
+        let mut a = store.keep(3, 5, &acts)?.expect("kept in memory");
+        let mut b = store.keep(3, 5, &acts)?.expect("kept on disk");
         assert!(matches!(a.value, Value::Memory(_)) && matches!(b.value, Value::Disk { .. }));
         assert_eq!(store.figures.spilled_bytes, bytes);
         assert_eq!(store.figures.peak_memory_bytes, bytes);
-        let want = xs.flatten_all()?.to_vec1::<f32>()?;
         for kept in [&mut a, &mut b] {
             let got = store.load(kept, &dev)?;
-            assert_eq!(got.dims(), xs.dims());
-            assert_eq!(got.flatten_all()?.to_vec1::<f32>()?, want);
+            assert_eq!(got.len(), 2);
+            for (got, want) in got.iter().zip(&acts) {
+                assert_eq!(got.dims(), want.dims());
+                assert_eq!(got.flatten_all()?.to_vec1::<f32>()?, want.flatten_all()?.to_vec1::<f32>()?);
+            }
         }
         // Releasing the memory one makes room again.
         store.release(a);
-        let c = store.keep(4, 6, &xs)?.expect("kept");
+        let c = store.keep(4, 6, &acts)?.expect("kept");
         assert!(matches!(c.value, Value::Memory(_)));
         Ok(())
     }

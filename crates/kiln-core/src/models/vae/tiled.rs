@@ -22,7 +22,7 @@
 //! plus one tile's activations plus the output image. Attention inside up/down blocks (rare: none
 //! in SD/SDXL's VAEs) stays per tile, as in every tiled decoder.
 
-use super::blocks::{Activation, Norms, Stage};
+use super::blocks::{single, Activation, Norms, Stage};
 use super::kept::{Kept, KeptFigures, KeptStore};
 use super::{AutoencoderKl, LatentDist};
 use crate::error::{Error, Result};
@@ -284,9 +284,9 @@ fn run_tiles(
                 let Window { input: window, ys, xs, core_rows, core_cols } = tile(row, col)?;
                 let base = (ys.len() * in_scale, xs.len() * in_scale);
                 let slot = &mut kept[row * cols + col];
-                let (mut stage, mut act, first_norm) = match slot.as_mut() {
+                let (mut stage, mut acts, first_norm) = match slot.as_mut() {
                     Some(k) => (k.stage, store.load(k, input.device())?, k.norms_before),
-                    None => (0, window, 0),
+                    None => (0, vec![window], 0),
                 };
                 let mut norms = TileNorms {
                     known: &known,
@@ -302,9 +302,9 @@ fn run_tiles(
                 while let Some(run_stage) = stages.get(stage) {
                     stage_norms = norms.next;
                     run.stage_runs += 1;
-                    match run_stage(&act, &mut norms) {
+                    match run_stage(&acts, &mut norms) {
                         Ok(next) => {
-                            act = next;
+                            acts = next;
                             stage += 1;
                         }
                         Err(_) if norms.stopped => break,
@@ -316,7 +316,7 @@ fn run_tiles(
                     // Keep the input of the stage this tile stopped in, unless it is kept already;
                     // when it cannot be kept, the earlier one stays (the tile resumes from there).
                     if stage > slot.as_ref().map_or(0, |k| k.stage) {
-                        if let Some(new) = store.keep(stage, stage_norms, &act)? {
+                        if let Some(new) = store.keep(stage, stage_norms, &acts)? {
                             if let Some(old) = slot.replace(new) {
                                 store.release(old);
                             }
@@ -330,7 +330,7 @@ fn run_tiles(
                 if let Some(old) = slot.take() {
                     store.release(old);
                 }
-                let out = act;
+                let out = single(&acts)?;
                 let (_, c, h, w) = out.dims4()?;
                 if c != out_channels || h != ys.len() * out_scale || w != xs.len() * out_scale {
                     return Err(Error::Unsupported(format!(
