@@ -7,7 +7,8 @@
 //!
 //! - The parts of the network that mix the whole image — the mid block with its attention — run
 //!   once, untiled, at latent resolution (1/64 of the pixels): decoder `conv_in` + mid block,
-//!   encoder mid block + `conv_norm_out` + `conv_out`.
+//!   encoder mid block + `conv_norm_out` + `conv_out`. Beyond [`TileSpec::attention_window`] the
+//!   attention itself runs over overlapping windows (its cost is quadratic in the pixels).
 //! - The high-resolution part (decoder up blocks, encoder down blocks) runs tile by tile on the
 //!   planner of [`crate::tiling`]: overlapping windows, raised-cosine blending of the overlaps.
 //! - GroupNorm statistics, exactly: one statistics pass per norm layer k runs every tile up to
@@ -17,10 +18,14 @@
 //!   through with all statistics known and blends the outputs. (A cheaper fixed-point iteration —
 //!   run everything with last pass's statistics, measure again — was tried: with random weights it
 //!   only becomes exact one layer per pass, so it is not used.)
+//! - A pass does not rerun what the previous one did: the network part is a list of stages, and
+//!   each tile's input to the stage it stopped in is kept ([`super::kept`]: memory, then scratch
+//!   files) for the next pass to resume from. Every layer of every tile runs once.
 //!
 //! Memory: the latent-resolution activations of the whole image (the mid block's input/output)
-//! plus one tile's activations plus the output image. Attention inside up/down blocks (rare: none
-//! in SD/SDXL's VAEs) stays per tile, as in every tiled decoder.
+//! plus one tile's activations plus the kept activations held in memory plus the output image.
+//! Attention inside up/down blocks (rare: none in SD/SDXL's VAEs) stays per tile, as in every
+//! tiled decoder.
 
 use super::blocks::{single, Activation, Norms, Stage};
 use super::kept::{Kept, KeptFigures, KeptStore};
