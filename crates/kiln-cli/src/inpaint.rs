@@ -20,6 +20,10 @@ pub struct JobArgs {
     loras: Vec<String>,
     #[command(flatten)]
     sampling: SamplingArgs,
+    /// FLUX: true classifier-free guidance (diffusers' true_cfg_scale). With --negative and S > 1
+    /// each step also runs a negative pass (twice the denoiser work).
+    #[arg(long, value_name = "S")]
+    true_cfg: Option<f64>,
     /// Unit-normal starting noise (.npy) at the processing size (see --json's "plan").
     #[arg(long)]
     init_latents: Option<PathBuf>,
@@ -129,6 +133,7 @@ impl JobArgs {
             negative: self.sampling.negative.clone(),
             steps: self.sampling.steps,
             guidance: self.sampling.guidance,
+            true_cfg: self.true_cfg,
             scheduler: self.sampling.scheduler.clone(),
             seed: self.sampling.spec_seed(),
             preset: self.sampling.preset.clone(),

@@ -78,6 +78,13 @@ pub struct RedetailArgs {
     /// Guidance scale [default: the tier's, else 5].
     #[arg(long, requires = "redetail")]
     pub guidance: Option<f64>,
+    /// Negative prompt [default: the tier's].
+    #[arg(long, requires = "redetail")]
+    pub negative: Option<String>,
+    /// FLUX: true classifier-free guidance (diffusers' true_cfg_scale). With --negative and S > 1
+    /// each tile also runs a negative pass (twice the denoiser work).
+    #[arg(long, value_name = "S", requires = "redetail")]
+    pub true_cfg: Option<f64>,
     /// Seed [default: 0].
     #[arg(long, requires = "redetail")]
     pub seed: Option<u64>,
@@ -111,6 +118,8 @@ impl RedetailArgs {
             seed: self.seed,
             tile: self.redetail_tile,
             guidance: self.guidance,
+            negative: self.negative.clone(),
+            true_cfg: self.true_cfg,
         }
     }
 }

@@ -29,6 +29,7 @@ fn request(image: image::RgbImage, tile: usize, overlap: usize) -> RedetailReque
         steps: 8,
         strength: 0.6,
         guidance: 7.5,
+        true_cfg: None,
         scheduler: Some("euler-a".parse().unwrap()),
         seed: 7,
         tile,
@@ -194,7 +195,13 @@ fn bad_requests_are_refused() {
 
 /// A transformer family's fixture folder and its img2img case (cases.json): one tile over the
 /// image must be diffusers' img2img.
-fn transformer_one_tile(fixture: &str, guidance: f64, negative: Option<&str>) -> f64 {
+fn transformer_one_tile(
+    fixture: &str,
+    guidance: f64,
+    negative: Option<&str>,
+    true_cfg: Option<f64>,
+    reference: &str,
+) -> f64 {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures").join(fixture);
     let model =
         LoadedModel::load(ModelSource::Folder(dir.join("model")), &candle_core::Device::Cpu, DType::F32)
@@ -207,6 +214,7 @@ fn transformer_one_tile(fixture: &str, guidance: f64, negative: Option<&str>) ->
         steps: 5,
         strength: 0.6,
         guidance,
+        true_cfg,
         scheduler: None,
         seed: 7,
         tile: 64,
@@ -215,7 +223,7 @@ fn transformer_one_tile(fixture: &str, guidance: f64, negative: Option<&str>) ->
     };
     let out = redetail(&model, &req, &mut NoProgress).unwrap();
     assert_eq!(out.tiles, (1, 1));
-    let want = Tensor::read_npy(dir.join("img2img_seed7.npy")).unwrap();
+    let want = Tensor::read_npy(dir.join(reference)).unwrap();
     let want = want.reshape(out.image.pixels.shape()).unwrap();
     // Tiles of 2×2 patches at odd places are refused, naming the patch size.
     let odd = RedetailRequest { tile: 9, overlap: 3, ..req };
@@ -226,14 +234,23 @@ fn transformer_one_tile(fixture: &str, guidance: f64, negative: Option<&str>) ->
 
 #[test]
 fn flux_one_tile_is_diffusers_img2img() {
-    let p = transformer_one_tile("flux/dev", 3.5, None);
+    let p = transformer_one_tile("flux/dev", 3.5, None, None, "img2img_seed7.npy");
     println!("FLUX.1-dev, one tile vs diffusers img2img: PSNR {p:.1} dB");
     assert!(p >= 40.0, "PSNR {p:.1} dB");
 }
 
 #[test]
+fn flux_one_tile_with_true_cfg_is_diffusers_img2img_with_true_cfg() {
+    // FluxImg2ImgPipeline(true_cfg_scale=4, negative_prompt=…), made by make_dev_extras.py.
+    let negative = Some("blurry, low quality, a watercolor painting");
+    let p = transformer_one_tile("flux/dev", 3.5, negative, Some(4.0), "img2img_true_cfg4_seed7.npy");
+    println!("FLUX.1-dev, one tile with true CFG vs diffusers img2img with true CFG: PSNR {p:.1} dB");
+    assert!(p >= 40.0, "PSNR {p:.1} dB");
+}
+
+#[test]
 fn zimage_one_tile_is_diffusers_img2img() {
-    let p = transformer_one_tile("zimage/turbo", 1.0, Some("blurry, low quality"));
+    let p = transformer_one_tile("zimage/turbo", 1.0, Some("blurry, low quality"), None, "img2img_seed7.npy");
     println!("Z-Image, one tile vs diffusers img2img: PSNR {p:.1} dB");
     assert!(p >= 40.0, "PSNR {p:.1} dB");
 }
@@ -255,6 +272,7 @@ fn flux_blended_tiles_leave_no_seam_where_pasted_tiles_do() {
         steps: 5,
         strength: 0.9,
         guidance: 3.5,
+        true_cfg: None,
         scheduler: None,
         seed: 7,
         // 64 px tiles (8 latent px = 4×4 patches) overlapping by 32 px.

@@ -145,6 +145,7 @@ pub fn run(ws: &mut Workspace, s: &InpaintSpec, sink: &mut dyn EventSink) -> Res
     request.negative_prompt = defaults.negative_prompt;
     request.steps = defaults.steps;
     request.guidance = defaults.guidance;
+    request.true_cfg = s.true_cfg;
     request.scheduler = defaults.scheduler;
     if jm.tier.is_some() {
         request.native_size = Some((defaults.width as u32, defaults.height as u32));
@@ -221,7 +222,7 @@ pub fn run(ws: &mut Workspace, s: &InpaintSpec, sink: &mut dyn EventSink) -> Res
             height: img.image.height() as usize,
             steps: request.steps,
             guidance: request.guidance,
-            true_cfg: None,
+            true_cfg: request.true_cfg,
             scheduler: output.scheduler.name().to_string(),
             scheduler_class: model.scheduler_class.clone(),
             scheduler_config: model.scheduler_config_json.clone(),

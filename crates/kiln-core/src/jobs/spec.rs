@@ -356,6 +356,10 @@ pub struct InpaintSpec {
     pub steps: Option<usize>,
     #[serde(default)]
     pub guidance: Option<f64>,
+    /// FLUX's true classifier-free guidance scale (diffusers' `true_cfg_scale`): with `negative`
+    /// and a scale > 1, a negative pass per step.
+    #[serde(default)]
+    pub true_cfg: Option<f64>,
     #[serde(default)]
     pub scheduler: Option<String>,
     #[serde(default)]
@@ -413,6 +417,13 @@ pub struct RedetailSpec {
     /// Default: the asset's own prompt.
     #[serde(default)]
     pub prompt: Option<String>,
+    /// Negative prompt (default: the tier's).
+    #[serde(default)]
+    pub negative: Option<String>,
+    /// FLUX's true classifier-free guidance scale (diffusers' `true_cfg_scale`): with a negative
+    /// prompt and a scale > 1, a negative pass per tile.
+    #[serde(default)]
+    pub true_cfg: Option<f64>,
     /// Steps of the full schedule (default: the tier's, else 20).
     #[serde(default)]
     pub steps: Option<usize>,
@@ -448,10 +459,14 @@ impl RedetailSpec {
             None => DEFAULT_TILE,
         };
         crate::bounds::STEPS.check_opt(self.steps)?;
+        if let Some(v) = self.true_cfg.filter(|v| !v.is_finite() || *v < 0.0) {
+            return Err(Error::arg("redetail.true_cfg", format!("{v} must be a finite number >= 0")));
+        }
         Ok(RedetailRequest {
             image: image::RgbImage::new(0, 0),
             prompt: self.prompt.clone().unwrap_or_default(),
-            negative_prompt: tier.and_then(|t| t.negative_prompt.clone()),
+            negative_prompt: self.negative.clone().or_else(|| tier.and_then(|t| t.negative_prompt.clone())),
+            true_cfg: self.true_cfg,
             steps: self.steps.or(tier.and_then(|t| t.steps)).unwrap_or(20),
             strength,
             guidance: self.guidance.or(tier.and_then(|t| t.guidance)).unwrap_or(5.0),

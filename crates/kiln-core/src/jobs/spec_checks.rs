@@ -107,6 +107,9 @@ impl JobSpec {
             s.lora_args()?;
         }
         if let JobSpec::Inpaint(s) = self {
+            if let Some(v) = s.true_cfg.filter(|v| !v.is_finite() || *v < 0.0) {
+                return Err(Error::arg("true_cfg", format!("{v} must be a finite number >= 0")));
+            }
             s.lora_args()?;
         }
         if let JobSpec::Promote(s) = self {

@@ -40,6 +40,9 @@ pub struct RedetailRequest {
     /// the composition.
     pub strength: f64,
     pub guidance: f64,
+    /// FLUX's true classifier-free guidance (diffusers' `true_cfg_scale`): with a negative
+    /// prompt and a scale > 1 each tile also runs a negative pass, as in generate.
+    pub true_cfg: Option<f64>,
     pub scheduler: Option<SchedulerKind>,
     pub seed: u64,
     /// Denoiser tile side and overlap, in latent pixels.
@@ -113,7 +116,9 @@ pub fn redetail(
             ),
         ));
     }
-    let cfg = model.classifier_free(req.guidance);
+    model.check_true_cfg(req.true_cfg)?;
+    let true_cfg = model.true_cfg_scale(req.true_cfg, req.negative_prompt.as_deref());
+    let cfg = model.classifier_free(req.guidance) || true_cfg.is_some();
     let mut timings = StageTimings::default();
     let start = Instant::now();
 
@@ -171,7 +176,7 @@ pub fn redetail(
                 model,
                 &prompts,
                 chunk.len(),
-                (cfg, None),
+                (cfg, true_cfg),
                 req.guidance,
                 tw * f,
                 th * f,
@@ -235,7 +240,8 @@ pub fn redetail(
     let image =
         decode_batch(model, &latents, &[req.seed], &req.vae_tiling, &mut timings, progress)?.remove(0);
     timings.total = start.elapsed().as_secs_f64();
-    let mut warnings = prompts.warnings;
+    let mut warnings = model.guidance_warnings(req.guidance, req.true_cfg, req.negative_prompt.as_deref());
+    warnings.extend(prompts.warnings);
     warnings.extend(crate::pipeline::generate::vae_fallback_warning(&image));
     Ok(RedetailOutput { image, scheduler: kind, timings, tiles: (rows.len(), cols.len()), warnings })
 }
@@ -265,6 +271,9 @@ pub struct RedetailReport {
     pub prompt: String,
     pub negative_prompt: Option<String>,
     pub guidance: f64,
+    /// FLUX's true-CFG scale when the request set one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub true_cfg: Option<f64>,
     pub strength: f64,
     pub steps: usize,
     pub scheduler: String,
@@ -322,6 +331,7 @@ pub fn redetail_png(
         prompt: req.prompt.clone(),
         negative_prompt: req.negative_prompt.clone(),
         guidance: req.guidance,
+        true_cfg: req.true_cfg,
         strength: req.strength,
         steps: req.steps,
         scheduler: out.scheduler.name().to_string(),

@@ -357,6 +357,7 @@ fn redetail_request(p: &serde_json::Value) -> Result<crate::pipeline::redetail::
         steps: count("steps")?,
         strength: num("strength")?,
         guidance: num("guidance")?,
+        true_cfg: p["true_cfg"].as_f64(),
         scheduler: Some(p["scheduler"].as_str().ok_or_else(|| missing("scheduler"))?.parse()?),
         seed: p["seed"].as_u64().ok_or_else(|| missing("seed"))?,
         tile: count("tile")?,

@@ -74,6 +74,9 @@ pub struct InpaintRequest {
     pub mask: Mask,
     pub steps: usize,
     pub guidance: f64,
+    /// FLUX's true classifier-free guidance (diffusers' `true_cfg_scale`): with a negative
+    /// prompt and a scale > 1, a negative pass per step, as in generate.
+    pub true_cfg: Option<f64>,
     /// None = the folder's own scheduler.
     pub scheduler: Option<SchedulerKind>,
     /// One image per seed.
@@ -115,6 +118,7 @@ impl InpaintRequest {
             mask,
             steps: 30,
             guidance: 7.5,
+            true_cfg: None,
             scheduler: None,
             seeds: vec![0],
             init_latents: None,
@@ -213,6 +217,7 @@ pub fn validate(model: &LoadedModel, req: &InpaintRequest) -> Result<Mask> {
     if !req.guidance.is_finite() || req.guidance < 0.0 {
         return Err(Error::arg("guidance", format!("{} must be a finite number >= 0", req.guidance)));
     }
+    model.check_true_cfg(req.true_cfg)?;
     if !(req.strength > 0.0 && req.strength <= 1.0) {
         return Err(Error::arg("strength", format!("{} must be in (0, 1]", req.strength)));
     }
@@ -354,7 +359,8 @@ pub fn inpaint(
             ));
         }
     }
-    let cfg = model.classifier_free(req.guidance);
+    let true_cfg = model.true_cfg_scale(req.true_cfg, req.negative_prompt.as_deref());
+    let cfg = model.classifier_free(req.guidance) || true_cfg.is_some();
     let mut timings = StageTimings::default();
     let t0 = Instant::now();
     let prompts = encode_prompts(model, &req.prompt, req.negative_prompt.as_deref(), cfg)?;
@@ -376,6 +382,7 @@ pub fn inpaint(
         strength: req.strength,
         guidance: req.guidance,
         cfg,
+        true_cfg,
         prompts: &prompts,
         vae_tiling: req.vae_tiling,
     };
@@ -403,7 +410,11 @@ pub fn inpaint(
         unet_kind,
         scheduler: kind,
         timings,
-        warnings: prompts.warnings,
+        warnings: model
+            .guidance_warnings(req.guidance, req.true_cfg, req.negative_prompt.as_deref())
+            .into_iter()
+            .chain(prompts.warnings)
+            .collect(),
     })
 }
 

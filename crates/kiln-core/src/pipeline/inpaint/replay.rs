@@ -62,6 +62,7 @@ pub fn request_from_record(record: &ImageRecord, inputs: RecordedInputs) -> Resu
     req.negative_prompt = record.negative_prompt.clone();
     req.steps = record.steps;
     req.guidance = record.guidance;
+    req.true_cfg = record.true_cfg;
     req.scheduler = Some(record.scheduler.parse()?);
     req.seeds = vec![record.seed];
     req.init_latents = init_latents;

@@ -63,6 +63,8 @@ pub(crate) struct Sampling<'a> {
     pub strength: f64,
     pub guidance: f64,
     pub cfg: bool,
+    /// FLUX's true-CFG scale when a negative pass runs for it.
+    pub true_cfg: Option<f64>,
     pub prompts: &'a EncodedPrompts,
     pub vae_tiling: VaeTiling,
 }
@@ -222,7 +224,7 @@ pub(crate) fn sample_canvas(
         model,
         sampling.prompts,
         1,
-        (sampling.cfg, None),
+        (sampling.cfg, sampling.true_cfg),
         sampling.guidance,
         width,
         height,
