@@ -457,3 +457,54 @@ fn x0_stats() {
         }
     }
 }
+
+/// FLUX.1-dev (the tiny fixture) against diffusers' FluxInpaintPipeline on this folder's image and
+/// mask, with and without true CFG (tests/fixtures/flux/make_dev_extras.py made the references).
+#[test]
+fn flux_matches_diffusers_flux_inpaint_inside_the_mask() {
+    #[derive(Deserialize)]
+    struct FluxCase {
+        name: String,
+        prompt: String,
+        negative_prompt: Option<String>,
+        true_cfg_scale: Option<f64>,
+        steps: usize,
+        guidance: f64,
+        strength: f64,
+        seed: u64,
+        output: String,
+    }
+    let flux = dir().join("../flux/dev");
+    let cases: Vec<FluxCase> =
+        serde_json::from_str(&std::fs::read_to_string(flux.join("inpaint_cases.json")).unwrap()).unwrap();
+    let model = LoadedModel::load(ModelSource::Folder(flux.join("model")), &Device::Cpu, DType::F32).unwrap();
+    let image = kiln_core::image::load_rgb(&dir().join("image.png")).unwrap();
+    let mask = Mask::load(&dir().join("mask.png")).unwrap();
+    let inside = mask.binarized();
+    for case in &cases {
+        let mut req = InpaintRequest::new(case.prompt.clone(), image.clone(), mask.clone());
+        req.negative_prompt = case.negative_prompt.clone();
+        req.true_cfg = case.true_cfg_scale;
+        req.steps = case.steps;
+        req.guidance = case.guidance;
+        req.strength = case.strength;
+        req.seeds = vec![case.seed];
+        req.blend = Blend::Diffusers;
+        req.region = Region::Whole;
+        req.mask_blur = 0.0;
+        let out = inpaint_quiet(&model, &req).unwrap();
+        let got = &out.images[0].image;
+        let want = npy_values(flux.join(&case.output));
+        let p = masked_psnr(got, &want, |i| inside.values()[i] == 1.0);
+        println!("FLUX.1-dev {}: PSNR inside the mask {p:.1} dB", case.name);
+        assert!(p >= 35.0, "{}: {p:.1} dB", case.name);
+        assert_outside_identical(&image, got, &out.composite_mask, &case.name);
+    }
+    // True CFG on a family that guides classifier-free already is refused by name.
+    let sd = load_model("plain4");
+    let mut req = InpaintRequest::new("a fox", image.clone(), mask.clone());
+    req.negative_prompt = Some("blurry".into());
+    req.true_cfg = Some(4.0);
+    let err = inpaint_quiet(&sd, &req).unwrap_err().to_string();
+    assert!(err.contains("true-cfg"), "{err}");
+}
