@@ -199,6 +199,23 @@ const WINOGRAD_CACHE_BYTES: usize = 16 << 20;
 /// more than the transform saves there); a process that decodes again gains.
 const WINOGRAD_REUSE_CACHE_BYTES: usize = 40 << 20;
 
+thread_local! {
+    /// Whether [`Conv2d`] layers called on this thread may keep their transformed weights.
+    static KEEP_TRANSFORMS: std::cell::Cell<bool> = const { std::cell::Cell::new(true) };
+}
+
+/// Runs `f` with no [`Conv2d`] called on this thread keeping its Winograd-transformed weights
+/// (each call transforms its own). For work that is memory-bound rather than transform-bound: a
+/// tiled VAE decode calls each layer once per tile on tiles large enough that a transform is
+/// noise, and the SD/SDXL decoder's kept transforms would add 0.7 GB to a run meant to stay small.
+/// Only speed can change, never a result.
+pub fn without_kept_transforms<T>(f: impl FnOnce() -> T) -> T {
+    let before = KEEP_TRANSFORMS.with(|k| k.replace(false));
+    let out = f();
+    KEEP_TRANSFORMS.with(|k| k.set(before));
+    out
+}
+
 fn is_cpu_f32(x: &Tensor, weight: &Tensor) -> bool {
     x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32
 }
@@ -442,7 +459,8 @@ impl Conv2d {
         let transformed_bytes = 36 * 4 * geometry.o * geometry.c;
         let keepable = transformed_bytes <= WINOGRAD_REUSE_CACHE_BYTES;
         let reused = self.calls.fetch_add(1, Ordering::Relaxed) > 0;
-        let keep = transformed_bytes <= WINOGRAD_CACHE_BYTES || (keepable && reused);
+        let keep = KEEP_TRANSFORMS.with(|k| k.get())
+            && (transformed_bytes <= WINOGRAD_CACHE_BYTES || (keepable && reused));
         let cached_path = keepable
             && prefers_winograd(kernel, self.stride, self.padding, WINOGRAD_MIN_PIXELS, 1)
             && geometry.h * geometry.w >= WINOGRAD_CACHED_MIN_PIXELS;
@@ -683,6 +701,28 @@ mod kept_weights {
         let reference = x.conv2d(&wt, 1, 1, 1, 1)?;
         let diff = max_abs_diff(&first, &reference)?;
         assert!(diff < 1e-3, "max diff {diff}");
+        Ok(())
+    }
+
+    /// Inside `without_kept_transforms` no layer keeps its transform, however often it is called
+    /// or however small it is, and the bits are those of a layer that keeps them.
+    #[test]
+    fn a_scope_without_kept_transforms_keeps_none_and_changes_no_bit() -> Result<()> {
+        let c = 32; // small enough to keep at once outside the scope
+        let x = crate::test_util::rand(&[1, c, 32, 32], 3, 1.0)?;
+        let wt = crate::test_util::rand(&[c, c, 3, 3], 4, 0.05)?;
+        let config = Conv2dConfig { padding: 1, ..Default::default() };
+        let scoped = Conv2d::new(wt.clone(), None, config)?;
+        let outs = without_kept_transforms(|| -> Result<Vec<Tensor>> {
+            (0..3).map(|_| scoped.forward(&x)).collect()
+        })?;
+        assert!(scoped.winograd.get().is_none(), "kept inside the scope");
+        let keeping = Conv2d::new(wt, None, config)?;
+        let kept = keeping.forward(&x)?;
+        assert!(keeping.winograd.get().is_some(), "the scope leaked out of it");
+        for out in &outs {
+            assert_eq!(max_abs_diff(out, &kept)?, 0.0);
+        }
         Ok(())
     }
 }

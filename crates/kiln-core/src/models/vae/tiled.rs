@@ -59,7 +59,7 @@ pub struct TileSpec {
 
 /// [`TileSpec::keep_bytes`]'s default: with a 512-px tile's own activations (~1.5 GB at SDXL's
 /// widest full-size layer), the output image and the model, a 4096² decode stays under 3 GB.
-pub const DEFAULT_KEEP_BYTES: u64 = 512 << 20;
+pub const DEFAULT_KEEP_BYTES: u64 = 256 << 20;
 
 /// [`TileSpec::attention_window`]'s default: 128 latent pixels, a 1024² SD/SDXL image (16 384
 /// tokens). At a 4096² decode's 512² latent, whole-map attention would be 140 TFLOP; 16 windows
@@ -230,9 +230,10 @@ fn clamp(window: Range<isize>, len: usize) -> Range<usize> {
     window.start.max(0) as usize..(window.end.max(0) as usize).min(len)
 }
 
-/// One tile's input window, its extent in plan units and its core in the window's base coordinates.
+/// One tile's input window (None once the input is released), its extent in plan units and its
+/// core in the window's base coordinates.
 struct Window {
-    input: Tensor,
+    input: Option<Tensor>,
     ys: Range<usize>,
     xs: Range<usize>,
     core_rows: Range<usize>,
@@ -242,10 +243,11 @@ struct Window {
 /// Runs `stages` on every tile of `plan` (windows of `input` at `in_scale` input pixels per plan
 /// unit), blending outputs at `out_scale` output pixels per plan unit, for as many passes as the
 /// statistics need. Between passes each tile's input to the stage it stopped in is kept
-/// ([`KeptStore`], up to `spec.keep_bytes` in memory), so the next pass resumes there. Returns the
+/// ([`KeptStore`], up to `spec.keep_bytes` in memory), so the next pass resumes there; once every
+/// tile is kept, `input` is released (at 4096² the decoder's is half a gigabyte). Returns the
 /// blended output `[1, C, H, W]` (f32) and the run's figures.
 fn run_tiles(
-    input: &Tensor,
+    input: Tensor,
     plan: &TilePlan,
     scales: (usize, usize),
     out_channels: usize,
@@ -259,15 +261,20 @@ fn run_tiles(
     let mut store = KeptStore::new(spec.keep_bytes, spec.scratch_dir.clone());
     let cols = plan.x.cores.len();
     let mut kept: Vec<Option<Kept>> = (0..plan.tile_count()).map(|_| None).collect();
+    let device = input.device().clone();
+    let mut input = Some(input);
     // Window of tile (row, col), and its core in the window's base coordinates.
-    let tile = |row: usize, col: usize| -> Result<Window> {
+    let tile = |input: Option<&Tensor>, row: usize, col: usize| -> Result<Window> {
         let (ys, xs) = (clamp(plan.y.window(row), plan.y.len), clamp(plan.x.window(col), plan.x.len));
         let (cy, cx) = (&plan.y.cores[row], &plan.x.cores[col]);
-        let window = input.narrow(2, ys.start * in_scale, ys.len() * in_scale)?.narrow(
-            3,
-            xs.start * in_scale,
-            xs.len() * in_scale,
-        )?;
+        let window = match input {
+            Some(input) => Some(input.narrow(2, ys.start * in_scale, ys.len() * in_scale)?.narrow(
+                3,
+                xs.start * in_scale,
+                xs.len() * in_scale,
+            )?),
+            None => None,
+        };
         let core_rows = (cy.start - ys.start) * in_scale..(cy.end - ys.start) * in_scale;
         let core_cols = (cx.start - xs.start) * in_scale..(cx.end - xs.start) * in_scale;
         Ok(Window { input: window, ys, xs, core_rows, core_cols })
@@ -275,6 +282,10 @@ fn run_tiles(
     // Statistics passes: norm k's whole-image moments, with norms before k already exact. The pass
     // whose tiles run through without meeting a new norm is the output pass: its tiles are blended.
     loop {
+        // A kept tile never goes back to its input (a keep that fails leaves the earlier one).
+        if kept.iter().all(Option::is_some) {
+            input = None;
+        }
         let stop_at = known.len();
         let mut acc = Vec::new();
         let mut assembler = StripAssembler::new(plan.clone(), out_scale, out_channels);
@@ -286,12 +297,15 @@ fn run_tiles(
                 if cancelled() {
                     return Err(Error::Cancelled);
                 }
-                let Window { input: window, ys, xs, core_rows, core_cols } = tile(row, col)?;
+                let Window { input: window, ys, xs, core_rows, core_cols } = tile(input.as_ref(), row, col)?;
                 let base = (ys.len() * in_scale, xs.len() * in_scale);
                 let slot = &mut kept[row * cols + col];
-                let (mut stage, mut acts, first_norm) = match slot.as_mut() {
-                    Some(k) => (k.stage, store.load(k, input.device())?, k.norms_before),
-                    None => (0, vec![window], 0),
+                let (mut stage, mut acts, first_norm) = match (slot.as_mut(), window) {
+                    (Some(k), _) => (k.stage, store.load(k, &device)?, k.norms_before),
+                    (None, Some(window)) => (0, vec![window], 0),
+                    (None, None) => {
+                        return Err(Error::Unsupported("tiled VAE: a tile's input was released".into()))
+                    }
                 };
                 let mut norms = TileNorms {
                     known: &known,
@@ -359,7 +373,7 @@ fn run_tiles(
         }
         run.kept = store.figures;
         let (h, w) = (assembler.out_height(), assembler.out_width());
-        let image = Tensor::from_vec(rows_out, (1, h, w, out_channels), input.device())?;
+        let image = Tensor::from_vec(rows_out, (1, h, w, out_channels), &device)?;
         return Ok((image.permute((0, 3, 1, 2))?.contiguous()?, run));
     }
 }
@@ -418,7 +432,9 @@ impl AutoencoderKl {
             let (h, windows) = self.decoder.start_windowed(&z, spec.attention_window)?;
             drop(z);
             let stages = self.decoder.render_stages();
-            let (image, r) = run_tiles(&h, &plan, (1, f), self.cfg.out_channels, &stages, spec, cancelled)?;
+            let (image, r) = kiln_kernels::conv::without_kept_transforms(|| {
+                run_tiles(h, &plan, (1, f), self.cfg.out_channels, &stages, spec, cancelled)
+            })?;
             images.push(image);
             run = TiledRun { attention_windows: windows, ..r };
         }
@@ -459,7 +475,9 @@ impl AutoencoderKl {
         for i in 0..b {
             let x = image.narrow(0, i, 1)?;
             let stages = self.encoder.feature_stages();
-            let (feats, r) = run_tiles(&x, &plan, (f, 1), channels, &stages, spec, cancelled)?;
+            let (feats, r) = kiln_kernels::conv::without_kept_transforms(|| {
+                run_tiles(x, &plan, (f, 1), channels, &stages, spec, cancelled)
+            })?;
             let (mut moments, windows) =
                 self.encoder.finish_windowed(&feats.to_dtype(self.dtype)?, spec.attention_window)?;
             run = TiledRun { attention_windows: windows, ..r };
