@@ -34,7 +34,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (image, run) = if untiled {
         (vae.decode(&latents)?, Default::default())
     } else {
-        vae.decode_tiled(&latents, &TileSpec { tile_px, ..TileSpec::default() })?
+        vae.decode_tiled(&latents, &TileSpec { tile_px, ..TileSpec::default() }, &mut || false)?
     };
     let seconds = t.elapsed().as_secs_f64();
     let (_, _, h, w) = image.dims4()?;

@@ -202,6 +202,27 @@ pub fn free_disk_bytes(_: &Path) -> Option<u64> {
     None
 }
 
+/// The bytes of `values` in this machine's order, without a copy: what f32 data is written to
+/// a file as (little-endian files need a little-endian machine; callers check).
+pub fn f32_bytes(values: &[f32]) -> &[u8] {
+    #[allow(unsafe_code)]
+    // SAFETY: any f32 is 4 initialised bytes, u8 has no alignment, and the length covers exactly
+    // the same memory, borrowed for as long as `values`.
+    unsafe {
+        std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
+    }
+}
+
+/// [`f32_bytes`] to read into: every bit pattern is a valid f32, so a file's bytes can fill
+/// `values` directly.
+pub fn f32_bytes_mut(values: &mut [f32]) -> &mut [u8] {
+    #[allow(unsafe_code)]
+    // SAFETY: as f32_bytes, borrowed mutably; any 4 bytes written form a valid f32.
+    unsafe {
+        std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(values))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

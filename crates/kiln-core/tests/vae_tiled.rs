@@ -115,7 +115,7 @@ fn tiled_decode_matches_untiled_and_beats_diffusers_enable_tiling() {
     let fig = json();
     let tile_px = fig["tile_px"].as_u64().unwrap() as usize;
     let spec = spec(tile_px);
-    let (tiled, run) = vae.decode_tiled(&latents, &spec).unwrap();
+    let (tiled, run) = vae.decode_tiled(&latents, &spec, &mut || false).unwrap();
     assert_eq!(tiled.dims(), untiled.dims());
     let (_, _, lh, lw) = latents.dims4().unwrap();
     let ours = figures(&tiled, &untiled, tile_px, &kiln_seams(lw, &spec, 8), &kiln_seams(lh, &spec, 8));
@@ -146,7 +146,8 @@ fn tiled_encode_matches_untiled() {
     let image = Tensor::cat(&[&image, &flipped], 2).unwrap();
     let whole = vae.encode(&image).unwrap();
     // The encoder sees further than the decoder (about 8 latent pixels): the default halo.
-    let (tiled, run) = vae.encode_tiled(&image, &TileSpec { tile_px: 32, ..TileSpec::default() }).unwrap();
+    let (tiled, run) =
+        vae.encode_tiled(&image, &TileSpec { tile_px: 32, ..TileSpec::default() }, &mut || false).unwrap();
     assert!(run.tiles > 1, "{run:?}");
     let err =
         (tiled.mean - &whole.mean).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
@@ -162,15 +163,16 @@ fn the_request_level_choice_tiles_only_when_asked_or_too_big() {
     let off = VaeTiling { mode: VaeTilingMode::Off, ..VaeTiling::default() };
     let diff =
         |t: &Tensor| (t - &untiled).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-    assert_eq!(diff(&off.decode(&vae, &latents).unwrap()), 0.0);
+    assert_eq!(diff(&off.decode(&vae, &latents, &mut || false).unwrap()), 0.0);
     // auto with the default budget: a 96x128 decode fits.
-    assert_eq!(diff(&VaeTiling::default().decode(&vae, &latents).unwrap()), 0.0);
+    assert_eq!(diff(&VaeTiling::default().decode(&vae, &latents, &mut || false).unwrap()), 0.0);
     // auto with a tiny budget tiles; so does on.
     let tiny = VaeTiling { budget_bytes: Some(1024), tile_px: Some(48), ..VaeTiling::default() };
     assert!(tiny.tiles(&vae, 96, 128));
     let on = VaeTiling { mode: VaeTilingMode::On, tile_px: Some(48), ..VaeTiling::default() };
-    assert!(diff(&on.decode(&vae, &latents).unwrap()) > 0.0);
-    let err = VaeTiling { tile_px: Some(4), ..on }.decode(&vae, &latents).unwrap_err().to_string();
+    assert!(diff(&on.decode(&vae, &latents, &mut || false).unwrap()) > 0.0);
+    let err =
+        VaeTiling { tile_px: Some(4), ..on }.decode(&vae, &latents, &mut || false).unwrap_err().to_string();
     assert!(err.contains("vae-tile"), "{err}");
 }
 
@@ -188,9 +190,10 @@ fn kept_activations_change_cost_not_pixels_in_memory_on_disk_or_dropped() {
         scratch_dir: Some(dir.to_path_buf()),
         ..spec(48)
     };
-    let (memory, in_memory) = vae.decode_tiled(&latents, &with(u64::MAX, scratch.path())).unwrap();
-    let (disk, on_disk) = vae.decode_tiled(&latents, &with(0, scratch.path())).unwrap();
-    let (rerun, dropped) = vae.decode_tiled(&latents, &with(0, &blocked)).unwrap();
+    let (memory, in_memory) =
+        vae.decode_tiled(&latents, &with(u64::MAX, scratch.path()), &mut || false).unwrap();
+    let (disk, on_disk) = vae.decode_tiled(&latents, &with(0, scratch.path()), &mut || false).unwrap();
+    let (rerun, dropped) = vae.decode_tiled(&latents, &with(0, &blocked), &mut || false).unwrap();
     eprintln!("memory {in_memory:?}\ndisk {on_disk:?}\ndropped {dropped:?}");
     let values = |t: &Tensor| t.flatten_all().unwrap().to_vec1::<f32>().unwrap();
     assert_eq!(values(&memory), values(&disk));
@@ -208,7 +211,9 @@ fn kept_activations_change_cost_not_pixels_in_memory_on_disk_or_dropped() {
 
     // The encoder's tiles resume the same way.
     let image = Tensor::read_npy(fixture("vae/image.npy")).unwrap().narrow(0, 0, 1).unwrap();
-    let enc = |s: &TileSpec| vae.encode_tiled(&image, &TileSpec { tile_px: 32, ..s.clone() }).unwrap();
+    let enc = |s: &TileSpec| {
+        vae.encode_tiled(&image, &TileSpec { tile_px: 32, ..s.clone() }, &mut || false).unwrap()
+    };
     let (a, kept) = enc(&with(0, scratch.path()));
     let (b, rerun) = enc(&with(0, &blocked));
     assert_eq!(values(&a.mean), values(&b.mean));
@@ -224,11 +229,11 @@ fn a_cancelled_tiled_pass_stops_between_tiles() {
         asked += 1;
         asked >= 3
     };
-    let err = vae.decode_tiled_with(&latents, &spec(48), &mut cancel_on_third).unwrap_err();
+    let err = vae.decode_tiled(&latents, &spec(48), &mut cancel_on_third).unwrap_err();
     assert!(matches!(err, kiln_core::error::Error::Cancelled), "{err}");
     assert_eq!(asked, 3, "asked once per tile, stopped at the first yes");
     let image = Tensor::read_npy(fixture("vae/image.npy")).unwrap().narrow(0, 0, 1).unwrap();
     let tiling = VaeTiling { mode: VaeTilingMode::On, tile_px: Some(32), ..VaeTiling::default() };
-    let err = tiling.encode_with(&vae, &image, &mut || true).unwrap_err();
+    let err = tiling.encode(&vae, &image, &mut || true).unwrap_err();
     assert!(matches!(err, kiln_core::error::Error::Cancelled), "{err}");
 }

@@ -211,7 +211,8 @@ impl LayoutCache {
                 )));
             }
             for part in std::iter::once(&values.weight).chain(values.bias.as_ref()) {
-                out.write_all(le_bytes(part))?;
+                // Native order is little-endian here: from_env refuses other machines.
+                out.write_all(crate::files::f32_bytes(part))?;
             }
         }
         out.flush()?;
@@ -531,17 +532,6 @@ impl HostValues for Mapped {
         unsafe {
             std::slice::from_raw_parts(bytes.as_ptr().cast::<f32>(), self.len)
         }
-    }
-}
-
-/// The little-endian bytes of `values`, without a copy (the cache is only used on
-/// little-endian machines, see [`LayoutCache::from_env`]).
-fn le_bytes(values: &[f32]) -> &[u8] {
-    #[allow(unsafe_code)]
-    // SAFETY: any f32 is 4 initialised bytes, u8 has no alignment, and the length covers exactly
-    // the same memory, borrowed for as long as `values`.
-    unsafe {
-        std::slice::from_raw_parts(values.as_ptr().cast::<u8>(), std::mem::size_of_val(values))
     }
 }
 

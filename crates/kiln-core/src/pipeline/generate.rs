@@ -494,7 +494,7 @@ pub(crate) fn encode_sampled(
     let t0 = Instant::now();
     let b = rng.len();
     let vae_cfg = model.vae.config();
-    let dist = tiling.encode_with(&model.vae, image, &mut || progress.cancelled())?;
+    let dist = tiling.encode(&model.vae, image, &mut || progress.cancelled())?;
     let latent_shape = dist.mean.dims()[1..].to_vec();
     let dist_noise = rng.randn(&latent_shape, &model.device, model.dtype)?;
     let mean = dist.mean.repeat((b, 1, 1, 1))?;
@@ -528,13 +528,13 @@ pub fn decode_batch(
         // One image at a time: the decoder's activations dominate memory at large sizes.
         let latent = latents.narrow(0, k, 1)?;
         let unscale = |l: &Tensor| -> Result<Tensor> { Ok(((l / scaling)? + shift)?) };
-        let mut decoded = tiling.decode_with(&model.vae, &unscale(&latent)?, &mut || progress.cancelled())?;
+        let mut decoded = tiling.decode(&model.vae, &unscale(&latent)?, &mut || progress.cancelled())?;
         let mut vae_fallback = None;
         if !is_finite(&decoded)? && model.vae.dtype() == DType::F16 {
             // Upcast before unscaling, so the wider dtype sees the latents as the sampler left them.
             let vae = model.vae_upcast()?;
             decoded = tiling
-                .decode_with(vae, &unscale(&latent.to_dtype(vae.dtype())?)?, &mut || progress.cancelled())?;
+                .decode(vae, &unscale(&latent.to_dtype(vae.dtype())?)?, &mut || progress.cancelled())?;
             vae_fallback = Some(vae.dtype());
         }
         if !is_finite(&decoded)? {

@@ -110,14 +110,9 @@ impl VaeTiling {
         }
     }
 
-    /// Unscaled latents → image, tiled or not as chosen.
-    pub fn decode(&self, vae: &AutoencoderKl, latents: &Tensor) -> Result<Tensor> {
-        self.decode_with(vae, latents, &mut || false)
-    }
-
-    /// [`Self::decode`]; a tiled decode stops with [`Error::Cancelled`] between tiles once
-    /// `cancelled` says so.
-    pub fn decode_with(
+    /// Unscaled latents → image, tiled or not as chosen. A tiled decode stops with
+    /// [`Error::Cancelled`] between tiles once `cancelled` says so.
+    pub fn decode(
         &self,
         vae: &AutoencoderKl,
         latents: &Tensor,
@@ -127,21 +122,16 @@ impl VaeTiling {
         let (_, _, h, w) = latents.dims4()?;
         let f = vae.scale_factor();
         if self.tiles(vae, h * f, w * f) {
-            Ok(vae.decode_tiled_with(latents, &self.spec(), cancelled)?.0.to_dtype(vae.dtype())?)
+            Ok(vae.decode_tiled(latents, &self.spec(), cancelled)?.0.to_dtype(vae.dtype())?)
         } else {
             vae.decode(latents)
         }
     }
 
     /// Image in [-1, 1] → latent distribution, tiled or not as chosen. Images whose sides are
-    /// not multiples of the VAE's factor are encoded whole.
-    pub fn encode(&self, vae: &AutoencoderKl, image: &Tensor) -> Result<LatentDist> {
-        self.encode_with(vae, image, &mut || false)
-    }
-
-    /// [`Self::encode`]; a tiled encode stops with [`Error::Cancelled`] between tiles once
-    /// `cancelled` says so.
-    pub fn encode_with(
+    /// not multiples of the VAE's factor are encoded whole. A tiled encode stops with
+    /// [`Error::Cancelled`] between tiles once `cancelled` says so.
+    pub fn encode(
         &self,
         vae: &AutoencoderKl,
         image: &Tensor,
@@ -151,7 +141,7 @@ impl VaeTiling {
         let (_, _, h, w) = image.dims4()?;
         let f = vae.scale_factor();
         if h % f == 0 && w % f == 0 && self.tiles(vae, h, w) {
-            Ok(vae.encode_tiled_with(image, &self.spec(), cancelled)?.0)
+            Ok(vae.encode_tiled(image, &self.spec(), cancelled)?.0)
         } else {
             vae.encode(image)
         }

@@ -19,8 +19,6 @@ use std::path::PathBuf;
 
 /// Free disk space a spill leaves untouched, for everything else on the machine.
 const KEEP_FREE_BYTES: u64 = 2 << 30;
-/// Values converted per write/read to and from a scratch file (4 MiB of bytes at a time).
-const CHUNK: usize = 1 << 20;
 
 /// One tile's activations at the input of stage `stage`, with `norms_before` norm layers before it.
 pub(crate) struct Kept {
@@ -31,7 +29,8 @@ pub(crate) struct Kept {
 
 enum Value {
     Memory(Vec<Tensor>),
-    /// The tensors one after the other, f32 little-endian.
+    /// The tensors one after the other, f32 in this machine's byte order (the same process
+    /// writes and reads them).
     Disk {
         file: std::fs::File,
         shapes: Vec<(Vec<usize>, DType)>,
@@ -52,7 +51,9 @@ pub struct KeptFigures {
 pub(crate) struct KeptStore {
     budget: u64,
     in_memory: u64,
-    scratch: Option<PathBuf>,
+    /// Where spills go; created on the first spill.
+    scratch: PathBuf,
+    scratch_made: bool,
     pub figures: KeptFigures,
 }
 
@@ -60,7 +61,10 @@ impl KeptStore {
     /// Keeps up to `budget` bytes in memory; spills the rest to `scratch` (None: the data folder's
     /// `scratch/`, else the system's temporary folder).
     pub fn new(budget: u64, scratch: Option<PathBuf>) -> Self {
-        Self { budget, in_memory: 0, scratch, figures: KeptFigures::default() }
+        let scratch = scratch
+            .or_else(|| crate::env::data_dir().map(|d| d.join("scratch")))
+            .unwrap_or_else(std::env::temp_dir);
+        Self { budget, in_memory: 0, scratch, scratch_made: false, figures: KeptFigures::default() }
     }
 
     /// Keeps `acts` as the input of `stage`. None when they could be kept neither in memory nor
@@ -80,18 +84,10 @@ impl KeptStore {
         for xs in acts {
             let values = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
             // A full disk mid-write is not an error of the decode: the tile just is not kept.
-            let written = values.chunks(CHUNK).try_for_each(|chunk| {
-                let raw: Vec<u8> = chunk.iter().flat_map(|v| v.to_le_bytes()).collect();
-                file.write_all(&raw)
-            });
-            if written.is_err() {
+            if file.write_all(crate::files::f32_bytes(&values)).is_err() {
                 self.figures.dropped += 1;
                 return Ok(None);
             }
-        }
-        if file.flush().is_err() {
-            self.figures.dropped += 1;
-            return Ok(None);
         }
         self.figures.spilled_bytes += disk_bytes;
         let shapes = acts.iter().map(|t| (t.dims().to_vec(), t.dtype())).collect();
@@ -106,15 +102,8 @@ impl KeptStore {
                 file.seek(SeekFrom::Start(0))?;
                 let mut acts = Vec::with_capacity(shapes.len());
                 for (dims, dtype) in shapes.iter() {
-                    let n: usize = dims.iter().product();
-                    let mut values = Vec::with_capacity(n);
-                    let mut raw = vec![0u8; CHUNK.min(n) * 4];
-                    while values.len() < n {
-                        let take = CHUNK.min(n - values.len());
-                        file.read_exact(&mut raw[..take * 4])?;
-                        let chunk = raw[..take * 4].chunks_exact(4);
-                        values.extend(chunk.map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
-                    }
+                    let mut values = vec![0f32; dims.iter().product()];
+                    file.read_exact(crate::files::f32_bytes_mut(&mut values))?;
                     acts.push(Tensor::from_vec(values, dims.as_slice(), device)?.to_dtype(*dtype)?);
                 }
                 Ok(acts)
@@ -130,19 +119,17 @@ impl KeptStore {
     }
 
     /// An unnamed file in the scratch folder with room for `bytes` (leaving [`KEEP_FREE_BYTES`]).
-    fn scratch_file(&self, bytes: u64) -> Option<std::fs::File> {
-        let dir = self
-            .scratch
-            .clone()
-            .or_else(|| crate::env::data_dir().map(|d| d.join("scratch")))
-            .unwrap_or_else(std::env::temp_dir);
-        fs_err::create_dir_all(&dir).ok()?;
-        if let Some(free) = crate::files::free_disk_bytes(&dir) {
+    fn scratch_file(&mut self, bytes: u64) -> Option<std::fs::File> {
+        if !self.scratch_made {
+            fs_err::create_dir_all(&self.scratch).ok()?;
+            self.scratch_made = true;
+        }
+        if let Some(free) = crate::files::free_disk_bytes(&self.scratch) {
             if free < bytes.saturating_add(KEEP_FREE_BYTES) {
                 return None;
             }
         }
-        tempfile::tempfile_in(&dir).ok()
+        tempfile::tempfile_in(&self.scratch).ok()
     }
 }
 

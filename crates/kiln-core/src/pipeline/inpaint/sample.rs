@@ -205,7 +205,7 @@ pub(crate) fn sample_canvas(
         Some(k) => k,
         // A 9-channel run at full strength asked to re-impose: encode now (no draw: the mean).
         None if canvas.reimpose => {
-            let dist = sampling.vae_tiling.encode_with(&model.vae, &image, &mut || progress.cancelled())?;
+            let dist = sampling.vae_tiling.encode(&model.vae, &image, &mut || progress.cancelled())?;
             let cfg = model.vae.config();
             ((dist.mean - cfg.shift_factor.unwrap_or(0.0))? * cfg.scaling_factor)?
         }
