@@ -114,6 +114,45 @@ fn single_file_transformer_gives_the_folder_models_image() {
     assert_eq!(diff, 0.0);
 }
 
+/// A LoRA merges into a single-file transformer exactly as into the folder's: the kohya FLUX
+/// fixture LoRA (BFL names, fused q/k/v split over diffusers' projections) gives the folder
+/// model's image bit for bit, and switching back to no LoRA gives the plain single-file image.
+#[test]
+fn loras_merge_into_a_single_file_transformer_as_into_the_folders() {
+    use kiln_core::loaders::lora::LoraRequest;
+    let dev = fixture("flux/dev");
+    let file = fixture("lora/flux_kohya.safetensors");
+    let loras = vec![LoraRequest { name: "flux_kohya".into(), path: file, weight: 0.8 }];
+    let source = || ModelSource::Folder(dev.join("model"));
+    let folder = LoadedModel::load_parts(
+        source(),
+        ModelParts { loras: loras.clone(), ..Default::default() },
+        &Device::Cpu,
+        DType::F32,
+    )
+    .unwrap();
+    let parts = ModelParts { denoiser_file: Some(dev.join(SINGLE_FILE)), loras, ..Default::default() };
+    let single = LoadedModel::load_parts(source(), parts, &Device::Cpu, DType::F32).unwrap();
+    assert!(single.load_warnings.is_empty(), "{:?}", single.load_warnings);
+    assert_eq!(single.loras.len(), 1);
+    let req = request(2);
+    let with_lora = image(&single, &req);
+    let diff = (image(&folder, &req) - &with_lora).unwrap().abs().unwrap().max_all().unwrap();
+    let diff = diff.to_scalar::<f32>().unwrap();
+    println!("single file + LoRA vs folder + LoRA: max abs diff {diff:e}");
+    assert_eq!(diff, 0.0, "the LoRA merges differently into the single file");
+
+    let plain = image(&load_single(&dev.join("model"), &dev.join(SINGLE_FILE)).unwrap(), &req);
+    let p = psnr(&plain, &with_lora);
+    println!("single file with vs without the LoRA: PSNR {p:.1} dB");
+    assert!(p < 35.0, "the LoRA hardly changes the image ({p:.1} dB)");
+    let switched = image(&single.with_loras(&[]).unwrap(), &req);
+    assert_eq!(
+        (switched - plain).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap(),
+        0.0
+    );
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {

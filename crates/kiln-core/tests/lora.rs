@@ -1,8 +1,9 @@
 //! LoRA merging against diffusers' `load_lora_weights` + `set_adapters` + `fuse_lora` on the tiny
 //! pipelines (tests/fixtures/lora/make.py): a kohya SD1 LoRA on the UNet and text encoder, a PEFT
 //! SDXL LoRA on the UNet and both text encoders, a LyCORIS LoCon on convolutions, and two LoRAs
-//! stacked with their own weights (one negative). PSNR ≥ 40 dB each. Bad files and LoRAs for
-//! another model are refused with errors naming what is wrong.
+//! stacked with their own weights (one negative), kohya FLUX with BFL's fused layers, and Z-Image
+//! LoRAs in kohya layout and in Z-Image's own names (fused q/k/v). PSNR ≥ 40 dB each. Bad files
+//! and LoRAs for another model are refused with errors naming what is wrong.
 #![allow(clippy::unwrap_used)]
 
 use candle_core::{DType, Tensor};
@@ -187,6 +188,16 @@ fn kohya_flux_with_fused_qkv_matches_diffusers() {
 }
 
 #[test]
+fn kohya_zimage_with_diffusers_names_matches_diffusers() {
+    run_case("zimage_kohya");
+}
+
+#[test]
+fn zimage_reference_names_with_fused_qkv_match_diffusers() {
+    run_case("zimage_reference");
+}
+
+#[test]
 fn alphas_come_from_kohya_tensors_and_peft_metadata() {
     let kohya = LoraFile::open(&lora_dir().join("sd1_kohya.safetensors")).unwrap();
     assert!(kohya.layers().iter().all(|(_, r, a)| *r == 4 && *a == Some(2.0)), "{:?}", &kohya.layers()[..2]);
@@ -236,6 +247,11 @@ fn a_lora_for_another_family_is_refused_naming_layers_and_shapes() {
     assert!(err.contains("sd1"), "the family the file says: {err}");
     let err = load_err("pipelines/sd1", &requests(&[("sdxl_peft.safetensors".into(), 1.0)]));
     assert!(err.contains("sdxl_peft.safetensors") && err.contains("does not fit"), "{err}");
+    // Between the transformer families: no layer matches, and the error says what the file is for.
+    let err = load_err("flux/schnell", &requests(&[("zimage_reference.safetensors".into(), 1.0)]));
+    assert!(err.contains("none of its") && err.contains("zimage"), "{err}");
+    let err = load_err("zimage/turbo", &requests(&[("flux_kohya.safetensors".into(), 1.0)]));
+    assert!(err.contains("none of its") && err.contains("flux"), "{err}");
 }
 
 #[test]
@@ -319,6 +335,13 @@ fn metadata_says_base_model_trigger_words_resolution_and_family() {
         LoraFile::open(&lora_dir().join("sd1_locon.safetensors")).unwrap().info().format,
         "kohya LoCon"
     );
+    // Z-Image: from the metadata, and from the layers alone (the reference-named file has none).
+    for (file, base) in
+        [("zimage_kohya.safetensors", Some("z_image")), ("zimage_reference.safetensors", None)]
+    {
+        let info = LoraFile::open(&lora_dir().join(file)).unwrap().info();
+        assert_eq!((info.family.as_deref(), info.base_model.as_deref()), (Some("zimage"), base), "{file}");
+    }
 }
 
 #[test]

@@ -1,7 +1,7 @@
 //! FLUX.1 tensor names as Black Forest Labs' reference code writes them (the `flux1-dev.safetensors`
 //! release, ComfyUI's checkpoints under `model.diffusion_model.`, kohya's and BFL's LoRAs) and
 //! the diffusers modules each one feeds. One mapping for both users: the single-file loader
-//! ([`super::single_file`]) and LoRA merging ([`super::lora::keys::bfl_targets`]).
+//! ([`super::single_file`]) and LoRA merging ([`super::lora::keys::native_targets`]).
 //!
 //! BFL fuses layers diffusers keeps apart: a double block's q/k/v is one `qkv` linear layer, and
 //! a single block's `linear1` is q, k, v and the MLP input stacked by rows. Such a module feeds

@@ -18,6 +18,7 @@ pub mod reuse;
 pub mod single_file;
 pub mod store;
 pub mod weights;
+pub mod zimage_names;
 
 /// One model's identity for the import name check: name, sha256, architecture.
 pub(crate) type NamedModel<'a> = (&'a str, &'a str, &'a str);

@@ -7,9 +7,12 @@
 //! does: the file is checked against it up front (block counts, guidance embedding, every tensor
 //! present and none unknown), then read through [`SingleFileBackend`], which hands kiln's
 //! diffusers-named model each tensor it asks for as a slice of the fused BFL tensor
-//! ([`super::bfl_names`]), with the final modulation's halves put in diffusers' order.
+//! ([`super::bfl_names`]), with the final modulation's halves put in diffusers' order. LoRAs
+//! are matched against those diffusers names ([`SingleFileFlux::shapes`]) and merged into each
+//! slice as it is read, as for a diffusers folder.
 
 use super::bfl_names::{bfl_module, bfl_parameter_names};
+use super::lora::merge::{apply_patches, Patch};
 use crate::error::{Error, Result};
 use crate::models::flux::FluxConfig;
 use candle_core::safetensors::MmapedSafetensors;
@@ -145,9 +148,38 @@ impl SingleFileFlux {
         &self.path
     }
 
-    /// The transformer's weights under diffusers' names, for [`crate::models::flux::FluxTransformer::new`].
-    pub fn var_builder(self, dtype: DType, device: &Device) -> VarBuilder<'static> {
-        VarBuilder::from_backend(Box::new(SingleFileBackend(self)), dtype, device.clone())
+    /// The transformer's weights under diffusers' names, for [`crate::models::flux::FluxTransformer::new`],
+    /// with `patches` (LoRAs, by diffusers tensor name) merged into the tensors they touch.
+    pub(crate) fn var_builder(
+        self,
+        patches: Option<HashMap<String, Vec<Patch>>>,
+        dtype: DType,
+        device: &Device,
+    ) -> VarBuilder<'static> {
+        let backend = SingleFileBackend { file: self, patches: patches.unwrap_or_default() };
+        VarBuilder::from_backend(Box::new(backend), dtype, device.clone())
+    }
+
+    /// Every diffusers tensor's name and shape (fused BFL tensors cut into their projections'
+    /// slices), for matching LoRAs against the checkpoint before it is read.
+    pub fn shapes(&self) -> Result<HashMap<String, Vec<usize>>> {
+        let mut out = HashMap::new();
+        for (name, src) in &self.sources {
+            let view = self
+                .st
+                .get(&src.name)
+                .map_err(|e| Error::Weights { path: self.path.clone(), msg: e.to_string() })?;
+            let mut shape = view.shape().to_vec();
+            if src.slots > 1 {
+                if let Some(rows) = shape.first_mut() {
+                    let start = src.slot * self.inner_dim;
+                    *rows =
+                        if src.slot + 1 == src.slots { rows.saturating_sub(start) } else { self.inner_dim };
+                }
+            }
+            out.insert(name.clone(), shape);
+        }
+        Ok(out)
     }
 
     /// The diffusers tensor `name`, cut from its BFL source; the error names the source.
@@ -208,8 +240,28 @@ fn diffusers_hint(names: &[String]) -> &'static str {
     }
 }
 
-/// [`SingleFileFlux`] as a candle weight backend.
-struct SingleFileBackend(SingleFileFlux);
+/// [`SingleFileFlux`] as a candle weight backend, with LoRA patches merged as tensors are read
+/// (on the target device, as the folder loader's backend merges them).
+struct SingleFileBackend {
+    file: SingleFileFlux,
+    patches: HashMap<String, Vec<Patch>>,
+}
+
+impl SingleFileBackend {
+    fn load(
+        &self,
+        name: &str,
+        shape: Option<&Shape>,
+        dtype: DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let base = self.file.tensor(name, shape)?;
+        match self.patches.get(name) {
+            Some(patches) => apply_patches(&base.to_device(dev)?, patches, dtype, dev),
+            None => base.to_dtype(dtype)?.to_device(dev),
+        }
+    }
+}
 
 impl SimpleBackend for SingleFileBackend {
     fn get(
@@ -220,14 +272,14 @@ impl SimpleBackend for SingleFileBackend {
         dtype: DType,
         dev: &Device,
     ) -> candle_core::Result<Tensor> {
-        self.0.tensor(name, Some(&s))?.to_dtype(dtype)?.to_device(dev)
+        self.load(name, Some(&s), dtype, dev)
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        self.0.tensor(name, None)?.to_dtype(dtype)?.to_device(dev)
+        self.load(name, None, dtype, dev)
     }
 
     fn contains_tensor(&self, name: &str) -> bool {
-        self.0.sources.contains_key(name)
+        self.file.sources.contains_key(name)
     }
 }

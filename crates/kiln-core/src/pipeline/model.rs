@@ -171,15 +171,8 @@ impl LoadedModel {
                     ),
                 ));
             }
-            if !loras.is_empty() {
-                return Err(Error::arg(
-                    "lora",
-                    "LoRAs cannot be merged into a single-file transformer checkpoint yet; use the \
-                     diffusers folder's own transformer",
-                ));
-            }
         }
-        let (plan, lora_records) = plan_loras(&folder, spec, loras, prefer_fp16)?;
+        let (plan, lora_records) = plan_loras(&folder, spec, denoiser_file.as_deref(), loras, prefer_fp16)?;
         let load_warnings = plan
             .unmatched
             .iter()
@@ -454,6 +447,7 @@ impl LoadedModel {
 fn plan_loras(
     folder: &DiffusersFolder,
     spec: &FamilySpec,
+    single_file: Option<&std::path::Path>,
     loras: &[LoraRequest],
     prefer_fp16: bool,
 ) -> Result<(LoraPlan, Vec<LoraRecord>)> {
@@ -486,16 +480,20 @@ fn plan_loras(
     }
     let mut inputs = Vec::new();
     for (i, stack) in spec.text.iter().enumerate() {
-        inputs.push(PlanInput {
-            component: text_component(i),
-            files: folder.weight_files(stack.encoder, prefer_fp16)?,
-            text_encoder: true,
-        });
+        let files = folder.weight_files(stack.encoder, prefer_fp16)?;
+        inputs.push(PlanInput::from_files(text_component(i), &files, true)?);
     }
-    inputs.push(PlanInput {
-        component: Component::Denoiser,
-        files: folder.weight_files(spec.denoiser, prefer_fp16)?,
-        text_encoder: false,
+    inputs.push(match single_file.zip(spec.single_file) {
+        // A single-file transformer answers to diffusers' names, as it will when it is read.
+        Some((file, layout)) => PlanInput {
+            component: Component::Denoiser,
+            shapes: open_single_file(folder, spec, file, layout)?.0.shapes()?,
+            text_encoder: false,
+        },
+        None => {
+            let files = folder.weight_files(spec.denoiser, prefer_fp16)?;
+            PlanInput::from_files(Component::Denoiser, &files, false)?
+        }
     });
     let plan = lora::plan(&files, &inputs).map_err(|e| match e {
         // `plan` names the file; name a library LoRA by its name.
@@ -554,15 +552,10 @@ fn load_denoiser(
 ) -> Result<Box<dyn Denoiser>> {
     if let (Some(file), Some(layout)) = (single_file, spec.single_file) {
         let files = [file.to_path_buf()];
-        let denoiser: Box<dyn Denoiser> = match layout {
-            SingleFileLayout::BflFlux => {
-                let (cfg_path, cfg): (_, FluxConfig) = folder.parse_config(spec.denoiser)?;
-                cfg.validate(&cfg_path)?;
-                let checkpoint = SingleFileFlux::open(file, &cfg, &cfg_path)?;
-                let vb = checkpoint.var_builder(dtype, device);
-                Box::new(FluxTransformer::new(&cfg, vb).map_err(|e| named(e, &files))?)
-            }
-        };
+        let (checkpoint, cfg) = open_single_file(folder, spec, file, layout)?;
+        let vb = checkpoint.var_builder(sources.plan.patches(Component::Denoiser), dtype, device);
+        let denoiser: Box<dyn Denoiser> =
+            Box::new(FluxTransformer::new(&cfg, vb).map_err(|e| named(e, &files))?);
         // Recorded under the denoiser's component with the file's own name and sha256.
         record(weights, spec.denoiser, &files)?;
         return Ok(denoiser);
@@ -588,6 +581,22 @@ fn load_denoiser(
     };
     record(weights, spec.denoiser, &files)?;
     Ok(denoiser)
+}
+
+/// A single-file transformer checkpoint, checked against the component folder's config.
+fn open_single_file(
+    folder: &DiffusersFolder,
+    spec: &FamilySpec,
+    file: &std::path::Path,
+    layout: SingleFileLayout,
+) -> Result<(SingleFileFlux, FluxConfig)> {
+    match layout {
+        SingleFileLayout::BflFlux => {
+            let (cfg_path, cfg): (_, FluxConfig) = folder.parse_config(spec.denoiser)?;
+            cfg.validate(&cfg_path)?;
+            Ok((SingleFileFlux::open(file, &cfg, &cfg_path)?, cfg))
+        }
+    }
 }
 
 /// The folder holding a VAE's config.json: the folder itself, or a pipeline folder's `vae/`.

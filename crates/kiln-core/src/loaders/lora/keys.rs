@@ -1,6 +1,6 @@
 //! LoRA tensor names: which layer of which model component a LoRA tensor belongs to.
 //!
-//! Three layouts are read:
+//! Two layouts are read:
 //! - kohya/sd-scripts (also LyCORIS LoCon): `lora_unet_<module>`, `lora_te_` / `lora_te1_` /
 //!   `lora_te2_<module>` with `.lora_down.weight`, `.lora_up.weight` and an optional `.alpha`.
 //!   The module path has its dots flattened to underscores, which is not reversible (`to_out_0`
@@ -10,8 +10,14 @@
 //!   `transformer.<module>` with `.lora_A.weight` / `.lora_B.weight` (or the older
 //!   `.lora.down.weight` / `.lora.up.weight`, `.lora_linear_layer.down.weight`) and an optional
 //!   per-module `.alpha`; otherwise alpha comes from the file's PEFT metadata or equals the rank.
+//!   `diffusion_model.<module>` (ComfyUI, BFL, AI-Toolkit) is read the same way, with kohya's
+//!   suffixes too.
+//!
+//! Transformer LoRAs trained on a family's reference code name its layers as that code does
+//! (FLUX.1 as BFL, Z-Image as Tongyi-MAI); [`native_targets`] maps those to diffusers' modules.
 
 use crate::loaders::bfl_names::bfl_module;
+use crate::loaders::zimage_names::zimage_targets;
 use std::collections::HashMap;
 
 /// The model component a LoRA module patches.
@@ -101,6 +107,9 @@ const DOTTED_SUFFIXES: &[(&str, Part)] = &[
     (".lora.up.weight", Part::Up),
     (".lora_linear_layer.down.weight", Part::Down),
     (".lora_linear_layer.up.weight", Part::Up),
+    // kohya's suffixes on dotted names (ComfyUI-style `diffusion_model.` LoRAs).
+    (".lora_down.weight", Part::Down),
+    (".lora_up.weight", Part::Up),
     (".alpha", Part::Alpha),
 ];
 
@@ -125,7 +134,8 @@ pub fn parse_key(key: &str) -> Result<ParsedKey, KeyProblem> {
     }
     for &(prefix, component) in KOHYA_PREFIXES {
         if let Some(rest) = key.strip_prefix(prefix) {
-            return split_suffix(rest, KOHYA_SUFFIXES)
+            // musubi-tuner's Z-Image LoRAs flatten an empty root module name: `lora_unet__layers_0_…`.
+            return split_suffix(rest.trim_start_matches('_'), KOHYA_SUFFIXES)
                 .map(|(module, part)| ParsedKey { component, naming: Naming::Flat, module, part })
                 .ok_or(KeyProblem::Unknown);
         }
@@ -146,14 +156,17 @@ fn split_suffix(rest: &str, suffixes: &[(&str, Part)]) -> Option<(String, Part)>
     })
 }
 
-/// FLUX layers named as BFL's reference code names them (kohya's FLUX LoRAs, BFL's own): the
-/// diffusers modules the layer feeds, in the order of its output rows ([`bfl_module`]). BFL fuses
-/// q/k/v (and, in single blocks, q/k/v and the MLP input) into one linear layer that diffusers
-/// keeps apart, so such a layer patches several modules, each with its slice of the up matrix's
-/// rows. The final layer's adaLN modulation is left out: diffusers stores its shift and scale
-/// halves swapped, which a LoRA's rows cannot follow without a copy of its own.
-pub fn bfl_targets(module: &str) -> Option<Vec<String>> {
-    bfl_module(module).filter(|m| !m.swap_halves).map(|m| m.targets)
+/// The diffusers modules a layer named as a transformer's reference code names it feeds, in the
+/// order of its output rows: one candidate list per family whose reference names differ from
+/// diffusers' (FLUX.1 as BFL names it, [`bfl_module`]; Z-Image as Tongyi-MAI names it,
+/// [`zimage_targets`]). The plan takes the first candidate whose modules all exist in the model.
+/// Reference code fuses layers diffusers keeps apart (q/k/v, and in FLUX's single blocks the MLP
+/// input too), so such a layer patches several modules, each with its slice of the up matrix's
+/// rows. FLUX's final adaLN modulation is left out: diffusers stores its shift and scale halves
+/// swapped, which a LoRA's rows cannot follow without a copy of its own.
+pub fn native_targets(module: &str) -> Vec<Vec<String>> {
+    let flux = bfl_module(module).filter(|m| !m.swap_halves).map(|m| m.targets);
+    flux.into_iter().chain(zimage_targets(module)).collect()
 }
 
 /// The base model's weight-bearing modules of one component, findable under every name a LoRA
@@ -327,6 +340,14 @@ mod tests {
         assert_eq!((k.component, k.naming, k.part), (Component::Text2, Naming::Dotted, Part::Up));
         assert_eq!(k.module, "text_model.encoder.layers.0.self_attn.q_proj");
         assert_eq!(parse_key("lora_unet_x.hada_w1_a"), Err(KeyProblem::Unsupported("LyCORIS LoHa")));
+        // musubi-tuner's doubled underscore; kohya suffixes on ComfyUI-style dotted names.
+        let k = parse_key("lora_unet__layers_0_attention_to_q.lora_up.weight").unwrap();
+        assert_eq!((k.module.as_str(), k.part), ("layers_0_attention_to_q", Part::Up));
+        let k = parse_key("diffusion_model.layers.1.attention.qkv.lora_down.weight").unwrap();
+        assert_eq!(
+            (k.naming, k.module.as_str(), k.part),
+            (Naming::Dotted, "layers.1.attention.qkv", Part::Down)
+        );
         assert_eq!(parse_key("something.else"), Err(KeyProblem::Unknown));
     }
 
@@ -386,15 +407,20 @@ mod tests {
     #[test]
     fn bfl_flux_names_map_to_diffusers_modules() {
         assert_eq!(
-            bfl_targets("double_blocks_3_txt_attn_qkv").unwrap(),
+            native_targets("double_blocks_3_txt_attn_qkv")[0],
             [
                 "transformer_blocks.3.attn.add_q_proj",
                 "transformer_blocks.3.attn.add_k_proj",
                 "transformer_blocks.3.attn.add_v_proj"
             ]
         );
-        assert_eq!(bfl_targets("single_blocks.0.linear1").unwrap().len(), 4);
-        assert_eq!(bfl_targets("final_layer_linear").unwrap(), ["proj_out"]);
-        assert_eq!(bfl_targets("final_layer_adaLN_modulation_1"), None);
+        assert_eq!(native_targets("single_blocks.0.linear1")[0].len(), 4);
+        // FLUX's and Z-Image's final layers share a reference name: both are candidates.
+        assert_eq!(native_targets("final_layer_linear"), [["proj_out"], ["all_final_layer.2-1.linear"]]);
+        assert_eq!(
+            native_targets("final_layer_adaLN_modulation_1"),
+            [["all_final_layer.2-1.adaLN_modulation.1"]]
+        );
+        assert!(native_targets("layers_0_feed_forward_w1").is_empty());
     }
 }

@@ -44,12 +44,22 @@ impl Patch {
     }
 }
 
-/// A component's weight files, as the loader will open them.
+/// A component's tensors, by the names the model will ask the weight backend for.
 pub struct PlanInput {
     pub component: Component,
-    pub files: Vec<PathBuf>,
+    /// Tensor names and shapes.
+    pub shapes: HashMap<String, Vec<usize>>,
     /// Text encoders also answer to names with/without transformers' `text_model.` prefix.
     pub text_encoder: bool,
+}
+
+impl PlanInput {
+    /// A component loaded from safetensors `files`: names and shapes from their headers.
+    pub fn from_files(component: Component, files: &[PathBuf], text_encoder: bool) -> Result<Self> {
+        let st = mmap(files)?;
+        let shapes = st.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect();
+        Ok(Self { component, shapes, text_encoder })
+    }
 }
 
 /// Which base tensors each LoRA patches, per component, and what did not match.
@@ -71,14 +81,11 @@ pub fn plan(loras: &[(Arc<LoraFile>, f64)], inputs: &[PlanInput]) -> Result<Lora
     if loras.is_empty() {
         return Ok(out);
     }
-    // Base tensor names and shapes, per component, from the files' headers.
-    let mut bases: HashMap<Component, (ModuleIndex, HashMap<String, Vec<usize>>)> = HashMap::new();
+    // Base tensor names and shapes, per component.
+    let mut bases: HashMap<Component, (ModuleIndex, &HashMap<String, Vec<usize>>)> = HashMap::new();
     for input in inputs {
-        let st = mmap(&input.files)?;
-        let shapes: HashMap<String, Vec<usize>> =
-            st.tensors().into_iter().map(|(name, view)| (name, view.shape().to_vec())).collect();
-        let index = ModuleIndex::new(shapes.keys().map(String::as_str), input.text_encoder);
-        bases.insert(input.component, (index, shapes));
+        let index = ModuleIndex::new(input.shapes.keys().map(String::as_str), input.text_encoder);
+        bases.insert(input.component, (index, &input.shapes));
     }
     for (lora, weight) in loras {
         let mut unmatched = Vec::new();
@@ -90,11 +97,15 @@ pub fn plan(loras: &[(Arc<LoraFile>, f64)], inputs: &[PlanInput]) -> Result<Lora
                 continue;
             };
             let Some(module) = index.find(m.naming, &m.module) else {
-                // FLUX layers in BFL naming, possibly fused: one patch per diffusers module.
-                let targets = (m.component == Component::Denoiser)
-                    .then(|| super::keys::bfl_targets(&m.module))
-                    .flatten()
-                    .filter(|t| t.iter().all(|t| shapes.contains_key(&format!("{t}.weight"))));
+                // Transformer layers in their reference code's naming, possibly fused: one patch
+                // per diffusers module, from the first family whose modules this model has.
+                let candidates = match m.component {
+                    Component::Denoiser => super::keys::native_targets(&m.module),
+                    _ => Vec::new(),
+                };
+                let targets = candidates
+                    .into_iter()
+                    .find(|t| t.iter().all(|t| shapes.contains_key(&format!("{t}.weight"))));
                 let Some(targets) = targets else {
                     unmatched.push(m.down_key.clone());
                     continue;

@@ -233,10 +233,14 @@ impl LoraFile {
     }
 
     /// The family the layers fit: from the metadata when it says, else from the layers (a second
-    /// text encoder, a FLUX transformer's blocks, the width of the UNet's text cross-attention).
+    /// text encoder, a FLUX or Z-Image transformer's blocks, the width of the UNet's text
+    /// cross-attention).
     fn family_guess(&self, base_model: Option<&str>) -> Option<String> {
         if let Some(b) = base_model.map(str::to_ascii_lowercase) {
             for (needle, family) in [
+                ("z_image", "zimage"),
+                ("z-image", "zimage"),
+                ("zimage", "zimage"),
                 ("sdxl", "sdxl"),
                 ("flux", "flux"),
                 ("sd_v2", "sd2"),
@@ -254,6 +258,12 @@ impl LoraFile {
             n.contains("double_blocks") || n.contains("single_transformer_blocks") || n.contains("ff_context")
         }) {
             return Some("flux".into());
+        }
+        // Z-Image's refiners and its feed-forward names (w1/w2/w3) are its own.
+        if names().any(|n| {
+            n.contains("noise_refiner") || n.contains("context_refiner") || n.contains("feed_forward")
+        }) {
+            return Some("zimage".into());
         }
         if self.modules.iter().any(|m| m.component == Component::Text2) {
             return Some("sdxl".into());
@@ -275,7 +285,7 @@ impl LoraFile {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoraInfo {
     pub format: String,
-    /// sd1, sd2, sdxl or flux, when the file or its layers say.
+    /// sd1, sd2, sdxl, flux or zimage, when the file or its layers say.
     pub family: Option<String>,
     pub base_model: Option<String>,
     pub trigger_words: Vec<String>,
