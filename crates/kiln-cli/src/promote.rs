@@ -41,6 +41,10 @@ pub struct PromoteArgs {
     /// Re-detail denoiser tile in image pixels [default: 512].
     #[arg(long, requires = "redetail")]
     redetail_tile: Option<usize>,
+    /// A LoRA merged into the re-detail tier's model (after the tier's own): an imported name or
+    /// a .safetensors file, optional weight (default 1). Repeatable.
+    #[arg(long = "redetail-lora", value_name = "NAME|PATH[:WEIGHT]", requires = "redetail")]
+    redetail_loras: Vec<String>,
     /// Override the tier's steps.
     #[arg(long)]
     steps: Option<usize>,
@@ -85,6 +89,7 @@ pub fn run(args: PromoteArgs) -> anyhow::Result<()> {
             tier: Some(args.redetail_tier.clone()),
             strength: args.redetail_strength,
             tile: args.redetail_tile,
+            loras: args.redetail_loras.clone(),
             ..Default::default()
         }),
         vae_tiling: Some(args.job.run.vae.vae_tiling.clone()),

@@ -91,6 +91,10 @@ pub struct RedetailArgs {
     /// Denoiser tile side in image pixels (a multiple of 8) [default: 512].
     #[arg(long, requires = "redetail")]
     pub redetail_tile: Option<usize>,
+    /// A LoRA merged into the re-detail model (after a tier's own): an imported name
+    /// (`kiln loras list`) or a .safetensors file, optional weight (default 1). Repeatable.
+    #[arg(long = "lora", value_name = "NAME|PATH[:WEIGHT]", requires = "redetail")]
+    pub loras: Vec<String>,
 }
 
 const REDETAIL_NEEDS_MODEL: &str =
@@ -120,6 +124,7 @@ impl RedetailArgs {
             guidance: self.guidance,
             negative: self.negative.clone(),
             true_cfg: self.true_cfg,
+            loras: self.loras.clone(),
         }
     }
 }
@@ -138,6 +143,7 @@ fn redetail_setup(
         return Ok(None);
     }
     let spec = a.spec();
+    let job_loras = kiln_core::loaders::lora::resolve_all(&spec.lora_args()?)?;
     let (model, mut request) = match (&a.tier, &a.redetail_model) {
         (Some(name), _) => {
             let project = kiln_core::library::Project::find(a.project.as_deref())?;
@@ -146,14 +152,18 @@ fn redetail_setup(
             kiln_core::tiers::load::require_diffusion(tier)?;
             let request = spec.request(Some(tier))?;
             let dtype = kiln_core::tiers::load::tier_dtype(tier, dev, dtype)?;
-            (kiln_core::tiers::load::load_tier_model(tier, dev, dtype, show)?, request)
+            let loras = kiln_core::tiers::load::tier_loras(tier, &job_loras)?;
+            (kiln_core::tiers::load::load_tier_model_with(tier, &loras, dev, dtype, show)?, request)
         }
         (None, Some(model)) => {
             let request = spec.request(None)?;
             let dtype = dtype.unwrap_or_else(|| device::default_dtype(dev));
             let source =
                 kiln_core::loaders::hub::resolve(model, None, dtype != kiln_core::candle::DType::F32, show)?;
-            (kiln_core::pipeline::model::LoadedModel::load(source, dev, dtype)?, request)
+            let model = kiln_core::pipeline::model::LoadedModel::load_with_loras(
+                source, None, &job_loras, dev, dtype,
+            )?;
+            (model, request)
         }
         (None, None) => bail!(REDETAIL_NEEDS_MODEL),
     };
@@ -255,6 +265,13 @@ pub fn run(args: UpscaleArgs) -> anyhow::Result<()> {
     let upscaler = Upscaler::new(weights, &dev, dtype).context("building the model")?;
     let redetail =
         redetail_setup(&args.redetail, &dev, args.run.explicit_dtype()?, &args.run.vae, args.run.show())?;
+    // What the re-detail model's load warns about (LoRA layers that matched nothing).
+    let warnings: Vec<String> = redetail.iter().flat_map(|(m, _)| m.load_warnings.clone()).collect();
+    if !args.run.json {
+        for w in &warnings {
+            eprintln!("warning: {w}");
+        }
+    }
     let show = args.run.show();
     let mut reports = Vec::new();
     let mut redetails = Vec::new();
@@ -329,6 +346,7 @@ pub fn run(args: UpscaleArgs) -> anyhow::Result<()> {
             "outputs": reports,
             "redetail": redetails,
             "errors": failures,
+            "warnings": warnings,
             "model": upscaler.name(),
             "arch": upscaler.spec().arch_name(),
             "device": device::name(&dev),

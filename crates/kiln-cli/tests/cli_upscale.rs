@@ -89,43 +89,54 @@ fn redetail_after_super_resolution() {
     let data = dir.path().join("data");
     let sd1 = Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/pipelines/sd1/model"));
     let input = fixture("input_40x32.png");
-    let run = |out: &Path| {
-        let o = kiln(
-            &data,
-            &[
-                "upscale",
-                input.to_str().expect("utf8"),
-                "--model",
-                fixture("srvgg-tiny-x4.safetensors").to_str().expect("utf8"),
-                "--redetail",
-                "--redetail-model",
-                sd1.to_str().expect("utf8"),
-                "--redetail-tile",
-                "128",
-                "--strength",
-                "0.5",
-                "--steps",
-                "4",
-                "--prompt",
-                "a lighthouse",
-                "--seed",
-                "3",
-                "--device",
-                "cpu",
-                "--json",
-                "--out",
-                out.to_str().expect("utf8"),
-            ],
-        );
+    let lora =
+        Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures/lora/sd1_kohya.safetensors"));
+    let lora_arg = format!("{}:0.8", lora.display());
+    let sr = fixture("srvgg-tiny-x4.safetensors");
+    let run = |out: &Path, loras: &[&str]| {
+        let mut args = vec![
+            "upscale",
+            input.to_str().expect("utf8"),
+            "--model",
+            sr.to_str().expect("utf8"),
+            "--redetail",
+            "--redetail-model",
+            sd1.to_str().expect("utf8"),
+            "--redetail-tile",
+            "128",
+            "--strength",
+            "0.5",
+            "--steps",
+            "4",
+            "--prompt",
+            "a lighthouse",
+            "--seed",
+            "3",
+            "--device",
+            "cpu",
+            "--json",
+            "--out",
+            out.to_str().expect("utf8"),
+        ];
+        for l in loras {
+            args.extend(["--lora", *l]);
+        }
+        let o = kiln(&data, &args);
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
         assert_eq!(v["redetail"][0]["tiles"], serde_json::json!([1, 2]), "{v}");
-        image::open(out).expect("png").to_rgb8()
+        (image::open(out).expect("png").to_rgb8(), v)
     };
     let (a_path, b_path) = (dir.path().join("a.png"), dir.path().join("b.png"));
-    let (a, b) = (run(&a_path), run(&b_path));
+    let ((a, _), (b, _)) = (run(&a_path, &[]), run(&b_path, &[]));
     assert_eq!(a.dimensions(), (160, 128));
     assert!(a == b, "same seed, same pixels");
+    // A LoRA on the re-detail model changes the detail and is recorded with its hash and weight.
+    let (with_lora, v) = run(&dir.path().join("lora.png"), &[&lora_arg]);
+    assert!(with_lora != a, "the LoRA changes the re-detailed image");
+    let recorded = &v["redetail"][0]["loras"];
+    assert_eq!(recorded[0]["weight"], 0.8, "{v}");
+    assert_eq!(recorded[0]["sha256"].as_str().map(str::len), Some(64), "{v}");
     let text = kiln_core::image::png_meta::read_png_text(&a_path).expect("text");
     let keys: Vec<&str> = text.iter().map(|c| c.keyword.as_str()).collect();
     assert!(keys.contains(&"kiln.upscale") && keys.contains(&"kiln.redetail"), "{keys:?}");

@@ -125,3 +125,44 @@ fn a_redetailed_asset_replays_bit_exact() {
     let check = kiln(root, &["assets", "check", "--json"]);
     assert_eq!(check["consistent"], true, "{check}");
 }
+
+/// A LoRA on the re-detail step (after the tier's own): merged, recorded on the asset with its
+/// hash and weight, and merged again by replay, bit-exact; a path over HTTP is refused.
+#[test]
+fn a_redetail_lora_is_recorded_and_replayed() {
+    let dir = chain_project();
+    let root = dir.path();
+    kiln(root, &["draft", "a harbour", "-n", "1", "--seed", "9", "--device", "cpu", "-q"]);
+    let lora = format!("{}:0.8", fixtures().join("lora/sd1_kohya.safetensors").display());
+    let promote = |extra: &[&str]| {
+        let mut args =
+            vec!["promote", "1", "--upscale", "2", "--redetail", "--redetail-tile", "64", "--device", "cpu"];
+        args.extend(extra);
+        args.push("--json");
+        let v = kiln(root, &args);
+        let id = v["redetailed"]["asset_id"].as_i64().unwrap();
+        let path = root.join(
+            kiln(root, &["assets", "show", &id.to_string(), "--json"])["asset"]["path"].as_str().unwrap(),
+        );
+        (id, image::open(path).unwrap().to_rgb8())
+    };
+    let (_, plain) = promote(&[]);
+    let (rd, with_lora) = promote(&["--redetail-lora", &lora]);
+    assert!(plain != with_lora, "the LoRA changes the re-detailed image");
+    let show = kiln(root, &["assets", "show", &rd.to_string(), "--json"]).to_string();
+    assert!(show.contains("\"loras\"") && show.contains("\"weight\":0.8"), "{show}");
+    let r = kiln(root, &["replay", &rd.to_string(), "--device", "cpu", "--json"]);
+    assert_eq!(r["bit_exact"], true, "{r}");
+
+    // Over HTTP a LoRA is a library name, never a path.
+    let spec = kiln_core::jobs::spec::JobSpec::Upscale(kiln_core::jobs::spec::UpscaleSpec {
+        image: kiln_core::jobs::spec::ImageRef::Asset(1),
+        redetail: Some(kiln_core::jobs::spec::RedetailSpec {
+            loras: vec![lora.clone()],
+            ..Default::default()
+        }),
+        ..Default::default()
+    });
+    let err = spec.check_remote().unwrap_err().to_string();
+    assert!(err.contains("path"), "{err}");
+}

@@ -269,8 +269,8 @@ fn run_promote(
     if redetail.is_some() && target.is_none() {
         return Err(Error::arg("redetail", "re-detail follows an upscale: set `upscale` too (e.g. 4k)"));
     }
-    if let Some((t, _)) = &redetail {
-        jobs.push((t.clone(), 1));
+    if let Some(plan) = &redetail {
+        jobs.push((plan.tier.clone(), 1));
     }
     ws.check_budget_all(&jobs)?;
     let request = PromoteRequest {
@@ -331,7 +331,7 @@ fn run_promote(
         if let Some(obj) = detail.as_object_mut() {
             obj.insert("upscaled".into(), serde_json::to_value(&u).unwrap_or_default());
         }
-        redetailed = redetail.map(|(t, req)| run_redetail(ws, &t, u.asset_id, req, sink)).transpose()?;
+        redetailed = redetail.map(|plan| run_redetail(ws, plan, u.asset_id, sink)).transpose()?;
     }
     let mut out = output(JobKind::Promote, Some(r.job_id), images, timings);
     out.credits = credits;
@@ -355,8 +355,8 @@ fn run_upscale(
     crate::tiers::load::require_upscale(&tier)?;
     let redetail = redetail_plan(ws, s.redetail.as_ref())?;
     let mut jobs = vec![(tier, 1)];
-    if let Some((t, _)) = &redetail {
-        jobs.push((t.clone(), 1));
+    if let Some(plan) = &redetail {
+        jobs.push((plan.tier.clone(), 1));
     }
     ws.check_budget_all(&jobs)?;
     sink.emit(JobEvent::Stage { stage: "load".into() });
@@ -378,8 +378,8 @@ fn run_upscale(
     out.credits = u.credits;
     out.warnings = warnings;
     out.detail = serde_json::to_value(&u).unwrap_or_default();
-    if let Some((t, request)) = redetail {
-        let d = run_redetail(ws, &t, u.asset_id, request, sink)?;
+    if let Some(plan) = redetail {
+        let d = run_redetail(ws, plan, u.asset_id, sink)?;
         add_redetailed(&mut out, d, None);
     }
     Ok(out)
@@ -451,32 +451,38 @@ fn add_redetailed(out: &mut JobOutput, d: crate::workflow::upscale::UpscaleStepR
     }
 }
 
-/// The diffusion tier and request of a chain's re-detail step, checked before any work.
-fn redetail_plan(
-    ws: &Workspace,
-    spec: Option<&super::spec::RedetailSpec>,
-) -> Result<Option<(crate::tiers::Tier, crate::pipeline::redetail::RedetailRequest)>> {
+/// A chain's re-detail step: its diffusion tier, request and the job's own LoRAs.
+struct RedetailPlan {
+    tier: crate::tiers::Tier,
+    request: crate::pipeline::redetail::RedetailRequest,
+    loras: Vec<crate::loaders::lora::LoraRequest>,
+}
+
+/// The re-detail step of a chain, checked (and its LoRAs found) before any work.
+fn redetail_plan(ws: &Workspace, spec: Option<&super::spec::RedetailSpec>) -> Result<Option<RedetailPlan>> {
     let Some(spec) = spec else { return Ok(None) };
     let tier = ws.tiers.get(spec.tier.as_deref().unwrap_or("final"))?.clone();
     crate::tiers::load::require_diffusion(&tier)?;
     let request = spec.request(Some(&tier))?;
-    Ok(Some((tier, request)))
+    let loras = crate::loaders::lora::resolve_all(&spec.lora_args()?)?;
+    Ok(Some(RedetailPlan { tier, request, loras }))
 }
 
-/// Loads the re-detail tier (pooled) and re-details asset `asset_id`, with progress events.
+/// Loads the re-detail tier (pooled, with the step's LoRAs) and re-details asset `asset_id`,
+/// with progress events.
 fn run_redetail(
     ws: &mut Workspace,
-    tier: &crate::tiers::Tier,
+    plan: RedetailPlan,
     asset_id: i64,
-    request: crate::pipeline::redetail::RedetailRequest,
     sink: &mut dyn EventSink,
 ) -> Result<crate::workflow::upscale::UpscaleStepResult> {
     if sink.cancelled() {
         return Err(Error::Cancelled);
     }
     sink.emit(JobEvent::Stage { stage: "redetail".into() });
-    let mut warm = ws.load_tier(&tier.name)?;
-    crate::workflow::redetail::redetail_asset(ws, &mut warm, asset_id, request, &mut SinkProgress::new(sink))
+    let mut warm = ws.load_tier_with(&plan.tier.name, &plan.loras)?;
+    let progress = &mut SinkProgress::new(sink);
+    crate::workflow::redetail::redetail_asset(ws, &mut warm, asset_id, plan.request, progress)
 }
 
 fn run_replay(

@@ -436,6 +436,10 @@ pub struct RedetailSpec {
     /// Guidance scale (default: the tier's, else 5).
     #[serde(default)]
     pub guidance: Option<f64>,
+    /// LoRAs merged into the re-detail model after its tier's own, `NAME|PATH[:WEIGHT]` each
+    /// (over HTTP, library names only), so the added detail keeps the look.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<String>,
 }
 
 impl RedetailSpec {
@@ -448,6 +452,7 @@ impl RedetailSpec {
     ) -> Result<crate::pipeline::redetail::RedetailRequest> {
         use crate::pipeline::redetail::{RedetailRequest, DEFAULT_OVERLAP, DEFAULT_TILE};
         let strength = self.strength.unwrap_or(0.3);
+        self.lora_args()?;
         if !(strength > 0.0 && strength <= 1.0) {
             return Err(Error::arg("redetail.strength", format!("{strength} must be in (0, 1]")));
         }

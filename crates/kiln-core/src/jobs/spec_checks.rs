@@ -30,6 +30,14 @@ impl DraftSpec {
     }
 }
 
+impl RedetailSpec {
+    /// Every LoRA asked for, each checked for syntax and weight range (the prompt carries no
+    /// tags: it defaults to the asset's own).
+    pub fn lora_args(&self) -> Result<Vec<String>> {
+        Ok(lora_args("", &self.loras)?.1)
+    }
+}
+
 impl PromoteSpec {
     /// Every LoRA asked for, each checked for syntax and weight range (the prompt is the
     /// draft's, which carries no tags).
@@ -202,6 +210,9 @@ impl JobSpec {
             JobSpec::Promote(s) => {
                 image("draft", &s.draft)?;
                 refuse_lora_paths(&s.lora_args()?)?;
+                if let Some(r) = &s.redetail {
+                    refuse_lora_paths(&r.lora_args()?)?;
+                }
             }
             JobSpec::Inpaint(s) => {
                 if s.model.is_some() {
@@ -219,7 +230,12 @@ impl JobSpec {
                 }
                 refuse_lora_paths(&s.lora_args()?.1)?;
             }
-            JobSpec::Upscale(s) => image("image", &s.image)?,
+            JobSpec::Upscale(s) => {
+                image("image", &s.image)?;
+                if let Some(r) = &s.redetail {
+                    refuse_lora_paths(&r.lora_args()?)?;
+                }
+            }
             JobSpec::Cutout(s) => {
                 image("image", &s.image)?;
                 if let Some(b) = &s.background_image {

@@ -37,6 +37,16 @@ struct Source {
     swap_halves: bool,
 }
 
+impl Source {
+    /// The rows `start..start + len` of the fused tensor (of `rows` rows) this slot takes: every
+    /// slot but the last is `inner_dim` rows, the last takes the rest.
+    fn rows(&self, rows: usize, inner_dim: usize) -> (usize, usize) {
+        let start = self.slot * inner_dim;
+        let len = if self.slot + 1 == self.slots { rows.saturating_sub(start) } else { inner_dim };
+        (start, len)
+    }
+}
+
 /// A single-file FLUX.1 transformer, checked against a diffusers config and ready to build.
 pub struct SingleFileFlux {
     path: PathBuf,
@@ -172,9 +182,7 @@ impl SingleFileFlux {
             let mut shape = view.shape().to_vec();
             if src.slots > 1 {
                 if let Some(rows) = shape.first_mut() {
-                    let start = src.slot * self.inner_dim;
-                    *rows =
-                        if src.slot + 1 == src.slots { rows.saturating_sub(start) } else { self.inner_dim };
+                    *rows = src.rows(*rows, self.inner_dim).1;
                 }
             }
             out.insert(name.clone(), shape);
@@ -194,8 +202,7 @@ impl SingleFileFlux {
         let mut what = format!("{} (as diffusers `{name}`)", src.name);
         let mut t = full;
         if src.slots > 1 {
-            let start = src.slot * self.inner_dim;
-            let len = if src.slot + 1 == src.slots { rows.saturating_sub(start) } else { self.inner_dim };
+            let (start, len) = src.rows(rows, self.inner_dim);
             what = format!("{} rows {start}..{} (as diffusers `{name}`)", src.name, start + len);
             if rows <= (src.slots - 1) * self.inner_dim {
                 let what = format!(

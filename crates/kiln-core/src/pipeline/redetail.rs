@@ -278,6 +278,9 @@ pub struct RedetailReport {
     pub steps: usize,
     pub scheduler: String,
     pub seed: u64,
+    /// The LoRAs merged into the model (a tier's own first, then the job's), as replay needs them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<crate::loaders::lora::LoraRecord>,
     /// Latent tiles per step (rows, columns), tile side and overlap in latent pixels.
     pub tiles: [usize; 2],
     pub tile: usize,
@@ -336,6 +339,7 @@ pub fn redetail_png(
         steps: req.steps,
         scheduler: out.scheduler.name().to_string(),
         seed: req.seed,
+        loras: model.loras.clone(),
         tiles: [out.tiles.0, out.tiles.1],
         tile: req.tile,
         overlap: req.overlap,

@@ -57,13 +57,24 @@ pub fn resolve_tier(tier: &Tier, dtype: DType, progress: bool) -> Result<(ModelS
     Ok((model, vae))
 }
 
-/// Loads the tier's pipeline and checks the tier's own weight pins (kiln.lock drift is checked
-/// by [`super::drift`]).
+/// Loads the tier's pipeline, with the tier's own LoRAs merged, and checks the tier's own
+/// weight pins (kiln.lock drift is checked by [`super::drift`]).
 pub fn load_tier_model(tier: &Tier, device: &Device, dtype: DType, progress: bool) -> Result<LoadedModel> {
-    load_tier_model_with(tier, &[], device, dtype, progress)
+    load_tier_model_with(tier, &tier_loras(tier, &[])?, device, dtype, progress)
 }
 
-/// [`load_tier_model`] with `loras` merged into the weights as they load.
+/// The LoRAs a job on `tier` merges: the tier's own (its `loras`, resolved), then `job_loras`.
+pub fn tier_loras(
+    tier: &Tier,
+    job_loras: &[crate::loaders::lora::LoraRequest],
+) -> Result<Vec<crate::loaders::lora::LoraRequest>> {
+    let own = crate::loaders::lora::resolve_all(&tier.loras)
+        .map_err(|e| Error::config(&tier.defined_in, format!("tier `{}` loras: {e}", tier.name)))?;
+    Ok(own.into_iter().chain(job_loras.iter().cloned()).collect())
+}
+
+/// The tier's pipeline with exactly `loras` merged into the weights as they load (the tier's
+/// own included: see [`tier_loras`]).
 pub fn load_tier_model_with(
     tier: &Tier,
     loras: &[crate::loaders::lora::LoraRequest],

@@ -121,9 +121,8 @@ impl Workspace {
         let tier = self.tiers.get(name)?.clone();
         crate::tiers::load::require_diffusion(&tier)?;
         let dtype = tier_dtype(&tier, &self.options.device, self.options.dtype)?;
-        let tier_loras = crate::loaders::lora::resolve_all(&tier.loras)
-            .map_err(|e| Error::config(&tier.defined_in, format!("tier `{name}` loras: {e}")))?;
-        let loras: Vec<LoraRequest> = tier_loras.iter().chain(job_loras).cloned().collect();
+        let loras = crate::tiers::load::tier_loras(&tier, job_loras)?;
+        let own_loras = loras.len() - job_loras.len();
         let mut key = self.tier_key(&tier, dtype);
         key.loras = crate::loaders::lora::pool_key(&loras)?;
         let (model, load_seconds) = self.pool.get_or_load_diffusion(&key, &loras, || {
@@ -131,12 +130,10 @@ impl Workspace {
         })?;
         // The lock is checked on every job, warm or not: kiln.lock may have changed meanwhile.
         let mut pinned = model.weights.clone();
-        pinned.extend(model.loras.iter().take(tier_loras.len()).map(|l| {
-            crate::pipeline::model::WeightRecord {
-                component: "lora".into(),
-                file: l.name.clone(),
-                sha256: l.sha256.clone(),
-            }
+        pinned.extend(model.loras.iter().take(own_loras).map(|l| crate::pipeline::model::WeightRecord {
+            component: "lora".into(),
+            file: l.name.clone(),
+            sha256: l.sha256.clone(),
         }));
         let drift = drift::check_files(&self.project.lock_path(), &tier, &pinned, self.options.accept_drift)?;
         Ok(WarmModel { tier, model, load_seconds, drift })

@@ -114,14 +114,40 @@ pub fn replay(ws: &mut Workspace, req: &ReplayRequest, progress: &mut dyn Progre
             let tier = p["tier"]
                 .as_str()
                 .ok_or_else(|| Error::arg("replay", "the re-detail record names no tier"))?;
-            let warm = ws.load_tier(tier)?;
+            // The step's LoRAs: the tier's own (as the tier defines them now, drift-checked), then
+            // the job's, found again by their recorded hashes.
+            // (A record without `loras` merged none, or predates their recording.)
+            let recorded_loras: Option<Vec<crate::loaders::lora::LoraRecord>> = match p.get("loras") {
+                Some(v) => Some(serde_json::from_value(v.clone()).map_err(|e| {
+                    Error::arg("replay", format!("the re-detail record's LoRAs cannot be read: {e}"))
+                })?),
+                None => None,
+            };
+            let own = ws.tiers.get(tier)?.loras.len();
+            let job_loras = recorded_loras
+                .iter()
+                .flatten()
+                .skip(own)
+                .map(|l| {
+                    let path = crate::loaders::lora::locate_recorded(l)?;
+                    Ok(crate::loaders::lora::LoraRequest { name: l.name.clone(), path, weight: l.weight })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let warm = ws.load_tier_with(tier, &job_loras)?;
             warnings.extend(crate::jobs::engine::tier_warnings(&warm.tier, &warm.drift));
             let recorded = match input.asset_id {
                 Some(id) => ws.library.asset(id)?.model_hashes,
                 None => Vec::new(),
             };
             let locked = drift::LockedTier { model: warm.tier.model.clone(), vae: None, files: recorded };
-            let diffs = drift::differences(&locked, &warm.tier, &warm.model.weights);
+            let mut diffs = drift::differences(&locked, &warm.tier, &warm.model.weights);
+            let merged = |l: &[crate::loaders::lora::LoraRecord]| -> Vec<(String, f64)> {
+                l.iter().map(|l| (l.sha256.clone(), l.weight)).collect()
+            };
+            let now = merged(warm.model.loras.as_slice());
+            if let Some(recorded) = recorded_loras.map(|r| merged(r.as_slice())).filter(|r| *r != now) {
+                diffs.push(format!("LoRAs: recorded {recorded:?}, now {now:?} (sha256, weight)"));
+            }
             if !diffs.is_empty() {
                 let msg = format!(
                     "re-detail model differs from the one the image was made with:\n  {}",
