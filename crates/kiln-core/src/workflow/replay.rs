@@ -124,15 +124,8 @@ pub fn replay(ws: &mut Workspace, req: &ReplayRequest, progress: &mut dyn Progre
                 None => None,
             };
             let own = ws.tiers.get(tier)?.loras.len();
-            let job_loras = recorded_loras
-                .iter()
-                .flatten()
-                .skip(own)
-                .map(|l| {
-                    let path = crate::loaders::lora::locate_recorded(l)?;
-                    Ok(crate::loaders::lora::LoraRequest { name: l.name.clone(), path, weight: l.weight })
-                })
-                .collect::<Result<Vec<_>>>()?;
+            let job_loras =
+                recorded_loras.iter().flatten().skip(own).map(|l| l.request()).collect::<Result<Vec<_>>>()?;
             let warm = ws.load_tier_with(tier, &job_loras)?;
             warnings.extend(crate::jobs::engine::tier_warnings(&warm.tier, &warm.drift));
             let recorded = match input.asset_id {
@@ -402,14 +395,7 @@ fn load_recorded_model(ws: &Workspace, record: &ImageRecord) -> Result<LoadedMod
         Some(v) => Some(hub::resolve_vae(&v.id, v.revision.as_deref(), fp16, show)?),
         None => None,
     };
-    let loras = record
-        .loras
-        .iter()
-        .map(|l| {
-            let path = crate::loaders::lora::locate_recorded(l)?;
-            Ok(crate::loaders::lora::LoraRequest { name: l.name.clone(), path, weight: l.weight })
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let loras = record.loras.iter().map(|l| l.request()).collect::<Result<Vec<_>>>()?;
     // A single-file transformer is found at its recorded path when its content still matches.
     let denoiser_file =
         record.single_file.as_ref().map(|f| locate(ws, f, "single-file checkpoint")).transpose()?;

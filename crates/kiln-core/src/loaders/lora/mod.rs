@@ -407,6 +407,13 @@ impl PeftAlphas {
     }
 }
 
+impl LoraRecord {
+    /// The request that merges this recorded LoRA again, from [`locate_recorded`]'s file.
+    pub fn request(&self) -> Result<LoraRequest> {
+        Ok(LoraRequest { name: self.name.clone(), path: locate_recorded(self)?, weight: self.weight })
+    }
+}
+
 /// The file of a recorded LoRA: the library's copy with its sha256, else the recorded path when
 /// its content still has that hash. Replay uses it to merge the very same weights.
 pub fn locate_recorded(record: &LoraRecord) -> Result<PathBuf> {
