@@ -57,5 +57,5 @@ pub use conv::{conv2d, Conv2d};
 pub use embedding::Embedding;
 pub use host::{HostF32, HostValues, LayerValues};
 pub use linear::{linear, linear_no_bias, Epilogue, Linear};
-pub use norm::{group_norm, GroupNorm};
+pub use norm::{group_norm, GroupNorm, InputNorm};
 pub use winograd::{conv3x3_winograd, Act, Conv3x3, WinoInput, WinogradWeights};

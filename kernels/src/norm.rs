@@ -57,15 +57,8 @@ impl CustomOp3 for GroupNormOp {
         let (eps, silu, cpg) = (self.eps, self.silu, c / self.groups);
         out.par_chunks_mut(per_group).zip(x.par_chunks(per_group)).enumerate().for_each(|(i, (dst, src))| {
             let g = i % self.groups;
-            // Two passes in f64: exact enough to match torch's f32 Welford to ~1e-6.
-            let n = src.len() as f64;
-            let mean = fastmath::sum_f64(src) / n;
-            let var = fastmath::centered_square_sum_f64(src, mean) / n;
-            let rstd = 1.0 / (var + eps).sqrt();
-            for (cl, (d, s)) in dst.chunks_mut(spatial).zip(src.chunks(spatial)).enumerate() {
-                let ch = g * cpg + cl;
-                let scale = (rstd * w[ch] as f64) as f32;
-                let shift = (b[ch] as f64 - mean * rstd * w[ch] as f64) as f32;
+            let affine = group_affine(src, &w[g * cpg..][..cpg], &b[g * cpg..][..cpg], eps);
+            for ((d, s), (scale, shift)) in dst.chunks_mut(spatial).zip(src.chunks(spatial)).zip(affine) {
                 if silu {
                     fastmath::affine_silu(d, s, scale, shift);
                 } else {
@@ -97,6 +90,86 @@ impl CustomOp3 for GroupNormOp {
             self.silu,
         )?;
         Ok((out, xl.shape().clone()))
+    }
+}
+
+/// One group's per-channel `(scale, shift)` with `norm(x) = x * scale + shift`, from the group's
+/// values `src` and its channels' `gamma`/`beta`. Two passes in f64: exact enough to match
+/// torch's f32 Welford to ~1e-6. The kernel and [`GroupNorm::input_norm`] both use it, so a
+/// norm fused into the next conv computes the same bits as the kernel.
+fn group_affine<'a>(
+    src: &[f32],
+    gamma: &'a [f32],
+    beta: &'a [f32],
+    eps: f64,
+) -> impl Iterator<Item = (f32, f32)> + 'a {
+    let n = src.len() as f64;
+    let mean = fastmath::sum_f64(src) / n;
+    let var = fastmath::centered_square_sum_f64(src, mean) / n;
+    let rstd = 1.0 / (var + eps).sqrt();
+    gamma.iter().zip(beta).map(move |(&w, &b)| {
+        let scale = (rstd * w as f64) as f32;
+        let shift = (b as f64 - mean * rstd * w as f64) as f32;
+        (scale, shift)
+    })
+}
+
+/// A normalisation whose statistics are known, as a per-channel affine map optionally followed
+/// by SiLU: `silu?(x * scale + shift)`. A conv applies it to its input as it reads it
+/// ([`crate::Conv2d::forward_normed`]), so the normalised feature map is never written out: at a
+/// 4096² VAE decode that is half a gigabyte per norm layer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InputNorm {
+    /// Per batch item and channel (`batch * channels` values, item-major).
+    scale: Vec<f32>,
+    shift: Vec<f32>,
+    silu: bool,
+}
+
+impl InputNorm {
+    /// `scale` and `shift` hold one value per batch item and channel, item-major.
+    pub fn new(scale: Vec<f32>, shift: Vec<f32>, silu: bool) -> Result<Self> {
+        if scale.len() != shift.len() || scale.is_empty() {
+            candle_core::bail!("input norm: {} scales and {} shifts", scale.len(), shift.len());
+        }
+        Ok(Self { scale, shift, silu })
+    }
+
+    /// Batch items × channels it covers.
+    pub fn len(&self) -> usize {
+        self.scale.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.scale.is_empty()
+    }
+
+    /// Writes the normalised `src` (values of item-channel `bc`) to `dst`.
+    #[inline]
+    pub fn apply_row(&self, bc: usize, dst: &mut [f32], src: &[f32]) {
+        let (scale, shift) = (self.scale[bc], self.shift[bc]);
+        if self.silu {
+            fastmath::affine_silu(dst, src, scale, shift);
+        } else {
+            fastmath::affine(dst, src, scale, shift);
+        }
+    }
+
+    /// The normalised feature map (`x`: `[B, C, ...]`, CPU f32, `B * C` = [`Self::len`]).
+    pub fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let x = x.contiguous()?;
+        let dims = x.dims().to_vec();
+        if dims.len() < 2 || dims[0] * dims[1] != self.len() {
+            candle_core::bail!("input norm for {} channels applied to {dims:?}", self.len());
+        }
+        let plane: usize = dims[2..].iter().product();
+        let values = x.flatten_all()?.to_vec1::<f32>()?;
+        let mut out = vec![0f32; values.len()];
+        out.par_chunks_mut(plane.max(1))
+            .zip(values.par_chunks(plane.max(1)))
+            .enumerate()
+            .for_each(|(bc, (d, s))| self.apply_row(bc, d, s));
+        Tensor::from_vec(out, dims, x.device())
     }
 }
 
@@ -154,6 +227,44 @@ impl GroupNorm {
         Ok(None)
     }
 
+    /// This norm (with SiLU after it when `silu`) of `x` as an [`InputNorm`] for the next conv to
+    /// apply as it reads `x`: the statistics of `x`, computed as the fused kernel does (same
+    /// bits). None where the kernel does not run on the CPU (other devices and dtypes).
+    pub fn input_norm(&self, x: &Tensor, silu: bool) -> Result<Option<InputNorm>> {
+        if !(x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32) {
+            return Ok(None);
+        }
+        let x = x.contiguous()?;
+        let dims = x.dims();
+        if dims.len() < 2 || self.groups == 0 || dims[1] % self.groups != 0 {
+            candle_core::bail!("kiln-group-norm: {dims:?} for {} groups", self.groups);
+        }
+        let (batch, c) = (dims[0], dims[1]);
+        let cpg = c / self.groups;
+        let per_group = cpg * dims[2..].iter().product::<usize>();
+        let (gamma, beta) = (self.weight.to_vec1::<f32>()?, self.bias.to_vec1::<f32>()?);
+        if gamma.len() != c || beta.len() != c {
+            candle_core::bail!("kiln-group-norm: affine {}/{} for {c} channels", gamma.len(), beta.len());
+        }
+        let (storage, layout) = x.storage_and_layout();
+        let candle_core::Storage::Cpu(cpu) = &*storage else {
+            candle_core::bail!("kiln-group-norm: needs a CPU tensor");
+        };
+        let values = f32_values("kiln-group-norm", "input", cpu, layout)?;
+        let eps = self.eps;
+        let affine: Vec<Vec<(f32, f32)>> = values
+            .par_chunks(per_group.max(1))
+            .take(batch * self.groups)
+            .enumerate()
+            .map(|(i, src)| {
+                let g = i % self.groups;
+                group_affine(src, &gamma[g * cpg..][..cpg], &beta[g * cpg..][..cpg], eps).collect()
+            })
+            .collect();
+        let (scale, shift) = affine.into_iter().flatten().unzip();
+        Ok(Some(InputNorm::new(scale, shift, silu)?))
+    }
+
     /// `silu(group_norm(x))`, fused on CPU and CUDA.
     pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
         match self.fused(x, true)? {
@@ -198,6 +309,26 @@ mod tests {
         let silu_ref = candle_nn::ops::silu(&reference)?;
         let diff = max_abs_diff(&gn.forward_silu(&x)?, &silu_ref)?;
         assert!(diff < 1e-5, "silu diff {diff}");
+        Ok(())
+    }
+
+    /// The norm as an input norm, materialised, is the kernel's output bit for bit.
+    #[test]
+    fn input_norm_equals_the_kernel() -> Result<()> {
+        let dev = Device::Cpu;
+        let x = (Tensor::randn(0f32, 3f32, (2, 12, 5, 7), &dev)? + 1.5)?;
+        let gn = GroupNorm::new(
+            Tensor::randn(1f32, 0.5, 12, &dev)?,
+            Tensor::randn(0f32, 0.5, 12, &dev)?,
+            12,
+            4,
+            1e-5,
+        )?;
+        for silu in [false, true] {
+            let Some(norm) = gn.input_norm(&x, silu)? else { panic!("CPU f32 has an input norm") };
+            let kernel = if silu { gn.forward_silu(&x)? } else { gn.forward(&x)? };
+            assert_eq!(max_abs_diff(&norm.apply(&x)?, &kernel)?, 0.0, "silu {silu}");
+        }
         Ok(())
     }
 }

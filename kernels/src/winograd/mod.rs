@@ -20,6 +20,7 @@ mod tests;
 pub use layer::Conv3x3;
 
 use crate::cpu::{f32_values, gemm_f32};
+use crate::norm::InputNorm;
 use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Storage, Tensor};
 use rayon::prelude::*;
 use std::cell::Cell;
@@ -216,55 +217,11 @@ impl WinoInput {
         // so the buffer is not zero-filled first.
         let mut v: Vec<f32> = Vec::with_capacity(len);
         v.spare_capacity_mut()[..len].par_chunks_mut(36 * t_total).enumerate().for_each(|(c, dst)| {
-            // The padded row split by phase (x mod 4), so tile tx reads d[j] = ph[j % 4][tx + j / 4]
-            // from contiguous slices and the loops vectorise.
-            let mut padded = vec![0f32; 4 * tw + 4];
-            let mut ph = vec![0f32; 4 * (tw + 1)];
-            let mut tmp = vec![0f32; 36 * tw];
+            let mut scratch = TransformScratch::new(width);
             for b in 0..batch {
                 let plane = &src[(b * channels + c) * height * width..][..height * width];
-                for ty in 0..th {
-                    // Row pass: for each of the 6 input rows, B^T along x for every tile.
-                    for r in 0..6 {
-                        let y = (4 * ty + r) as isize - 1;
-                        let t_row = &mut tmp[r * 6 * tw..(r + 1) * 6 * tw];
-                        if y < 0 || y >= height as isize {
-                            t_row.fill(0.0);
-                            continue;
-                        }
-                        padded[1..=width].copy_from_slice(&plane[y as usize * width..][..width]);
-                        for (t, quad) in padded.chunks_exact(4).enumerate() {
-                            for (j, &val) in quad.iter().enumerate() {
-                                ph[j * (tw + 1) + t] = val;
-                            }
-                        }
-                        let (p0, rest) = ph.split_at(tw + 1);
-                        let (p1, rest) = rest.split_at(tw + 1);
-                        let (p2, p3) = rest.split_at(tw + 1);
-                        let (d0, d1, d2, d3) = (&p0[..tw], &p1[..tw], &p2[..tw], &p3[..tw]);
-                        let (d4, d5) = (&p0[1..=tw], &p1[1..=tw]);
-                        let (k0, rest) = t_row.split_at_mut(tw);
-                        let (k1, rest) = rest.split_at_mut(tw);
-                        let (k2, rest) = rest.split_at_mut(tw);
-                        let (k3, rest) = rest.split_at_mut(tw);
-                        let (k4, k5) = rest.split_at_mut(tw);
-                        input_rows([d0, d1, d2, d3, d4, d5], [k0, k1, k2, k3, k4, k5]);
-                    }
-                    // Column pass: B^T along y, written to the 36 planes of this channel.
-                    let t0 = b * th * tw + ty * tw;
-                    for kx in 0..6 {
-                        let row = |r: usize| &tmp[(r * 6 + kx) * tw..(r * 6 + kx + 1) * tw];
-                        let d = [row(0), row(1), row(2), row(3), row(4), row(5)];
-                        let mut outs =
-                            dst.chunks_mut(t_total).skip(kx).step_by(6).map(|plane| &mut plane[t0..t0 + tw]);
-                        let (Some(o0), Some(o1), Some(o2), Some(o3), Some(o4), Some(o5)) =
-                            (outs.next(), outs.next(), outs.next(), outs.next(), outs.next(), outs.next())
-                        else {
-                            continue;
-                        };
-                        input_rows(d, [o0, o1, o2, o3, o4, o5]);
-                    }
-                }
+                let rows = RowSource { plane, height, width, norm: None };
+                transform_tile_rows(&rows, 0..th, dst, t_total, b * th * tw, &mut scratch);
             }
         });
         #[allow(unsafe_code)]
@@ -284,6 +241,92 @@ impl WinoInput {
     /// `(batch, height, width)` of the feature map.
     pub fn dims(&self) -> (usize, usize, usize) {
         (self.batch, self.height, self.width)
+    }
+}
+
+/// Per-thread buffers of the input transform of one feature-map row width.
+struct TransformScratch {
+    padded: Vec<f32>,
+    phases: Vec<f32>,
+    rows: Vec<f32>,
+}
+
+impl TransformScratch {
+    fn new(width: usize) -> Self {
+        let tw = tiles(width);
+        Self { padded: vec![0f32; 4 * tw + 4], phases: vec![0f32; 4 * (tw + 1)], rows: vec![0f32; 36 * tw] }
+    }
+}
+
+/// One channel plane of an input and how its values are read: as they are, or through an
+/// [`InputNorm`] (item-channel `bc`) applied on the fly.
+struct RowSource<'a> {
+    plane: &'a [f32],
+    height: usize,
+    width: usize,
+    norm: Option<(&'a InputNorm, usize)>,
+}
+
+/// `B^T d B` of tile rows `rows` of one channel into `dst`: 36 planes of `stride` values, tile
+/// (ty, tx) at column `col0 + (ty - rows.start) * tw + tx`. Zero padding outside the plane, as
+/// a padding-1 convolution of the (normalised) map sees it.
+fn transform_tile_rows<T: Store>(
+    src: &RowSource<'_>,
+    rows: std::ops::Range<usize>,
+    dst: &mut [T],
+    stride: usize,
+    col0: usize,
+    scratch: &mut TransformScratch,
+) {
+    let (height, width) = (src.height, src.width);
+    let tw = tiles(width);
+    let TransformScratch { padded, phases: ph, rows: tmp } = scratch;
+    for ty in rows.clone() {
+        // Row pass: for each of the 6 input rows, B^T along x for every tile.
+        for r in 0..6 {
+            let y = (4 * ty + r) as isize - 1;
+            let t_row = &mut tmp[r * 6 * tw..(r + 1) * 6 * tw];
+            if y < 0 || y >= height as isize {
+                t_row.fill(0.0);
+                continue;
+            }
+            let row = &src.plane[y as usize * width..][..width];
+            match src.norm {
+                Some((norm, bc)) => norm.apply_row(bc, &mut padded[1..=width], row),
+                None => padded[1..=width].copy_from_slice(row),
+            }
+            // The padded row split by phase (x mod 4), so tile tx reads d[j] = ph[j % 4][tx + j / 4]
+            // from contiguous slices and the loops vectorise.
+            for (t, quad) in padded.chunks_exact(4).enumerate() {
+                for (j, &val) in quad.iter().enumerate() {
+                    ph[j * (tw + 1) + t] = val;
+                }
+            }
+            let (p0, rest) = ph.split_at(tw + 1);
+            let (p1, rest) = rest.split_at(tw + 1);
+            let (p2, p3) = rest.split_at(tw + 1);
+            let (d0, d1, d2, d3) = (&p0[..tw], &p1[..tw], &p2[..tw], &p3[..tw]);
+            let (d4, d5) = (&p0[1..=tw], &p1[1..=tw]);
+            let (k0, rest) = t_row.split_at_mut(tw);
+            let (k1, rest) = rest.split_at_mut(tw);
+            let (k2, rest) = rest.split_at_mut(tw);
+            let (k3, rest) = rest.split_at_mut(tw);
+            let (k4, k5) = rest.split_at_mut(tw);
+            input_rows([d0, d1, d2, d3, d4, d5], [k0, k1, k2, k3, k4, k5]);
+        }
+        // Column pass: B^T along y, written to the 36 planes of this channel.
+        let t0 = col0 + (ty - rows.start) * tw;
+        for kx in 0..6 {
+            let row = |r: usize| &tmp[(r * 6 + kx) * tw..(r * 6 + kx + 1) * tw];
+            let d = [row(0), row(1), row(2), row(3), row(4), row(5)];
+            let mut outs = dst.chunks_mut(stride).skip(kx).step_by(6).map(|plane| &mut plane[t0..t0 + tw]);
+            let (Some(o0), Some(o1), Some(o2), Some(o3), Some(o4), Some(o5)) =
+                (outs.next(), outs.next(), outs.next(), outs.next(), outs.next(), outs.next())
+            else {
+                continue;
+            };
+            input_rows(d, [o0, o1, o2, o3, o4, o5]);
+        }
     }
 }
 
@@ -416,7 +459,52 @@ pub fn conv_winograd(
             weights.splits()
         );
     }
-    let (batch, height, width) = first.dims();
+    run_bands(weights, first.dims(), Input::Transformed(parts), epilogue)
+}
+
+/// Winograd convolution of the NCHW map `src` (`(batch, height, width)`, the weights' channel
+/// count), read through `norm` when given, into a new `[B, cout, H, W]` buffer. Each band of
+/// tile rows is transformed just before its gemms, so the transformed input (2.25x the map for
+/// the whole of it) is never held: one band's, a few megabytes. Same bits as [`conv_winograd`]
+/// on the transformed (normalised) map.
+pub fn conv_winograd_streamed(
+    weights: &WinogradWeights,
+    src: &[f32],
+    (batch, height, width): (usize, usize, usize),
+    norm: Option<&InputNorm>,
+    epilogue: &Epilogue,
+) -> Result<Vec<f32>> {
+    let channels = weights.cin();
+    if weights.parts.len() != 1 || src.len() != batch * channels * height * width || height == 0 || width == 0
+    {
+        candle_core::bail!(
+            "kiln-winograd: {} values for a {batch}x{channels}x{height}x{width} input (weights split {:?})",
+            src.len(),
+            weights.splits()
+        );
+    }
+    if norm.is_some_and(|n| n.len() != batch * channels) {
+        candle_core::bail!("kiln-winograd: input norm for other than {batch}x{channels} channels");
+    }
+    run_bands(weights, (batch, height, width), Input::Raw { src, channels, norm }, epilogue)
+}
+
+/// What [`run_bands`] convolves: maps already transformed whole, or one map transformed band by
+/// band.
+enum Input<'a> {
+    Transformed(&'a [&'a WinoInput]),
+    Raw { src: &'a [f32], channels: usize, norm: Option<&'a InputNorm> },
+}
+
+/// The shared body of [`conv_winograd`] and [`conv_winograd_streamed`]: per band of tile rows,
+/// one gemm per transformed plane into the product buffer, then the output transform with the
+/// epilogue.
+fn run_bands(
+    weights: &WinogradWeights,
+    (batch, height, width): (usize, usize, usize),
+    input: Input<'_>,
+    epilogue: &Epilogue,
+) -> Result<Vec<f32>> {
     let cout = weights.cout;
     let plane = height * width;
     if epilogue.bias.is_some_and(|b| b.len() != cout) {
@@ -435,6 +523,11 @@ pub fn conv_winograd(
     if products.len() < 36 * cout * band * tw {
         products = vec![0f32; 36 * cout * band * tw];
     }
+    // A streamed input's transformed band: `[C, 36, tiles of the band]`, overwritten per band.
+    let mut band_input: Vec<f32> = match input {
+        Input::Raw { channels, .. } => vec![0f32; channels * 36 * band * tw],
+        Input::Transformed(_) => Vec::new(),
+    };
     let len = batch * cout * plane;
     // The epilogue writes every output value exactly once: no zero-fill.
     let mut out: Vec<f32> = Vec::with_capacity(len);
@@ -444,16 +537,42 @@ pub fn conv_winograd(
         for ty0 in (0..th).step_by(band) {
             let ty1 = (ty0 + band).min(th);
             let (t0, n) = (b * th * tw + ty0 * tw, (ty1 - ty0) * tw);
+            // Per weight part: its transformed values, the distance between two of its planes
+            // (36 planes make one channel) and where the band starts in a plane.
+            let rhs_parts: Vec<(&[f32], usize, usize)> = match &input {
+                Input::Transformed(parts) => parts.iter().map(|p| (&p.v[..], t_total, t0)).collect(),
+                Input::Raw { src, channels, norm } => {
+                    let (channels, norm) = (*channels, *norm);
+                    let band_values = &mut band_input[..channels * 36 * n];
+                    band_values.par_chunks_mut(36 * n).enumerate().for_each_init(
+                        || TransformScratch::new(width),
+                        |scratch, (c, dst)| {
+                            let bc = b * channels + c;
+                            let rows = RowSource {
+                                plane: &src[bc * plane..][..plane],
+                                height,
+                                width,
+                                norm: norm.map(|n| (n, bc)),
+                            };
+                            transform_tile_rows(&rows, ty0..ty1, dst, n, 0, scratch);
+                        },
+                    );
+                    vec![(&band_input[..channels * 36 * n], n, 0)]
+                }
+            };
             let products = &mut products[..36 * cout * n];
             products.par_chunks_mut(cout * n).enumerate().for_each(|(xi, dst)| {
-                for (pi, (p, (c, u))) in parts.iter().zip(&weights.parts).enumerate() {
+                for (pi, ((values, stride, start), (c, u))) in
+                    rhs_parts.iter().zip(&weights.parts).enumerate()
+                {
                     let lhs = &u[xi * cout * c..][..cout * c];
-                    let rhs = &p.v[xi * t_total + t0..];
+                    let rhs = &values[xi * stride + start..];
                     #[allow(unsafe_code)]
                     // SAFETY: dst is [cout, n] row-major (cout * n values); lhs is [cout, c]
-                    // row-major; rhs element (ci, t) is rhs[ci * 36 * t_total + t] with
-                    // ci < c and t < n, the last one at offset (c - 1) * 36 * t_total + n - 1,
-                    // inside p.v since xi * t_total + t0 + n <= 36 * t_total.
+                    // row-major; rhs element (ci, t) is rhs[ci * 36 * stride + t] with ci < c
+                    // and t < n, the last one at offset (c - 1) * 36 * stride + n - 1, inside
+                    // `values` (c channels of 36 planes of `stride`) since
+                    // xi * stride + start + n <= 36 * stride.
                     unsafe {
                         gemm_f32(
                             (cout, n, *c),
@@ -463,7 +582,7 @@ pub fn conv_winograd(
                             lhs.as_ptr(),
                             *c,
                             rhs.as_ptr(),
-                            (36 * t_total, 1),
+                            (36 * stride, 1),
                             1.0,
                             gemm::Parallelism::None,
                         );

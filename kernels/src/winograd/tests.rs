@@ -98,3 +98,33 @@ fn mismatched_parts_are_refused() -> Result<()> {
     assert!(winograd_forward(&weights, &[&a, &a], None, &Act::None, 1.0, Some((&res, 1.0))).is_err());
     Ok(())
 }
+
+/// Transforming the input band by band, and reading it through a norm, changes no bit: the
+/// streamed conv equals the whole-map transform on the (materialised) normalised map.
+#[test]
+fn streamed_input_and_fused_norm_equal_the_whole_map_transform() -> Result<()> {
+    // Tall enough for several bands (192 tiles a band at least), batch 2, odd sizes.
+    for &(b, cin, cout, h, w) in &[(2, 24, 40, 150, 61), (1, 8, 5, 9, 7), (1, 16, 16, 200, 30)] {
+        let x = rand(&[b, cin, h, w], 11, 1.0)?;
+        let wt = rand(&[cout, cin, 3, 3], 12, 0.3)?;
+        let bias = rand(&[cout], 13, 0.1)?.to_vec1::<f32>()?;
+        let res = rand(&[b, cout, h, w], 14, 1.0)?;
+        let res_values = res.flatten_all()?.to_vec1::<f32>()?;
+        let weights = WinogradWeights::new(&wt, &[cin])?;
+        let epilogue =
+            Epilogue { bias: Some(&bias), act: &Act::None, scale: 0.5, residual: Some((&res_values, 0.25)) };
+        let values = x.flatten_all()?.to_vec1::<f32>()?;
+        let whole = conv_winograd(&weights, &[&WinoInput::new(&x)?], &epilogue)?;
+        let streamed = conv_winograd_streamed(&weights, &values, (b, h, w), None, &epilogue)?;
+        assert!(whole == streamed, "{b}x{cin}->{cout} {h}x{w}: streamed differs");
+        let norm = crate::GroupNorm::new(rand(&[cin], 15, 0.5)?, rand(&[cin], 16, 0.5)?, cin, 4, 1e-6)?;
+        for silu in [false, true] {
+            let Some(input_norm) = norm.input_norm(&x, silu)? else { panic!("CPU f32 has an input norm") };
+            let normed = if silu { norm.forward_silu(&x)? } else { candle_core::Module::forward(&norm, &x)? };
+            let whole = conv_winograd(&weights, &[&WinoInput::new(&normed)?], &epilogue)?;
+            let fused = conv_winograd_streamed(&weights, &values, (b, h, w), Some(&input_norm), &epilogue)?;
+            assert!(whole == fused, "{b}x{cin}->{cout} {h}x{w} silu {silu}: fused norm differs");
+        }
+    }
+    Ok(())
+}

@@ -1,12 +1,13 @@
 //! Building blocks of diffusers' VAE: ResnetBlock2D (no time embedding), Downsample2D (the
-//! encoder's asymmetric-pad variant), Upsample2D (nearest ×2 + conv), the single-head spatial
-//! self-attention of `Attention(_from_deprecated_attn_block=True)`, and the down/up/mid blocks
-//! built from them. Key names follow diffusers' state dict.
+//! encoder's asymmetric-pad variant), Upsample2D (nearest ×2 + conv), and the down/up/mid blocks
+//! built from them with the spatial attention of [`super::attention`]. Key names follow
+//! diffusers' state dict.
 
+use super::attention::SpatialAttention;
 use crate::error::{Error, Result};
-use candle_core::{DType, Module, Tensor, D};
+use candle_core::{Module, Tensor, D};
 use candle_nn::{Conv2dConfig, VarBuilder};
-use kiln_kernels::{Conv2d, GroupNorm, Linear};
+use kiln_kernels::{Conv2d, GroupNorm, InputNorm};
 
 /// Epsilon of every norm in the VAE (diffusers passes `resnet_eps=1e-6` throughout).
 pub(crate) const NORM_EPS: f64 = 1e-6;
@@ -57,6 +58,40 @@ impl Activation {
 pub(crate) trait Norms {
     /// `act(norm(xs))`, or `norm(xs)` when `act` is None.
     fn apply(&mut self, norm: &GroupNorm, act: Option<Activation>, xs: &Tensor) -> Result<Tensor>;
+
+    /// What [`Norms::apply`] computes, as an [`InputNorm`] for the next conv to apply as it reads
+    /// `xs` (so the normalised map is never written out), where the backend can: CPU f32, SiLU
+    /// or no activation. None (having changed nothing) otherwise: then call `apply`.
+    fn input_norm(
+        &mut self,
+        norm: &GroupNorm,
+        act: Option<Activation>,
+        xs: &Tensor,
+    ) -> Result<Option<InputNorm>>;
+}
+
+/// Whether an activation can be fused into a conv's input read (kiln's kernels fuse SiLU).
+pub(crate) fn fusable(act: Option<Activation>) -> bool {
+    matches!(act, None | Some(Activation::Silu))
+}
+
+/// `conv(act(norm(xs))) [+ residual]`, with the norm read into the conv where the backend allows
+/// ([`Norms::input_norm`]).
+pub(crate) fn norm_conv(
+    norms: &mut dyn Norms,
+    (norm, act): (&GroupNorm, Option<Activation>),
+    conv: &Conv2d,
+    xs: &Tensor,
+    residual: Option<&Tensor>,
+) -> Result<Tensor> {
+    if let Some(input_norm) = norms.input_norm(norm, act, xs)? {
+        return Ok(conv.forward_normed(xs, &input_norm, residual)?);
+    }
+    let h = norms.apply(norm, act, xs)?;
+    Ok(match residual {
+        Some(r) => conv.forward_add(&h, r, 1.0)?,
+        None => conv.forward(&h)?,
+    })
 }
 
 /// Each GroupNorm uses the statistics of the tensor it is given.
@@ -98,6 +133,18 @@ impl Norms for PlainNorms {
             Some(act) => act.after_norm(norm, xs),
             None => Ok(norm.forward(xs)?),
         }
+    }
+
+    fn input_norm(
+        &mut self,
+        norm: &GroupNorm,
+        act: Option<Activation>,
+        xs: &Tensor,
+    ) -> Result<Option<InputNorm>> {
+        if !fusable(act) {
+            return Ok(None);
+        }
+        Ok(norm.input_norm(xs, act.is_some())?)
     }
 }
 
@@ -155,8 +202,7 @@ impl ResnetBlock2D {
 
     /// norm1 → conv1, and the shortcut: what the second half needs.
     fn first_half(&self, xs: &Tensor, norms: &mut dyn Norms) -> Result<(Tensor, Tensor)> {
-        let h = norms.apply(&self.norm1, Some(self.act), xs)?;
-        let h = self.conv1.forward(&h)?;
+        let h = norm_conv(norms, (&self.norm1, Some(self.act)), &self.conv1, xs, None)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),
@@ -166,8 +212,7 @@ impl ResnetBlock2D {
 
     /// norm2 → conv2 + shortcut (added in the conv's output pass).
     fn second_half(&self, h: &Tensor, shortcut: &Tensor, norms: &mut dyn Norms) -> Result<Tensor> {
-        let h = norms.apply(&self.norm2, Some(self.act), h)?;
-        Ok(self.conv2.forward_add(&h, shortcut, 1.0)?)
+        norm_conv(norms, (&self.norm2, Some(self.act)), &self.conv2, h, Some(shortcut))
     }
 
     /// The two halves as [`Stage`]s, appended to `out`.
@@ -227,212 +272,6 @@ impl Upsample2D {
     }
 }
 
-/// Most attention scores materialised at once; longer sequences are processed in query chunks so a
-/// 1024² SDXL decode does not allocate a 16384² score matrix per image in one go.
-const MAX_SCORES_PER_CHUNK: usize = 1 << 26;
-
-/// Scaled dot-product attention, `softmax(q·kᵀ·scale)·v`, over `[batch, heads, tokens, head_dim]`
-/// tensors. The softmax runs in f32 whatever the input dtype (diffusers declares
-/// `upcast_softmax=True` for the VAE). Where kiln has a fused kernel (CPU f32; CUDA f32/f16/bf16
-/// in CUDA builds) it runs that, which never materialises the score matrix; elsewhere the query
-/// chunks below.
-pub fn scaled_dot_product_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
-    if kiln_kernels::attention_is_fused(q.device(), q.dtype(), q.dim(3)?.max(v.dim(3)?)) {
-        return Ok(kiln_kernels::attention(q, k, v, scale, false)?);
-    }
-    chunked_attention(q, k, v, scale, MAX_SCORES_PER_CHUNK)
-}
-
-/// [`scaled_dot_product_attention`] materialising at most about `max_scores` scores at a time.
-fn chunked_attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64, max_scores: usize) -> Result<Tensor> {
-    let (batch, heads, n_q, _) = q.dims4()?;
-    let n_kv = k.dim(2)?;
-    let dtype = q.dtype();
-    let q = (q * scale)?;
-    // Contiguous operands: see the note on candle's CPU matmul in `SpatialAttention::forward`.
-    let k_t = k.t()?.contiguous()?;
-    let v = v.contiguous()?;
-    let rows = (max_scores / (batch * heads * n_kv).max(1)).clamp(1, n_q.max(1));
-    let mut chunks = Vec::with_capacity(n_q.div_ceil(rows));
-    let mut start = 0;
-    while start < n_q {
-        let len = rows.min(n_q - start);
-        let q_chunk = q.narrow(2, start, len)?.contiguous()?;
-        let scores = q_chunk.matmul(&k_t)?.to_dtype(DType::F32)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(dtype)?;
-        chunks.push(probs.matmul(&v)?);
-        start += len;
-    }
-    Ok(Tensor::cat(&chunks, 2)?)
-}
-
-/// Loads a projection of the attention block (weight, bias). Weights may be `[c, c]` (diffusers) or
-/// `[c, c, 1, 1]` (1×1 convs of original LDM checkpoints converted without reshaping).
-fn attention_linear(channels: usize, vb: VarBuilder) -> Result<(Tensor, Option<Tensor>)> {
-    let weight = vb.get_unchecked_dtype("weight", vb.dtype())?;
-    let weight = match weight.dims() {
-        [o, i] if *o == channels && *i == channels => weight,
-        [o, i, 1, 1] if *o == channels && *i == channels => weight.reshape((channels, channels))?,
-        found => {
-            return Err(Error::ShapeMismatch {
-                name: format!("{}.weight", vb.prefix()),
-                expected: vec![channels, channels],
-                found: found.to_vec(),
-            })
-        }
-    };
-    let bias = vb.get(channels, "bias")?;
-    Ok((weight, Some(bias)))
-}
-
-/// The VAE's spatial self-attention: group norm, q/k/v projections, attention, output projection,
-/// residual, divided by `rescale_output_factor` (1 in the VAE). Accepts both the current key names
-/// (`to_q`, `to_k`, `to_v`, `to_out.0`) and the deprecated ones (`query`, `key`, `value`,
-/// `proj_attn`) that some converted folders still carry.
-#[derive(Debug, Clone)]
-pub(crate) struct SpatialAttention {
-    group_norm: GroupNorm,
-    /// to_q, to_k and to_v side by side (one gemm).
-    to_qkv: Linear,
-    to_out: Linear,
-    heads: usize,
-    scale: f64,
-}
-
-impl SpatialAttention {
-    /// `head_dim` is the attention head size; the VAE always passes `channels` (one head).
-    pub(crate) fn new(channels: usize, head_dim: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
-        if head_dim == 0 || channels % head_dim != 0 {
-            return Err(Error::arg(
-                "attention_head_dim",
-                format!("{head_dim} does not divide {channels} channels"),
-            ));
-        }
-        let deprecated = !vb.contains_tensor("to_q.weight") && vb.contains_tensor("query.weight");
-        let (q, k, v, out) = if deprecated {
-            ("query", "key", "value", "proj_attn")
-        } else {
-            ("to_q", "to_k", "to_v", "to_out.0")
-        };
-        Ok(Self {
-            group_norm: group_norm(groups, channels, vb.pp("group_norm"))?,
-            to_qkv: Linear::concat(&[
-                attention_linear(channels, vb.pp(q))?,
-                attention_linear(channels, vb.pp(k))?,
-                attention_linear(channels, vb.pp(v))?,
-            ])?,
-            to_out: {
-                let (weight, bias) = attention_linear(channels, vb.pp(out))?;
-                Linear::new(weight, bias)?
-            },
-            heads: channels / head_dim,
-            scale: 1.0 / (head_dim as f64).sqrt(),
-        })
-    }
-
-    pub(crate) fn forward(&self, xs: &Tensor, norms: &mut dyn Norms) -> Result<Tensor> {
-        Ok(self.forward_windowed(xs, norms, usize::MAX)?.0)
-    }
-
-    /// [`Self::forward`], with the attention itself over overlapping windows of at most
-    /// `window`² pixels once the feature map is larger than that (blended like image tiles); the
-    /// norm and the projections still see the whole map. Whole-map attention is quadratic in the
-    /// pixels: at a 4096² decode's 512² latent it is 140 TFLOP, more than the rest of the decode.
-    /// Returns the output and the number of windows (1: whole-map attention, as diffusers).
-    pub(crate) fn forward_windowed(
-        &self,
-        xs: &Tensor,
-        norms: &mut dyn Norms,
-        window: usize,
-    ) -> Result<(Tensor, usize)> {
-        let (b, c, h, w) = xs.dims4()?;
-        // [b, hw, c], made contiguous: candle 0.11.1's CPU matmul folds the batch of a transposed lhs
-        // against a broadcast rhs (what `Linear` does for 3-D inputs) into one gemm and gets it wrong.
-        let tokens =
-            norms.apply(&self.group_norm, None, xs)?.reshape((b, c, h * w))?.transpose(1, 2)?.contiguous()?;
-        let (attended, windows) = if h <= window && w <= window {
-            (self.attend(&self.to_qkv.forward(&tokens)?, c)?, 1)
-        } else {
-            self.attend_windows(&tokens, (b, c, h, w), window)?
-        };
-        drop(tokens);
-        let out = self.to_out.forward(&attended)?;
-        let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
-        Ok(((out + xs)?, windows))
-    }
-
-    /// softmax(q·kᵀ·scale)·v over `qkv` = `[b, n, 3c]` (q, k, v side by side) → `[b, n, c]`.
-    fn attend(&self, qkv: &Tensor, c: usize) -> Result<Tensor> {
-        let (b, n, _) = qkv.dims3()?;
-        let head_dim = c / self.heads;
-        let (q, k, v) = (qkv.narrow(2, 0, c)?, qkv.narrow(2, c, c)?, qkv.narrow(2, 2 * c, c)?);
-        if kiln_kernels::attention_is_fused(qkv.device(), qkv.dtype(), head_dim) {
-            // Fused kernel straight on the projection's [b, n, heads * head_dim] output.
-            return Ok(kiln_kernels::attention_bnc(&q, &k, &v, self.heads, self.scale, false)?);
-        }
-        let split_heads = |t: Tensor| -> Result<Tensor> {
-            Ok(t.reshape((b, n, self.heads, head_dim))?.transpose(1, 2)?.contiguous()?)
-        };
-        let (q, k, v) =
-            (split_heads(q.contiguous()?)?, split_heads(k.contiguous()?)?, split_heads(v.contiguous()?)?);
-        let attended = scaled_dot_product_attention(&q, &k, &v, self.scale)?;
-        Ok(attended.transpose(1, 2)?.reshape((b, n, c))?)
-    }
-
-    /// [`Self::attend`] over overlapping windows of the `h x w` map of normalised `tokens`
-    /// (cores of at most `window`, an eighth of it as context and cross-fade), blended with the
-    /// image tiler's weights. Each window projects its own q/k/v, so the whole map's (three times
-    /// the activation) is never held.
-    fn attend_windows(
-        &self,
-        tokens: &Tensor,
-        (b, c, h, w): (usize, usize, usize, usize),
-        window: usize,
-    ) -> Result<(Tensor, usize)> {
-        use crate::tiling::{StripAssembler, TileOptions, TileOutput, TilePlan};
-        let margin = (window / 8).max(1);
-        let options = TileOptions {
-            max_tile: window,
-            max_tile_rows: window,
-            halo: margin,
-            border: 0,
-            feather: margin,
-            multiple: 1,
-        };
-        let plan = TilePlan::new(w, h, options)?;
-        let clamp =
-            |r: std::ops::Range<isize>, len: usize| r.start.max(0) as usize..(r.end.max(0) as usize).min(len);
-        let map = tokens.reshape((b, h, w, c))?;
-        let mut images = Vec::with_capacity(b);
-        for i in 0..b {
-            let mut assembler = StripAssembler::new(plan.clone(), 1, c);
-            let mut rows = Vec::with_capacity(h * w * c);
-            for row in 0..plan.y.cores.len() {
-                let ys = clamp(plan.y.window(row), h);
-                for col in 0..plan.x.cores.len() {
-                    let xs = clamp(plan.x.window(col), w);
-                    let part =
-                        map.narrow(0, i, 1)?.narrow(1, ys.start, ys.len())?.narrow(2, xs.start, xs.len())?;
-                    let part = part.contiguous()?.reshape((1, ys.len() * xs.len(), c))?;
-                    let attended = self.attend(&self.to_qkv.forward(&part)?, c)?;
-                    // The assembler takes planar channels x rows x cols.
-                    let planar = attended.reshape((ys.len() * xs.len(), c))?.t()?.to_dtype(DType::F32)?;
-                    let data = planar.flatten_all()?.to_vec1::<f32>()?;
-                    let origin = (ys.start as isize, xs.start as isize);
-                    assembler.add(
-                        row,
-                        col,
-                        &TileOutput { data: &data, rows: ys.len(), cols: xs.len(), origin },
-                    )?;
-                }
-                rows.extend(assembler.finish_row(row));
-            }
-            images.push(Tensor::from_vec(rows, (1, h * w, c), tokens.device())?.to_dtype(tokens.dtype())?);
-        }
-        Ok((Tensor::cat(&images, 0)?, plan.tile_count()))
-    }
-}
-
 /// diffusers' `UNetMidBlock2D` with `num_layers=1`: resnet, optional attention, resnet.
 #[derive(Debug, Clone)]
 pub(crate) struct MidBlock2D {
@@ -462,13 +301,15 @@ impl MidBlock2D {
     /// diffusers' forward with the attention over windows of at most `window`² pixels
     /// ([`SpatialAttention::forward_windowed`]; `usize::MAX`: whole-map, as diffusers). Also
     /// returns the number of windows.
+    /// Takes `xs` by value so that the input is released as soon as the first resnet is done
+    /// with it (at a 4096² decode it is half a gigabyte).
     pub(crate) fn forward_windowed(
         &self,
-        xs: &Tensor,
+        xs: Tensor,
         norms: &mut dyn Norms,
         window: usize,
     ) -> Result<(Tensor, usize)> {
-        let mut xs = xs.clone();
+        let mut xs = xs;
         let mut windows = 0;
         for (i, resnet) in self.resnets.iter().enumerate() {
             if i > 0 {
@@ -599,73 +440,5 @@ impl UpDecoderBlock2D {
         if let Some(up) = &self.upsample {
             out.push(one_to_one(move |xs, _| up.forward(xs)));
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use candle_core::Device;
-
-    #[test]
-    fn chunked_attention_matches_one_pass() -> Result<()> {
-        let dev = Device::Cpu;
-        let q = Tensor::randn(0f32, 1.0, (2, 3, 37, 8), &dev)?;
-        let k = Tensor::randn(0f32, 1.0, (2, 3, 29, 8), &dev)?;
-        let v = Tensor::randn(0f32, 1.0, (2, 3, 29, 8), &dev)?;
-        let scale = 1.0 / 8f64.sqrt();
-        // Reference: plain softmax(q kᵀ s) v in one go.
-        let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
-        let expected = candle_nn::ops::softmax_last_dim(&scores)?.matmul(&v)?;
-        for max_scores in [1, 2 * 3 * 29 * 5, usize::MAX / 2] {
-            let got = chunked_attention(&q, &k, &v, scale, max_scores)?;
-            let diff = (got - &expected)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?;
-            assert!(diff < 1e-5, "max_scores {max_scores}: diff {diff}");
-        }
-        Ok(())
-    }
-
-    /// A spatial attention with random weights; `to_v` all zeros when `constant_v` (every token's
-    /// value is then `to_v`'s bias, whatever it attends to).
-    fn attention(c: usize, constant_v: bool) -> Result<SpatialAttention> {
-        let dev = Device::Cpu;
-        let mut map = std::collections::HashMap::new();
-        map.insert("group_norm.weight".to_string(), Tensor::randn(1f32, 0.1, c, &dev)?);
-        map.insert("group_norm.bias".to_string(), Tensor::randn(0f32, 0.1, c, &dev)?);
-        for name in ["to_q", "to_k", "to_v", "to_out.0"] {
-            let weight = if constant_v && name == "to_v" {
-                Tensor::zeros((c, c), DType::F32, &dev)?
-            } else {
-                Tensor::randn(0f32, 0.5, (c, c), &dev)?
-            };
-            map.insert(format!("{name}.weight"), weight);
-            map.insert(format!("{name}.bias"), Tensor::randn(0f32, 0.5, c, &dev)?);
-        }
-        SpatialAttention::new(c, c, 2, VarBuilder::from_tensors(map, DType::F32, &dev))
-    }
-
-    #[test]
-    fn windowed_attention_is_whole_map_in_one_window_and_its_weights_sum_to_one() -> Result<()> {
-        let xs = Tensor::randn(0f32, 1.0, (1, 8, 12, 20), &Device::Cpu)?;
-        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> {
-            Ok((a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar::<f32>()?)
-        };
-        let att = attention(8, false)?;
-        let whole = att.forward(&xs, &mut PlainNorms)?;
-        let (one, n) = att.forward_windowed(&xs, &mut PlainNorms, 20)?;
-        assert_eq!((n, max_diff(&one, &whole)?), (1, 0.0));
-        // Small windows attend to less than the whole map: a different result.
-        let (windowed, n) = att.forward_windowed(&xs, &mut PlainNorms, 6)?;
-        assert!(n > 1 && max_diff(&windowed, &whole)? > 1e-3, "{n}");
-        // With one value everywhere, any window's attention gives that value: the windows'
-        // blend weights must sum to one at every pixel for the result to equal the whole map's.
-        let att = attention(8, true)?;
-        let whole = att.forward(&xs, &mut PlainNorms)?;
-        for window in [3, 5, 6, 11] {
-            let (windowed, n) = att.forward_windowed(&xs, &mut PlainNorms, window)?;
-            let diff = max_diff(&windowed, &whole)?;
-            assert!(n > 1 && diff < 1e-4, "window {window}: {n} windows, diff {diff}");
-        }
-        Ok(())
     }
 }

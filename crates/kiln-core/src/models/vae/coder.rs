@@ -1,8 +1,8 @@
 //! diffusers' VAE `Encoder` and `Decoder` (vae.py), group-norm variant.
 
 use super::blocks::{
-    conv2d, group_norm, one_to_one, run_stages, Activation, BlockSpec, DownEncoderBlock2D, MidBlock2D, Norms,
-    PlainNorms, Stage, UpDecoderBlock2D,
+    conv2d, group_norm, norm_conv, one_to_one, run_stages, Activation, BlockSpec, DownEncoderBlock2D,
+    MidBlock2D, Norms, PlainNorms, Stage, UpDecoderBlock2D,
 };
 use super::VaeConfig;
 use crate::error::Result;
@@ -79,9 +79,10 @@ impl Encoder {
     /// [`Self::finish`] with the mid block's attention over windows of at most `window`² latent
     /// pixels; also returns the number of windows.
     pub(crate) fn finish_windowed(&self, xs: &Tensor, window: usize) -> Result<(Tensor, usize)> {
-        let (xs, windows) = self.mid_block.forward_windowed(xs, &mut PlainNorms, window)?;
-        let xs = self.act.after_norm(&self.conv_norm_out, &xs)?;
-        Ok((self.conv_out.forward(&xs)?, windows))
+        let (xs, windows) = self.mid_block.forward_windowed(xs.clone(), &mut PlainNorms, window)?;
+        let out =
+            norm_conv(&mut PlainNorms, (&self.conv_norm_out, Some(self.act)), &self.conv_out, &xs, None)?;
+        Ok((out, windows))
     }
 }
 
@@ -146,7 +147,7 @@ impl Decoder {
     /// pixels; also returns the number of windows.
     pub(crate) fn start_windowed(&self, xs: &Tensor, window: usize) -> Result<(Tensor, usize)> {
         let xs = self.conv_in.forward(xs)?;
-        self.mid_block.forward_windowed(&xs, &mut PlainNorms, window)
+        self.mid_block.forward_windowed(xs, &mut PlainNorms, window)
     }
 
     /// The up blocks, norm and conv_out: everything local, which the tiled decoder runs tile by tile.
@@ -156,8 +157,7 @@ impl Decoder {
             block.stages(&mut stages);
         }
         stages.push(one_to_one(|xs: &Tensor, norms: &mut dyn Norms| {
-            let xs = norms.apply(&self.conv_norm_out, Some(self.act), xs)?;
-            Ok(self.conv_out.forward(&xs)?)
+            norm_conv(norms, (&self.conv_norm_out, Some(self.act)), &self.conv_out, xs, None)
         }));
         stages
     }

@@ -5,17 +5,19 @@
 //! `ResnetBlock2D`, and the VAE's single-head spatial attention. Inputs and outputs are unscaled:
 //! the pipeline applies `scaling_factor`/`shift_factor` and converts pixels.
 //!
-//! Modules: `blocks` (resnet, attention, up/down/mid blocks, and the stages the tiled pass runs),
+//! Modules: `attention` (the spatial self-attention, whole-map or windowed), `blocks` (resnet,
+//! up/down/mid blocks, and the stages the tiled pass runs),
 //! `coder` (Encoder, Decoder), `tiled` (tiled decode/encode with whole-image GroupNorm statistics:
 //! [`TileSpec`]), `kept` (where a tiled pass keeps each tile's activation between its passes:
 //! memory up to a budget, then scratch files).
 
+mod attention;
 mod blocks;
 mod coder;
 mod kept;
 mod tiled;
 
-pub use blocks::scaled_dot_product_attention;
+pub use attention::scaled_dot_product_attention;
 pub use kept::KeptFigures;
 pub use tiled::{TileSpec, TiledRun, DEFAULT_ATTENTION_WINDOW, DEFAULT_KEEP_BYTES};
 

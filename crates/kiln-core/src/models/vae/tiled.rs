@@ -27,13 +27,13 @@
 //! Attention inside up/down blocks (rare: none in SD/SDXL's VAEs) stays per tile, as in every
 //! tiled decoder.
 
-use super::blocks::{single, Activation, Norms, Stage};
+use super::blocks::{fusable, single, Activation, Norms, Stage};
 use super::kept::{Kept, KeptFigures, KeptStore};
 use super::{AutoencoderKl, LatentDist};
 use crate::error::{Error, Result};
 use crate::tiling::{StripAssembler, TileOptions, TileOutput, TilePlan};
 use candle_core::{DType, Module, Tensor};
-use kiln_kernels::GroupNorm;
+use kiln_kernels::{GroupNorm, InputNorm};
 use std::ops::Range;
 
 /// How to tile, in latent pixels except `tile_px`.
@@ -150,9 +150,14 @@ impl TileNorms<'_> {
     }
 
     fn measure(&self, xs: &Tensor, groups: usize) -> Result<Vec<Moments>> {
-        let (_, c, h, w) = xs.dims4()?;
+        with_f32_values(xs, |data| self.measure_values(data, xs.dims(), groups))?
+    }
+
+    fn measure_values(&self, data: &[f32], dims: &[usize], groups: usize) -> Result<Vec<Moments>> {
+        let &[_, c, h, w] = dims else {
+            return Err(Error::Unsupported(format!("tiled VAE: a norm's input of shape {dims:?}")));
+        };
         let (rows, cols) = self.core_at(h, w);
-        let data = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
         let per_group = c / groups;
         let mut out = vec![Moments::default(); groups];
         let row = |ch: usize, y: usize| &data[(ch * h + y) * w..][cols.clone()];
@@ -188,31 +193,11 @@ impl Norms for TileNorms<'_> {
     fn apply(&mut self, norm: &GroupNorm, act: Option<Activation>, xs: &Tensor) -> Result<Tensor> {
         let idx = self.next;
         self.next += 1;
-        let groups = norm.groups();
         if self.stop_at == Some(idx) {
-            let tile = self.measure(xs, groups)?;
-            self.acc.resize(groups, Moments::default());
-            for (a, t) in self.acc.iter_mut().zip(&tile) {
-                a.merge(*t);
-            }
-            self.stopped = true;
-            // Not a failure: run_tiles sees `stopped` and skips the rest of the tile's forward pass.
-            return Err(Error::Unsupported("statistics pass stop".into()));
+            return Err(self.stop(norm, xs)?);
         }
-        let Some(stats) = self.known.get(idx) else {
-            return Err(Error::Unsupported(format!("tiled VAE: norm layer {idx} has no statistics yet")));
-        };
         let channels = xs.dim(1)?;
-        let per_group = channels / groups.max(1);
-        let gamma = norm.weight().to_dtype(DType::F64)?.to_vec1::<f64>()?;
-        let beta = norm.bias().to_dtype(DType::F64)?.to_vec1::<f64>()?;
-        let (mut scale, mut shift) = (Vec::with_capacity(channels), Vec::with_capacity(channels));
-        for ch in 0..channels {
-            let m = stats.get(ch / per_group).copied().unwrap_or_default();
-            let a = gamma.get(ch).copied().unwrap_or(1.0) / (m.var() + norm.eps()).sqrt();
-            scale.push(a as f32);
-            shift.push((beta.get(ch).copied().unwrap_or(0.0) - m.mean * a) as f32);
-        }
+        let (scale, shift) = self.affine(idx, norm, channels)?;
         let shape = (1, channels, 1, 1);
         let scale = Tensor::from_vec(scale, shape, xs.device())?.to_dtype(xs.dtype())?;
         let shift = Tensor::from_vec(shift, shape, xs.device())?.to_dtype(xs.dtype())?;
@@ -222,6 +207,73 @@ impl Norms for TileNorms<'_> {
             None => Ok(ys),
         }
     }
+
+    fn input_norm(
+        &mut self,
+        norm: &GroupNorm,
+        act: Option<Activation>,
+        xs: &Tensor,
+    ) -> Result<Option<InputNorm>> {
+        if !(fusable(act) && xs.device().is_cpu() && xs.dtype() == DType::F32) {
+            return Ok(None);
+        }
+        let idx = self.next;
+        self.next += 1;
+        if self.stop_at == Some(idx) {
+            return Err(self.stop(norm, xs)?);
+        }
+        let (batch, channels) = (xs.dim(0)?, xs.dim(1)?);
+        let (scale, shift) = self.affine(idx, norm, channels)?;
+        let (scale, shift) = (scale.repeat(batch), shift.repeat(batch));
+        Ok(Some(InputNorm::new(scale, shift, act.is_some())?))
+    }
+}
+
+impl TileNorms<'_> {
+    /// Adds the tile core's moments of norm `norm`'s input to the accumulator and marks the tile
+    /// stopped; returns the error that ends the tile's forward pass.
+    fn stop(&mut self, norm: &GroupNorm, xs: &Tensor) -> Result<Error> {
+        let groups = norm.groups();
+        let tile = self.measure(xs, groups)?;
+        self.acc.resize(groups, Moments::default());
+        for (a, t) in self.acc.iter_mut().zip(&tile) {
+            a.merge(*t);
+        }
+        self.stopped = true;
+        // Not a failure: run_tiles sees `stopped` and skips the rest of the tile's forward pass.
+        Ok(Error::Unsupported("statistics pass stop".into()))
+    }
+
+    /// Norm layer `idx` with the whole-image statistics as a per-channel `(scale, shift)`.
+    fn affine(&self, idx: usize, norm: &GroupNorm, channels: usize) -> Result<(Vec<f32>, Vec<f32>)> {
+        let Some(stats) = self.known.get(idx) else {
+            return Err(Error::Unsupported(format!("tiled VAE: norm layer {idx} has no statistics yet")));
+        };
+        let per_group = channels / norm.groups().max(1);
+        let gamma = norm.weight().to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let beta = norm.bias().to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let (mut scale, mut shift) = (Vec::with_capacity(channels), Vec::with_capacity(channels));
+        for ch in 0..channels {
+            let m = stats.get(ch / per_group).copied().unwrap_or_default();
+            let a = gamma.get(ch).copied().unwrap_or(1.0) / (m.var() + norm.eps()).sqrt();
+            scale.push(a as f32);
+            shift.push((beta.get(ch).copied().unwrap_or(0.0) - m.mean * a) as f32);
+        }
+        Ok((scale, shift))
+    }
+}
+
+/// Runs `f` on the values of `xs` as f32, in place where it is a contiguous CPU f32 tensor (a
+/// tile's activation at full size is hundreds of megabytes: no copy for measuring it).
+fn with_f32_values<R>(xs: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let xs = xs.to_dtype(DType::F32)?.contiguous()?;
+    let (storage, layout) = xs.storage_and_layout();
+    if let candle_core::Storage::Cpu(cpu) = &*storage {
+        let start = layout.start_offset();
+        return Ok(f(&cpu.as_slice::<f32>()?[start..start + xs.elem_count()]));
+    }
+    drop(storage);
+    Ok(f(&xs.flatten_all()?.to_vec1::<f32>()?))
 }
 
 /// A window of `axis`'s tile `k`, clamped to the image: the untiled network sees zero padding
