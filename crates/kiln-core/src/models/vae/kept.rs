@@ -82,9 +82,11 @@ impl KeptStore {
             return Ok(None);
         };
         for xs in acts {
-            let values = xs.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+            // Written from the tensor's own memory: a copy would add the activation's size (up to
+            // hundreds of megabytes) to the peak.
+            let written = with_f32_values(xs, |values| file.write_all(crate::files::f32_bytes(values)))?;
             // A full disk mid-write is not an error of the decode: the tile just is not kept.
-            if file.write_all(crate::files::f32_bytes(&values)).is_err() {
+            if written.is_err() {
                 self.figures.dropped += 1;
                 return Ok(None);
             }
@@ -111,6 +113,24 @@ impl KeptStore {
         }
     }
 
+    /// Asks the OS to start reading a spilled activation into its cache now, so that a later
+    /// [`Self::load`] does not wait on the disk: the tiled pass calls it for the next tile
+    /// before running the current one. Only a hint: nothing happens where it is not supported.
+    pub fn prefetch(&self, kept: &Kept) {
+        #[cfg(target_os = "linux")]
+        if let Value::Disk { file, .. } = &kept.value {
+            use std::os::fd::AsRawFd;
+            #[allow(unsafe_code)]
+            // SAFETY: posix_fadvise only reads its arguments; the descriptor is open (owned by
+            // `file`, alive for the call) and length 0 means "to the end of the file".
+            unsafe {
+                libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED);
+            }
+        }
+        #[cfg(not(target_os = "linux"))]
+        let _ = kept;
+    }
+
     /// Frees what `kept` holds.
     pub fn release(&mut self, kept: Kept) {
         if let Value::Memory(acts) = &kept.value {
@@ -131,6 +151,19 @@ impl KeptStore {
         }
         tempfile::tempfile_in(&self.scratch).ok()
     }
+}
+
+/// Runs `f` on the values of `xs` as f32, in place where it is a contiguous CPU f32 tensor (a
+/// tile's activation at full size is hundreds of megabytes: no copy to measure or write it).
+pub(crate) fn with_f32_values<R>(xs: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let xs = xs.to_dtype(DType::F32)?.contiguous()?;
+    let (storage, layout) = xs.storage_and_layout();
+    if let candle_core::Storage::Cpu(cpu) = &*storage {
+        let start = layout.start_offset();
+        return Ok(f(&cpu.as_slice::<f32>()?[start..start + xs.elem_count()]));
+    }
+    drop(storage);
+    Ok(f(&xs.flatten_all()?.to_vec1::<f32>()?))
 }
 
 fn memory_bytes(acts: &[Tensor]) -> u64 {

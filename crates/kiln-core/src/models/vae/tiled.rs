@@ -28,12 +28,13 @@
 //! tiled decoder.
 
 use super::blocks::{fusable, single, Activation, Norms, Stage};
-use super::kept::{Kept, KeptFigures, KeptStore};
+use super::kept::{with_f32_values, Kept, KeptFigures, KeptStore};
 use super::{AutoencoderKl, LatentDist};
 use crate::error::{Error, Result};
 use crate::tiling::{StripAssembler, TileOptions, TileOutput, TilePlan};
 use candle_core::{DType, Module, Tensor};
-use kiln_kernels::{GroupNorm, InputNorm};
+use kiln_kernels::{fastmath, GroupNorm, InputNorm};
+use rayon::prelude::*;
 use std::ops::Range;
 
 /// How to tile, in latent pixels except `tile_px`.
@@ -161,7 +162,9 @@ impl TileNorms<'_> {
         let per_group = c / groups;
         let mut out = vec![Moments::default(); groups];
         let row = |ch: usize, y: usize| &data[(ch * h + y) * w..][cols.clone()];
-        for (g, m) in out.iter_mut().enumerate() {
+        // One group per task: at full size a tile's activation is tens of millions of values,
+        // measured once per statistics pass.
+        out.par_iter_mut().enumerate().for_each(|(g, m)| {
             let channels = g * per_group..(g + 1) * per_group;
             // Two passes (mean, then squared deviations): sum-of-squares minus squared sum loses
             // the variance of groups whose mean is large against their spread.
@@ -169,22 +172,22 @@ impl TileNorms<'_> {
             for ch in channels.clone() {
                 for y in rows.clone() {
                     let r = row(ch, y);
-                    sum += r.iter().map(|&v| v as f64).sum::<f64>();
+                    sum += fastmath::sum_f64(r);
                     n += r.len();
                 }
             }
             if n == 0 {
-                continue;
+                return;
             }
             let mean = sum / n as f64;
             let mut m2 = 0f64;
             for ch in channels {
                 for y in rows.clone() {
-                    m2 += row(ch, y).iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>();
+                    m2 += fastmath::centered_square_sum_f64(row(ch, y), mean);
                 }
             }
             *m = Moments { n: n as f64, mean, m2 };
-        }
+        });
         Ok(out)
     }
 }
@@ -263,19 +266,6 @@ impl TileNorms<'_> {
     }
 }
 
-/// Runs `f` on the values of `xs` as f32, in place where it is a contiguous CPU f32 tensor (a
-/// tile's activation at full size is hundreds of megabytes: no copy for measuring it).
-fn with_f32_values<R>(xs: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let xs = xs.to_dtype(DType::F32)?.contiguous()?;
-    let (storage, layout) = xs.storage_and_layout();
-    if let candle_core::Storage::Cpu(cpu) = &*storage {
-        let start = layout.start_offset();
-        return Ok(f(&cpu.as_slice::<f32>()?[start..start + xs.elem_count()]));
-    }
-    drop(storage);
-    Ok(f(&xs.flatten_all()?.to_vec1::<f32>()?))
-}
-
 /// A window of `axis`'s tile `k`, clamped to the image: the untiled network sees zero padding
 /// at the image edges, and so does a tile there.
 fn clamp(window: Range<isize>, len: usize) -> Range<usize> {
@@ -315,6 +305,7 @@ fn run_tiles(
     let mut kept: Vec<Option<Kept>> = (0..plan.tile_count()).map(|_| None).collect();
     let device = input.device().clone();
     let mut input = Some(input);
+    let norm_count = count_norms(stages, &input, in_scale)?;
     // Window of tile (row, col), and its core in the window's base coordinates.
     let tile = |input: Option<&Tensor>, row: usize, col: usize| -> Result<Window> {
         let (ys, xs) = (clamp(plan.y.window(row), plan.y.len), clamp(plan.x.window(col), plan.x.len));
@@ -343,81 +334,92 @@ fn run_tiles(
         let mut assembler = StripAssembler::new(plan.clone(), out_scale, out_channels);
         let mut rows_out: Vec<f32> = Vec::new();
         let mut reached = false;
-        for row in 0..plan.y.cores.len() {
-            for col in 0..cols {
-                // A 4K decode on a CPU runs for many minutes: a cancelled job stops between tiles.
-                if cancelled() {
-                    return Err(Error::Cancelled);
-                }
-                let Window { input: window, ys, xs, core_rows, core_cols } = tile(input.as_ref(), row, col)?;
-                let base = (ys.len() * in_scale, xs.len() * in_scale);
-                let slot = &mut kept[row * cols + col];
-                let (mut stage, mut acts, first_norm) = match (slot.as_mut(), window) {
-                    (Some(k), _) => (k.stage, store.load(k, &device)?, k.norms_before),
-                    (None, Some(window)) => (0, vec![window], 0),
-                    (None, None) => {
-                        return Err(Error::Unsupported("tiled VAE: a tile's input was released".into()))
-                    }
-                };
-                let mut norms = TileNorms {
-                    known: &known,
-                    acc: &mut acc,
-                    stop_at: Some(stop_at),
-                    stopped: false,
-                    next: first_norm,
-                    core_rows,
-                    core_cols,
-                    base,
-                };
-                let mut stage_norms = first_norm;
-                while let Some(run_stage) = stages.get(stage) {
-                    stage_norms = norms.next;
-                    run.stage_runs += 1;
-                    // Tiles call each conv once per tile: transforming its weights per call costs
-                    // nothing measurable and keeps 0.7 GB of transforms (SD/SDXL) out of memory.
-                    let ran = kiln_kernels::conv::without_kept_transforms(|| run_stage(&acts, &mut norms));
-                    match ran {
-                        Ok(next) => {
-                            acts = next;
-                            stage += 1;
-                        }
-                        Err(_) if norms.stopped => break,
-                        Err(e) => return Err(e),
-                    }
-                }
-                if norms.stopped {
-                    reached = true;
-                    // Keep the input of the stage this tile stopped in, unless it is kept already;
-                    // when it cannot be kept, the earlier one stays (the tile resumes from there).
-                    if stage > slot.as_ref().map_or(0, |k| k.stage) {
-                        if let Some(new) = store.keep(stage, stage_norms, &acts)? {
-                            if let Some(old) = slot.replace(new) {
-                                store.release(old);
-                            }
-                        }
-                    }
-                    continue;
-                }
-                if reached {
-                    return Err(Error::Unsupported("tiled VAE: tiles disagree on their norm layers".into()));
-                }
-                if let Some(old) = slot.take() {
-                    store.release(old);
-                }
-                let out = single(&acts)?;
-                let (_, c, h, w) = out.dims4()?;
-                if c != out_channels || h != ys.len() * out_scale || w != xs.len() * out_scale {
-                    return Err(Error::Unsupported(format!(
-                        "tiled VAE: a tile produced {c}x{h}x{w}, expected {out_channels}x{}x{}",
-                        ys.len() * out_scale,
-                        xs.len() * out_scale
-                    )));
-                }
-                let data = out.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
-                let origin = ((ys.start * out_scale) as isize, (xs.start * out_scale) as isize);
-                assembler.add(row, col, &TileOutput { data: &data, rows: h, cols: w, origin })?;
+        // Statistics passes alternate their tile order (the output pass runs in order, as the
+        // assembler needs): a pass then starts with the tiles the previous one kept last, whose
+        // spilled activations are the likeliest still in the OS's cache (and, deleted once read,
+        // may never reach the disk at all).
+        let reverse = run.passes % 2 == 1 && stop_at < norm_count;
+        let order: Vec<usize> =
+            if reverse { (0..plan.tile_count()).rev().collect() } else { (0..plan.tile_count()).collect() };
+        for (i, &t) in order.iter().enumerate() {
+            let (row, col) = (t / cols, t % cols);
+            // The next tile's spilled activation is read from disk while this one runs.
+            if let Some(next) = order.get(i + 1).and_then(|&n| kept[n].as_ref()) {
+                store.prefetch(next);
             }
-            if !reached {
+            // A 4K decode on a CPU runs for many minutes: a cancelled job stops between tiles.
+            if cancelled() {
+                return Err(Error::Cancelled);
+            }
+            let Window { input: window, ys, xs, core_rows, core_cols } = tile(input.as_ref(), row, col)?;
+            let base = (ys.len() * in_scale, xs.len() * in_scale);
+            let slot = &mut kept[row * cols + col];
+            let (mut stage, mut acts, first_norm) = match (slot.as_mut(), window) {
+                (Some(k), _) => (k.stage, store.load(k, &device)?, k.norms_before),
+                (None, Some(window)) => (0, vec![window], 0),
+                (None, None) => {
+                    return Err(Error::Unsupported("tiled VAE: a tile's input was released".into()))
+                }
+            };
+            let mut norms = TileNorms {
+                known: &known,
+                acc: &mut acc,
+                stop_at: Some(stop_at),
+                stopped: false,
+                next: first_norm,
+                core_rows,
+                core_cols,
+                base,
+            };
+            let mut stage_norms = first_norm;
+            while let Some(run_stage) = stages.get(stage) {
+                stage_norms = norms.next;
+                run.stage_runs += 1;
+                // Tiles call each conv once per tile: transforming its weights per call costs
+                // nothing measurable and keeps 0.7 GB of transforms (SD/SDXL) out of memory.
+                let ran = kiln_kernels::conv::without_kept_transforms(|| run_stage(&acts, &mut norms));
+                match ran {
+                    Ok(next) => {
+                        acts = next;
+                        stage += 1;
+                    }
+                    Err(_) if norms.stopped => break,
+                    Err(e) => return Err(e),
+                }
+            }
+            if norms.stopped {
+                reached = true;
+                // Keep the input of the stage this tile stopped in, unless it is kept already;
+                // when it cannot be kept, the earlier one stays (the tile resumes from there).
+                if stage > slot.as_ref().map_or(0, |k| k.stage) {
+                    if let Some(new) = store.keep(stage, stage_norms, &acts)? {
+                        if let Some(old) = slot.replace(new) {
+                            store.release(old);
+                        }
+                    }
+                }
+                continue;
+            }
+            if reached || reverse {
+                return Err(Error::Unsupported("tiled VAE: tiles disagree on their norm layers".into()));
+            }
+            if let Some(old) = slot.take() {
+                store.release(old);
+            }
+            let out = single(&acts)?;
+            let (_, c, h, w) = out.dims4()?;
+            if c != out_channels || h != ys.len() * out_scale || w != xs.len() * out_scale {
+                return Err(Error::Unsupported(format!(
+                    "tiled VAE: a tile produced {c}x{h}x{w}, expected {out_channels}x{}x{}",
+                    ys.len() * out_scale,
+                    xs.len() * out_scale
+                )));
+            }
+            let origin = ((ys.start * out_scale) as isize, (xs.start * out_scale) as isize);
+            with_f32_values(out, |data| {
+                assembler.add(row, col, &TileOutput { data, rows: h, cols: w, origin })
+            })??;
+            if !reached && col + 1 == cols {
                 rows_out.extend(assembler.finish_row(row));
             }
         }
@@ -431,6 +433,34 @@ fn run_tiles(
         let image = Tensor::from_vec(rows_out, (1, h, w, out_channels), &device)?;
         return Ok((image.permute((0, 3, 1, 2))?.contiguous()?, run));
     }
+}
+
+/// The norm layers `stages` apply, counted by a dry run on a tile of one latent pixel (a few
+/// milliseconds): the statistics passes needed before the output pass.
+fn count_norms(stages: &[Stage<'_>], input: &Option<Tensor>, in_scale: usize) -> Result<usize> {
+    struct Counting(usize);
+    impl Norms for Counting {
+        fn apply(&mut self, _: &GroupNorm, _: Option<Activation>, xs: &Tensor) -> Result<Tensor> {
+            self.0 += 1;
+            Ok(xs.clone())
+        }
+
+        fn input_norm(
+            &mut self,
+            _: &GroupNorm,
+            _: Option<Activation>,
+            _: &Tensor,
+        ) -> Result<Option<InputNorm>> {
+            Ok(None)
+        }
+    }
+    let Some(input) = input else {
+        return Err(Error::Unsupported("tiled VAE: no input".into()));
+    };
+    let probe = Tensor::zeros((1, input.dim(1)?, in_scale, in_scale), input.dtype(), input.device())?;
+    let mut counting = Counting(0);
+    super::blocks::run_stages(stages, &probe, &mut counting)?;
+    Ok(counting.0)
 }
 
 fn plan(latent_h: usize, latent_w: usize, factor: usize, spec: &TileSpec) -> Result<TilePlan> {
