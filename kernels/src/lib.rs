@@ -7,7 +7,8 @@
 //! - [`blend`]: tile blend (accumulate a tile into an output strip with feather weights); the CPU
 //!   reference is what the tiling planner runs, with a CUDA kernel under `cuda`.
 //! - [`norm`]: GroupNorm (+ optional SiLU) fused into one pass per group on CPU, one kernel on
-//!   CUDA (f32/f16/bf16).
+//!   CUDA (f32/f16/bf16); with its statistics known, an [`InputNorm`] that a conv applies as it
+//!   reads its input, so the normalised map is never written out.
 //! - [`attention`]: flash-attention-style fused attention (online softmax, never the full score
 //!   matrix) on CPU (f32) and CUDA (f32/f16/bf16), candle's composed ops elsewhere.
 //! - [`linear`]: Linear as one gemm pass per thread block, bias and GELU/GEGLU fused in; layers
@@ -16,8 +17,9 @@
 //!   transposed layout `Linear` keeps (candle's composed merge is the reference).
 //! - [`fastmath`]: vectorisable `exp` and erf-GELU used by those kernels.
 //! - [`winograd`]: 3x3 stride-1 padding-1 convolution by Winograd F(4x4, 3x3) on CPU f32 with a
-//!   fused bias/activation/residual epilogue; [`Conv2d`] picks it where it beats im2col, and the
-//!   SR nets use its [`Conv3x3`] layer.
+//!   fused bias/activation/residual epilogue; [`Conv2d`] picks it where it beats im2col (its input
+//!   transformed band by band, optionally through an [`InputNorm`]), and the SR nets use its
+//!   [`Conv3x3`] layer.
 //! - [`resample`]: bilinear resize and 2×2 ceil-mode max-pool of feature maps, one plane per
 //!   task on CPU (candle's ops run every plane on one thread), bit-identical to candle's.
 //!

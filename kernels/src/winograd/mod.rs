@@ -7,7 +7,9 @@
 //! optional scaled residual ([`Epilogue`]), so each output is written once. That is 4x fewer
 //! multiplications than direct convolution. An input may come in several channel parts (RRDB's
 //! dense blocks never concatenate their features: each part's transform is reused by every later
-//! conv of the block and the gemms accumulate over parts).
+//! conv of the block and the gemms accumulate over parts). A single-part input can instead be
+//! transformed band by band just before each band's gemms ([`conv_winograd_streamed`]: the whole
+//! map's transform, 2.25x the map, is never held), optionally read through an [`InputNorm`].
 //!
 //! The reference is candle's `conv2d` with padding 1 (tests compare the two); [`conv3x3_winograd`]
 //! is the plain convolution as a candle `CustomOp2`, [`winograd_forward`] the tensor-level entry
