@@ -3,6 +3,7 @@
 //! and the scaled dot-product attention it runs.
 
 use super::blocks::{group_norm, Norms};
+use super::with_f32_values;
 use crate::error::{Error, Result};
 use candle_core::{DType, Module, Tensor};
 use candle_nn::VarBuilder;
@@ -176,58 +177,53 @@ impl SpatialAttention {
         use rayon::prelude::*;
         let (b, c, h, w) = xs.dims4()?;
         let plan = window_plan(h, w, window)?;
-        let xs = xs.contiguous()?;
-        let values = xs.flatten_all()?;
-        let (storage, layout) = values.storage_and_layout();
-        let candle_core::Storage::Cpu(cpu) = &*storage else {
-            return Err(Error::Unsupported("VAE attention: fused windows need a CPU tensor".into()));
-        };
-        let src = &cpu.as_slice::<f32>()?[layout.start_offset()..][..b * c * h * w];
-        let mut out = vec![0f32; b * c * h * w];
         let plane = h * w;
-        for i in 0..b {
-            let mut assembler = StripAssembler::new(plan.clone(), 1, c);
-            let mut y0 = 0;
-            for row in 0..plan.y.cores.len() {
-                let ys = clamp_range(plan.y.window(row), h);
-                for col in 0..plan.x.cores.len() {
-                    let xr = clamp_range(plan.x.window(col), w);
-                    let (ny, nx) = (ys.len(), xr.len());
-                    let n = ny * nx;
-                    let mut planar = vec![0f32; c * n];
-                    planar.par_chunks_mut(n).enumerate().for_each(|(ch, dst)| {
+        let out = with_f32_values(xs, |src| -> Result<Vec<f32>> {
+            let mut out = vec![0f32; b * c * h * w];
+            for i in 0..b {
+                let mut assembler = StripAssembler::new(plan.clone(), 1, c);
+                let mut y0 = 0;
+                for row in 0..plan.y.cores.len() {
+                    let ys = clamp_range(plan.y.window(row), h);
+                    for col in 0..plan.x.cores.len() {
+                        let xr = clamp_range(plan.x.window(col), w);
+                        let (ny, nx) = (ys.len(), xr.len());
+                        let n = ny * nx;
+                        let mut planar = vec![0f32; c * n];
+                        planar.par_chunks_mut(n).enumerate().for_each(|(ch, dst)| {
+                            let src_plane = &src[(i * c + ch) * plane..][..plane];
+                            for (k, y) in ys.clone().enumerate() {
+                                let row_src = &src_plane[y * w + xr.start..][..nx];
+                                norm.apply_row(i * c + ch, &mut dst[k * nx..][..nx], row_src);
+                            }
+                        });
+                        let tokens = Tensor::from_vec(planar, (c, n), xs.device())?
+                            .t()?
+                            .contiguous()?
+                            .reshape((1, n, c))?;
+                        let attended = self.attend(&self.to_qkv.forward(&tokens)?, c)?;
+                        drop(tokens);
+                        let projected = self.to_out.forward(&attended)?;
+                        drop(attended);
+                        let planar = projected.reshape((n, c))?.t()?.flatten_all()?.to_vec1::<f32>()?;
+                        let origin = (ys.start as isize, xr.start as isize);
+                        assembler.add(row, col, &TileOutput { data: &planar, rows: ny, cols: nx, origin })?;
+                    }
+                    // The finished rows (interleaved: row, column, channel), added to the input.
+                    let strip = assembler.finish_row(row);
+                    let rows = strip.len() / (w * c).max(1);
+                    let out_item = &mut out[i * c * plane..][..c * plane];
+                    out_item.par_chunks_mut(plane).enumerate().for_each(|(ch, dst)| {
                         let src_plane = &src[(i * c + ch) * plane..][..plane];
-                        for (k, y) in ys.clone().enumerate() {
-                            let row_src = &src_plane[y * w + xr.start..][..nx];
-                            norm.apply_row(i * c + ch, &mut dst[k * nx..][..nx], row_src);
+                        for p in y0 * w..(y0 + rows) * w {
+                            dst[p] = strip[(p - y0 * w) * c + ch] + src_plane[p];
                         }
                     });
-                    let tokens = Tensor::from_vec(planar, (c, n), xs.device())?
-                        .t()?
-                        .contiguous()?
-                        .reshape((1, n, c))?;
-                    let attended = self.attend(&self.to_qkv.forward(&tokens)?, c)?;
-                    drop(tokens);
-                    let projected = self.to_out.forward(&attended)?;
-                    drop(attended);
-                    let planar = projected.reshape((n, c))?.t()?.flatten_all()?.to_vec1::<f32>()?;
-                    let origin = (ys.start as isize, xr.start as isize);
-                    assembler.add(row, col, &TileOutput { data: &planar, rows: ny, cols: nx, origin })?;
+                    y0 += rows;
                 }
-                // The finished rows (interleaved: row, column, channel), added to the input.
-                let strip = assembler.finish_row(row);
-                let rows = strip.len() / (w * c).max(1);
-                let out_item = &mut out[i * c * plane..][..c * plane];
-                out_item.par_chunks_mut(plane).enumerate().for_each(|(ch, dst)| {
-                    let src_plane = &src[(i * c + ch) * plane..][..plane];
-                    for p in y0 * w..(y0 + rows) * w {
-                        dst[p] = strip[(p - y0 * w) * c + ch] + src_plane[p];
-                    }
-                });
-                y0 += rows;
             }
-        }
-        drop(storage);
+            Ok(out)
+        })??;
         Ok((Tensor::from_vec(out, (b, c, h, w), xs.device())?, plan.tile_count()))
     }
 
@@ -363,21 +359,12 @@ mod tests {
         Ok(())
     }
 
-    /// A Norms that never fuses: the composed path.
+    /// A Norms that never fuses (the trait's default `input_norm`): the composed path.
     struct Composed;
 
     impl Norms for Composed {
         fn apply(&mut self, norm: &GroupNorm, act: Option<Activation>, xs: &Tensor) -> Result<Tensor> {
             PlainNorms.apply(norm, act, xs)
-        }
-
-        fn input_norm(
-            &mut self,
-            _: &GroupNorm,
-            _: Option<Activation>,
-            _: &Tensor,
-        ) -> Result<Option<InputNorm>> {
-            Ok(None)
         }
     }
 

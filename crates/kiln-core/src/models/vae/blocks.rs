@@ -61,13 +61,17 @@ pub(crate) trait Norms {
 
     /// What [`Norms::apply`] computes, as an [`InputNorm`] for the next conv to apply as it reads
     /// `xs` (so the normalised map is never written out), where the backend can: CPU f32, SiLU
-    /// or no activation. None (having changed nothing) otherwise: then call `apply`.
+    /// or no activation. None (having changed nothing) otherwise, and by default: then call
+    /// `apply`.
     fn input_norm(
         &mut self,
         norm: &GroupNorm,
         act: Option<Activation>,
         xs: &Tensor,
-    ) -> Result<Option<InputNorm>>;
+    ) -> Result<Option<InputNorm>> {
+        let _ = (norm, act, xs);
+        Ok(None)
+    }
 }
 
 /// Whether an activation can be fused into a conv's input read (kiln's kernels fuse SiLU).

@@ -12,6 +12,7 @@
 //! in memory), so where an activation was kept never changes a pixel. When the disk has no room
 //! either, the tile is not kept: its next pass starts from its input again — slower, same pixels.
 
+use super::with_f32_values;
 use crate::error::Result;
 use candle_core::{DType, Device, Tensor};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -151,19 +152,6 @@ impl KeptStore {
         }
         tempfile::tempfile_in(&self.scratch).ok()
     }
-}
-
-/// Runs `f` on the values of `xs` as f32, in place where it is a contiguous CPU f32 tensor (a
-/// tile's activation at full size is hundreds of megabytes: no copy to measure or write it).
-pub(crate) fn with_f32_values<R>(xs: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
-    let xs = xs.to_dtype(DType::F32)?.contiguous()?;
-    let (storage, layout) = xs.storage_and_layout();
-    if let candle_core::Storage::Cpu(cpu) = &*storage {
-        let start = layout.start_offset();
-        return Ok(f(&cpu.as_slice::<f32>()?[start..start + xs.elem_count()]));
-    }
-    drop(storage);
-    Ok(f(&xs.flatten_all()?.to_vec1::<f32>()?))
 }
 
 fn memory_bytes(acts: &[Tensor]) -> u64 {

@@ -30,6 +30,20 @@ use kiln_kernels::Conv2d;
 use serde::Deserialize;
 use std::path::Path;
 
+/// Runs `f` on the values of `xs` as f32, in place where it is a contiguous CPU f32 tensor (a
+/// tile's activation at full size is hundreds of megabytes, a 4096² decode's latent map half a
+/// gigabyte: no copy to measure, spill or attend over them).
+pub(crate) fn with_f32_values<R>(xs: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Result<R> {
+    let xs = xs.to_dtype(DType::F32)?.contiguous()?;
+    let (storage, layout) = xs.storage_and_layout();
+    if let candle_core::Storage::Cpu(cpu) = &*storage {
+        let start = layout.start_offset();
+        return Ok(f(&cpu.as_slice::<f32>()?[start..start + xs.elem_count()]));
+    }
+    drop(storage);
+    Ok(f(&xs.flatten_all()?.to_vec1::<f32>()?))
+}
+
 /// `sample_size` of a VAE config: one number or `[height, width]`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(untagged)]

@@ -28,7 +28,8 @@
 //! tiled decoder.
 
 use super::blocks::{fusable, single, Activation, Norms, Stage};
-use super::kept::{with_f32_values, Kept, KeptFigures, KeptStore};
+use super::kept::{Kept, KeptFigures, KeptStore};
+use super::with_f32_values;
 use super::{AutoencoderKl, LatentDist};
 use crate::error::{Error, Result};
 use crate::tiling::{StripAssembler, TileOptions, TileOutput, TilePlan};
@@ -443,15 +444,6 @@ fn count_norms(stages: &[Stage<'_>], input: &Option<Tensor>, in_scale: usize) ->
         fn apply(&mut self, _: &GroupNorm, _: Option<Activation>, xs: &Tensor) -> Result<Tensor> {
             self.0 += 1;
             Ok(xs.clone())
-        }
-
-        fn input_norm(
-            &mut self,
-            _: &GroupNorm,
-            _: Option<Activation>,
-            _: &Tensor,
-        ) -> Result<Option<InputNorm>> {
-            Ok(None)
         }
     }
     let Some(input) = input else {
