@@ -420,23 +420,32 @@ fn transpose_concat(weights: &[&Tensor], in_dim: usize, out_dim: usize) -> Resul
     Tensor::from_vec(out, (in_dim, out_dim), weights[0].device())
 }
 
-/// The values of [`transpose_concat`], row-major `[in, sum out_i]`.
+/// The values of [`transpose_concat`], row-major `[in, sum out_i]`. A part already stored
+/// transposed (a view of an `[in, out_i]` buffer, as LoRA merges leave their weights) has its
+/// rows copied as they are; the others are transposed.
 pub(crate) fn transpose_concat_values(
     weights: &[&Tensor],
     in_dim: usize,
     out_dim: usize,
 ) -> Result<Vec<f32>> {
-    let weights = weights.iter().map(|w| w.contiguous()).collect::<Result<Vec<_>>>()?;
-    let guards: Vec<_> = weights.iter().map(|w| w.storage_and_layout()).collect();
-    // (first output column, values) of each part.
+    // Each part as a row-major matrix, and whether that matrix is `[in, out_i]` (transposed).
+    let stored = weights
+        .iter()
+        .map(|w| match w.t() {
+            Ok(t) if t.is_contiguous() && w.rank() == 2 => Ok((t, true)),
+            _ => Ok((w.contiguous()?, false)),
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let guards: Vec<_> = stored.iter().map(|(w, transposed)| (w.storage_and_layout(), *transposed)).collect();
+    // (first output column, values, transposed) of each part.
     let mut sources = Vec::with_capacity(guards.len());
     let mut j0 = 0;
-    for (storage, layout) in &guards {
+    for ((storage, layout), transposed) in &guards {
         let Storage::Cpu(cpu) = &**storage else {
             candle_core::bail!("kiln-linear: weight must be on the CPU");
         };
         let values = f32_values("kiln-linear", "weight", cpu, layout)?;
-        sources.push((j0, values));
+        sources.push((j0, values, *transposed));
         j0 += values.len() / in_dim.max(1);
     }
     let mut out: Vec<f32> = Vec::with_capacity(in_dim * out_dim);
@@ -448,8 +457,17 @@ pub(crate) fn transpose_concat_values(
         |(block, dst)| {
             let i0 = block * TILE;
             let rows = dst.len() / out_dim.max(1);
-            for &(j0, src) in &sources {
+            for &(j0, src, transposed) in &sources {
                 let part_out = src.len() / in_dim.max(1);
+                if transposed {
+                    for r in 0..rows {
+                        let row = &src[(i0 + r) * part_out..][..part_out];
+                        for (slot, &v) in dst[r * out_dim + j0..][..part_out].iter_mut().zip(row) {
+                            slot.write(v);
+                        }
+                    }
+                    continue;
+                }
                 for jt in (0..part_out).step_by(TILE) {
                     let cols = TILE.min(part_out - jt);
                     for r in 0..rows {
@@ -556,6 +574,16 @@ mod tests {
             let d = max_abs_diff(&fused.narrow(2, i * 8, 8)?, &separate)?;
             assert!(d < 1e-5, "part {i}: diff {d}");
         }
+        // Parts stored transposed (views of [in, out] buffers, as LoRA merges leave them), alone
+        // or mixed with plain ones, give the same fused weight bit for bit.
+        let transposed: Vec<(Tensor, Option<Tensor>)> = parts
+            .iter()
+            .enumerate()
+            .map(|(i, (w, b))| Ok((if i == 1 { w.clone() } else { w.t()?.contiguous()?.t()? }, b.clone())))
+            .collect::<Result<_>>()?;
+        assert!(!transposed[0].0.is_contiguous() && transposed[1].0.is_contiguous());
+        let again = Linear::concat(&transposed)?.forward(&x)?;
+        assert_eq!(max_abs_diff(&again, &fused)?, 0.0);
         Ok(())
     }
 

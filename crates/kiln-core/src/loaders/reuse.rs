@@ -7,7 +7,8 @@
 //! set patches straight from the warm model (shared memory, no copy) and re-derives only the
 //! patched ones from the memory-mapped base files, with the new deltas merged exactly as a
 //! fresh load merges them. The rebuilt model therefore computes bit for bit what a fresh load
-//! with the new set computes.
+//! with the new set computes. Layers that only the old set patched are back to their base
+//! weights, which the layout cache holds when it is on (see below): they are mapped, not re-read.
 //!
 //! A build on the CPU in f32 also uses the layout cache ([`super::layout_cache`]): a component
 //! whose pre-laid-out file exists takes its layers from that file's mapping, and the tensors
@@ -96,6 +97,9 @@ pub struct ReuseBuild {
     into: Arc<WeightCache>,
     /// Names patched by the old or the new LoRA set: never taken from the warm model.
     changed: HashSet<Name>,
+    /// Names the new LoRA set patches: never taken from a layout file either (it holds base
+    /// weights, which are right for every other name, the old set's included).
+    patched: HashSet<Name>,
     counts: Mutex<ReuseCounts>,
     /// The layout cache, unless it is off.
     layout: Option<LayoutCache>,
@@ -143,9 +147,9 @@ impl ReuseBuild {
             changed.extend(old.lock().patched.iter().cloned());
         }
         // A reload of released parts adds to what the model's first build recorded.
-        into.lock().patched.extend(patched);
+        into.lock().patched.extend(patched.iter().cloned());
         let layout = if layout { LayoutCache::from_env()? } else { None };
-        Ok(Self { from, into, changed, counts: Mutex::default(), layout, layouts: Mutex::default() })
+        Ok(Self { from, into, changed, patched, counts: Mutex::default(), layout, layouts: Mutex::default() })
     }
 
     fn layouts(&self) -> MutexGuard<'_, LayoutState> {
@@ -313,11 +317,17 @@ impl ReuseBuild {
 impl DeriveMemo for ReuseBuild {
     fn lookup(&self, kind: &str, sources: &[TensorId]) -> Option<Derived> {
         let names = self.names(sources)?;
-        if names.iter().any(|n| self.changed.contains(n)) {
+        if names.iter().any(|n| self.patched.contains(n)) {
             return None;
         }
+        // A layer the old set patched is not the warm model's to share, but its base is in the
+        // layout file (switching a LoRA off costs no re-read).
+        let shareable = !names.iter().any(|n| self.changed.contains(n));
         let key = (kind.to_string(), names);
-        let warm = self.from.as_ref().and_then(|from| from.lock().layers.get(&key).cloned());
+        let warm = match shareable {
+            true => self.from.as_ref().and_then(|from| from.lock().layers.get(&key).cloned()),
+            false => None,
+        };
         let layer = match warm {
             Some(layer) => layer,
             None => {
@@ -397,7 +407,7 @@ impl WeightBackend {
         let mut layers = file.layers_of(name).peekable();
         layers.peek().is_some()
             && layers.all(|names| {
-                names.iter().all(|n| !self.build.changed.contains(&(self.component.clone(), n.clone())))
+                names.iter().all(|n| !self.build.patched.contains(&(self.component.clone(), n.clone())))
             })
     }
 
