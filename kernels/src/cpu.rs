@@ -63,3 +63,29 @@ pub(crate) unsafe fn gemm_f32(
         parallelism,
     )
 }
+
+/// Asks the kernel to back `buf` with transparent huge pages where it allows them on request
+/// (`madvise` mode, a common default): a large buffer about to be written for the first time
+/// then costs one fault per 2 MiB instead of one per 4 KiB (merged LoRA weights, ~1 GB for an
+/// SD-class UNet, were 30-50 % slower to lay out the first time than into reused memory). Only
+/// the whole 2 MiB pages inside `buf` are advised; a no-op elsewhere and for small buffers.
+pub(crate) fn advise_huge_pages<T>(buf: &mut [T]) {
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let start = buf.as_mut_ptr() as usize;
+        let end = start + std::mem::size_of_val(buf);
+        let (first, last) = (start.next_multiple_of(HUGE), end / HUGE * HUGE);
+        if last > first {
+            #[allow(unsafe_code)]
+            // SAFETY: [first, last) lies inside `buf`, which this caller owns; MADV_HUGEPAGE
+            // changes only how the range is backed, never its contents. A refusal (no THP
+            // support) leaves the default 4 KiB pages, so the result is ignored.
+            unsafe {
+                libc::madvise(first as *mut libc::c_void, last - first, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = buf;
+}

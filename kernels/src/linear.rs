@@ -437,18 +437,38 @@ pub(crate) fn transpose_concat_values(
         })
         .collect::<Result<Vec<_>>>()?;
     let guards: Vec<_> = stored.iter().map(|(w, transposed)| (w.storage_and_layout(), *transposed)).collect();
-    // (first output column, values, transposed) of each part.
-    let mut sources = Vec::with_capacity(guards.len());
-    let mut j0 = 0;
+    let mut parts = Vec::with_capacity(guards.len());
     for ((storage, layout), transposed) in &guards {
         let Storage::Cpu(cpu) = &**storage else {
             candle_core::bail!("kiln-linear: weight must be on the CPU");
         };
-        let values = f32_values("kiln-linear", "weight", cpu, layout)?;
-        sources.push((j0, values, *transposed));
+        parts.push((f32_values("kiln-linear", "weight", cpu, layout)?, *transposed));
+    }
+    transpose_concat_slices(&parts, in_dim, out_dim)
+}
+
+/// [`transpose_concat_values`] on raw values: each part row-major `[out_i, in]`, or `[in, out_i]`
+/// when its flag says it is stored transposed.
+pub(crate) fn transpose_concat_slices(
+    parts: &[(&[f32], bool)],
+    in_dim: usize,
+    out_dim: usize,
+) -> Result<Vec<f32>> {
+    // (first output column, values, transposed) of each part.
+    let mut sources = Vec::with_capacity(parts.len());
+    let mut j0 = 0;
+    for &(values, transposed) in parts {
+        if values.len() % in_dim.max(1) != 0 {
+            candle_core::bail!("kiln-linear: a weight part of {} values for {in_dim} inputs", values.len());
+        }
+        sources.push((j0, values, transposed));
         j0 += values.len() / in_dim.max(1);
     }
+    if j0 != out_dim || in_dim == 0 {
+        candle_core::bail!("kiln-linear: weight parts make {j0} outputs of {in_dim} inputs, not {out_dim}");
+    }
     let mut out: Vec<f32> = Vec::with_capacity(in_dim * out_dim);
+    crate::cpu::advise_huge_pages(out.spare_capacity_mut());
     // Tiles of TILE x TILE: the TILE source rows a tile reads are fetched together and stay in
     // L1 while the tile's output rows are written contiguously (a column-at-a-time transpose is
     // bound by one cache miss per value).

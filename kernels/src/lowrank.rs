@@ -25,7 +25,29 @@ pub fn merge_low_rank_transposed(base: &Tensor, updates: &[LowRank]) -> Result<T
     if !base.device().is_cpu() || base.dtype() != DType::F32 {
         candle_core::bail!("merge_low_rank_transposed: base must be f32 on the CPU");
     }
-    let mut dst = crate::linear::transpose_concat_values(&[base], in_dim, out_dim)?;
+    let dst = crate::linear::transpose_concat_values(&[base], in_dim, out_dim)?;
+    accumulate(dst, out_dim, in_dim, updates)
+}
+
+/// [`merge_low_rank_transposed`] from the base's values, row-major `[out, in]` (e.g. straight
+/// from a mapped weight file, so the base is never copied whole before it is transposed).
+pub fn merge_low_rank_transposed_values(
+    base: &[f32],
+    (out_dim, in_dim): (usize, usize),
+    updates: &[LowRank],
+) -> Result<Tensor> {
+    if base.len() != out_dim * in_dim {
+        candle_core::bail!(
+            "merge_low_rank_transposed: {} values for a [{out_dim}, {in_dim}] weight",
+            base.len()
+        );
+    }
+    let dst = crate::linear::transpose_concat_slices(&[(base, false)], in_dim, out_dim)?;
+    accumulate(dst, out_dim, in_dim, updates)
+}
+
+/// Adds every update to `dst`, the `[in, out]` transposed base, and returns it as `[out, in]`.
+fn accumulate(mut dst: Vec<f32>, out_dim: usize, in_dim: usize, updates: &[LowRank]) -> Result<Tensor> {
     let threads = rayon::current_num_threads();
     let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
     for u in updates {
@@ -70,7 +92,7 @@ pub fn merge_low_rank_transposed(base: &Tensor, updates: &[LowRank]) -> Result<T
             )
         };
     }
-    Tensor::from_vec(dst, (in_dim, out_dim), base.device())?.t()
+    Tensor::from_vec(dst, (in_dim, out_dim), &candle_core::Device::Cpu)?.t()
 }
 
 /// [`merge_low_rank_transposed`] by candle's ops (any device and dtype, computed in f32): the
@@ -106,9 +128,14 @@ mod tests {
         assert!(diff < 1e-5, "max diff {diff}");
         // A Linear built from it computes what one built from the reference computes.
         let x = rand_unit(&[3, 80], 6)?;
-        let a = crate::Linear::new(ours, None)?.forward_with(&x, crate::Epilogue::None)?;
+        let a = crate::Linear::new(ours.clone(), None)?.forward_with(&x, crate::Epilogue::None)?;
         let b = crate::Linear::new(reference, None)?.forward_with(&x, crate::Epilogue::None)?;
         assert!(max_abs_diff(&a, &b)? < 1e-4);
+        // From the base's raw values: the same bits.
+        let values = base.flatten_all()?.to_vec1::<f32>()?;
+        let from_values = merge_low_rank_transposed_values(&values, (96, 80), &updates)?;
+        assert_eq!(max_abs_diff(&from_values.contiguous()?, &ours.contiguous()?)?, 0.0);
+        assert!(merge_low_rank_transposed_values(&values[1..], (96, 80), &updates).is_err());
         // Wrong shapes are refused.
         let bad = [LowRank { up: &up1, down: &rand_unit(&[8, 81], 7)?, scale: 1.0 }];
         assert!(merge_low_rank_transposed(&base, &bad).is_err());

@@ -18,7 +18,7 @@
 //! from the files otherwise). A component without a file gets one written after the build.
 
 use super::layout_cache::{LayerMeta, LayerSource, LayoutCache, LayoutFile, LayoutMeta, WriteResult};
-use super::lora::merge::{apply_patches, Patch};
+use super::lora::merge::{apply_patches, apply_patches_mapped, Patch};
 use crate::error::{Error, Result};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor, TensorId};
@@ -391,10 +391,12 @@ impl WeightBackend {
                 return Ok(self.keep(key, t));
             }
         }
-        let base = self.base.load(name, dev)?;
         let tensor = match self.patches.get(name) {
-            Some(patches) => apply_patches(&base, patches, dtype, dev)?,
-            None => base.to_dtype(dtype)?,
+            Some(patches) => match apply_patches_mapped(&self.base, name, patches, dtype, dev)? {
+                Some(merged) => merged,
+                None => apply_patches(&self.base.load(name, dev)?, patches, dtype, dev)?,
+            },
+            None => self.base.load(name, dev)?.to_dtype(dtype)?,
         };
         self.build.count(|c| c.read += 1);
         Ok(self.keep(key, tensor))

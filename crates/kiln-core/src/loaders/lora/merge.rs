@@ -11,7 +11,9 @@ use super::LoraFile;
 use crate::error::{Error, Result};
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{DType, Device, Shape, Tensor};
-use kiln_kernels::lowrank::{merge_low_rank_reference, merge_low_rank_transposed, LowRank};
+use kiln_kernels::lowrank::{
+    merge_low_rank_reference, merge_low_rank_transposed, merge_low_rank_transposed_values, LowRank,
+};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -254,12 +256,48 @@ pub(crate) fn apply_patches(
     dev: &Device,
 ) -> candle_core::Result<Tensor> {
     let factors = patches.iter().map(|p| p.factors(dev)).collect::<candle_core::Result<Vec<_>>>()?;
-    let updates: Vec<LowRank> =
-        factors.iter().map(|(up, down, scale)| LowRank { up, down, scale: *scale }).collect();
+    let updates = low_ranks(&factors);
     let base32 = base.to_dtype(DType::F32)?;
     if dev.is_cpu() && dtype == DType::F32 && base.rank() == 2 {
         return merge_low_rank_transposed(&base32, &updates);
     }
     let flat = base32.reshape((base.dims()[0], ()))?;
     merge_low_rank_reference(&flat, &updates)?.reshape(base.shape())?.to_dtype(dtype)
+}
+
+type Factors = (Tensor, Tensor, f64);
+
+fn low_ranks(factors: &[Factors]) -> Vec<LowRank<'_>> {
+    factors.iter().map(|(up, down, scale)| LowRank { up, down, scale: *scale }).collect()
+}
+
+/// [`apply_patches`] for the tensor `name` of the mapped `files`, merged straight from the
+/// mapping when the base is a 2-D f32 tensor and the model CPU f32 (the common case: a LoRA on
+/// an f32 layout): the base is transposed as it is read, never first copied whole. `None`
+/// where that does not apply; the caller then loads the tensor and calls [`apply_patches`].
+/// Both give the same bits.
+pub(crate) fn apply_patches_mapped(
+    files: &MmapedSafetensors,
+    name: &str,
+    patches: &[Patch],
+    dtype: DType,
+    dev: &Device,
+) -> candle_core::Result<Option<Tensor>> {
+    if !dev.is_cpu() || dtype != DType::F32 || cfg!(target_endian = "big") {
+        return Ok(None);
+    }
+    let view = files.get(name)?;
+    let &[out_dim, in_dim] = view.shape() else { return Ok(None) };
+    if view.dtype() != safetensors::Dtype::F32 {
+        return Ok(None);
+    }
+    #[allow(unsafe_code)]
+    // SAFETY: every bit pattern is a valid f32; `align_to` puts any bytes that are not on an
+    // f32 boundary in the head or tail, and then this path is not taken.
+    let (head, values, tail) = unsafe { view.data().align_to::<f32>() };
+    if !head.is_empty() || !tail.is_empty() {
+        return Ok(None);
+    }
+    let factors = patches.iter().map(|p| p.factors(dev)).collect::<candle_core::Result<Vec<_>>>()?;
+    merge_low_rank_transposed_values(values, (out_dim, in_dim), &low_ranks(&factors)).map(Some)
 }
