@@ -20,6 +20,10 @@ pub struct RunArgs {
     /// f32 | f16 | bf16 (default: the tier's, else f16 on GPU and f32 on CPU).
     #[arg(long)]
     pub dtype: Option<String>,
+    /// device | cpu: where diffusion models' text encoders live. `cpu` runs them in f32 on the
+    /// CPU so the device holds only the denoiser and the VAE (FLUX.1-dev on a 24 GB card).
+    #[arg(long, default_value = "device", value_name = "WHERE")]
+    pub text_encoders: String,
     /// Print one JSON object on stdout (paths, seeds, timings, memory); no progress bar.
     #[arg(long)]
     pub json: bool,
@@ -49,10 +53,16 @@ impl RunArgs {
         Self {
             device: "cpu".into(),
             dtype: None,
+            text_encoders: "device".into(),
             json,
             quiet: true,
             vae: VaeTilingArgs { vae_tiling: "auto".into(), vae_tile: None },
         }
+    }
+
+    /// `--text-encoders`, checked.
+    pub fn text_encoders(&self) -> anyhow::Result<kiln_core::pipeline::model::TextPlacement> {
+        Ok(self.text_encoders.parse()?)
     }
 
     /// Whether progress goes to stderr.

@@ -66,6 +66,7 @@ pub fn engine(project: Option<&Path>, run: &RunArgs, accept_drift: bool) -> anyh
         dtype: run.explicit_dtype()?,
         accept_drift,
         show_progress: run.show(),
+        text_encoders: run.text_encoders()?,
     };
     let project = Project::find(project)?;
     Ok(Engine::new(project, options, Arc::new(kiln_core::jobs::pool::ModelPool::new(None))))

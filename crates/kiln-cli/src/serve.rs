@@ -88,7 +88,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         let name = kiln_core::device::name(&device);
         // Stable across restarts: a restarted server settles its own previous jobs at once.
         let id = if i == 0 { format!("serve@{host}:{name}") } else { format!("serve@{host}:{name}#{i}") };
-        let options = JobOptions { device, dtype, accept_drift: args.accept_drift, show_progress: false };
+        let options = JobOptions {
+            device,
+            dtype,
+            accept_drift: args.accept_drift,
+            show_progress: false,
+            text_encoders: args.run.text_encoders()?,
+        };
         let worker = kiln_core::jobs::worker::WorkerOptions {
             ad: kiln_core::jobs::workers::WorkerAd {
                 id,

@@ -135,6 +135,7 @@ fn redetail_setup(
     dev: &kiln_core::candle::Device,
     dtype: Option<kiln_core::candle::DType>,
     vae: &crate::args::VaeTilingArgs,
+    text: kiln_core::pipeline::model::TextPlacement,
     show: bool,
 ) -> anyhow::Result<
     Option<(kiln_core::pipeline::model::LoadedModel, kiln_core::pipeline::redetail::RedetailRequest)>,
@@ -153,16 +154,20 @@ fn redetail_setup(
             let request = spec.request(Some(tier))?;
             let dtype = kiln_core::tiers::load::tier_dtype(tier, dev, dtype)?;
             let loras = kiln_core::tiers::load::tier_loras(tier, &job_loras)?;
-            (kiln_core::tiers::load::load_tier_model_with(tier, &loras, dev, dtype, show)?, request)
+            let placement = (dev.clone(), dtype, text);
+            (kiln_core::tiers::load::load_tier_model_with(tier, &loras, placement, show)?, request)
         }
         (None, Some(model)) => {
             let request = spec.request(None)?;
             let dtype = dtype.unwrap_or_else(|| device::default_dtype(dev));
             let source =
                 kiln_core::loaders::hub::resolve(model, None, dtype != kiln_core::candle::DType::F32, show)?;
-            let model = kiln_core::pipeline::model::LoadedModel::load_with_loras(
-                source, None, &job_loras, dev, dtype,
-            )?;
+            let parts = kiln_core::pipeline::model::ModelParts {
+                loras: job_loras.clone(),
+                text,
+                ..Default::default()
+            };
+            let model = kiln_core::pipeline::model::LoadedModel::load_parts(source, parts, dev, dtype)?;
             (model, request)
         }
         (None, None) => bail!(REDETAIL_NEEDS_MODEL),
@@ -263,8 +268,14 @@ pub fn run(args: UpscaleArgs) -> anyhow::Result<()> {
     let dtype = args.run.explicit_dtype()?.unwrap_or_else(|| device::default_dtype(&dev));
     let weights = Store::open_default()?.resolve(&args.model)?;
     let upscaler = Upscaler::new(weights, &dev, dtype).context("building the model")?;
-    let redetail =
-        redetail_setup(&args.redetail, &dev, args.run.explicit_dtype()?, &args.run.vae, args.run.show())?;
+    let redetail = redetail_setup(
+        &args.redetail,
+        &dev,
+        args.run.explicit_dtype()?,
+        &args.run.vae,
+        args.run.text_encoders()?,
+        args.run.show(),
+    )?;
     // What the re-detail model's load warns about (LoRA layers that matched nothing).
     let warnings: Vec<String> = redetail.iter().flat_map(|(m, _)| m.load_warnings.clone()).collect();
     if !args.run.json {

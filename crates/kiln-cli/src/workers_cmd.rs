@@ -103,6 +103,7 @@ pub fn run_worker(args: WorkerArgs) -> anyhow::Result<()> {
         dtype: args.run.explicit_dtype()?,
         accept_drift: args.accept_drift,
         show_progress: false,
+        text_encoders: args.run.text_encoders()?,
     };
     let engine = Arc::new(Engine::new(project, options, Arc::new(ModelPool::new(budget))));
     let mut queue = Queue::open(&engine.project)?;

@@ -294,7 +294,13 @@ fn flux_generate_job_from_a_folder_writes_the_reference_image() {
     let dir = fixture_dir("dev");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("flux.png");
-    let options = JobOptions { device: Device::Cpu, dtype: None, accept_drift: false, show_progress: false };
+    let options = JobOptions {
+        device: Device::Cpu,
+        dtype: None,
+        accept_drift: false,
+        show_progress: false,
+        text_encoders: Default::default(),
+    };
     let pool = std::sync::Arc::new(kiln_core::jobs::pool::ModelPool::new(None));
     let engine = Engine::new(Project::open(tmp.path()).unwrap(), options, pool);
     // Guidance left out: FLUX.1-dev's default 3.5, as the reference case used.
@@ -367,6 +373,7 @@ fn flux_offloaded_text_encoders_give_the_same_image_and_reload() {
         dtype: None,
         accept_drift: false,
         show_progress: false,
+        text_encoders: Default::default(),
     };
     let pool = std::sync::Arc::new(kiln_core::jobs::pool::ModelPool::new(None));
     let engine = Engine::new(kiln_core::library::Project::open(tmp.path()).unwrap(), options, pool);

@@ -320,7 +320,13 @@ fn zimage_generate_job_from_a_folder_writes_the_reference_image() {
     let dir = fixture_dir();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("zimage.png");
-    let options = JobOptions { device: Device::Cpu, dtype: None, accept_drift: false, show_progress: false };
+    let options = JobOptions {
+        device: Device::Cpu,
+        dtype: None,
+        accept_drift: false,
+        show_progress: false,
+        text_encoders: Default::default(),
+    };
     let pool = std::sync::Arc::new(kiln_core::jobs::pool::ModelPool::new(None));
     let engine = Engine::new(Project::open(tmp.path()).unwrap(), options, pool);
     let spec = JobSpec::Generate(GenerateSpec {

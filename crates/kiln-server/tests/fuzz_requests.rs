@@ -61,6 +61,7 @@ impl Server {
             dtype: None,
             accept_drift: false,
             show_progress: false,
+            text_encoders: Default::default(),
         };
         let engine = Arc::new(Engine::new(project, options, Arc::new(ModelPool::new(None))));
         // Small limits, so that the limit checks themselves are reached by mutated sizes.

@@ -238,6 +238,7 @@ pub fn run(ws: &mut Workspace, s: &InpaintSpec, sink: &mut dyn EventSink) -> Res
             tier: jm.tier.as_ref().map(|t| t.name.clone()),
             inpaint: Some(inpaint_record.clone()),
             max_sequence_length: None,
+            text_encoders: crate::pipeline::metadata::text_placement_record(model),
             // The preset shaped the prompt; its grade is not applied to an edit, whose
             // untouched pixels stay exactly as they were.
             preset: ws.preset.as_ref().map(|p| p.record.clone()),

@@ -70,11 +70,16 @@ pub(crate) fn job_model(
                 device: crate::device::name(device),
                 dtype: crate::device::dtype_name(dtype).to_string(),
                 loras: crate::loaders::lora::pool_key(loras)?,
+                text_encoders: ws.options.text_encoders,
             };
             let (model, load_seconds) = ws.pool.get_or_load_diffusion(&key, loras, || {
                 let source = hub::resolve(folder, revision, dtype != DType::F32, ws.options.show_progress)?;
-                let parts =
-                    ModelParts { vae: None, denoiser_file: single_file.clone(), loras: loras.to_vec() };
+                let parts = ModelParts {
+                    vae: None,
+                    denoiser_file: single_file.clone(),
+                    loras: loras.to_vec(),
+                    text: ws.options.text_encoders,
+                };
                 LoadedModel::load_parts(source, parts, device, dtype)
             })?;
             let warnings = model.load_warnings.clone();

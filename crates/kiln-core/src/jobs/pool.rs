@@ -22,6 +22,8 @@ pub struct PoolKey {
     pub dtype: String,
     /// The LoRAs merged into the weights ([`crate::loaders::lora::pool_key`]); empty for none.
     pub loras: String,
+    /// Where the model's text encoders live.
+    pub text_encoders: crate::pipeline::model::TextPlacement,
 }
 
 /// A loaded model of any kind the pool holds.
@@ -251,6 +253,7 @@ mod tests {
             device: "cpu".into(),
             dtype: "f32".into(),
             loras: String::new(),
+            text_encoders: Default::default(),
         }
     }
 

@@ -50,6 +50,9 @@ pub struct ImageRecord {
     /// `--max-sequence-length` when set (absent = the family's default token budget).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_sequence_length: Option<usize>,
+    /// Where the text encoders ran when not on the model's device (`cpu`: in f32 there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text_encoders: Option<crate::pipeline::model::TextPlacement>,
     /// The LoRAs merged into the model, in order, by name, sha256 and weight (absent = none).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub loras: Vec<crate::loaders::lora::LoraRecord>,
@@ -154,11 +157,17 @@ impl ImageRecord {
             tier: None,
             inpaint: None,
             max_sequence_length: req.max_sequence_length,
+            text_encoders: text_placement_record(model),
             preset: None,
             grade: None,
             loras: model.loras.clone(),
         }
     }
+}
+
+/// The record's `text_encoders`: absent for the default placement, so records stay as they were.
+pub(crate) fn text_placement_record(model: &LoadedModel) -> Option<crate::pipeline::model::TextPlacement> {
+    (model.text_placement != Default::default()).then_some(model.text_placement)
 }
 
 /// The single-file denoiser a model was built with: its absolute path and recorded sha256.

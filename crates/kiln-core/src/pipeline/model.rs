@@ -24,7 +24,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
 use crate::pipeline::text_encoders::text_component;
-pub use crate::pipeline::text_encoders::{TextEncoders, TextStack};
+pub use crate::pipeline::text_encoders::{TextEncoders, TextPlacement, TextStack};
 
 /// A weight file the model was built from, for metadata and drift checks.
 #[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
@@ -44,6 +44,8 @@ pub struct ModelParts {
     pub denoiser_file: Option<PathBuf>,
     /// LoRAs merged into the weights as they load.
     pub loras: Vec<LoraRequest>,
+    /// Where the text encoders live.
+    pub text: TextPlacement,
 }
 
 /// A loaded pipeline of any registered family.
@@ -85,6 +87,8 @@ pub struct LoadedModel {
     pub reuse: ReuseCounts,
     pub device: Device,
     pub dtype: DType,
+    /// Where the text encoders live ([`TextEncoders::device`] says which device that is).
+    pub text_placement: TextPlacement,
 }
 
 impl LoadedModel {
@@ -115,7 +119,7 @@ impl LoadedModel {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
-        let parts = ModelParts { vae: vae_source, denoiser_file: None, loras: loras.to_vec() };
+        let parts = ModelParts { vae: vae_source, loras: loras.to_vec(), ..Default::default() };
         Self::load_parts(source, parts, device, dtype)
     }
 
@@ -133,6 +137,7 @@ impl LoadedModel {
             vae: self.vae_source.clone(),
             denoiser_file: self.denoiser_file.clone(),
             loras: loras.to_vec(),
+            text: self.text_placement,
         };
         let warm = Some(self.weight_cache.clone());
         let model = Self::build(self.source.clone(), parts(), &self.device, self.dtype, warm)?;
@@ -154,7 +159,7 @@ impl LoadedModel {
         warm: Option<Arc<WeightCache>>,
     ) -> Result<Self> {
         crate::device::check_dtype(device, dtype)?;
-        let ModelParts { vae: vae_source, denoiser_file, loras } = parts;
+        let ModelParts { vae: vae_source, denoiser_file, loras, text: text_placement } = parts;
         let loras = loras.as_slice();
         let folder = DiffusersFolder::open(source.dir())?;
         let spec = folder.family().spec();
@@ -195,7 +200,8 @@ impl LoadedModel {
                 patched.insert((folder_name.to_string(), name.clone()));
             }
         }
-        let parts = BuildParts { folder, source, denoiser_file, vae_source, plan: Arc::new(plan) };
+        let parts =
+            BuildParts { folder, source, denoiser_file, vae_source, plan: Arc::new(plan), text_placement };
         let ((mut model, weight_cache), build) = with_layout_fallback(|layout| {
             let weight_cache = Arc::new(WeightCache::default());
             let build =
@@ -223,19 +229,20 @@ impl LoadedModel {
         device: &Device,
         dtype: DType,
     ) -> Result<Self> {
-        let BuildParts { folder, source, denoiser_file, vae_source, plan } = parts;
+        let BuildParts { folder, source, denoiser_file, vae_source, plan, text_placement } = parts;
         let spec = folder.family().spec();
         let prefer_fp16 = dtype != DType::F32;
         let mut weights = Vec::new();
         let sources = WeightSource { plan: &plan, build };
+        let (text_device, text_dtype) = text_placement.target(device, dtype);
         let text = TextEncoders::load(
             &folder,
             spec,
             plan.clone(),
             &sources,
             cache.clone(),
-            device,
-            dtype,
+            &text_device,
+            text_dtype,
             &mut weights,
         )?;
         let denoiser =
@@ -282,6 +289,7 @@ impl LoadedModel {
             reuse: ReuseCounts::default(),
             device: device.clone(),
             dtype,
+            text_placement,
         })
     }
 
@@ -517,6 +525,7 @@ struct BuildParts {
     denoiser_file: Option<PathBuf>,
     vae_source: Option<ModelSource>,
     plan: Arc<LoraPlan>,
+    text_placement: TextPlacement,
 }
 
 /// Where a build's components get their weights: the LoRA plan's patches merged, the warm

@@ -21,6 +21,14 @@ pub struct PromptEmbeds {
 }
 
 impl PromptEmbeds {
+    /// On the denoiser's device in its dtype (text encoders placed on the CPU run in f32 there;
+    /// diffusers likewise casts the embeddings to the transformer's dtype). A no-op when the
+    /// encoders share the denoiser's device and dtype.
+    fn for_denoiser(self, model: &LoadedModel) -> Result<Self> {
+        let to = |t: Tensor| -> Result<Tensor> { Ok(t.to_device(&model.device)?.to_dtype(model.dtype)?) };
+        Ok(Self { hidden: to(self.hidden)?, pooled: self.pooled.map(to).transpose()? })
+    }
+
     fn zeros_like(&self) -> Result<Self> {
         Ok(Self {
             hidden: self.hidden.zeros_like()?,
@@ -60,14 +68,14 @@ pub fn encode_prompts_with(
     let budget = sequence_budget(model.spec, max_sequence_length)?;
     let mut warnings = Vec::new();
     let stacks = model.text.get()?;
-    let positive = encode_one(model, &stacks, prompt, budget, &mut warnings)?;
+    let positive = encode_one(model, &stacks, prompt, budget, &mut warnings)?.for_denoiser(model)?;
     let negative = if !with_negative {
         None
     } else if negative.is_none() && model.spec.zeros_for_empty_negative && model.force_zeros_for_empty_prompt
     {
         Some(positive.zeros_like()?)
     } else {
-        Some(encode_one(model, &stacks, negative.unwrap_or(""), budget, &mut warnings)?)
+        Some(encode_one(model, &stacks, negative.unwrap_or(""), budget, &mut warnings)?.for_denoiser(model)?)
     };
     Ok(EncodedPrompts { positive, negative, warnings })
 }
@@ -143,7 +151,7 @@ fn encode_one(
                                 ),
                             );
                         }
-                        let ids = Tensor::from_vec(tokens.ids, (1, max_len), &model.device)?;
+                        let ids = Tensor::from_vec(tokens.ids, (1, max_len), model.text.device())?;
                         hidden = Some(encoder.forward(&ids)?);
                     }
                     // Not a FLUX stack: the check below names what is missing.
@@ -178,7 +186,7 @@ fn encode_one(
                 );
             }
             let n = tokens.ids.len();
-            let ids = Tensor::from_vec(tokens.ids, (1, n), &model.device)?;
+            let ids = Tensor::from_vec(tokens.ids, (1, n), model.text.device())?;
             Ok(PromptEmbeds { hidden: encoder.forward_penultimate(&ids)?, pooled: None })
         }
     }
@@ -208,7 +216,7 @@ fn run_clip(
         );
     }
     let len = tokens.ids.len();
-    let ids = Tensor::from_vec(tokens.ids, (1, len), &model.device)?;
+    let ids = Tensor::from_vec(tokens.ids, (1, len), model.text.device())?;
     encoder.forward(&ids)
 }
 

@@ -24,6 +24,60 @@ use candle_core::{DType, Device};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+/// Where a pipeline's text encoders live.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    serde::Serialize,
+    serde::Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum TextPlacement {
+    /// On the denoiser's device, in its dtype.
+    #[default]
+    Device,
+    /// On the CPU in f32, whatever the denoiser's device: the device then holds the denoiser
+    /// and the VAE only (FLUX.1-dev's bf16 T5-XXL is 8.9 GiB, which a 24 GB card cannot hold
+    /// next to its 22.2 GiB transformer). Encoding runs at the CPU's speed; the embeddings are
+    /// moved to the device in its dtype, as diffusers casts them.
+    Cpu,
+}
+
+impl TextPlacement {
+    /// The device and dtype the text encoders load on, for a denoiser on `device` in `dtype`.
+    pub fn target(self, device: &Device, dtype: DType) -> (Device, DType) {
+        match self {
+            TextPlacement::Device => (device.clone(), dtype),
+            TextPlacement::Cpu => (Device::Cpu, DType::F32),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TextPlacement::Device => "device",
+            TextPlacement::Cpu => "cpu",
+        }
+    }
+}
+
+impl std::str::FromStr for TextPlacement {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "device" => Ok(TextPlacement::Device),
+            "cpu" => Ok(TextPlacement::Cpu),
+            other => Err(Error::arg("text-encoders", format!("`{other}`: use `device` or `cpu`"))),
+        }
+    }
+}
+
 /// One text encoder with its tokenizer (boxed: the variants differ in size by a kilobyte).
 pub enum TextStack {
     Clip { tokenizer: Box<ClipTokenizer>, encoder: Box<ClipTextModel> },
@@ -125,6 +179,11 @@ impl TextEncoders {
         let released = self.slot().take().is_some();
         self.cache.forget(self.spec.text.iter().map(|s| s.encoder));
         released
+    }
+
+    /// The device the text stacks run on (the denoiser's, or the CPU: [`TextPlacement`]).
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     /// Whether the text stacks are loaded now.

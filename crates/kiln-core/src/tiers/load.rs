@@ -6,7 +6,7 @@ use crate::error::{Error, Result};
 use crate::loaders::hub::{self, ModelSource};
 use crate::loaders::store::{SrWeights, Store};
 use crate::pipeline::generate::GenerateRequest;
-use crate::pipeline::model::{LoadedModel, WeightRecord};
+use crate::pipeline::model::{LoadedModel, ModelParts, TextPlacement, WeightRecord};
 use crate::pipeline::upscale::Upscaler;
 use crate::pipeline::vae_tiling::VaeTiling;
 use crate::schedule::SchedulerKind;
@@ -60,7 +60,8 @@ pub fn resolve_tier(tier: &Tier, dtype: DType, progress: bool) -> Result<(ModelS
 /// Loads the tier's pipeline, with the tier's own LoRAs merged, and checks the tier's own
 /// weight pins (kiln.lock drift is checked by [`super::drift`]).
 pub fn load_tier_model(tier: &Tier, device: &Device, dtype: DType, progress: bool) -> Result<LoadedModel> {
-    load_tier_model_with(tier, &tier_loras(tier, &[])?, device, dtype, progress)
+    let placement = (device.clone(), dtype, TextPlacement::Device);
+    load_tier_model_with(tier, &tier_loras(tier, &[])?, placement, progress)
 }
 
 /// The LoRAs a job on `tier` merges: the tier's own (its `loras`, resolved), then `job_loras`.
@@ -78,12 +79,12 @@ pub fn tier_loras(
 pub fn load_tier_model_with(
     tier: &Tier,
     loras: &[crate::loaders::lora::LoraRequest],
-    device: &Device,
-    dtype: DType,
+    (device, dtype, text): (Device, DType, TextPlacement),
     progress: bool,
 ) -> Result<LoadedModel> {
     let (source, vae) = resolve_tier(tier, dtype, progress)?;
-    let model = LoadedModel::load_with_loras(source, vae, loras, device, dtype)?;
+    let parts = ModelParts { vae, loras: loras.to_vec(), text, ..Default::default() };
+    let model = LoadedModel::load_parts(source, parts, &device, dtype)?;
     check_pins(tier, &model.weights)?;
     Ok(model)
 }

@@ -26,6 +26,7 @@ use crate::loaders::lora::LoraRequest;
 use crate::pipeline::generate::GenerateOutput;
 use crate::pipeline::metadata::{png_chunks, ImageRecord};
 use crate::pipeline::model::LoadedModel;
+use crate::pipeline::model::TextPlacement;
 use crate::tiers::drift::{self, DriftOutcome};
 use crate::tiers::load::{load_tier_model_with, tier_dtype};
 use crate::tiers::{Tier, TierRegistry};
@@ -43,6 +44,10 @@ pub struct JobOptions {
     pub accept_drift: bool,
     /// Show download progress (hub).
     pub show_progress: bool,
+    /// `--text-encoders`: where every diffusion model's text encoders live (this machine's
+    /// choice, like the device: the same tier runs with its encoders on an 80 GB card's device
+    /// and on a 24 GB card's CPU).
+    pub text_encoders: TextPlacement,
 }
 
 /// An open project with its library and tiers.
@@ -90,6 +95,7 @@ impl Workspace {
             device: crate::device::name(&self.options.device),
             dtype: crate::device::dtype_name(dtype).to_string(),
             loras: String::new(),
+            text_encoders: self.options.text_encoders,
         }
     }
 
@@ -126,7 +132,8 @@ impl Workspace {
         let mut key = self.tier_key(&tier, dtype);
         key.loras = crate::loaders::lora::pool_key(&loras)?;
         let (model, load_seconds) = self.pool.get_or_load_diffusion(&key, &loras, || {
-            load_tier_model_with(&tier, &loras, &self.options.device, dtype, self.options.show_progress)
+            let placement = (self.options.device.clone(), dtype, self.options.text_encoders);
+            load_tier_model_with(&tier, &loras, placement, self.options.show_progress)
         })?;
         // The lock is checked on every job, warm or not: kiln.lock may have changed meanwhile.
         let mut pinned = model.weights.clone();

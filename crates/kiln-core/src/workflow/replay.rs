@@ -399,7 +399,9 @@ fn load_recorded_model(ws: &Workspace, record: &ImageRecord) -> Result<LoadedMod
     // A single-file transformer is found at its recorded path when its content still matches.
     let denoiser_file =
         record.single_file.as_ref().map(|f| locate(ws, f, "single-file checkpoint")).transpose()?;
-    let parts = crate::pipeline::model::ModelParts { vae, denoiser_file, loras };
+    // The embeddings depend on where the text encoders ran (f32 on the CPU, or the model's dtype).
+    let text = record.text_encoders.unwrap_or_default();
+    let parts = crate::pipeline::model::ModelParts { vae, denoiser_file, loras, text };
     LoadedModel::load_parts(source, parts, &ws.options.device, dtype)
 }
 
