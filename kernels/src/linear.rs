@@ -160,7 +160,8 @@ impl LinearCpu {
                 }
             });
         } else {
-            // Few rows (text encoders, short captions): split columns so each thread streams its own weight slice.
+            // Few rows (text encoders, short captions): split columns so each thread streams its
+            // own weight slice.
             let cols = n.div_ceil(threads).div_ceil(16) * 16;
             let col_chunks = n.div_ceil(cols);
             let dst_addr = dst.as_mut_ptr() as usize;
