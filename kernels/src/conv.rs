@@ -1,6 +1,6 @@
 //! 2-D convolution with a fast CPU path.
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -518,11 +518,15 @@ impl Conv2d {
             // map's transform is 2.25x the map).
             let guard = residual.as_ref().map(|r| r.storage_and_layout());
             let residual_data = match &guard {
-                Some((storage, layout)) => Some((&cpu_slice(storage, layout)?[..geometry.out_len()], scale)),
+                Some((storage, layout)) => Some((
+                    &crate::cpu::cpu_slice("kiln-conv2d", storage, layout)?[..geometry.out_len()],
+                    scale,
+                )),
                 None => None,
             };
             let (xs, xl) = x.storage_and_layout();
-            let input = &cpu_slice(&xs, xl)?[..geometry.b * geometry.c * geometry.h * geometry.w];
+            let input = &crate::cpu::cpu_slice("kiln-conv2d", &xs, xl)?
+                [..geometry.b * geometry.c * geometry.h * geometry.w];
             let epilogue = Epilogue { bias, act: &Act::None, scale, residual: residual_data };
             let out = conv_winograd_streamed(
                 weights,
@@ -539,7 +543,9 @@ impl Conv2d {
         let mut out = vec![0f32; geometry.out_len()];
         let guard = residual.as_ref().map(|r| r.storage_and_layout());
         let residual_data = match &guard {
-            Some((storage, layout)) => Some(&cpu_slice(storage, layout)?[..geometry.out_len()]),
+            Some((storage, layout)) => {
+                Some(&crate::cpu::cpu_slice("kiln-conv2d", storage, layout)?[..geometry.out_len()])
+            }
             None => None,
         };
         let initialised = bias.is_some() || residual_data.is_some();
@@ -558,11 +564,18 @@ impl Conv2d {
         }
         drop(guard);
         let (xs, xl) = x.storage_and_layout();
-        let xd = cpu_slice(&xs, xl)?;
+        let xd = crate::cpu::cpu_slice("kiln-conv2d", &xs, xl)?;
         match (&weight, &self.weight) {
             (Some(w), _) => {
                 let (ws, wl) = w.storage_and_layout();
-                im2col_gemm(xd, cpu_slice(&ws, wl)?, &geometry, &mut out, initialised, scale);
+                im2col_gemm(
+                    xd,
+                    crate::cpu::cpu_slice("kiln-conv2d", &ws, wl)?,
+                    &geometry,
+                    &mut out,
+                    initialised,
+                    scale,
+                );
             }
             (None, ConvWeight::Host { values, .. }) => {
                 im2col_gemm(xd, values.values(), &geometry, &mut out, initialised, scale)
@@ -582,14 +595,6 @@ impl Conv2d {
             (ConvWeight::Tensor(_), Some(w)) => WinogradWeights::new(w, &[cin]),
             (ConvWeight::Tensor(w), None) => WinogradWeights::new(w, &[cin]),
         }
-    }
-}
-
-/// The f32 data of a contiguous CPU tensor from its layout's start.
-fn cpu_slice<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
-    match storage {
-        Storage::Cpu(cpu) => Ok(&cpu.as_slice::<f32>()?[layout.start_offset()..]),
-        _ => candle_core::bail!("kiln-conv2d: needs a CPU f32 tensor"),
     }
 }
 

@@ -1,6 +1,6 @@
 //! Plumbing the CPU kernels share: typed access to candle's CPU storage and one gemm entry point.
 
-use candle_core::{CpuStorage, Layout, Result};
+use candle_core::{CpuStorage, Layout, Result, Storage};
 
 /// The f32 values of a contiguous CPU operand (`what`) of the op `op`.
 pub(crate) fn f32_values<'a>(
@@ -18,6 +18,15 @@ pub(crate) fn f32_values<'a>(
     values
         .get(start..end)
         .ok_or_else(|| candle_core::Error::Msg(format!("{op}: {what} reaches past its storage")))
+}
+
+/// The f32 values of a CPU tensor's storage from its layout's start (strides are the caller's),
+/// for the op `op`.
+pub(crate) fn cpu_slice<'a>(op: &str, storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
+    match storage {
+        Storage::Cpu(cpu) => Ok(&cpu.as_slice::<f32>()?[layout.start_offset()..]),
+        _ => candle_core::bail!("{op}: needs a CPU f32 tensor"),
+    }
 }
 
 /// `dst[m, n] = [dst +] beta · lhs[m, k] · rhs[k, n]` in f32, all matrices in memory with unit

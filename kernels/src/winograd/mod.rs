@@ -23,7 +23,7 @@ pub use layer::Conv3x3;
 
 use crate::cpu::{f32_values, gemm_f32};
 use crate::norm::InputNorm;
-use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp2, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 use std::cell::Cell;
 use std::mem::MaybeUninit;
@@ -65,14 +65,6 @@ fn tiles(n: usize) -> usize {
     n.div_ceil(4)
 }
 
-/// The f32 data of a CPU tensor from its layout's start (the tensor must be contiguous).
-fn cpu_slice<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
-    match storage {
-        Storage::Cpu(cpu) => Ok(&cpu.as_slice::<f32>()?[layout.start_offset()..]),
-        _ => candle_core::bail!("kiln-winograd: needs a CPU f32 tensor"),
-    }
-}
-
 /// 3x3 weights transformed for Winograd: per input part, `[36, cout, part_channels]`.
 #[derive(Debug, Clone)]
 pub struct WinogradWeights {
@@ -92,7 +84,7 @@ impl WinogradWeights {
         // (a conv that transforms per call would otherwise copy its weight on every call).
         let w = weight.to_device(&Device::Cpu)?.to_dtype(candle_core::DType::F32)?.contiguous()?;
         let (storage, layout) = w.storage_and_layout();
-        let values = cpu_slice(&storage, layout)?;
+        let values = crate::cpu::cpu_slice("kiln-winograd", &storage, layout)?;
         let values = values.get(..cout * cin * 9).ok_or_else(|| {
             candle_core::Error::Msg(format!("kiln-winograd: weight storage shorter than {cout}x{cin}x3x3"))
         })?;
@@ -194,7 +186,7 @@ impl WinoInput {
         let x = x.contiguous()?;
         let (batch, channels, height, width) = x.dims4()?;
         let (storage, layout) = x.storage_and_layout();
-        let src = cpu_slice(&storage, layout)?;
+        let src = crate::cpu::cpu_slice("kiln-winograd", &storage, layout)?;
         Self::from_slice(&src[..batch * channels * height * width], batch, channels, height, width)
     }
 
@@ -692,9 +684,11 @@ pub fn winograd_forward(
     };
     let guard = residual.as_ref().map(|(r, s)| (r.storage_and_layout(), *s));
     let residual_data = match &guard {
-        Some(((storage, layout), s)) => {
-            Some((&cpu_slice(storage, layout)?[..batch * weights.cout * height * width], *s))
-        }
+        Some(((storage, layout), s)) => Some((
+            &crate::cpu::cpu_slice("kiln-winograd", storage, layout)?
+                [..batch * weights.cout * height * width],
+            *s,
+        )),
         None => None,
     };
     let out = conv_winograd(weights, parts, &Epilogue { bias, act, scale, residual: residual_data })?;
