@@ -20,11 +20,10 @@ pub(crate) fn f32_values<'a>(
         .ok_or_else(|| candle_core::Error::Msg(format!("{op}: {what} reaches past its storage")))
 }
 
-/// The f32 values of a CPU tensor's storage from its layout's start (strides are the caller's),
-/// for the op `op`.
+/// [`f32_values`] of a tensor's storage, which must be on the CPU.
 pub(crate) fn cpu_slice<'a>(op: &str, storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
     match storage {
-        Storage::Cpu(cpu) => Ok(&cpu.as_slice::<f32>()?[layout.start_offset()..]),
+        Storage::Cpu(cpu) => f32_values(op, "tensor", cpu, layout),
         _ => candle_core::bail!("{op}: needs a CPU f32 tensor"),
     }
 }

@@ -154,8 +154,8 @@ fn redetail_setup(
             let request = spec.request(Some(tier))?;
             let dtype = kiln_core::tiers::load::tier_dtype(tier, dev, dtype)?;
             let loras = kiln_core::tiers::load::tier_loras(tier, &job_loras)?;
-            let placement = (dev.clone(), dtype, text);
-            (kiln_core::tiers::load::load_tier_model_with(tier, &loras, placement, show)?, request)
+            let model = kiln_core::tiers::load::load_tier_model_with(tier, &loras, dev, dtype, text, show)?;
+            (model, request)
         }
         (None, Some(model)) => {
             let request = spec.request(None)?;

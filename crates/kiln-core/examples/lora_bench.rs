@@ -43,24 +43,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
 
     let Some(dir) = model_dir else { return Ok(()) };
-    let request = GenerateRequest {
-        prompt: "a lighthouse at dawn".into(),
-        negative_prompt: None,
-        width: size,
-        height: size,
-        steps,
-        guidance: 0.0,
-        true_cfg: None,
-        offload_text_encoders: false,
-        scheduler: None,
-        seeds: vec![1],
-        init_latents: None,
-        init_image: None,
-        strength: 1.0,
-        max_batch: 1,
-        vae_tiling: Default::default(),
-        max_sequence_length: None,
-    };
+    let request = GenerateRequest::txt2img("a lighthouse at dawn", (size, size), steps, 0.0, 1);
     let loras = [LoraRequest { name: "bench".into(), path: lora.clone(), weight: 1.0 }];
     if which == "interleave" {
         // Both models loaded, images alternated: machine load that drifts over the run (a

@@ -92,22 +92,19 @@ fn run_fixture(name: &str) {
         }
 
         let request = GenerateRequest {
-            prompt: case.prompt.clone(),
             negative_prompt: case.negative_prompt.clone(),
-            width: case.width,
-            height: case.height,
-            steps: case.steps,
-            guidance: case.guidance,
             true_cfg: case.true_cfg_scale,
-            offload_text_encoders: false,
-            scheduler: None,
-            seeds: vec![case.seed.unwrap_or(0)],
             init_latents: case.latents.as_ref().map(|f| Tensor::read_npy(dir.join(f)).unwrap()),
             init_image: case.init_image.as_ref().map(|f| kiln_core::image::load_rgb(&dir.join(f)).unwrap()),
             strength: case.strength.unwrap_or(1.0),
-            max_batch: 1,
-            vae_tiling: Default::default(),
             max_sequence_length: case.max_sequence_length,
+            ..GenerateRequest::txt2img(
+                &case.prompt,
+                (case.width, case.height),
+                case.steps,
+                case.guidance,
+                case.seed.unwrap_or(0),
+            )
         };
         assert_eq!(case.mode == "img2img", request.init_image.is_some(), "{}: mode", case.name);
         let out = match generate(&model, &request, &mut NoProgress) {
@@ -166,24 +163,7 @@ fn tokenizers_match_transformers_on_awkward_prompts() {
 fn flux_bad_inputs_are_clear_errors() {
     let dir = fixture_dir("schnell");
     let model = LoadedModel::load(ModelSource::Folder(dir.join("model")), &Device::Cpu, DType::F32).unwrap();
-    let base = GenerateRequest {
-        prompt: "a fox".into(),
-        negative_prompt: None,
-        width: 96,
-        height: 64,
-        steps: 2,
-        guidance: 0.0,
-        true_cfg: None,
-        offload_text_encoders: false,
-        scheduler: None,
-        seeds: vec![1],
-        init_latents: None,
-        init_image: None,
-        strength: 1.0,
-        max_batch: 1,
-        vae_tiling: Default::default(),
-        max_sequence_length: None,
-    };
+    let base = GenerateRequest::txt2img("a fox", (96, 64), 2, 0.0, 1);
     // 72 is a multiple of the VAE factor 8 but not of 16 (8 x the 2x2 latent patch).
     let err = generate(&model, &GenerateRequest { width: 72, ..base.clone() }, &mut NoProgress).unwrap_err();
     assert!(err.to_string().contains("multiple of 16"), "{err}");
@@ -258,22 +238,8 @@ fn flux_warns_on_ignored_guidance_and_truncated_prompts() {
     let dir = fixture_dir("schnell");
     let model = LoadedModel::load(ModelSource::Folder(dir.join("model")), &Device::Cpu, DType::F32).unwrap();
     let request = GenerateRequest {
-        prompt: "a photo of an astronaut riding a horse on the moon".into(),
-        negative_prompt: None,
-        width: 32,
-        height: 32,
-        steps: 1,
-        guidance: 3.5,
-        true_cfg: None,
-        offload_text_encoders: false,
-        scheduler: None,
-        seeds: vec![1],
-        init_latents: None,
-        init_image: None,
-        strength: 1.0,
-        max_batch: 1,
-        vae_tiling: Default::default(),
         max_sequence_length: Some(6),
+        ..GenerateRequest::txt2img("a photo of an astronaut riding a horse on the moon", (32, 32), 1, 3.5, 1)
     };
     let out = generate(&model, &request, &mut NoProgress).unwrap();
     let all = out.warnings.join("\n");
@@ -294,13 +260,7 @@ fn flux_generate_job_from_a_folder_writes_the_reference_image() {
     let dir = fixture_dir("dev");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("flux.png");
-    let options = JobOptions {
-        device: Device::Cpu,
-        dtype: None,
-        accept_drift: false,
-        show_progress: false,
-        text_encoders: Default::default(),
-    };
+    let options = JobOptions::new(Device::Cpu);
     let pool = std::sync::Arc::new(kiln_core::jobs::pool::ModelPool::new(None));
     let engine = Engine::new(Project::open(tmp.path()).unwrap(), options, pool);
     // Guidance left out: FLUX.1-dev's default 3.5, as the reference case used.
@@ -333,22 +293,8 @@ fn flux_offloaded_text_encoders_give_the_same_image_and_reload() {
     let dir = fixture_dir("schnell");
     let model = LoadedModel::load(ModelSource::Folder(dir.join("model")), &Device::Cpu, DType::F32).unwrap();
     let request = GenerateRequest {
-        prompt: "a photo of an astronaut riding a horse on the moon".into(),
-        negative_prompt: None,
-        width: 96,
-        height: 64,
-        steps: 2,
-        guidance: 0.0,
-        true_cfg: None,
-        offload_text_encoders: false,
-        scheduler: None,
-        seeds: vec![5],
-        init_latents: None,
-        init_image: None,
-        strength: 1.0,
-        max_batch: 1,
-        vae_tiling: Default::default(),
         max_sequence_length: Some(256),
+        ..GenerateRequest::txt2img("a photo of an astronaut riding a horse on the moon", (96, 64), 2, 0.0, 5)
     };
     let run = |r: &GenerateRequest| generate(&model, r, &mut NoProgress).unwrap().images.remove(0).pixels;
     let kept = run(&request);
@@ -368,13 +314,7 @@ fn flux_offloaded_text_encoders_give_the_same_image_and_reload() {
     use kiln_core::jobs::spec::GenerateSpec;
     use kiln_core::jobs::{Engine, JobSpec, NullSink, RunContext};
     let tmp = tempfile::tempdir().unwrap();
-    let options = kiln_core::workflow::JobOptions {
-        device: Device::Cpu,
-        dtype: None,
-        accept_drift: false,
-        show_progress: false,
-        text_encoders: Default::default(),
-    };
+    let options = kiln_core::workflow::JobOptions::new(Device::Cpu);
     let pool = std::sync::Arc::new(kiln_core::jobs::pool::ModelPool::new(None));
     let engine = Engine::new(kiln_core::library::Project::open(tmp.path()).unwrap(), options, pool);
     let folder = dir.join("model").display().to_string();

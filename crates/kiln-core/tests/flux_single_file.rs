@@ -264,13 +264,7 @@ fn single_file_generate_job_records_the_file() {
     let dev = fixture("flux/dev");
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("single.png");
-    let options = JobOptions {
-        device: Device::Cpu,
-        dtype: None,
-        accept_drift: false,
-        show_progress: false,
-        text_encoders: Default::default(),
-    };
+    let options = JobOptions::new(Device::Cpu);
     let pool = std::sync::Arc::new(kiln_core::jobs::pool::ModelPool::new(None));
     let engine = Engine::new(Project::open(tmp.path()).unwrap(), options, pool);
     let spec = |base: Option<PathBuf>| {

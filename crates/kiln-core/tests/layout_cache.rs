@@ -37,24 +37,7 @@ fn load(dir: &Path) -> LoadedModel {
 }
 
 fn pixels(model: &LoadedModel) -> Vec<f32> {
-    let request = GenerateRequest {
-        prompt: "a lighthouse at dusk".into(),
-        negative_prompt: None,
-        width: 64,
-        height: 64,
-        steps: 2,
-        guidance: 5.0,
-        true_cfg: None,
-        offload_text_encoders: false,
-        scheduler: None,
-        seeds: vec![7],
-        init_latents: None,
-        init_image: None,
-        strength: 1.0,
-        max_batch: 1,
-        vae_tiling: Default::default(),
-        max_sequence_length: None,
-    };
+    let request = GenerateRequest::txt2img("a lighthouse at dusk", (64, 64), 2, 5.0, 7);
     let out = generate(model, &request, &mut NoProgress).unwrap();
     out.images[0].pixels.flatten_all().unwrap().to_vec1().unwrap()
 }

@@ -80,22 +80,10 @@ fn run_case(name: &str) {
 fn request(c: &Case) -> GenerateRequest {
     let latents = root().join(&c.pipeline).join(&c.latents);
     GenerateRequest {
-        prompt: c.prompt.clone(),
         negative_prompt: c.negative_prompt.clone(),
-        width: c.width,
-        height: c.height,
-        steps: c.steps,
-        guidance: c.guidance,
-        true_cfg: None,
-        offload_text_encoders: false,
-        scheduler: None,
-        seeds: vec![0],
         init_latents: Some(Tensor::read_npy(latents).unwrap()),
-        init_image: None,
-        strength: 1.0,
-        max_batch: 1,
-        vae_tiling: Default::default(),
         max_sequence_length: c.max_sequence_length,
+        ..GenerateRequest::txt2img(&c.prompt, (c.width, c.height), c.steps, c.guidance, 0)
     }
 }
 

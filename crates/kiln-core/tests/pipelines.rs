@@ -96,22 +96,18 @@ fn run_fixture(name: &str) {
 
         // Images.
         let request = GenerateRequest {
-            prompt: case.prompt.clone(),
             negative_prompt: case.negative_prompt.clone(),
-            width: case.width,
-            height: case.height,
-            steps: case.steps,
-            guidance: case.guidance,
-            true_cfg: None,
-            offload_text_encoders: false,
             scheduler: case.scheduler.as_deref().map(|s| s.parse().unwrap()),
-            seeds: vec![case.seed.unwrap_or(0)],
             init_latents: case.latents.as_ref().map(|f| Tensor::read_npy(dir.join(f)).unwrap()),
             init_image: case.init_image.as_ref().map(|f| kiln_core::image::load_rgb(&dir.join(f)).unwrap()),
             strength: case.strength.unwrap_or(1.0),
-            max_batch: 1,
-            vae_tiling: Default::default(),
-            max_sequence_length: None,
+            ..GenerateRequest::txt2img(
+                &case.prompt,
+                (case.width, case.height),
+                case.steps,
+                case.guidance,
+                case.seed.unwrap_or(0),
+            )
         };
         assert_eq!(
             case.mode == "img2img",

@@ -104,22 +104,9 @@ fn f16_generate_warns_and_matches_f32() {
     let dir = overflowing_model(tmp.path());
     let latents = Tensor::read_npy(fixture().join("latents.npy")).unwrap();
     let request = GenerateRequest {
-        prompt: "a photo of an astronaut riding a horse on the moon".into(),
-        negative_prompt: None,
-        width: 96,
-        height: 64,
-        steps: 2,
-        guidance: 7.5,
-        true_cfg: None,
-        offload_text_encoders: false,
         scheduler: Some("euler".parse().unwrap()),
-        seeds: vec![0],
         init_latents: Some(latents),
-        init_image: None,
-        strength: 1.0,
-        max_batch: 1,
-        vae_tiling: Default::default(),
-        max_sequence_length: None,
+        ..GenerateRequest::txt2img("a photo of an astronaut riding a horse on the moon", (96, 64), 2, 7.5, 0)
     };
     let run = |dtype| {
         let model = LoadedModel::load(ModelSource::Folder(dir.clone()), &Device::Cpu, dtype).unwrap();

@@ -29,34 +29,14 @@ fn load(dtype: DType, text: TextPlacement) -> LoadedModel {
 }
 
 fn image(model: &LoadedModel) -> Tensor {
-    let request = GenerateRequest {
-        prompt: PROMPT.into(),
-        negative_prompt: None,
-        width: 64,
-        height: 64,
-        steps: 2,
-        guidance: 3.5,
-        true_cfg: None,
-        offload_text_encoders: false,
-        scheduler: None,
-        seeds: vec![5],
-        init_latents: None,
-        init_image: None,
-        strength: 1.0,
-        max_batch: 1,
-        vae_tiling: Default::default(),
-        max_sequence_length: None,
-    };
+    let request = GenerateRequest::txt2img(PROMPT, (64, 64), 2, 3.5, 5);
     generate(model, &request, &mut NoProgress).unwrap().images.remove(0).pixels.to_dtype(DType::F32).unwrap()
 }
 
+/// PSNR of two images as the 8-bit PNGs they are written as.
 fn psnr(a: &Tensor, b: &Tensor) -> f64 {
-    let mse = (a - b).unwrap().sqr().unwrap().mean_all().unwrap().to_scalar::<f32>().unwrap() as f64;
-    if mse == 0.0 {
-        f64::INFINITY
-    } else {
-        10.0 * (1.0 / mse).log10()
-    }
+    let rgb = |t: &Tensor| kiln_core::image::unit_to_rgb8(t).unwrap();
+    kiln_core::image::compare::psnr(&rgb(a), &rgb(b)).unwrap()
 }
 
 fn values(t: &Tensor) -> Vec<f32> {
@@ -96,11 +76,9 @@ fn encoders_on_the_cpu_run_in_f32_and_hand_the_model_its_dtype() {
 fn a_job_records_where_its_encoders_ran_and_replays_bit_exactly() {
     let tmp = tempfile::tempdir().unwrap();
     let options = JobOptions {
-        device: Device::Cpu,
         dtype: Some(DType::F16),
-        accept_drift: false,
-        show_progress: false,
         text_encoders: TextPlacement::Cpu,
+        ..JobOptions::new(Device::Cpu)
     };
     let pool = std::sync::Arc::new(kiln_core::jobs::pool::ModelPool::new(None));
     let engine = Engine::new(Project::open(tmp.path()).unwrap(), options, pool);
@@ -122,13 +100,7 @@ fn a_job_records_where_its_encoders_ran_and_replays_bit_exactly() {
     assert_eq!(record.dtype, "f16");
 
     // Replayed by an engine whose own setting is the default: the record decides.
-    let options = JobOptions {
-        device: Device::Cpu,
-        dtype: None,
-        accept_drift: false,
-        show_progress: false,
-        text_encoders: TextPlacement::Device,
-    };
+    let options = JobOptions { text_encoders: TextPlacement::Device, ..JobOptions::new(Device::Cpu) };
     let pool = std::sync::Arc::new(kiln_core::jobs::pool::ModelPool::new(None));
     let engine = Engine::new(Project::open(tmp.path()).unwrap(), options, pool);
     let replay = JobSpec::Replay(ReplaySpec {

@@ -164,22 +164,18 @@ fn zimage_pipeline_matches_diffusers() {
         }
 
         let request = GenerateRequest {
-            prompt: case.prompt.clone(),
             negative_prompt: case.negative_prompt.clone(),
-            width: case.width,
-            height: case.height,
-            steps: case.steps,
-            guidance: case.guidance,
-            true_cfg: None,
-            offload_text_encoders: false,
-            scheduler: None,
-            seeds: vec![case.seed.unwrap_or(0)],
             init_latents: case.latents.as_ref().map(|f| Tensor::read_npy(dir.join(f)).unwrap()),
             init_image: case.init_image.as_ref().map(|f| kiln_core::image::load_rgb(&dir.join(f)).unwrap()),
             strength: case.strength.unwrap_or(1.0),
-            max_batch: 1,
-            vae_tiling: Default::default(),
             max_sequence_length: case.max_sequence_length,
+            ..GenerateRequest::txt2img(
+                &case.prompt,
+                (case.width, case.height),
+                case.steps,
+                case.guidance,
+                case.seed.unwrap_or(0),
+            )
         };
         assert_eq!(case.mode == "img2img", request.init_image.is_some(), "{}: mode", case.name);
         let out = match generate(&model, &request, &mut NoProgress) {
@@ -320,13 +316,7 @@ fn zimage_generate_job_from_a_folder_writes_the_reference_image() {
     let dir = fixture_dir();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("zimage.png");
-    let options = JobOptions {
-        device: Device::Cpu,
-        dtype: None,
-        accept_drift: false,
-        show_progress: false,
-        text_encoders: Default::default(),
-    };
+    let options = JobOptions::new(Device::Cpu);
     let pool = std::sync::Arc::new(kiln_core::jobs::pool::ModelPool::new(None));
     let engine = Engine::new(Project::open(tmp.path()).unwrap(), options, pool);
     let spec = JobSpec::Generate(GenerateSpec {

@@ -56,13 +56,7 @@ impl Server {
         )
         .unwrap();
         let project = Project::find(Some(dir.path())).unwrap();
-        let options = JobOptions {
-            device: candle_core::Device::Cpu,
-            dtype: None,
-            accept_drift: false,
-            show_progress: false,
-            text_encoders: Default::default(),
-        };
+        let options = JobOptions::new(candle_core::Device::Cpu);
         let engine = Arc::new(Engine::new(project, options, Arc::new(ModelPool::new(None))));
         // Small limits, so that the limit checks themselves are reached by mutated sizes.
         let limits = Limits { body_bytes: 1 << 20, image_side: 512, generate_side: 512 };

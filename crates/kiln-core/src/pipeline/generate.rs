@@ -116,6 +116,35 @@ impl Progress for NoProgress {
 }
 
 impl GenerateRequest {
+    /// txt2img of one image from `seed` with the model's own scheduler and every other option
+    /// at its default (change fields with struct update syntax).
+    pub fn txt2img(
+        prompt: &str,
+        (width, height): (usize, usize),
+        steps: usize,
+        guidance: f64,
+        seed: u64,
+    ) -> Self {
+        Self {
+            prompt: prompt.to_string(),
+            negative_prompt: None,
+            width,
+            height,
+            steps,
+            guidance,
+            true_cfg: None,
+            offload_text_encoders: false,
+            scheduler: None,
+            seeds: vec![seed],
+            init_latents: None,
+            init_image: None,
+            strength: 1.0,
+            max_batch: 1,
+            vae_tiling: VaeTiling::default(),
+            max_sequence_length: None,
+        }
+    }
+
     /// Checks the request against the model before anything is allocated.
     pub fn validate(&self, model: &LoadedModel) -> Result<()> {
         let f = model.vae.scale_factor();

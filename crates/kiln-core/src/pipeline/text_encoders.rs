@@ -25,18 +25,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Where a pipeline's text encoders live.
-#[derive(
-    Debug,
-    Clone,
-    Copy,
-    Default,
-    PartialEq,
-    Eq,
-    Hash,
-    serde::Serialize,
-    serde::Deserialize,
-    schemars::JsonSchema,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TextPlacement {
     /// On the denoiser's device, in its dtype.
@@ -55,13 +44,6 @@ impl TextPlacement {
         match self {
             TextPlacement::Device => (device.clone(), dtype),
             TextPlacement::Cpu => (Device::Cpu, DType::F32),
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TextPlacement::Device => "device",
-            TextPlacement::Cpu => "cpu",
         }
     }
 }

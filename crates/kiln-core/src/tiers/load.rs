@@ -60,8 +60,7 @@ pub fn resolve_tier(tier: &Tier, dtype: DType, progress: bool) -> Result<(ModelS
 /// Loads the tier's pipeline, with the tier's own LoRAs merged, and checks the tier's own
 /// weight pins (kiln.lock drift is checked by [`super::drift`]).
 pub fn load_tier_model(tier: &Tier, device: &Device, dtype: DType, progress: bool) -> Result<LoadedModel> {
-    let placement = (device.clone(), dtype, TextPlacement::Device);
-    load_tier_model_with(tier, &tier_loras(tier, &[])?, placement, progress)
+    load_tier_model_with(tier, &tier_loras(tier, &[])?, device, dtype, TextPlacement::Device, progress)
 }
 
 /// The LoRAs a job on `tier` merges: the tier's own (its `loras`, resolved), then `job_loras`.
@@ -79,12 +78,14 @@ pub fn tier_loras(
 pub fn load_tier_model_with(
     tier: &Tier,
     loras: &[crate::loaders::lora::LoraRequest],
-    (device, dtype, text): (Device, DType, TextPlacement),
+    device: &Device,
+    dtype: DType,
+    text: TextPlacement,
     progress: bool,
 ) -> Result<LoadedModel> {
     let (source, vae) = resolve_tier(tier, dtype, progress)?;
     let parts = ModelParts { vae, loras: loras.to_vec(), text, ..Default::default() };
-    let model = LoadedModel::load_parts(source, parts, &device, dtype)?;
+    let model = LoadedModel::load_parts(source, parts, device, dtype)?;
     check_pins(tier, &model.weights)?;
     Ok(model)
 }

@@ -50,6 +50,20 @@ pub struct JobOptions {
     pub text_encoders: TextPlacement,
 }
 
+impl JobOptions {
+    /// Jobs on `device` with the tiers' dtypes, text encoders beside the model, drift refused
+    /// and no download progress.
+    pub fn new(device: Device) -> Self {
+        Self {
+            device,
+            dtype: None,
+            accept_drift: false,
+            show_progress: false,
+            text_encoders: TextPlacement::Device,
+        }
+    }
+}
+
 /// An open project with its library and tiers.
 pub struct Workspace {
     pub project: Project,
@@ -132,8 +146,8 @@ impl Workspace {
         let mut key = self.tier_key(&tier, dtype);
         key.loras = crate::loaders::lora::pool_key(&loras)?;
         let (model, load_seconds) = self.pool.get_or_load_diffusion(&key, &loras, || {
-            let placement = (self.options.device.clone(), dtype, self.options.text_encoders);
-            load_tier_model_with(&tier, &loras, placement, self.options.show_progress)
+            let o = &self.options;
+            load_tier_model_with(&tier, &loras, &o.device, dtype, o.text_encoders, o.show_progress)
         })?;
         // The lock is checked on every job, warm or not: kiln.lock may have changed meanwhile.
         let mut pinned = model.weights.clone();
